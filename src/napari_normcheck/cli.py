@@ -1,0 +1,178 @@
+"""The command line: ``napari-normcheck run | inspect | demo``; each subcommand wraps one core function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from napari_normcheck.core.errors import NormcheckError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of all subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="napari-normcheck",
+        description="Compare a segmentation network's predictions with train-mode and eval-mode "
+        "normalization, tile by tile, over volumes larger than memory.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the two-mode check over a volume and write OUT.zarr")
+    run.add_argument("volume", help="zarr / OME-Zarr / TIFF / .npy volume")
+    _add_model_arguments(run)
+    run.add_argument("--out", required=True, help="output OUT.zarr folder")
+    run.add_argument("--dataset", help="array path inside a zarr group")
+    run.add_argument("--level", type=int, default=0, help="OME-Zarr multiscale level (0 = full)")
+    run.add_argument("--channel-axis", type=int, default=None, help="channel axis of the input")
+    run.add_argument("--roi", help="region of interest z0:z1,y0:y1,x0:x1")
+    run.add_argument("--tile", help="tile Z,Y,X (Y,X or 1,Y,X for a 2D model)")
+    run.add_argument("--overlap", type=float, default=0.25, help="tile overlap in [0, 1)")
+    run.add_argument("--blend", choices=("constant", "gaussian", "crop"), default="gaussian")
+    run.add_argument("--halo", help="context Z,Y,X on each side of a tile in crop mode")
+    run.add_argument("--train-batch", type=int, default=1, help="tiles per train-mode forward")
+    run.add_argument("--eval-batch", type=int, default=None, help="tiles per eval-mode forward")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--normalize", default="none",
+                     help="none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI")
+    run.add_argument("--activation", choices=("none", "sigmoid", "softmax"), default="none")
+    run.add_argument("--output-dtype", choices=("float32", "float16", "uint8"), default="float32")
+    run.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
+    run.add_argument("--cache-mb", type=int, default=512,
+                     help="memory for unfinished output chunks before spilling to disk")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    run.set_defaults(handler=_run_command)
+
+    inspect = sub.add_parser("inspect", help="load a model and list its normalization layers")
+    inspect.add_argument("model_path", metavar="MODEL")
+    _add_model_arguments(inspect, with_model=False)
+    inspect.set_defaults(handler=_inspect_command)
+    return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
+    if with_model:
+        parser.add_argument("--model", required=True, dest="model_path", help="model file")
+    parser.add_argument("--arch", help="architecture callable: package.module:Name or file.py:Name")
+    parser.add_argument("--arch-kwargs", help="architecture keyword arguments: JSON or @file.json")
+    parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=None)
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow loading a pickled module (runs code from the file)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for a user error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            return int(args.handler(args) or 0)
+    except NormcheckError as error:
+        if args.debug:
+            raise
+        print(f"napari-normcheck: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("napari-normcheck: interrupted; the output is incomplete", file=sys.stderr)
+        return 130
+
+
+def _load(args: argparse.Namespace):
+    from napari_normcheck.core.models import load_model
+
+    return load_model(
+        args.model_path,
+        arch=args.arch,
+        arch_kwargs=args.arch_kwargs,
+        trust_pickle=args.trust_pickle,
+        spatial_dims=args.spatial_dims,
+    )
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from napari_normcheck.core.config import RunConfig, parse_int_triple
+    from napari_normcheck.core.engine import RunFinished, RunStarted, TileDone, run_check
+    from napari_normcheck.core.inventory import norm_inventory
+    from napari_normcheck.core.tiling import parse_roi
+    from napari_normcheck.core.volume import open_volume
+
+    volume = open_volume(
+        args.volume, dataset=args.dataset, level=args.level,
+        channel_axis=args.channel_axis if args.channel_axis is not None else "auto",
+    )
+    loaded = _load(args)
+    if not loaded.switchable:
+        raise NormcheckError(loaded.not_switchable_reason or "the model's normalization mode is fixed")
+    info = loaded.info
+    if volume.n_channels != info.in_channels:
+        raise NormcheckError(
+            f"the volume has {volume.n_channels} channel(s) but the model expects "
+            f"{info.in_channels}; pick the matching image or pass --channel-axis"
+        )
+    roi = parse_roi(args.roi) if args.roi else None
+    if roi is not None and len(roi) == 2:
+        roi = ((0, volume.spatial_shape[0]), *roi)
+    config = RunConfig(
+        tile=parse_int_triple(args.tile, "tile") if args.tile else None,
+        overlap=args.overlap,
+        blend=args.blend,
+        halo=parse_int_triple(args.halo, "halo") if args.halo else (0, 0, 0),
+        roi=roi,
+        train_batch=args.train_batch,
+        eval_batch=args.eval_batch,
+        device=args.device,
+        normalize=args.normalize,
+        activation=args.activation,
+        output_dtype=args.output_dtype,
+        threshold=args.threshold,
+        spatial_dims=info.spatial_dims,
+        cache_mb=args.cache_mb,
+    )
+    inventory = norm_inventory(loaded.module)
+    events = run_check(
+        volume, loaded.module, config, args.out, overwrite=args.overwrite,
+        spatial_dims=info.spatial_dims, divisor=info.divisor,
+        extra_attrs={"model": {"path": str(loaded.path), "sha256": loaded.sha256,
+                               "format": loaded.format},
+                     "norm_layers": inventory.to_dict()},
+    )
+    bar = None
+    for event in events:
+        if isinstance(event, RunStarted):
+            bar = tqdm(total=event.plan.n_tiles, unit="tile", file=sys.stderr,
+                       desc=f"two-mode check on {event.device}")
+        elif isinstance(event, TileDone) and bar is not None:
+            bar.total = event.n_total
+            bar.update(1)
+        elif isinstance(event, RunFinished):
+            if bar is not None:
+                bar.close()
+            print(f"wrote {event.out} ({event.summary['n_tiles']} tiles, "
+                  f"{event.summary['timing']['total']:.1f} s)")
+    return 0
+
+
+def _inspect_command(args: argparse.Namespace) -> int:
+    from napari_normcheck.core.inventory import norm_inventory
+
+    loaded = _load(args)
+    info = loaded.info
+    print(f"{loaded.path}: {loaded.format}, {info.n_parameters:,} parameters, "
+          f"{info.in_channels} input channel(s), {info.out_channels} output channel(s), "
+          f"{info.spatial_dims}D, tile sides divisible by {info.divisor}")
+    for note in loaded.notes:
+        print(f"note: {note}")
+    if not loaded.switchable:
+        print(f"warning: {loaded.not_switchable_reason}")
+    print(norm_inventory(loaded.module).format_table())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,549 @@
+"""The tile loop: read each tile once, predict it in eval and in train normalization mode, stitch both.
+
+:func:`run_check` is a generator of small progress events; the command line wraps it in a progress bar
+and the napari widget in a ``thread_worker``. Stopping it between tiles (``close()`` or the ``cancel``
+event) leaves a valid, incomplete OUT.zarr; the model is restored in every case.
+
+Data flow (memory depends on tile size and tiles in flight only):
+reader thread (lazy read + intensity normalization + padding) -> eval/train forwards in batches ->
+:class:`~napari_normcheck.core.stitch.ChunkAccumulator` -> finished chunks -> activation -> zarr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import queue
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from napari_normcheck import __version__
+from napari_normcheck.core.config import RunConfig
+from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.intensity import IntensityTransform, resolve_intensity
+from napari_normcheck.core.modes import normalization_mode
+from napari_normcheck.core.stitch import ChunkAccumulator, importance_map
+from napari_normcheck.core.store import OutputStore
+from napari_normcheck.core.tiling import Tile, TilePlan, plan_tiles
+from napari_normcheck.core.volume import Volume
+
+MODES = ("eval", "train")
+PREDICTION_NAMES = {"eval": "pred_eval", "train": "pred_train"}
+DEFAULT_TILE_3D = (64, 128, 128)
+DEFAULT_TILE_2D = (1, 256, 256)
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """Emitted once the plan is fixed and the output store exists."""
+
+    out: Path
+    plan: TilePlan
+    device: str
+    eval_batch: int
+
+
+@dataclass(frozen=True)
+class TileDone:
+    """Emitted after a tile's two predictions have been stitched."""
+
+    tile: Tile
+    n_done: int
+    n_total: int
+    elapsed: float
+    chunks_written: int
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    """Emitted last, after the completion marker; ``summary`` is what the marker holds."""
+
+    out: Path
+    summary: dict[str, Any]
+
+
+@dataclass
+class Timing:
+    """Seconds spent per stage (the reader thread's time overlaps the forwards)."""
+
+    read: float = 0.0
+    forward_eval: float = 0.0
+    forward_train: float = 0.0
+    stitch: float = 0.0
+    write: float = 0.0
+    total: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        """Rounded seconds per stage."""
+        return {k: round(v, 4) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class _TileWork:
+    tile: Tile
+    image: np.ndarray
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``auto`` gives CUDA when available, else CPU; an explicit CUDA choice without CUDA is an error."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise NormcheckError("device cuda was requested but no CUDA GPU is available; use --device cpu")
+    return torch.device(choice)
+
+
+def default_tile(
+    spatial_shape: tuple[int, int, int], spatial_dims: int, divisor: tuple[int, ...] | int = 16
+) -> tuple[int, int, int]:
+    """A tile that fits the volume (rounded up to the model's divisor) and is not larger than typical.
+
+    Parameters
+    ----------
+    spatial_shape : tuple of int
+        Volume shape ``(Z, Y, X)``.
+    spatial_dims : int
+        2 or 3.
+    divisor : int or tuple of int
+        The model's downsampling factor per spatial axis.
+
+    Returns
+    -------
+    tuple of int
+        ``(z, y, x)``; ``z = 1`` for a 2D model.
+    """
+    target = DEFAULT_TILE_2D if spatial_dims == 2 else DEFAULT_TILE_3D
+    divs = (divisor,) * spatial_dims if isinstance(divisor, int) else tuple(divisor)
+    divs = (1,) * (3 - len(divs)) + divs
+    tile = []
+    for size, want, d in zip(spatial_shape, target, divs):
+        fit = -(-size // d) * d
+        tile.append(max(d, min(want - want % d or d, fit)))
+    if spatial_dims == 2:
+        tile[0] = 1
+    return tuple(tile)  # type: ignore[return-value]
+
+
+def check_tile(
+    window_shape: tuple[int, int, int], spatial_dims: int, divisor: tuple[int, ...] | int | None
+) -> None:
+    """Raise a :class:`NormcheckError` suggesting the nearest valid tile when a side is not divisible."""
+    if spatial_dims == 2 and window_shape[0] != 1:
+        raise NormcheckError(
+            f"a 2D model runs plane by plane: the tile's z size must be 1, not {window_shape[0]} "
+            f"(use --tile 1,{window_shape[1]},{window_shape[2]})"
+        )
+    if divisor is None:
+        return
+    divs = (divisor,) * spatial_dims if isinstance(divisor, int) else tuple(divisor)
+    sides = window_shape[3 - spatial_dims :]
+    bad = [(s, d) for s, d in zip(sides, divs) if s % d]
+    if bad:
+        nearest = [max(d, round(s / d) * d) for s, d in zip(sides, divs)]
+        shown = ",".join(str(v) for v in ((1,) if spatial_dims == 2 else ()) + tuple(nearest))
+        raise NormcheckError(
+            f"the model's input window {window_shape} is not divisible by its downsampling factor "
+            f"{divs}: use a tile like {shown} (in crop mode the window is tile + 2 x halo)"
+        )
+
+
+def run_check(
+    volume: Volume,
+    model: nn.Module,
+    config: RunConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    spatial_dims: int | None = None,
+    divisor: tuple[int, ...] | int | None = None,
+    transform: IntensityTransform | None = None,
+    cancel: threading.Event | None = None,
+    extra_attrs: dict[str, Any] | None = None,
+) -> Iterator[RunStarted | TileDone | RunFinished]:
+    """Run the two-mode tiled check of ``model`` over ``volume``, writing OUT.zarr.
+
+    Parameters
+    ----------
+    volume : Volume
+        The input, lazily opened (``(C, Z, Y, X)``).
+    model : torch.nn.Module
+        The user's model; its state is restored bitwise after the run, whatever happens.
+    config : RunConfig
+        Tiling, batching, normalization and output settings.
+    out : path-like
+        The OUT.zarr to write.
+    overwrite : bool
+        Replace an earlier napari-normcheck output at ``out`` (swapped in only when complete).
+    spatial_dims : int, optional
+        2 or 3; defaults to ``config.spatial_dims``, then 3 when the volume has z > 1.
+    divisor : int or tuple of int, optional
+        The model's downsampling factor; tiles are checked against it.
+    transform : IntensityTransform, optional
+        Input normalization; resolved from ``config.normalize`` when not given.
+    cancel : threading.Event, optional
+        Set it to stop after the current tile.
+    extra_attrs : dict, optional
+        More metadata for the store (model file hash, inventory, ...).
+
+    Yields
+    ------
+    RunStarted, TileDone, RunFinished
+        Progress events.
+    """
+    t_start = time.perf_counter()
+    timing = Timing()
+    spatial_dims = spatial_dims or config.spatial_dims or 3
+    if spatial_dims not in (2, 3):
+        raise NormcheckError(f"spatial dims must be 2 or 3, not {spatial_dims}")
+    device = resolve_device(config.device)
+    eval_batch = config.eval_batch or (4 if device.type == "cuda" else 1)
+    tile_shape = config.tile or default_tile(volume.spatial_shape, spatial_dims, divisor or 16)
+    halo = config.halo if config.blend == "crop" else (0, 0, 0)
+    if spatial_dims == 2:
+        halo = (0, *halo[1:])
+    plan = plan_tiles(
+        volume.spatial_shape, tile_shape, overlap=config.overlap, blend=config.blend,  # type: ignore[arg-type]
+        halo=halo, roi=config.roi,
+    )
+    check_tile(plan.window_shape, spatial_dims, divisor)
+    if transform is None:
+        transform = resolve_intensity(config.normalize, volume.data)
+
+    worker_model = model if device.type == "cpu" else copy.deepcopy(model).to(device)
+    weights = importance_map(plan.window_shape, plan.blend, spatial_dims)
+    probe = _probe_out_channels(worker_model, volume.n_channels, plan.window_shape, spatial_dims, device)
+    n_out = probe
+
+    scale = tuple(volume.scale)
+    translation = tuple(
+        t + r * s for t, r, s in zip(volume.translation, plan.roi_start, scale)
+    )
+    attrs = {
+        "version": __version__,
+        "params": config.to_dict() | {"eval_batch": eval_batch, "device": str(device)},
+        "plan": plan.to_dict(),
+        "intensity": transform.to_dict(),
+        "spatial_dims": spatial_dims,
+        "source": volume.source,
+        "complete": False,
+        **(extra_attrs or {}),
+    }
+    store = OutputStore.create(out, overwrite=overwrite, attrs=attrs)
+    out_shape = (n_out, *plan.roi_shape)
+    out_chunks = (1, *plan.chunk_shape)
+    arrays = {
+        mode: store.create_image(
+            PREDICTION_NAMES[mode], out_shape, out_chunks, config.output_dtype, scale, translation,
+            attrs={"mode": mode, "activation": config.activation,
+                   "train_batch": config.train_batch, "eval_batch": eval_batch},
+        )
+        for mode in MODES
+    }
+    chunks_written = 0
+
+    def write_chunk(chunk: tuple[int, int, int], slices: tuple[slice, ...], values: np.ndarray) -> None:
+        nonlocal chunks_written
+        t0 = time.perf_counter()
+        stacked = values.reshape(len(MODES), n_out, *values.shape[1:])
+        probabilities = _activate(stacked, config.activation)
+        for m, mode in enumerate(MODES):
+            arrays[mode][(slice(None), *slices)] = _to_output_dtype(
+                probabilities[m], config.output_dtype
+            )
+        chunks_written += 1
+        timing.write += time.perf_counter() - t0
+
+    accumulator = ChunkAccumulator(
+        plan, len(MODES) * n_out, weights, write_chunk, store.path / ".scratch",
+        max_bytes=config.cache_mb * 2**20,
+    )
+    yield RunStarted(out=Path(out), plan=plan, device=str(device), eval_batch=eval_batch)
+
+    tiles = [t for t in plan.tiles() if accumulator.needs(t)]
+    reader = _TileReader(volume, plan, tiles, transform, depth=max(config.prefetch, eval_batch, config.train_batch))
+    pending: deque[_TileWork] = deque()
+    n_done = 0
+    try:
+        reader.start()
+        for work in reader:
+            pending.append(work)
+            eval_batch = _run_ready(
+                pending, worker_model, "eval", eval_batch, spatial_dims, device, timing, final=False
+            )
+            _run_ready(pending, worker_model, "train", config.train_batch, spatial_dims, device, timing, final=False)
+            for done in _pop_finished(pending):
+                before = chunks_written
+                _stitch(accumulator, done, timing)
+                n_done += 1
+                yield TileDone(done.tile, n_done, len(tiles), time.perf_counter() - t_start,
+                               chunks_written - before)
+                if cancel is not None and cancel.is_set():
+                    return
+        eval_batch = _run_ready(
+            pending, worker_model, "eval", eval_batch, spatial_dims, device, timing, final=True
+        )
+        _run_ready(pending, worker_model, "train", config.train_batch, spatial_dims, device, timing, final=True)
+        for done in _pop_finished(pending):
+            before = chunks_written
+            _stitch(accumulator, done, timing)
+            n_done += 1
+            yield TileDone(done.tile, n_done, len(tiles), time.perf_counter() - t_start,
+                           chunks_written - before)
+        timing.read = reader.seconds
+        timing.total = time.perf_counter() - t_start
+        summary = {
+            "out": str(out),
+            "n_tiles": plan.n_tiles,
+            "timing": timing.to_dict(),
+            "spilled_chunks": accumulator.spill_count,
+            "eval_batch": eval_batch,
+        }
+        store.root.attrs["normcheck"] = dict(store.root.attrs["normcheck"]) | {"complete": True}
+        final_path = store.finish(summary)
+        yield RunFinished(out=final_path, summary=summary)
+    finally:
+        reader.stop()
+        accumulator.close()
+
+
+def _run_ready(
+    pending: deque[_TileWork],
+    model: nn.Module,
+    mode: str,
+    batch: int,
+    spatial_dims: int,
+    device: torch.device,
+    timing: Timing,
+    *,
+    final: bool,
+) -> int:
+    """Run ``mode`` forwards on consecutive pending tiles, ``batch`` at a time (a partial batch at the end).
+
+    Returns the batch size in use afterwards: the eval batch is halved on CUDA out-of-memory.
+    """
+    todo = [w for w in pending if mode not in w.outputs]
+    while todo and (len(todo) >= batch or final):
+        group = todo[:batch]
+        t0 = time.perf_counter()
+        try:
+            outputs = _forward(model, [w.image for w in group], mode, spatial_dims, device)
+        except torch.OutOfMemoryError:
+            if mode == "eval" and batch > 1:
+                # Eval results do not depend on the batch: halve it and try again.
+                batch = batch // 2
+                torch.cuda.empty_cache()
+                continue
+            raise NormcheckError(
+                f"one tile of {group[0].image.shape[1:]} voxels does not fit in GPU memory in the "
+                f"{mode} pass; use a smaller --tile"
+            ) from None
+        elapsed = time.perf_counter() - t0
+        if mode == "eval":
+            timing.forward_eval += elapsed
+        else:
+            timing.forward_train += elapsed
+        for w, o in zip(group, outputs):
+            w.outputs[mode] = o
+        todo = todo[len(group):]
+    return batch
+
+
+def _pop_finished(pending: deque[_TileWork]) -> Iterator[_TileWork]:
+    # Tiles are stitched in scan order, which keeps the blending arithmetic identical to MONAI's.
+    while pending and len(pending[0].outputs) == len(MODES):
+        yield pending.popleft()
+
+
+def _stitch(accumulator: ChunkAccumulator, work: _TileWork, timing: Timing) -> None:
+    t0 = time.perf_counter()
+    prediction = np.concatenate([work.outputs[m] for m in MODES], axis=0)
+    write_before = timing.write
+    accumulator.add(work.tile, prediction)
+    timing.stitch += time.perf_counter() - t0 - (timing.write - write_before)
+
+
+def _forward(
+    model: nn.Module, images: list[np.ndarray], mode: str, spatial_dims: int, device: torch.device
+) -> np.ndarray:
+    """Predict a batch of ``(C, z, y, x)`` windows in normalization ``mode``; returns float32 numpy."""
+    batch = torch.from_numpy(np.stack(images))
+    if spatial_dims == 2:
+        batch = batch[:, :, 0]
+    if device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    with torch.inference_mode(), normalization_mode(model, mode):  # type: ignore[arg-type]
+        output = first_tensor(model(batch))
+    if tuple(output.shape[2:]) != tuple(batch.shape[2:]) or output.shape[0] != batch.shape[0]:
+        raise NormcheckError(
+            f"the model returned shape {tuple(output.shape)} for input {tuple(batch.shape)}: "
+            "napari-normcheck needs outputs with the input's spatial shape (a segmentation network)"
+        )
+    if spatial_dims == 2:
+        output = output[:, :, None]
+    return output.float().cpu().numpy()
+
+
+_warned_tuple_output = False
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The model's prediction: the output itself, or the first tensor of a tuple, list or dict."""
+    global _warned_tuple_output
+    if isinstance(output, torch.Tensor):
+        return output
+    values = list(output.values()) if isinstance(output, dict) else list(output) if isinstance(
+        output, (tuple, list)) else []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            if not _warned_tuple_output:
+                warnings.warn(
+                    f"the model returned a {type(output).__name__}; using its first tensor "
+                    f"(shape {tuple(value.shape)}) as the prediction",
+                    stacklevel=2,
+                )
+                _warned_tuple_output = True
+            return value
+    raise NormcheckError(
+        f"the model returned {type(output).__name__} with no tensor; it must return a tensor"
+    )
+
+
+def _probe_out_channels(
+    model: nn.Module, in_channels: int, window: tuple[int, int, int], spatial_dims: int,
+    device: torch.device,
+) -> int:
+    """Output channels from one eval forward on zeros of the tile's shape (also checks the shape)."""
+    image = np.zeros((in_channels, *window), dtype=np.float32)
+    try:
+        return int(_forward(model, [image], "eval", spatial_dims, device).shape[1])
+    except RuntimeError as error:
+        raise NormcheckError(
+            f"the model failed on a {spatial_dims}D input of {in_channels} channel(s) and shape "
+            f"{window[3 - spatial_dims:]}: {str(error).splitlines()[0]} (check the channel count, "
+            "--spatial-dims and the tile)"
+        ) from None
+
+
+def _activate(values: np.ndarray, activation: str) -> np.ndarray:
+    """Apply the activation over the channel axis (axis 1 of ``(modes, C, z, y, x)``)."""
+    if activation == "none":
+        return values
+    tensor = torch.from_numpy(values)
+    if activation == "sigmoid":
+        return torch.sigmoid(tensor).numpy()
+    return torch.softmax(tensor, dim=1).numpy()
+
+
+def _to_output_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "uint8":
+        return np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return values.astype(dtype, copy=False)
+
+
+class _TileReader:
+    """A thread that reads, normalizes and pads the next tiles while the model works."""
+
+    def __init__(
+        self, volume: Volume, plan: TilePlan, tiles: list[Tile], transform: IntensityTransform,
+        depth: int,
+    ) -> None:
+        self.volume = volume
+        self.plan = plan
+        self.tiles = tiles
+        self.transform = transform
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="normcheck-reader", daemon=True)
+        self.seconds = 0.0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+        self.thread.join(timeout=10)
+
+    def __iter__(self) -> Iterator[_TileWork]:
+        for _ in self.tiles:
+            item = self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _run(self) -> None:
+        try:
+            for tile in self.tiles:
+                if self.stopped.is_set():
+                    return
+                t0 = time.perf_counter()
+                image = read_window(self.volume, self.plan, tile, self.transform)
+                self.seconds += time.perf_counter() - t0
+                while not self.stopped.is_set():
+                    try:
+                        self.queue.put(_TileWork(tile, image), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as error:  # handed to the consumer, which raises it
+            self.queue.put(error)
+
+
+def read_window(
+    volume: Volume, plan: TilePlan, tile: Tile, transform: IntensityTransform
+) -> np.ndarray:
+    """Read the model input window of ``tile``: normalized float32 ``(C, *window_shape)``.
+
+    Blend modes see only the region of interest, zero-padded outside it in normalized space (as MONAI
+    pads its input). Crop mode sees real context from the whole volume, reflect-padded only beyond the
+    volume border.
+    """
+    if plan.blend == "crop":
+        source_lo, source_hi = (0, 0, 0), plan.volume_shape
+    else:
+        source_lo, source_hi = plan.roi_start, plan.roi_stop
+    start = tile.window_start
+    stop = tuple(s + w for s, w in zip(start, plan.window_shape))
+    lo = tuple(max(s, a) for s, a in zip(start, source_lo))
+    hi = tuple(min(s, b) for s, b in zip(stop, source_hi))
+    block = volume.data[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    block = np.asarray(block.compute(scheduler="synchronous") if hasattr(block, "compute") else block)
+    image = transform.apply(block)
+    n_bad = image.size - int(np.count_nonzero(np.isfinite(image)))
+    if n_bad:
+        raise NormcheckError(
+            f"the volume holds {n_bad} NaN or Inf value(s) in the box z {lo[0]}:{hi[0]}, "
+            f"y {lo[1]}:{hi[1]}, x {lo[2]}:{hi[2]}; fill or mask them before running"
+        )
+    pad = [(0, 0)] + [(a - s, e - b) for s, a, b, e in zip(start, lo, hi, stop)]
+    if any(p != (0, 0) for p in pad):
+        if plan.blend == "crop":
+            image = _reflect_pad(image, pad)
+        else:
+            image = np.pad(image, pad, mode="constant", constant_values=0.0)
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def _reflect_pad(image: np.ndarray, pad: list[tuple[int, int]]) -> np.ndarray:
+    # numpy's reflect needs at least two voxels along an axis; a single plane is repeated instead.
+    for axis, width in enumerate(pad):
+        if width == (0, 0):
+            continue
+        widths = [(0, 0)] * image.ndim
+        widths[axis] = width
+        mode = "reflect" if image.shape[axis] > 1 else "edge"
+        image = np.pad(image, widths, mode=mode)
+    return image

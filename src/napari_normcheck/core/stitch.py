@@ -1,0 +1,197 @@
+"""Blend tile predictions into output chunks, holding only unfinished chunks in memory.
+
+The accumulator follows MONAI's ``sliding_window_inference`` arithmetic exactly: each tile's prediction
+is multiplied by the importance map, added to a running sum in tile order, the importance map is added to
+a weight sum, and the output is ``sum / weight`` in float32. Instead of one buffer for the whole volume,
+sums live per output chunk; a chunk is handed to ``on_chunk_done`` as soon as the last tile that touches
+it (known from the plan) has been added, then dropped. Unfinished chunks beyond ``max_bytes`` spill to
+``.npy`` files in a scratch folder, so memory depends on tile size, not on volume size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from napari_normcheck.core.tiling import Tile, TilePlan
+
+ChunkIndex = tuple[int, int, int]
+ChunkCallback = Callable[[ChunkIndex, tuple[slice, slice, slice], np.ndarray], None]
+
+
+def importance_map(window_shape: tuple[int, ...], mode: str, spatial_dims: int = 3) -> np.ndarray:
+    """The blending weight of a tile: MONAI's own ``compute_importance_map``.
+
+    Parameters
+    ----------
+    window_shape : tuple of int
+        Tile shape ``(z, y, x)``.
+    mode : {"constant", "gaussian", "crop"}
+        ``crop`` writes inner blocks unweighted (ones).
+    spatial_dims : int
+        2 for a 2D model: the map is computed on ``(y, x)`` (as a per-plane MONAI call would) and
+        broadcast over the single z-plane.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 weights of shape ``window_shape``.
+    """
+    if mode == "crop":
+        return np.ones(window_shape, dtype=np.float32)
+    # MONAI is the reference for the weights; importing it here keeps parity exact.
+    import torch
+    from monai.data.utils import compute_importance_map
+
+    shape = tuple(window_shape[-spatial_dims:])
+    weights = compute_importance_map(shape, mode=mode, sigma_scale=0.125, dtype=torch.float32)
+    weights = weights.cpu().numpy().astype(np.float32)
+    return weights.reshape(window_shape)
+
+
+class ChunkAccumulator:
+    """Weighted sums of tile predictions per output chunk.
+
+    Parameters
+    ----------
+    plan : TilePlan
+        The run's plan (chunk grid and contributing tiles).
+    n_values : int
+        Leading size of every prediction handed to :meth:`add` (modes x channels).
+    weights : numpy.ndarray
+        Importance map of one window (``plan.window_shape``).
+    on_chunk_done : callable
+        ``on_chunk_done(chunk_index, roi_slices, values)`` with ``values`` float32
+        ``(n_values, cz, cy, cx)`` = blended output; called once per chunk, in completion order.
+    scratch_dir : path-like
+        Folder for spilled chunks (created on demand, removed by :meth:`close`).
+    max_bytes : int
+        Memory for unfinished chunks before the least recently used spill to disk.
+    done_chunks : set of ChunkIndex, optional
+        Chunks already finished in an earlier, interrupted run: their contributions are skipped.
+    """
+
+    def __init__(
+        self,
+        plan: TilePlan,
+        n_values: int,
+        weights: np.ndarray,
+        on_chunk_done: ChunkCallback,
+        scratch_dir: str | Path,
+        max_bytes: int = 512 * 2**20,
+        done_chunks: set[ChunkIndex] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.n_values = n_values
+        self.weights = np.ascontiguousarray(weights, dtype=np.float32)
+        self.on_chunk_done = on_chunk_done
+        self.scratch_dir = Path(scratch_dir)
+        self.max_bytes = max_bytes
+        self.remaining = plan.chunk_contributors()
+        self.done_chunks: set[ChunkIndex] = set(done_chunks or ())
+        self._buffers: OrderedDict[ChunkIndex, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._spilled: set[ChunkIndex] = set()
+        self._bytes = 0
+        self.spill_count = 0
+
+    def chunk_slices(self, chunk: ChunkIndex) -> tuple[slice, slice, slice]:
+        """ROI-relative voxel slices of ``chunk``."""
+        return tuple(
+            slice(i * c, min((i + 1) * c, n))
+            for i, c, n in zip(chunk, self.plan.chunk_shape, self.plan.roi_shape)
+        )  # type: ignore[return-value]
+
+    def tile_chunks(self, tile: Tile) -> list[ChunkIndex]:
+        """Chunks that ``tile`` writes into."""
+        ranges = self.plan.chunk_range(tile)
+        return list(itertools.product(*(range(a, b) for a, b in ranges)))
+
+    def needs(self, tile: Tile) -> bool:
+        """Whether ``tile`` still contributes to an unfinished chunk (resume skips it otherwise)."""
+        return any(c not in self.done_chunks for c in self.tile_chunks(tile))
+
+    def add(self, tile: Tile, prediction: np.ndarray) -> list[ChunkIndex]:
+        """Add ``prediction`` ``(n_values, *window_shape)`` of ``tile``; return chunks finished by it."""
+        finished = []
+        roi_start = self.plan.roi_start
+        for chunk in self.tile_chunks(tile):
+            if chunk in self.done_chunks:
+                continue
+            chunk_slices = self.chunk_slices(chunk)
+            # Intersection of the tile's write box and the chunk, in volume coordinates.
+            lo = [max(a, r + s.start) for a, r, s in zip(tile.write_start, roi_start, chunk_slices)]
+            hi = [min(b, r + s.stop) for b, r, s in zip(tile.write_stop, roi_start, chunk_slices)]
+            in_tile = tuple(slice(a - w, b - w) for a, b, w in zip(lo, hi, tile.window_start))
+            in_chunk = tuple(
+                slice(a - r - s.start, b - r - s.start)
+                for a, b, r, s in zip(lo, hi, roi_start, chunk_slices)
+            )
+            total, weight = self._buffer(chunk)
+            w = self.weights[in_tile]
+            # The same float32 operations, in the same order, as MONAI: sum += pred * w; count += w.
+            total[(slice(None), *in_chunk)] += prediction[(slice(None), *in_tile)] * w
+            weight[in_chunk] += w
+            self.remaining[chunk] -= 1
+            if self.remaining[chunk] == 0:
+                self._finish(chunk)
+                finished.append(chunk)
+        return finished
+
+    def _finish(self, chunk: ChunkIndex) -> None:
+        total, weight = self._buffers.pop(chunk)
+        self._bytes -= total.nbytes + weight.nbytes
+        np.divide(total, weight, out=total)
+        self.done_chunks.add(chunk)
+        self.on_chunk_done(chunk, self.chunk_slices(chunk), total)
+
+    def _buffer(self, chunk: ChunkIndex) -> tuple[np.ndarray, np.ndarray]:
+        if chunk in self._buffers:
+            self._buffers.move_to_end(chunk)
+            return self._buffers[chunk]
+        shape = tuple(s.stop - s.start for s in self.chunk_slices(chunk))
+        if chunk in self._spilled:
+            path = self._spill_path(chunk)
+            with np.load(path) as stored:
+                buffers = (stored["total"], stored["weight"])
+            path.unlink()
+            self._spilled.discard(chunk)
+        else:
+            buffers = (
+                np.zeros((self.n_values, *shape), dtype=np.float32),
+                np.zeros(shape, dtype=np.float32),
+            )
+        self._buffers[chunk] = buffers
+        self._bytes += buffers[0].nbytes + buffers[1].nbytes
+        self._evict()
+        return buffers
+
+    def _evict(self) -> None:
+        # Keep the newest chunk in memory even when one chunk alone exceeds the budget.
+        while self._bytes > self.max_bytes and len(self._buffers) > 1:
+            chunk, (total, weight) = self._buffers.popitem(last=False)
+            self._bytes -= total.nbytes + weight.nbytes
+            self.scratch_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(self._spill_path(chunk), total=total, weight=weight)
+            self._spilled.add(chunk)
+            self.spill_count += 1
+
+    def _spill_path(self, chunk: ChunkIndex) -> Path:
+        return self.scratch_dir / ("chunk_%d_%d_%d.npz" % chunk)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every chunk has been finished."""
+        return len(self.done_chunks) == int(np.prod(self.plan.chunk_grid))
+
+    def close(self) -> None:
+        """Remove spilled partial chunks (an interrupted run recomputes their tiles on resume)."""
+        if self.scratch_dir.exists():
+            shutil.rmtree(self.scratch_dir, ignore_errors=True)
+        self._buffers.clear()
+        self._spilled.clear()
+        self._bytes = 0

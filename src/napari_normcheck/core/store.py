@@ -1,0 +1,209 @@
+"""The OUT.zarr layout: OME-Zarr 0.5 image groups beside run metadata, written safely.
+
+``OUT.zarr/`` (a zarr v3 group) holds one OME-Zarr image group per output (``pred_eval``, ``pred_train``,
+later metrics), each with level ``0`` of shape ``(channel, z, y, x)`` and the input's voxel size and the
+ROI's translation, so napari overlays it on the input. The root's ``normcheck`` attribute holds the run
+parameters. A run is complete only when the ``COMPLETE.json`` marker exists; it is written last.
+
+An existing OUT is never written into without ``overwrite``; with it, the new run is built beside the old
+one and swapped in only when complete, so a failed run never destroys an earlier complete result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from napari_normcheck.core.errors import NormcheckError
+
+COMPLETE_MARKER = "COMPLETE.json"
+STORE_KIND = "napari-normcheck output"
+
+
+def is_normcheck_store(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by napari-normcheck (complete or not)."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return attrs.get("normcheck", {}).get("kind") == STORE_KIND
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether the run that wrote ``path`` finished (its completion marker exists)."""
+    return (Path(path) / COMPLETE_MARKER).is_file()
+
+
+def read_marker(path: str | Path) -> dict[str, Any]:
+    """The completion marker's content (the run summary)."""
+    return json.loads((Path(path) / COMPLETE_MARKER).read_text())
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def ome_image_attrs(
+    name: str,
+    scale: tuple[float, ...],
+    translation: tuple[float, ...],
+    axes: tuple[str, ...] = ("c", "z", "y", "x"),
+) -> dict[str, Any]:
+    """OME-Zarr 0.5 ``multiscales`` attributes for a single-level image group.
+
+    Parameters
+    ----------
+    name : str
+        Image name.
+    scale, translation : tuple of float
+        Spatial voxel size and origin ``(z, y, x)``; leading non-spatial axes get scale 1, offset 0.
+    axes : tuple of str
+        Axis names; ``c`` is a channel axis, ``z``/``y``/``x`` are space.
+
+    Returns
+    -------
+    dict
+        The ``ome`` attribute content.
+    """
+    n_extra = len(axes) - len(scale)
+    axis_meta = [
+        {"name": a, "type": "channel"} if a == "c" else {"name": a, "type": "space"} for a in axes
+    ]
+    return {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "name": name,
+                "axes": axis_meta,
+                "datasets": [
+                    {
+                        "path": "0",
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": [1.0] * n_extra + [float(s) for s in scale]},
+                            {
+                                "type": "translation",
+                                "translation": [0.0] * n_extra + [float(t) for t in translation],
+                            },
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+
+
+class OutputStore:
+    """An OUT.zarr being written.
+
+    Use :meth:`create` to start a run; :meth:`finish` writes the completion marker and, when an earlier
+    complete OUT was being replaced, swaps the new one in.
+    """
+
+    def __init__(self, target: Path, work_path: Path) -> None:
+        self.target = target
+        self.path = work_path
+        self.root = zarr.open_group(str(work_path), mode="a", zarr_format=3)
+
+    @classmethod
+    def create(cls, target: str | Path, *, overwrite: bool, attrs: dict[str, Any]) -> OutputStore:
+        """Start a new output store at ``target``.
+
+        Parameters
+        ----------
+        target : path-like
+            Where the finished OUT.zarr must end up.
+        overwrite : bool
+            Replace an earlier napari-normcheck output at ``target`` (only once the new run completes).
+        attrs : dict
+            Run metadata stored under the root's ``normcheck`` attribute.
+
+        Raises
+        ------
+        NormcheckError
+            When ``target`` exists and ``overwrite`` is false, when it exists but is not a
+            napari-normcheck output (never deleted), or when its folder is not writable.
+        """
+        target = Path(target)
+        parent = target.resolve().parent
+        if not parent.is_dir():
+            raise NormcheckError(f"cannot write {target}: folder {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise NormcheckError(f"cannot write {target}: folder {parent} is not writable")
+        work = target
+        if target.exists():
+            if not overwrite:
+                raise NormcheckError(
+                    f"output {target} already exists; pass --overwrite to replace it, "
+                    "--resume to continue it, or choose another --out"
+                )
+            if not (is_normcheck_store(target) or (target.is_dir() and not any(target.iterdir()))):
+                raise NormcheckError(
+                    f"output {target} exists and is not a napari-normcheck output; "
+                    "it is not overwritten: choose another --out"
+                )
+            work = target.with_name(target.name + ".inprogress")
+        if work != target and work.exists():
+            shutil.rmtree(work)
+        zarr.open_group(str(work), mode="w", zarr_format=3)
+        store = cls(target, work)
+        store.root.attrs["normcheck"] = {"kind": STORE_KIND, **attrs}
+        return store
+
+    def create_image(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        chunks: tuple[int, ...],
+        dtype: str,
+        scale: tuple[float, ...],
+        translation: tuple[float, ...],
+        attrs: dict[str, Any] | None = None,
+        axes: tuple[str, ...] = ("c", "z", "y", "x"),
+    ) -> zarr.Array:
+        """Create the OME-Zarr image group ``name`` with level ``0`` and return that array."""
+        group = self.root.create_group(name, overwrite=True)
+        group.attrs["ome"] = ome_image_attrs(name, scale, translation, axes)
+        if attrs:
+            group.attrs["normcheck"] = attrs
+        fill = 0 if np.dtype(dtype).kind in "iu" else 0.0
+        return group.create_array(
+            "0", shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, dimension_names=axes
+        )
+
+    def array(self, name: str) -> zarr.Array:
+        """Level 0 of image ``name``."""
+        return self.root[f"{name}/0"]
+
+    def finish(self, summary: dict[str, Any]) -> Path:
+        """Write the completion marker last; swap the new OUT in place of an old one. Returns OUT."""
+        write_json_atomic(self.path / COMPLETE_MARKER, summary)
+        if self.path != self.target:
+            old = self.target.with_name(self.target.name + f".old-{os.getpid()}")
+            os.replace(self.target, old)
+            os.replace(self.path, self.target)
+            shutil.rmtree(old, ignore_errors=True)
+            self.path = self.target
+        return self.target
