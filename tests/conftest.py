@@ -12,14 +12,20 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ISBI_RAW = SHARED_DATA / "em" / "isbi2012_train_raw.tif"
 
 
-def tiny_unet(norm, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, seed: int = 0):
+def tiny_unet(
+    norm, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, seed: int = 0
+):
     """A real MONAI BasicUNet with few features (tile sides must be multiples of 16)."""
     from monai.networks.nets import BasicUNet
 
     torch.manual_seed(seed)
     return BasicUNet(
-        spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
-        features=(4, 4, 8, 8, 16, 4), norm=norm, dropout=0.0,
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        features=(4, 4, 8, 8, 16, 4),
+        norm=norm,
+        dropout=0.0,
     )
 
 

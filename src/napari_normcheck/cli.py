@@ -6,7 +6,6 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 from napari_normcheck.core.errors import NormcheckError
 
@@ -36,13 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--train-batch", type=int, default=1, help="tiles per train-mode forward")
     run.add_argument("--eval-batch", type=int, default=None, help="tiles per eval-mode forward")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--normalize", default="none",
-                     help="none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI")
+    run.add_argument(
+        "--normalize",
+        default="none",
+        help="none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI",
+    )
     run.add_argument("--activation", choices=("none", "sigmoid", "softmax"), default="none")
     run.add_argument("--output-dtype", choices=("float32", "float16", "uint8"), default="float32")
     run.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
-    run.add_argument("--cache-mb", type=int, default=512,
-                     help="memory for unfinished output chunks before spilling to disk")
+    run.add_argument(
+        "--cache-mb",
+        type=int,
+        default=512,
+        help="memory for unfinished output chunks before spilling to disk",
+    )
     run.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     run.set_defaults(handler=_run_command)
 
@@ -59,8 +65,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser, with_model: bool = Tru
     parser.add_argument("--arch", help="architecture callable: package.module:Name or file.py:Name")
     parser.add_argument("--arch-kwargs", help="architecture keyword arguments: JSON or @file.json")
     parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=None)
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow loading a pickled module (runs code from the file)")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow loading a pickled module (runs code from the file)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,12 +112,16 @@ def _run_command(args: argparse.Namespace) -> int:
     from napari_normcheck.core.volume import open_volume
 
     volume = open_volume(
-        args.volume, dataset=args.dataset, level=args.level,
+        args.volume,
+        dataset=args.dataset,
+        level=args.level,
         channel_axis=args.channel_axis if args.channel_axis is not None else "auto",
     )
     loaded = _load(args)
     if not loaded.switchable:
-        raise NormcheckError(loaded.not_switchable_reason or "the model's normalization mode is fixed")
+        raise NormcheckError(
+            loaded.not_switchable_reason or "the model's normalization mode is fixed"
+        )
     info = loaded.info
     if volume.n_channels != info.in_channels:
         raise NormcheckError(
@@ -136,25 +149,37 @@ def _run_command(args: argparse.Namespace) -> int:
     )
     inventory = norm_inventory(loaded.module)
     events = run_check(
-        volume, loaded.module, config, args.out, overwrite=args.overwrite,
-        spatial_dims=info.spatial_dims, divisor=info.divisor,
-        extra_attrs={"model": {"path": str(loaded.path), "sha256": loaded.sha256,
-                               "format": loaded.format},
-                     "norm_layers": inventory.to_dict()},
+        volume,
+        loaded.module,
+        config,
+        args.out,
+        overwrite=args.overwrite,
+        spatial_dims=info.spatial_dims,
+        divisor=info.divisor,
+        extra_attrs={
+            "model": {"path": str(loaded.path), "sha256": loaded.sha256, "format": loaded.format},
+            "norm_layers": inventory.to_dict(),
+        },
     )
     bar = None
     for event in events:
         if isinstance(event, RunStarted):
-            bar = tqdm(total=event.plan.n_tiles, unit="tile", file=sys.stderr,
-                       desc=f"two-mode check on {event.device}")
+            bar = tqdm(
+                total=event.plan.n_tiles,
+                unit="tile",
+                file=sys.stderr,
+                desc=f"two-mode check on {event.device}",
+            )
         elif isinstance(event, TileDone) and bar is not None:
             bar.total = event.n_total
             bar.update(1)
         elif isinstance(event, RunFinished):
             if bar is not None:
                 bar.close()
-            print(f"wrote {event.out} ({event.summary['n_tiles']} tiles, "
-                  f"{event.summary['timing']['total']:.1f} s)")
+            print(
+                f"wrote {event.out} ({event.summary['n_tiles']} tiles, "
+                f"{event.summary['timing']['total']:.1f} s)"
+            )
     return 0
 
 
@@ -163,9 +188,11 @@ def _inspect_command(args: argparse.Namespace) -> int:
 
     loaded = _load(args)
     info = loaded.info
-    print(f"{loaded.path}: {loaded.format}, {info.n_parameters:,} parameters, "
-          f"{info.in_channels} input channel(s), {info.out_channels} output channel(s), "
-          f"{info.spatial_dims}D, tile sides divisible by {info.divisor}")
+    print(
+        f"{loaded.path}: {loaded.format}, {info.n_parameters:,} parameters, "
+        f"{info.in_channels} input channel(s), {info.out_channels} output channel(s), "
+        f"{info.spatial_dims}D, tile sides divisible by {info.divisor}"
+    )
     for note in loaded.notes:
         print(f"note: {note}")
     if not loaded.switchable:

@@ -63,7 +63,9 @@ def test_dropout_stays_off_and_flags_are_restored():
 
 
 def test_state_restored_after_exception_inside():
-    model = calibrate(tiny_unet(("instance", {"track_running_stats": True, "affine": True})), (1, 16, 32, 32))
+    model = calibrate(
+        tiny_unet(("instance", {"track_running_stats": True, "affine": True})), (1, 16, 32, 32)
+    )
     saved = state_copy(model)
     with pytest.raises(RuntimeError), torch.inference_mode(), normalization_mode(model, "train"):
         model(torch.randn(1, 1, 16, 32, 32))

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 
@@ -24,7 +23,10 @@ def test_every_roi_voxel_is_written_and_chunks_counted():
     plan = plan_tiles((30, 50, 61), (16, 32, 32), overlap=0.3, roi=((3, 29), (5, 50), (0, 61)))
     covered = np.zeros(plan.roi_shape, dtype=int)
     for tile in plan.tiles():
-        sl = tuple(slice(a - r, b - r) for a, b, r in zip(tile.write_start, tile.write_stop, plan.roi_start))
+        sl = tuple(
+            slice(a - r, b - r)
+            for a, b, r in zip(tile.write_start, tile.write_stop, plan.roi_start)
+        )
         covered[sl] += 1
     assert covered.min() >= 1
     counts = plan.chunk_contributors()

@@ -76,7 +76,9 @@ class RunConfig:
         if not 0 <= self.overlap < 1:
             raise NormcheckError(f"overlap {self.overlap} is outside [0, 1); use e.g. 0.25")
         if self.activation not in ACTIVATIONS:
-            raise NormcheckError(f"unknown activation {self.activation!r}; use {', '.join(ACTIVATIONS)}")
+            raise NormcheckError(
+                f"unknown activation {self.activation!r}; use {', '.join(ACTIVATIONS)}"
+            )
         if self.output_dtype not in OUTPUT_DTYPES:
             raise NormcheckError(
                 f"unknown output dtype {self.output_dtype!r}; use {', '.join(OUTPUT_DTYPES)}"
@@ -96,9 +98,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (tuples become lists)."""
-        return {
-            f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
-        }
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
@@ -137,7 +137,9 @@ def parse_int_triple(text: str, what: str) -> tuple[int, int, int]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise NormcheckError(f"cannot read {what} {text!r}; write Z,Y,X (e.g. 32,128,128)") from None
+        raise NormcheckError(
+            f"cannot read {what} {text!r}; write Z,Y,X (e.g. 32,128,128)"
+        ) from None
     if len(values) == 2:
         values = (1, *values) if what == "tile" else (0, *values)
     if len(values) != 3:

@@ -100,7 +100,9 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise NormcheckError("device cuda was requested but no CUDA GPU is available; use --device cpu")
+        raise NormcheckError(
+            "device cuda was requested but no CUDA GPU is available; use --device cpu"
+        )
     return torch.device(choice)
 
 
@@ -213,8 +215,12 @@ def run_check(
     if spatial_dims == 2:
         halo = (0, *halo[1:])
     plan = plan_tiles(
-        volume.spatial_shape, tile_shape, overlap=config.overlap, blend=config.blend,  # type: ignore[arg-type]
-        halo=halo, roi=config.roi,
+        volume.spatial_shape,
+        tile_shape,
+        overlap=config.overlap,
+        blend=config.blend,  # type: ignore[arg-type]
+        halo=halo,
+        roi=config.roi,
     )
     check_tile(plan.window_shape, spatial_dims, divisor)
     if transform is None:
@@ -222,13 +228,13 @@ def run_check(
 
     worker_model = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     weights = importance_map(plan.window_shape, plan.blend, spatial_dims)
-    probe = _probe_out_channels(worker_model, volume.n_channels, plan.window_shape, spatial_dims, device)
+    probe = _probe_out_channels(
+        worker_model, volume.n_channels, plan.window_shape, spatial_dims, device
+    )
     n_out = probe
 
     scale = tuple(volume.scale)
-    translation = tuple(
-        t + r * s for t, r, s in zip(volume.translation, plan.roi_start, scale)
-    )
+    translation = tuple(t + r * s for t, r, s in zip(volume.translation, plan.roi_start, scale))
     attrs = {
         "version": __version__,
         "params": config.to_dict() | {"eval_batch": eval_batch, "device": str(device)},
@@ -244,15 +250,26 @@ def run_check(
     out_chunks = (1, *plan.chunk_shape)
     arrays = {
         mode: store.create_image(
-            PREDICTION_NAMES[mode], out_shape, out_chunks, config.output_dtype, scale, translation,
-            attrs={"mode": mode, "activation": config.activation,
-                   "train_batch": config.train_batch, "eval_batch": eval_batch},
+            PREDICTION_NAMES[mode],
+            out_shape,
+            out_chunks,
+            config.output_dtype,
+            scale,
+            translation,
+            attrs={
+                "mode": mode,
+                "activation": config.activation,
+                "train_batch": config.train_batch,
+                "eval_batch": eval_batch,
+            },
         )
         for mode in MODES
     }
     chunks_written = 0
 
-    def write_chunk(chunk: tuple[int, int, int], slices: tuple[slice, ...], values: np.ndarray) -> None:
+    def write_chunk(
+        chunk: tuple[int, int, int], slices: tuple[slice, ...], values: np.ndarray
+    ) -> None:
         nonlocal chunks_written
         t0 = time.perf_counter()
         stacked = values.reshape(len(MODES), n_out, *values.shape[1:])
@@ -265,13 +282,19 @@ def run_check(
         timing.write += time.perf_counter() - t0
 
     accumulator = ChunkAccumulator(
-        plan, len(MODES) * n_out, weights, write_chunk, store.path / ".scratch",
+        plan,
+        len(MODES) * n_out,
+        weights,
+        write_chunk,
+        store.path / ".scratch",
         max_bytes=config.cache_mb * 2**20,
     )
     yield RunStarted(out=Path(out), plan=plan, device=str(device), eval_batch=eval_batch)
 
     tiles = [t for t in plan.tiles() if accumulator.needs(t)]
-    reader = _TileReader(volume, plan, tiles, transform, depth=max(config.prefetch, eval_batch, config.train_batch))
+    reader = _TileReader(
+        volume, plan, tiles, transform, depth=max(config.prefetch, eval_batch, config.train_batch)
+    )
     pending: deque[_TileWork] = deque()
     n_done = 0
     try:
@@ -281,25 +304,53 @@ def run_check(
             eval_batch = _run_ready(
                 pending, worker_model, "eval", eval_batch, spatial_dims, device, timing, final=False
             )
-            _run_ready(pending, worker_model, "train", config.train_batch, spatial_dims, device, timing, final=False)
+            _run_ready(
+                pending,
+                worker_model,
+                "train",
+                config.train_batch,
+                spatial_dims,
+                device,
+                timing,
+                final=False,
+            )
             for done in _pop_finished(pending):
                 before = chunks_written
                 _stitch(accumulator, done, timing)
                 n_done += 1
-                yield TileDone(done.tile, n_done, len(tiles), time.perf_counter() - t_start,
-                               chunks_written - before)
+                yield TileDone(
+                    done.tile,
+                    n_done,
+                    len(tiles),
+                    time.perf_counter() - t_start,
+                    chunks_written - before,
+                )
                 if cancel is not None and cancel.is_set():
                     return
         eval_batch = _run_ready(
             pending, worker_model, "eval", eval_batch, spatial_dims, device, timing, final=True
         )
-        _run_ready(pending, worker_model, "train", config.train_batch, spatial_dims, device, timing, final=True)
+        _run_ready(
+            pending,
+            worker_model,
+            "train",
+            config.train_batch,
+            spatial_dims,
+            device,
+            timing,
+            final=True,
+        )
         for done in _pop_finished(pending):
             before = chunks_written
             _stitch(accumulator, done, timing)
             n_done += 1
-            yield TileDone(done.tile, n_done, len(tiles), time.perf_counter() - t_start,
-                           chunks_written - before)
+            yield TileDone(
+                done.tile,
+                n_done,
+                len(tiles),
+                time.perf_counter() - t_start,
+                chunks_written - before,
+            )
         timing.read = reader.seconds
         timing.total = time.perf_counter() - t_start
         summary = {
@@ -355,7 +406,7 @@ def _run_ready(
             timing.forward_train += elapsed
         for w, o in zip(group, outputs):
             w.outputs[mode] = o
-        todo = todo[len(group):]
+        todo = todo[len(group) :]
     return batch
 
 
@@ -402,8 +453,13 @@ def first_tensor(output: Any) -> torch.Tensor:
     global _warned_tuple_output
     if isinstance(output, torch.Tensor):
         return output
-    values = list(output.values()) if isinstance(output, dict) else list(output) if isinstance(
-        output, (tuple, list)) else []
+    values = (
+        list(output.values())
+        if isinstance(output, dict)
+        else list(output)
+        if isinstance(output, (tuple, list))
+        else []
+    )
     for value in values:
         if isinstance(value, torch.Tensor):
             if not _warned_tuple_output:
@@ -420,7 +476,10 @@ def first_tensor(output: Any) -> torch.Tensor:
 
 
 def _probe_out_channels(
-    model: nn.Module, in_channels: int, window: tuple[int, int, int], spatial_dims: int,
+    model: nn.Module,
+    in_channels: int,
+    window: tuple[int, int, int],
+    spatial_dims: int,
     device: torch.device,
 ) -> int:
     """Output channels from one eval forward on zeros of the tile's shape (also checks the shape)."""
@@ -430,7 +489,7 @@ def _probe_out_channels(
     except RuntimeError as error:
         raise NormcheckError(
             f"the model failed on a {spatial_dims}D input of {in_channels} channel(s) and shape "
-            f"{window[3 - spatial_dims:]}: {str(error).splitlines()[0]} (check the channel count, "
+            f"{window[3 - spatial_dims :]}: {str(error).splitlines()[0]} (check the channel count, "
             "--spatial-dims and the tile)"
         ) from None
 
@@ -455,7 +514,11 @@ class _TileReader:
     """A thread that reads, normalizes and pads the next tiles while the model works."""
 
     def __init__(
-        self, volume: Volume, plan: TilePlan, tiles: list[Tile], transform: IntensityTransform,
+        self,
+        volume: Volume,
+        plan: TilePlan,
+        tiles: list[Tile],
+        transform: IntensityTransform,
         depth: int,
     ) -> None:
         self.volume = volume
@@ -511,16 +574,22 @@ def read_window(
     pads its input). Crop mode sees real context from the whole volume, reflect-padded only beyond the
     volume border.
     """
-    if plan.blend == "crop":
-        source_lo, source_hi = (0, 0, 0), plan.volume_shape
-    else:
-        source_lo, source_hi = plan.roi_start, plan.roi_stop
     start = tile.window_start
     stop = tuple(s + w for s, w in zip(start, plan.window_shape))
-    lo = tuple(max(s, a) for s, a in zip(start, source_lo))
-    hi = tuple(min(s, b) for s, b in zip(stop, source_hi))
-    block = volume.data[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    block = np.asarray(block.compute(scheduler="synchronous") if hasattr(block, "compute") else block)
+    if plan.blend == "crop":
+        # Reflect about the volume border (numpy's "reflect" of the whole volume), whatever the halo.
+        index = [
+            _reflect_index(np.arange(a, b), n) for a, b, n in zip(start, stop, plan.volume_shape)
+        ]
+        lo = tuple(int(i.min()) for i in index)
+        hi = tuple(int(i.max()) + 1 for i in index)
+    else:
+        lo = tuple(max(s, a) for s, a in zip(start, plan.roi_start))
+        hi = tuple(min(s, b) for s, b in zip(stop, plan.roi_stop))
+    block = volume.data[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    block = np.asarray(
+        block.compute(scheduler="synchronous") if hasattr(block, "compute") else block
+    )
     image = transform.apply(block)
     n_bad = image.size - int(np.count_nonzero(np.isfinite(image)))
     if n_bad:
@@ -528,22 +597,20 @@ def read_window(
             f"the volume holds {n_bad} NaN or Inf value(s) in the box z {lo[0]}:{hi[0]}, "
             f"y {lo[1]}:{hi[1]}, x {lo[2]}:{hi[2]}; fill or mask them before running"
         )
-    pad = [(0, 0)] + [(a - s, e - b) for s, a, b, e in zip(start, lo, hi, stop)]
-    if any(p != (0, 0) for p in pad):
-        if plan.blend == "crop":
-            image = _reflect_pad(image, pad)
-        else:
+    if plan.blend == "crop":
+        if image.shape[1:] != plan.window_shape or any(a != s for a, s in zip(lo, start)):
+            image = image[np.ix_(range(image.shape[0]), *[i - a for i, a in zip(index, lo)])]
+    else:
+        pad = [(0, 0)] + [(a - s, e - b) for s, a, b, e in zip(start, lo, hi, stop)]
+        if any(p != (0, 0) for p in pad):
             image = np.pad(image, pad, mode="constant", constant_values=0.0)
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
-def _reflect_pad(image: np.ndarray, pad: list[tuple[int, int]]) -> np.ndarray:
-    # numpy's reflect needs at least two voxels along an axis; a single plane is repeated instead.
-    for axis, width in enumerate(pad):
-        if width == (0, 0):
-            continue
-        widths = [(0, 0)] * image.ndim
-        widths[axis] = width
-        mode = "reflect" if image.shape[axis] > 1 else "edge"
-        image = np.pad(image, widths, mode=mode)
-    return image
+def _reflect_index(index: np.ndarray, size: int) -> np.ndarray:
+    """Map coordinates outside ``[0, size)`` to their mirror image (no edge repeat), periodically."""
+    if size == 1:
+        return np.zeros_like(index)
+    period = 2 * (size - 1)
+    folded = np.mod(index, period)
+    return np.where(folded >= size, period - folded, folded)

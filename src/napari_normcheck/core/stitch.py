@@ -181,7 +181,7 @@ class ChunkAccumulator:
             self.spill_count += 1
 
     def _spill_path(self, chunk: ChunkIndex) -> Path:
-        return self.scratch_dir / ("chunk_%d_%d_%d.npz" % chunk)
+        return self.scratch_dir / f"chunk_{chunk[0]}_{chunk[1]}_{chunk[2]}.npz"
 
     @property
     def complete(self) -> bool:

@@ -133,7 +133,9 @@ class TilePlan:
         """Output chunk index range ``[lo, hi)`` per axis that ``tile``'s write box touches."""
         return tuple(
             ((a - r) // c, (b - 1 - r) // c + 1)
-            for a, b, r, c in zip(tile.write_start, tile.write_stop, self.roi_start, self.chunk_shape)
+            for a, b, r, c in zip(
+                tile.write_start, tile.write_stop, self.roi_start, self.chunk_shape
+            )
         )
 
     def chunk_contributors(self) -> np.ndarray:
