@@ -31,6 +31,7 @@ from napari_normcheck import __version__
 from napari_normcheck.core.config import RunConfig
 from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.intensity import IntensityTransform, resolve_intensity
+from napari_normcheck.core.metrics import DisparityAccumulator, tile_disparity
 from napari_normcheck.core.modes import normalization_mode
 from napari_normcheck.core.stitch import ChunkAccumulator, importance_map
 from napari_normcheck.core.store import OutputStore
@@ -62,6 +63,7 @@ class TileDone:
     n_total: int
     elapsed: float
     chunks_written: int
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class Timing:
     forward_eval: float = 0.0
     forward_train: float = 0.0
     stitch: float = 0.0
+    metrics: float = 0.0
     write: float = 0.0
     total: float = 0.0
 
@@ -265,6 +268,17 @@ def run_check(
         )
         for mode in MODES
     }
+    arrays["disparity"] = store.create_image(
+        "disparity",
+        out_shape,
+        out_chunks,
+        config.output_dtype,
+        scale,
+        translation,
+        attrs={"meaning": "|P_train - P_eval| per channel"},
+    )
+    disparity = DisparityAccumulator(n_out, config.threshold, argmax=config.activation == "softmax")
+    tile_records: list[dict[str, Any]] = []
     chunks_written = 0
 
     def write_chunk(
@@ -278,6 +292,11 @@ def run_check(
             arrays[mode][(slice(None), *slices)] = _to_output_dtype(
                 probabilities[m], config.output_dtype
             )
+        p_eval, p_train = probabilities[0], probabilities[1]
+        arrays["disparity"][(slice(None), *slices)] = _to_output_dtype(
+            np.abs(p_train - p_eval), config.output_dtype
+        )
+        disparity.add(p_train, p_eval)
         chunks_written += 1
         timing.write += time.perf_counter() - t0
 
@@ -292,11 +311,24 @@ def run_check(
     yield RunStarted(out=Path(out), plan=plan, device=str(device), eval_batch=eval_batch)
 
     tiles = [t for t in plan.tiles() if accumulator.needs(t)]
+    n_done = 0
+
+    def finish_ready() -> Iterator[TileDone]:
+        """Stitch the tiles whose two predictions are ready, in scan order; one event each."""
+        nonlocal n_done
+        for done in _pop_finished(pending):
+            before = chunks_written
+            _stitch(accumulator, done, timing)
+            record = _tile_record(done, plan, config, timing)
+            tile_records.append(record)
+            n_done += 1
+            elapsed = time.perf_counter() - t_start
+            yield TileDone(done.tile, n_done, len(tiles), elapsed, chunks_written - before, record)
+
     reader = _TileReader(
         volume, plan, tiles, transform, depth=max(config.prefetch, eval_batch, config.train_batch)
     )
     pending: deque[_TileWork] = deque()
-    n_done = 0
     try:
         reader.start()
         for work in reader:
@@ -314,17 +346,8 @@ def run_check(
                 timing,
                 final=False,
             )
-            for done in _pop_finished(pending):
-                before = chunks_written
-                _stitch(accumulator, done, timing)
-                n_done += 1
-                yield TileDone(
-                    done.tile,
-                    n_done,
-                    len(tiles),
-                    time.perf_counter() - t_start,
-                    chunks_written - before,
-                )
+            for event in finish_ready():
+                yield event
                 if cancel is not None and cancel.is_set():
                     return
         eval_batch = _run_ready(
@@ -340,17 +363,8 @@ def run_check(
             timing,
             final=True,
         )
-        for done in _pop_finished(pending):
-            before = chunks_written
-            _stitch(accumulator, done, timing)
-            n_done += 1
-            yield TileDone(
-                done.tile,
-                n_done,
-                len(tiles),
-                time.perf_counter() - t_start,
-                chunks_written - before,
-            )
+        yield from finish_ready()
+        _write_tile_grid(store, plan, tile_records, n_out, scale, volume.translation)
         timing.read = reader.seconds
         timing.total = time.perf_counter() - t_start
         summary = {
@@ -359,6 +373,9 @@ def run_check(
             "timing": timing.to_dict(),
             "spilled_chunks": accumulator.spill_count,
             "eval_batch": eval_batch,
+            "disparity": disparity.result(),
+            "disparity_sums": disparity.to_dict(),
+            "tiles": tile_records,
         }
         store.root.attrs["normcheck"] = dict(store.root.attrs["normcheck"]) | {"complete": True}
         final_path = store.finish(summary)
@@ -408,6 +425,71 @@ def _run_ready(
             w.outputs[mode] = o
         todo = todo[len(group) :]
     return batch
+
+
+def _tile_record(
+    work: _TileWork, plan: TilePlan, config: RunConfig, timing: Timing
+) -> dict[str, Any]:
+    """Per-tile disparity from the tile's own two predictions over the voxels it writes."""
+    t0 = time.perf_counter()
+    tile = work.tile
+    box = tuple(
+        slice(a - w, b - w) for a, b, w in zip(tile.write_start, tile.write_stop, tile.window_start)
+    )
+    own = np.stack([work.outputs[m][(slice(None), *box)] for m in MODES])
+    probabilities = _activate(own, config.activation)
+    values = tile_disparity(
+        probabilities[1], probabilities[0], config.threshold, argmax=config.activation == "softmax"
+    )
+    timing.metrics += time.perf_counter() - t0
+    return {
+        "index": tile.index,
+        "grid": list(tile.grid),
+        "start": list(tile.write_start),
+        "stop": list(tile.write_stop),
+        "disparity_hard": values["hard"],
+        "disparity_soft": values["soft"],
+        **({"disparity_argmax": values["argmax"]} if "argmax" in values else {}),
+    }
+
+
+def _write_tile_grid(
+    store: OutputStore,
+    plan: TilePlan,
+    records: list[dict[str, Any]],
+    n_out: int,
+    scale: tuple[float, ...],
+    volume_translation: tuple[float, ...],
+) -> None:
+    """``tile_disparity`` (hard) and ``tile_disparity_soft`` grids: one cell per tile, over its tile."""
+    step = []
+    for d, n in enumerate(plan.grid_shape):
+        starts = plan.window_starts[:, d]
+        step.append(
+            max((starts.max() - starts.min()) / (n - 1), 1.0) if n > 1 else plan.roi_shape[d]
+        )
+    first = plan.get_tile(0)
+    cell_scale = tuple(float(s) * v for s, v in zip(step, scale))
+    cell_translation = tuple(
+        t + w * v for t, w, v in zip(volume_translation, first.write_start, scale)
+    )
+    for name, key in (
+        ("tile_disparity", "disparity_hard"),
+        ("tile_disparity_soft", "disparity_soft"),
+    ):
+        grid = np.full((n_out, *plan.grid_shape), np.nan, dtype=np.float32)
+        for record in records:
+            grid[(slice(None), *record["grid"])] = record[key]
+        array = store.create_image(
+            name,
+            grid.shape,
+            grid.shape,
+            "float32",
+            cell_scale,
+            cell_translation,
+            attrs={"meaning": f"per-tile 1 - Dice(P_train, P_eval), {key.split('_')[1]}"},
+        )
+        array[...] = grid
 
 
 def _pop_finished(pending: deque[_TileWork]) -> Iterator[_TileWork]:

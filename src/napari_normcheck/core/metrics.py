@@ -1,0 +1,116 @@
+"""Train/eval disparity from accumulated sums (NumPy only).
+
+Disparity per output channel is ``1 - Dice(P_train, P_eval)``:
+
+- hard: Dice of the binarized maps ``p > threshold`` (and, for softmax outputs, of the argmax one-hot);
+- soft: the fuzzy Dice ``2 * sum(min(p, q)) / (sum(p) + sum(q))``, which is exactly 1 for ``p == q``.
+
+Empty against empty counts as agreement (Dice 1). Global values come from sums accumulated over the
+stitched volume, chunk by chunk, never from a mean of per-tile values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DICE_KINDS = ("hard", "soft", "argmax")
+
+
+def _sum_spatial(values: np.ndarray) -> np.ndarray:
+    return values.reshape(values.shape[0], -1).sum(axis=1, dtype=np.float64)
+
+
+def dice_sums(
+    p_train: np.ndarray, p_eval: np.ndarray, threshold: float, argmax: bool = False
+) -> dict[str, np.ndarray]:
+    """Per-channel Dice numerators and denominators of two ``(C, ...)`` probability maps.
+
+    Parameters
+    ----------
+    p_train, p_eval : numpy.ndarray
+        Probabilities of the two modes, channel first.
+    threshold : float
+        Foreground threshold for the hard Dice.
+    argmax : bool
+        Also compute the argmax one-hot Dice (softmax outputs).
+
+    Returns
+    -------
+    dict
+        ``{kind: array (2, C)}`` with row 0 = intersection term ``sum(A and B)`` (hard) or
+        ``sum(min(p, q))`` (soft), row 1 = ``sum(A) + sum(B)``; float64.
+    """
+    a = p_train > threshold
+    b = p_eval > threshold
+    sums = {
+        "hard": np.stack([_sum_spatial(a & b), _sum_spatial(a) + _sum_spatial(b)]),
+        "soft": np.stack(
+            [
+                _sum_spatial(np.minimum(p_train, p_eval)),
+                _sum_spatial(p_train) + _sum_spatial(p_eval),
+            ]
+        ),
+    }
+    if argmax:
+        n = p_train.shape[0]
+        ta = np.argmax(p_train, axis=0)
+        ea = np.argmax(p_eval, axis=0)
+        inter = np.array([np.count_nonzero((ta == c) & (ea == c)) for c in range(n)], float)
+        total = np.array(
+            [np.count_nonzero(ta == c) + np.count_nonzero(ea == c) for c in range(n)], float
+        )
+        sums["argmax"] = np.stack([inter, total])
+    return sums
+
+
+def dice_from_sums(sums: np.ndarray) -> np.ndarray:
+    """Dice per channel from ``(2, C)`` sums; 1 where both maps are empty."""
+    inter, total = sums
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 2.0 * inter / np.where(total > 0, total, 1.0), 1.0)
+
+
+def disparity_from_sums(sums: np.ndarray) -> list[float]:
+    """``1 - Dice`` per channel from ``(2, C)`` sums, as plain floats."""
+    return [float(v) for v in 1.0 - dice_from_sums(sums)]
+
+
+@dataclass
+class DisparityAccumulator:
+    """Global Dice sums over the stitched volume, added chunk by chunk."""
+
+    n_channels: int
+    threshold: float = 0.5
+    argmax: bool = False
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add(self, p_train: np.ndarray, p_eval: np.ndarray) -> None:
+        """Add the sums of one finished chunk (``(C, z, y, x)`` probabilities)."""
+        for kind, values in dice_sums(p_train, p_eval, self.threshold, self.argmax).items():
+            self.sums[kind] = self.sums.get(kind, 0.0) + values
+
+    def result(self) -> dict[str, list[float]]:
+        """``{"hard": [...], "soft": [...](, "argmax": [...])}`` disparity per channel."""
+        if not self.sums:
+            return {"hard": [0.0] * self.n_channels, "soft": [0.0] * self.n_channels}
+        return {kind: disparity_from_sums(s) for kind, s in self.sums.items()}
+
+    def to_dict(self) -> dict[str, list]:
+        """The raw sums (for resume and for merging partial results)."""
+        return {kind: s.tolist() for kind, s in self.sums.items()}
+
+    def load(self, data: dict[str, list]) -> None:
+        """Restore sums saved by :meth:`to_dict`."""
+        self.sums = {kind: np.asarray(v, dtype=np.float64) for kind, v in data.items()}
+
+
+def tile_disparity(
+    p_train: np.ndarray, p_eval: np.ndarray, threshold: float, argmax: bool = False
+) -> dict[str, list[float]]:
+    """Disparity of one tile from its own two predictions (``(C, ...)`` probabilities)."""
+    return {
+        kind: disparity_from_sums(s)
+        for kind, s in dice_sums(p_train, p_eval, threshold, argmax).items()
+    }

@@ -1,0 +1,74 @@
+import numpy as np
+import zarr
+
+from napari_normcheck.core.config import RunConfig
+from napari_normcheck.core.engine import RunFinished, run_check
+from napari_normcheck.core.metrics import DisparityAccumulator, dice_sums, disparity_from_sums
+from napari_normcheck.core.store import read_marker
+from napari_normcheck.core.volume import open_volume
+from tests.conftest import synthetic_volume
+
+
+def numpy_disparity(p, q, threshold=0.5):
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    hard, soft = [], []
+    for c in range(p.shape[0]):
+        a, b = p[c] > threshold, q[c] > threshold
+        total = a.sum() + b.sum()
+        hard.append(0.0 if total == 0 else 1 - 2 * (a & b).sum() / total)
+        s = p[c].sum() + q[c].sum()
+        soft.append(0.0 if s == 0 else 1 - 2 * np.minimum(p[c], q[c]).sum() / s)
+    return hard, soft
+
+
+def test_soft_dice_of_identical_maps_is_one_and_empty_counts_as_agreement():
+    rng = np.random.default_rng(0)
+    p = rng.random((2, 5, 6, 7)).astype(np.float32)
+    assert disparity_from_sums(dice_sums(p, p, 0.5)["soft"]) == [0.0, 0.0]
+    empty = np.zeros((2, 3, 3, 3), np.float32)
+    sums = dice_sums(empty, empty, 0.5)
+    assert disparity_from_sums(sums["hard"]) == [0.0, 0.0]
+    assert disparity_from_sums(sums["soft"]) == [0.0, 0.0]
+
+
+def test_accumulated_sums_equal_whole_volume_computation():
+    rng = np.random.default_rng(1)
+    p, q = rng.random((2, 2, 8, 10, 12)).astype(np.float32)
+    acc = DisparityAccumulator(2, 0.5)
+    for z in range(0, 8, 3):
+        acc.add(p[:, z : z + 3], q[:, z : z + 3])
+    hard, soft = numpy_disparity(p, q)
+    np.testing.assert_allclose(acc.result()["hard"], hard, rtol=1e-12)
+    np.testing.assert_allclose(acc.result()["soft"], soft, rtol=1e-9)
+
+
+def test_engine_disparity_matches_numpy_on_stored_predictions(tmp_path, batchnorm_unet):
+    out = tmp_path / "o.zarr"
+    events = list(
+        run_check(
+            open_volume(synthetic_volume((20, 40, 44))),
+            batchnorm_unet,
+            RunConfig(tile=(16, 32, 32), blend="crop", halo=(0, 8, 8), activation="sigmoid"),
+            out,
+        )
+    )
+    summary = events[-1].summary
+    assert isinstance(events[-1], RunFinished)
+    root = zarr.open_group(str(out), mode="r")
+    p_eval, p_train = root["pred_eval/0"][:], root["pred_train/0"][:]
+    hard, soft = numpy_disparity(p_train, p_eval)
+    np.testing.assert_allclose(summary["disparity"]["hard"], hard, rtol=1e-9)
+    np.testing.assert_allclose(summary["disparity"]["soft"], soft, rtol=1e-6)
+    assert max(hard) > 0  # the calibrated BatchNorm model really disagrees with itself
+    np.testing.assert_array_equal(root["disparity/0"][:], np.abs(p_train - p_eval))
+    # In crop mode a tile's own predictions are what it wrote: per-tile values are checkable.
+    grid = root["tile_disparity/0"][:]
+    for record in summary["tiles"]:
+        box = tuple(slice(a, b) for a, b in zip(record["start"], record["stop"]))
+        tile_hard, tile_soft = numpy_disparity(
+            p_train[(slice(None), *box)], p_eval[(slice(None), *box)]
+        )
+        np.testing.assert_allclose(record["disparity_hard"], tile_hard, rtol=1e-9)
+        np.testing.assert_allclose(record["disparity_soft"], tile_soft, rtol=1e-6)
+        np.testing.assert_allclose(grid[(slice(None), *record["grid"])], tile_hard, rtol=1e-6)
+    assert read_marker(out)["disparity"] == summary["disparity"]
