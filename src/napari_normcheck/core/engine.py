@@ -32,6 +32,7 @@ from napari_normcheck.core.config import RunConfig
 from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.intensity import IntensityTransform, resolve_intensity
 from napari_normcheck.core.metrics import DisparityAccumulator, tile_disparity
+from napari_normcheck.core.mismatch import MismatchTracker, prediction_box
 from napari_normcheck.core.modes import normalization_mode
 from napari_normcheck.core.stitch import ChunkAccumulator, importance_map
 from napari_normcheck.core.store import OutputStore
@@ -279,6 +280,7 @@ def run_check(
     )
     disparity = DisparityAccumulator(n_out, config.threshold, argmax=config.activation == "softmax")
     tile_records: list[dict[str, Any]] = []
+    mismatch = MismatchTracker(plan, n_out, config.threshold)
     chunks_written = 0
 
     def write_chunk(
@@ -319,7 +321,7 @@ def run_check(
         for done in _pop_finished(pending):
             before = chunks_written
             _stitch(accumulator, done, timing)
-            record = _tile_record(done, plan, config, timing)
+            record = _tile_record(done, plan, config, mismatch, timing)
             tile_records.append(record)
             n_done += 1
             elapsed = time.perf_counter() - t_start
@@ -364,6 +366,12 @@ def run_check(
             final=True,
         )
         yield from finish_ready()
+        for record in tile_records:
+            tile_mismatch = mismatch.tile_mismatch(record["index"])
+            record["mismatch_eval"] = tile_mismatch["eval_hard"]
+            record["mismatch_train"] = tile_mismatch["train_hard"]
+            record["mismatch_eval_soft"] = tile_mismatch["eval_soft"]
+            record["mismatch_train_soft"] = tile_mismatch["train_soft"]
         _write_tile_grid(store, plan, tile_records, n_out, scale, volume.translation)
         timing.read = reader.seconds
         timing.total = time.perf_counter() - t_start
@@ -375,6 +383,9 @@ def run_check(
             "eval_batch": eval_batch,
             "disparity": disparity.result(),
             "disparity_sums": disparity.to_dict(),
+            "mismatch_eval": mismatch.result()["eval"],
+            "mismatch_train": mismatch.result()["train"],
+            "n_tile_pairs": mismatch.n_pairs,
             "tiles": tile_records,
         }
         store.root.attrs["normcheck"] = dict(store.root.attrs["normcheck"]) | {"complete": True}
@@ -428,18 +439,24 @@ def _run_ready(
 
 
 def _tile_record(
-    work: _TileWork, plan: TilePlan, config: RunConfig, timing: Timing
+    work: _TileWork, plan: TilePlan, config: RunConfig, mismatch: MismatchTracker, timing: Timing
 ) -> dict[str, Any]:
-    """Per-tile disparity from the tile's own two predictions over the voxels it writes."""
+    """Per-tile disparity over the voxels a tile writes; its predictions go on to the mismatch tracker."""
     t0 = time.perf_counter()
     tile = work.tile
-    box = tuple(
-        slice(a - w, b - w) for a, b, w in zip(tile.write_start, tile.write_stop, tile.window_start)
-    )
-    own = np.stack([work.outputs[m][(slice(None), *box)] for m in MODES])
+    box_start, box_stop = prediction_box(plan, tile)
+    window = tuple(slice(a - w, b - w) for a, b, w in zip(box_start, box_stop, tile.window_start))
+    own = np.stack([work.outputs[m][(slice(None), *window)] for m in MODES])
     probabilities = _activate(own, config.activation)
+    mismatch.add(tile, probabilities)
+    written = tuple(
+        slice(a - s, b - s) for a, b, s in zip(tile.write_start, tile.write_stop, box_start)
+    )
     values = tile_disparity(
-        probabilities[1], probabilities[0], config.threshold, argmax=config.activation == "softmax"
+        probabilities[1][(slice(None), *written)],
+        probabilities[0][(slice(None), *written)],
+        config.threshold,
+        argmax=config.activation == "softmax",
     )
     timing.metrics += time.perf_counter() - t0
     return {
@@ -476,10 +493,13 @@ def _write_tile_grid(
     for name, key in (
         ("tile_disparity", "disparity_hard"),
         ("tile_disparity_soft", "disparity_soft"),
+        ("tile_mismatch_eval", "mismatch_eval"),
+        ("tile_mismatch_train", "mismatch_train"),
     ):
         grid = np.full((n_out, *plan.grid_shape), np.nan, dtype=np.float32)
         for record in records:
-            grid[(slice(None), *record["grid"])] = record[key]
+            if record.get(key) is not None:
+                grid[(slice(None), *record["grid"])] = record[key]
         array = store.create_image(
             name,
             grid.shape,
@@ -487,7 +507,7 @@ def _write_tile_grid(
             "float32",
             cell_scale,
             cell_translation,
-            attrs={"meaning": f"per-tile 1 - Dice(P_train, P_eval), {key.split('_')[1]}"},
+            attrs={"meaning": f"per-tile {key.replace('_', ' ')} (1 - Dice)"},
         )
         array[...] = grid
 

@@ -1,0 +1,132 @@
+"""Tile mismatch: how much overlapping tiles disagree on the voxels they share (tiling artifacts).
+
+For every pair of tiles whose prediction boxes overlap (blend modes with overlap > 0, or crop mode with a
+halo), their own predictions on the shared voxels are compared, in eval and in train mode separately:
+mismatch = ``1 - Dice`` (hard and soft, per channel). A tile's mismatch is the mean over its neighbours;
+the global value comes from sums over all pairs. Only the overlap slabs of tiles whose later neighbours
+are not computed yet are held in memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from napari_normcheck.core.metrics import dice_sums, disparity_from_sums
+from napari_normcheck.core.tiling import Tile, TilePlan
+
+MODES = ("eval", "train")
+
+
+def prediction_box(plan: TilePlan, tile: Tile) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The voxels a tile predicts inside the ROI: its whole window (halo included) clipped to the ROI."""
+    start = tuple(max(w, r) for w, r in zip(tile.window_start, plan.roi_start))
+    stop = tuple(
+        min(w + s, r) for w, s, r in zip(tile.window_start, plan.window_shape, plan.roi_stop)
+    )
+    return start, stop
+
+
+def _intersect(a, b):
+    start = tuple(max(x, y) for x, y in zip(a[0], b[0]))
+    stop = tuple(min(x, y) for x, y in zip(a[1], b[1]))
+    return (start, stop) if all(s < e for s, e in zip(start, stop)) else None
+
+
+def tile_pairs(plan: TilePlan) -> dict[int, list[tuple[int, tuple]]]:
+    """For each tile, its overlapping neighbours ``(index, shared_box)`` (both directions)."""
+    by_grid = {tuple(g): i for i, g in enumerate(plan.grid_positions.tolist())}
+    steps = []
+    for d in range(3):
+        starts = np.unique(plan.window_starts[:, d])
+        steps.append(int(np.diff(starts).min()) if len(starts) > 1 else plan.window_shape[d])
+    reach = [math.ceil(w / max(s, 1)) for w, s in zip(plan.window_shape, steps)]
+    boxes = [prediction_box(plan, plan.get_tile(i)) for i in range(plan.n_tiles)]
+    neighbours: dict[int, list[tuple[int, tuple]]] = {i: [] for i in range(plan.n_tiles)}
+    offsets = [o for o in itertools.product(*(range(-r, r + 1) for r in reach)) if any(o)]
+    for grid, i in by_grid.items():
+        for offset in offsets:
+            j = by_grid.get(tuple(g + o for g, o in zip(grid, offset)))
+            if j is None:
+                continue
+            shared = _intersect(boxes[i], boxes[j])
+            if shared is not None:
+                neighbours[i].append((j, shared))
+    return neighbours
+
+
+@dataclass
+class MismatchTracker:
+    """Accumulates pairwise mismatch as tiles finish, in scan order."""
+
+    plan: TilePlan
+    n_channels: int
+    threshold: float = 0.5
+    neighbours: dict[int, list[tuple[int, tuple]]] = field(init=False)
+    global_sums: dict[str, dict[str, np.ndarray]] = field(init=False)
+    tile_values: dict[int, dict[str, list]] = field(init=False)
+    _slabs: dict[tuple[int, int], np.ndarray] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.neighbours = tile_pairs(self.plan)
+        self.global_sums = {mode: {} for mode in MODES}
+        # per tile, per mode: list of (hard per channel, soft per channel) of each finished pair
+        self.tile_values = {}
+
+    @property
+    def n_pairs(self) -> int:
+        """Number of overlapping tile pairs."""
+        return sum(len(v) for v in self.neighbours.values()) // 2
+
+    @property
+    def held_bytes(self) -> int:
+        """Memory held by overlap slabs waiting for their later neighbour."""
+        return sum(s.nbytes for s in self._slabs.values())
+
+    def add(self, tile: Tile, probabilities: np.ndarray) -> None:
+        """Add a tile's own probabilities ``(2 modes, C, *prediction_box shape)``."""
+        box_start, _ = prediction_box(self.plan, tile)
+        i = tile.index
+        for j, (start, stop) in self.neighbours[i]:
+            local = tuple(slice(a - b, c - b) for a, c, b in zip(start, stop, box_start))
+            mine = probabilities[(slice(None), slice(None), *local)]
+            if j > i:
+                self._slabs[(i, j)] = np.array(mine, copy=True)
+                continue
+            theirs = self._slabs.pop((j, i), None)
+            if theirs is None:  # the neighbour was skipped (resume): nothing to compare
+                continue
+            for m, mode in enumerate(MODES):
+                sums = dice_sums(theirs[m], mine[m], self.threshold)
+                for kind in ("hard", "soft"):
+                    total = self.global_sums[mode].get(kind, 0.0)
+                    self.global_sums[mode][kind] = total + sums[kind]
+                    value = disparity_from_sums(sums[kind])
+                    for t in (i, j):
+                        self.tile_values.setdefault(t, {}).setdefault(f"{mode}_{kind}", []).append(
+                            value
+                        )
+
+    def result(self) -> dict[str, dict[str, list[float]]]:
+        """Global mismatch ``{"eval": {"hard": [...], "soft": [...]}, "train": {...}}``."""
+        zeros = [0.0] * self.n_channels
+        return {
+            mode: {
+                kind: disparity_from_sums(self.global_sums[mode][kind])
+                if kind in self.global_sums[mode]
+                else zeros
+                for kind in ("hard", "soft")
+            }
+            for mode in MODES
+        }
+
+    def tile_mismatch(self, index: int) -> dict[str, list[float] | None]:
+        """Mean mismatch over a tile's neighbours per channel (``None`` for a tile without any)."""
+        values = self.tile_values.get(index, {})
+        return {
+            key: (np.mean(values[key], axis=0).tolist() if key in values else None)
+            for key in (f"{m}_{k}" for m in MODES for k in ("hard", "soft"))
+        }
