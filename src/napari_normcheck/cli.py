@@ -6,6 +6,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from napari_normcheck.core.errors import NormcheckError
 
@@ -49,8 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="memory for unfinished output chunks before spilling to disk",
     )
-    run.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    run.add_argument("--report", help="write the report: report.json or report.csv (per tile)")
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace an existing OUT (and report)"
+    )
     run.set_defaults(handler=_run_command)
+
+    demo = sub.add_parser(
+        "demo", help="run the packaged sample models on the packaged sample volume"
+    )
+    demo.add_argument("--out", default="normcheck-demo", help="folder for the outputs")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    demo.set_defaults(handler=_demo_command)
 
     inspect = sub.add_parser("inspect", help="load a model and list its normalization layers")
     inspect.add_argument("model_path", metavar="MODEL")
@@ -103,11 +114,7 @@ def _load(args: argparse.Namespace):
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from napari_normcheck.core.config import RunConfig, parse_int_triple
-    from napari_normcheck.core.engine import RunFinished, RunStarted, TileDone, run_check
-    from napari_normcheck.core.inventory import norm_inventory
     from napari_normcheck.core.tiling import parse_roi
     from napari_normcheck.core.volume import open_volume
 
@@ -147,21 +154,41 @@ def _run_command(args: argparse.Namespace) -> int:
         spatial_dims=info.spatial_dims,
         cache_mb=args.cache_mb,
     )
+    report = run_and_report(volume, loaded, config, args.out, overwrite=args.overwrite)
+    if args.report:
+        from napari_normcheck.core.report import write_report
+
+        write_report(args.report, report, overwrite=args.overwrite)
+        print(f"report: {args.report}")
+    return 0
+
+
+def run_and_report(volume, loaded, config, out, *, overwrite: bool = False) -> dict:
+    """Run the check with a progress bar on stderr, print the summary; return the report."""
+    from tqdm import tqdm
+
+    from napari_normcheck.core.engine import RunFinished, RunStarted, TileDone, run_check
+    from napari_normcheck.core.inventory import norm_inventory
+    from napari_normcheck.core.report import build_report, format_summary
+
+    info = loaded.info
     inventory = norm_inventory(loaded.module)
+    attrs = {
+        "model": {"path": str(loaded.path), "sha256": loaded.sha256, "format": loaded.format},
+        "norm_layers": inventory.to_dict(),
+    }
     events = run_check(
         volume,
         loaded.module,
         config,
-        args.out,
-        overwrite=args.overwrite,
+        out,
+        overwrite=overwrite,
         spatial_dims=info.spatial_dims,
         divisor=info.divisor,
-        extra_attrs={
-            "model": {"path": str(loaded.path), "sha256": loaded.sha256, "format": loaded.format},
-            "norm_layers": inventory.to_dict(),
-        },
+        extra_attrs=attrs,
     )
     bar = None
+    report: dict = {}
     for event in events:
         if isinstance(event, RunStarted):
             bar = tqdm(
@@ -176,10 +203,64 @@ def _run_command(args: argparse.Namespace) -> int:
         elif isinstance(event, RunFinished):
             if bar is not None:
                 bar.close()
+            report = build_report(event.summary, attrs | _store_attrs(event.out))
             print(
                 f"wrote {event.out} ({event.summary['n_tiles']} tiles, "
                 f"{event.summary['timing']['total']:.1f} s)"
             )
+            print(format_summary(report))
+    return report
+
+
+def _store_attrs(out) -> dict:
+    import zarr
+
+    return dict(zarr.open_group(str(out), mode="r").attrs["normcheck"])
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    from napari_normcheck.core.config import RunConfig
+    from napari_normcheck.core.models import load_model
+    from napari_normcheck.core.report import write_report
+    from napari_normcheck.core.volume import open_volume
+    from napari_normcheck.data import SAMPLE_MODELS, sample_volume
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    volume = open_volume(sample_volume())
+    print(
+        f"sample volume {volume.spatial_shape} (synthetic EM: membranes, organelles, empty resin)"
+    )
+    results = {}
+    for name, sample in SAMPLE_MODELS.items():
+        print(f"\n== {name}: {sample.description}")
+        loaded = load_model(sample.path, arch=sample.arch, arch_kwargs=sample.arch_kwargs)
+        config = RunConfig(
+            tile=tuple(sample.tile),
+            overlap=0.25,
+            blend="gaussian",
+            normalize=sample.normalize,
+            activation=sample.activation,
+            device=args.device,
+        )
+        report = run_and_report(volume, loaded, config, out_dir / f"{name}.zarr", overwrite=True)
+        write_report(out_dir / f"{name}_report.json", report, overwrite=True)
+        write_report(out_dir / f"{name}_report.csv", report, overwrite=True)
+        results[name] = report
+    print("\n== comparison (hard, per channel)")
+    print(f"{'model':<10} {'disparity':<22} {'mismatch eval':<22} mismatch train")
+    for name, report in results.items():
+
+        def fmt(values):
+            return " ".join(f"{v:.3f}" for v in values)
+
+        print(
+            f"{name:<10} {fmt(report['disparity']['hard']):<22} "
+            f"{fmt(report['mismatch_eval']['hard']):<22} {fmt(report['mismatch_train']['hard'])}"
+        )
+    print(
+        f"\noutputs and reports in {out_dir}/ (open a .zarr in napari with the napari-normcheck reader)"
+    )
     return 0
 
 
