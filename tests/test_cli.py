@@ -1,0 +1,122 @@
+"""The command line, called as ``main([...])`` on real files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from napari_normcheck.cli import main
+from napari_normcheck.core.store import is_complete
+from tests.conftest import calibrate, synthetic_volume, tiny_unet
+
+ARCH = "monai.networks.nets.BasicUNet"
+KWARGS = '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "features": [4, 4, 8, 8, 16, 4], "norm": "batch"}'
+
+
+@pytest.fixture
+def files(tmp_path):
+    model = calibrate(tiny_unet("batch"), (1, 16, 32, 32))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    np.save(tmp_path / "volume.npy", synthetic_volume((16, 40, 40)))
+    return tmp_path
+
+
+def run_args(files, *extra):
+    return [
+        "run",
+        str(files / "volume.npy"),
+        "--model",
+        str(files / "model.pt"),
+        "--arch",
+        ARCH,
+        "--arch-kwargs",
+        KWARGS,
+        "--out",
+        str(files / "out.zarr"),
+        "--tile",
+        "16,32,32",
+        *extra,
+    ]
+
+
+def test_run_writes_outputs_report_and_summary(files, capsys):
+    code = main(run_args(files, "--activation", "sigmoid", "--report", str(files / "r.json")))
+    assert code == 0
+    assert is_complete(files / "out.zarr")
+    root = zarr.open_group(str(files / "out.zarr"), mode="r")
+    assert root["pred_eval/0"].shape == (2, 16, 40, 40)
+    report = json.loads((files / "r.json").read_text())
+    for key in (
+        "disparity",
+        "mismatch_eval",
+        "mismatch_train",
+        "tiles",
+        "norm_layers",
+        "params",
+        "model_sha256",
+        "versions",
+        "timing",
+    ):
+        assert key in report
+    assert set(report["disparity"]) >= {"hard", "soft"}
+    assert {
+        "index",
+        "start",
+        "stop",
+        "disparity_hard",
+        "disparity_soft",
+        "mismatch_eval",
+        "mismatch_train",
+        "feature_z",
+    } <= set(report["tiles"][0])
+    printed = capsys.readouterr().out
+    assert "train/eval disparity (hard)" in printed and "verdict:" in printed
+    assert main(run_args(files, "--report", str(files / "r.csv"), "--overwrite")) == 0
+    rows = (files / "r.csv").read_text().splitlines()
+    assert rows[0].startswith("index,start,stop") and len(rows) == 1 + len(report["tiles"])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a, f: a.__setitem__(1, str(f / "missing.zarr")), "no such file"),
+        (lambda a, f: a.__setitem__(3, str(f / "nothing.pt")), "nothing.pt"),
+        (lambda a, f: a.__setitem__(7, "{not json"), "JSON"),
+        (lambda a, f: a.__setitem__(5, "monai.networks.nets.NoSuchNet"), "NoSuchNet"),
+        (lambda a, f: a.__setitem__(11, "16,30,32"), "divisible"),
+        (lambda a, f: a.extend(["--overlap", "1.5"]), "overlap"),
+        (lambda a, f: a.extend(["--roi", "0:4,50:60,0:8"]), "ROI"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(files, capsys, change, message):
+    args = run_args(files)
+    change(args, files)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message.lower() in err.lower()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_existing_output_needs_overwrite(files, capsys):
+    assert main(run_args(files)) == 0
+    assert main(run_args(files)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(run_args(files, "--overwrite")) == 0
+
+
+def test_channel_count_mismatch(files, capsys):
+    np.save(files / "two.npy", np.zeros((2, 16, 32, 32), np.float32))
+    args = run_args(files)
+    args[1] = str(files / "two.npy")
+    assert main(args) == 2
+    assert "channel" in capsys.readouterr().err
+
+
+def test_inspect_prints_inventory(files, capsys):
+    assert main(["inspect", str(files / "model.pt"), "--arch", ARCH, "--arch-kwargs", KWARGS]) == 0
+    out = capsys.readouterr().out
+    assert "BatchNorm3d" in out and "running statistics" in out
