@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="memory for unfinished output chunks before spilling to disk",
     )
+    run.add_argument(
+        "--feature-layer",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also record per-tile input statistics of this module (repeatable)",
+    )
     run.add_argument("--report", help="write the report: report.json or report.csv (per tile)")
     run.add_argument(
         "--overwrite", action="store_true", help="replace an existing OUT (and report)"
@@ -153,6 +160,7 @@ def _run_command(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         spatial_dims=info.spatial_dims,
         cache_mb=args.cache_mb,
+        feature_layers=tuple(args.feature_layer),
     )
     report = run_and_report(volume, loaded, config, args.out, overwrite=args.overwrite)
     if args.report:

@@ -30,6 +30,12 @@ from torch import nn
 from napari_normcheck import __version__
 from napari_normcheck.core.config import RunConfig
 from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.features import (
+    FeatureLayer,
+    FeatureRecorder,
+    default_feature_layers,
+    tile_feature_summary,
+)
 from napari_normcheck.core.intensity import IntensityTransform, resolve_intensity
 from napari_normcheck.core.metrics import DisparityAccumulator, tile_disparity
 from napari_normcheck.core.mismatch import MismatchTracker, prediction_box
@@ -97,6 +103,7 @@ class _TileWork:
     tile: Tile
     image: np.ndarray
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    features: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -231,6 +238,11 @@ def run_check(
         transform = resolve_intensity(config.normalize, volume.data)
 
     worker_model = model if device.type == "cpu" else copy.deepcopy(model).to(device)
+    feature_names = list(
+        dict.fromkeys(default_feature_layers(worker_model) + list(config.feature_layers))
+    )
+    recorder = FeatureRecorder(worker_model, feature_names) if feature_names else None
+    feature_layers = recorder.layers if recorder else []
     weights = importance_map(plan.window_shape, plan.blend, spatial_dims)
     probe = _probe_out_channels(
         worker_model, volume.n_channels, plan.window_shape, spatial_dims, device
@@ -321,7 +333,7 @@ def run_check(
         for done in _pop_finished(pending):
             before = chunks_written
             _stitch(accumulator, done, timing)
-            record = _tile_record(done, plan, config, mismatch, timing)
+            record = _tile_record(done, plan, config, mismatch, timing, feature_layers)
             tile_records.append(record)
             n_done += 1
             elapsed = time.perf_counter() - t_start
@@ -331,40 +343,19 @@ def run_check(
         volume, plan, tiles, transform, depth=max(config.prefetch, eval_batch, config.train_batch)
     )
     pending: deque[_TileWork] = deque()
+    passes = _Passes(
+        worker_model, eval_batch, config.train_batch, spatial_dims, device, timing, recorder
+    )
     try:
         reader.start()
         for work in reader:
             pending.append(work)
-            eval_batch = _run_ready(
-                pending, worker_model, "eval", eval_batch, spatial_dims, device, timing, final=False
-            )
-            _run_ready(
-                pending,
-                worker_model,
-                "train",
-                config.train_batch,
-                spatial_dims,
-                device,
-                timing,
-                final=False,
-            )
+            passes.run_ready(pending, final=False)
             for event in finish_ready():
                 yield event
                 if cancel is not None and cancel.is_set():
                     return
-        eval_batch = _run_ready(
-            pending, worker_model, "eval", eval_batch, spatial_dims, device, timing, final=True
-        )
-        _run_ready(
-            pending,
-            worker_model,
-            "train",
-            config.train_batch,
-            spatial_dims,
-            device,
-            timing,
-            final=True,
-        )
+        passes.run_ready(pending, final=True)
         yield from finish_ready()
         for record in tile_records:
             tile_mismatch = mismatch.tile_mismatch(record["index"])
@@ -372,7 +363,9 @@ def run_check(
             record["mismatch_train"] = tile_mismatch["train_hard"]
             record["mismatch_eval_soft"] = tile_mismatch["eval_soft"]
             record["mismatch_train_soft"] = tile_mismatch["train_soft"]
-        _write_tile_grid(store, plan, tile_records, n_out, scale, volume.translation)
+        cell_transform = tile_cell_transform(plan, scale, volume.translation)
+        _write_tile_grid(store, plan, tile_records, n_out, cell_transform)
+        _write_feature_grid(store, plan, tile_records, feature_layers, cell_transform)
         timing.read = reader.seconds
         timing.total = time.perf_counter() - t_start
         summary = {
@@ -396,50 +389,71 @@ def run_check(
         accumulator.close()
 
 
-def _run_ready(
-    pending: deque[_TileWork],
-    model: nn.Module,
-    mode: str,
-    batch: int,
-    spatial_dims: int,
-    device: torch.device,
-    timing: Timing,
-    *,
-    final: bool,
-) -> int:
-    """Run ``mode`` forwards on consecutive pending tiles, ``batch`` at a time (a partial batch at the end).
+class _Passes:
+    """The eval and train forwards of pending tiles, batched, with feature hooks in the eval pass."""
 
-    Returns the batch size in use afterwards: the eval batch is halved on CUDA out-of-memory.
-    """
-    todo = [w for w in pending if mode not in w.outputs]
-    while todo and (len(todo) >= batch or final):
-        group = todo[:batch]
-        t0 = time.perf_counter()
-        try:
-            outputs = _forward(model, [w.image for w in group], mode, spatial_dims, device)
-        except torch.OutOfMemoryError:
-            if mode == "eval" and batch > 1:
-                # Eval results do not depend on the batch: halve it and try again.
-                batch = batch // 2
-                torch.cuda.empty_cache()
-                continue
-            raise NormcheckError(
-                f"one tile of {group[0].image.shape[1:]} voxels does not fit in GPU memory in the "
-                f"{mode} pass; use a smaller --tile"
-            ) from None
-        elapsed = time.perf_counter() - t0
-        if mode == "eval":
-            timing.forward_eval += elapsed
-        else:
-            timing.forward_train += elapsed
-        for w, o in zip(group, outputs):
-            w.outputs[mode] = o
-        todo = todo[len(group) :]
-    return batch
+    def __init__(
+        self,
+        model: nn.Module,
+        eval_batch: int,
+        train_batch: int,
+        spatial_dims: int,
+        device: torch.device,
+        timing: Timing,
+        recorder: FeatureRecorder | None,
+    ) -> None:
+        self.model = model
+        self.batch = {"eval": eval_batch, "train": train_batch}
+        self.spatial_dims = spatial_dims
+        self.device = device
+        self.timing = timing
+        self.recorder = recorder
+
+    def run_ready(self, pending: deque[_TileWork], *, final: bool) -> None:
+        """Run each mode on consecutive pending tiles, a full batch at a time (a partial one at the end)."""
+        for mode in MODES:
+            self._run_mode(pending, mode, final)
+
+    def _run_mode(self, pending: deque[_TileWork], mode: str, final: bool) -> None:
+        todo = [w for w in pending if mode not in w.outputs]
+        while todo and (len(todo) >= self.batch[mode] or final):
+            group = todo[: self.batch[mode]]
+            t0 = time.perf_counter()
+            hooks = self.recorder.recording() if self.recorder and mode == "eval" else None
+            try:
+                with hooks or contextlib.nullcontext():
+                    images = [w.image for w in group]
+                    outputs = _forward(self.model, images, mode, self.spatial_dims, self.device)
+                    features = self.recorder.take() if hooks else []
+            except torch.OutOfMemoryError:
+                if mode == "eval" and self.batch[mode] > 1:
+                    # Eval results do not depend on the batch: halve it and try again.
+                    self.batch[mode] //= 2
+                    torch.cuda.empty_cache()
+                    continue
+                raise NormcheckError(
+                    f"one tile of {group[0].image.shape[1:]} voxels does not fit in GPU memory in "
+                    f"the {mode} pass; use a smaller --tile"
+                ) from None
+            elapsed = time.perf_counter() - t0
+            if mode == "eval":
+                self.timing.forward_eval += elapsed
+            else:
+                self.timing.forward_train += elapsed
+            for k, (w, o) in enumerate(zip(group, outputs)):
+                w.outputs[mode] = o
+                if features:
+                    w.features = features[k]
+            todo = todo[len(group) :]
 
 
 def _tile_record(
-    work: _TileWork, plan: TilePlan, config: RunConfig, mismatch: MismatchTracker, timing: Timing
+    work: _TileWork,
+    plan: TilePlan,
+    config: RunConfig,
+    mismatch: MismatchTracker,
+    timing: Timing,
+    feature_layers: list[FeatureLayer],
 ) -> dict[str, Any]:
     """Per-tile disparity over the voxels a tile writes; its predictions go on to the mismatch tracker."""
     t0 = time.perf_counter()
@@ -458,6 +472,7 @@ def _tile_record(
         config.threshold,
         argmax=config.activation == "softmax",
     )
+    features = tile_feature_summary(feature_layers, work.features)
     timing.metrics += time.perf_counter() - t0
     return {
         "index": tile.index,
@@ -467,18 +482,30 @@ def _tile_record(
         "disparity_hard": values["hard"],
         "disparity_soft": values["soft"],
         **({"disparity_argmax": values["argmax"]} if "argmax" in values else {}),
+        "feature_z": _overlay_z(features, feature_layers),
+        "features": features,
     }
 
 
-def _write_tile_grid(
-    store: OutputStore,
-    plan: TilePlan,
-    records: list[dict[str, Any]],
-    n_out: int,
-    scale: tuple[float, ...],
-    volume_translation: tuple[float, ...],
-) -> None:
-    """``tile_disparity`` (hard) and ``tile_disparity_soft`` grids: one cell per tile, over its tile."""
+def _overlay_z(features: dict[str, dict], layers: list[FeatureLayer]) -> dict[str, Any] | None:
+    """The report's per-tile feature z summary for the overlay layer (the first with running stats)."""
+    for layer in layers:
+        z = features.get(layer.name, {}).get("z")
+        if z is not None:
+            absolute = np.abs(np.asarray(z))
+            return {
+                "layer": layer.name,
+                "mean_abs": float(absolute.mean()),
+                "max_abs": float(absolute.max()),
+                "max_channel": int(absolute.argmax()),
+            }
+    return None
+
+
+def tile_cell_transform(
+    plan: TilePlan, scale: tuple[float, ...], volume_translation: tuple[float, ...]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Scale and translation that place cell ``(iz, iy, ix)`` of a tile grid over that tile."""
     step = []
     for d, n in enumerate(plan.grid_shape):
         starts = plan.window_starts[:, d]
@@ -490,6 +517,17 @@ def _write_tile_grid(
     cell_translation = tuple(
         t + w * v for t, w, v in zip(volume_translation, first.write_start, scale)
     )
+    return cell_scale, cell_translation
+
+
+def _write_tile_grid(
+    store: OutputStore,
+    plan: TilePlan,
+    records: list[dict[str, Any]],
+    n_out: int,
+    cell_transform: tuple[tuple[float, ...], tuple[float, ...]],
+) -> None:
+    """Per-tile grids of disparity and mismatch: one cell per tile, placed over its tile."""
     for name, key in (
         ("tile_disparity", "disparity_hard"),
         ("tile_disparity_soft", "disparity_soft"),
@@ -505,11 +543,43 @@ def _write_tile_grid(
             grid.shape,
             grid.shape,
             "float32",
-            cell_scale,
-            cell_translation,
+            *cell_transform,
             attrs={"meaning": f"per-tile {key.replace('_', ' ')} (1 - Dice)"},
         )
         array[...] = grid
+
+
+def _write_feature_grid(
+    store: OutputStore,
+    plan: TilePlan,
+    records: list[dict[str, Any]],
+    layers: list[FeatureLayer],
+    cell_transform: tuple[tuple[float, ...], tuple[float, ...]],
+) -> None:
+    """``feature_z`` (layer, channel, tiles_z, tiles_y, tiles_x) for layers with running statistics."""
+    z_layers = [layer for layer in layers if layer.running_mean is not None]
+    if not z_layers:
+        return
+    n_channels = max(layer.channels or 0 for layer in z_layers)
+    grid = np.full((len(z_layers), n_channels, *plan.grid_shape), np.nan, dtype=np.float32)
+    for record in records:
+        for li, layer in enumerate(z_layers):
+            z = record["features"].get(layer.name, {}).get("z")
+            if z is not None:
+                grid[(li, slice(0, len(z)), *record["grid"])] = z
+    array = store.create_image(
+        "feature_z",
+        grid.shape,
+        grid.shape,
+        "float32",
+        *cell_transform,
+        attrs={
+            "layers": [layer.to_dict() for layer in z_layers],
+            "meaning": "(tile mean - running mean) / sqrt(running var + eps) of each layer's input",
+        },
+        axes=("l", "c", "z", "y", "x"),
+    )
+    array[...] = grid
 
 
 def _pop_finished(pending: deque[_TileWork]) -> Iterator[_TileWork]:

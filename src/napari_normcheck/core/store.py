@@ -89,9 +89,8 @@ def ome_image_attrs(
         The ``ome`` attribute content.
     """
     n_extra = len(axes) - len(scale)
-    axis_meta = [
-        {"name": a, "type": "channel"} if a == "c" else {"name": a, "type": "space"} for a in axes
-    ]
+    kinds = {"c": "channel", "z": "space", "y": "space", "x": "space"}
+    axis_meta = [{"name": a, "type": kinds[a]} if a in kinds else {"name": a} for a in axes]
     return {
         "version": "0.5",
         "multiscales": [

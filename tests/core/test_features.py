@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+import torch
+
+from napari_normcheck.core.config import RunConfig
+from napari_normcheck.core.engine import read_window, run_check
+from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.features import FeatureRecorder, default_feature_layers
+from napari_normcheck.core.intensity import resolve_intensity
+from napari_normcheck.core.tiling import plan_tiles
+from napari_normcheck.core.volume import open_volume
+from tests.conftest import synthetic_volume, tiny_unet
+
+
+def test_first_norm_layer_statistics_and_z_match_direct_computation(tmp_path, batchnorm_unet):
+    model = batchnorm_unet
+    layers = default_feature_layers(model)
+    assert layers[0] == "conv_0.conv_0.adn.N"
+    volume = open_volume(synthetic_volume((16, 40, 40)))
+    config = RunConfig(tile=(16, 32, 32), overlap=0.5, eval_batch=2)
+    summary = list(run_check(volume, model, config, tmp_path / "o.zarr"))[-1].summary
+    plan = plan_tiles((16, 40, 40), (16, 32, 32), overlap=0.5)
+    transform = resolve_intensity("none", volume.data)
+    norm = model.conv_0.conv_0.adn.N
+    for record in summary["tiles"]:
+        image = read_window(volume, plan, plan.get_tile(record["index"]), transform)
+        with torch.inference_mode():
+            features = model.conv_0.conv_0.conv(torch.from_numpy(image)[None]).double()[0]
+        mean = features.flatten(1).mean(1).numpy()
+        var = features.flatten(1).var(1, unbiased=False).numpy()
+        z = (mean - norm.running_mean.double().numpy()) / np.sqrt(
+            norm.running_var.double().numpy() + norm.eps
+        )
+        got = record["features"][layers[0]]
+        np.testing.assert_allclose(got["mean"], mean, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(got["var"], var, rtol=1e-6)
+        np.testing.assert_allclose(got["z"], z, rtol=1e-6, atol=1e-9)
+        assert record["feature_z"]["layer"] == layers[0]
+        assert record["feature_z"]["max_abs"] == pytest.approx(np.abs(z).max())
+
+
+def test_group_norm_model_has_no_z_but_named_layers_can_be_recorded(tmp_path):
+    model = tiny_unet(("group", {"num_groups": 2}))
+    assert default_feature_layers(model) == []
+    volume = open_volume(synthetic_volume((16, 32, 32)))
+    config = RunConfig(tile=(16, 32, 32), feature_layers=("conv_0.conv_0.conv",))
+    record = list(run_check(volume, model, config, tmp_path / "o.zarr"))[-1].summary["tiles"][0]
+    assert record["feature_z"] is None
+    assert len(record["features"]["conv_0.conv_0.conv"]["mean"]) == 1  # the conv's input: 1 channel
+    with pytest.raises(NormcheckError, match="no layer named"):
+        FeatureRecorder(model, ["nope"])
