@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--overwrite", action="store_true", help="replace an existing OUT (and report)"
     )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in OUT (same options); finished chunks are kept",
+    )
     run.set_defaults(handler=_run_command)
 
     demo = sub.add_parser(
@@ -162,7 +167,9 @@ def _run_command(args: argparse.Namespace) -> int:
         cache_mb=args.cache_mb,
         feature_layers=tuple(args.feature_layer),
     )
-    report = run_and_report(volume, loaded, config, args.out, overwrite=args.overwrite)
+    report = run_and_report(
+        volume, loaded, config, args.out, overwrite=args.overwrite, resume=args.resume
+    )
     if args.report:
         from napari_normcheck.core.report import write_report
 
@@ -171,7 +178,9 @@ def _run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_and_report(volume, loaded, config, out, *, overwrite: bool = False) -> dict:
+def run_and_report(
+    volume, loaded, config, out, *, overwrite: bool = False, resume: bool = False
+) -> dict:
     """Run the check with a progress bar on stderr, print the summary; return the report."""
     from tqdm import tqdm
 
@@ -194,6 +203,7 @@ def run_and_report(volume, loaded, config, out, *, overwrite: bool = False) -> d
         spatial_dims=info.spatial_dims,
         divisor=info.divisor,
         extra_attrs=attrs,
+        resume=resume,
     )
     bar = None
     report: dict = {}

@@ -58,13 +58,13 @@ def numpy_pair_mismatch(plan, model, volume, threshold=0.5):
                 a = preds[tile.index][mode][
                     (
                         slice(None),
-                        *[slice(l - w, h - w) for l, h, w in zip(lo, hi, tile.window_start)],
+                        *[slice(a - w, h - w) for a, h, w in zip(lo, hi, tile.window_start)],
                     )
                 ]
                 b = preds[other.index][mode][
                     (
                         slice(None),
-                        *[slice(l - w, h - w) for l, h, w in zip(lo, hi, other.window_start)],
+                        *[slice(a - w, h - w) for a, h, w in zip(lo, hi, other.window_start)],
                     )
                 ]
                 for c in range(2):

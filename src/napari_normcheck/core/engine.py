@@ -41,7 +41,7 @@ from napari_normcheck.core.metrics import DisparityAccumulator, tile_disparity
 from napari_normcheck.core.mismatch import MismatchTracker, prediction_box
 from napari_normcheck.core.modes import normalization_mode
 from napari_normcheck.core.stitch import ChunkAccumulator, importance_map
-from napari_normcheck.core.store import OutputStore
+from napari_normcheck.core.store import OutputStore, is_complete
 from napari_normcheck.core.tiling import Tile, TilePlan, plan_tiles
 from napari_normcheck.core.volume import Volume
 
@@ -183,6 +183,7 @@ def run_check(
     transform: IntensityTransform | None = None,
     cancel: threading.Event | None = None,
     extra_attrs: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> Iterator[RunStarted | TileDone | RunFinished]:
     """Run the two-mode tiled check of ``model`` over ``volume``, writing OUT.zarr.
 
@@ -208,6 +209,9 @@ def run_check(
         Set it to stop after the current tile.
     extra_attrs : dict, optional
         More metadata for the store (model file hash, inventory, ...).
+    resume : bool
+        Continue an interrupted run in ``out`` with the same parameters: finished output chunks and
+        their metrics are kept, and only tiles that contribute to unfinished chunks run again.
 
     Yields
     ------
@@ -241,7 +245,11 @@ def run_check(
     feature_names = list(
         dict.fromkeys(default_feature_layers(worker_model) + list(config.feature_layers))
     )
-    recorder = FeatureRecorder(worker_model, feature_names) if feature_names else None
+    # Forward hooks cannot be added to a compiled TorchScript graph: no feature statistics there.
+    scripted = isinstance(worker_model, torch.jit.ScriptModule)
+    recorder = (
+        FeatureRecorder(worker_model, feature_names) if feature_names and not scripted else None
+    )
     feature_layers = recorder.layers if recorder else []
     weights = importance_map(plan.window_shape, plan.blend, spatial_dims)
     probe = _probe_out_channels(
@@ -261,39 +269,37 @@ def run_check(
         "complete": False,
         **(extra_attrs or {}),
     }
-    store = OutputStore.create(out, overwrite=overwrite, attrs=attrs)
     out_shape = (n_out, *plan.roi_shape)
     out_chunks = (1, *plan.chunk_shape)
-    arrays = {
-        mode: store.create_image(
-            PREDICTION_NAMES[mode],
-            out_shape,
-            out_chunks,
-            config.output_dtype,
-            scale,
-            translation,
-            attrs={
-                "mode": mode,
-                "activation": config.activation,
-                "train_batch": config.train_batch,
-                "eval_batch": eval_batch,
-            },
-        )
-        for mode in MODES
-    }
-    arrays["disparity"] = store.create_image(
-        "disparity",
-        out_shape,
-        out_chunks,
-        config.output_dtype,
-        scale,
-        translation,
-        attrs={"meaning": "|P_train - P_eval| per channel"},
-    )
+    if resume:
+        store = OutputStore.reopen(out, attrs, same=("params", "plan", "intensity", "source"))
+        arrays = {name: store.array(name) for name in (*PREDICTION_NAMES.values(), "disparity")}
+        arrays["eval"], arrays["train"] = arrays.pop("pred_eval"), arrays.pop("pred_train")
+    else:
+        store = OutputStore.create(out, overwrite=overwrite, attrs=attrs)
+        arrays = _create_voxel_outputs(store, config, out_shape, out_chunks, scale, translation)
     disparity = DisparityAccumulator(n_out, config.threshold, argmax=config.activation == "softmax")
-    tile_records: list[dict[str, Any]] = []
+    tile_records: dict[int, dict[str, Any]] = {}
     mismatch = MismatchTracker(plan, n_out, config.threshold)
+    progress = store.read_progress() if resume else {}
+    disparity.load(progress.get("disparity_sums", {}))
+    mismatch.load(progress.get("pair_sums", {}))
+    tile_records.update({int(k): v for k, v in progress.get("tiles", {}).items()})
     chunks_written = 0
+    last_save = time.perf_counter()
+
+    def save_progress() -> None:
+        # Written after the chunks it lists: a chunk is either listed and on disk, or recomputed.
+        nonlocal last_save
+        store.write_progress(
+            {
+                "done_chunks": sorted(accumulator.done_chunks),
+                "disparity_sums": disparity.to_dict(),
+                "pair_sums": mismatch.to_dict(),
+                "tiles": {str(k): v for k, v in tile_records.items()},
+            }
+        )
+        last_save = time.perf_counter()
 
     def write_chunk(
         chunk: tuple[int, int, int], slices: tuple[slice, ...], values: np.ndarray
@@ -321,10 +327,14 @@ def run_check(
         write_chunk,
         store.path / ".scratch",
         max_bytes=config.cache_mb * 2**20,
+        done_chunks={tuple(c) for c in progress.get("done_chunks", [])},
     )
     yield RunStarted(out=Path(out), plan=plan, device=str(device), eval_batch=eval_batch)
 
-    tiles = [t for t in plan.tiles() if accumulator.needs(t)]
+    needed = {t.index for t in plan.tiles() if accumulator.needs(t)}
+    # A pair's mismatch is computed when its later tile runs, from the earlier tile's overlap slab.
+    needed |= {j for i in list(needed) for j in mismatch.missing_partners(i)}
+    tiles = [plan.get_tile(i) for i in sorted(needed)]
     n_done = 0
 
     def finish_ready() -> Iterator[TileDone]:
@@ -334,8 +344,10 @@ def run_check(
             before = chunks_written
             _stitch(accumulator, done, timing)
             record = _tile_record(done, plan, config, mismatch, timing, feature_layers)
-            tile_records.append(record)
+            tile_records[record["index"]] = record
             n_done += 1
+            if time.perf_counter() - last_save > 2.0:
+                save_progress()
             elapsed = time.perf_counter() - t_start
             yield TileDone(done.tile, n_done, len(tiles), elapsed, chunks_written - before, record)
 
@@ -357,15 +369,16 @@ def run_check(
                     return
         passes.run_ready(pending, final=True)
         yield from finish_ready()
-        for record in tile_records:
+        records = [tile_records[i] for i in sorted(tile_records)]
+        for record in records:
             tile_mismatch = mismatch.tile_mismatch(record["index"])
             record["mismatch_eval"] = tile_mismatch["eval_hard"]
             record["mismatch_train"] = tile_mismatch["train_hard"]
             record["mismatch_eval_soft"] = tile_mismatch["eval_soft"]
             record["mismatch_train_soft"] = tile_mismatch["train_soft"]
         cell_transform = tile_cell_transform(plan, scale, volume.translation)
-        _write_tile_grid(store, plan, tile_records, n_out, cell_transform)
-        _write_feature_grid(store, plan, tile_records, feature_layers, cell_transform)
+        _write_tile_grid(store, plan, records, n_out, cell_transform)
+        _write_feature_grid(store, plan, records, feature_layers, cell_transform)
         timing.read = reader.seconds
         timing.total = time.perf_counter() - t_start
         summary = {
@@ -379,13 +392,15 @@ def run_check(
             "mismatch_eval": mismatch.result()["eval"],
             "mismatch_train": mismatch.result()["train"],
             "n_tile_pairs": mismatch.n_pairs,
-            "tiles": tile_records,
+            "tiles": records,
         }
         store.root.attrs["normcheck"] = dict(store.root.attrs["normcheck"]) | {"complete": True}
         final_path = store.finish(summary)
         yield RunFinished(out=final_path, summary=summary)
     finally:
         reader.stop()
+        if not is_complete(store.path):
+            save_progress()
         accumulator.close()
 
 
@@ -580,6 +595,42 @@ def _write_feature_grid(
         axes=("l", "c", "z", "y", "x"),
     )
     array[...] = grid
+
+
+def _create_voxel_outputs(
+    store: OutputStore,
+    config: RunConfig,
+    out_shape: tuple[int, ...],
+    out_chunks: tuple[int, ...],
+    scale: tuple[float, ...],
+    translation: tuple[float, ...],
+) -> dict[str, Any]:
+    """``pred_eval``, ``pred_train`` and ``disparity`` images, chunked along the tile grid."""
+    arrays = {}
+    for mode in MODES:
+        arrays[mode] = store.create_image(
+            PREDICTION_NAMES[mode],
+            out_shape,
+            out_chunks,
+            config.output_dtype,
+            scale,
+            translation,
+            attrs={
+                "mode": mode,
+                "activation": config.activation,
+                "train_batch": config.train_batch,
+            },
+        )
+    arrays["disparity"] = store.create_image(
+        "disparity",
+        out_shape,
+        out_chunks,
+        config.output_dtype,
+        scale,
+        translation,
+        attrs={"meaning": "|P_train - P_eval| per channel"},
+    )
+    return arrays
 
 
 def _pop_finished(pending: deque[_TileWork]) -> Iterator[_TileWork]:

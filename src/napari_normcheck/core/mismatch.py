@@ -60,21 +60,18 @@ def tile_pairs(plan: TilePlan) -> dict[int, list[tuple[int, tuple]]]:
 
 @dataclass
 class MismatchTracker:
-    """Accumulates pairwise mismatch as tiles finish, in scan order."""
+    """Accumulates pairwise mismatch sums as tiles finish, in scan order, one entry per tile pair."""
 
     plan: TilePlan
     n_channels: int
     threshold: float = 0.5
     neighbours: dict[int, list[tuple[int, tuple]]] = field(init=False)
-    global_sums: dict[str, dict[str, np.ndarray]] = field(init=False)
-    tile_values: dict[int, dict[str, list]] = field(init=False)
+    pair_sums: dict[tuple[int, int], dict[str, dict[str, np.ndarray]]] = field(init=False)
     _slabs: dict[tuple[int, int], np.ndarray] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.neighbours = tile_pairs(self.plan)
-        self.global_sums = {mode: {} for mode in MODES}
-        # per tile, per mode: list of (hard per channel, soft per channel) of each finished pair
-        self.tile_values = {}
+        self.pair_sums = {}
 
     @property
     def n_pairs(self) -> int:
@@ -85,6 +82,12 @@ class MismatchTracker:
     def held_bytes(self) -> int:
         """Memory held by overlap slabs waiting for their later neighbour."""
         return sum(s.nbytes for s in self._slabs.values())
+
+    def missing_partners(self, index: int) -> list[int]:
+        """Earlier neighbours whose pair with ``index`` has no sums yet (resume reruns them)."""
+        return [
+            j for j, _ in self.neighbours[index] if j < index and (j, index) not in self.pair_sums
+        ]
 
     def add(self, tile: Tile, probabilities: np.ndarray) -> None:
         """Add a tile's own probabilities ``(2 modes, C, *prediction_box shape)``."""
@@ -97,36 +100,56 @@ class MismatchTracker:
                 self._slabs[(i, j)] = np.array(mine, copy=True)
                 continue
             theirs = self._slabs.pop((j, i), None)
-            if theirs is None:  # the neighbour was skipped (resume): nothing to compare
+            if theirs is None:  # the earlier tile was not rerun on resume: its pair sums are kept
                 continue
-            for m, mode in enumerate(MODES):
-                sums = dice_sums(theirs[m], mine[m], self.threshold)
-                for kind in ("hard", "soft"):
-                    total = self.global_sums[mode].get(kind, 0.0)
-                    self.global_sums[mode][kind] = total + sums[kind]
-                    value = disparity_from_sums(sums[kind])
-                    for t in (i, j):
-                        self.tile_values.setdefault(t, {}).setdefault(f"{mode}_{kind}", []).append(
-                            value
-                        )
+            self.pair_sums[(j, i)] = {
+                mode: dice_sums(theirs[m], mine[m], self.threshold) for m, mode in enumerate(MODES)
+            }
 
     def result(self) -> dict[str, dict[str, list[float]]]:
         """Global mismatch ``{"eval": {"hard": [...], "soft": [...]}, "train": {...}}``."""
-        zeros = [0.0] * self.n_channels
-        return {
-            mode: {
-                kind: disparity_from_sums(self.global_sums[mode][kind])
-                if kind in self.global_sums[mode]
-                else zeros
-                for kind in ("hard", "soft")
-            }
-            for mode in MODES
-        }
+        result = {}
+        for mode in MODES:
+            result[mode] = {}
+            for kind in ("hard", "soft"):
+                total = np.zeros((2, self.n_channels))
+                for sums in self.pair_sums.values():
+                    total = total + sums[mode][kind]
+                result[mode][kind] = disparity_from_sums(total)
+        return result
 
     def tile_mismatch(self, index: int) -> dict[str, list[float] | None]:
         """Mean mismatch over a tile's neighbours per channel (``None`` for a tile without any)."""
-        values = self.tile_values.get(index, {})
+        pairs = [
+            self.pair_sums[key]
+            for key in ((min(index, j), max(index, j)) for j, _ in self.neighbours[index])
+            if key in self.pair_sums
+        ]
         return {
-            key: (np.mean(values[key], axis=0).tolist() if key in values else None)
-            for key in (f"{m}_{k}" for m in MODES for k in ("hard", "soft"))
+            f"{mode}_{kind}": (
+                np.mean([disparity_from_sums(p[mode][kind]) for p in pairs], axis=0).tolist()
+                if pairs
+                else None
+            )
+            for mode in MODES
+            for kind in ("hard", "soft")
         }
+
+    def to_dict(self) -> dict[str, dict]:
+        """Pair sums as JSON-ready data (resume)."""
+        return {
+            f"{i},{j}": {
+                mode: {k: v.tolist() for k, v in sums[mode].items() if k != "argmax"}
+                for mode in MODES
+            }
+            for (i, j), sums in self.pair_sums.items()
+        }
+
+    def load(self, data: dict[str, dict]) -> None:
+        """Restore pair sums saved by :meth:`to_dict`."""
+        for key, sums in data.items():
+            i, j = (int(v) for v in key.split(","))
+            self.pair_sums[(i, j)] = {
+                mode: {k: np.asarray(v, dtype=np.float64) for k, v in sums[mode].items()}
+                for mode in MODES
+            }

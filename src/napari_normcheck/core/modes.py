@@ -36,6 +36,11 @@ def has_running_stats(module: nn.Module) -> bool:
     bool
         True when eval mode normalizes with remembered running statistics.
     """
+    if isinstance(module, torch.jit.RecursiveScriptModule):
+        # A scripted BatchNorm keeps its attributes and buffers; a traced one keeps neither flag.
+        return bool(getattr(module, "track_running_stats", False)) and "running_mean" in dict(
+            module.named_buffers(recurse=False)
+        )
     return (
         isinstance(module, _NormBase)
         and bool(module.track_running_stats)

@@ -23,6 +23,7 @@ import zarr
 from napari_normcheck.core.errors import NormcheckError
 
 COMPLETE_MARKER = "COMPLETE.json"
+PROGRESS_FILE = "progress.json"
 STORE_KIND = "napari-normcheck output"
 
 
@@ -170,6 +171,55 @@ class OutputStore:
         store = cls(target, work)
         store.root.attrs["normcheck"] = {"kind": STORE_KIND, **attrs}
         return store
+
+    @classmethod
+    def reopen(
+        cls, target: str | Path, attrs: dict[str, Any], same: tuple[str, ...]
+    ) -> OutputStore:
+        """Reopen an interrupted run's store to resume it.
+
+        Parameters
+        ----------
+        target : path-like
+            The OUT.zarr of the interrupted run (or its ``.inprogress`` sibling when it was replacing
+            an earlier output).
+        attrs : dict
+            This run's metadata; the keys in ``same`` must equal the stored ones.
+        same : tuple of str
+            Metadata that must not change between the interrupted and the resumed run.
+
+        Raises
+        ------
+        NormcheckError
+            When there is nothing to resume, the run already finished, or parameters differ.
+        """
+        target = Path(target)
+        work = target.with_name(target.name + ".inprogress")
+        if not work.exists():
+            work = target
+        if not is_normcheck_store(work):
+            raise NormcheckError(f"nothing to resume: {target} is not a napari-normcheck output")
+        if is_complete(work):
+            raise NormcheckError(f"{target} is already complete; nothing to resume")
+        store = cls(target, work)
+        stored = json.loads(json.dumps(dict(store.root.attrs["normcheck"]), default=_json_default))
+        fresh = json.loads(json.dumps(attrs, default=_json_default))
+        for key in same:
+            if stored.get(key) != fresh.get(key):
+                raise NormcheckError(
+                    f"cannot resume {target}: its {key} differ from this run's; use the interrupted "
+                    "run's options, or start again with --overwrite"
+                )
+        return store
+
+    def read_progress(self) -> dict[str, Any]:
+        """What an interrupted run finished (empty when it saved nothing)."""
+        path = self.path / PROGRESS_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def write_progress(self, progress: dict[str, Any]) -> None:
+        """Save what is finished, atomically (a crash leaves the previous complete file)."""
+        write_json_atomic(self.path / PROGRESS_FILE, progress)
 
     def create_image(
         self,

@@ -1,0 +1,141 @@
+"""Resume: an interrupted run continued in the same OUT equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from napari_normcheck.core.config import RunConfig
+from napari_normcheck.core.engine import RunFinished, TileDone, run_check
+from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.store import is_complete
+from napari_normcheck.core.volume import open_volume
+from tests.conftest import calibrate, synthetic_volume, tiny_unet
+
+NAMES = ("pred_eval", "pred_train", "disparity", "tile_disparity", "tile_mismatch_eval")
+
+
+def read_outputs(out):
+    root = zarr.open_group(str(out), mode="r")
+    return {name: root[f"{name}/0"][:] for name in NAMES}
+
+
+def summary_of(events):
+    return next(e for e in events if isinstance(e, RunFinished)).summary
+
+
+@pytest.mark.parametrize("stop_after", [1, 6, 10])
+def test_cancel_then_resume_equals_uninterrupted(tmp_path, batchnorm_unet, stop_after):
+    volume = open_volume(synthetic_volume((40, 48, 52)))  # a 3 x 2 x 2 grid of tiles
+    config = RunConfig(tile=(16, 32, 32), overlap=0.25, activation="sigmoid", cache_mb=0)
+    reference = summary_of(list(run_check(volume, batchnorm_unet, config, tmp_path / "ref.zarr")))
+
+    out = tmp_path / "o.zarr"
+    cancel = threading.Event()
+    for event in run_check(volume, batchnorm_unet, config, out, cancel=cancel):
+        if isinstance(event, TileDone) and event.n_done == stop_after:
+            cancel.set()
+    assert not is_complete(out)
+    with pytest.raises(NormcheckError, match="already exists"):
+        list(run_check(volume, batchnorm_unet, config, out))
+    resumed_events = list(run_check(volume, batchnorm_unet, config, out, resume=True))
+    n_rerun = sum(isinstance(e, TileDone) for e in resumed_events)
+    resumed = summary_of(resumed_events)
+    if stop_after >= 10:  # rows 0 and 1 finished every chunk row 0 writes: row 0 is not rerun
+        assert n_rerun < reference["n_tiles"]
+    expected, got = read_outputs(tmp_path / "ref.zarr"), read_outputs(out)
+    for name in NAMES:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    for key in ("disparity", "mismatch_eval", "mismatch_train"):
+        np.testing.assert_allclose(resumed[key]["hard"], reference[key]["hard"], rtol=1e-12)
+        np.testing.assert_allclose(resumed[key]["soft"], reference[key]["soft"], rtol=1e-12)
+
+
+def test_resume_refuses_other_parameters_and_finished_runs(tmp_path, batchnorm_unet):
+    volume = open_volume(synthetic_volume((16, 32, 32)))
+    config = RunConfig(tile=(16, 32, 32))
+    list(run_check(volume, batchnorm_unet, config, tmp_path / "o.zarr"))
+    with pytest.raises(NormcheckError, match="already complete"):
+        list(run_check(volume, batchnorm_unet, config, tmp_path / "o.zarr", resume=True))
+    cancel = threading.Event()
+    cancel.set()
+    list(run_check(volume, batchnorm_unet, config, tmp_path / "p.zarr", cancel=cancel))
+    with pytest.raises(NormcheckError, match="differ"):
+        list(
+            run_check(
+                volume,
+                batchnorm_unet,
+                config.replace(overlap=0.5),
+                tmp_path / "p.zarr",
+                resume=True,
+            )
+        )
+
+
+def test_kill_9_at_random_points_then_resume(tmp_path):
+    model = calibrate(tiny_unet("batch"), (1, 16, 32, 32))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    np.save(tmp_path / "v.npy", synthetic_volume((24, 64, 64)))
+    kwargs = json.dumps(
+        {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 2,
+            "features": [4, 4, 8, 8, 16, 4],
+            "norm": "batch",
+        }
+    )
+
+    def command(out, *extra):
+        return [
+            sys.executable,
+            "-m",
+            "napari_normcheck.cli",
+            "run",
+            str(tmp_path / "v.npy"),
+            "--model",
+            str(tmp_path / "m.pt"),
+            "--arch",
+            "monai.networks.nets.BasicUNet",
+            "--arch-kwargs",
+            kwargs,
+            "--out",
+            str(out),
+            "--tile",
+            "16,32,32",
+            "--activation",
+            "sigmoid",
+            "--cache-mb",
+            "0",
+            *extra,
+        ]
+
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run(command(tmp_path / "ref.zarr"), check=True, env=env, capture_output=True)
+    rng = np.random.default_rng(0)
+    out = tmp_path / "o.zarr"
+    for _attempt in range(3):
+        extra = ("--resume",) if out.exists() else ()
+        process = subprocess.Popen(
+            command(out, *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(float(rng.uniform(4.0, 9.0)))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait()
+    extra = ("--resume",) if out.exists() and not is_complete(out) else ()
+    if not is_complete(out):
+        subprocess.run(command(out, *extra), check=True, env=env, capture_output=True)
+    expected, got = read_outputs(tmp_path / "ref.zarr"), read_outputs(out)
+    for name in NAMES:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
