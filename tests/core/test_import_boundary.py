@@ -1,0 +1,27 @@
+"""The compute core imports without Qt or napari; the package itself imports neither Qt nor torch."""
+
+import json
+import pkgutil
+import subprocess
+import sys
+
+import napari_normcheck.core
+
+FORBIDDEN_IN_CORE = ("napari", "qtpy", "magicgui", "superqt", "PyQt5", "PyQt6", "PySide2", "PySide6")
+
+
+def loaded_after(code: str) -> set[str]:
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return {name.split(".")[0] for name in json.loads(output.stdout.splitlines()[-1])}
+
+
+def test_every_core_module_imports_without_qt_or_napari():
+    modules = [m.name for m in pkgutil.iter_modules(napari_normcheck.core.__path__)]
+    assert {"engine", "tiling", "stitch", "volume", "models", "metrics"} <= set(modules)
+    imports = "\n".join(f"import napari_normcheck.core.{name}" for name in modules)
+    assert not loaded_after(imports) & set(FORBIDDEN_IN_CORE)
+
+
+def test_package_import_is_light():
+    assert not loaded_after("import napari_normcheck") & {"torch", "napari", "PyQt6", "qtpy"}
