@@ -110,3 +110,48 @@ def test_what_a_user_should_see(tmp_path, batchnorm_unet):
     assert max(batch["disparity"]["soft"]) > 0
     # Running statistics are the same for every tile: eval-mode seams are smaller than train-mode ones.
     assert max(batch["mismatch_eval"]["soft"]) < max(batch["mismatch_train"]["soft"])
+
+
+def test_seams_map_is_the_largest_pairwise_difference(tmp_path, batchnorm_unet):
+    import zarr
+
+    volume = synthetic_volume((16, 48, 48))
+    run_summary(
+        volume,
+        batchnorm_unet,
+        tmp_path / "o.zarr",
+        tile=(16, 32, 32),
+        overlap=0.5,
+        activation="sigmoid",
+        blend="constant",
+    )
+    plan = plan_tiles((16, 48, 48), (16, 32, 32), overlap=0.5)
+    preds = {}
+    for tile in plan.tiles():
+        sl = tuple(slice(w, w + s) for w, s in zip(tile.window_start, plan.window_shape))
+        x = torch.from_numpy(np.ascontiguousarray(volume[sl]))[None, None]
+        with torch.inference_mode(), normalization_mode(batchnorm_unet, "eval"):
+            preds[tile.index] = torch.sigmoid(batchnorm_unet(x))[0].numpy()
+    expected = np.zeros((2, 16, 48, 48), np.float32)
+    for a in plan.tiles():
+        for b in plan.tiles():
+            if b.index <= a.index:
+                continue
+            lo = [max(p, q) for p, q in zip(a.window_start, b.window_start)]
+            hi = [
+                min(p + s, q + s)
+                for p, q, s in zip(a.window_start, b.window_start, plan.window_shape)
+            ]
+            if any(p >= q for p, q in zip(lo, hi)):
+                continue
+            pa = preds[a.index][
+                (slice(None), *[slice(p - w, q - w) for p, q, w in zip(lo, hi, a.window_start)])
+            ]
+            pb = preds[b.index][
+                (slice(None), *[slice(p - w, q - w) for p, q, w in zip(lo, hi, b.window_start)])
+            ]
+            box = (slice(None), *[slice(p, q) for p, q in zip(lo, hi)])
+            expected[box] = np.maximum(expected[box], np.abs(pa - pb))
+    seams = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")["seams_eval/0"][:]
+    np.testing.assert_allclose(seams, expected, atol=1e-5)
+    assert seams.max() > 0

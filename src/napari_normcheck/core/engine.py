@@ -273,14 +273,29 @@ def run_check(
     out_chunks = (1, *plan.chunk_shape)
     if resume:
         store = OutputStore.reopen(out, attrs, same=("params", "plan", "intensity", "source"))
-        arrays = {name: store.array(name) for name in (*PREDICTION_NAMES.values(), "disparity")}
+        names = (*PREDICTION_NAMES.values(), "disparity", "seams_eval", "seams_train")
+        arrays = {name: store.array(name) for name in names}
         arrays["eval"], arrays["train"] = arrays.pop("pred_eval"), arrays.pop("pred_train")
     else:
         store = OutputStore.create(out, overwrite=overwrite, attrs=attrs)
         arrays = _create_voxel_outputs(store, config, out_shape, out_chunks, scale, translation)
     disparity = DisparityAccumulator(n_out, config.threshold, argmax=config.activation == "softmax")
     tile_records: dict[int, dict[str, Any]] = {}
-    mismatch = MismatchTracker(plan, n_out, config.threshold)
+    roi_start = plan.roi_start
+
+    def write_seams(start: tuple[int, ...], stop: tuple[int, ...], difference: np.ndarray) -> None:
+        # The largest disagreement of any tile pair covering a voxel; max is idempotent on resume.
+        t0 = time.perf_counter()
+        box = (slice(None), *(slice(a - r, b - r) for a, b, r in zip(start, stop, roi_start)))
+        for m, mode in enumerate(MODES):
+            seams = arrays[f"seams_{mode}"]
+            current = seams[box].astype(np.float32)
+            if config.output_dtype == "uint8":
+                current = current / 255.0
+            seams[box] = _to_output_dtype(np.maximum(current, difference[m]), config.output_dtype)
+        timing.write += time.perf_counter() - t0
+
+    mismatch = MismatchTracker(plan, n_out, config.threshold, on_pair=write_seams)
     progress = store.read_progress() if resume else {}
     disparity.load(progress.get("disparity_sums", {}))
     mismatch.load(progress.get("pair_sums", {}))
@@ -630,6 +645,19 @@ def _create_voxel_outputs(
         translation,
         attrs={"meaning": "|P_train - P_eval| per channel"},
     )
+    for mode in MODES:
+        arrays[f"seams_{mode}"] = store.create_image(
+            f"seams_{mode}",
+            out_shape,
+            out_chunks,
+            config.output_dtype,
+            scale,
+            translation,
+            attrs={
+                "meaning": f"largest |P_A - P_B| of overlapping tiles A, B ({mode} mode); "
+                "zero where one tile covers a voxel"
+            },
+        )
     return arrays
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +66,7 @@ class MismatchTracker:
     plan: TilePlan
     n_channels: int
     threshold: float = 0.5
+    on_pair: Callable[[tuple[int, ...], tuple[int, ...], np.ndarray], None] | None = None
     neighbours: dict[int, list[tuple[int, tuple]]] = field(init=False)
     pair_sums: dict[tuple[int, int], dict[str, dict[str, np.ndarray]]] = field(init=False)
     _slabs: dict[tuple[int, int], np.ndarray] = field(init=False, default_factory=dict)
@@ -105,6 +107,8 @@ class MismatchTracker:
             self.pair_sums[(j, i)] = {
                 mode: dice_sums(theirs[m], mine[m], self.threshold) for m, mode in enumerate(MODES)
             }
+            if self.on_pair is not None:
+                self.on_pair(start, stop, np.abs(theirs - mine))
 
     def result(self) -> dict[str, dict[str, list[float]]]:
         """Global mismatch ``{"eval": {"hard": [...], "soft": [...]}, "train": {...}}``."""
