@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import threading
 
 import numpy as np
@@ -282,3 +283,76 @@ def test_output_metadata_overlays_input(tmp_path, batchnorm_unet):
     assert group["0"].shape == (2, 16, 36, 44)
     params = zarr.open_group(str(out), mode="r").attrs["normcheck"]["params"]
     assert params["train_batch"] == 1
+
+
+class Shrinking(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 3)  # no padding: the output is smaller than the input
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class TupleOutput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        return {"logits": self.conv(x), "aux": 0}
+
+
+def test_model_output_shape_must_match_input(tmp_path):
+    with pytest.raises(NormcheckError, match="spatial shape"):
+        list(
+            run_check(
+                open_volume(synthetic_volume((8, 16, 16))),
+                Shrinking(),
+                RunConfig(tile=(8, 16, 16)),
+                tmp_path / "o.zarr",
+            )
+        )
+
+
+def test_dict_output_uses_first_tensor_and_says_so(tmp_path):
+    import napari_normcheck.core.engine as engine
+
+    engine._warned_tuple_output = False
+    with pytest.warns(UserWarning, match="first tensor"):
+        e, t = run_engine(
+            synthetic_volume((8, 16, 16)), TupleOutput(), tmp_path / "o.zarr", tile=(8, 16, 16)
+        )
+    assert e.shape == (2, 8, 16, 16)
+
+
+def test_unwritable_output_folder(tmp_path, batchnorm_unet):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(NormcheckError, match="not writable"):
+            list(
+                run_check(
+                    open_volume(synthetic_volume((16, 32, 32))),
+                    batchnorm_unet,
+                    RunConfig(tile=(16, 32, 32)),
+                    locked / "o.zarr",
+                )
+            )
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_folder_missing(tmp_path, batchnorm_unet):
+    with pytest.raises(NormcheckError, match="does not exist"):
+        list(
+            run_check(
+                open_volume(synthetic_volume((16, 32, 32))),
+                batchnorm_unet,
+                RunConfig(tile=(16, 32, 32)),
+                tmp_path / "nowhere" / "o.zarr",
+            )
+        )
