@@ -31,47 +31,43 @@ def test_pairs_are_symmetric_and_cover_overlaps():
             assert (i != j and overlap) == any(k == j for k, _ in pairs[i])
 
 
-def numpy_pair_mismatch(plan, model, volume, threshold=0.5):
-    """Independent: each tile's own sigmoid prediction by a direct forward, pairs compared in numpy."""
+def direct_predictions(plan, model, volume):
+    """Independent: each tile's own sigmoid prediction by a direct forward, in both modes."""
     preds = {}
     for tile in plan.tiles():
-        sl = tuple(slice(w, w + s) for w, s in zip(tile.window_start, plan.window_shape))
-        x = torch.from_numpy(np.ascontiguousarray(volume[sl]))[None, None]
-        out = {}
+        window = tuple(slice(w, w + s) for w, s in zip(tile.window_start, plan.window_shape))
+        x = torch.from_numpy(np.ascontiguousarray(volume[window]))[None, None]
+        preds[tile.index] = {}
         for mode in ("eval", "train"):
             with torch.inference_mode(), normalization_mode(model, mode):
-                out[mode] = torch.sigmoid(model(x))[0].numpy().astype(np.float64)
-        preds[tile.index] = out
-    sums = {m: np.zeros((2, 2)) for m in ("eval", "train")}
-    for tile in plan.tiles():
-        for other in plan.tiles():
-            if other.index <= tile.index:
-                continue
-            lo = [max(a, b) for a, b in zip(tile.window_start, other.window_start)]
+                preds[tile.index][mode] = torch.sigmoid(model(x))[0].numpy()
+    return preds
+
+
+def overlapping_pairs(plan):
+    """``(a, b, slices in a's window, slices in b's window, volume box)`` of every overlapping pair."""
+    for a in plan.tiles():
+        for b in plan.tiles()[a.index + 1 :]:
+            lo = [max(p, q) for p, q in zip(a.window_start, b.window_start)]
             hi = [
-                min(a + s, b + s)
-                for a, b, s in zip(tile.window_start, other.window_start, plan.window_shape)
+                min(p + s, q + s)
+                for p, q, s in zip(a.window_start, b.window_start, plan.window_shape)
             ]
-            if any(a >= b for a, b in zip(lo, hi)):
+            if any(p >= q for p, q in zip(lo, hi)):
                 continue
-            for mode in sums:
-                a = preds[tile.index][mode][
-                    (
-                        slice(None),
-                        *[slice(a - w, h - w) for a, h, w in zip(lo, hi, tile.window_start)],
-                    )
-                ]
-                b = preds[other.index][mode][
-                    (
-                        slice(None),
-                        *[slice(a - w, h - w) for a, h, w in zip(lo, hi, other.window_start)],
-                    )
-                ]
-                for c in range(2):
-                    sums[mode][c] += [
-                        ((a[c] > threshold) & (b[c] > threshold)).sum(),
-                        (a[c] > threshold).sum() + (b[c] > threshold).sum(),
-                    ]
+            in_a = (slice(None), *[slice(p - w, q - w) for p, q, w in zip(lo, hi, a.window_start)])
+            in_b = (slice(None), *[slice(p - w, q - w) for p, q, w in zip(lo, hi, b.window_start)])
+            yield a, b, in_a, in_b, (slice(None), *[slice(p, q) for p, q in zip(lo, hi)])
+
+
+def numpy_pair_mismatch(plan, model, volume, threshold=0.5):
+    preds = direct_predictions(plan, model, volume)
+    sums = {m: np.zeros((2, 2)) for m in ("eval", "train")}
+    for a, b, in_a, in_b, _ in overlapping_pairs(plan):
+        for mode in sums:
+            pa, pb = preds[a.index][mode][in_a] > threshold, preds[b.index][mode][in_b] > threshold
+            for c in range(2):
+                sums[mode][c] += [(pa[c] & pb[c]).sum(), pa[c].sum() + pb[c].sum()]
     return {
         m: [1 - 2 * s[c, 0] / s[c, 1] if s[c, 1] else 0.0 for c in range(2)]
         for m, s in sums.items()
@@ -126,32 +122,11 @@ def test_seams_map_is_the_largest_pairwise_difference(tmp_path, batchnorm_unet):
         blend="constant",
     )
     plan = plan_tiles((16, 48, 48), (16, 32, 32), overlap=0.5)
-    preds = {}
-    for tile in plan.tiles():
-        sl = tuple(slice(w, w + s) for w, s in zip(tile.window_start, plan.window_shape))
-        x = torch.from_numpy(np.ascontiguousarray(volume[sl]))[None, None]
-        with torch.inference_mode(), normalization_mode(batchnorm_unet, "eval"):
-            preds[tile.index] = torch.sigmoid(batchnorm_unet(x))[0].numpy()
+    preds = direct_predictions(plan, batchnorm_unet, volume)
     expected = np.zeros((2, 16, 48, 48), np.float32)
-    for a in plan.tiles():
-        for b in plan.tiles():
-            if b.index <= a.index:
-                continue
-            lo = [max(p, q) for p, q in zip(a.window_start, b.window_start)]
-            hi = [
-                min(p + s, q + s)
-                for p, q, s in zip(a.window_start, b.window_start, plan.window_shape)
-            ]
-            if any(p >= q for p, q in zip(lo, hi)):
-                continue
-            pa = preds[a.index][
-                (slice(None), *[slice(p - w, q - w) for p, q, w in zip(lo, hi, a.window_start)])
-            ]
-            pb = preds[b.index][
-                (slice(None), *[slice(p - w, q - w) for p, q, w in zip(lo, hi, b.window_start)])
-            ]
-            box = (slice(None), *[slice(p, q) for p, q in zip(lo, hi)])
-            expected[box] = np.maximum(expected[box], np.abs(pa - pb))
+    for a, b, in_a, in_b, box in overlapping_pairs(plan):
+        difference = np.abs(preds[a.index]["eval"][in_a] - preds[b.index]["eval"][in_b])
+        expected[box] = np.maximum(expected[box], difference)
     seams = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")["seams_eval/0"][:]
     np.testing.assert_allclose(seams, expected, atol=1e-5)
     assert seams.max() > 0
