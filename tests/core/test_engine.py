@@ -316,9 +316,9 @@ def test_model_output_shape_must_match_input(tmp_path):
 
 
 def test_dict_output_uses_first_tensor_and_says_so(tmp_path):
-    import napari_normcheck.core.engine as engine
+    import napari_normcheck.core.forward as forward
 
-    engine._warned_tuple_output = False
+    forward._warned_tuple_output = False
     with pytest.warns(UserWarning, match="first tensor"):
         e, t = run_engine(
             synthetic_volume((8, 16, 16)), TupleOutput(), tmp_path / "o.zarr", tile=(8, 16, 16)

@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.engine import read_window, run_check
+from napari_normcheck.core.engine import run_check
 from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.features import FeatureRecorder, default_feature_layers
 from napari_normcheck.core.intensity import resolve_intensity
+from napari_normcheck.core.tile_io import read_window
 from napari_normcheck.core.tiling import plan_tiles
 from napari_normcheck.core.volume import open_volume
 from tests.conftest import synthetic_volume, tiny_unet

@@ -7,12 +7,23 @@ import sys
 
 import napari_normcheck.core
 
-FORBIDDEN_IN_CORE = ("napari", "qtpy", "magicgui", "superqt", "PyQt5", "PyQt6", "PySide2", "PySide6")
+FORBIDDEN_IN_CORE = (
+    "napari",
+    "qtpy",
+    "magicgui",
+    "superqt",
+    "PyQt5",
+    "PyQt6",
+    "PySide2",
+    "PySide6",
+)
 
 
 def loaded_after(code: str) -> set[str]:
     script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
-    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    output = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
     return {name.split(".")[0] for name in json.loads(output.stdout.splitlines()[-1])}
 
 

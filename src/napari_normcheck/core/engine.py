@@ -11,12 +11,9 @@ reader thread (lazy read + intensity normalization + padding) -> eval/train forw
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import queue
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,17 +28,28 @@ from napari_normcheck import __version__
 from napari_normcheck.core.config import RunConfig
 from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.features import (
-    FeatureLayer,
     FeatureRecorder,
     default_feature_layers,
-    tile_feature_summary,
+)
+from napari_normcheck.core.forward import (
+    Passes,
+    activate,
+    probe_out_channels,
+    resolve_device,
+    to_output_dtype,
+)
+from napari_normcheck.core.grids import (
+    tile_cell_transform,
+    tile_record,
+    write_feature_grid,
+    write_tile_grids,
 )
 from napari_normcheck.core.intensity import IntensityTransform, resolve_intensity
-from napari_normcheck.core.metrics import DisparityAccumulator, tile_disparity
-from napari_normcheck.core.mismatch import MismatchTracker, prediction_box
-from napari_normcheck.core.modes import normalization_mode
+from napari_normcheck.core.metrics import DisparityAccumulator
+from napari_normcheck.core.mismatch import MismatchTracker
 from napari_normcheck.core.stitch import ChunkAccumulator, importance_map
 from napari_normcheck.core.store import OutputStore, is_complete
+from napari_normcheck.core.tile_io import TileReader, TileWork
 from napari_normcheck.core.tiling import Tile, TilePlan, plan_tiles
 from napari_normcheck.core.volume import Volume
 
@@ -96,25 +104,6 @@ class Timing:
     def to_dict(self) -> dict[str, float]:
         """Rounded seconds per stage."""
         return {k: round(v, 4) for k, v in self.__dict__.items()}
-
-
-@dataclass
-class _TileWork:
-    tile: Tile
-    image: np.ndarray
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
-    features: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def resolve_device(choice: str) -> torch.device:
-    """``auto`` gives CUDA when available, else CPU; an explicit CUDA choice without CUDA is an error."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise NormcheckError(
-            "device cuda was requested but no CUDA GPU is available; use --device cpu"
-        )
-    return torch.device(choice)
 
 
 def default_tile(
@@ -252,7 +241,7 @@ def run_check(
     )
     feature_layers = recorder.layers if recorder else []
     weights = importance_map(plan.window_shape, plan.blend, spatial_dims)
-    probe = _probe_out_channels(
+    probe = probe_out_channels(
         worker_model, volume.n_channels, plan.window_shape, spatial_dims, device
     )
     n_out = probe
@@ -292,7 +281,7 @@ def run_check(
             current = seams[box].astype(np.float32)
             if config.output_dtype == "uint8":
                 current = current / 255.0
-            seams[box] = _to_output_dtype(np.maximum(current, difference[m]), config.output_dtype)
+            seams[box] = to_output_dtype(np.maximum(current, difference[m]), config.output_dtype)
         timing.write += time.perf_counter() - t0
 
     mismatch = MismatchTracker(plan, n_out, config.threshold, on_pair=write_seams)
@@ -322,13 +311,13 @@ def run_check(
         nonlocal chunks_written
         t0 = time.perf_counter()
         stacked = values.reshape(len(MODES), n_out, *values.shape[1:])
-        probabilities = _activate(stacked, config.activation)
+        probabilities = activate(stacked, config.activation)
         for m, mode in enumerate(MODES):
-            arrays[mode][(slice(None), *slices)] = _to_output_dtype(
+            arrays[mode][(slice(None), *slices)] = to_output_dtype(
                 probabilities[m], config.output_dtype
             )
         p_eval, p_train = probabilities[0], probabilities[1]
-        arrays["disparity"][(slice(None), *slices)] = _to_output_dtype(
+        arrays["disparity"][(slice(None), *slices)] = to_output_dtype(
             np.abs(p_train - p_eval), config.output_dtype
         )
         disparity.add(p_train, p_eval)
@@ -358,7 +347,7 @@ def run_check(
         for done in _pop_finished(pending):
             before = chunks_written
             _stitch(accumulator, done, timing)
-            record = _tile_record(done, plan, config, mismatch, timing, feature_layers)
+            record = tile_record(done, plan, config, mismatch, timing, feature_layers)
             tile_records[record["index"]] = record
             n_done += 1
             if time.perf_counter() - last_save > 2.0:
@@ -366,11 +355,11 @@ def run_check(
             elapsed = time.perf_counter() - t_start
             yield TileDone(done.tile, n_done, len(tiles), elapsed, chunks_written - before, record)
 
-    reader = _TileReader(
+    reader = TileReader(
         volume, plan, tiles, transform, depth=max(config.prefetch, eval_batch, config.train_batch)
     )
-    pending: deque[_TileWork] = deque()
-    passes = _Passes(
+    pending: deque[TileWork] = deque()
+    passes = Passes(
         worker_model, eval_batch, config.train_batch, spatial_dims, device, timing, recorder
     )
     try:
@@ -392,8 +381,8 @@ def run_check(
             record["mismatch_eval_soft"] = tile_mismatch["eval_soft"]
             record["mismatch_train_soft"] = tile_mismatch["train_soft"]
         cell_transform = tile_cell_transform(plan, scale, volume.translation)
-        _write_tile_grid(store, plan, records, n_out, cell_transform)
-        _write_feature_grid(store, plan, records, feature_layers, cell_transform)
+        write_tile_grids(store, plan, records, n_out, cell_transform)
+        write_feature_grid(store, plan, records, feature_layers, cell_transform)
         timing.read = reader.seconds
         timing.total = time.perf_counter() - t_start
         summary = {
@@ -417,199 +406,6 @@ def run_check(
         if not is_complete(store.path):
             save_progress()
         accumulator.close()
-
-
-class _Passes:
-    """The eval and train forwards of pending tiles, batched, with feature hooks in the eval pass."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        eval_batch: int,
-        train_batch: int,
-        spatial_dims: int,
-        device: torch.device,
-        timing: Timing,
-        recorder: FeatureRecorder | None,
-    ) -> None:
-        self.model = model
-        self.batch = {"eval": eval_batch, "train": train_batch}
-        self.spatial_dims = spatial_dims
-        self.device = device
-        self.timing = timing
-        self.recorder = recorder
-
-    def run_ready(self, pending: deque[_TileWork], *, final: bool) -> None:
-        """Run each mode on consecutive pending tiles, a full batch at a time (a partial one at the end)."""
-        for mode in MODES:
-            self._run_mode(pending, mode, final)
-
-    def _run_mode(self, pending: deque[_TileWork], mode: str, final: bool) -> None:
-        todo = [w for w in pending if mode not in w.outputs]
-        while todo and (len(todo) >= self.batch[mode] or final):
-            group = todo[: self.batch[mode]]
-            t0 = time.perf_counter()
-            hooks = self.recorder.recording() if self.recorder and mode == "eval" else None
-            try:
-                with hooks or contextlib.nullcontext():
-                    images = [w.image for w in group]
-                    outputs = _forward(self.model, images, mode, self.spatial_dims, self.device)
-                    features = self.recorder.take() if hooks else []
-            except torch.OutOfMemoryError:
-                if mode == "eval" and self.batch[mode] > 1:
-                    # Eval results do not depend on the batch: halve it and try again.
-                    self.batch[mode] //= 2
-                    torch.cuda.empty_cache()
-                    continue
-                raise NormcheckError(
-                    f"one tile of {group[0].image.shape[1:]} voxels does not fit in GPU memory in "
-                    f"the {mode} pass; use a smaller --tile"
-                ) from None
-            elapsed = time.perf_counter() - t0
-            if mode == "eval":
-                self.timing.forward_eval += elapsed
-            else:
-                self.timing.forward_train += elapsed
-            for k, (w, o) in enumerate(zip(group, outputs)):
-                w.outputs[mode] = o
-                if features:
-                    w.features = features[k]
-            todo = todo[len(group) :]
-
-
-def _tile_record(
-    work: _TileWork,
-    plan: TilePlan,
-    config: RunConfig,
-    mismatch: MismatchTracker,
-    timing: Timing,
-    feature_layers: list[FeatureLayer],
-) -> dict[str, Any]:
-    """Per-tile disparity over the voxels a tile writes; its predictions go on to the mismatch tracker."""
-    t0 = time.perf_counter()
-    tile = work.tile
-    box_start, box_stop = prediction_box(plan, tile)
-    window = tuple(slice(a - w, b - w) for a, b, w in zip(box_start, box_stop, tile.window_start))
-    own = np.stack([work.outputs[m][(slice(None), *window)] for m in MODES])
-    probabilities = _activate(own, config.activation)
-    mismatch.add(tile, probabilities)
-    written = tuple(
-        slice(a - s, b - s) for a, b, s in zip(tile.write_start, tile.write_stop, box_start)
-    )
-    values = tile_disparity(
-        probabilities[1][(slice(None), *written)],
-        probabilities[0][(slice(None), *written)],
-        config.threshold,
-        argmax=config.activation == "softmax",
-    )
-    features = tile_feature_summary(feature_layers, work.features)
-    timing.metrics += time.perf_counter() - t0
-    return {
-        "index": tile.index,
-        "grid": list(tile.grid),
-        "start": list(tile.write_start),
-        "stop": list(tile.write_stop),
-        "disparity_hard": values["hard"],
-        "disparity_soft": values["soft"],
-        **({"disparity_argmax": values["argmax"]} if "argmax" in values else {}),
-        "feature_z": _overlay_z(features, feature_layers),
-        "features": features,
-    }
-
-
-def _overlay_z(features: dict[str, dict], layers: list[FeatureLayer]) -> dict[str, Any] | None:
-    """The report's per-tile feature z summary for the overlay layer (the first with running stats)."""
-    for layer in layers:
-        z = features.get(layer.name, {}).get("z")
-        if z is not None:
-            absolute = np.abs(np.asarray(z))
-            return {
-                "layer": layer.name,
-                "mean_abs": float(absolute.mean()),
-                "max_abs": float(absolute.max()),
-                "max_channel": int(absolute.argmax()),
-            }
-    return None
-
-
-def tile_cell_transform(
-    plan: TilePlan, scale: tuple[float, ...], volume_translation: tuple[float, ...]
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Scale and translation that place cell ``(iz, iy, ix)`` of a tile grid over that tile."""
-    step = []
-    for d, n in enumerate(plan.grid_shape):
-        starts = plan.window_starts[:, d]
-        step.append(
-            max((starts.max() - starts.min()) / (n - 1), 1.0) if n > 1 else plan.roi_shape[d]
-        )
-    first = plan.get_tile(0)
-    cell_scale = tuple(float(s) * v for s, v in zip(step, scale))
-    cell_translation = tuple(
-        t + w * v for t, w, v in zip(volume_translation, first.write_start, scale)
-    )
-    return cell_scale, cell_translation
-
-
-def _write_tile_grid(
-    store: OutputStore,
-    plan: TilePlan,
-    records: list[dict[str, Any]],
-    n_out: int,
-    cell_transform: tuple[tuple[float, ...], tuple[float, ...]],
-) -> None:
-    """Per-tile grids of disparity and mismatch: one cell per tile, placed over its tile."""
-    for name, key in (
-        ("tile_disparity", "disparity_hard"),
-        ("tile_disparity_soft", "disparity_soft"),
-        ("tile_mismatch_eval", "mismatch_eval"),
-        ("tile_mismatch_train", "mismatch_train"),
-    ):
-        grid = np.full((n_out, *plan.grid_shape), np.nan, dtype=np.float32)
-        for record in records:
-            if record.get(key) is not None:
-                grid[(slice(None), *record["grid"])] = record[key]
-        array = store.create_image(
-            name,
-            grid.shape,
-            grid.shape,
-            "float32",
-            *cell_transform,
-            attrs={"meaning": f"per-tile {key.replace('_', ' ')} (1 - Dice)"},
-        )
-        array[...] = grid
-
-
-def _write_feature_grid(
-    store: OutputStore,
-    plan: TilePlan,
-    records: list[dict[str, Any]],
-    layers: list[FeatureLayer],
-    cell_transform: tuple[tuple[float, ...], tuple[float, ...]],
-) -> None:
-    """``feature_z`` (layer, channel, tiles_z, tiles_y, tiles_x) for layers with running statistics."""
-    z_layers = [layer for layer in layers if layer.running_mean is not None]
-    if not z_layers:
-        return
-    n_channels = max(layer.channels or 0 for layer in z_layers)
-    grid = np.full((len(z_layers), n_channels, *plan.grid_shape), np.nan, dtype=np.float32)
-    for record in records:
-        for li, layer in enumerate(z_layers):
-            z = record["features"].get(layer.name, {}).get("z")
-            if z is not None:
-                grid[(li, slice(0, len(z)), *record["grid"])] = z
-    array = store.create_image(
-        "feature_z",
-        grid.shape,
-        grid.shape,
-        "float32",
-        *cell_transform,
-        attrs={
-            "layers": [layer.to_dict() for layer in z_layers],
-            "meaning": "(tile mean - running mean) / sqrt(running var + eps) of each layer's input",
-        },
-        axes=("l", "c", "z", "y", "x"),
-    )
-    array[...] = grid
 
 
 def _create_voxel_outputs(
@@ -661,207 +457,15 @@ def _create_voxel_outputs(
     return arrays
 
 
-def _pop_finished(pending: deque[_TileWork]) -> Iterator[_TileWork]:
+def _pop_finished(pending: deque[TileWork]) -> Iterator[TileWork]:
     # Tiles are stitched in scan order, which keeps the blending arithmetic identical to MONAI's.
     while pending and len(pending[0].outputs) == len(MODES):
         yield pending.popleft()
 
 
-def _stitch(accumulator: ChunkAccumulator, work: _TileWork, timing: Timing) -> None:
+def _stitch(accumulator: ChunkAccumulator, work: TileWork, timing: Timing) -> None:
     t0 = time.perf_counter()
     prediction = np.concatenate([work.outputs[m] for m in MODES], axis=0)
     write_before = timing.write
     accumulator.add(work.tile, prediction)
     timing.stitch += time.perf_counter() - t0 - (timing.write - write_before)
-
-
-def _forward(
-    model: nn.Module, images: list[np.ndarray], mode: str, spatial_dims: int, device: torch.device
-) -> np.ndarray:
-    """Predict a batch of ``(C, z, y, x)`` windows in normalization ``mode``; returns float32 numpy."""
-    batch = torch.from_numpy(np.stack(images))
-    if spatial_dims == 2:
-        batch = batch[:, :, 0]
-    if device.type == "cuda":
-        batch = batch.pin_memory().to(device, non_blocking=True)
-    with torch.inference_mode(), normalization_mode(model, mode):  # type: ignore[arg-type]
-        output = first_tensor(model(batch))
-    if tuple(output.shape[2:]) != tuple(batch.shape[2:]) or output.shape[0] != batch.shape[0]:
-        raise NormcheckError(
-            f"the model returned shape {tuple(output.shape)} for input {tuple(batch.shape)}: "
-            "napari-normcheck needs outputs with the input's spatial shape (a segmentation network)"
-        )
-    if spatial_dims == 2:
-        output = output[:, :, None]
-    return output.float().cpu().numpy()
-
-
-_warned_tuple_output = False
-
-
-def first_tensor(output: Any) -> torch.Tensor:
-    """The model's prediction: the output itself, or the first tensor of a tuple, list or dict."""
-    global _warned_tuple_output
-    if isinstance(output, torch.Tensor):
-        return output
-    values = (
-        list(output.values())
-        if isinstance(output, dict)
-        else list(output)
-        if isinstance(output, (tuple, list))
-        else []
-    )
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            if not _warned_tuple_output:
-                warnings.warn(
-                    f"the model returned a {type(output).__name__}; using its first tensor "
-                    f"(shape {tuple(value.shape)}) as the prediction",
-                    stacklevel=2,
-                )
-                _warned_tuple_output = True
-            return value
-    raise NormcheckError(
-        f"the model returned {type(output).__name__} with no tensor; it must return a tensor"
-    )
-
-
-def _probe_out_channels(
-    model: nn.Module,
-    in_channels: int,
-    window: tuple[int, int, int],
-    spatial_dims: int,
-    device: torch.device,
-) -> int:
-    """Output channels from one eval forward on zeros of the tile's shape (also checks the shape)."""
-    image = np.zeros((in_channels, *window), dtype=np.float32)
-    try:
-        return int(_forward(model, [image], "eval", spatial_dims, device).shape[1])
-    except RuntimeError as error:
-        raise NormcheckError(
-            f"the model failed on a {spatial_dims}D input of {in_channels} channel(s) and shape "
-            f"{window[3 - spatial_dims :]}: {str(error).splitlines()[0]} (check the channel count, "
-            "--spatial-dims and the tile)"
-        ) from None
-
-
-def _activate(values: np.ndarray, activation: str) -> np.ndarray:
-    """Apply the activation over the channel axis (axis 1 of ``(modes, C, z, y, x)``)."""
-    if activation == "none":
-        return values
-    tensor = torch.from_numpy(values)
-    if activation == "sigmoid":
-        return torch.sigmoid(tensor).numpy()
-    return torch.softmax(tensor, dim=1).numpy()
-
-
-def _to_output_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "uint8":
-        return np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return values.astype(dtype, copy=False)
-
-
-class _TileReader:
-    """A thread that reads, normalizes and pads the next tiles while the model works."""
-
-    def __init__(
-        self,
-        volume: Volume,
-        plan: TilePlan,
-        tiles: list[Tile],
-        transform: IntensityTransform,
-        depth: int,
-    ) -> None:
-        self.volume = volume
-        self.plan = plan
-        self.tiles = tiles
-        self.transform = transform
-        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="normcheck-reader", daemon=True)
-        self.seconds = 0.0
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stopped.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self.queue.get_nowait()
-        self.thread.join(timeout=10)
-
-    def __iter__(self) -> Iterator[_TileWork]:
-        for _ in self.tiles:
-            item = self.queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def _run(self) -> None:
-        try:
-            for tile in self.tiles:
-                if self.stopped.is_set():
-                    return
-                t0 = time.perf_counter()
-                image = read_window(self.volume, self.plan, tile, self.transform)
-                self.seconds += time.perf_counter() - t0
-                while not self.stopped.is_set():
-                    try:
-                        self.queue.put(_TileWork(tile, image), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as error:  # handed to the consumer, which raises it
-            self.queue.put(error)
-
-
-def read_window(
-    volume: Volume, plan: TilePlan, tile: Tile, transform: IntensityTransform
-) -> np.ndarray:
-    """Read the model input window of ``tile``: normalized float32 ``(C, *window_shape)``.
-
-    Blend modes see only the region of interest, zero-padded outside it in normalized space (as MONAI
-    pads its input). Crop mode sees real context from the whole volume, reflect-padded only beyond the
-    volume border.
-    """
-    start = tile.window_start
-    stop = tuple(s + w for s, w in zip(start, plan.window_shape))
-    if plan.blend == "crop":
-        # Reflect about the volume border (numpy's "reflect" of the whole volume), whatever the halo.
-        index = [
-            _reflect_index(np.arange(a, b), n) for a, b, n in zip(start, stop, plan.volume_shape)
-        ]
-        lo = tuple(int(i.min()) for i in index)
-        hi = tuple(int(i.max()) + 1 for i in index)
-    else:
-        lo = tuple(max(s, a) for s, a in zip(start, plan.roi_start))
-        hi = tuple(min(s, b) for s, b in zip(stop, plan.roi_stop))
-    block = volume.data[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    block = np.asarray(
-        block.compute(scheduler="synchronous") if hasattr(block, "compute") else block
-    )
-    image = transform.apply(block)
-    n_bad = image.size - int(np.count_nonzero(np.isfinite(image)))
-    if n_bad:
-        raise NormcheckError(
-            f"the volume holds {n_bad} NaN or Inf value(s) in the box z {lo[0]}:{hi[0]}, "
-            f"y {lo[1]}:{hi[1]}, x {lo[2]}:{hi[2]}; fill or mask them before running"
-        )
-    if plan.blend == "crop":
-        if image.shape[1:] != plan.window_shape or any(a != s for a, s in zip(lo, start)):
-            image = image[np.ix_(range(image.shape[0]), *[i - a for i, a in zip(index, lo)])]
-    else:
-        pad = [(0, 0)] + [(a - s, e - b) for s, a, b, e in zip(start, lo, hi, stop)]
-        if any(p != (0, 0) for p in pad):
-            image = np.pad(image, pad, mode="constant", constant_values=0.0)
-    return np.ascontiguousarray(image, dtype=np.float32)
-
-
-def _reflect_index(index: np.ndarray, size: int) -> np.ndarray:
-    """Map coordinates outside ``[0, size)`` to their mirror image (no edge repeat), periodically."""
-    if size == 1:
-        return np.zeros_like(index)
-    period = 2 * (size - 1)
-    folded = np.mod(index, period)
-    return np.where(folded >= size, period - folded, folded)

@@ -1,0 +1,413 @@
+"""Results of a run as napari layer data tuples, read lazily from OUT.zarr (no Qt).
+
+Every image output group of the store named in :data:`IMAGE_OUTPUTS` (predictions, the disparity
+map, the per-tile disparity and mismatch grids) becomes one image layer per channel, backed by the zarr array through dask, placed
+in world coordinates by the group's OME-Zarr scale and translation (spatial axes only). A ``tiles``
+Shapes layer outlines each tile's write box; its ``features`` hold the tile index, grid position and
+disparity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from napari_normcheck.core.tiling import Tile, TilePlan
+
+LayerDataTuple = tuple[Any, dict, str]
+
+# Group name in OUT.zarr -> (short layer name, style).
+IMAGE_OUTPUTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pred_eval": ("eval", {"blending": "additive", "opacity": 0.6}),
+    "pred_train": ("train", {"blending": "additive", "opacity": 0.6, "visible": False}),
+    "disparity": ("disparity", {"colormap": "magma", "blending": "additive", "opacity": 0.6}),
+    "tile_disparity": (
+        "tile disparity",
+        {"colormap": "inferno", "blending": "translucent", "opacity": 0.4, "visible": False},
+    ),
+    "tile_disparity_soft": (
+        "tile disparity soft",
+        {"colormap": "inferno", "blending": "translucent", "opacity": 0.4, "visible": False},
+    ),
+    "tile_mismatch_eval": (
+        "tile mismatch eval",
+        {"colormap": "viridis", "blending": "translucent", "opacity": 0.4, "visible": False},
+    ),
+    "tile_mismatch_train": (
+        "tile mismatch train",
+        {"colormap": "viridis", "blending": "translucent", "opacity": 0.4, "visible": False},
+    ),
+}
+# Predictions: one colour per channel (the same in both modes, so toggling compares like with like).
+CHANNEL_COLORMAPS = ("green", "magenta", "cyan", "yellow", "blue", "red")
+DISPARITY_OUTPUTS = (
+    "disparity",
+    "tile_disparity",
+    "tile_disparity_soft",
+    "tile_mismatch_eval",
+    "tile_mismatch_train",
+)
+
+
+def open_root(path: str | Path) -> Any:
+    """Open the store's root zarr group read-only."""
+    import zarr
+
+    return zarr.open_group(str(path), mode="r")
+
+
+def output_groups(root: Any) -> set[str]:
+    """Names of the groups in the store (the completion marker is not one: its warning is muted)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return set(root.group_keys())
+
+
+def run_attrs(root: Any) -> dict[str, Any]:
+    """The root's ``normcheck`` attributes (run parameters, plan, ...)."""
+    return dict(root.attrs.get("normcheck", {}))
+
+
+def spatial_transform(group: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Spatial ``(scale, translation)`` from an OME-Zarr image group's level ``0``.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        An image group written by :class:`~napari_normcheck.core.store.OutputStore`.
+
+    Returns
+    -------
+    tuple
+        ``(scale, translation)`` over the space axes (channel axes dropped).
+    """
+    ome = dict(group.attrs.get("ome", {}))
+    multiscale = ome["multiscales"][0]
+    space = [i for i, axis in enumerate(multiscale["axes"]) if axis.get("type") == "space"]
+    scale = [1.0] * len(multiscale["axes"])
+    translation = [0.0] * len(multiscale["axes"])
+    for transform in multiscale["datasets"][0].get("coordinateTransformations", []):
+        if transform["type"] == "scale":
+            scale = transform["scale"]
+        elif transform["type"] == "translation":
+            translation = transform["translation"]
+    return tuple(float(scale[i]) for i in space), tuple(float(translation[i]) for i in space)
+
+
+class FollowingArray:
+    """A zarr array of a store that may move while it is read: the path of a run being written.
+
+    A run that overwrites an earlier output writes ``OUT.zarr.inprogress`` and renames it to
+    ``OUT.zarr`` when it completes; a layer shown during the run must keep working afterwards. Reads
+    go to the first of ``paths`` that holds the array, and are retried there when the folder moved
+    (or a chunk was read while being written).
+
+    Parameters
+    ----------
+    paths : list of path-like
+        Store folders to try, in order.
+    component : str
+        The array inside the store, e.g. ``"pred_eval/0"``.
+    """
+
+    def __init__(self, paths: list[Path], component: str) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.component = component
+        self.array = self._open()
+        self.shape = tuple(self.array.shape)
+        self.dtype = self.array.dtype
+        self.ndim = len(self.shape)
+        self.chunks = tuple(self.array.chunks)
+
+    def _open(self) -> Any:
+        import zarr
+
+        for path in self.paths:
+            if (path / self.component).exists():
+                return zarr.open_array(str(path / self.component), mode="r")
+        raise FileNotFoundError(f"{self.component} is in none of {[str(p) for p in self.paths]}")
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        for attempt in range(_READ_ATTEMPTS):
+            try:
+                return np.asarray(self.array[key])
+            except Exception:
+                if attempt == _READ_ATTEMPTS - 1:
+                    raise
+                # The store was swapped in place (or a chunk was half written): look again.
+                time.sleep(0.05 * (attempt + 1))
+                with contextlib.suppress(FileNotFoundError):
+                    self.array = self._open()
+        raise AssertionError("unreachable")
+
+
+_READ_ATTEMPTS = 4
+
+
+def lazy_array(path: str | Path, name: str, fallback: str | Path | None = None) -> Any:
+    """Level ``0`` of output ``name`` as a dask array with a fresh name (no stale cached chunks).
+
+    Parameters
+    ----------
+    path : path-like
+        The store.
+    name : str
+        The output group.
+    fallback : path-like, optional
+        Where the store ends up when ``path`` is a run's ``.inprogress`` folder.
+    """
+    import dask.array as da
+
+    paths = [Path(path)] + ([Path(fallback)] if fallback is not None else [])
+    source = FollowingArray(paths, f"{name}/0")
+    return da.from_array(
+        source, chunks=source.chunks, name=f"normcheck-{name}-{uuid.uuid4().hex}", asarray=False
+    )
+
+
+def image_layers(
+    path: str | Path,
+    prefix: str | None = None,
+    names: tuple[str, ...] | None = None,
+    fallback: str | Path | None = None,
+) -> list[LayerDataTuple]:
+    """Image layer data tuples for the outputs present in the store.
+
+    Parameters
+    ----------
+    path : path-like
+        OUT.zarr (complete or still being written).
+    prefix : str, optional
+        Start of every layer name; the store's folder name by default.
+    names : tuple of str, optional
+        Output groups to read; all known ones that exist by default.
+    fallback : path-like, optional
+        The final store when ``path`` is a run's ``.inprogress`` folder (see :class:`FollowingArray`).
+
+    Returns
+    -------
+    list of tuple
+        ``(data, kwargs, "image")`` per output and channel; ``data`` is ``(Z, Y, X)`` and lazy.
+    """
+    root = open_root(path)
+    prefix = Path(path).name.removesuffix(".zarr") if prefix is None else prefix
+    params = run_attrs(root).get("params", {})
+    members = output_groups(root)
+    layers: list[LayerDataTuple] = []
+    for group_name, (short, style) in IMAGE_OUTPUTS.items():
+        if (names is not None and group_name not in names) or group_name not in members:
+            continue
+        try:
+            group = root[group_name]
+            scale, translation = spatial_transform(group)
+            data = lazy_array(path, group_name, fallback)
+        except (KeyError, FileNotFoundError, ValueError):
+            continue  # a group the run is creating right now: shown at the next refresh
+        n_channels = int(data.shape[0])
+        for channel in range(n_channels):
+            kwargs: dict[str, Any] = {
+                "name": layer_name(prefix, short, channel, n_channels),
+                "scale": scale,
+                "translate": translation,
+                "metadata": {"normcheck_output": group_name, "channel": channel},
+                **style,
+            }
+            if "colormap" not in kwargs:
+                kwargs["colormap"] = (
+                    "gray"
+                    if n_channels == 1
+                    else CHANNEL_COLORMAPS[channel % len(CHANNEL_COLORMAPS)]
+                )
+            limits = contrast_for(group_name, params)
+            if limits is not None:
+                kwargs["contrast_limits"] = limits
+            layers.append((data[channel], kwargs, "image"))
+    return layers
+
+
+def layer_name(prefix: str, short: str, channel: int, n_channels: int) -> str:
+    """Name of an output layer: ``"<prefix> <output>"`` plus ``" c<k>"`` for multi-channel outputs."""
+    name = f"{prefix} {short}".strip()
+    return f"{name} c{channel}" if n_channels > 1 else name
+
+
+def contrast_for(group_name: str, params: dict[str, Any]) -> tuple[float, float] | None:
+    """Contrast limits of an output: 0..1 for probabilities (0..255 stored as uint8), else automatic."""
+    if params.get("output_dtype") == "uint8":
+        return (0.0, 255.0)
+    if group_name in DISPARITY_OUTPUTS or params.get("activation", "none") != "none":
+        return (0.0, 1.0)
+    return None
+
+
+def plan_from_attrs(attrs: dict[str, Any]) -> TilePlan | None:
+    """Rebuild the run's :class:`~napari_normcheck.core.tiling.TilePlan` from the root attributes."""
+    from napari_normcheck.core.tiling import plan_tiles
+
+    plan = attrs.get("plan")
+    if not plan:
+        return None
+    roi = tuple(zip(plan["roi_start"], plan["roi_stop"]))
+    return plan_tiles(
+        tuple(plan["volume_shape"]),
+        tuple(plan["tile"]),
+        overlap=plan["overlap"],
+        blend=plan["blend"],
+        halo=tuple(plan["halo"]),
+        roi=roi,  # type: ignore[arg-type]
+    )
+
+
+def input_translation(
+    plan: TilePlan, scale: tuple[float, ...], roi_translation: tuple[float, ...]
+) -> tuple[float, ...]:
+    """World position of the input volume's voxel ``(0, 0, 0)`` from the outputs' (ROI) origin."""
+    return tuple(t - r * s for t, r, s in zip(roi_translation, plan.roi_start, scale))
+
+
+def tile_box(tile: Tile) -> np.ndarray:
+    """The write box of ``tile`` as a rectangle ``(4, 3)`` at its centre z-plane, in voxel coordinates.
+
+    Edges lie on voxel borders (half a voxel outside the centres), so neighbouring boxes touch.
+    """
+    z = (tile.write_start[0] + tile.write_stop[0] - 1) // 2
+    y0, x0 = tile.write_start[1] - 0.5, tile.write_start[2] - 0.5
+    y1, x1 = tile.write_stop[1] - 0.5, tile.write_stop[2] - 0.5
+    return np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]], dtype=float)
+
+
+def tile_center(tile: Tile) -> tuple[float, float, float]:
+    """Centre of the tile's write box in voxel coordinates ``(z, y, x)``."""
+    z = (tile.write_start[0] + tile.write_stop[0] - 1) // 2
+    return (
+        float(z),
+        (tile.write_start[1] + tile.write_stop[1] - 1) / 2,
+        (tile.write_start[2] + tile.write_stop[2] - 1) / 2,
+    )
+
+
+def to_world(
+    voxel: tuple[float, ...], scale: tuple[float, ...], translate: tuple[float, ...]
+) -> tuple[float, ...]:
+    """Voxel coordinates to world coordinates."""
+    return tuple(t + v * s for v, s, t in zip(voxel, scale, translate))
+
+
+def tile_features(plan: TilePlan, disparity: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Feature table of the tiles: index, grid position and disparity (NaN where unknown)."""
+    tiles = plan.tiles()
+    values = np.full(len(tiles), np.nan) if disparity is None else np.asarray(disparity, float)
+    return {
+        "tile": np.array([t.index for t in tiles]),
+        "grid_z": np.array([t.grid[0] for t in tiles]),
+        "grid_y": np.array([t.grid[1] for t in tiles]),
+        "grid_x": np.array([t.grid[2] for t in tiles]),
+        "disparity": values,
+    }
+
+
+def tile_shapes_layer(
+    plan: TilePlan,
+    scale: tuple[float, ...],
+    translate: tuple[float, ...],
+    name: str = "tiles",
+    disparity: np.ndarray | None = None,
+) -> LayerDataTuple:
+    """A Shapes layer data tuple outlining every tile's write box.
+
+    Parameters
+    ----------
+    plan : TilePlan
+        The run's tiles.
+    scale, translate : tuple of float
+        The input volume's voxel size and origin ``(z, y, x)``.
+    name : str
+        Layer name.
+    disparity : numpy.ndarray, optional
+        One value per tile (scan order) for the ``disparity`` feature.
+
+    Returns
+    -------
+    tuple
+        ``(rectangles, kwargs, "shapes")``.
+    """
+    rectangles = [tile_box(tile) for tile in plan.tiles()]
+    kwargs = {
+        "name": name,
+        "shape_type": "rectangle",
+        "edge_color": "yellow",
+        "face_color": "transparent",
+        "edge_width": 1,
+        "scale": scale,
+        "translate": translate,
+        "features": tile_features(plan, disparity),
+        "metadata": {"normcheck_output": "tiles"},
+        "opacity": 0.7,
+    }
+    return (rectangles, kwargs, "shapes")
+
+
+def tile_disparity_values(path: str | Path, plan: TilePlan) -> np.ndarray | None:
+    """Per tile (scan order), the largest channel value of the store's tile disparity grid.
+
+    The soft disparity grid is preferred (it varies smoothly); the hard one is used when alone.
+    """
+    root = open_root(path)
+    groups = output_groups(root)
+    name = next((n for n in ("tile_disparity_soft", "tile_disparity") if n in groups), None)
+    if name is None:
+        return None
+    try:
+        grid = np.asarray(root[f"{name}/0"][...], dtype=float)
+    except (KeyError, FileNotFoundError, ValueError):
+        return None  # being created by the run right now
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: tiles not run
+        per_cell = np.nanmax(grid, axis=0)
+    values = []
+    for tile in plan.tiles():
+        try:
+            values.append(float(per_cell[tile.grid]))
+        except IndexError:
+            values.append(np.nan)
+    return np.asarray(values)
+
+
+def layers_from_store(path: str | Path, prefix: str | None = None) -> list[LayerDataTuple]:
+    """All layers of a napari-normcheck output: images (lazy) and the tiles outline.
+
+    Parameters
+    ----------
+    path : path-like
+        OUT.zarr.
+    prefix : str, optional
+        Start of every layer name; the store's folder name by default.
+
+    Returns
+    -------
+    list of tuple
+        Layer data tuples for ``viewer._add_layer_from_data`` or a napari reader.
+    """
+    layers = image_layers(path, prefix)
+    root = open_root(path)
+    plan = plan_from_attrs(run_attrs(root))
+    if plan is not None and "pred_eval" in output_groups(root):
+        scale, translation = spatial_transform(root["pred_eval"])
+        prefix = Path(path).name.removesuffix(".zarr") if prefix is None else prefix
+        layers.append(
+            tile_shapes_layer(
+                plan,
+                scale,
+                input_translation(plan, scale, translation),
+                name=f"{prefix} tiles".strip(),
+                disparity=tile_disparity_values(path, plan),
+            )
+        )
+    return layers

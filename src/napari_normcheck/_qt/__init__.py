@@ -1,0 +1,1 @@
+"""The Qt side of napari-normcheck: the dock widget and its tables."""

@@ -1,0 +1,121 @@
+"""The run settings of the dock widget: tiling, batching, normalization and output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qtpy.QtWidgets import (  # noqa: TID253 (the Qt layer)
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+)
+
+
+class SettingsBox(QGroupBox):
+    """The fields of a :class:`~napari_normcheck.core.config.RunConfig` and the output folder.
+
+    Parameters
+    ----------
+    parent : QWidget, optional
+        The dock widget.
+    """
+
+    FIELDS = (
+        "tile",
+        "overlap",
+        "blend",
+        "halo",
+        "train_batch",
+        "eval_batch",
+        "device",
+        "normalize",
+        "activation",
+        "threshold",
+        "out_path",
+        "overwrite",
+    )
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__("Settings", parent)
+        form = QFormLayout(self)
+        self.tile = QLineEdit()
+        self.tile.setPlaceholderText("auto, or Z,Y,X (multiples of the model's divisor)")
+        form.addRow("tile", self.tile)
+        self.overlap = QDoubleSpinBox()
+        self.overlap.setRange(0.0, 0.9)
+        self.overlap.setSingleStep(0.05)
+        self.overlap.setValue(0.25)
+        form.addRow("overlap", self.overlap)
+        self.blend = QComboBox()
+        self.blend.addItems(["gaussian", "constant", "crop"])
+        form.addRow("blend", self.blend)
+        self.halo = QLineEdit("0,0,0")
+        form.addRow("halo (crop)", self.halo)
+        self.train_batch = QSpinBox()
+        self.train_batch.setRange(1, 256)
+        form.addRow("train batch", self.train_batch)
+        self.eval_batch = QSpinBox()
+        self.eval_batch.setRange(0, 256)
+        self.eval_batch.setSpecialValueText("auto")
+        form.addRow("eval batch", self.eval_batch)
+        self.device = QComboBox()
+        self.device.addItems(["auto", "cpu", "cuda"])
+        form.addRow("device", self.device)
+        self.normalize = QLineEdit("none")
+        self.normalize.setToolTip("none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI")
+        form.addRow("normalize input", self.normalize)
+        self.activation = QComboBox()
+        self.activation.addItems(["none", "sigmoid", "softmax"])
+        form.addRow("activation", self.activation)
+        self.threshold = QDoubleSpinBox()
+        self.threshold.setRange(0.01, 0.99)
+        self.threshold.setSingleStep(0.05)
+        self.threshold.setValue(0.5)
+        form.addRow("threshold", self.threshold)
+        row = QHBoxLayout()
+        self.out_path = QLineEdit()
+        self.out_path.setPlaceholderText("(a new folder in the temporary directory)")
+        browse = QPushButton("…")
+        browse.clicked.connect(self._browse_out)
+        row.addWidget(self.out_path)
+        row.addWidget(browse)
+        form.addRow("output", row)
+        self.overwrite = QCheckBox("overwrite an earlier output")
+        form.addRow(self.overwrite)
+
+    def _browse_out(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Output OUT.zarr", filter="zarr (*.zarr)")
+        if path:
+            self.out_path.setText(path if path.endswith(".zarr") else path + ".zarr")
+
+    def config(self, roi: Any = None) -> Any:
+        """The :class:`RunConfig` of the fields (raises :class:`NormcheckError` for bad values).
+
+        Parameters
+        ----------
+        roi : tuple of (int, int), optional
+            The region of interest; the whole volume when ``None``.
+        """
+        from napari_normcheck.core.config import RunConfig, parse_int_triple
+
+        tile_text = self.tile.text().strip()
+        return RunConfig(
+            tile=parse_int_triple(tile_text, "tile") if tile_text and tile_text != "auto" else None,
+            overlap=self.overlap.value(),
+            blend=self.blend.currentText(),
+            halo=parse_int_triple(self.halo.text().strip() or "0,0,0", "halo"),
+            roi=roi,
+            train_batch=self.train_batch.value(),
+            eval_batch=self.eval_batch.value() or None,
+            device=self.device.currentText(),
+            normalize=self.normalize.text().strip() or "none",
+            activation=self.activation.currentText(),
+            threshold=self.threshold.value(),
+        )

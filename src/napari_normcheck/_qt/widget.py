@@ -1,0 +1,517 @@
+"""The dock widget: choose an image and a model, run the two-mode check, browse the results.
+
+The check runs in a :func:`napari.qt.threading.thread_worker` around the core generator
+:func:`~napari_normcheck.core.engine.run_check`; every progress event comes back to the GUI thread,
+which never waits on compute. Result layers are backed lazily by the OUT.zarr being written and
+refreshed at most every :data:`REFRESH_SECONDS` while tiles finish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtCore import Qt  # noqa: TID253 (the Qt layer)
+from qtpy.QtWidgets import (  # noqa: TID253
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_normcheck._qt import jobs
+from napari_normcheck._qt.plots import DisparityHistogram
+from napari_normcheck._qt.region import (
+    FIELD_OF_VIEW,
+    REGIONS,
+    SHAPES_BOX,
+    field_of_view_roi,
+    shapes_roi,
+    spatial_transform,
+)
+from napari_normcheck._qt.results import ResultLayers
+from napari_normcheck._qt.settings import SettingsBox
+from napari_normcheck._qt.tile_table import TileTable
+from napari_normcheck.core.errors import NormcheckError
+
+REFRESH_SECONDS = 0.5
+MODEL_FILE = "model file"
+SAMPLE_PREFIX = "sample: "
+INVENTORY_COLUMNS = ("name", "type", "running stats", "momentum", "eps", "affine", "batches")
+
+
+def _show_error(message: str) -> None:
+    from napari.utils.notifications import show_error
+
+    show_error(message)
+
+
+def _show_info(message: str) -> None:
+    from napari.utils.notifications import show_info
+
+    show_info(message)
+
+
+class NormcheckWidget(QWidget):
+    """Compare a network's predictions with train-mode and eval-mode normalization on a layer.
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+        The viewer whose image layers are offered and where results appear.
+    """
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.model_ready: jobs.ModelReady | None = None
+        self.worker: Any = None
+        self.cancel_event: threading.Event | None = None
+        self.results = ResultLayers(napari_viewer)
+        self.run_out: Path | None = None
+        self.run_input: tuple[str, tuple[float, ...], tuple[float, ...]] = ("", (), ())
+        self.last_refresh = 0.0
+        self.finished_event: Any = None
+
+        # The form is taller than most docks: it scrolls instead of squeezing its tables.
+        content = QWidget()
+        layout = QVBoxLayout(content)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        layout.addWidget(self._build_input_box())
+        layout.addWidget(self._build_model_box())
+        self.settings = SettingsBox(content)
+        layout.addWidget(self.settings)
+        # The settings fields, by their names (the sample model choice fills some of them).
+        for name in SettingsBox.FIELDS:
+            setattr(self, name, getattr(self.settings, name))
+        layout.addWidget(self._build_run_box())
+        self.tile_table = TileTable(content)
+        self.tile_table.setMinimumHeight(160)
+        self.tile_table.tile_activated.connect(self.go_to_tile)
+        layout.addWidget(QLabel("Tiles by disparity (click to go there)"))
+        layout.addWidget(self.tile_table)
+        self.histogram = DisparityHistogram(content)
+        layout.addWidget(QLabel("Per-tile soft disparity"))
+        layout.addWidget(self.histogram)
+        # Wide enough for the form: only the height scrolls.
+        scroll.setMinimumWidth(
+            content.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 4
+        )
+
+        self.viewer.layers.events.inserted.connect(self._refresh_layer_choices)
+        self.viewer.layers.events.removed.connect(self._refresh_layer_choices)
+        self.destroyed.connect(self._disconnect_viewer)
+        self._refresh_layer_choices()
+
+    def _disconnect_viewer(self, *_args: Any) -> None:
+        """Stop listening to the viewer once the dock widget is gone."""
+        if self.cancel_event is not None:
+            self.cancel_event.set()
+        for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            emitter.disconnect(self._refresh_layer_choices)
+        for layer in self.viewer.layers:
+            layer.events.name.disconnect(self._refresh_layer_choices)
+
+    # --- building the form ----------------------------------------------------------------------
+
+    def _build_input_box(self) -> QGroupBox:
+        box = QGroupBox("Input")
+        form = QFormLayout(box)
+        self.image_combo = QComboBox()
+        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        form.addRow("image layer", self.image_combo)
+        self.region_combo = QComboBox()
+        self.region_combo.addItems(REGIONS)
+        form.addRow("region", self.region_combo)
+        self.shapes_combo = QComboBox()
+        form.addRow("box layer", self.shapes_combo)
+        return box
+
+    def _build_model_box(self) -> QGroupBox:
+        box = QGroupBox("Model")
+        form = QFormLayout(box)
+        self.model_source = QComboBox()
+        self.model_source.addItem(MODEL_FILE)
+        self.model_source.currentTextChanged.connect(self._on_model_source)
+        form.addRow("model", self.model_source)
+        row = QHBoxLayout()
+        self.model_path = QLineEdit()
+        self.model_path.setPlaceholderText("state_dict, TorchScript or pickled model")
+        browse = QPushButton("…")
+        browse.clicked.connect(self._browse_model)
+        row.addWidget(self.model_path)
+        row.addWidget(browse)
+        form.addRow("file", row)
+        self.arch = QLineEdit()
+        self.arch.setPlaceholderText("e.g. monai.networks.nets.BasicUNet (state_dict only)")
+        form.addRow("architecture", self.arch)
+        self.arch_kwargs = QLineEdit()
+        self.arch_kwargs.setPlaceholderText('JSON, e.g. {"spatial_dims": 3, "in_channels": 1}')
+        form.addRow("arch kwargs", self.arch_kwargs)
+        self.trust_pickle = QCheckBox("trust this pickle (loading it runs code from the file)")
+        form.addRow(self.trust_pickle)
+        self.load_button = QPushButton("Load model")
+        self.load_button.clicked.connect(self.load_model)
+        form.addRow(self.load_button)
+        self.model_label = QLabel("no model loaded")
+        self.model_label.setWordWrap(True)
+        form.addRow(self.model_label)
+        self.inventory_table = QTableWidget(0, len(INVENTORY_COLUMNS))
+        self.inventory_table.setHorizontalHeaderLabels(INVENTORY_COLUMNS)
+        self.inventory_table.verticalHeader().setVisible(False)
+        self.inventory_table.setMinimumHeight(110)
+        self.inventory_table.setMaximumHeight(180)
+        form.addRow(self.inventory_table)
+        self.verdict_label = QLabel("")
+        self.verdict_label.setWordWrap(True)
+        form.addRow(self.verdict_label)
+        return box
+
+    def _build_run_box(self) -> QGroupBox:
+        box = QGroupBox("Run")
+        layout = QVBoxLayout(box)
+        row = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        row.addWidget(self.run_button)
+        row.addWidget(self.cancel_button)
+        layout.addLayout(row)
+        self.progress = QProgressBar()
+        self.progress.setFormat("%v / %m tiles")
+        layout.addWidget(self.progress)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        layout.addWidget(self.status_label)
+        return box
+
+    # --- layer choices ----------------------------------------------------------------------------
+
+    def _image_layers(self) -> list[Any]:
+        from napari.layers import Image
+
+        return [
+            layer
+            for layer in self.viewer.layers
+            if isinstance(layer, Image) and "normcheck_output" not in layer.metadata
+        ]
+
+    def _refresh_layer_choices(self, *_args: Any) -> None:
+        from napari.layers import Shapes
+
+        for layer in self.viewer.layers:  # renamed layers are renamed in the choices
+            layer.events.name.connect(self._refresh_layer_choices)
+        for combo, names in (
+            (self.image_combo, [layer.name for layer in self._image_layers()]),
+            (
+                self.shapes_combo,
+                [
+                    layer.name
+                    for layer in self.viewer.layers
+                    if isinstance(layer, Shapes) and "normcheck_output" not in layer.metadata
+                ],
+            ),
+        ):
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+        self._on_image_changed()
+
+    def selected_image(self) -> Any:
+        """The chosen image layer, or ``None``."""
+        name = self.image_combo.currentText()
+        return next((layer for layer in self._image_layers() if layer.name == name), None)
+
+    def _on_image_changed(self, *_args: Any) -> None:
+        """Offer the packaged sample models when the sample layer is chosen."""
+        layer = self.selected_image()
+        is_sample = layer is not None and bool(layer.metadata.get("normcheck_sample"))
+        has_samples = self.model_source.count() > 1
+        if is_sample and not has_samples:
+            from napari_normcheck.data import SAMPLE_MODELS
+
+            self.model_source.addItems([SAMPLE_PREFIX + name for name in SAMPLE_MODELS])
+        elif not is_sample and has_samples:
+            while self.model_source.count() > 1:
+                self.model_source.removeItem(1)
+
+    def _on_model_source(self, text: str) -> None:
+        if not text.startswith(SAMPLE_PREFIX):
+            return
+        from napari_normcheck.data import sample_model
+
+        sample = sample_model(text.removeprefix(SAMPLE_PREFIX))
+        self.model_path.setText(str(sample.path))
+        self.arch.setText(sample.arch)
+        self.arch_kwargs.setText(json.dumps(sample.arch_kwargs))
+        self.normalize.setText(sample.normalize)
+        self.activation.setCurrentText(sample.activation)
+        self.tile.setText(",".join(str(v) for v in sample.tile))
+        self.model_label.setText(sample.description)
+
+    def _browse_model(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Model file")
+        if path:
+            self.model_path.setText(path)
+
+    # --- model ------------------------------------------------------------------------------------
+
+    def model_request(self) -> jobs.ModelRequest:
+        """The model named by the form."""
+        return jobs.ModelRequest(
+            path=self.model_path.text().strip(),
+            arch=self.arch.text().strip() or None,
+            arch_kwargs=self.arch_kwargs.text().strip() or None,
+            trust_pickle=self.trust_pickle.isChecked(),
+        )
+
+    def load_model(self) -> Any:
+        """Load the model in a worker thread; its inventory appears when it is ready."""
+        from napari.qt.threading import thread_worker
+
+        worker = thread_worker(jobs.load_job, start_thread=False)(self.model_request())
+        worker.yielded.connect(self._on_item)
+        worker.finished.connect(lambda: self.load_button.setEnabled(True))
+        self.load_button.setEnabled(False)
+        self.model_label.setText("loading the model…")
+        self.load_worker = worker
+        worker.start()
+        return worker
+
+    def _show_model(self, ready: jobs.ModelReady) -> None:
+        self.model_ready = ready
+        loaded, info = ready.loaded, ready.loaded.info
+        text = (
+            f"{Path(loaded.path).name}: {loaded.format}, {info.n_parameters:,} parameters, "
+            f"{info.in_channels} → {info.out_channels} channels, {info.spatial_dims}D, "
+            f"tile sides divisible by {tuple(info.divisor)}"
+        )
+        for note in loaded.notes:
+            text += f"\nnote: {note}"
+        if not loaded.switchable:
+            text += f"\nwarning: {loaded.not_switchable_reason}"
+        self.model_label.setText(text)
+        layers = ready.inventory.layers
+        self.inventory_table.setRowCount(len(layers))
+        for row, layer in enumerate(layers):
+            cells = (
+                layer.name or "(model)",
+                layer.type,
+                "yes" if layer.running_stats else "no",
+                "-" if layer.momentum is None else f"{layer.momentum:g}",
+                "-" if layer.eps is None else f"{layer.eps:g}",
+                "yes" if layer.affine else "no",
+                "-" if layer.num_batches_tracked is None else str(layer.num_batches_tracked),
+            )
+            for column, cell in enumerate(cells):
+                self.inventory_table.setItem(row, column, QTableWidgetItem(cell))
+        self.inventory_table.resizeColumnsToContents()
+        self.verdict_label.setText(ready.inventory.verdict)
+
+    # --- the run ----------------------------------------------------------------------------------
+
+    def build_config(self, shape: tuple[int, int, int], layer: Any) -> Any:
+        """The :class:`RunConfig` from the form (raises :class:`NormcheckError`)."""
+        return self.settings.config(roi=self.region_roi(layer, shape))
+
+    def region_roi(self, layer: Any, shape: tuple[int, int, int]) -> Any:
+        """The region chosen in the form as voxel ranges, or ``None`` for the whole volume."""
+        region = self.region_combo.currentText()
+        scale, translate = spatial_transform(layer)
+        if region == FIELD_OF_VIEW:
+            return field_of_view_roi(self.viewer, scale, translate, shape)
+        if region == SHAPES_BOX:
+            name = self.shapes_combo.currentText()
+            if not name or name not in self.viewer.layers:
+                raise NormcheckError("add a Shapes layer with a box, or choose another region")
+            return shapes_roi(self.viewer.layers[name], scale, translate, shape)
+        return None
+
+    def output_path(self, layer_name: str) -> Path:
+        """The output folder: the form's, or a new one in the temporary directory."""
+        text = self.out_path.text().strip()
+        if text:
+            return Path(text).expanduser()
+        folder = Path(tempfile.gettempdir()) / "napari-normcheck"
+        folder.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in layer_name) or "image"
+        return folder / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}.zarr"
+
+    def run(self) -> Any:
+        """Start the check on the chosen layer; returns the worker (``None`` on a form error)."""
+        from napari.qt.threading import thread_worker
+
+        from napari_normcheck.core.volume import open_volume
+
+        if self.worker is not None:
+            _show_error("a check is already running; cancel it first")
+            return None
+        layer = self.selected_image()
+        try:
+            if layer is None:
+                raise NormcheckError("add an image layer and choose it in the widget")
+            data = layer.data[0] if layer.multiscale else layer.data
+            volume = open_volume(data, channel_axis=-1 if layer.rgb else "auto")
+            scale, translate = spatial_transform(layer)
+            volume = dataclasses.replace(volume, scale=scale, translation=translate)
+            config = self.build_config(volume.spatial_shape, layer)
+        except NormcheckError as error:
+            _show_error(str(error))
+            return None
+        self.run_input = (layer.name, scale, translate)
+        self.run_out = self.output_path(layer.name)
+        self.cancel_event = threading.Event()
+        request = jobs.RunRequest(
+            volume, config, self.run_out, self.overwrite.isChecked(), self.cancel_event
+        )
+        worker = thread_worker(jobs.run_job, start_thread=False)(
+            request, self.model_request(), self.model_ready
+        )
+        worker.yielded.connect(self._on_item)
+        worker.finished.connect(self._on_worker_finished)
+        self.worker = worker
+        self.finished_event = None
+        self.results.store_path = None
+        self.tile_table.clear_records()
+        self.histogram.set_values([])
+        self.progress.setValue(0)
+        self.status_label.setText("starting…")
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Stop after the current tile; the partial output is kept."""
+        if self.cancel_event is not None:
+            self.cancel_event.set()
+            self.status_label.setText("stopping after the current tile…")
+            self.cancel_button.setEnabled(False)
+
+    def _on_item(self, item: Any) -> None:
+        from napari_normcheck.core.engine import RunFinished, RunStarted, TileDone
+
+        if isinstance(item, jobs.JobError):
+            _show_error(item.message)
+            self.status_label.setText(f"error: {item.message}")
+            if item.message and self.model_label.text() == "loading the model…":
+                self.model_label.setText("no model loaded")
+        elif isinstance(item, jobs.ModelReady):
+            self._show_model(item)
+        elif isinstance(item, RunStarted):
+            self._on_started(item)
+        elif isinstance(item, TileDone):
+            self._on_tile(item)
+        elif isinstance(item, RunFinished):
+            self._on_run_finished(item)
+
+    def _on_started(self, event: Any) -> None:
+        self.progress.setRange(0, event.plan.n_tiles)
+        self.status_label.setText(
+            f"{event.plan.n_tiles} tiles on {event.device}, writing {event.out}"
+        )
+        prefix, scale, translate = self.run_input
+        self.results.start(event.plan, Path(event.out), prefix, scale, translate)
+        self.last_refresh = time.monotonic()
+
+    def _on_tile(self, event: Any) -> None:
+        self.progress.setRange(0, event.n_total)
+        self.progress.setValue(event.n_done)
+        left = event.elapsed / max(event.n_done, 1) * (event.n_total - event.n_done)
+        self.status_label.setText(
+            f"{event.n_done} / {event.n_total} tiles, {event.elapsed:.0f} s, about {left:.0f} s left"
+        )
+        if event.metrics:
+            self.tile_table.add_record(event.metrics, redraw=False)
+        now = time.monotonic()
+        if now - self.last_refresh >= REFRESH_SECONDS or event.n_done == event.n_total:
+            self.last_refresh = now
+            self.tile_table.redraw()
+            values = self.tile_values()
+            self.results.refresh(values)
+            if values is not None:
+                self.histogram.set_values(values)
+
+    def _on_run_finished(self, event: Any) -> None:
+        self.finished_event = event
+        summary = event.summary
+        if summary.get("tiles"):
+            self.tile_table.set_records(summary["tiles"])
+        self.show_results(Path(event.out), final=True)
+        disparity = summary.get("disparity", {})
+        soft = disparity.get("soft")
+        text = f"done: {summary.get('n_tiles')} tiles in {summary['timing']['total']:.1f} s"
+        if soft:
+            text += ", soft disparity per channel " + ", ".join(f"{v:.4f}" for v in soft)
+        text += f"; output {event.out}"
+        self.status_label.setText(text)
+
+    def _on_worker_finished(self) -> None:
+        self.worker = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        store = self.results.store_path
+        if self.finished_event is None and store is not None:
+            self.tile_table.redraw()
+            if store.exists():
+                self.show_results(store, final=True)
+            if self.cancel_event is not None and self.cancel_event.is_set():
+                self.status_label.setText(f"stopped; the partial output is kept in {store}")
+
+    # --- result layers ----------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> Any:
+        """The tile plan of the current (or last) run."""
+        return self.results.plan
+
+    def tile_values(self) -> Any:
+        """Per tile, the largest channel's soft disparity from the table (NaN where not yet known)."""
+        import numpy as np
+
+        from napari_normcheck._qt.tile_table import _largest
+
+        if self.plan is None or not self.tile_table.records:
+            return None
+        values = np.full(self.plan.n_tiles, np.nan)
+        for index, record in self.tile_table.records.items():
+            values[index] = _largest(record.get("disparity_soft"))
+        return values
+
+    def show_results(self, path: Path, final: bool = False) -> None:
+        """Show the store ``path`` in the result layers, tile outlines and histogram."""
+        values = self.results.show(path, final=final, tile_values=self.tile_values())
+        if values is not None:
+            self.histogram.set_values(values)
+
+    def go_to_tile(self, index: int) -> None:
+        """Centre the view on tile ``index`` and select its outline."""
+        self.results.go_to_tile(index)

@@ -1,0 +1,120 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_normcheck._reader import get_reader
+from napari_normcheck.core.config import RunConfig
+from napari_normcheck.core.engine import run_check
+from napari_normcheck.core.models import load_model
+from napari_normcheck.core.volume import open_volume
+
+from .conftest import ARCH, ARCH_KWARGS
+
+
+@pytest.fixture
+def store(tmp_path, tiny_model_file, small_image):
+    import dataclasses
+
+    loaded = load_model(tiny_model_file, arch=ARCH, arch_kwargs=ARCH_KWARGS)
+    volume = dataclasses.replace(
+        open_volume(small_image), scale=(2.0, 0.5, 0.5), translation=(10.0, 5.0, 5.0)
+    )
+    out = tmp_path / "run.zarr"
+    config = RunConfig(
+        tile=(16, 32, 32), activation="sigmoid", device="cpu", roi=((0, 16), (8, 48), (0, 48))
+    )
+    events = list(run_check(volume, loaded.module, config, out, divisor=loaded.info.divisor))
+    return out, events[-1]
+
+
+def test_manifest_is_valid():
+    import npe2
+
+    manifest = npe2.PluginManifest.from_file(
+        Path(__file__).parents[2] / "src" / "napari_normcheck" / "napari.yaml"
+    )
+    assert manifest.display_name == "Normalization check"
+    assert {w.display_name for w in manifest.contributions.widgets} == {"Normalization check"}
+    assert len(manifest.contributions.writers) == 2
+
+
+def test_reader_rejects_other_zarr(tmp_path):
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").create_array(
+        "a", shape=(2,), dtype="u1"
+    )
+    assert get_reader(str(tmp_path / "other.zarr")) is None
+    assert get_reader(str(tmp_path / "missing.zarr")) is None
+
+
+def test_reader_opens_all_outputs(store):
+    out, finished = store
+    reader = get_reader(str(out))
+    assert reader is not None
+    layers = reader(str(out))
+    by_name = {kwargs["name"]: (data, kwargs, kind) for data, kwargs, kind in layers}
+    root = zarr.open_group(str(out), mode="r")
+    for short, group in (
+        ("eval", "pred_eval"),
+        ("train", "pred_train"),
+        ("disparity", "disparity"),
+    ):
+        for channel in range(2):
+            data, kwargs, kind = by_name[f"run {short} c{channel}"]
+            assert kind == "image"
+            np.testing.assert_array_equal(np.asarray(data), root[f"{group}/0"][channel])
+            assert kwargs["scale"] == (2.0, 0.5, 0.5)
+            # The ROI starts at voxel y 8: world y 5 + 8 * 0.5.
+            assert kwargs["translate"] == (10.0, 9.0, 5.0)
+    assert "run tile disparity c0" in by_name and "run tile disparity soft c1" in by_name
+    assert "run tile mismatch eval c0" in by_name
+    shapes, kwargs, kind = by_name["run tiles"]
+    assert kind == "shapes" and len(shapes) == finished.summary["n_tiles"]
+    assert kwargs["translate"] == (10.0, 5.0, 5.0)
+    expected = [max(t["disparity_soft"]) for t in finished.summary["tiles"]]
+    np.testing.assert_allclose(kwargs["features"]["disparity"], expected, rtol=1e-5)
+
+
+def test_viewer_opens_store_through_the_plugin(make_napari_viewer, store):
+    out, _ = store
+    viewer = make_napari_viewer()
+    viewer.open(str(out), plugin="napari-normcheck")
+    names = [layer.name for layer in viewer.layers]
+    assert "run eval c0" in names and "run tiles" in names
+    np.testing.assert_allclose(viewer.layers["run eval c1"].translate, (10.0, 9.0, 5.0))
+
+
+@pytest.mark.parametrize("suffix", [".ome.zarr", ".tif"])
+def test_writer_round_trip(make_napari_viewer, tmp_path, suffix):
+    viewer = make_napari_viewer()
+    data = np.random.default_rng(0).random((6, 20, 24)).astype(np.float32)
+    layer = viewer.add_image(data, name="x", scale=(2.0, 0.5, 0.25), translate=(1.0, 2.0, 3.0))
+    path = tmp_path / f"x{suffix}"
+    written = layer.save(str(path), plugin="napari-normcheck")
+    assert written == [str(path)]
+    volume = open_volume(str(path))
+    np.testing.assert_array_equal(np.asarray(volume.data[0]), data)
+    np.testing.assert_allclose(volume.scale, (2.0, 0.5, 0.25))
+    if suffix == ".ome.zarr":  # TIFF keeps no origin
+        np.testing.assert_allclose(volume.translation, (1.0, 2.0, 3.0))
+
+
+def test_results_follow_a_store_swapped_in_before_they_are_read(make_napari_viewer, store):
+    from napari_normcheck._layers import plan_from_attrs, run_attrs
+    from napari_normcheck._qt.results import ResultLayers
+
+    out, finished = store
+    viewer = make_napari_viewer()
+    results = ResultLayers(viewer)
+    plan = plan_from_attrs(run_attrs(zarr.open_group(str(out), mode="r")))
+    results.start(plan, out, "run", (2.0, 0.5, 0.5), (10.0, 5.0, 5.0))
+    # The run's .inprogress folder is gone (renamed to OUT): the layers read OUT.
+    values = results.show(out.with_name(out.name + ".inprogress"), final=True)
+    assert results.store_path == out
+    assert len(values) == finished.summary["n_tiles"]
+    np.testing.assert_array_equal(
+        np.asarray(viewer.layers["run train c1"].data), zarr.open_group(str(out))["pred_train/0"][1]
+    )
+    results.go_to_tile(1)
+    assert viewer.layers["run tiles"].selected_data == {1}

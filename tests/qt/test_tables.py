@@ -1,0 +1,52 @@
+import math
+
+import numpy as np
+
+from napari_normcheck._layers import contrast_for, tile_box, tile_features
+from napari_normcheck._qt.plots import DisparityHistogram
+from napari_normcheck._qt.tile_table import TileTable
+from napari_normcheck.core.tiling import plan_tiles
+
+
+def test_tile_table_sorts_by_largest_channel_unknown_last(qtbot):
+    table = TileTable()
+    qtbot.addWidget(table)
+    table.set_records(
+        [
+            {"index": 0, "grid": [0, 0, 0], "disparity_soft": [0.1, 0.3], "disparity_hard": [0, 1]},
+            {"index": 1, "grid": [0, 0, 1], "disparity_soft": [float("nan")]},
+            {"index": 2, "grid": [0, 1, 0], "disparity_soft": [0.5, 0.0]},
+        ]
+    )
+    assert [table.tile_at_row(r) for r in range(3)] == [2, 0, 1]
+    assert table.item(1, 2).text() == "0.3000" and table.item(2, 2).text() == "-"
+    clicked = []
+    table.tile_activated.connect(clicked.append)
+    table.cellClicked.emit(0, 3)
+    assert clicked == [2]
+
+
+def test_histogram_bins_finite_values(qtbot):
+    histogram = DisparityHistogram()
+    qtbot.addWidget(histogram)
+    histogram.set_values([0.0, 0.1, 0.2, math.nan, 0.2])
+    assert histogram.counts.sum() == 4
+    assert histogram.edges[-1] == 0.2
+    assert not histogram.grab().isNull()
+
+
+def test_tile_boxes_follow_write_boxes():
+    plan = plan_tiles((16, 48, 48), (16, 32, 32), overlap=0.0, blend="crop")
+    boxes = [tile_box(t) for t in plan.tiles()]
+    assert len(boxes) == plan.n_tiles == 4
+    np.testing.assert_allclose(boxes[3][:, 1:].min(axis=0), (31.5, 31.5))
+    np.testing.assert_allclose(boxes[3][:, 1:].max(axis=0), (47.5, 47.5))
+    features = tile_features(plan, np.arange(4.0))
+    assert list(features["grid_x"]) == [0, 1, 0, 1]
+
+
+def test_contrast_limits_follow_the_output_kind():
+    assert contrast_for("pred_eval", {"activation": "sigmoid"}) == (0.0, 1.0)
+    assert contrast_for("pred_eval", {"activation": "none"}) is None
+    assert contrast_for("disparity", {"activation": "none"}) == (0.0, 1.0)
+    assert contrast_for("pred_eval", {"output_dtype": "uint8"}) == (0.0, 255.0)

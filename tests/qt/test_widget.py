@@ -1,0 +1,287 @@
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from napari_normcheck._qt import widget as widget_module
+from napari_normcheck._qt.region import FIELD_OF_VIEW, SHAPES_BOX, camera_of, canvas_size
+from napari_normcheck._qt.widget import NormcheckWidget
+from napari_normcheck.core.store import is_complete, is_normcheck_store
+
+from .conftest import fill_model
+
+SCALE = (2.0, 0.5, 0.5)
+TRANSLATE = (10.0, 5.0, 5.0)
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    shown = []
+    monkeypatch.setattr(widget_module, "_show_error", shown.append)
+    return shown
+
+
+def make_widget(make_napari_viewer, image, model_file, tmp_path, **settings):
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="img", scale=SCALE, translate=TRANSLATE)
+    widget = NormcheckWidget(viewer)
+    fill_model(widget, model_file)
+    widget.tile.setText(settings.get("tile", "16,32,32"))
+    widget.activation.setCurrentText("sigmoid")
+    widget.overlap.setValue(settings.get("overlap", 0.25))
+    widget.device.setCurrentText("cpu")
+    widget.out_path.setText(str(tmp_path / "out.zarr"))
+    return viewer, widget
+
+
+def wait_done(qtbot, widget, timeout=60_000):
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
+
+
+def test_run_adds_lazy_layers_matching_the_store(
+    make_napari_viewer, qtbot, small_image, tiny_model_file, tmp_path, errors
+):
+    viewer, widget = make_widget(make_napari_viewer, small_image, tiny_model_file, tmp_path)
+    assert widget.image_combo.currentText() == "img"
+    worker = widget.run()
+    assert worker is not None
+    wait_done(qtbot, widget)
+    assert errors == []
+    out = tmp_path / "out.zarr"
+    assert is_complete(out)
+    root = zarr.open_group(str(out), mode="r")
+    for group, short in (("pred_eval", "eval"), ("pred_train", "train")):
+        stored = np.asarray(root[f"{group}/0"][...])
+        for channel in range(2):
+            layer = viewer.layers[f"img {short} c{channel}"]
+            np.testing.assert_allclose(layer.scale, SCALE)
+            np.testing.assert_allclose(layer.translate, TRANSLATE)
+            np.testing.assert_array_equal(np.asarray(layer.data), stored[channel])
+    assert "img disparity c0" in viewer.layers
+    # BatchNorm with foreign running statistics: the two modes differ.
+    assert not np.array_equal(
+        np.asarray(root["pred_eval/0"][...]), np.asarray(root["pred_train/0"][...])
+    )
+    tiles = viewer.layers["img tiles"]
+    assert len(tiles.data) == widget.plan.n_tiles == widget.tile_table.rowCount()
+    assert np.isfinite(tiles.features["disparity"]).all()
+    assert widget.histogram.counts.sum() == widget.plan.n_tiles
+    assert widget.histogram.grab().width() > 0
+    assert tuple(viewer.layers["img eval c0"].contrast_limits) == (0.0, 1.0)
+    assert "tiles" in widget.status_label.text() and "done" in widget.status_label.text()
+    # The inventory of the model loaded by the run is shown.
+    assert widget.inventory_table.rowCount() > 0
+    assert "running statistics" in widget.verdict_label.text()
+
+
+def test_cancel_keeps_partial_store_and_model_state(
+    make_napari_viewer, qtbot, tiny_model_file, tmp_path, errors
+):
+    image = np.random.default_rng(1).normal(size=(32, 48, 48)).astype(np.float32)
+    viewer, widget = make_widget(make_napari_viewer, image, tiny_model_file, tmp_path, overlap=0.0)
+    tiles_done = []
+    worker = widget.run()
+    worker.yielded.connect(
+        lambda item: tiles_done.append(item) if type(item).__name__ == "TileDone" else None
+    )
+    # Set before the first tile finishes (the model still loads): the run stops after one tile.
+    widget.cancel()
+    wait_done(qtbot, widget)
+    assert errors == []
+    out = tmp_path / "out.zarr"
+    assert is_normcheck_store(out) and not is_complete(out)
+    assert len(tiles_done) == 1 and tiles_done[0].n_total == 8
+    assert widget.progress.value() == 1
+    assert widget.tile_table.rowCount() == 1  # from the tile's own metrics
+    assert widget.tile_table.tile_at_row(0) == tiles_done[0].tile.index
+    assert "partial output" in widget.status_label.text()
+    assert "img eval c0" in viewer.layers
+    module = widget.model_ready.loaded.module
+    saved = torch.load(tiny_model_file, weights_only=True)
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert not module.training
+
+
+def test_tile_table_click_moves_the_view(
+    make_napari_viewer, qtbot, tiny_model_file, tmp_path, errors
+):
+    from qtpy.QtCore import Qt
+
+    image = np.random.default_rng(2).normal(size=(32, 48, 48)).astype(np.float32)
+    viewer, widget = make_widget(make_napari_viewer, image, tiny_model_file, tmp_path, overlap=0.0)
+    widget.run()
+    wait_done(qtbot, widget)
+    table = widget.tile_table
+    assert table.rowCount() == 8
+    values = [float(table.item(r, 2).text()) for r in range(table.rowCount())]
+    assert values == sorted(values, reverse=True)
+    # Pick a row whose tile lies in the upper z half, away from the view's start.
+    row = next(
+        r
+        for r in range(table.rowCount())
+        if widget.plan.get_tile(table.tile_at_row(r)).grid[0] == 1
+    )
+    index = table.tile_at_row(row)
+    tile = widget.plan.get_tile(index)
+    before = viewer.dims.current_step
+    rect = table.visualItemRect(table.item(row, 0))
+    qtbot.mouseClick(table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    z_world = TRANSLATE[0] + SCALE[0] * (tile.write_start[0] + tile.write_stop[0] - 1) // 2
+    y_world = TRANSLATE[1] + SCALE[1] * (tile.write_start[1] + tile.write_stop[1] - 1) / 2
+    x_world = TRANSLATE[2] + SCALE[2] * (tile.write_start[2] + tile.write_stop[2] - 1) / 2
+    assert viewer.dims.current_step != before
+    assert viewer.dims.point[0] == pytest.approx(z_world, abs=SCALE[0])
+    np.testing.assert_allclose(camera_of(viewer).center[-2:], (y_world, x_world))
+    assert viewer.layers["img tiles"].selected_data == {index}
+
+
+def test_missing_model_file_is_a_notification(
+    make_napari_viewer, qtbot, small_image, tmp_path, errors
+):
+    viewer, widget = make_widget(make_napari_viewer, small_image, tmp_path / "nowhere.pt", tmp_path)
+    widget.run()
+    wait_done(qtbot, widget)
+    assert len(errors) == 1 and "not found" in errors[0]
+    assert widget.run_button.isEnabled()
+
+
+def test_tile_not_divisible_is_a_notification(
+    make_napari_viewer, qtbot, small_image, tiny_model_file, tmp_path, errors
+):
+    viewer, widget = make_widget(
+        make_napari_viewer, small_image, tiny_model_file, tmp_path, tile="16,30,30"
+    )
+    widget.run()
+    wait_done(qtbot, widget)
+    assert len(errors) == 1 and "divisible" in errors[0]
+    widget.tile.setText("a,b")
+    assert widget.run() is None
+    assert len(errors) == 2 and "tile" in errors[1]
+
+
+def test_load_model_shows_inventory(
+    make_napari_viewer, qtbot, small_image, tiny_model_file, tmp_path, errors
+):
+    viewer, widget = make_widget(make_napari_viewer, small_image, tiny_model_file, tmp_path)
+    worker = widget.load_model()
+    with qtbot.waitSignal(worker.finished, timeout=30_000):
+        pass
+    assert errors == []
+    names = [
+        widget.inventory_table.item(r, 1).text() for r in range(widget.inventory_table.rowCount())
+    ]
+    assert names and all(n == "BatchNorm3d" for n in names)
+    assert "BasicUNet" not in widget.verdict_label.text()
+    assert "running statistics" in widget.verdict_label.text()
+
+
+def test_shapes_box_region(make_napari_viewer, small_image, tmp_path, tiny_model_file):
+    viewer, widget = make_widget(make_napari_viewer, small_image, tiny_model_file, tmp_path)
+    # World box y 10..20, x 8..18 -> voxels y 10..30, x 6..26 (scale 0.5, translate 5).
+    viewer.add_shapes([[[10, 8], [20, 18]]], shape_type="rectangle", name="box")
+    widget.region_combo.setCurrentText(SHAPES_BOX)
+    widget.shapes_combo.setCurrentText("box")
+    config = widget.build_config((16, 48, 48), viewer.layers["img"])
+    assert config.roi == ((0, 16), (10, 31), (6, 27))
+
+
+def test_sample_layer_offers_sample_models(make_napari_viewer):
+    from napari_normcheck._sample_data import make_sample
+    from napari_normcheck.data import SAMPLE_MODELS
+
+    viewer = make_napari_viewer()
+    widget = NormcheckWidget(viewer)
+    assert widget.model_source.count() == 1
+    data, kwargs, kind = make_sample(shape=(8, 32, 32))[0]
+    assert kind == "image" and data.shape == (8, 32, 32) and data.dtype == np.uint8
+    (layer,) = viewer.open_sample("napari-normcheck", "synthetic_em")
+    assert layer.metadata["normcheck_sample"]
+    assert widget.image_combo.currentText() == kwargs["name"]
+    layer.name = "renamed"
+    assert widget.image_combo.currentText() == "renamed"
+    assert widget.model_source.count() == 1 + len(SAMPLE_MODELS)
+    widget.model_source.setCurrentText("sample: batchnorm")
+    sample = SAMPLE_MODELS["batchnorm"]
+    assert widget.arch.text() == sample.arch
+    assert widget.normalize.text() == sample.normalize
+    assert widget.tile.text() == ",".join(map(str, sample.tile))
+
+
+def test_field_of_view_region(make_napari_viewer, small_image, tmp_path, tiny_model_file):
+    viewer, widget = make_widget(make_napari_viewer, small_image, tiny_model_file, tmp_path)
+    camera = camera_of(viewer)
+    height, width = canvas_size(viewer)
+    camera.center = (0.0, 15.0, 12.0)
+    camera.zoom = max(height, width) / 4.0  # a world window of at most 4 x 4 units
+    widget.region_combo.setCurrentText(FIELD_OF_VIEW)
+    roi = widget.build_config((16, 48, 48), viewer.layers["img"]).roi
+    assert roi[0] == (0, 16)
+    # World y 15 -> voxel 20, x 12 -> voxel 14; the window is at most 8 voxels wide.
+    (y0, y1), (x0, x1) = roi[1], roi[2]
+    assert y0 <= 20 < y1 and x0 <= 14 < x1
+    assert y1 - y0 <= 9 and x1 - x0 <= 9
+
+
+def test_rerun_with_overwrite_repoints_layers(
+    make_napari_viewer, qtbot, small_image, tiny_model_file, tmp_path, errors
+):
+    viewer, widget = make_widget(make_napari_viewer, small_image, tiny_model_file, tmp_path)
+    widget.run()
+    wait_done(qtbot, widget)
+    n_layers = len(viewer.layers)
+    # Without overwrite, an existing output is refused with a notification.
+    widget.run()
+    wait_done(qtbot, widget)
+    assert len(errors) == 1 and "already exists" in errors[0]
+    # With overwrite and other settings, the same layers show the new (complete) store.
+    widget.overwrite.setChecked(True)
+    widget.activation.setCurrentText("none")
+    widget.tile.setText("16,48,48")  # other tiles: the outlines are replaced
+    widget.run()
+    wait_done(qtbot, widget)
+    assert len(errors) == 1
+    assert len(viewer.layers) == n_layers
+    out = tmp_path / "out.zarr"
+    assert is_complete(out) and not (tmp_path / "out.zarr.inprogress").exists()
+    stored = zarr.open_group(str(out), mode="r")["pred_eval/0"][0]
+    assert stored.min() < 0  # logits now, not probabilities
+    np.testing.assert_array_equal(np.asarray(viewer.layers["img eval c0"].data), stored)
+    assert len(viewer.layers["img tiles"].data) == widget.plan.n_tiles == 1
+    # Logits: the contrast follows the data, not the 0..1 of probabilities.
+    low, high = viewer.layers["img eval c0"].contrast_limits
+    assert low < 0 and low >= stored.min() - 1e-6
+
+
+def test_2d_image_with_a_2d_model(make_napari_viewer, qtbot, tmp_path, errors):
+    import json
+
+    from monai.networks.nets import BasicUNet
+
+    kwargs = {
+        "spatial_dims": 2,
+        "in_channels": 1,
+        "out_channels": 1,
+        "features": [4, 4, 8, 8, 16, 4],
+    }
+    torch.manual_seed(0)
+    path = tmp_path / "unet2d.pt"
+    torch.save(BasicUNet(**kwargs).state_dict(), path)
+    viewer = make_napari_viewer()
+    image = np.random.default_rng(3).normal(size=(48, 64)).astype(np.float32)
+    viewer.add_image(image, name="plane", scale=(0.5, 0.25))
+    widget = NormcheckWidget(viewer)
+    widget.model_path.setText(str(path))
+    widget.arch.setText("monai.networks.nets.BasicUNet")
+    widget.arch_kwargs.setText(json.dumps(kwargs))
+    widget.tile.setText("32,32")
+    widget.device.setCurrentText("cpu")
+    widget.out_path.setText(str(tmp_path / "plane.zarr"))
+    widget.run()
+    wait_done(qtbot, widget)
+    assert errors == []
+    layer = viewer.layers["plane eval"]  # one output channel: no channel suffix
+    assert layer.data.shape == (1, 48, 64)
+    np.testing.assert_allclose(layer.scale[-2:], (0.5, 0.25))
+    widget.go_to_tile(widget.tile_table.tile_at_row(0))
+    assert is_complete(tmp_path / "plane.zarr")
