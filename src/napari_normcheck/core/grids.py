@@ -93,7 +93,6 @@ def tile_cell_transform(
         t + (w + (st - 1) / 2) * v
         for t, w, st, v in zip(volume_translation, first.write_start, step, scale)
     )
-    )
     return cell_scale, cell_translation
 
 
