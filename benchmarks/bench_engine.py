@@ -61,7 +61,7 @@ def engine_run(volume_path: str, out: str, cache_mb: int) -> dict:
     )
     t0 = time.perf_counter()
     summary = None
-    for event in run_check(open_volume(volume_path), model, config, out):
+    for event in run_check(open_volume(volume_path), model, config, out, divisor=16):
         if isinstance(event, RunFinished):
             summary = event.summary
     return {

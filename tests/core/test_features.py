@@ -33,11 +33,11 @@ def test_first_norm_layer_statistics_and_z_match_direct_computation(tmp_path, ba
             norm.running_var.double().numpy() + norm.eps
         )
         got = record["features"][layers[0]]
-        np.testing.assert_allclose(got["mean"], mean, rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(got["var"], var, rtol=1e-6)
-        np.testing.assert_allclose(got["z"], z, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(got["mean"], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["var"], var, rtol=1e-5)
+        np.testing.assert_allclose(got["z"], z, rtol=1e-5, atol=1e-5)
         assert record["feature_z"]["layer"] == layers[0]
-        assert record["feature_z"]["max_abs"] == pytest.approx(np.abs(z).max())
+        assert record["feature_z"]["max_abs"] == pytest.approx(np.abs(z).max(), rel=1e-5)
 
 
 def test_group_norm_model_has_no_z_but_named_layers_can_be_recorded(tmp_path):

@@ -241,10 +241,9 @@ def run_check(
     )
     feature_layers = recorder.layers if recorder else []
     weights = importance_map(plan.window_shape, plan.blend, spatial_dims)
-    probe = probe_out_channels(
-        worker_model, volume.n_channels, plan.window_shape, spatial_dims, device
+    n_out = probe_out_channels(
+        worker_model, volume.n_channels, plan.window_shape, spatial_dims, device, divisor
     )
-    n_out = probe
 
     scale = tuple(volume.scale)
     translation = tuple(t + r * s for t, r, s in zip(volume.translation, plan.roi_start, scale))

@@ -107,8 +107,9 @@ class FeatureRecorder:
             x = inputs[0]
             if not isinstance(x, torch.Tensor) or x.ndim < 3:
                 return
-            flat = x.detach().double().flatten(2)
-            stats = torch.stack([flat.mean(dim=2), flat.var(dim=2, unbiased=False)], dim=-1)
+            # One pass in the activation's precision: cheap next to the layer itself.
+            var, mean = torch.var_mean(x.detach().flatten(2), dim=2, unbiased=False)
+            stats = torch.stack([mean, var], dim=-1).double()
             self._batch[name] = stats.cpu().numpy()  # (batch, channels, 2)
 
         return hook

@@ -151,8 +151,17 @@ def probe_out_channels(
     window: tuple[int, int, int],
     spatial_dims: int,
     device: torch.device,
+    divisor: tuple[int, ...] | int | None = None,
 ) -> int:
-    """Output channels from one eval forward on zeros of the tile's shape (also checks the shape)."""
+    """Output channels from one eval forward on zeros (also checks channels and output shape).
+
+    With the model's divisor known, the probe uses a small window (two divisors a side, at most
+    the tile) so that it costs a fraction of a tile's forward.
+    """
+    if divisor is not None:
+        divs = (divisor,) * spatial_dims if isinstance(divisor, int) else tuple(divisor)
+        divs = (1,) * (3 - len(divs)) + divs
+        window = tuple(min(w, 2 * d) for w, d in zip(window, divs))
     image = np.zeros((in_channels, *window), dtype=np.float32)
     try:
         return int(forward_batch(model, [image], "eval", spatial_dims, device).shape[1])
