@@ -11,6 +11,7 @@ reader thread (lazy read + intensity normalization + padding) -> eval/train forw
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
@@ -52,6 +53,7 @@ from napari_normcheck.core.store import OutputStore, is_complete
 from napari_normcheck.core.tile_io import TileReader, TileWork
 from napari_normcheck.core.tiling import Tile, TilePlan, plan_tiles
 from napari_normcheck.core.volume import Volume
+from napari_normcheck.core.writer import BackgroundWriter
 
 MODES = ("eval", "train")
 PREDICTION_NAMES = {"eval": "pred_eval", "train": "pred_train"}
@@ -272,8 +274,11 @@ def run_check(
     roi_start = plan.roi_start
 
     def write_seams(start: tuple[int, ...], stop: tuple[int, ...], difference: np.ndarray) -> None:
+        writer.submit(store_seams, start, stop, difference)
+
+    def store_seams(start: tuple[int, ...], stop: tuple[int, ...], difference: np.ndarray) -> None:
         # The largest disagreement of any tile pair covering a voxel; max is idempotent on resume.
-        t0 = time.perf_counter()
+        # Jobs run in submission order, so read-modify-write of overlapping boxes is safe.
         box = (slice(None), *(slice(a - r, b - r) for a, b, r in zip(start, stop, roi_start)))
         for m, mode in enumerate(MODES):
             seams = arrays[f"seams_{mode}"]
@@ -281,7 +286,6 @@ def run_check(
             if config.output_dtype == "uint8":
                 current = current / 255.0
             seams[box] = to_output_dtype(np.maximum(current, difference[m]), config.output_dtype)
-        timing.write += time.perf_counter() - t0
 
     mismatch = MismatchTracker(plan, n_out, config.threshold, on_pair=write_seams)
     progress = store.read_progress() if resume else {}
@@ -289,11 +293,13 @@ def run_check(
     mismatch.load(progress.get("pair_sums", {}))
     tile_records.update({int(k): v for k, v in progress.get("tiles", {}).items()})
     chunks_written = 0
+    writer = BackgroundWriter()
     last_save = time.perf_counter()
 
     def save_progress() -> None:
         # Written after the chunks it lists: a chunk is either listed and on disk, or recomputed.
         nonlocal last_save
+        writer.flush()  # the chunks listed as done must be on disk first
         store.write_progress(
             {
                 "done_chunks": sorted(accumulator.done_chunks),
@@ -311,17 +317,19 @@ def run_check(
         t0 = time.perf_counter()
         stacked = values.reshape(len(MODES), n_out, *values.shape[1:])
         probabilities = activate(stacked, config.activation)
-        for m, mode in enumerate(MODES):
-            arrays[mode][(slice(None), *slices)] = to_output_dtype(
-                probabilities[m], config.output_dtype
-            )
         p_eval, p_train = probabilities[0], probabilities[1]
-        arrays["disparity"][(slice(None), *slices)] = to_output_dtype(
-            np.abs(p_train - p_eval), config.output_dtype
-        )
         disparity.add(p_train, p_eval)
+        writer.submit(store_chunk, slices, probabilities)
         chunks_written += 1
         timing.write += time.perf_counter() - t0
+
+    def store_chunk(slices: tuple[slice, ...], probabilities: np.ndarray) -> None:
+        # On the writer thread: compress and write while the model predicts the next tiles.
+        box = (slice(None), *slices)
+        for m, mode in enumerate(MODES):
+            arrays[mode][box] = to_output_dtype(probabilities[m], config.output_dtype)
+        difference = np.abs(probabilities[1] - probabilities[0])
+        arrays["disparity"][box] = to_output_dtype(difference, config.output_dtype)
 
     accumulator = ChunkAccumulator(
         plan,
@@ -398,12 +406,17 @@ def run_check(
             "tiles": records,
         }
         store.root.attrs["normcheck"] = dict(store.root.attrs["normcheck"]) | {"complete": True}
+        writer.flush()
         final_path = store.finish(summary)
         yield RunFinished(out=final_path, summary=summary)
     finally:
         reader.stop()
-        if not is_complete(store.path):
-            save_progress()
+        # A failed write must not be listed as done: then the progress is not saved at all.
+        with contextlib.suppress(Exception):
+            if not is_complete(store.path):
+                save_progress()
+        with contextlib.suppress(Exception):
+            writer.close()
         accumulator.close()
 
 

@@ -22,6 +22,10 @@ def _sum_spatial(values: np.ndarray) -> np.ndarray:
     return values.reshape(values.shape[0], -1).sum(axis=1, dtype=np.float64)
 
 
+def _count_spatial(mask: np.ndarray) -> np.ndarray:
+    return np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1).astype(np.float64)
+
+
 def dice_sums(
     p_train: np.ndarray, p_eval: np.ndarray, threshold: float, argmax: bool = False
 ) -> dict[str, np.ndarray]:
@@ -45,7 +49,7 @@ def dice_sums(
     a = p_train > threshold
     b = p_eval > threshold
     sums = {
-        "hard": np.stack([_sum_spatial(a & b), _sum_spatial(a) + _sum_spatial(b)]),
+        "hard": np.stack([_count_spatial(a & b), _count_spatial(a) + _count_spatial(b)]),
         "soft": np.stack(
             [
                 _sum_spatial(np.minimum(p_train, p_eval)),

@@ -479,10 +479,16 @@ def load_model(
     path = Path(path)
     if not path.exists():
         raise NormcheckError(f"model file {path} not found; check the path")
+    from napari_normcheck.core import bioimageio
+
+    if bioimageio.is_package(path):
+        return bioimageio.load_package(
+            path, trust_pickle=trust_pickle, spatial_dims=spatial_dims, in_channels=in_channels
+        )
     if path.is_dir():
         raise NormcheckError(
-            f"{path} is a folder; bioimage.io packages are not supported yet: pass the weights file "
-            "(TorchScript, or a state_dict with --arch)"
+            f"{path} is a folder without rdf.yaml or bioimageio.yaml: pass the weights file "
+            "(TorchScript, or a state_dict with --arch) or a bioimage.io package"
         )
     kwargs = parse_kwargs(arch_kwargs)
     notes: list[str] = []
