@@ -38,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument(
         "--normalize",
-        default="none",
+        default=None,
         help="none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI",
     )
-    run.add_argument("--activation", choices=("none", "sigmoid", "softmax"), default="none")
+    run.add_argument("--activation", choices=("none", "sigmoid", "softmax"), default=None)
     run.add_argument("--output-dtype", choices=("float32", "float16", "uint8"), default="float32")
     run.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
     run.add_argument(
@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="load a model and list its normalization layers")
     inspect.add_argument("model_path", metavar="MODEL")
     _add_model_arguments(inspect, with_model=False)
+    inspect.add_argument(
+        "--verify",
+        action="store_true",
+        help="bioimage.io package: reproduce its test output (exit 1 when it differs)",
+    )
     inspect.set_defaults(handler=_inspect_command)
     return parser
 
@@ -159,8 +164,8 @@ def _run_command(args: argparse.Namespace) -> int:
         train_batch=args.train_batch,
         eval_batch=args.eval_batch,
         device=args.device,
-        normalize=args.normalize,
-        activation=args.activation,
+        normalize=args.normalize or _package_default(loaded, "normalize") or "none",
+        activation=args.activation or _package_default(loaded, "activation") or "none",
         output_dtype=args.output_dtype,
         threshold=args.threshold,
         spatial_dims=info.spatial_dims,
@@ -176,6 +181,12 @@ def _run_command(args: argparse.Namespace) -> int:
         write_report(args.report, report, overwrite=args.overwrite)
         print(f"report: {args.report}")
     return 0
+
+
+def _package_default(loaded, key: str) -> str | None:
+    """A bioimage.io package's own preprocessing or postprocessing, used when not given."""
+    source = loaded.preprocessing if key == "normalize" else loaded.postprocessing
+    return (source or {}).get(key)
 
 
 def run_and_report(
@@ -297,7 +308,23 @@ def _inspect_command(args: argparse.Namespace) -> int:
     if not loaded.switchable:
         print(f"warning: {loaded.not_switchable_reason}")
     print(norm_inventory(loaded.module).format_table())
+    if getattr(args, "verify", False):
+        return _verify(args, loaded)
     return 0
+
+
+def _verify(args: argparse.Namespace, loaded) -> int:
+    from napari_normcheck.core.bioimageio import verify_package
+
+    if loaded.format != "bioimageio":
+        raise NormcheckError("--verify needs a bioimage.io package (a folder or zip with rdf.yaml)")
+    result = verify_package(args.model_path, loaded=loaded, trust_pickle=args.trust_pickle)
+    verdict = "reproduced" if result.passed else "NOT reproduced"
+    print(
+        f"test output {verdict}: max abs difference {result.max_abs_diff:.3g} "
+        f"(rtol {result.rtol:g}, atol {result.atol:g})"
+    )
+    return 0 if result.passed else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -110,6 +110,11 @@ def _check_sizes(archive: zipfile.ZipFile, zip_path: Path) -> None:
                 )
 
 
+def cache_root() -> Path:
+    """Parent folder of extracted package zips: ``<temp>/napari-normcheck-bioimageio``."""
+    return Path(tempfile.gettempdir()) / "napari-normcheck-bioimageio"
+
+
 def extract_package(zip_path: str | Path, cache_dir: str | Path | None = None) -> Path:
     """Extract a package zip safely into a cache folder keyed by the zip's SHA-256.
 
@@ -118,8 +123,7 @@ def extract_package(zip_path: str | Path, cache_dir: str | Path | None = None) -
     zip_path : str or Path
         The ``.zip`` package.
     cache_dir : str or Path, optional
-        Parent of the extraction folders; default
-        ``tempfile.gettempdir()/napari-normcheck-bioimageio``.
+        Parent of the extraction folders; default :func:`cache_root`.
 
     Returns
     -------
@@ -133,7 +137,7 @@ def extract_package(zip_path: str | Path, cache_dir: str | Path | None = None) -
         over the limits (zip bomb). Nothing is written in that case.
     """
     zip_path = Path(zip_path)
-    parent = Path(cache_dir or Path(tempfile.gettempdir()) / "napari-normcheck-bioimageio")
+    parent = Path(cache_dir) if cache_dir is not None else cache_root()
     target = parent / file_sha256(zip_path)
     if (target / ".complete").is_file():
         return target
@@ -423,11 +427,12 @@ def _architecture(package: Package, weights: dict[str, Any], trust_pickle: bool)
         if arch.get("import_from"):
             return f"{arch['import_from']}:{callable_name}", kwargs
         source = {"source": arch.get("source"), "sha256": arch.get("sha256")}
-    elif isinstance(arch, str) and ":" in arch and not arch.split(":")[0].endswith(".py"):
-        return arch, kwargs
-    elif isinstance(arch, str) and ":" in arch:
+    elif isinstance(arch, str) and arch.rpartition(":")[0].endswith(".py"):
         file_name, _, callable_name = arch.rpartition(":")
         source = {"source": file_name, "sha256": weights.get("architecture_sha256")}
+    elif isinstance(arch, str) and arch:
+        # 0.4 "package.module.Name" / "package.module:Name": an installed package, no file to run.
+        return arch, kwargs
     else:
         raise NormcheckError(f"{package.source}: pytorch_state_dict names no architecture")
     file = _local_file(package, source, "the architecture source")
@@ -481,25 +486,41 @@ def load_package(
     channels = in_channels or _n_channels(inputs[0])
     weights = rdf.get("weights") or {}
     notes: list[str] = []
+    loaded = None
     if "torchscript" in weights:
         file = _local_file(package, weights["torchscript"], "the torchscript weights")
         loaded = load_model(file, spatial_dims=dims, in_channels=channels)
         arch, arch_kwargs = None, None
         notes.append("torchscript weights used (no package code runs)")
-    elif "pytorch_state_dict" in weights:
+        if not loaded.switchable and "pytorch_state_dict" in weights:
+            if trust_pickle:
+                notes.append(
+                    "the torchscript weights have a fixed normalization mode; the "
+                    "pytorch_state_dict weights are used instead"
+                )
+                loaded = None
+            else:
+                notes.append(
+                    "the torchscript weights have a fixed normalization mode; pass --trust-pickle "
+                    "to use the package's pytorch_state_dict weights (runs its Python source)"
+                )
+    if loaded is None and "pytorch_state_dict" in weights:
         entry = weights["pytorch_state_dict"]
         file = _local_file(package, entry, "the pytorch_state_dict weights")
         arch, arch_kwargs = _architecture(package, entry, trust_pickle)
         loaded = load_model(
             file, arch=arch, arch_kwargs=arch_kwargs, spatial_dims=dims, in_channels=channels
         )
-    else:
+    elif loaded is None:
         found = ", ".join(weights) or "none"
         raise NormcheckError(
             f"{package.source} has no torchscript or pytorch_state_dict weights (found: {found})"
         )
     normalize, pre_notes = map_preprocessing(_steps(inputs[0], "preprocessing"))
     activation, post_notes = map_postprocessing(_steps(outputs[0], "postprocessing"))
+    if normalize is not None:
+        notes.append(f"the package's preprocessing is --normalize {normalize}")
+    notes.append(f"the package's postprocessing is --activation {activation}")
     return dataclasses.replace(
         loaded,
         format="bioimageio",

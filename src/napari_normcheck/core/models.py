@@ -456,7 +456,8 @@ def load_model(
     ----------
     path : str or Path
         A state_dict checkpoint (plain or nested under ``state_dict``/``model``/... keys), a
-        TorchScript archive, or a pickled ``nn.Module``.
+        TorchScript archive, a pickled ``nn.Module``, or a bioimage.io package (a folder or
+        ``.zip`` with ``rdf.yaml``; see :mod:`napari_normcheck.core.bioimageio`).
     arch : str, optional
         The architecture for a state_dict (see :func:`resolve_callable`); required there.
     arch_kwargs : str, dict or None
@@ -482,9 +483,12 @@ def load_model(
     from napari_normcheck.core import bioimageio
 
     if bioimageio.is_package(path):
-        return bioimageio.load_package(
+        package = bioimageio.load_package(
             path, trust_pickle=trust_pickle, spatial_dims=spatial_dims, in_channels=in_channels
         )
+        if arch is not None or arch_kwargs is not None:
+            package.notes.append("--arch/--arch-kwargs ignored: the package names its architecture")
+        return package
     if path.is_dir():
         raise NormcheckError(
             f"{path} is a folder without rdf.yaml or bioimageio.yaml: pass the weights file "
