@@ -120,3 +120,14 @@ def test_inspect_prints_inventory(files, capsys):
     assert main(["inspect", str(files / "model.pt"), "--arch", ARCH, "--arch-kwargs", KWARGS]) == 0
     out = capsys.readouterr().out
     assert "BatchNorm3d" in out and "running statistics" in out
+
+
+def test_demo_shows_disparity_for_batchnorm_and_none_for_groupnorm(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu"]) == 0
+    batch = json.loads((tmp_path / "demo" / "batchnorm_report.json").read_text())
+    group = json.loads((tmp_path / "demo" / "groupnorm_report.json").read_text())
+    assert max(batch["disparity"]["hard"]) > 0.05
+    assert group["disparity"]["hard"] == [0.0, 0.0]
+    assert max(group["mismatch_eval"]["hard"]) > 0  # per-tile normalization leaves seams
+    assert (tmp_path / "demo" / "batchnorm_report.csv").exists()
+    assert "comparison" in capsys.readouterr().out
