@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--normalize",
         default=None,
-        help="none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI",
+        help="none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI | zscore",
     )
     run.add_argument("--activation", choices=("none", "sigmoid", "softmax"), default=None)
     run.add_argument("--output-dtype", choices=("float32", "float16", "uint8"), default="float32")

@@ -202,7 +202,7 @@ def test_format_04_state_dict(tmp_path):
             {"name": "fixed_zero_mean_unit_variance", "kwargs": {"mean": 3, "std": 2}},
             "meanstd:3.0,2.0",
         ),
-        ({"name": "zero_mean_unit_variance", "kwargs": {"mode": "per_dataset"}}, None),
+        ({"name": "zero_mean_unit_variance", "kwargs": {"mode": "per_dataset"}}, "zscore"),
         (
             {"name": "scale_range", "kwargs": {"mode": "per_sample", "max_percentile": 99}},
             "percentile:0,99",

@@ -47,7 +47,7 @@ def test_to_string_is_short_and_exact():
     ("text", "message"),
     [
         ("", "cannot read normalization"),
-        ("zscore", "cannot read normalization"),
+        ("robust", "cannot read normalization"),
         ("minmax", "cannot read normalization"),
         ("minmax:1", "cannot read normalization"),
         ("minmax:1,2,3", "cannot read normalization"),
@@ -70,8 +70,8 @@ def test_bad_specs_name_the_accepted_forms(text, message):
 
 def test_bad_form_lists_every_accepted_form():
     with pytest.raises(NormcheckError) as caught:
-        IntensitySpec.parse("zscore")
-    for form in ("none", "minmax:LO,HI", "meanstd:MEAN,STD", "percentile:P_LO,P_HI"):
+        IntensitySpec.parse("robust")
+    for form in ("none", "minmax:LO,HI", "meanstd:MEAN,STD", "percentile:P_LO,P_HI", "zscore"):
         assert form in str(caught.value)
 
 
@@ -171,3 +171,18 @@ def test_constant_volume_percentile_is_an_error():
         resolve_intensity("percentile:1,99", data)
     with pytest.raises(NormcheckError, match="no finite voxels"):
         resolve_intensity("percentile:1,99", da.full((1, 2, 2, 2), np.nan, dtype=np.float32))
+
+
+def test_zscore_is_estimated_once_over_the_whole_volume():
+    import dask.array as da
+
+    from napari_normcheck.core.intensity import IntensitySpec, resolve_intensity
+
+    rng = np.random.default_rng(3)
+    volume = rng.normal(40.0, 7.0, size=(1, 20, 64, 64)).astype(np.float32)
+    transform = resolve_intensity("zscore", da.from_array(volume, chunks=(1, 5, 32, 32)))
+    assert IntensitySpec.parse("zscore").to_string() == "zscore"
+    assert transform.offset == pytest.approx(volume.mean(), rel=1e-3)
+    assert 1 / transform.scale == pytest.approx(volume.std(), rel=1e-2)
+    with pytest.raises(NormcheckError, match="constant"):
+        resolve_intensity("zscore", np.ones((1, 4, 8, 8), np.float32))

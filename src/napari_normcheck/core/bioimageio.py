@@ -349,10 +349,10 @@ def map_preprocessing(steps: list[dict[str, Any]]) -> tuple[str | None, list[str
                 return None, notes
             return f"meanstd:{mean!r},{std!r}", notes
         notes.append(
-            f"{name} ({mode or 'per_sample'}) needs the volume's mean and std: compute them once "
-            "over the whole volume and pass --normalize meanstd:MEAN,STD"
+            f"{name} ({mode or 'per_sample'}) uses the mean and std of the whole volume, estimated "
+            "once (never per tile): --normalize zscore"
         )
-        return None, notes
+        return "zscore", notes
     notes.append(f"preprocessing {name!r} has no --normalize equivalent and is not applied")
     return None, notes
 

@@ -15,9 +15,9 @@ import numpy as np
 
 from napari_normcheck.core.errors import NormcheckError
 
-IntensityKind = Literal["none", "minmax", "meanstd", "percentile"]
+IntensityKind = Literal["none", "minmax", "meanstd", "percentile", "zscore"]
 
-ACCEPTED_FORMS = "none, minmax:LO,HI, meanstd:MEAN,STD or percentile:P_LO,P_HI"
+ACCEPTED_FORMS = "none, minmax:LO,HI, meanstd:MEAN,STD, percentile:P_LO,P_HI or zscore"
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,11 @@ class IntensitySpec:
     high: float | None = None
 
     def __post_init__(self) -> None:
-        if self.kind == "none":
+        if self.kind in ("none", "zscore"):
             if self.low is not None or self.high is not None:
-                raise NormcheckError(f"normalization 'none' takes no values; use {ACCEPTED_FORMS}")
+                raise NormcheckError(
+                    f"normalization {self.kind!r} takes no values; use {ACCEPTED_FORMS}"
+                )
             return
         if self.kind not in ("minmax", "meanstd", "percentile"):
             raise NormcheckError(f"unknown normalization {self.kind!r}; use {ACCEPTED_FORMS}")
@@ -85,8 +87,8 @@ class IntensitySpec:
         """
         cleaned = str(text).strip().lower().replace(" ", "")
         kind, _, values = cleaned.partition(":")
-        if kind == "none" and not values:
-            return cls("none")
+        if kind in ("none", "zscore") and not values:
+            return cls(kind)  # type: ignore[arg-type]
         parts = values.split(",")
         if kind not in ("minmax", "meanstd", "percentile") or len(parts) != 2:
             raise NormcheckError(f"cannot read normalization {text!r}; use {ACCEPTED_FORMS}")
@@ -100,8 +102,8 @@ class IntensitySpec:
 
     def to_string(self) -> str:
         """Return the spec in the form :meth:`parse` reads, e.g. ``percentile:1,99.8``."""
-        if self.kind == "none":
-            return "none"
+        if self.kind in ("none", "zscore"):
+            return self.kind
         return f"{self.kind}:{_format_number(self.low)},{_format_number(self.high)}"
 
 
@@ -206,6 +208,9 @@ def resolve_intensity(
                 stacklevel=2,
             )
         return IntensityTransform(offset=0.0, scale=1.0, spec=spec)
+    if spec.kind == "zscore":
+        mean, std = _estimate_mean_std(data, max_samples, spec)
+        return IntensityTransform(offset=mean, scale=1.0 / std, spec=spec)
     low, high = float(spec.low), float(spec.high)  # type: ignore[arg-type]
     if spec.kind == "meanstd":
         return IntensityTransform(offset=low, scale=1.0 / high, spec=spec)
@@ -248,14 +253,29 @@ def subsample_strides(shape: tuple[int, ...], max_samples: int) -> tuple[int, ..
     return tuple(strides)
 
 
-def _estimate_percentiles(
-    data: Any, p_low: float, p_high: float, max_samples: int, spec: IntensitySpec
-) -> tuple[float, float]:
+def _strided_sample(data: Any, max_samples: int) -> np.ndarray:
     strides = subsample_strides(tuple(int(n) for n in data.shape), max_samples)
     sample = data[tuple(slice(None, None, stride) for stride in strides)]
     if hasattr(sample, "compute"):
         sample = sample.compute()
-    sample = np.asarray(sample)
+    return np.asarray(sample)
+
+
+def _estimate_mean_std(data: Any, max_samples: int, spec: IntensitySpec) -> tuple[float, float]:
+    # Once for the whole volume (bioimage.io's per-dataset zero_mean_unit_variance), never per tile.
+    sample = _strided_sample(data, max_samples).astype(np.float64)
+    mean, std = float(np.nanmean(sample)), float(np.nanstd(sample))
+    if not (math.isfinite(mean) and std > 0):
+        raise NormcheckError(
+            f"{spec.to_string()} found a constant or empty volume (std {std:g}); use meanstd:MEAN,STD"
+        )
+    return mean, std
+
+
+def _estimate_percentiles(
+    data: Any, p_low: float, p_high: float, max_samples: int, spec: IntensitySpec
+) -> tuple[float, float]:
+    sample = _strided_sample(data, max_samples)
     if np.issubdtype(sample.dtype, np.floating):
         # NaN is reported with its location by the tile reader; here it only must not spoil the
         # estimate.
