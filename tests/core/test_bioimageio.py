@@ -333,3 +333,34 @@ def test_verify_uses_the_package_tolerance(tmp_path):
     assert result.passed
     assert result.atol == 0.02
     assert abs(result.max_abs_diff - 0.01) < 1e-4
+
+
+def test_run_with_a_package_needs_no_arch_normalize_or_activation(tmp_path):
+    import zarr
+
+    from napari_normcheck.cli import main
+
+    package = make_package(tmp_path / "pkg")
+    raw = np.random.default_rng(1).integers(0, 255, (8, 32, 32)).astype(np.uint16)
+    np.save(tmp_path / "v.npy", raw)
+    out = tmp_path / "o.zarr"
+    assert (
+        main(
+            [
+                "run",
+                str(tmp_path / "v.npy"),
+                "--model",
+                str(package),
+                "--out",
+                str(out),
+                "--tile",
+                "8,16,16",
+            ]
+        )
+        == 0
+    )
+    params = zarr.open_group(str(out), mode="r").attrs["normcheck"]["params"]
+    assert params["normalize"] == "percentile:1,99.8"
+    assert params["activation"] == "sigmoid"
+    pred = zarr.open_group(str(out), mode="r")["pred_eval/0"][:]
+    assert pred.min() >= 0 and pred.max() <= 1  # sigmoid applied
