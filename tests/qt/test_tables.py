@@ -50,3 +50,31 @@ def test_contrast_limits_follow_the_output_kind():
     assert contrast_for("pred_eval", {"activation": "none"}) is None
     assert contrast_for("disparity", {"activation": "none"}) == (0.0, 1.0)
     assert contrast_for("pred_eval", {"output_dtype": "uint8"}) == (0.0, 255.0)
+
+
+def test_tile_table_switches_to_mismatch_and_feature_z(qtbot):
+    table = TileTable()
+    qtbot.addWidget(table)
+    table.set_records(
+        [
+            {
+                "index": 0,
+                "disparity_soft": [0.9],
+                "mismatch_eval_soft": [0.1],
+                "feature_z": {"max_abs": 4.0},
+            },
+            {
+                "index": 1,
+                "disparity_soft": [0.2],
+                "mismatch_eval_soft": [0.7],
+                "feature_z": {"max_abs": 1.0},
+            },
+            {"index": 2, "disparity_soft": [0.5], "mismatch_eval_soft": [0.3], "feature_z": None},
+        ]
+    )
+    assert [table.tile_at_row(r) for r in range(3)] == [0, 2, 1]
+    table.set_sort_key("mismatch (eval)")
+    assert [table.tile_at_row(r) for r in range(3)] == [1, 2, 0]
+    table.set_sort_key("feature z")
+    assert [table.tile_at_row(r) for r in range(3)] == [0, 1, 2]
+    assert table.item(0, 5).text() == "4.00"

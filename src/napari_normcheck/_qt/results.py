@@ -44,6 +44,7 @@ class ResultLayers:
         self.prefix = ""
         self.layers: dict[str, Any] = {}
         self.tiles_layer: Any = None
+        self.feature_layer: Any = None
         self.store_path: Path | None = None
         self.run_out: Path | None = None
 
@@ -168,6 +169,35 @@ class ResultLayers:
         tiles = self.tiles_layer
         if tiles is not None and tiles in self.viewer.layers and tile_values is not None:
             tiles.features = _layers.tile_features(self.plan, tile_values)
+
+    def show_feature_z(self, layer: int = 0, channel: int | None = None) -> Any:
+        """Add (or update) the ``feature z`` layer from the current store; ``None`` when it has none.
+
+        Parameters
+        ----------
+        layer : int
+            Index of the normalization layer in the store's ``feature_z`` attributes.
+        channel : int, optional
+            The channel; the one with the largest ``|z|`` by default.
+        """
+        if self.store_path is None:
+            return None
+        path = self.store_path
+        if not path.exists() and self.run_out is not None:
+            path = self.run_out
+        read = _layers.feature_z_layer(path, self.prefix, layer, channel)
+        if read is None:
+            return None
+        data, kwargs, _ = read
+        existing = self.feature_layer
+        if existing is not None and existing in self.viewer.layers:
+            existing.data = data
+            existing.scale, existing.translate = kwargs["scale"], kwargs["translate"]
+            existing.contrast_limits = kwargs["contrast_limits"]
+            existing.metadata.update(kwargs["metadata"])
+        else:
+            self.feature_layer = self.viewer.add_image(data, **kwargs)
+        return self.feature_layer
 
     def go_to_tile(self, index: int) -> None:
         """Centre the view on tile ``index`` (z plane and camera) and select its outline."""

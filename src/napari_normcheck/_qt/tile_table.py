@@ -8,7 +8,28 @@ from typing import Any
 from qtpy.QtCore import Qt, Signal  # noqa: TID253 (the Qt layer)
 from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem  # noqa: TID253
 
-COLUMNS = ("tile", "grid z,y,x", "soft disparity", "hard disparity")
+COLUMNS = (
+    "tile",
+    "grid z,y,x",
+    "soft disparity",
+    "hard disparity",
+    "mismatch (eval)",
+    "feature |z|",
+)
+
+
+def _feature_z(record: dict[str, Any]) -> float:
+    summary = record.get("feature_z") or {}
+    value = summary.get("max_abs")
+    return math.nan if value is None else float(value)
+
+
+# What the table can be sorted by (largest first): the value of a record.
+SORT_KEYS = {
+    "disparity": lambda r: _largest(r.get("disparity_soft")),
+    "mismatch (eval)": lambda r: _largest(r.get("mismatch_eval_soft") or r.get("mismatch_eval")),
+    "feature z": _feature_z,
+}
 
 
 def _largest(values: Any) -> float:
@@ -24,7 +45,7 @@ def _number_item(value: float, digits: int = 4) -> QTableWidgetItem:
 
 
 class TileTable(QTableWidget):
-    """Tiles of a run, most disparate first.
+    """Tiles of a run, most disparate first (or by eval mismatch, or by feature z).
 
     Each record is a dict as in :attr:`TileDone.metrics` or the run summary's ``tiles`` list:
     ``index``, ``grid`` and per-channel ``disparity_soft`` / ``disparity_hard`` lists. The table
@@ -46,7 +67,15 @@ class TileTable(QTableWidget):
         self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.verticalHeader().setVisible(False)
         self.records: dict[int, dict[str, Any]] = {}
+        self.sort_key = "disparity"
         self.cellClicked.connect(self._on_clicked)
+
+    def set_sort_key(self, name: str) -> None:
+        """Sort by ``name`` (a key of :data:`SORT_KEYS`), largest first."""
+        if name not in SORT_KEYS:
+            raise ValueError(f"unknown sort key {name!r}; use one of {', '.join(SORT_KEYS)}")
+        self.sort_key = name
+        self.redraw()
 
     def clear_records(self) -> None:
         """Forget all tiles."""
@@ -65,10 +94,11 @@ class TileTable(QTableWidget):
         self.redraw()
 
     def sorted_indices(self) -> list[int]:
-        """Tile indices, largest soft disparity first (unknown values last)."""
+        """Tile indices, largest value of the sort key first (unknown values last)."""
+        value_of = SORT_KEYS[self.sort_key]
 
         def key(index: int) -> tuple[bool, float, int]:
-            value = _largest(self.records[index].get("disparity_soft"))
+            value = value_of(self.records[index])
             return (math.isnan(value), -value if not math.isnan(value) else 0.0, index)
 
         return sorted(self.records, key=key)
@@ -86,6 +116,8 @@ class TileTable(QTableWidget):
             self.setItem(row, 1, QTableWidgetItem(",".join(str(g) for g in grid)))
             self.setItem(row, 2, _number_item(_largest(record.get("disparity_soft"))))
             self.setItem(row, 3, _number_item(_largest(record.get("disparity_hard"))))
+            self.setItem(row, 4, _number_item(SORT_KEYS["mismatch (eval)"](record)))
+            self.setItem(row, 5, _number_item(_feature_z(record), digits=2))
         self.resizeColumnsToContents()
 
     def tile_at_row(self, row: int) -> int:

@@ -36,7 +36,7 @@ from qtpy.QtWidgets import (  # noqa: TID253
 )
 
 from napari_normcheck._qt import jobs
-from napari_normcheck._qt.plots import DisparityHistogram
+from napari_normcheck._qt.plots import DisparityHistogram, FeatureScatter
 from napari_normcheck._qt.region import (
     FIELD_OF_VIEW,
     REGIONS,
@@ -47,7 +47,7 @@ from napari_normcheck._qt.region import (
 )
 from napari_normcheck._qt.results import ResultLayers
 from napari_normcheck._qt.settings import SettingsBox
-from napari_normcheck._qt.tile_table import TileTable
+from napari_normcheck._qt.tile_table import SORT_KEYS, TileTable
 from napari_normcheck.core.errors import NormcheckError
 
 REFRESH_SECONDS = 0.5
@@ -88,6 +88,8 @@ class NormcheckWidget(QWidget):
         self.run_input: tuple[str, tuple[float, ...], tuple[float, ...]] = ("", (), ())
         self.last_refresh = 0.0
         self.finished_event: Any = None
+        self.feature_layers: list[dict[str, Any]] = []
+        self.feature_grid: Any = None
 
         # The form is taller than most docks: it scrolls instead of squeezing its tables.
         content = QWidget()
@@ -107,14 +109,20 @@ class NormcheckWidget(QWidget):
         for name in SettingsBox.FIELDS:
             setattr(self, name, getattr(self.settings, name))
         layout.addWidget(self._build_run_box())
+        self.sort_combo = QComboBox(content)
+        self.sort_combo.addItems(list(SORT_KEYS))
+        self.sort_combo.setToolTip("sort the tiles by disparity, eval mismatch or feature z")
+        self.sort_combo.currentTextChanged.connect(lambda name: self.tile_table.set_sort_key(name))
+        layout.addWidget(self.sort_combo)
         self.tile_table = TileTable(content)
         self.tile_table.setMinimumHeight(160)
         self.tile_table.tile_activated.connect(self.go_to_tile)
-        layout.addWidget(QLabel("Tiles by disparity (click to go there)"))
+        layout.addWidget(QLabel("Tiles, sorted by the choice above (click one to go there)"))
         layout.addWidget(self.tile_table)
         self.histogram = DisparityHistogram(content)
         layout.addWidget(QLabel("Per-tile soft disparity"))
         layout.addWidget(self.histogram)
+        layout.addWidget(self._build_feature_box())
         # Wide enough for the form: only the height scrolls.
         scroll.setMinimumWidth(
             content.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 4
@@ -207,6 +215,19 @@ class NormcheckWidget(QWidget):
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         layout.addWidget(self.status_label)
+        return box
+
+    def _build_feature_box(self) -> QGroupBox:
+        box = QGroupBox("Feature statistics (normalization inputs)")
+        form = QFormLayout(box)
+        self.feature_layer_combo = QComboBox()
+        self.feature_layer_combo.currentIndexChanged.connect(self._on_feature_layer)
+        form.addRow("layer", self.feature_layer_combo)
+        self.feature_channel_combo = QComboBox()
+        self.feature_channel_combo.currentIndexChanged.connect(self._on_feature_channel)
+        form.addRow("channel", self.feature_channel_combo)
+        self.scatter = FeatureScatter(box)
+        form.addRow(self.scatter)
         return box
 
     # --- layer choices ----------------------------------------------------------------------------
@@ -459,6 +480,7 @@ class NormcheckWidget(QWidget):
             self.results.refresh(values)
             if values is not None:
                 self.histogram.set_values(values)
+            self.update_scatter()
 
     def _on_run_finished(self, event: Any) -> None:
         self.finished_event = event
@@ -511,6 +533,71 @@ class NormcheckWidget(QWidget):
         values = self.results.show(path, final=final, tile_values=self.tile_values())
         if values is not None:
             self.histogram.set_values(values)
+        if final:
+            self.show_features()
+
+    # --- feature statistics -------------------------------------------------------------------------
+
+    def show_features(self) -> None:
+        """Read the store's ``feature_z``: fill the layer choice, show the layer and the scatter."""
+        from napari_normcheck import _layers
+
+        path = self.results.store_path
+        if path is not None and not path.exists() and self.results.run_out is not None:
+            path = self.results.run_out
+        read = _layers.feature_z_grid(path) if path is not None else None
+        if read is None:
+            self.update_scatter()
+            return
+        self.feature_grid, self.feature_layers = read[0], read[1]
+        names = [str(layer.get("name", i)) for i, layer in enumerate(self.feature_layers)]
+        current = self.feature_layer_combo.currentText()
+        self.feature_layer_combo.blockSignals(True)
+        self.feature_layer_combo.clear()
+        self.feature_layer_combo.addItems(names)
+        if current in names:
+            self.feature_layer_combo.setCurrentText(current)
+        self.feature_layer_combo.blockSignals(False)
+        self._on_feature_layer()
+
+    def _on_feature_layer(self, *_args: Any) -> None:
+        """A layer was chosen: offer its channels (its strongest first chosen) and redraw."""
+        from napari_normcheck import _layers
+
+        index = self.feature_layer_combo.currentIndex()
+        if index < 0 or self.feature_grid is None:
+            return
+        layer = self.feature_layers[index] if index < len(self.feature_layers) else {}
+        n_channels = int(layer.get("channels") or self.feature_grid.shape[1])
+        channel = _layers.strongest_channel(self.feature_grid, index)
+        self.feature_channel_combo.blockSignals(True)
+        self.feature_channel_combo.clear()
+        self.feature_channel_combo.addItems([str(c) for c in range(n_channels)])
+        self.feature_channel_combo.setCurrentIndex(min(channel, n_channels - 1))
+        self.feature_channel_combo.blockSignals(False)
+        self._on_feature_channel()
+        self.update_scatter()
+
+    def _on_feature_channel(self, *_args: Any) -> None:
+        """Show the chosen layer and channel in the ``feature z`` layer."""
+        layer = self.feature_layer_combo.currentIndex()
+        channel = self.feature_channel_combo.currentIndex()
+        if layer >= 0 and channel >= 0:
+            self.results.show_feature_z(layer, channel)
+
+    def update_scatter(self) -> None:
+        """Plot the chosen layer's per-tile input means against its running statistics."""
+        index = self.feature_layer_combo.currentIndex()
+        if index < 0 or index >= len(self.feature_layers):
+            return
+        layer = self.feature_layers[index]
+        name = str(layer.get("name", ""))
+        means = []
+        for tile in sorted(self.tile_table.records):
+            features = (self.tile_table.records[tile].get("features") or {}).get(name) or {}
+            if features.get("mean") is not None:
+                means.append(features["mean"])
+        self.scatter.set_data(means, layer.get("running_mean"), layer.get("running_var"), name)
 
     def go_to_tile(self, index: int) -> None:
         """Centre the view on tile ``index`` and select its outline."""

@@ -1,0 +1,103 @@
+"""The feature statistics view: the ``feature z`` layer, its layer/channel choice and the scatter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_normcheck import _layers
+from napari_normcheck._qt import widget as widget_module
+from napari_normcheck._qt.widget import NormcheckWidget
+
+from .conftest import fill_model
+
+SCALE = (2.0, 0.5, 0.5)
+TRANSLATE = (10.0, 5.0, 5.0)
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    shown = []
+    monkeypatch.setattr(widget_module, "_show_error", shown.append)
+    return shown
+
+
+def test_feature_z_layer_and_scatter_after_a_run(
+    make_napari_viewer, qtbot, small_image, tiny_model_file, tmp_path, errors
+):
+    viewer = make_napari_viewer()
+    viewer.add_image(small_image, name="img", scale=SCALE, translate=TRANSLATE)
+    widget = NormcheckWidget(viewer)
+    fill_model(widget, tiny_model_file)
+    widget.tile.setText("16,32,32")
+    widget.activation.setCurrentText("sigmoid")
+    widget.overlap.setValue(0.25)
+    widget.device.setCurrentText("cpu")
+    out = tmp_path / "out.zarr"
+    widget.out_path.setText(str(out))
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert errors == []
+
+    root = zarr.open_group(str(out), mode="r")
+    grid = np.asarray(root["feature_z/0"][...])
+    attrs = dict(root["feature_z"].attrs["normcheck"])["layers"]
+    layer = viewer.layers["img feature z"]
+    # The first layer with running statistics, at its channel of largest |z|.
+    assert widget.feature_layer_combo.currentIndex() == 0
+    assert widget.feature_layer_combo.currentText() == attrs[0]["name"]
+    n_channels = attrs[0]["channels"]
+    strongest = int(
+        np.nanmax(np.abs(grid[0, :n_channels]).reshape(n_channels, -1), axis=1).argmax()
+    )
+    assert widget.feature_channel_combo.currentIndex() == strongest
+    np.testing.assert_allclose(np.asarray(layer.data), grid[0, strongest])
+    zmax = float(np.nanmax(np.abs(grid[0, strongest])))
+    np.testing.assert_allclose(layer.contrast_limits, (-zmax, zmax), rtol=1e-5)
+    # Its cells lie over the tiles: the same cell transform as the tile disparity grid.
+    np.testing.assert_allclose(layer.scale, viewer.layers["img tile disparity soft c0"].scale)
+    np.testing.assert_allclose(
+        layer.translate, viewer.layers["img tile disparity soft c0"].translate
+    )
+    plan = widget.plan
+    first = plan.get_tile(0)
+    centre = _layers.to_world(_layers.tile_center(first), SCALE, TRANSLATE)
+    cell = np.asarray(layer.world_to_data(centre))
+    np.testing.assert_allclose(np.round(cell), [0, 0, 0])
+
+    # Another channel: the layer's data follow.
+    other = (strongest + 1) % n_channels
+    widget.feature_channel_combo.setCurrentIndex(other)
+    np.testing.assert_allclose(np.asarray(layer.data), grid[0, other])
+    # Another normalization layer: its strongest channel.
+    assert widget.feature_layer_combo.count() > 1
+    widget.feature_layer_combo.setCurrentIndex(1)
+    np.testing.assert_allclose(
+        np.asarray(layer.data), grid[1, widget.feature_channel_combo.currentIndex()]
+    )
+    assert widget.scatter.title == attrs[1]["name"]
+    widget.feature_layer_combo.setCurrentIndex(0)
+
+    # The scatter: one dot per tile and channel, the layer's running mean.
+    scatter = widget.scatter
+    assert scatter.tile_means.shape == (plan.n_tiles, n_channels)
+    assert len(scatter.points) == plan.n_tiles * n_channels
+    np.testing.assert_allclose(scatter.running_mean, attrs[0]["running_mean"])
+    np.testing.assert_allclose(scatter.running_var, attrs[0]["running_var"])
+    summary_means = [
+        widget.finished_event.summary["tiles"][i]["features"][attrs[0]["name"]]["mean"]
+        for i in range(plan.n_tiles)
+    ]
+    np.testing.assert_allclose(np.sort(scatter.tile_means, axis=0), np.sort(summary_means, axis=0))
+    assert scatter.grab().width() > 0
+
+    # The reader shows the layer too.
+    read = {kwargs["name"]: (data, kwargs) for data, kwargs, _ in _layers.layers_from_store(out)}
+    data, kwargs = read["out feature z"]
+    np.testing.assert_allclose(data, grid[0, strongest])
+    np.testing.assert_allclose(kwargs["scale"], layer.scale)
+
+
+def test_no_feature_z_without_a_store(tmp_path):
+    assert _layers.feature_z_layer(tmp_path / "missing.zarr") is None
