@@ -103,6 +103,28 @@ def test_cancel_keeps_partial_store_and_model_state(
     assert not module.training
 
 
+def test_resume_after_cancel_completes_the_same_output(
+    make_napari_viewer, qtbot, tiny_model_file, tmp_path, errors
+):
+    image = np.random.default_rng(1).normal(size=(32, 48, 48)).astype(np.float32)
+    viewer, widget = make_widget(make_napari_viewer, image, tiny_model_file, tmp_path, overlap=0.0)
+    widget.run()
+    widget.cancel()
+    wait_done(qtbot, widget)
+    out = tmp_path / "out.zarr"
+    assert not is_complete(out) and widget.resume_button.isEnabled()
+    n_layers = len(viewer.layers)
+    worker = widget.resume()
+    assert worker is not None
+    wait_done(qtbot, widget)
+    assert errors == []
+    assert is_complete(out) and not widget.resume_button.isEnabled()
+    assert len(viewer.layers) >= n_layers and len({layer.name for layer in viewer.layers}) == len(
+        viewer.layers
+    )
+    assert widget.tile_table.rowCount() == 8  # every tile, from the finished run's summary
+
+
 def test_tile_table_click_moves_the_view(
     make_napari_viewer, qtbot, tiny_model_file, tmp_path, errors
 ):

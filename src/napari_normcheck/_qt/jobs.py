@@ -51,6 +51,7 @@ class RunRequest:
     out: Path
     overwrite: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)
+    resume: bool = False
 
 
 def load(request: ModelRequest) -> ModelReady:
@@ -118,6 +119,7 @@ def run_job(run: RunRequest, model: ModelRequest, ready: ModelReady | None) -> I
             config,
             run.out,
             overwrite=run.overwrite,
+            resume=run.resume,
             spatial_dims=info.spatial_dims,
             divisor=info.divisor,
             cancel=run.cancel,

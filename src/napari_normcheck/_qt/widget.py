@@ -206,8 +206,13 @@ class NormcheckWidget(QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
+        self.resume_button = QPushButton("Resume")
+        self.resume_button.setEnabled(False)
+        self.resume_button.setToolTip("continue the stopped run in the same output, same settings")
+        self.resume_button.clicked.connect(self.resume)
         row.addWidget(self.run_button)
         row.addWidget(self.cancel_button)
+        row.addWidget(self.resume_button)
         layout.addLayout(row)
         self.progress = QProgressBar()
         self.progress.setFormat("%v / %m tiles")
@@ -386,7 +391,11 @@ class NormcheckWidget(QWidget):
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in layer_name) or "image"
         return folder / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}.zarr"
 
-    def run(self) -> Any:
+    def resume(self) -> Any:
+        """Continue the stopped run in its output (finished chunks are kept); returns the worker."""
+        return self.run(resume=True)
+
+    def run(self, resume: bool = False) -> Any:
         """Start the check on the chosen layer; returns the worker (``None`` on a form error)."""
         from napari.qt.threading import thread_worker
 
@@ -408,10 +417,11 @@ class NormcheckWidget(QWidget):
             _show_error(str(error))
             return None
         self.run_input = (layer.name, scale, translate)
-        self.run_out = self.output_path(layer.name)
+        if not (resume and getattr(self, "run_out", None) is not None):
+            self.run_out = self.output_path(layer.name)
         self.cancel_event = threading.Event()
         request = jobs.RunRequest(
-            volume, config, self.run_out, self.overwrite.isChecked(), self.cancel_event
+            volume, config, self.run_out, self.overwrite.isChecked(), self.cancel_event, resume
         )
         worker = thread_worker(jobs.run_job, start_thread=False)(
             request, self.model_request(), self.model_ready
@@ -426,6 +436,7 @@ class NormcheckWidget(QWidget):
         self.progress.setValue(0)
         self.status_label.setText("starting…")
         self.run_button.setEnabled(False)
+        self.resume_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         worker.start()
         return worker
@@ -497,9 +508,17 @@ class NormcheckWidget(QWidget):
         self.status_label.setText(text)
 
     def _on_worker_finished(self) -> None:
+        from napari_normcheck.core.store import is_complete, is_normcheck_store
+
         self.worker = None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        out = getattr(self, "run_out", None)
+        stopped = out is not None and any(
+            is_normcheck_store(p) and not is_complete(p)
+            for p in (out, out.with_name(out.name + ".inprogress"))
+        )
+        self.resume_button.setEnabled(stopped)
         store = self.results.store_path
         if self.finished_event is None and store is not None:
             self.tile_table.redraw()
