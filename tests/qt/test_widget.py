@@ -307,3 +307,25 @@ def test_2d_image_with_a_2d_model(make_napari_viewer, qtbot, tmp_path, errors):
     np.testing.assert_allclose(layer.scale[-2:], (0.5, 0.25))
     widget.go_to_tile(widget.tile_table.tile_at_row(0))
     assert is_complete(tmp_path / "plane.zarr")
+
+
+def test_multiscale_layer_runs_at_the_chosen_level(
+    make_napari_viewer, qtbot, tiny_model_file, tmp_path, errors
+):
+    full = np.random.default_rng(2).normal(size=(16, 64, 64)).astype(np.float32)
+    viewer = make_napari_viewer()
+    layer = viewer.add_image([full, full[:, ::2, ::2]], name="img", multiscale=True, scale=SCALE)
+    widget = NormcheckWidget(viewer)
+    fill_model(widget, tiny_model_file)
+    widget.tile.setText("16,32,32")
+    widget.device.setCurrentText("cpu")
+    widget.out_path.setText(str(tmp_path / "out.zarr"))
+    assert widget.level_spin.maximum() == 1
+    widget.level_spin.setValue(1)
+    widget.run()
+    wait_done(qtbot, widget)
+    assert errors == []
+    pred = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["pred_eval/0"]
+    assert pred.shape[1:] == (16, 32, 32)
+    result = next(lay for lay in viewer.layers if lay.name.startswith("img eval"))
+    np.testing.assert_allclose(result.scale[-3:], np.asarray(layer.scale[-3:]) * [1, 2, 2])

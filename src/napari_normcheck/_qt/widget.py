@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (  # noqa: TID253
     QProgressBar,
     QPushButton,
     QScrollArea,
+    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -150,6 +151,10 @@ class NormcheckWidget(QWidget):
         self.image_combo = QComboBox()
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         form.addRow("image layer", self.image_combo)
+        self.level_spin = QSpinBox()
+        self.level_spin.setRange(0, 0)
+        self.level_spin.setToolTip("multiscale level to check (0 = full resolution)")
+        form.addRow("level", self.level_spin)
         self.region_combo = QComboBox()
         self.region_combo.addItems(REGIONS)
         form.addRow("region", self.region_combo)
@@ -277,8 +282,10 @@ class NormcheckWidget(QWidget):
         return next((layer for layer in self._image_layers() if layer.name == name), None)
 
     def _on_image_changed(self, *_args: Any) -> None:
-        """Offer the packaged sample models when the sample layer is chosen."""
+        """Offer the packaged sample models when the sample layer is chosen; set the level range."""
         layer = self.selected_image()
+        levels = len(layer.data) if layer is not None and layer.multiscale else 1
+        self.level_spin.setRange(0, levels - 1)
         is_sample = layer is not None and bool(layer.metadata.get("normcheck_sample"))
         has_samples = self.model_source.count() > 1
         if is_sample and not has_samples:
@@ -368,10 +375,22 @@ class NormcheckWidget(QWidget):
         """The :class:`RunConfig` from the form (raises :class:`NormcheckError`)."""
         return self.settings.config(roi=self.region_roi(layer, shape))
 
+    def input_transform(self, layer: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Voxel size and origin of the chosen level (napari scales level k by its downsampling)."""
+        scale, translate = spatial_transform(layer)
+        level = self.level_spin.value() if layer.multiscale else 0
+        if level:
+            factors = tuple(float(f) for f in layer.downsample_factors[level][-3:])
+            factors = (1.0,) * (3 - len(factors)) + factors
+            if layer.ndim == 2:
+                factors = (1.0, *factors[-2:])
+            scale = tuple(s * f for s, f in zip(scale, factors))
+        return scale, translate
+
     def region_roi(self, layer: Any, shape: tuple[int, int, int]) -> Any:
         """The region chosen in the form as voxel ranges, or ``None`` for the whole volume."""
         region = self.region_combo.currentText()
-        scale, translate = spatial_transform(layer)
+        scale, translate = self.input_transform(layer)
         if region == FIELD_OF_VIEW:
             return field_of_view_roi(self.viewer, scale, translate, shape)
         if region == SHAPES_BOX:
@@ -408,9 +427,10 @@ class NormcheckWidget(QWidget):
         try:
             if layer is None:
                 raise NormcheckError("add an image layer and choose it in the widget")
-            data = layer.data[0] if layer.multiscale else layer.data
+            level = self.level_spin.value() if layer.multiscale else 0
+            data = layer.data[level] if layer.multiscale else layer.data
             volume = open_volume(data, channel_axis=-1 if layer.rgb else "auto")
-            scale, translate = spatial_transform(layer)
+            scale, translate = self.input_transform(layer)
             volume = dataclasses.replace(volume, scale=scale, translation=translate)
             config = self.build_config(volume.spatial_shape, layer)
         except NormcheckError as error:
