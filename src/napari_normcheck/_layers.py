@@ -198,7 +198,10 @@ def image_layers(
     """
     root = open_root(path)
     prefix = Path(path).name.removesuffix(".zarr") if prefix is None else prefix
-    params = run_attrs(root).get("params", {})
+    attrs = run_attrs(root)
+    params = attrs.get("params", {})
+    # Carried by every layer so an export keeps the run's parameters and the model's hash.
+    run = {key: attrs.get(key) for key in ("params", "model", "source", "version")}
     members = output_groups(root)
     layers: list[LayerDataTuple] = []
     for group_name, (short, style) in IMAGE_OUTPUTS.items():
@@ -216,7 +219,7 @@ def image_layers(
                 "name": layer_name(prefix, short, channel, n_channels),
                 "scale": scale,
                 "translate": translation,
-                "metadata": {"normcheck_output": group_name, "channel": channel},
+                "metadata": {"normcheck_output": group_name, "channel": channel, "run": run},
                 **style,
             }
             if "colormap" not in kwargs:

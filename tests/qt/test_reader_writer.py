@@ -25,7 +25,17 @@ def store(tmp_path, tiny_model_file, small_image):
     config = RunConfig(
         tile=(16, 32, 32), activation="sigmoid", device="cpu", roi=((0, 16), (8, 48), (0, 48))
     )
-    events = list(run_check(volume, loaded.module, config, out, divisor=loaded.info.divisor))
+    model = {"path": str(tiny_model_file), "sha256": loaded.sha256, "format": loaded.format}
+    events = list(
+        run_check(
+            volume,
+            loaded.module,
+            config,
+            out,
+            divisor=loaded.info.divisor,
+            extra_attrs={"model": model},
+        )
+    )
     return out, events[-1]
 
 
@@ -118,3 +128,27 @@ def test_results_follow_a_store_swapped_in_before_they_are_read(make_napari_view
     )
     results.go_to_tile(1)
     assert viewer.layers["run tiles"].selected_data == {1}
+
+
+def test_ome_zarr_export_of_a_result_keeps_pyramid_and_run_metadata(
+    make_napari_viewer, tmp_path, store
+):
+    out, _ = store
+    viewer = make_napari_viewer()
+    viewer.open(str(out), plugin="napari-normcheck")
+    layer = viewer.layers["run disparity c0"]
+    big = np.random.default_rng(0).random((4, 256, 256)).astype(np.float32)
+    pyramid = viewer.add_image(big, name="big", scale=(2.0, 0.5, 0.5), metadata=layer.metadata)
+    path = tmp_path / "disparity.ome.zarr"
+    assert pyramid.save(str(path), plugin="napari-normcheck") == [str(path)]
+    root = zarr.open_group(str(path), mode="r")
+    datasets = root.attrs["ome"]["multiscales"][0]["datasets"]
+    assert [d["path"] for d in datasets] == ["0", "1", "2"]
+    assert root["1"].shape == (4, 128, 128)
+    np.testing.assert_allclose(root["1"][0, 0, 0], big[0, :2, :2].mean(), rtol=1e-6)
+    assert datasets[1]["coordinateTransformations"][0]["scale"] == [2.0, 1.0, 1.0]
+    run = root.attrs["napari"]["metadata"]["run"]
+    assert run["params"]["tile"] and len(run["model"]["sha256"]) == 64
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging left
+    level1 = open_volume(str(path), level=1)
+    np.testing.assert_allclose(level1.scale, (2.0, 1.0, 1.0))
