@@ -329,3 +329,21 @@ def test_multiscale_layer_runs_at_the_chosen_level(
     assert pred.shape[1:] == (16, 32, 32)
     result = next(lay for lay in viewer.layers if lay.name.startswith("img eval"))
     np.testing.assert_allclose(result.scale[-3:], np.asarray(layer.scale[-3:]) * [1, 2, 2])
+
+
+def test_export_report_writes_one_row_per_tile(
+    make_napari_viewer, qtbot, tiny_model_file, tmp_path, errors
+):
+    image = np.random.default_rng(3).normal(size=(16, 48, 48)).astype(np.float32)
+    viewer, widget = make_widget(make_napari_viewer, image, tiny_model_file, tmp_path)
+    assert widget.export_report(tmp_path / "early.csv") is None and errors  # nothing to report yet
+    errors.clear()
+    widget.run()
+    wait_done(qtbot, widget)
+    assert widget.report_button.isEnabled()
+    written = widget.export_report(tmp_path / "report.csv")
+    rows = written.read_text().splitlines()
+    assert rows[0].startswith("index,start,stop,disparity_hard")
+    assert len(rows) == 1 + widget.finished_event.summary["n_tiles"]
+    assert widget.export_report(tmp_path / "report.csv") is None  # never overwritten silently
+    assert "already exists" in errors[-1]

@@ -218,6 +218,11 @@ class NormcheckWidget(QWidget):
         row.addWidget(self.run_button)
         row.addWidget(self.cancel_button)
         row.addWidget(self.resume_button)
+        self.report_button = QPushButton("Export report…")
+        self.report_button.setEnabled(False)
+        self.report_button.setToolTip("save the per-tile report of the last run as CSV or JSON")
+        self.report_button.clicked.connect(lambda: self.export_report())
+        row.addWidget(self.report_button)
         layout.addLayout(row)
         self.progress = QProgressBar()
         self.progress.setFormat("%v / %m tiles")
@@ -410,6 +415,32 @@ class NormcheckWidget(QWidget):
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in layer_name) or "image"
         return folder / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}.zarr"
 
+    def export_report(self, path: str | Path | None = None) -> Path | None:
+        """Write the last finished run's report (``.csv`` one row per tile, or ``.json``)."""
+        import zarr
+
+        from napari_normcheck.core.report import build_report, write_report
+
+        if self.finished_event is None:
+            _show_error("no finished run to report on yet")
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Export report", "normcheck_report.csv", "CSV (*.csv);;JSON (*.json)"
+            )
+            if not path:
+                return None
+        try:
+            out = self.finished_event.out
+            attrs = dict(zarr.open_group(str(out), mode="r").attrs["normcheck"])
+            report = build_report(self.finished_event.summary, attrs)
+            written = write_report(path, report, overwrite=False)
+        except NormcheckError as error:
+            _show_error(str(error))
+            return None
+        self.status_label.setText(f"report written to {written}")
+        return written
+
     def resume(self) -> Any:
         """Continue the stopped run in its output (finished chunks are kept); returns the worker."""
         return self.run(resume=True)
@@ -515,6 +546,7 @@ class NormcheckWidget(QWidget):
 
     def _on_run_finished(self, event: Any) -> None:
         self.finished_event = event
+        self.report_button.setEnabled(True)
         summary = event.summary
         if summary.get("tiles"):
             self.tile_table.set_records(summary["tiles"])
