@@ -28,6 +28,15 @@ IMAGE_OUTPUTS: dict[str, tuple[str, dict[str, Any]]] = {
     "pred_eval": ("eval", {"blending": "additive", "opacity": 0.6}),
     "pred_train": ("train", {"blending": "additive", "opacity": 0.6, "visible": False}),
     "disparity": ("disparity", {"colormap": "magma", "blending": "additive", "opacity": 0.6}),
+    # Where overlapping tiles disagree: tiling artifacts show up here.
+    "seams_eval": (
+        "seams (eval)",
+        {"colormap": "cyan", "blending": "additive", "opacity": 0.7, "visible": False},
+    ),
+    "seams_train": (
+        "seams (train)",
+        {"colormap": "cyan", "blending": "additive", "opacity": 0.7, "visible": False},
+    ),
     "tile_disparity": (
         "tile disparity",
         {"colormap": "inferno", "blending": "translucent", "opacity": 0.4, "visible": False},
@@ -48,6 +57,8 @@ IMAGE_OUTPUTS: dict[str, tuple[str, dict[str, Any]]] = {
 # Predictions: one colour per channel (the same in both modes, so toggling compares like with like).
 CHANNEL_COLORMAPS = ("green", "magenta", "cyan", "yellow", "blue", "red")
 DISPARITY_OUTPUTS = (
+    "seams_eval",
+    "seams_train",
     "disparity",
     "tile_disparity",
     "tile_disparity_soft",

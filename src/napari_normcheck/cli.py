@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="normcheck-demo", help="folder for the outputs")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    demo.add_argument(
+        "--gui",
+        action="store_true",
+        help="open napari with the sample and run the batchnorm sample model in the dock widget",
+    )
+    demo.add_argument(
+        "--screenshot",
+        metavar="PATH",
+        help="with --gui: save a screenshot of the window to PATH when the run ends, then quit",
+    )
     demo.set_defaults(handler=_demo_command)
 
     inspect = sub.add_parser("inspect", help="load a model and list its normalization layers")
@@ -254,6 +264,12 @@ def _demo_command(args: argparse.Namespace) -> int:
     from napari_normcheck.core.volume import open_volume
     from napari_normcheck.data import SAMPLE_MODELS, sample_volume
 
+    if args.gui or args.screenshot:
+        from napari_normcheck._qt.demo_gui import run_demo_gui
+
+        out = Path(args.out) / "batchnorm-gui.zarr"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return run_demo_gui(args.screenshot, device=args.device, out=out)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     volume = open_volume(sample_volume())

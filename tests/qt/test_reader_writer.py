@@ -92,6 +92,7 @@ def test_viewer_opens_store_through_the_plugin(make_napari_viewer, store):
     viewer.open(str(out), plugin="napari-normcheck")
     names = [layer.name for layer in viewer.layers]
     assert "run eval c0" in names and "run tiles" in names
+    assert "run seams (eval) c0" in names and "run seams (train) c1" in names
     np.testing.assert_allclose(viewer.layers["run eval c1"].translate, (10.0, 9.0, 5.0))
 
 
