@@ -159,7 +159,9 @@ class ResultLayers:
         fallback = self.run_out if self.run_out != self.store_path else None
         for layer in self.layers.values():
             group = layer.metadata.get("normcheck_output")
-            if layer not in self.viewer.layers or group not in groups:
+            # Re-slicing reads the shown plane on the GUI thread: only visible layers pay for it
+            # while the run goes on; hidden ones are re-pointed when the run ends (show()).
+            if layer not in self.viewer.layers or group not in groups or not layer.visible:
                 continue
             try:
                 data = _layers.lazy_array(self.store_path, group, fallback)

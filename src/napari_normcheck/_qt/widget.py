@@ -51,7 +51,7 @@ from napari_normcheck._qt.settings import SettingsBox
 from napari_normcheck._qt.tile_table import SORT_KEYS, TileTable
 from napari_normcheck.core.errors import NormcheckError
 
-REFRESH_SECONDS = 0.5
+REFRESH_SECONDS = 1.0
 MODEL_FILE = "model file"
 SAMPLE_PREFIX = "sample: "
 INVENTORY_COLUMNS = ("name", "type", "running stats", "momentum", "eps", "affine", "batches")
