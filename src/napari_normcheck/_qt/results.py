@@ -98,7 +98,9 @@ class ResultLayers:
                 elif final:
                     layer.reset_contrast_limits()
                 layer.metadata["normcheck_store"] = str(self.store_path)
-            else:
+            elif final or kwargs.get("visible", True):
+                # Hidden outputs (train, seams, grids) are added when the run ends: creating every
+                # layer at once would freeze the viewer when the run starts.
                 kwargs["metadata"] = {**kwargs["metadata"], "normcheck_store": str(self.store_path)}
                 self.layers[name] = self.viewer.add_image(data, **kwargs)
         if self.plan is None:
