@@ -60,8 +60,7 @@ def overlapping_pairs(plan):
             yield a, b, in_a, in_b, (slice(None), *[slice(p, q) for p, q in zip(lo, hi)])
 
 
-def numpy_pair_mismatch(plan, model, volume, threshold=0.5):
-    preds = direct_predictions(plan, model, volume)
+def numpy_pair_mismatch(plan, preds, threshold=0.5):
     sums = {m: np.zeros((2, 2)) for m in ("eval", "train")}
     for a, b, in_a, in_b, _ in overlapping_pairs(plan):
         for mode in sums:
@@ -74,7 +73,9 @@ def numpy_pair_mismatch(plan, model, volume, threshold=0.5):
     }
 
 
-def test_global_mismatch_matches_numpy_recomputation(tmp_path, batchnorm_unet):
+def test_mismatch_and_seams_match_numpy_recomputation(tmp_path, batchnorm_unet):
+    import zarr
+
     volume = synthetic_volume((16, 48, 48))
     summary = run_summary(
         volume,
@@ -86,12 +87,19 @@ def test_global_mismatch_matches_numpy_recomputation(tmp_path, batchnorm_unet):
         blend="constant",
     )
     plan = plan_tiles((16, 48, 48), (16, 32, 32), overlap=0.5)
-    expected = numpy_pair_mismatch(plan, batchnorm_unet, volume)
+    preds = direct_predictions(plan, batchnorm_unet, volume)
+    expected = numpy_pair_mismatch(plan, preds)
     np.testing.assert_allclose(summary["mismatch_eval"]["hard"], expected["eval"], atol=1e-4)
     np.testing.assert_allclose(summary["mismatch_train"]["hard"], expected["train"], atol=1e-4)
-    assert (
-        summary["n_tile_pairs"] == 6
-    )  # a 2 x 2 grid of half-overlapping tiles: every pair overlaps
+    # A 2 x 2 grid of half-overlapping tiles: every pair overlaps.
+    assert summary["n_tile_pairs"] == 6
+    expected = np.zeros((2, 16, 48, 48), np.float32)
+    for a, b, in_a, in_b, box in overlapping_pairs(plan):
+        difference = np.abs(preds[a.index]["eval"][in_a] - preds[b.index]["eval"][in_b])
+        expected[box] = np.maximum(expected[box], difference)
+    seams = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")["seams_eval/0"][:]
+    np.testing.assert_allclose(seams, expected, atol=1e-5)
+    assert seams.max() > 0
 
 
 def test_what_a_user_should_see(tmp_path, batchnorm_unet):
@@ -106,27 +114,3 @@ def test_what_a_user_should_see(tmp_path, batchnorm_unet):
     assert max(batch["disparity"]["soft"]) > 0
     # Running statistics are the same for every tile: eval-mode seams are smaller than train-mode ones.
     assert max(batch["mismatch_eval"]["soft"]) < max(batch["mismatch_train"]["soft"])
-
-
-def test_seams_map_is_the_largest_pairwise_difference(tmp_path, batchnorm_unet):
-    import zarr
-
-    volume = synthetic_volume((16, 48, 48))
-    run_summary(
-        volume,
-        batchnorm_unet,
-        tmp_path / "o.zarr",
-        tile=(16, 32, 32),
-        overlap=0.5,
-        activation="sigmoid",
-        blend="constant",
-    )
-    plan = plan_tiles((16, 48, 48), (16, 32, 32), overlap=0.5)
-    preds = direct_predictions(plan, batchnorm_unet, volume)
-    expected = np.zeros((2, 16, 48, 48), np.float32)
-    for a, b, in_a, in_b, box in overlapping_pairs(plan):
-        difference = np.abs(preds[a.index]["eval"][in_a] - preds[b.index]["eval"][in_b])
-        expected[box] = np.maximum(expected[box], difference)
-    seams = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")["seams_eval/0"][:]
-    np.testing.assert_allclose(seams, expected, atol=1e-5)
-    assert seams.max() > 0

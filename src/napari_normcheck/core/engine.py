@@ -392,6 +392,7 @@ def run_check(
         write_feature_grid(store, plan, records, feature_layers, cell_transform)
         timing.read = reader.seconds
         timing.total = time.perf_counter() - t_start
+        global_mismatch = mismatch.result()
         summary = {
             "out": str(out),
             "n_tiles": plan.n_tiles,
@@ -400,8 +401,8 @@ def run_check(
             "eval_batch": eval_batch,
             "disparity": disparity.result(),
             "disparity_sums": disparity.to_dict(),
-            "mismatch_eval": mismatch.result()["eval"],
-            "mismatch_train": mismatch.result()["train"],
+            "mismatch_eval": global_mismatch["eval"],
+            "mismatch_train": global_mismatch["train"],
             "n_tile_pairs": mismatch.n_pairs,
             "tiles": records,
         }
