@@ -49,3 +49,13 @@ def fill_model(widget, model_file) -> None:
     widget.model_path.setText(str(model_file))
     widget.arch.setText(ARCH)
     widget.arch_kwargs.setText(json.dumps(ARCH_KWARGS))
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """The messages the widget shows as error notifications, instead of showing them."""
+    from napari_normcheck._qt import widget as widget_module
+
+    shown = []
+    monkeypatch.setattr(widget_module, "_show_error", shown.append)
+    return shown

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import zarr
 
 from napari_normcheck import _layers
-from napari_normcheck._qt import widget as widget_module
 from napari_normcheck._qt.widget import NormcheckWidget
 
 from .conftest import fill_model
 
 SCALE = (2.0, 0.5, 0.5)
 TRANSLATE = (10.0, 5.0, 5.0)
-
-
-@pytest.fixture
-def errors(monkeypatch):
-    shown = []
-    monkeypatch.setattr(widget_module, "_show_error", shown.append)
-    return shown
 
 
 def test_feature_z_layer_and_scatter_after_a_run(

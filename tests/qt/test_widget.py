@@ -3,7 +3,6 @@ import pytest
 import torch
 import zarr
 
-from napari_normcheck._qt import widget as widget_module
 from napari_normcheck._qt.region import FIELD_OF_VIEW, SHAPES_BOX, camera_of, canvas_size
 from napari_normcheck._qt.widget import NormcheckWidget
 from napari_normcheck.core.store import is_complete, is_normcheck_store
@@ -12,13 +11,6 @@ from .conftest import fill_model
 
 SCALE = (2.0, 0.5, 0.5)
 TRANSLATE = (10.0, 5.0, 5.0)
-
-
-@pytest.fixture
-def errors(monkeypatch):
-    shown = []
-    monkeypatch.setattr(widget_module, "_show_error", shown.append)
-    return shown
 
 
 def make_widget(make_napari_viewer, image, model_file, tmp_path, **settings):
