@@ -11,6 +11,7 @@ from napari_normcheck.core.errors import NormcheckError
 ACTIVATIONS = ("none", "sigmoid", "softmax")
 OUTPUT_DTYPES = ("float32", "float16", "uint8")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,13 @@ class RunConfig:
         Memory for blending buffers of unfinished output chunks; beyond it they spill to disk.
     prefetch : int
         Tiles read ahead by the reader thread.
+    precision : str
+        ``fp32`` (IEEE float32, the default), ``tf32`` (TF32 tensor cores on CUDA), ``bf16`` or
+        ``fp16`` (autocast; normalization buffers stay float32). Reduced precision changes the
+        predictions; the run measures by how much on a few tiles.
+    fuse_train : bool
+        On CUDA with ``train_batch == 1``: run the train pass several tiles per forward, each
+        normalized by its own statistics (the batch-1 result, to float rounding).
     """
 
     tile: tuple[int, int, int] | None = None
@@ -69,6 +77,8 @@ class RunConfig:
     feature_layers: tuple[str, ...] = field(default_factory=tuple)
     cache_mb: int = 512
     prefetch: int = 2
+    precision: str = "fp32"
+    fuse_train: bool = True
 
     def __post_init__(self) -> None:
         if self.blend not in ("constant", "gaussian", "crop"):
@@ -89,6 +99,10 @@ class RunConfig:
             raise NormcheckError("batch sizes must be at least 1")
         if self.spatial_dims not in (None, 2, 3):
             raise NormcheckError(f"spatial dims must be 2 or 3, not {self.spatial_dims}")
+        if self.precision not in PRECISIONS:
+            raise NormcheckError(
+                f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}"
+            )
         if not 0 < self.threshold < 1:
             raise NormcheckError(f"threshold {self.threshold} must lie in (0, 1)")
 
