@@ -37,6 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-batch", type=int, default=None, help="tiles per eval-mode forward")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument(
+        "--precision",
+        choices=("fp32", "tf32", "bf16", "fp16"),
+        default="fp32",
+        help="forward precision (reduced precision changes the predictions: the report says by "
+        "how much on a few tiles); normalization buffers always stay float32",
+    )
+    run.add_argument(
+        "--no-fuse-train",
+        action="store_true",
+        help="on CUDA, run the train pass one tile per forward instead of several tiles with "
+        "per-tile statistics (same result to float rounding)",
+    )
+    run.add_argument(
         "--normalize",
         default=None,
         help="none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI | zscore",
@@ -181,6 +194,8 @@ def _run_command(args: argparse.Namespace) -> int:
         spatial_dims=info.spatial_dims,
         cache_mb=args.cache_mb,
         feature_layers=tuple(args.feature_layer),
+        precision=args.precision,
+        fuse_train=not args.no_fuse_train,
     )
     report = run_and_report(
         volume, loaded, config, args.out, overwrite=args.overwrite, resume=args.resume
