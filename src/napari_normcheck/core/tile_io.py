@@ -46,6 +46,8 @@ class TileReader:
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="normcheck-reader", daemon=True)
         self.seconds = 0.0
+        # Time the consumer spent blocked on an empty queue: the model waiting for the disk.
+        self.waited = 0.0
 
     def start(self) -> None:
         """Start reading ahead."""
@@ -61,7 +63,9 @@ class TileReader:
 
     def __iter__(self) -> Iterator[TileWork]:
         for _ in self.tiles:
+            t0 = time.perf_counter()
             item = self.queue.get()
+            self.waited += time.perf_counter() - t0
             if isinstance(item, BaseException):
                 raise item
             yield item
