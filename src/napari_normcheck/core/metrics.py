@@ -90,10 +90,16 @@ class DisparityAccumulator:
     argmax: bool = False
     sums: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def add(self, p_train: np.ndarray, p_eval: np.ndarray) -> None:
-        """Add the sums of one finished chunk (``(C, z, y, x)`` probabilities)."""
-        for kind, values in dice_sums(p_train, p_eval, self.threshold, self.argmax).items():
-            self.sums[kind] = self.sums.get(kind, 0.0) + values
+    def add(self, p_train: np.ndarray, p_eval: np.ndarray) -> dict[str, np.ndarray]:
+        """Add the sums of one finished chunk (``(C, z, y, x)`` probabilities); return them."""
+        sums = dice_sums(p_train, p_eval, self.threshold, self.argmax)
+        self.add_sums(sums)
+        return sums
+
+    def add_sums(self, sums: dict[str, np.ndarray]) -> None:
+        """Add one chunk's sums computed elsewhere (a distributed block), in the caller's order."""
+        for kind, values in sums.items():
+            self.sums[kind] = self.sums.get(kind, 0.0) + np.asarray(values, dtype=np.float64)
 
     def result(self) -> dict[str, list[float]]:
         """``{"hard": [...], "soft": [...](, "argmax": [...])}`` disparity per channel."""

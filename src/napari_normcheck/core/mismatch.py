@@ -37,16 +37,26 @@ def _intersect(a, b):
     return (start, stop) if all(s < e for s, e in zip(start, stop)) else None
 
 
-def tile_pairs(plan: TilePlan) -> dict[int, list[tuple[int, tuple]]]:
-    """For each tile, its overlapping neighbours ``(index, shared_box)`` (both directions)."""
-    by_grid = {tuple(g): i for i, g in enumerate(plan.grid_positions.tolist())}
+def tile_pairs(
+    plan: TilePlan, tiles: list[int] | None = None
+) -> dict[int, list[tuple[int, tuple]]]:
+    """For each tile, its overlapping neighbours ``(index, shared_box)`` (both directions).
+
+    With ``tiles`` (a distributed block's tiles) only those tiles and pairs among them are listed.
+    """
+    chosen = None if tiles is None else set(tiles)
+    by_grid = {
+        tuple(g): i
+        for i, g in enumerate(plan.grid_positions.tolist())
+        if chosen is None or i in chosen
+    }
     steps = []
     for d in range(3):
         starts = np.unique(plan.window_starts[:, d])
         steps.append(int(np.diff(starts).min()) if len(starts) > 1 else plan.window_shape[d])
     reach = [math.ceil(w / max(s, 1)) for w, s in zip(plan.window_shape, steps)]
-    boxes = [prediction_box(plan, plan.get_tile(i)) for i in range(plan.n_tiles)]
-    neighbours: dict[int, list[tuple[int, tuple]]] = {i: [] for i in range(plan.n_tiles)}
+    boxes = {i: prediction_box(plan, plan.get_tile(i)) for i in by_grid.values()}
+    neighbours: dict[int, list[tuple[int, tuple]]] = {i: [] for i in sorted(by_grid.values())}
     offsets = [o for o in itertools.product(*(range(-r, r + 1) for r in reach)) if any(o)]
     for grid, i in by_grid.items():
         for offset in offsets:
@@ -61,18 +71,22 @@ def tile_pairs(plan: TilePlan) -> dict[int, list[tuple[int, tuple]]]:
 
 @dataclass
 class MismatchTracker:
-    """Accumulates pairwise mismatch sums as tiles finish, in scan order, one entry per tile pair."""
+    """Accumulates pairwise mismatch sums as tiles finish, in scan order, one entry per tile pair.
+
+    ``tiles`` restricts it to the pairs among those tiles (a distributed block's task).
+    """
 
     plan: TilePlan
     n_channels: int
     threshold: float = 0.5
     on_pair: Callable[[tuple[int, ...], tuple[int, ...], np.ndarray], None] | None = None
+    tiles: list[int] | None = None
     neighbours: dict[int, list[tuple[int, tuple]]] = field(init=False)
     pair_sums: dict[tuple[int, int], dict[str, dict[str, np.ndarray]]] = field(init=False)
     _slabs: dict[tuple[int, int], np.ndarray] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.neighbours = tile_pairs(self.plan)
+        self.neighbours = tile_pairs(self.plan, self.tiles)
         self.pair_sums = {}
 
     @property
@@ -148,6 +162,19 @@ class MismatchTracker:
             }
             for (i, j), sums in self.pair_sums.items()
         }
+
+    def shared_box(self, i: int, j: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The voxels tiles ``i`` and ``j`` both predict (they must be neighbours)."""
+        return next(box for k, box in self.neighbours[i] if k == j)
+
+    def scan_order(self, keys: set[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``keys`` in the order a single-process run computes those pairs (by later tile)."""
+        return [
+            (j, i)
+            for i in sorted(self.neighbours)
+            for j, _ in self.neighbours[i]
+            if j < i and (j, i) in keys
+        ]
 
     def load(self, data: dict[str, dict]) -> None:
         """Restore pair sums saved by :meth:`to_dict`."""

@@ -74,6 +74,12 @@ class ChunkAccumulator:
         Memory for unfinished chunks before the least recently used spill to disk.
     done_chunks : set of ChunkIndex, optional
         Chunks already finished in an earlier, interrupted run: their contributions are skipped.
+    chunk_box : pair of tuple of int, optional
+        Chunk index range ``([z0, y0, x0], [z1, y1, x1])`` to accumulate (a distributed block);
+        contributions to chunks outside it are skipped. All chunks when ``None``.
+    tiles : list of int, optional
+        The tiles that will be added (a block's task); chunks are finished after the last of them.
+        All tiles of the plan when ``None``.
     """
 
     def __init__(
@@ -85,6 +91,8 @@ class ChunkAccumulator:
         scratch_dir: str | Path,
         max_bytes: int = 512 * 2**20,
         done_chunks: set[ChunkIndex] | None = None,
+        chunk_box: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+        tiles: list[int] | None = None,
     ) -> None:
         self.plan = plan
         self.n_values = n_values
@@ -92,7 +100,8 @@ class ChunkAccumulator:
         self.on_chunk_done = on_chunk_done
         self.scratch_dir = Path(scratch_dir)
         self.max_bytes = max_bytes
-        self.remaining = plan.chunk_contributors()
+        self.remaining = plan.chunk_contributors(tiles)
+        self.chunk_box = chunk_box
         self.done_chunks: set[ChunkIndex] = set(done_chunks or ())
         self._buffers: OrderedDict[ChunkIndex, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._spilled: set[ChunkIndex] = set()
@@ -107,8 +116,12 @@ class ChunkAccumulator:
         )  # type: ignore[return-value]
 
     def tile_chunks(self, tile: Tile) -> list[ChunkIndex]:
-        """Chunks that ``tile`` writes into."""
+        """Chunks that ``tile`` writes into (inside :attr:`chunk_box`)."""
         ranges = self.plan.chunk_range(tile)
+        if self.chunk_box is not None:
+            ranges = tuple(
+                (max(a, lo), min(b, hi)) for (a, b), lo, hi in zip(ranges, *self.chunk_box)
+            )
         return list(itertools.product(*(range(a, b) for a, b in ranges)))
 
     def needs(self, tile: Tile) -> bool:
@@ -185,7 +198,10 @@ class ChunkAccumulator:
 
     @property
     def complete(self) -> bool:
-        """Whether every chunk has been finished."""
+        """Whether every chunk (of :attr:`chunk_box`) has been finished."""
+        if self.chunk_box is not None:
+            n_chunks = int(np.prod([b - a for a, b in zip(*self.chunk_box)]))
+            return len(self.done_chunks) == n_chunks
         return len(self.done_chunks) == int(np.prod(self.plan.chunk_grid))
 
     def close(self) -> None:

@@ -138,10 +138,15 @@ class TilePlan:
             )
         )
 
-    def chunk_contributors(self) -> np.ndarray:
-        """Count, for every output chunk, the tiles that write into it (shape :attr:`chunk_grid`)."""
+    def chunk_contributors(self, tiles: list[int] | None = None) -> np.ndarray:
+        """Count, for every output chunk, the tiles that write into it (shape :attr:`chunk_grid`).
+
+        With ``tiles`` only those tiles are counted (a block's task counts the tiles it runs, which
+        include every contributor of the block's own chunks).
+        """
         counts = np.zeros(self.chunk_grid, dtype=np.int64)
-        for tile in self.tiles():
+        chosen = range(self.n_tiles) if tiles is None else tiles
+        for tile in (self.get_tile(i) for i in chosen):
             (z0, z1), (y0, y1), (x0, x1) = self.chunk_range(tile)
             counts[z0:z1, y0:y1, x0:x1] += 1
         return counts

@@ -1,0 +1,366 @@
+"""The steps every run shares, single-process or distributed: fix the plan, open OUT, finish OUT.
+
+:func:`prepare_run` fixes the tile plan, the device, the eval batch and the input normalization;
+:func:`open_outputs` creates OUT.zarr (or reopens an interrupted run's); :func:`finish_run` writes the
+per-tile grids, the summary and, last, the completion marker. Both
+:func:`~napari_normcheck.core.engine.run_check` and
+:func:`~napari_normcheck.core.distributed.run_check_distributed` call them, so their outputs share one
+layout and one summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from napari_normcheck import __version__
+from napari_normcheck.core.config import RunConfig
+from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.features import FeatureLayer, FeatureRecorder, default_feature_layers
+from napari_normcheck.core.forward import resolve_device
+from napari_normcheck.core.grids import tile_cell_transform, write_feature_grid, write_tile_grids
+from napari_normcheck.core.intensity import IntensityTransform, resolve_intensity
+from napari_normcheck.core.metrics import DisparityAccumulator
+from napari_normcheck.core.mismatch import MismatchTracker
+from napari_normcheck.core.store import OutputStore
+from napari_normcheck.core.tiling import TilePlan, plan_tiles
+from napari_normcheck.core.volume import Volume
+
+if TYPE_CHECKING:
+    from napari_normcheck.core.engine import Timing
+
+MODES = ("eval", "train")
+PREDICTION_NAMES = {"eval": "pred_eval", "train": "pred_train"}
+DEFAULT_TILE_3D = (64, 128, 128)
+DEFAULT_TILE_2D = (1, 256, 256)
+
+
+def default_tile(
+    spatial_shape: tuple[int, int, int], spatial_dims: int, divisor: tuple[int, ...] | int = 16
+) -> tuple[int, int, int]:
+    """A tile that fits the volume (rounded up to the model's divisor) and is not larger than typical.
+
+    Parameters
+    ----------
+    spatial_shape : tuple of int
+        Volume shape ``(Z, Y, X)``.
+    spatial_dims : int
+        2 or 3.
+    divisor : int or tuple of int
+        The model's downsampling factor per spatial axis.
+
+    Returns
+    -------
+    tuple of int
+        ``(z, y, x)``; ``z = 1`` for a 2D model.
+    """
+    target = DEFAULT_TILE_2D if spatial_dims == 2 else DEFAULT_TILE_3D
+    divs = (divisor,) * spatial_dims if isinstance(divisor, int) else tuple(divisor)
+    divs = (1,) * (3 - len(divs)) + divs
+    tile = []
+    for size, want, d in zip(spatial_shape, target, divs):
+        fit = -(-size // d) * d
+        tile.append(max(d, min(want - want % d or d, fit)))
+    if spatial_dims == 2:
+        tile[0] = 1
+    return tuple(tile)  # type: ignore[return-value]
+
+
+def check_tile(
+    window_shape: tuple[int, int, int], spatial_dims: int, divisor: tuple[int, ...] | int | None
+) -> None:
+    """Raise a :class:`NormcheckError` suggesting the nearest valid tile when a side is not divisible."""
+    if spatial_dims == 2 and window_shape[0] != 1:
+        raise NormcheckError(
+            f"a 2D model runs plane by plane: the tile's z size must be 1, not {window_shape[0]} "
+            f"(use --tile 1,{window_shape[1]},{window_shape[2]})"
+        )
+    if divisor is None:
+        return
+    divs = (divisor,) * spatial_dims if isinstance(divisor, int) else tuple(divisor)
+    sides = window_shape[3 - spatial_dims :]
+    bad = [(s, d) for s, d in zip(sides, divs) if s % d]
+    if bad:
+        nearest = [max(d, round(s / d) * d) for s, d in zip(sides, divs)]
+        shown = ",".join(str(v) for v in ((1,) if spatial_dims == 2 else ()) + tuple(nearest))
+        raise NormcheckError(
+            f"the model's input window {window_shape} is not divisible by its downsampling factor "
+            f"{divs}: use a tile like {shown} (in crop mode the window is tile + 2 x halo)"
+        )
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What is fixed before the first tile: the plan and how the model sees it."""
+
+    plan: TilePlan
+    spatial_dims: int
+    device: torch.device
+    eval_batch: int
+    transform: IntensityTransform
+
+
+def prepare_run(
+    volume: Volume,
+    config: RunConfig,
+    *,
+    spatial_dims: int | None = None,
+    divisor: tuple[int, ...] | int | None = None,
+    transform: IntensityTransform | None = None,
+    device: torch.device | None = None,
+) -> RunSetup:
+    """Fix the plan, the device, the eval batch and the intensity transform of a run.
+
+    Parameters
+    ----------
+    volume : Volume
+        The input.
+    config : RunConfig
+        The run's settings.
+    spatial_dims : int, optional
+        2 or 3; defaults to ``config.spatial_dims``, then 3.
+    divisor : int or tuple of int, optional
+        The model's downsampling factor; tiles are checked against it.
+    transform : IntensityTransform, optional
+        Input normalization; resolved from ``config.normalize`` when not given.
+    device : torch.device, optional
+        Where the forwards run; resolved from ``config.device`` when not given.
+
+    Returns
+    -------
+    RunSetup
+    """
+    spatial_dims = spatial_dims or config.spatial_dims or 3
+    if spatial_dims not in (2, 3):
+        raise NormcheckError(f"spatial dims must be 2 or 3, not {spatial_dims}")
+    device = device or resolve_device(config.device)
+    eval_batch = config.eval_batch or (4 if device.type == "cuda" else 1)
+    tile_shape = config.tile or default_tile(volume.spatial_shape, spatial_dims, divisor or 16)
+    halo = config.halo if config.blend == "crop" else (0, 0, 0)
+    if spatial_dims == 2:
+        halo = (0, *halo[1:])
+    plan = plan_tiles(
+        volume.spatial_shape,
+        tile_shape,
+        overlap=config.overlap,
+        blend=config.blend,  # type: ignore[arg-type]
+        halo=halo,
+        roi=config.roi,
+    )
+    check_tile(plan.window_shape, spatial_dims, divisor)
+    if transform is None:
+        transform = resolve_intensity(config.normalize, volume.data)
+    return RunSetup(plan, spatial_dims, device, eval_batch, transform)
+
+
+def make_recorder(model: nn.Module, config: RunConfig) -> FeatureRecorder | None:
+    """Feature hooks on every running-statistics norm layer and on ``config.feature_layers``."""
+    names = list(dict.fromkeys(default_feature_layers(model) + list(config.feature_layers)))
+    # Forward hooks cannot be added to a compiled TorchScript graph: no feature statistics there.
+    if not names or isinstance(model, torch.jit.ScriptModule):
+        return None
+    return FeatureRecorder(model, names)
+
+
+def run_attrs(
+    volume: Volume,
+    config: RunConfig,
+    setup: RunSetup,
+    extra_attrs: dict[str, Any] | None,
+    device_name: str | None = None,
+) -> dict[str, Any]:
+    """The root ``normcheck`` metadata of OUT.zarr (parameters, plan, intensity, source, ...)."""
+    return {
+        "version": __version__,
+        "params": config.to_dict()
+        | {"eval_batch": setup.eval_batch, "device": device_name or str(setup.device)},
+        "plan": setup.plan.to_dict(),
+        "intensity": setup.transform.to_dict(),
+        "spatial_dims": setup.spatial_dims,
+        "source": volume.source,
+        "complete": False,
+        **(extra_attrs or {}),
+    }
+
+
+RESUME_SAME = ("params", "plan", "intensity", "source")
+VOXEL_OUTPUTS = ("pred_eval", "pred_train", "disparity", "seams_eval", "seams_train")
+
+
+def open_outputs(
+    out: str | Path,
+    attrs: dict[str, Any],
+    config: RunConfig,
+    plan: TilePlan,
+    n_out: int,
+    volume: Volume,
+    *,
+    overwrite: bool,
+    resume: bool,
+) -> tuple[OutputStore, dict[str, Any]]:
+    """Create OUT.zarr with its voxel outputs, or reopen an interrupted run's to resume it.
+
+    Returns
+    -------
+    store : OutputStore
+    arrays : dict
+        Level 0 of ``eval``, ``train``, ``disparity``, ``seams_eval``, ``seams_train``.
+    """
+    if resume:
+        store = OutputStore.reopen(out, attrs, same=RESUME_SAME)
+        return store, output_arrays(store)
+    scale = tuple(volume.scale)
+    translation = tuple(t + r * s for t, r, s in zip(volume.translation, plan.roi_start, scale))
+    store = OutputStore.create(out, overwrite=overwrite, attrs=attrs)
+    out_shape = (n_out, *plan.roi_shape)
+    out_chunks = (1, *plan.chunk_shape)
+    return store, _create_voxel_outputs(store, config, out_shape, out_chunks, scale, translation)
+
+
+def output_arrays(store: OutputStore) -> dict[str, Any]:
+    """The voxel output arrays of an existing store, keyed as :class:`TileLoop` expects."""
+    arrays = {name: store.array(name) for name in VOXEL_OUTPUTS}
+    arrays["eval"], arrays["train"] = arrays.pop("pred_eval"), arrays.pop("pred_train")
+    return arrays
+
+
+def finish_run(
+    store: OutputStore,
+    volume: Volume,
+    plan: TilePlan,
+    records: dict[int, dict[str, Any]],
+    mismatch: MismatchTracker,
+    disparity: DisparityAccumulator,
+    feature_layers: list[FeatureLayer],
+    n_out: int,
+    *,
+    out: str | Path,
+    timing: Timing,
+    eval_batch: int,
+    spilled_chunks: int,
+    before_marker: Callable[[], None] | None = None,
+    extra_summary: dict[str, Any] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Write the tile grids, the summary and, last, the completion marker.
+
+    Parameters
+    ----------
+    store : OutputStore
+        The run's store.
+    volume : Volume
+        The input (placement of the tile grids).
+    plan : TilePlan
+        The plan.
+    records : dict
+        Per-tile records by tile index (all tiles of the plan).
+    mismatch : MismatchTracker
+        With every pair's sums.
+    disparity : DisparityAccumulator
+        With every chunk's sums.
+    feature_layers : list of FeatureLayer
+        Recorded layers (for the ``feature_z`` grid).
+    n_out : int
+        Output channels.
+    out : path-like
+        The OUT the user named (the summary's ``out``).
+    timing : Timing
+        Seconds per stage; ``total`` is set here.
+    eval_batch : int
+        Tiles per eval forward (reported).
+    spilled_chunks : int
+        Chunks spilled to disk while blending (reported).
+    before_marker : callable, optional
+        Called just before the marker is written (to flush pending writes).
+    extra_summary : dict, optional
+        More summary keys.
+
+    Returns
+    -------
+    path : Path
+        Where OUT now is.
+    summary : dict
+        What the marker holds.
+    """
+    ordered = [records[i] for i in sorted(records)]
+    for record in ordered:
+        tile_mismatch = mismatch.tile_mismatch(record["index"])
+        record["mismatch_eval"] = tile_mismatch["eval_hard"]
+        record["mismatch_train"] = tile_mismatch["train_hard"]
+        record["mismatch_eval_soft"] = tile_mismatch["eval_soft"]
+        record["mismatch_train_soft"] = tile_mismatch["train_soft"]
+    cell_transform = tile_cell_transform(plan, tuple(volume.scale), volume.translation)
+    write_tile_grids(store, plan, ordered, n_out, cell_transform)
+    write_feature_grid(store, plan, ordered, feature_layers, cell_transform)
+    global_mismatch = mismatch.result()
+    summary = {
+        "out": str(out),
+        "n_tiles": plan.n_tiles,
+        "timing": timing.to_dict(),
+        "spilled_chunks": spilled_chunks,
+        "eval_batch": eval_batch,
+        "disparity": disparity.result(),
+        "disparity_sums": disparity.to_dict(),
+        "mismatch_eval": global_mismatch["eval"],
+        "mismatch_train": global_mismatch["train"],
+        "n_tile_pairs": mismatch.n_pairs,
+        "tiles": ordered,
+        **(extra_summary or {}),
+    }
+    store.root.attrs["normcheck"] = dict(store.root.attrs["normcheck"]) | {"complete": True}
+    if before_marker is not None:
+        before_marker()
+    return store.finish(summary), summary
+
+
+def _create_voxel_outputs(
+    store: OutputStore,
+    config: RunConfig,
+    out_shape: tuple[int, ...],
+    out_chunks: tuple[int, ...],
+    scale: tuple[float, ...],
+    translation: tuple[float, ...],
+) -> dict[str, Any]:
+    """``pred_eval``, ``pred_train`` and ``disparity`` images, chunked along the tile grid."""
+    arrays = {}
+    for mode in MODES:
+        arrays[mode] = store.create_image(
+            PREDICTION_NAMES[mode],
+            out_shape,
+            out_chunks,
+            config.output_dtype,
+            scale,
+            translation,
+            attrs={
+                "mode": mode,
+                "activation": config.activation,
+                "train_batch": config.train_batch,
+            },
+        )
+    arrays["disparity"] = store.create_image(
+        "disparity",
+        out_shape,
+        out_chunks,
+        config.output_dtype,
+        scale,
+        translation,
+        attrs={"meaning": "|P_train - P_eval| per channel"},
+    )
+    for mode in MODES:
+        arrays[f"seams_{mode}"] = store.create_image(
+            f"seams_{mode}",
+            out_shape,
+            out_chunks,
+            config.output_dtype,
+            scale,
+            translation,
+            attrs={
+                "meaning": f"largest |P_A - P_B| of overlapping tiles A, B ({mode} mode); "
+                "zero where one tile covers a voxel"
+            },
+        )
+    return arrays
