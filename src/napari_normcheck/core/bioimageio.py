@@ -9,35 +9,42 @@ as a pickle (``trust_pickle=True`` / ``--trust-pickle``).
 The package's preprocessing is mapped to one intensity spec of
 :mod:`napari_normcheck.core.intensity` (statistics computed once over the whole volume, never
 per tile); ``notes`` say where the mapping is not exact.
+
+Zip extraction lives in :mod:`napari_normcheck.core.package_zip` and the processing mapping in
+:mod:`napari_normcheck.core.bioimageio_processing`; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from napari_normcheck.core.bioimageio_processing import (
+    apply_postprocessing,
+    apply_preprocessing,
+    map_postprocessing,
+    map_preprocessing,
+)
 from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.models import LoadedModel, file_sha256, load_model
 from napari_normcheck.core.modes import normalization_mode
+from napari_normcheck.core.package_zip import (
+    MAX_COMPRESSION_RATIO,  # noqa: F401 (re-exported: bioimageio.MAX_COMPRESSION_RATIO)
+    MAX_UNPACKED_BYTES,
+    cache_root,
+    extract_package,
+)
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
-# Zip-bomb limits: total uncompressed size, and the compression ratio of any large entry.
-MAX_UNPACKED_BYTES = 2 * 1024**3
-MAX_COMPRESSION_RATIO = 200
-_RATIO_CHECK_MIN_BYTES = 1024**2
 # Tolerance of --verify when a package names none (bioimage.io's core uses the same defaults).
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-4
-_DEFAULT_EPS = 1e-6
 _SPATIAL = ("z", "y", "x")
 
 
@@ -79,111 +86,6 @@ def is_package(path: str | Path) -> bool:
     return False
 
 
-# --- zip extraction -------------------------------------------------------------------------------
-
-
-def _check_member_name(name: str, zip_path: Path) -> None:
-    pure = PurePosixPath(name.replace("\\", "/"))
-    drive = len(name) > 1 and name[1] == ":"
-    if pure.is_absolute() or drive or ".." in pure.parts:
-        raise NormcheckError(
-            f"{zip_path} holds an unsafe path {name!r} (absolute or with '..') that would be "
-            "written outside the extraction folder; the package is refused"
-        )
-
-
-def _check_sizes(archive: zipfile.ZipFile, zip_path: Path) -> None:
-    total = 0
-    for info in archive.infolist():
-        total += info.file_size
-        if total > MAX_UNPACKED_BYTES:
-            raise NormcheckError(
-                f"{zip_path} unpacks to more than {MAX_UNPACKED_BYTES / 1024**3:g} GiB; "
-                "refused as a possible zip bomb"
-            )
-        if info.file_size > _RATIO_CHECK_MIN_BYTES:
-            ratio = info.file_size / max(1, info.compress_size)
-            if ratio > MAX_COMPRESSION_RATIO:
-                raise NormcheckError(
-                    f"{zip_path}: {info.filename!r} is compressed {ratio:.0f}:1 (limit "
-                    f"{MAX_COMPRESSION_RATIO}:1); refused as a possible zip bomb"
-                )
-
-
-def cache_root() -> Path:
-    """Parent folder of extracted package zips: ``<temp>/napari-normcheck-bioimageio``."""
-    return Path(tempfile.gettempdir()) / "napari-normcheck-bioimageio"
-
-
-def extract_package(zip_path: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Extract a package zip safely into a cache folder keyed by the zip's SHA-256.
-
-    Parameters
-    ----------
-    zip_path : str or Path
-        The ``.zip`` package.
-    cache_dir : str or Path, optional
-        Parent of the extraction folders; default :func:`cache_root`.
-
-    Returns
-    -------
-    Path
-        The folder holding the extracted package (reused when already extracted).
-
-    Raises
-    ------
-    NormcheckError
-        For absolute or ``..`` member names (zip slip), or a total size or compression ratio
-        over the limits (zip bomb). Nothing is written in that case.
-    """
-    zip_path = Path(zip_path)
-    parent = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = parent / file_sha256(zip_path)
-    if (target / ".complete").is_file():
-        return target
-    with zipfile.ZipFile(zip_path) as archive:
-        for name in archive.namelist():
-            _check_member_name(name, zip_path)
-        _check_sizes(archive, zip_path)
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=parent))
-        try:
-            budget = MAX_UNPACKED_BYTES
-            for info in archive.infolist():
-                destination = staging.joinpath(*PurePosixPath(info.filename).parts)
-                if not destination.resolve().is_relative_to(staging.resolve()):
-                    raise NormcheckError(f"{zip_path}: unsafe path {info.filename!r} refused")
-                if info.is_dir():
-                    destination.mkdir(parents=True, exist_ok=True)
-                    continue
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                # Count the bytes actually inflated: headers can lie about sizes.
-                with archive.open(info) as source, open(destination, "wb") as sink:
-                    for chunk in iter(lambda src=source: src.read(1 << 20), b""):
-                        budget -= len(chunk)
-                        if budget < 0:
-                            raise NormcheckError(
-                                f"{zip_path} inflates past its declared size limit; refused as "
-                                "a possible zip bomb"
-                            )
-                        sink.write(chunk)
-            (staging / ".complete").touch()
-            try:
-                os.replace(staging, target)
-            except OSError:
-                # Another process finished the same extraction first.
-                shutil.rmtree(staging, ignore_errors=True)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise NormcheckError(
-                f"{zip_path} is a damaged zip ({error}); download it again"
-            ) from error
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return target
-
-
 # --- reading the rdf ----------------------------------------------------------------------------
 
 
@@ -198,7 +100,13 @@ def open_package(path: str | Path) -> Package:
     import yaml
 
     source = Path(path)
-    root = extract_package(source) if source.is_file() else source
+    # cache_root and MAX_UNPACKED_BYTES are looked up in this module, so that patching them on
+    # bioimageio (as tests do) still takes effect now that extraction lives in package_zip.
+    root = (
+        extract_package(source, cache_root(), max_unpacked_bytes=MAX_UNPACKED_BYTES)
+        if source.is_file()
+        else source
+    )
     rdf_path = next((root / n for n in RDF_NAMES if (root / n).is_file()), None)
     if rdf_path is None:
         raise NormcheckError(f"{source} holds no rdf.yaml or bioimageio.yaml at its top level")
@@ -282,136 +190,6 @@ def _steps(tensor: dict[str, Any], key: str) -> list[dict[str, Any]]:
         name = step.get("id", step.get("name"))
         steps.append({"name": str(name), "kwargs": dict(step.get("kwargs") or {})})
     return steps
-
-
-# --- processing -----------------------------------------------------------------------------------
-
-
-def _scalar(value: Any) -> float | None:
-    """A float from a number or a list of equal numbers; None for per-channel values."""
-    values = np.ravel(np.asarray(value, dtype=float))
-    if values.size and np.all(values == values[0]):
-        return float(values[0])
-    return None
-
-
-def map_preprocessing(steps: list[dict[str, Any]]) -> tuple[str | None, list[str]]:
-    """Map declared preprocessing to an intensity spec string, with notes where it is not exact.
-
-    Parameters
-    ----------
-    steps : list of dict
-        ``{"name": ..., "kwargs": ...}`` in the package's order.
-
-    Returns
-    -------
-    spec : str or None
-        ``percentile:LO,HI``, ``meanstd:MEAN,STD`` or ``none``; None when no spec reproduces it.
-    notes : list of str
-        What could not be mapped exactly.
-    """
-    notes: list[str] = []
-    steps = [s for s in steps if s["name"] != "ensure_dtype"]
-    if not steps:
-        return "none", notes
-    if len(steps) > 1:
-        names = ", ".join(s["name"] for s in steps)
-        notes.append(
-            f"the package preprocesses with several steps ({names}); only the first is mapped "
-            "to --normalize, so check the input intensities"
-        )
-    name, kwargs = steps[0]["name"], steps[0]["kwargs"]
-    mode = kwargs.get("mode")
-    if name == "scale_range":
-        low = float(kwargs.get("min_percentile", 0.0))
-        high = float(kwargs.get("max_percentile", 100.0))
-        if mode == "per_sample":
-            notes.append("scale_range per_sample is treated as per_dataset (whole volume)")
-        if kwargs.get("reference_tensor"):
-            notes.append("scale_range's reference_tensor is ignored (the input itself is used)")
-        notes.append(
-            "scale_range percentiles are taken over all channels together; its eps is ignored"
-        )
-        return f"percentile:{low:g},{high:g}", notes
-    if name == "scale_linear":
-        gain = _scalar(kwargs.get("gain", 1.0))
-        offset = _scalar(kwargs.get("offset", 0.0))
-        if gain is None or offset is None or gain <= 0:
-            notes.append("scale_linear with per-channel or non-positive gain cannot be mapped")
-            return None, notes
-        # x * gain + offset == (x - MEAN) / STD with MEAN = -offset / gain, STD = 1 / gain.
-        return f"meanstd:{-offset / gain!r},{1.0 / gain!r}", notes
-    if name in ("zero_mean_unit_variance", "fixed_zero_mean_unit_variance"):
-        if name == "fixed_zero_mean_unit_variance" or mode == "fixed":
-            mean, std = _scalar(kwargs.get("mean")), _scalar(kwargs.get("std"))
-            if mean is None or std is None or std <= 0:
-                notes.append(f"{name} with per-channel mean/std cannot be mapped")
-                return None, notes
-            return f"meanstd:{mean!r},{std!r}", notes
-        notes.append(
-            f"{name} ({mode or 'per_sample'}) uses the mean and std of the whole volume, estimated "
-            "once (never per tile): --normalize zscore"
-        )
-        return "zscore", notes
-    notes.append(f"preprocessing {name!r} has no --normalize equivalent and is not applied")
-    return None, notes
-
-
-def map_postprocessing(steps: list[dict[str, Any]]) -> tuple[str, list[str]]:
-    """The activation (``"sigmoid"`` or ``"none"``) and notes for what is ignored."""
-    activation, notes = "none", []
-    for step in steps:
-        if step["name"] == "sigmoid":
-            activation = "sigmoid"
-        elif step["name"] == "binarize":
-            notes.append("binarize postprocessing ignored: probabilities are compared")
-        elif step["name"] != "ensure_dtype":
-            notes.append(f"postprocessing {step['name']!r} is not applied")
-    return activation, notes
-
-
-def apply_preprocessing(steps: list[dict[str, Any]], data: np.ndarray) -> np.ndarray:
-    """Apply the declared steps to a whole array, statistics over all of it (per dataset).
-
-    Formulas follow bioimage.io, eps included, so that a package's test output is reproduced.
-    """
-    values = np.asarray(data, dtype=np.float32)
-    for step in steps:
-        name, kwargs = step["name"], step["kwargs"]
-        eps = float(kwargs.get("eps", _DEFAULT_EPS))
-        if name == "scale_range":
-            low, high = np.percentile(
-                values,
-                [float(kwargs.get("min_percentile", 0)), float(kwargs.get("max_percentile", 100))],
-            )
-            values = (values - np.float32(low)) / np.float32(high - low + eps)
-        elif name == "scale_linear":
-            gain = np.float32(_scalar(kwargs.get("gain", 1.0)) or 0.0)
-            values = values * gain + np.float32(_scalar(kwargs.get("offset", 0.0)) or 0.0)
-        elif name == "fixed_zero_mean_unit_variance" or (
-            name == "zero_mean_unit_variance" and kwargs.get("mode") == "fixed"
-        ):
-            mean, std = _scalar(kwargs.get("mean")), _scalar(kwargs.get("std"))
-            values = (values - np.float32(mean)) / np.float32(std + eps)
-        elif name == "zero_mean_unit_variance":
-            values = (values - values.mean()) / np.float32(values.std() + eps)
-        elif name == "clip":
-            values = np.clip(values, kwargs.get("min"), kwargs.get("max"))
-        elif name != "ensure_dtype":
-            raise NormcheckError(f"preprocessing {name!r} is not supported by --verify")
-        values = values.astype(np.float32)
-    return values
-
-
-def apply_postprocessing(steps: list[dict[str, Any]], data: np.ndarray) -> np.ndarray:
-    """Apply sigmoid and binarize (the steps a test output may include) to an array."""
-    values = np.asarray(data, dtype=np.float32)
-    for step in steps:
-        if step["name"] == "sigmoid":
-            values = 1.0 / (1.0 + np.exp(-values))
-        elif step["name"] == "binarize":
-            values = (values > float(step["kwargs"].get("threshold", 0.5))).astype(np.float32)
-    return values
 
 
 # --- loading ------------------------------------------------------------------------------------
