@@ -4,12 +4,14 @@ Supported sources: zarr v2/v3 arrays, zarr groups with a dataset path, OME-Zarr 
 (NGFF 0.4 and 0.5), TIFF stacks, ``.npy`` files, and NumPy / dask / zarr arrays handed in by code
 (napari layer data, a multiscale list included). Nothing here reads voxel data: every source is
 wrapped lazily, so volumes far larger than memory open instantly.
+
+Axis roles and voxel size from metadata are read by :mod:`napari_normcheck.core.volume_axes`, the
+lazy dask arrays are built by :mod:`napari_normcheck.core.lazy_array`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,20 +24,29 @@ import tifffile
 import zarr
 
 from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.lazy_array import (
+    _contiguous_chunks,  # noqa: F401 (re-exported: tests import it from volume)
+    _from_contiguous,
+    _zarr_dask_chunks,
+)
+from napari_normcheck.core.volume_axes import (
+    Role,
+    _compose_transforms,
+    _imagej_voxel_size,
+    _multiscale_metadata,
+    _ndim_error,
+    _ome_roles,
+    _resolve_roles,
+    _tiff_roles,
+)
 
 SUPPORTED_FORMATS = (
     "a zarr v2/v3 array or group folder (OME-Zarr 0.4/0.5 included), "
     "a TIFF stack (.tif/.tiff) or a NumPy .npy file"
 )
 _TIFF_SUFFIXES = (".tif", ".tiff")
-# Contiguous sources (.npy, in-memory arrays) are cut into chunks of about this many bytes.
-_CONTIGUOUS_CHUNK_BYTES = 64 * 2**20
-# Above this many native zarr chunks the dask graph gets slow to slice, so chunks are merged.
-_MAX_DASK_BLOCKS = 100_000
 # Arrays named in an error message; a plate or a deep hierarchy can hold thousands.
 _MAX_LISTED = 12
-
-Role = Literal["c", "t", "s"]  # channel, time, spatial
 
 
 @dataclass(frozen=True)
@@ -325,106 +336,6 @@ def _open_tiff(path: Path, level: int, channel_axis: Any) -> Volume:
     return dataclasses.replace(volume, scale=scale)
 
 
-def _imagej_voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float]:
-    """Voxel size ``(z, y, x)`` from ImageJ metadata: z spacing and 1 / XY resolution."""
-    metadata = tif.imagej_metadata or {}
-    tags = tif.series[0].keyframe.tags
-
-    def pixel_size(tag_name: str) -> float:
-        tag = tags.get(tag_name)
-        if tag is None:
-            return 1.0
-        numerator, denominator = tag.value
-        # ImageJ stores pixels per unit, the inverse of the pixel size.
-        return float(denominator) / float(numerator) if numerator else 1.0
-
-    return (
-        float(metadata.get("spacing", 1.0)),
-        pixel_size("YResolution"),
-        pixel_size("XResolution"),
-    )
-
-
-def _multiscale_metadata(group: zarr.Group) -> dict | None:
-    """First OME-Zarr multiscale entry of ``group`` (NGFF 0.5 under "ome", 0.4 at top level)."""
-    attrs = group.attrs.asdict()
-    ome = attrs.get("ome")
-    multiscales = ome.get("multiscales") if isinstance(ome, dict) else attrs.get("multiscales")
-    if isinstance(multiscales, list) and multiscales and isinstance(multiscales[0], dict):
-        return multiscales[0]
-    return None
-
-
-def _ome_roles(axes: list | None, ndim: int, description: str) -> list[Role]:
-    if axes is None:
-        # NGFF before 0.3 had no axes: the dimensions are the trailing ones of (t, c, z, y, x).
-        if ndim > 5:
-            raise _ndim_error((0,) * ndim, description)
-        names = list("tczyx"[5 - ndim :])
-        kinds = [None] * ndim
-    else:
-        names = [str(a.get("name", "")) if isinstance(a, dict) else str(a) for a in axes]
-        kinds = [a.get("type") if isinstance(a, dict) else None for a in axes]
-    if len(names) != ndim:
-        raise NormcheckError(
-            f"{description}: the axes metadata names {len(names)} axes ({','.join(names)}) but the "
-            f"array has {ndim} dimensions; repair the OME-Zarr metadata"
-        )
-    roles: list[Role] = []
-    for name, kind in zip(names, kinds, strict=True):
-        if kind == "channel" or (kind is None and name.lower() == "c"):
-            roles.append("c")
-        elif kind == "time" or (kind is None and name.lower() == "t"):
-            roles.append("t")
-        elif kind == "space" or (kind is None and name.lower() in ("z", "y", "x")):
-            roles.append("s")
-        else:
-            raise NormcheckError(
-                f"{description}: axis {name!r} of type {kind!r} is not supported; "
-                "normcheck reads OME-Zarr axes t, c, z, y, x"
-            )
-    return roles
-
-
-def _tiff_roles(axes: str, ndim: int, description: str) -> list[Role] | None:
-    """Roles from tifffile's series axes; None when they name no channel, so defaults apply."""
-    if len(axes) != ndim:
-        return None
-    if "T" in axes:
-        # tifffile squeezes length-1 axes, so a T axis here holds several time points.
-        raise NormcheckError(
-            f"{description} is a time series (axes {axes}); normcheck reads one time point: "
-            "save the frame you want as its own TIFF"
-        )
-    if "C" not in axes and "S" not in axes:
-        return None
-    return ["c" if letter in "CS" else "s" for letter in axes]
-
-
-def _compose_transforms(
-    transform_lists: list[list[dict]], ndim: int, description: str
-) -> tuple[list[float], list[float]]:
-    """Compose NGFF coordinate transformations, in list order, into one scale and translation."""
-    scale, translation = [1.0] * ndim, [0.0] * ndim
-    for transforms in transform_lists:
-        for transform in transforms:
-            kind = transform.get("type")
-            if kind == "identity":
-                continue
-            vector = transform.get(kind) if kind in ("scale", "translation") else None
-            if vector is None or len(vector) != ndim:
-                raise NormcheckError(
-                    f"{description}: unsupported coordinate transformation {transform}; normcheck "
-                    f"reads inline 'scale' and 'translation' with one value per axis ({ndim})"
-                )
-            if kind == "scale":
-                scale = [s * float(v) for s, v in zip(scale, vector, strict=True)]
-                translation = [t * float(v) for t, v in zip(translation, vector, strict=True)]
-            else:
-                translation = [t + float(v) for t, v in zip(translation, vector, strict=True)]
-    return scale, translation
-
-
 def _assemble(
     data: da.Array,
     roles: list[Role] | None,
@@ -467,64 +378,6 @@ def _assemble(
     )
 
 
-def _resolve_roles(
-    shape: tuple[int, ...], named: list[Role] | None, channel_axis: Any, description: str
-) -> list[Role]:
-    """Combine roles named by metadata, the ``channel_axis`` argument and the per-ndim defaults."""
-    ndim = len(shape)
-    if channel_axis is not None and channel_axis != "auto":
-        if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
-            raise NormcheckError(
-                f"channel_axis must be an int, None or 'auto', not {channel_axis!r}"
-            )
-        if not -ndim <= channel_axis < ndim:
-            raise NormcheckError(
-                f"channel axis {channel_axis} is out of range for {description} of shape {shape}; "
-                f"pass an axis between 0 and {ndim - 1}"
-            )
-        channel_axis = int(channel_axis) % ndim
-    if named is not None:
-        metadata_axis = named.index("c") if "c" in named else None
-        if isinstance(channel_axis, int) and channel_axis != metadata_axis:
-            where = (
-                "names no channel axis" if metadata_axis is None else f"has it at {metadata_axis}"
-            )
-            raise NormcheckError(
-                f"channel axis {channel_axis} contradicts the axes metadata of {description}, "
-                f"which {where}; drop --channel-axis"
-            )
-        return named
-    if ndim == 2:
-        if isinstance(channel_axis, int):
-            raise NormcheckError(
-                f"{description} is 2D (shape {shape}) and cannot have a channel axis; "
-                "drop --channel-axis"
-            )
-        return ["s", "s"]
-    if ndim == 3:
-        roles: list[Role] = ["s", "s", "s"]
-        if isinstance(channel_axis, int):
-            roles[channel_axis] = "c"
-        return roles
-    if ndim == 4:
-        if channel_axis is None:
-            raise NormcheckError(
-                f"{description} is 4D (shape {shape}) and needs a channel axis; "
-                "pass --channel-axis N"
-            )
-        roles = ["s", "s", "s", "s"]
-        roles[0 if channel_axis == "auto" else channel_axis] = "c"
-        return roles
-    raise _ndim_error(shape, description)
-
-
-def _ndim_error(shape: tuple[int, ...], description: str) -> NormcheckError:
-    return NormcheckError(
-        f"{description} has shape {shape} ({len(shape)}D); supported: 2D (Y,X), 3D (Z,Y,X) or "
-        "(C,Y,X) with --channel-axis, 4D with a channel axis, and 5D OME-Zarr (t,c,z,y,x) with t=1"
-    )
-
-
 def _check_level(level: int, n_levels: int, description: str) -> None:
     if not 0 <= level < n_levels:
         if n_levels == 1:
@@ -554,82 +407,3 @@ def _is_multiscale_list(source: Any) -> bool:
         and len(source) > 0
         and all(hasattr(level, "shape") for level in source)
     )
-
-
-def _zarr_dask_chunks(array: zarr.Array) -> tuple[int, ...]:
-    """Dask chunks matching the stored chunks (whole shards when sharded), merged if too many."""
-    native = tuple(getattr(array, "shards", None) or array.chunks)
-    n_blocks = math.prod(math.ceil(n / c) for n, c in zip(array.shape, native, strict=True))
-    if n_blocks <= _MAX_DASK_BLOCKS:
-        return native
-    # Merged chunks stay multiples of the stored ones so that no stored chunk is read twice.
-    merged = da.core.normalize_chunks(
-        "auto", array.shape, dtype=array.dtype, previous_chunks=native
-    )
-    return tuple(axis_chunks[0] for axis_chunks in merged)
-
-
-class _NoCopySlicer:
-    """Slicing-only view of an array, so that ``da.from_array`` reads it chunk by chunk.
-
-    dask >= 2024.12 copies any array-like with a ``copy`` method inside ``from_array``
-    (dask/dask#11524), which reads a whole memory-mapped ``.npy`` into memory (dask/dask#11850).
-    This wrapper has no ``copy``; each chunk is sliced from the original when it is computed.
-    """
-
-    def __init__(self, array: Any) -> None:
-        self._array = array
-        self.shape = tuple(int(n) for n in array.shape)
-        self.dtype = np.dtype(array.dtype)
-        self.ndim = len(self.shape)
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        return np.asarray(self._array[key])
-
-
-def _from_contiguous(array: Any) -> da.Array:
-    """Wrap a C- or Fortran-ordered array (memmap, ndarray) in chunks that are contiguous runs."""
-    shape = tuple(int(n) for n in array.shape)
-    flags = getattr(array, "flags", None)
-    fortran = bool(flags is not None and flags.f_contiguous and not flags.c_contiguous)
-    itemsize = np.dtype(array.dtype).itemsize
-    chunks = _contiguous_chunks(shape[::-1] if fortran else shape, itemsize)
-    meta = np.empty((0,) * len(shape), dtype=array.dtype)
-    # name=False: no hashing of the whole array for a deterministic key.
-    return da.from_array(
-        _NoCopySlicer(array),
-        chunks=chunks[::-1] if fortran else chunks,
-        name=False,
-        meta=meta,
-    )
-
-
-def _contiguous_chunks(
-    shape: Sequence[int], itemsize: int, target_bytes: int = _CONTIGUOUS_CHUNK_BYTES
-) -> tuple[int, ...]:
-    """Chunks for a C-ordered array: whole trailing axes, cut along the leading ones.
-
-    Parameters
-    ----------
-    shape : sequence of int
-        Array shape.
-    itemsize : int
-        Bytes per element.
-    target_bytes : int
-        Approximate chunk size in bytes; a single trailing row may exceed it.
-
-    Returns
-    -------
-    tuple of int
-        One chunk length per axis, so every chunk is one contiguous run of bytes on disk.
-    """
-    chunks = [1] * len(shape)
-    inner_bytes = itemsize
-    for axis in reversed(range(len(shape))):
-        if inner_bytes * shape[axis] <= target_bytes or axis == len(shape) - 1:
-            chunks[axis] = max(1, shape[axis])
-            inner_bytes *= max(1, shape[axis])
-        else:
-            chunks[axis] = max(1, min(shape[axis], target_bytes // inner_bytes))
-            break
-    return tuple(chunks)
