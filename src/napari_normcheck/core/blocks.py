@@ -169,6 +169,19 @@ def tile_origin(tile: Tile) -> tuple[int, int, int]:
     return tile.write_start
 
 
+def tile_owners(plan: TilePlan, block_chunks: tuple[int, int, int]) -> np.ndarray:
+    """Index of the block owning each tile (the block holding its origin), as :func:`plan_blocks` numbers them."""
+    roi_start = np.asarray(plan.roi_start)
+    if plan.blend == "crop":
+        origins = plan.window_starts + np.asarray(plan.halo)
+    else:
+        origins = np.maximum(plan.window_starts, roi_start)
+    chunks = (origins - roi_start) // np.asarray(plan.chunk_shape)
+    positions = chunks // np.asarray(block_chunks)
+    grid = tuple(-(-g // b) for g, b in zip(plan.chunk_grid, block_chunks))
+    return np.ravel_multi_index(tuple(positions.T), grid)
+
+
 def chunk_completion_order(plan: TilePlan) -> list[ChunkIndex]:
     """Chunks in the order a single-process run finishes them (its last contributing tile added).
 

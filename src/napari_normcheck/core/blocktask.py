@@ -1,0 +1,280 @@
+"""The worker side of a distributed run: the model loaded once per worker, and one task per block.
+
+A :class:`RunPlugin` (a dask.distributed ``WorkerPlugin``) carries a :class:`BlockContext` to every
+worker, including workers that join or restart later; its ``setup`` loads the model from its
+:class:`ModelSpec` (a file the worker can read, never a pickled user module unless asked for
+explicitly) and opens the volume and OUT.zarr once. :func:`run_block_task` then runs one block with the
+shared :class:`~napari_normcheck.core.tileloop.TileLoop`, writes the block's chunks, records the block
+in the manifest and returns its metric sums.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+from torch import nn
+
+from napari_normcheck.core.blocks import Block, block_tiles, chunk_key
+from napari_normcheck.core.config import RunConfig
+from napari_normcheck.core.engine import Timing
+from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.features import FeatureRecorder
+from napari_normcheck.core.forward import resolve_device
+from napari_normcheck.core.intensity import IntensityTransform
+from napari_normcheck.core.manifest import write_block_record
+from napari_normcheck.core.runsteps import make_recorder, output_arrays
+from napari_normcheck.core.stitch import importance_map
+from napari_normcheck.core.store import OutputStore
+from napari_normcheck.core.tileloop import TileLoop
+from napari_normcheck.core.tiling import TilePlan
+from napari_normcheck.core.volume import Volume, open_volume
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a worker gets the model: the file and loader options the user gave, checked by hash.
+
+    Attributes
+    ----------
+    path : str or None
+        The model file or bioimage.io package (readable by every worker).
+    arch, arch_kwargs : str or None, dict or None
+        Architecture of a state_dict (see :func:`~napari_normcheck.core.models.load_model`).
+    trust_pickle : bool
+        The user allowed pickled objects in this file.
+    spatial_dims : int or None
+        Override of the probed spatial dims.
+    sha256 : str or None
+        The file's hash as loaded by the client; a worker reading a different file refuses to run.
+    module_bytes : bytes or None
+        A model held only in memory, serialized with cloudpickle by :meth:`from_module`; used only
+        when the caller asks for it explicitly.
+    """
+
+    path: str | None = None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] | None = None
+    trust_pickle: bool = False
+    spatial_dims: int | None = None
+    sha256: str | None = None
+    module_bytes: bytes | None = None
+
+    @classmethod
+    def from_loaded(cls, loaded: Any, *, trust_pickle: bool = False) -> ModelSpec:
+        """The spec of a :class:`~napari_normcheck.core.models.LoadedModel` (what the CLI loaded).
+
+        A pickled model was already trusted by the user to be loaded, so workers may load it too.
+        """
+        return cls(
+            path=str(loaded.path),
+            arch=loaded.arch,
+            arch_kwargs=loaded.arch_kwargs,
+            trust_pickle=trust_pickle or loaded.format == "pickle",
+            spatial_dims=loaded.info.spatial_dims,
+            sha256=loaded.sha256,
+        )
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> ModelSpec:
+        """Ship an in-memory model with cloudpickle (workers need the same packages installed)."""
+        import cloudpickle
+
+        return cls(module_bytes=cloudpickle.dumps(module))
+
+    def load(self) -> nn.Module:
+        """Load the model on this worker, on the CPU and in eval mode."""
+        if self.module_bytes is not None:
+            import cloudpickle
+
+            return cloudpickle.loads(self.module_bytes).eval()
+        if self.path is None:
+            raise NormcheckError("the model spec names no file and holds no model")
+        from napari_normcheck.core.models import load_model
+
+        loaded = load_model(
+            self.path,
+            arch=self.arch,
+            arch_kwargs=self.arch_kwargs,
+            trust_pickle=self.trust_pickle,
+            spatial_dims=self.spatial_dims,
+        )
+        if self.sha256 is not None and loaded.sha256 != self.sha256:
+            raise NormcheckError(
+                f"the model file {self.path} on a worker differs from the client's (sha256 "
+                f"{loaded.sha256[:12]} vs {self.sha256[:12]}); give workers the same file"
+            )
+        return loaded.module
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """Everything the blocks of one run share; sent once per worker with the plugin.
+
+    Attributes
+    ----------
+    key : str
+        Unique name of this run (plugin name and worker cache key).
+    model : ModelSpec
+        How to load the model.
+    volume : Volume or None
+        The input itself (in-memory data), or ``None`` when ``volume_source`` reopens it.
+    volume_source : dict or None
+        Keyword arguments of :func:`~napari_normcheck.core.volume.open_volume` (``source`` first).
+    config : RunConfig
+        The run's settings.
+    plan : TilePlan
+        The global tile plan.
+    transform : IntensityTransform
+        Input normalization, estimated once by the client.
+    spatial_dims : int
+        2 or 3.
+    n_out : int
+        Output channels.
+    store_path : str
+        The OUT.zarr folder being written (shared by all workers).
+    config_hash : str
+        Tag of the block records.
+    """
+
+    key: str
+    model: ModelSpec
+    volume: Volume | None
+    volume_source: dict[str, Any] | None
+    config: RunConfig
+    plan: TilePlan
+    transform: IntensityTransform
+    spatial_dims: int
+    n_out: int
+    store_path: str
+    config_hash: str
+
+
+# Runs set up in this worker process, by run key (a process may serve several runs in turn).
+_RUNS: dict[str, WorkerRun] = {}
+
+
+class RunPlugin(WorkerPlugin):
+    """Loads the model and opens the data of one run on every worker, once."""
+
+    def __init__(self, context: BlockContext) -> None:
+        self.context = context
+        self.name = f"napari-normcheck-{context.key}"
+
+    def setup(self, worker: Any) -> None:
+        """Load the model (once per worker process) and open the volume and outputs."""
+        _RUNS[self.context.key] = WorkerRun(self.context)
+
+    def teardown(self, worker: Any) -> None:
+        """Forget the run (blocks still running keep their own reference)."""
+        _RUNS.pop(self.context.key, None)
+
+
+class WorkerRun:
+    """One run on one worker process: its model copies, data and outputs."""
+
+    def __init__(self, context: BlockContext) -> None:
+        self.context = context
+        self.device = resolve_device(context.config.device)
+        model = context.model.load()
+        self._base = model if self.device.type == "cpu" else model.to(self.device)
+        self._models: dict[int, tuple[nn.Module, FeatureRecorder | None]] = {}
+        self._lock = threading.Lock()
+        self.volume = context.volume or open_volume(**(context.volume_source or {}))
+        store_path = Path(context.store_path)
+        self.arrays = output_arrays(OutputStore(store_path, store_path))
+        self.weights = importance_map(
+            context.plan.window_shape, context.plan.blend, context.spatial_dims
+        )
+        config = context.config
+        self.eval_batch = config.eval_batch or (4 if self.device.type == "cuda" else 1)
+
+    def model_for_thread(self) -> tuple[nn.Module, FeatureRecorder | None]:
+        """A model per worker thread: normalization modes switch module state during forwards."""
+        ident = threading.get_ident()
+        with self._lock:
+            if ident not in self._models:
+                model = self._base if not self._models else copy.deepcopy(self._base)
+                self._models[ident] = (model, make_recorder(model, self.context.config))
+            return self._models[ident]
+
+    def run_block(self, block: Block, worker: str = "") -> dict[str, Any]:
+        """Run every tile touching ``block``, write its chunks, record it; return its sums."""
+        t_start = time.perf_counter()
+        context, plan = self.context, self.context.plan
+        model, recorder = self.model_for_thread()
+        timing = Timing()
+        tiles = block_tiles(plan, block, context.config.train_batch)
+        loop = TileLoop(
+            self.volume,
+            model,
+            context.config,
+            plan,
+            self.arrays,
+            context.n_out,
+            self.weights,
+            context.transform,
+            context.spatial_dims,
+            self.device,
+            self.eval_batch,
+            timing,
+            recorder,
+            Path(context.store_path) / ".scratch" / f"block_{block.index}",
+            block=block,
+            tiles=tiles,
+        )
+        try:
+            with contextlib.closing(loop.run([plan.get_tile(i) for i in tiles])) as results:
+                for _ in results:
+                    pass
+            loop.flush()  # the block is recorded only once its chunks are on disk
+        finally:
+            loop.close()
+        if not loop.accumulator.complete:
+            raise RuntimeError(f"block {block.index} left chunks unfinished (a planning bug)")
+        timing.total = time.perf_counter() - t_start
+        record = {
+            "config_hash": context.config_hash,
+            "block": block.index,
+            "chunk_sums": {
+                chunk_key(c): {k: v.tolist() for k, v in sums.items()}
+                for c, sums in loop.chunk_sums.items()
+            },
+            "pair_sums": loop.owned_pair_sums(),
+            "records": {str(k): v for k, v in loop.records.items()},
+            "timing": timing.to_dict(),
+            "spilled_chunks": loop.accumulator.spill_count,
+            "tiles_run": len(tiles),
+            "worker": worker,
+        }
+        write_block_record(context.store_path, record)
+        return record
+
+
+def run_block_task(block: Block, run_key: str) -> dict[str, Any]:
+    """The task of one block, run on a worker that has the run's plugin.
+
+    Parameters
+    ----------
+    block : Block
+        The block to run.
+    run_key : str
+        :attr:`BlockContext.key` of the run.
+
+    Returns
+    -------
+    dict
+        The block's record (also written to the manifest folder).
+    """
+    from distributed import get_worker
+
+    run = _RUNS.get(run_key)
+    if run is None:
+        raise RuntimeError(f"napari-normcheck run {run_key} is not set up on this worker")
+    return run.run_block(block, worker=get_worker().address)
