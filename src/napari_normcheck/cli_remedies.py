@@ -1,0 +1,386 @@
+"""Command-line pieces for the remedies: ``napari-normcheck recalibrate`` and ``run --remedies``.
+
+Wired into :mod:`napari_normcheck.cli` by three calls (see the module's README section):
+``add_recalibrate_parser(sub)`` in ``build_parser``, ``add_remedies_arguments(run)`` on the ``run``
+parser, and, in ``run``, :func:`check_remedies_arguments` before the check and
+:func:`run_remedies_after` after it (its dictionary goes into the report under ``remedies``).
+Errors are :class:`~napari_normcheck.core.errors.NormcheckError`; ``cli.main`` prints them and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from napari_normcheck.core.errors import NormcheckError
+
+
+def add_recalibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``recalibrate VOLUME --model ... --out-model FILE`` to the ``subparsers`` of the CLI.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        What ``parser.add_subparsers()`` returned.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The new subcommand's parser (its handler is :func:`recalibrate_command`).
+    """
+    from napari_normcheck.cli import _add_model_arguments
+
+    parser = subparsers.add_parser(
+        "recalibrate",
+        help="re-estimate the running statistics of a copy of the model on a volume and export it",
+        description="Precise BatchNorm / AdaBN: reset the running statistics of every layer that "
+        "keeps them and re-estimate them as exact averages over tiles sampled across the volume, "
+        "with only the normalization layers in train mode. The input model file is never changed.",
+    )
+    parser.add_argument("volume", help="zarr / OME-Zarr / TIFF / .npy volume")
+    _add_model_arguments(parser)
+    parser.add_argument(
+        "--out-model",
+        required=True,
+        help="state_dict file to write (never overwritten); FILE.json gets the provenance, and a "
+        "TorchScript input also gives FILE-stem.scripted.pt",
+    )
+    parser.add_argument("--dataset", help="array path inside a zarr group")
+    parser.add_argument("--level", type=int, default=0, help="OME-Zarr multiscale level")
+    parser.add_argument("--channel-axis", type=int, default=None, help="channel axis of the input")
+    parser.add_argument("--roi", help="sample tiles only in z0:z1,y0:y1,x0:x1")
+    parser.add_argument("--tile", help="training tile Z,Y,X (Y,X for a 2D model)")
+    parser.add_argument("--batch-size", type=int, default=1, help="tiles per batch, as in training")
+    parser.add_argument("--tiles", type=int, default=32, help="tiles to estimate from")
+    parser.add_argument("--holdout", type=int, default=4, help="extra tiles to measure the effect")
+    parser.add_argument(
+        "--variance",
+        choices=("mean", "pooled"),
+        default="mean",
+        help="mean of per-batch variances (as training accumulates) or pooled over all voxels",
+    )
+    _add_mask_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the tile positions")
+    parser.add_argument(
+        "--normalize",
+        default=None,
+        help="input normalization as in run (none | minmax:LO,HI | percentile:P_LO,P_HI | ...)",
+    )
+    parser.add_argument("--activation", choices=("none", "sigmoid", "softmax"), default=None)
+    parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.set_defaults(handler=recalibrate_command)
+    return parser
+
+
+def _add_mask_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    parser.add_argument(
+        f"--{prefix}mask-below",
+        type=float,
+        default=None,
+        metavar="V",
+        help="raw intensities below V are not content (dark background)",
+    )
+    parser.add_argument(
+        f"--{prefix}mask-above",
+        type=float,
+        default=None,
+        metavar="V",
+        help="raw intensities above V are not content (bright empty resin)",
+    )
+    parser.add_argument(
+        f"--{prefix}min-content",
+        type=float,
+        default=0.5,
+        help="skip tiles with a smaller fraction of content voxels (padding never counts)",
+    )
+
+
+def add_remedies_arguments(run_parser: argparse.ArgumentParser) -> None:
+    """Add ``--remedies``, ``--labels``, ``--label-map`` and their options to the ``run`` parser."""
+    group = run_parser.add_argument_group("remedies and ground truth")
+    group.add_argument(
+        "--remedies",
+        action="store_true",
+        help="also predict with recalibrated running statistics and with per-tile batch "
+        "statistics, write them to OUT and compare them",
+    )
+    group.add_argument("--labels", help="ground-truth labels on the input's voxel grid")
+    group.add_argument("--labels-dataset", help="array path inside a zarr group of labels")
+    group.add_argument(
+        "--label-map",
+        help='label value(s) -> output channel as JSON, e.g. \'{"255": 0}\' or \'{"1,2": 1}\'',
+    )
+    group.add_argument(
+        "--ignore-label",
+        type=int,
+        action="append",
+        default=[],
+        metavar="V",
+        help="label value outside the labelled region (repeatable)",
+    )
+    group.add_argument(
+        "--recalibration-tiles", type=int, default=32, help="tiles to recalibrate from"
+    )
+    group.add_argument("--recalibration-holdout", type=int, default=4, help="held-out tiles")
+    group.add_argument(
+        "--recalibration-variance", choices=("mean", "pooled"), default="mean"
+    )
+    group.add_argument(
+        "--recalibrated-model",
+        metavar="FILE",
+        help="also export the recalibrated model as a state_dict (never overwritten)",
+    )
+    # In run the masks only choose recalibration tiles; the prefix keeps run's options apart.
+    _add_mask_arguments(run_parser, prefix="recalibration-")
+
+
+def check_remedies_arguments(args: argparse.Namespace) -> None:
+    """Fail before the (long) check when the remedy options cannot work.
+
+    Raises
+    ------
+    NormcheckError
+        For a label map that does not parse, labels without a map or a missing labels file, or an
+        export target that exists.
+    """
+    from napari_normcheck.core.labels import parse_label_map
+
+    labels = getattr(args, "labels", None)
+    if getattr(args, "label_map", None) is not None and labels is None:
+        raise NormcheckError("--label-map needs --labels (the ground-truth label volume)")
+    if labels is not None:
+        if args.label_map is None:
+            raise NormcheckError(
+                'labels need a mapping from label values to output channels: add --label-map \'{"1": 0}\''
+            )
+        parse_label_map(args.label_map)
+        if not Path(labels).exists():
+            raise NormcheckError(f"labels {labels} not found; check the path")
+    target = getattr(args, "recalibrated_model", None)
+    if target is not None:
+        if not args.remedies:
+            raise NormcheckError("--recalibrated-model needs --remedies")
+        _check_export_free(target, scripted=False)
+
+
+def _check_export_free(path: str, scripted: bool) -> None:
+    from napari_normcheck.core.recalibrate import export_paths
+
+    for target in export_paths(path, scripted).values():
+        if target.exists():
+            raise NormcheckError(
+                f"{target} already exists and is never overwritten; choose another file"
+            )
+
+
+def run_remedies_after(
+    args: argparse.Namespace, out_path: str | Path, loaded: Any, volume: Any
+) -> dict[str, Any]:
+    """Run the remedies on the finished ``out_path`` when ``--remedies`` or ``--labels`` were given.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The ``run`` arguments (with those of :func:`add_remedies_arguments`).
+    out_path : path-like
+        The complete OUT.zarr the check just wrote.
+    loaded : LoadedModel
+        The model of the check (``loaded.module`` is used; never modified).
+    volume : Volume
+        The volume of the check.
+
+    Returns
+    -------
+    dict
+        The ``remedies`` dictionary (also stored in OUT's attributes); empty when neither option
+        was given.
+    """
+    from tqdm import tqdm
+
+    from napari_normcheck.core.labels import open_labels
+    from napari_normcheck.core.recalibrate import RecalibrationProgress, export_recalibrated
+    from napari_normcheck.core.remedy_run import (
+        REMEDIES,
+        RemediesFinished,
+        RemediesStarted,
+        RemedyTileDone,
+        run_remedies,
+    )
+
+    if not args.remedies and not args.labels:
+        return {}
+    check_remedies_arguments(args)
+    labels = (
+        open_labels(args.labels, dataset=args.labels_dataset) if args.labels is not None else None
+    )
+    events = run_remedies(
+        out_path,
+        volume,
+        loaded.module,
+        remedies=REMEDIES if args.remedies else (),
+        labels=labels,
+        label_map=args.label_map,
+        ignore_labels=tuple(args.ignore_label),
+        recalibration={
+            "n_tiles": args.recalibration_tiles,
+            "holdout": args.recalibration_holdout,
+            "variance": args.recalibration_variance,
+            "mask_below": args.recalibration_mask_below,
+            "mask_above": args.recalibration_mask_above,
+            "min_content": args.recalibration_min_content,
+        },
+    )
+    bar = None
+    result: dict[str, Any] = {}
+    finished = None
+    for event in events:
+        if isinstance(event, RecalibrationProgress) and event.stage == "calibration":
+            if bar is None:
+                bar = tqdm(total=event.n_total, unit="batch", file=sys.stderr, desc="recalibrate")
+            bar.update(1)
+        elif isinstance(event, RemediesStarted):
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=event.n_tiles, unit="tile", file=sys.stderr, desc="remedies")
+        elif isinstance(event, RemedyTileDone) and bar is not None:
+            bar.update(1)
+        elif isinstance(event, RemediesFinished):
+            finished = event
+            result = event.remedies
+    if bar is not None:
+        bar.close()
+    print(format_remedies(result))
+    if args.recalibrated_model and finished is not None and finished.recalibration is not None:
+        paths = export_recalibrated(
+            finished.recalibration, args.recalibrated_model, input_path=loaded.path
+        )
+        print("recalibrated model: " + ", ".join(str(p) for p in paths.values()))
+    return result
+
+
+def format_remedies(result: dict[str, Any]) -> str:
+    """The comparison table (hard values per channel) and the notes, as printed text."""
+    from napari_normcheck.core.remedy_run import ROW_TITLES, ROWS
+
+    def fmt(values: Any) -> str:
+        return " ".join(f"{v:.3f}" for v in values) if values else "-"
+
+    lines = [f"{'':<18} {'disparity vs train':<20} {'tile mismatch':<20} Dice vs labels"]
+    for row in ROWS:
+        entry = result.get(row)
+        if entry is None:
+            continue
+        dice = (entry.get("dice_vs_labels") or {}).get("hard")
+        lines.append(
+            f"{ROW_TITLES[row]:<18} {fmt(entry['disparity_vs_train']['hard']):<20} "
+            f"{fmt(entry['mismatch']['hard']):<20} {fmt(dice)}"
+        )
+    holdout = (result.get("recalibration") or {}).get("holdout")
+    if holdout:
+        lines.append(
+            f"held-out tiles ({holdout['n_tiles']}): disparity before {fmt(holdout['before']['hard'])}"
+            f", after recalibration {fmt(holdout['after']['hard'])}"
+        )
+    lines.extend(f"note: {note}" for note in result.get("notes", []))
+    return "\n".join(lines)
+
+
+def recalibrate_command(args: argparse.Namespace) -> int:
+    """``napari-normcheck recalibrate``: recalibrate a copy of the model and export it."""
+    from tqdm import tqdm
+
+    from napari_normcheck.cli import _load, _package_default
+    from napari_normcheck.core.config import parse_int_triple
+    from napari_normcheck.core.engine import check_tile, default_tile
+    from napari_normcheck.core.intensity import resolve_intensity
+    from napari_normcheck.core.recalibrate import (
+        RecalibrationConfig,
+        RecalibrationDone,
+        RecalibrationProgress,
+        export_recalibrated,
+        iter_recalibrate,
+    )
+    from napari_normcheck.core.tiling import parse_roi
+    from napari_normcheck.core.volume import open_volume
+
+    volume = open_volume(
+        args.volume,
+        dataset=args.dataset,
+        level=args.level,
+        channel_axis=args.channel_axis if args.channel_axis is not None else "auto",
+    )
+    loaded = _load(args)
+    if not loaded.switchable:
+        raise NormcheckError(loaded.not_switchable_reason or "the model's normalization is fixed")
+    from torch.jit import ScriptModule
+
+    _check_export_free(args.out_model, isinstance(loaded.module, ScriptModule))
+    info = loaded.info
+    if volume.n_channels != info.in_channels:
+        raise NormcheckError(
+            f"the volume has {volume.n_channels} channel(s) but the model expects "
+            f"{info.in_channels}; pick the matching image or pass --channel-axis"
+        )
+    tile = (
+        parse_int_triple(args.tile, "tile")
+        if args.tile
+        else default_tile(volume.spatial_shape, info.spatial_dims, info.divisor or 16)
+    )
+    check_tile(tile, info.spatial_dims, info.divisor)
+    roi = parse_roi(args.roi) if args.roi else None
+    if roi is not None and len(roi) == 2:
+        roi = ((0, volume.spatial_shape[0]), *roi)
+    normalize = args.normalize or _package_default(loaded, "normalize") or "none"
+    config = RecalibrationConfig(
+        tile=tile,
+        batch_size=args.batch_size,
+        n_tiles=args.tiles,
+        holdout=args.holdout,
+        variance=args.variance,
+        seed=args.seed,
+        roi=roi,
+        mask_below=args.mask_below,
+        mask_above=args.mask_above,
+        min_content=args.min_content,
+        activation=args.activation or _package_default(loaded, "activation") or "none",
+        threshold=args.threshold,
+        device=args.device,
+    )
+    transform = resolve_intensity(normalize, volume.data)
+    result = None
+    with tqdm(unit="batch", file=sys.stderr, desc="recalibrate") as bar:
+        for event in iter_recalibrate(
+            loaded.module,
+            volume,
+            config,
+            transform=transform,
+            spatial_dims=info.spatial_dims,
+            source_model={"path": str(loaded.path), "sha256": loaded.sha256, "format": loaded.format},
+        ):
+            if isinstance(event, RecalibrationProgress):
+                bar.total = event.n_total
+                bar.update(1)
+            elif isinstance(event, RecalibrationDone):
+                result = event.result
+    assert result is not None
+    paths = export_recalibrated(result, args.out_model, input_path=loaded.path)
+    provenance = result.provenance
+    print(
+        f"recalibrated {len(provenance['layers'])} layer(s) from {provenance['n_batches']} "
+        f"batch(es) of {config.batch_size} tile(s) {tuple(tile)} ({config.variance} variance; "
+        f"{provenance['tiles_rejected_by_mask']} tile(s) skipped by the mask)"
+    )
+    if result.holdout:
+        before = " ".join(f"{v:.3f}" for v in result.holdout["before"]["hard"])
+        after = " ".join(f"{v:.3f}" for v in result.holdout["after"]["hard"])
+        print(
+            f"held-out tiles ({result.holdout['n_tiles']}): disparity vs train mode per channel "
+            f"{before} before, {after} after"
+        )
+    for note in provenance.get("notes", []):
+        print(f"note: {note}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
