@@ -24,7 +24,12 @@ from napari_normcheck.data import SAMPLE_MODELS, make_synthetic_em
 
 SAMPLE = SAMPLE_MODELS["batchnorm"]
 MODEL_ARGS = [
-    "--model", str(SAMPLE.path), "--arch", SAMPLE.arch, "--arch-kwargs", json.dumps(SAMPLE.arch_kwargs)
+    "--model",
+    str(SAMPLE.path),
+    "--arch",
+    SAMPLE.arch,
+    "--arch-kwargs",
+    json.dumps(SAMPLE.arch_kwargs),
 ]
 
 
@@ -47,9 +52,27 @@ def test_recalibrate_command_exports_without_touching_the_input(sample_files, ca
     input_bytes = SAMPLE.path.read_bytes()
     out_model = sample_files / "recal.pt"
     args = recalibrate_parser().parse_args(
-        ["recalibrate", str(sample_files / "raw.npy"), *MODEL_ARGS, "--out-model", str(out_model),
-         "--tile", "48,64,64", "--tiles", "3", "--holdout", "1", "--normalize", "minmax:0,255",
-         "--activation", "sigmoid", "--variance", "pooled", "--mask-above", "250"]
+        [
+            "recalibrate",
+            str(sample_files / "raw.npy"),
+            *MODEL_ARGS,
+            "--out-model",
+            str(out_model),
+            "--tile",
+            "48,64,64",
+            "--tiles",
+            "3",
+            "--holdout",
+            "1",
+            "--normalize",
+            "minmax:0,255",
+            "--activation",
+            "sigmoid",
+            "--variance",
+            "pooled",
+            "--mask-above",
+            "250",
+        ]
     )
     assert args.handler(args) == 0
     printed = capsys.readouterr().out
@@ -61,8 +84,10 @@ def test_recalibrate_command_exports_without_touching_the_input(sample_files, ca
     model = SAMPLE.build()
     model.load_state_dict(torch.load(out_model, weights_only=True))
     original = SAMPLE.load()
-    assert not torch.equal(model.state_dict()["conv_0.conv_0.adn.N.running_mean"],
-                           original.state_dict()["conv_0.conv_0.adn.N.running_mean"])
+    assert not torch.equal(
+        model.state_dict()["conv_0.conv_0.adn.N.running_mean"],
+        original.state_dict()["conv_0.conv_0.adn.N.running_mean"],
+    )
     # Never overwrite: neither the export nor the input model.
     for target in (out_model, SAMPLE.path):
         again = recalibrate_parser().parse_args(
@@ -76,14 +101,40 @@ def test_recalibrate_command_exports_without_touching_the_input(sample_files, ca
 
 def test_run_then_remedies_with_labels(sample_files, capsys):
     out = sample_files / "out.zarr"
-    assert main(["run", str(sample_files / "raw.npy"), *MODEL_ARGS, "--out", str(out),
-                 "--tile", "48,64,64", "--normalize", "minmax:0,255", "--activation", "sigmoid"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(sample_files / "raw.npy"),
+                *MODEL_ARGS,
+                "--out",
+                str(out),
+                "--tile",
+                "48,64,64",
+                "--normalize",
+                "minmax:0,255",
+                "--activation",
+                "sigmoid",
+            ]
+        )
+        == 0
+    )
     parser = argparse.ArgumentParser()
     add_remedies_arguments(parser)
     args = parser.parse_args(
-        ["--remedies", "--labels", str(sample_files / "labels.npy"), "--label-map", '{"1": 0, "2": 1}',
-         "--recalibration-tiles", "3", "--recalibration-holdout", "1",
-         "--recalibrated-model", str(sample_files / "from_run.pt")]
+        [
+            "--remedies",
+            "--labels",
+            str(sample_files / "labels.npy"),
+            "--label-map",
+            '{"1": 0, "2": 1}',
+            "--recalibration-tiles",
+            "3",
+            "--recalibration-holdout",
+            "1",
+            "--recalibrated-model",
+            str(sample_files / "from_run.pt"),
+        ]
     )
     check_remedies_arguments(args)
     loaded = load_model(SAMPLE.path, arch=SAMPLE.arch, arch_kwargs=SAMPLE.arch_kwargs)

@@ -111,7 +111,7 @@ def add_remedies_arguments(run_parser: argparse.ArgumentParser) -> None:
     group.add_argument("--labels-dataset", help="array path inside a zarr group of labels")
     group.add_argument(
         "--label-map",
-        help='label value(s) -> output channel as JSON, e.g. \'{"255": 0}\' or \'{"1,2": 1}\'',
+        help="label value(s) -> output channel as JSON, e.g. '{\"255\": 0}' or '{\"1,2\": 1}'",
     )
     group.add_argument(
         "--ignore-label",
@@ -125,9 +125,7 @@ def add_remedies_arguments(run_parser: argparse.ArgumentParser) -> None:
         "--recalibration-tiles", type=int, default=32, help="tiles to recalibrate from"
     )
     group.add_argument("--recalibration-holdout", type=int, default=4, help="held-out tiles")
-    group.add_argument(
-        "--recalibration-variance", choices=("mean", "pooled"), default="mean"
-    )
+    group.add_argument("--recalibration-variance", choices=("mean", "pooled"), default="mean")
     group.add_argument(
         "--recalibrated-model",
         metavar="FILE",
@@ -154,7 +152,7 @@ def check_remedies_arguments(args: argparse.Namespace) -> None:
     if labels is not None:
         if args.label_map is None:
             raise NormcheckError(
-                'labels need a mapping from label values to output channels: add --label-map \'{"1": 0}\''
+                "labels need a mapping from label values to output channels: add --label-map '{\"1\": 0}'"
             )
         parse_label_map(args.label_map)
         if not Path(labels).exists():
@@ -167,7 +165,7 @@ def check_remedies_arguments(args: argparse.Namespace) -> None:
 
 
 def _check_export_free(path: str, scripted: bool) -> None:
-    from napari_normcheck.core.recalibrate import export_paths
+    from napari_normcheck.core.recalibrate_export import export_paths
 
     for target in export_paths(path, scripted).values():
         if target.exists():
@@ -201,7 +199,8 @@ def run_remedies_after(
     from tqdm import tqdm
 
     from napari_normcheck.core.labels import open_labels
-    from napari_normcheck.core.recalibrate import RecalibrationProgress, export_recalibrated
+    from napari_normcheck.core.recalibrate import RecalibrationProgress
+    from napari_normcheck.core.recalibrate_export import export_recalibrated
     from napari_normcheck.core.remedy_run import (
         REMEDIES,
         RemediesFinished,
@@ -300,9 +299,9 @@ def recalibrate_command(args: argparse.Namespace) -> int:
         RecalibrationConfig,
         RecalibrationDone,
         RecalibrationProgress,
-        export_recalibrated,
         iter_recalibrate,
     )
+    from napari_normcheck.core.recalibrate_export import export_recalibrated
     from napari_normcheck.core.tiling import parse_roi
     from napari_normcheck.core.volume import open_volume
 
@@ -358,7 +357,11 @@ def recalibrate_command(args: argparse.Namespace) -> int:
             config,
             transform=transform,
             spatial_dims=info.spatial_dims,
-            source_model={"path": str(loaded.path), "sha256": loaded.sha256, "format": loaded.format},
+            source_model={
+                "path": str(loaded.path),
+                "sha256": loaded.sha256,
+                "format": loaded.format,
+            },
         ):
             if isinstance(event, RecalibrationProgress):
                 bar.total = event.n_total

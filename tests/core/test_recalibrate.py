@@ -13,11 +13,8 @@ from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.forward import forward_batch
 from napari_normcheck.core.intensity import resolve_intensity
 from napari_normcheck.core.modes import normalization_mode, running_stats_layers
-from napari_normcheck.core.recalibrate import (
-    RecalibrationConfig,
-    export_recalibrated,
-    recalibrate,
-)
+from napari_normcheck.core.recalibrate import RecalibrationConfig, recalibrate
+from napari_normcheck.core.recalibrate_export import export_recalibrated
 from napari_normcheck.core.tile_sampling import ContentMask, read_tiles, window_plan
 from napari_normcheck.core.volume import open_volume
 from tests.conftest import calibrate, synthetic_volume, tiny_unet
@@ -99,7 +96,9 @@ def test_running_statistics_equal_numpy_over_the_same_tiles(variance, batch_size
         assert int(layer.num_batches_tracked) == len(batches)
     # The original statistics really changed (the check measures something).
     first = running_stats_layers(model)[0][0]
-    assert not torch.allclose(recalibrated[first].running_mean, dict(model.named_modules())[first].running_mean)
+    assert not torch.allclose(
+        recalibrated[first].running_mean, dict(model.named_modules())[first].running_mean
+    )
 
 
 def test_mean_estimate_equals_pytorch_cumulative_average():
@@ -153,7 +152,9 @@ def test_scripted_model_gives_the_same_mean_estimate():
     assert_state_equal(scripted_model, saved)
     got = scripted.model.state_dict()
     for key, value in eager.model.state_dict().items():
-        np.testing.assert_allclose(got[key].double().numpy(), value.double().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            got[key].double().numpy(), value.double().numpy(), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_tiles_are_deterministic_spread_and_respect_the_mask():
@@ -173,12 +174,10 @@ def test_tiles_are_deterministic_spread_and_respect_the_mask():
         assert 0 <= z <= 24 - 16 and 0 <= y <= 64 - 32 and 0 <= x <= 64 - 32
         window = raw[None, z : z + 16, y : y + 32, x : x + 32]
         assert mask.fraction(window, window.size) >= 0.5
-    other = recalibrate(model, volume, dataclasses.replace(config, seed=2),
-                        transform=transform)
+    other = recalibrate(model, volume, dataclasses.replace(config, seed=2), transform=transform)
     assert [t.window_start for t in other.calibration_tiles] != starts[:6]
     with pytest.raises(NormcheckError, match="mask"):
-        recalibrate(model, volume, dataclasses.replace(config, mask_below=1e9),
-                    transform=transform)
+        recalibrate(model, volume, dataclasses.replace(config, mask_below=1e9), transform=transform)
 
 
 def test_holdout_disparity_matches_direct_forwards():

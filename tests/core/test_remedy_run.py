@@ -32,8 +32,11 @@ def sample_run(tmp_path_factory):
     sample = SAMPLE_MODELS["batchnorm"]
     model = sample.load()
     config = RunConfig(
-        tile=sample.tile, overlap=0.25, normalize=sample.normalize,
-        activation=sample.activation, device="cpu",
+        tile=sample.tile,
+        overlap=0.25,
+        normalize=sample.normalize,
+        activation=sample.activation,
+        device="cpu",
     )
     events = list(run_check(open_volume(raw), model, config, out))
     assert isinstance(events[-1], RunFinished)
@@ -47,7 +50,11 @@ def test_remedies_on_the_packaged_batchnorm_sample(sample_run):
     volume = open_volume(raw)
     events = list(
         run_remedies(
-            out, volume, model, labels=labels, label_map='{"1": 0, "2": 1}',
+            out,
+            volume,
+            model,
+            labels=labels,
+            label_map='{"1": 0, "2": 1}',
             recalibration={"n_tiles": 6, "holdout": 2},
         )
     )
@@ -62,7 +69,9 @@ def test_remedies_on_the_packaged_batchnorm_sample(sample_run):
     assert set(ROWS) <= set(result)
     p_eval, p_train = root["pred_eval/0"][...], root["pred_train/0"][...]
     p_recal, p_stats = root["pred_recalibrated/0"][...], root["pred_batchstats/0"][...]
-    ome = {name: root[name].attrs["ome"]["multiscales"][0] for name in ("pred_eval", "pred_batchstats")}
+    ome = {
+        name: root[name].attrs["ome"]["multiscales"][0] for name in ("pred_eval", "pred_batchstats")
+    }
     assert ome["pred_batchstats"]["datasets"] == ome["pred_eval"]["datasets"]
     assert ome["pred_batchstats"]["axes"] == ome["pred_eval"]["axes"]
     assert p_recal.shape == p_eval.shape and p_recal.dtype == p_eval.dtype

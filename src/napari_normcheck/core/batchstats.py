@@ -57,12 +57,16 @@ class BatchStatsNorm(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        """Shown in the module's repr: which layer it replaces."""
         return f"replaces={self.replaced}, eps={self.eps}"
 
 
 class _PerTileTrainMode(nn.Module):
-    """Fallback for TorchScript models, whose layers cannot be replaced: one tile per forward with
-    the normalization layers in train mode (private buffers; see :func:`normalization_mode`)."""
+    """Fallback for TorchScript models, whose layers cannot be replaced.
+
+    One tile per forward with the normalization layers in train mode (private buffers; see
+    :func:`normalization_mode`).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

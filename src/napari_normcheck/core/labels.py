@@ -42,7 +42,7 @@ def parse_label_map(text: str | Mapping[Any, Any]) -> dict[int, tuple[int, ...]]
     NormcheckError
         For text that is not such a JSON object.
     """
-    example = 'write it as JSON label value(s) -> channel, e.g. \'{"255": 0}\' or \'{"1,2": 1}\''
+    example = "write it as JSON label value(s) -> channel, e.g. '{\"255\": 0}' or '{\"1,2\": 1}'"
     if isinstance(text, str):
         try:
             mapping = json.loads(text)
@@ -142,8 +142,12 @@ class LabelDice:
         }
 
 
-def label_box(labels: Volume, volume_shape: tuple[int, ...], roi_start: tuple[int, ...],
-              roi_stop: tuple[int, ...]) -> tuple[int, ...]:
+def label_box(
+    labels: Volume,
+    volume_shape: tuple[int, ...],
+    roi_start: tuple[int, ...],
+    roi_stop: tuple[int, ...],
+) -> tuple[int, ...]:
     """Offset to add to ROI-relative coordinates to index ``labels``.
 
     Labels on the whole input grid are indexed at the ROI position; labels of exactly the ROI's shape
@@ -165,7 +169,9 @@ def read_labels(labels: Volume, offset: tuple[int, ...], box: tuple[slice, ...])
     """The labels of the ROI-relative ``box`` ``(z, y, x)`` as a numpy array."""
     shifted = tuple(slice(s.start + o, s.stop + o) for s, o in zip(box, offset))
     block = labels.data[(0, *shifted)]
-    return np.asarray(block.compute(scheduler="synchronous") if hasattr(block, "compute") else block)
+    return np.asarray(
+        block.compute(scheduler="synchronous") if hasattr(block, "compute") else block
+    )
 
 
 def chunk_boxes(shape: tuple[int, ...], chunks: tuple[int, ...]) -> Iterable[tuple[slice, ...]]:

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import copy
 import datetime
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -262,8 +260,10 @@ def iter_recalibrate(
         "layers": [name for name, _ in layers],
         "moments": moments,
         "notes": (
-            ["pooled variance of scripted layers uses the large-sample limit (their input size is "
-             "hidden): exact only for many values per channel"]
+            [
+                "pooled variance of scripted layers uses the large-sample limit (their input size is "
+                "hidden): exact only for many values per channel"
+            ]
             if config.variance == "pooled" and any(m["values_per_batch"] is None for m in moments)
             else []
         ),
@@ -407,7 +407,9 @@ def _holdout_disparity(
         for k in range(len(group)):
             probs = activate(np.stack([train[k], before[k], after[k]]), config.activation)
             for which, index in (("before", 1), ("after", 2)):
-                for kind, value in dice_sums(probs[0], probs[index], config.threshold, argmax).items():
+                for kind, value in dice_sums(
+                    probs[0], probs[index], config.threshold, argmax
+                ).items():
                     sums[which][kind] = sums[which].get(kind, 0.0) + value
         yield RecalibrationProgress("holdout", g + 1, n_groups)
     return {
@@ -417,84 +419,3 @@ def _holdout_disparity(
             for which, values in sums.items()
         },
     }
-
-
-def export_paths(path: str | Path, scripted: bool) -> dict[str, Path]:
-    """Files :func:`export_recalibrated` writes for ``path``: state_dict, provenance, TorchScript."""
-    path = Path(path)
-    paths = {"state_dict": path, "provenance": path.with_name(path.name + ".json")}
-    if scripted:
-        paths["torchscript"] = path.with_name(f"{path.stem}.scripted{path.suffix or '.pt'}")
-    return paths
-
-
-def export_recalibrated(
-    result: RecalibrationResult, path: str | Path, *, input_path: str | Path | None = None
-) -> dict[str, Path]:
-    """Save the recalibrated model: a state_dict at ``path``, its provenance beside it, and a scripted
-    TorchScript copy when the model is TorchScript. Existing files are never overwritten.
-
-    Parameters
-    ----------
-    result : RecalibrationResult
-        From :func:`recalibrate`.
-    path : path-like
-        The state_dict file (``torch.load(path, weights_only=True)`` reads it back).
-    input_path : path-like, optional
-        The user's model file, named in the error when ``path`` is that file.
-
-    Returns
-    -------
-    dict
-        ``{"state_dict": Path, "provenance": Path(, "torchscript": Path)}``.
-
-    Raises
-    ------
-    NormcheckError
-        When any target exists, or its folder is missing or not writable.
-    """
-    import json
-
-    scripted = isinstance(result.model, torch.jit.ScriptModule)
-    paths = export_paths(path, scripted)
-    if input_path is not None and Path(path).resolve() == Path(input_path).resolve():
-        raise NormcheckError(
-            f"{path} is the input model; choose another --out-model (the input is never replaced)"
-        )
-    for target in paths.values():
-        if target.exists():
-            raise NormcheckError(
-                f"{target} already exists and is never overwritten; choose another --out-model"
-            )
-        parent = target.resolve().parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise NormcheckError(f"cannot write {target}: folder {parent} is missing or read-only")
-    provenance = dict(result.provenance, holdout=result.holdout, files={
-        k: str(v) for k, v in paths.items()
-    })
-    state = {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()}
-    text = json.dumps(provenance, indent=2)
-    _write_new(paths["provenance"], lambda f: f.write(text.encode()))
-    _write_new(paths["state_dict"], lambda f: torch.save(state, f))
-    if scripted:
-        extra = {"normcheck_recalibration.json": text}
-        _write_new(
-            paths["torchscript"], lambda f: torch.jit.save(result.model, f, _extra_files=extra)
-        )
-    return paths
-
-
-def _write_new(path: Path, write) -> None:
-    """Write through a temporary file, then hard-link it into place: fails rather than replace a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as stream:
-            write(stream)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise NormcheckError(
-                f"{path} appeared while exporting and is not overwritten; choose another name"
-            ) from None
-    finally:
-        tmp.unlink(missing_ok=True)

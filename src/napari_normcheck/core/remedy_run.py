@@ -259,8 +259,9 @@ def run_remedies(
         train = stored_probabilities(np.asarray(train_array[box]))
         truth = read_labels(label_volume, offset, slices) if label_volume is not None else None
         for k, remedy in enumerate(remedies):
-            stored = to_output_dtype(activate(stacked[k][None], config.activation)[0],
-                                     config.output_dtype)
+            stored = to_output_dtype(
+                activate(stacked[k][None], config.activation)[0], config.output_dtype
+            )
             arrays[remedy][box] = stored
             # Compared as stored, exactly as the eval and train predictions are.
             probabilities = stored_probabilities(stored)
@@ -288,8 +289,14 @@ def run_remedies(
                 for r in remedies
             }
             for k, tile in enumerate(group):
-                _add_mismatch(plan, tile, [outputs[r][k] for r in remedies], remedies,
-                              mismatch, config.activation)
+                _add_mismatch(
+                    plan,
+                    tile,
+                    [outputs[r][k] for r in remedies],
+                    remedies,
+                    mismatch,
+                    config.activation,
+                )
                 accumulator.add(tile, np.concatenate([outputs[r][k] for r in remedies]))
                 yield RemedyTileDone(first + k + 1, len(tiles), time.perf_counter() - t_start)
             if cancel is not None and cancel.is_set():
@@ -301,8 +308,13 @@ def run_remedies(
     if label_volume is not None:
         for row in ("eval", "train"):
             result[row]["dice_vs_labels"] = dice_of_stored(
-                store.array(PREDICTION_NAMES[row]), label_volume, mapping, offset=offset,
-                threshold=config.threshold, argmax=argmax, ignore=tuple(ignore_labels),
+                store.array(PREDICTION_NAMES[row]),
+                label_volume,
+                mapping,
+                offset=offset,
+                threshold=config.threshold,
+                argmax=argmax,
+                ignore=tuple(ignore_labels),
             )
         result["labels"] = {
             "source": label_volume.source,
@@ -323,7 +335,7 @@ def _prepare_labels(labels: Any, label_map: Any, plan: TilePlan):
         return None, {}, (0, 0, 0)
     if label_map is None:
         raise NormcheckError(
-            'labels need a mapping from label values to output channels: add --label-map \'{"1": 0}\''
+            "labels need a mapping from label values to output channels: add --label-map '{\"1\": 0}'"
         )
     label_volume = labels if isinstance(labels, Volume) else open_labels(labels)
     mapping = parse_label_map(label_map) if not _is_parsed(label_map) else label_map
@@ -424,7 +436,9 @@ def remedy_notes(result: dict[str, Any]) -> list[str]:
                 verdict = "unchanged"
             else:
                 better = (after > before) == higher_is_better
-                verdict = f"{'higher' if after > before else 'lower'}: {'better' if better else 'worse'}"
+                verdict = (
+                    f"{'higher' if after > before else 'lower'}: {'better' if better else 'worse'}"
+                )
             parts.append(f"{label} {before:.3f} -> {after:.3f} ({verdict})")
         if parts:
             notes.append(f"{ROW_TITLES[remedy]} vs eval: " + "; ".join(parts))

@@ -1,0 +1,379 @@
+"""The "Remedies" section of the dock widget: try recalibration and batch-statistics eval, compare.
+
+Embedding (what the dock widget does)::
+
+    panel = RemediesPanel(viewer, get_context)
+    layout.addWidget(panel)
+
+``get_context()`` is called when the user clicks Run remedies and must return a :class:`RemedyContext`
+(the volume, the loaded model and the finished OUT.zarr of the last check) or ``None`` when there is
+no finished check yet. The remedies run in a :func:`napari.qt.threading.thread_worker` over the core
+generator :func:`~napari_normcheck.core.remedy_run.run_remedies`; the table, the layers of each
+remedy's prediction and the export of the recalibrated model follow when it finishes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtWidgets import (  # noqa: TID253 (the Qt layer)
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+)
+
+from napari_normcheck.core.errors import NormcheckError
+
+NO_LABELS = "(no labels)"
+LAYER_SHORT = {"recalibrated": "recalibrated", "batchstats": "batch-stats"}
+# One colour per output channel, as the dock widget's prediction layers use.
+CHANNEL_COLORMAPS = ("green", "magenta", "cyan", "yellow", "blue", "red")
+
+
+@dataclass(frozen=True)
+class JobError:
+    """A user-readable error that ended the remedies job (shown as a notification)."""
+
+    message: str
+
+
+def _show_error(message: str) -> None:
+    from napari.utils.notifications import show_error
+
+    show_error(message)
+
+
+@dataclass
+class RemedyContext:
+    """What the remedies need from the dock widget.
+
+    Attributes
+    ----------
+    volume : Volume
+        The volume of the last check (as the engine saw it: level, voxel size, translation).
+    model : torch.nn.Module
+        The loaded model of that check; never modified.
+    out : Path
+        The check's finished OUT.zarr.
+    prefix : str
+        Start of the names of the layers added (the image layer's name).
+    model_path : str or None
+        The model file, never overwritten by an export.
+    cancel : threading.Event
+        Set by :meth:`RemediesPanel.cancel`.
+    """
+
+    volume: Any
+    model: Any
+    out: Path
+    prefix: str = ""
+    model_path: str | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def remedies_job(context: RemedyContext, options: dict[str, Any]) -> Iterator[Any]:
+    """Worker body: run the remedies; a :class:`NormcheckError` becomes a :class:`JobError` item."""
+    from napari_normcheck.core.remedy_run import run_remedies
+
+    try:
+        yield from run_remedies(
+            context.out, context.volume, context.model, cancel=context.cancel, **options
+        )
+    except NormcheckError as error:
+        yield JobError(str(error))
+
+
+class RemediesPanel(QGroupBox):
+    """Compare eval, train, recalibrated eval and batch-stats eval on the last check's output.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        Where Labels layers are offered and prediction layers are added.
+    get_context : callable
+        ``get_context() -> RemedyContext | None`` (see the module docstring).
+    """
+
+    def __init__(self, viewer: Any, get_context: Callable[[], RemedyContext | None]) -> None:
+        super().__init__("Remedies")
+        self.viewer = viewer
+        self.get_context = get_context
+        self.worker: Any = None
+        self.context: RemedyContext | None = None
+        self.remedies: dict[str, Any] | None = None
+        self.recalibration: Any = None
+
+        form = QFormLayout()
+        self.labels_combo = QComboBox()
+        self.label_map = QLineEdit('{"1": 0}')
+        self.label_map.setToolTip('label value(s) -> output channel, e.g. {"255": 0, "1,2": 1}')
+        self.ignore_labels = QLineEdit("")
+        self.ignore_labels.setPlaceholderText("e.g. 0 (unlabelled voxels)")
+        self.tiles = QSpinBox()
+        self.tiles.setRange(1, 100_000)
+        self.tiles.setValue(32)
+        self.variance = QComboBox()
+        self.variance.addItems(["mean", "pooled"])
+        form.addRow("ground truth", self.labels_combo)
+        form.addRow("label map", self.label_map)
+        form.addRow("ignore labels", self.ignore_labels)
+        form.addRow("recalibration tiles", self.tiles)
+        form.addRow("variance estimate", self.variance)
+
+        self.run_button = QPushButton("Run remedies")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.export_button = QPushButton("Export recalibrated model…")
+        self.export_button.setEnabled(False)
+        self.export_button.clicked.connect(lambda: self.export())
+        buttons = QHBoxLayout()
+        for button in (self.run_button, self.cancel_button, self.export_button):
+            buttons.addWidget(button)
+        self.table = QTableWidget(0, 0)
+        self.status = QLabel("run a check first, then try the remedies on its output")
+        self.status.setWordWrap(True)
+        self.notes = QLabel("")
+        self.notes.setWordWrap(True)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.table)
+        layout.addWidget(self.status)
+        layout.addWidget(self.notes)
+        viewer.layers.events.inserted.connect(self.refresh_labels)
+        viewer.layers.events.removed.connect(self.refresh_labels)
+        self.refresh_labels()
+
+    # --- inputs -----------------------------------------------------------------------------------
+
+    def refresh_labels(self, *_args: Any) -> None:
+        """Offer the viewer's Labels layers as ground truth."""
+        from napari.layers import Labels
+
+        current = self.labels_combo.currentText()
+        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Labels)]
+        self.labels_combo.blockSignals(True)
+        self.labels_combo.clear()
+        self.labels_combo.addItems([NO_LABELS, *names])
+        if current in names:
+            self.labels_combo.setCurrentText(current)
+        self.labels_combo.blockSignals(False)
+
+    def options(self) -> dict[str, Any]:
+        """The ``run_remedies`` keyword arguments from the form (raises :class:`NormcheckError`)."""
+        from napari_normcheck.core.labels import parse_label_map
+
+        options: dict[str, Any] = {
+            "recalibration": {
+                "n_tiles": self.tiles.value(),
+                "variance": self.variance.currentText(),
+            }
+        }
+        name = self.labels_combo.currentText()
+        if name and name != NO_LABELS:
+            layer = self.viewer.layers[name]
+            options["labels"] = layer.data[0] if layer.multiscale else layer.data
+            options["label_map"] = parse_label_map(self.label_map.text())
+            try:
+                options["ignore_labels"] = tuple(
+                    int(v) for v in self.ignore_labels.text().replace(",", " ").split()
+                )
+            except ValueError:
+                raise NormcheckError(
+                    "ignore labels must be integers separated by spaces, e.g. 0"
+                ) from None
+        return options
+
+    # --- running ----------------------------------------------------------------------------------
+
+    def run(self) -> Any:
+        """Start the remedies on the last check's output; returns the worker (``None`` on an error)."""
+        from napari.qt.threading import thread_worker
+
+        if self.worker is not None:
+            _show_error("the remedies are already running")
+            return None
+        try:
+            context = self.get_context()
+            if context is None:
+                raise NormcheckError("run the check to the end first; the remedies use its output")
+            options = self.options()
+        except NormcheckError as error:
+            _show_error(str(error))
+            return None
+        self.context = context
+        worker = thread_worker(remedies_job, start_thread=False)(context, options)
+        worker.yielded.connect(self._on_item)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText("recalibrating…")
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Stop after the current tile; the check's own outputs are untouched."""
+        if self.context is not None:
+            self.context.cancel.set()
+
+    def _on_item(self, item: Any) -> None:
+        from napari_normcheck.core.recalibrate import RecalibrationProgress
+        from napari_normcheck.core.remedy_run import RemediesFinished, RemedyTileDone
+
+        if isinstance(item, JobError):
+            _show_error(item.message)
+            self.status.setText(f"error: {item.message}")
+        elif isinstance(item, RecalibrationProgress):
+            self.status.setText(f"{item.stage}: {item.n_done} / {item.n_total} batches")
+        elif isinstance(item, RemedyTileDone):
+            self.status.setText(f"remedies: {item.n_done} / {item.n_total} tiles")
+        elif isinstance(item, RemediesFinished):
+            self.remedies = item.remedies
+            self.recalibration = item.recalibration
+            self.show_table(item.remedies)
+            self.add_layers(item.out, item.remedies)
+            self.export_button.setEnabled(item.recalibration is not None)
+            self.status.setText(f"done in {item.remedies.get('seconds', 0):.1f} s; {item.out}")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    # --- results ----------------------------------------------------------------------------------
+
+    def show_table(self, remedies: dict[str, Any]) -> None:
+        """Fill the comparison table: one row per mode, hard values per channel."""
+        from napari_normcheck.core.remedy_run import ROW_TITLES, ROWS
+
+        rows = [r for r in ROWS if r in remedies]
+        n_out = len(remedies["eval"]["disparity_vs_train"]["hard"])
+        dice_channels = (remedies["eval"].get("dice_vs_labels") or {}).get("channels", [])
+        columns = [("disparity_vs_train", c, f"disparity c{c}") for c in range(n_out)]
+        columns += [("mismatch", c, f"mismatch c{c}") for c in range(n_out)]
+        columns += [("dice_vs_labels", c, f"Dice c{c}") for c in dice_channels]
+        self.table.clear()
+        self.table.setRowCount(len(rows))
+        self.table.setColumnCount(len(columns))
+        self.table.setHorizontalHeaderLabels([title for _, _, title in columns])
+        self.table.setVerticalHeaderLabels([ROW_TITLES[r] for r in rows])
+        for i, row in enumerate(rows):
+            for j, (key, channel, _) in enumerate(columns):
+                self.table.setItem(i, j, QTableWidgetItem(cell_text(remedies[row], key, channel)))
+        self.table.resizeColumnsToContents()
+        self.notes.setText("\n".join(remedies.get("notes", [])))
+
+    def add_layers(self, out: Path, remedies: dict[str, Any]) -> list[Any]:
+        """Add (or re-point) one image layer per remedy prediction and channel; returns them."""
+        import dask.array as da
+        import zarr
+
+        root = zarr.open_group(str(out), mode="r")
+        params = dict(root.attrs["normcheck"]).get("params", {})
+        prefix = self.context.prefix if self.context is not None else ""
+        added = []
+        for remedy, short in LAYER_SHORT.items():
+            if remedy not in remedies:
+                continue
+            group = f"pred_{remedy}"
+            scale, translation = ome_spatial_transform(root[group])
+            data = da.from_zarr(root[f"{group}/0"])
+            n_channels = int(data.shape[0])
+            for channel in range(n_channels):
+                name = f"{prefix} {short}".strip() + (f" c{channel}" if n_channels > 1 else "")
+                if name in self.viewer.layers:
+                    layer = self.viewer.layers[name]
+                    layer.data = data[channel]
+                    added.append(layer)
+                    continue
+                colormap = (
+                    "gray"
+                    if n_channels == 1
+                    else CHANNEL_COLORMAPS[channel % len(CHANNEL_COLORMAPS)]
+                )
+                kwargs: dict[str, Any] = {}
+                if params.get("output_dtype") == "uint8":
+                    kwargs["contrast_limits"] = (0.0, 255.0)
+                elif params.get("activation", "none") != "none":
+                    kwargs["contrast_limits"] = (0.0, 1.0)
+                layer = self.viewer.add_image(
+                    data[channel],
+                    name=name,
+                    scale=scale,
+                    translate=translation,
+                    colormap=colormap,
+                    blending="additive",
+                    opacity=0.6,
+                    visible=False,
+                    metadata={"normcheck_output": group, "channel": channel},
+                    **kwargs,
+                )
+                added.append(layer)
+        return added
+
+    def export(self, path: str | Path | None = None) -> dict[str, Path] | None:
+        """Save the recalibrated model (state_dict + provenance); existing files are never replaced."""
+        from napari_normcheck.core.recalibrate_export import export_recalibrated
+
+        if self.recalibration is None:
+            _show_error("run the remedies first: there is no recalibrated model yet")
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(
+                self,
+                "Export recalibrated model",
+                "recalibrated.pt",
+                "PyTorch state_dict (*.pt *.pth)",
+                options=QFileDialog.Option.DontConfirmOverwrite,
+            )
+            if not path:
+                return None
+        try:
+            paths = export_recalibrated(
+                self.recalibration,
+                path,
+                input_path=self.context.model_path if self.context is not None else None,
+            )
+        except NormcheckError as error:
+            _show_error(str(error))
+            return None
+        self.status.setText("exported " + ", ".join(str(p) for p in paths.values()))
+        return paths
+
+
+def ome_spatial_transform(group: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Spatial ``(z, y, x)`` scale and translation of a single-level OME-Zarr image group."""
+    dataset = group.attrs["ome"]["multiscales"][0]["datasets"][0]
+    transforms = {t["type"]: t[t["type"]] for t in dataset["coordinateTransformations"]}
+    return tuple(transforms["scale"][1:]), tuple(transforms["translation"][1:])
+
+
+def cell_text(row: dict[str, Any], key: str, channel: int) -> str:
+    """A table cell: the hard value of ``key`` for ``channel`` (``-`` where not measured)."""
+    entry = row.get(key) or {}
+    values = entry.get("hard")
+    if values is None:
+        return "-"
+    if key == "dice_vs_labels":
+        channels = entry.get("channels", [])
+        if channel not in channels:
+            return "-"
+        return f"{values[channels.index(channel)]:.4f}"
+    return f"{values[channel]:.4f}"
