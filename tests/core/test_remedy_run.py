@@ -122,3 +122,30 @@ def test_labels_only_and_input_errors(sample_run, tmp_path):
         list(run_remedies(out, open_volume(raw[:, :64]), model))
     with pytest.raises(NormcheckError, match="finished"):
         list(run_remedies(tmp_path / "nothing.zarr", volume, model))
+
+
+def test_crop_mode_2d_model_and_uint8_outputs(tmp_path):
+    """Other stitching and storage: batch statistics still equal the stored train pass."""
+    from tests.conftest import calibrate, synthetic_volume, tiny_unet
+
+    model = calibrate(tiny_unet("batch", spatial_dims=2), (1, 32, 32))
+    volume = open_volume(synthetic_volume((3, 40, 50)))
+    config = RunConfig(
+        tile=(1, 32, 32),
+        blend="crop",
+        halo=(0, 8, 8),
+        activation="sigmoid",
+        output_dtype="uint8",
+        device="cpu",
+        spatial_dims=2,
+    )
+    out = tmp_path / "crop.zarr"
+    list(run_check(volume, model, config, out, spatial_dims=2))
+    events = list(run_remedies(out, volume, model, recalibration={"n_tiles": 3, "holdout": 1}))
+    result = events[-1].remedies
+    root = zarr.open_group(str(out), mode="r")
+    assert root["pred_batchstats/0"].dtype == np.uint8
+    stats, train = (root[f"{n}/0"][...].astype(int) for n in ("pred_batchstats", "pred_train"))
+    assert np.abs(stats - train).max() <= 1  # x255 rounding of values equal to 1e-5
+    assert result["batchstats"]["disparity_vs_train"]["hard"] == [0.0, 0.0]
+    assert result["recalibration"]["batch_size"] == 1
