@@ -1,0 +1,374 @@
+"""Distributed runs against the single-process run, on a real cluster of two worker processes.
+
+The cluster is started the way users start one (``dask scheduler`` and ``dask worker`` processes), so
+every test goes through the scheduler-address path; one test starts its own ``LocalCluster``
+(``n_workers``). Models reach workers as a file and loader options, as the command line gives them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from napari_normcheck.core.blocktask import ModelSpec
+from napari_normcheck.core.config import RunConfig
+from napari_normcheck.core.distributed import open_client, run_check_distributed
+from napari_normcheck.core.engine import BlockDone, RunFinished, TileDone, run_check
+from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.manifest import blocks_dir
+from napari_normcheck.core.models import load_model
+from napari_normcheck.core.store import is_complete
+from napari_normcheck.core.volume import open_volume
+from tests.conftest import calibrate, synthetic_volume, tiny_unet
+
+distributed = pytest.importorskip("distributed")
+
+ARRAYS = (
+    "pred_eval",
+    "pred_train",
+    "disparity",
+    "seams_eval",
+    "seams_train",
+    "tile_disparity",
+    "tile_disparity_soft",
+    "tile_mismatch_eval",
+    "tile_mismatch_train",
+    "feature_z",
+)
+ARCH = "monai.networks.nets.BasicUNet"
+ARCH_KWARGS = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 2,
+    "features": [4, 4, 8, 8, 16, 4],
+    "norm": "batch",
+    "dropout": 0.0,
+}
+SHAPE = (28, 48, 52)  # 2 x 2 x 2 tiles of 16 x 32 x 32
+CONFIGS = {
+    "gaussian": RunConfig(tile=(16, 32, 32), overlap=0.25, activation="sigmoid"),
+    "constant": RunConfig(tile=(16, 32, 32), overlap=0.25, blend="constant", activation="softmax"),
+    "crop": RunConfig(tile=(16, 32, 32), blend="crop", halo=(0, 8, 8), activation="sigmoid"),
+}
+BLOCKS = {"gaussian": (2, 2, 2), "constant": (2, 1, 2), "crop": (1, 2, 1)}  # 4, 8, 4 blocks
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def scheduler_address(tmp_path_factory):
+    """A scheduler and a worker with two one-thread processes, each started as its own command."""
+    folder = tmp_path_factory.mktemp("cluster")
+    scheduler_file = folder / "scheduler.json"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    dask = [sys.executable, "-m", "dask"]
+    scheduler = subprocess.Popen(
+        [*dask, "scheduler", "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file],
+        **quiet,
+    )
+    worker = None
+    try:
+        wait_for(scheduler_file.exists, 60, "scheduler did not start")
+        worker = subprocess.Popen(
+            [
+                *dask,
+                "worker",
+                "--scheduler-file",
+                str(scheduler_file),
+                "--nworkers",
+                "2",
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--local-directory",
+                str(folder),
+            ],
+            **quiet,
+        )
+        address = json.loads(scheduler_file.read_text())["address"]
+        with distributed.Client(address) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address
+    finally:
+        for process in (worker, scheduler):
+            if process is not None:
+                process.terminate()
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+@pytest.fixture(scope="module")
+def client(scheduler_address):
+    with distributed.Client(scheduler_address) as connected:
+        yield connected
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    model = calibrate(tiny_unet("batch"), (1, 16, 32, 32))
+    torch.save(model.state_dict(), folder / "m.pt")
+    np.save(folder / "v.npy", synthetic_volume(SHAPE))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(model_file):
+    return load_model(model_file / "m.pt", arch=ARCH, arch_kwargs=ARCH_KWARGS)
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return open_volume(synthetic_volume(SHAPE))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, loaded, volume):
+    """Single-process runs, one per configuration, computed once."""
+    folder = tmp_path_factory.mktemp("reference")
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            out = folder / f"{kind}.zarr"
+            events = list(run_check(volume, loaded.module, CONFIGS[kind], out))
+            cache[kind] = (read_arrays(out), events[-1].summary)
+        return cache[kind]
+
+    return get
+
+
+def read_arrays(out):
+    root = zarr.open_group(str(out), mode="r")
+    return {name: root[f"{name}/0"][:] for name in ARRAYS}
+
+
+def summary_of(events):
+    finished = [e for e in events if isinstance(e, RunFinished)]
+    assert len(finished) == 1
+    return finished[0].summary
+
+
+def assert_same_run(out, summary, expected, *, exact: bool):
+    expected_arrays, expected_summary = expected
+    got = read_arrays(out)
+    for name in ARRAYS:
+        if exact:
+            np.testing.assert_array_equal(got[name], expected_arrays[name], err_msg=name)
+        else:
+            np.testing.assert_allclose(
+                got[name], expected_arrays[name], atol=1e-6, rtol=0, err_msg=name
+            )
+    for key in ("disparity", "mismatch_eval", "mismatch_train"):
+        for kind, values in expected_summary[key].items():
+            if exact:
+                assert summary[key][kind] == values, (key, kind)
+            else:
+                np.testing.assert_allclose(summary[key][kind], values, atol=1e-6, rtol=0)
+    assert summary["n_tile_pairs"] == expected_summary["n_tile_pairs"]
+    assert len(summary["tiles"]) == len(expected_summary["tiles"])
+    for mine, theirs in zip(summary["tiles"], expected_summary["tiles"]):
+        assert mine["index"] == theirs["index"]
+        for key in ("disparity_hard", "disparity_soft", "mismatch_eval", "mismatch_train"):
+            np.testing.assert_allclose(mine[key], theirs[key], atol=0 if exact else 1e-6)
+        for layer, stats in theirs["features"].items():
+            for stat in ("mean", "var", "z"):
+                np.testing.assert_allclose(
+                    mine["features"][layer][stat], stats[stat], rtol=0 if exact else 1e-6
+                )
+    assert is_complete(out)
+    assert not blocks_dir(out).exists()
+
+
+def distributed_run(volume, loaded, kind, out, **kwargs):
+    return run_check_distributed(
+        volume,
+        loaded.module,
+        CONFIGS[kind],
+        out,
+        model_spec=ModelSpec.from_loaded(loaded),
+        block_chunks=kwargs.pop("block_chunks", BLOCKS[kind]),
+        **kwargs,
+    )
+
+
+def test_equals_single_process_bitwise_in_crop_mode(tmp_path, client, loaded, volume, reference):
+    kind = "crop"
+    saved = {k: v.clone() for k, v in loaded.module.state_dict().items()}
+    events = list(distributed_run(volume, loaded, kind, tmp_path / "o.zarr", client=client))
+    summary = summary_of(events)
+    assert_same_run(tmp_path / "o.zarr", summary, reference(kind), exact=kind == "crop")
+    # Every tile reported once, every block once; tiles on block borders ran in several blocks.
+    tiles = [e.tile.index for e in events if isinstance(e, TileDone)]
+    assert sorted(tiles) == list(range(summary["n_tiles"]))
+    assert (
+        len([e for e in events if isinstance(e, BlockDone)]) == summary["distributed"]["n_blocks"]
+    )
+    assert summary["distributed"]["tiles_run"] > summary["n_tiles"]
+    for key, value in loaded.module.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+def test_local_cluster_has_one_thread_per_worker_process():
+    """``n_workers`` (``--workers N``) starts worker processes of one thread each, closed after."""
+    with open_client(n_workers=2) as local:
+        assert sorted(local.nthreads().values()) == [1, 1]
+        pids = set(local.run(os.getpid).values())
+        cluster = local.cluster
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert cluster.status.name == "closed"
+
+
+def test_default_blocks(tmp_path, client, loaded, volume, reference):
+    events = list(
+        run_check_distributed(
+            volume,
+            loaded.module,
+            CONFIGS["gaussian"],
+            tmp_path / "o.zarr",
+            model_spec=ModelSpec.from_loaded(loaded),
+            client=client,
+        )
+    )
+    summary = summary_of(events)
+    assert summary["distributed"]["worker_threads"] == 2
+    assert summary["distributed"]["n_blocks"] >= 2
+    assert_same_run(tmp_path / "o.zarr", summary, reference("gaussian"), exact=False)
+
+
+def test_cancel_then_resume_runs_only_unfinished_blocks(
+    tmp_path, client, loaded, volume, reference
+):
+    out = tmp_path / "o.zarr"
+    cancel = threading.Event()
+    first = []
+    for event in distributed_run(volume, loaded, "crop", out, client=client, cancel=cancel):
+        first.append(event)
+        if isinstance(event, BlockDone):
+            cancel.set()
+    done_before = {e.block for e in first if isinstance(e, BlockDone)}
+    assert done_before and not is_complete(out)
+    with pytest.raises(NormcheckError, match="already exists"):
+        list(distributed_run(volume, loaded, "crop", out, client=client))
+    with pytest.raises(NormcheckError, match="differ"):
+        list(
+            run_check_distributed(
+                volume,
+                loaded.module,
+                CONFIGS["crop"].replace(halo=(0, 16, 16)),
+                out,
+                model_spec=ModelSpec.from_loaded(loaded),
+                client=client,
+                resume=True,
+            )
+        )
+    resumed = list(distributed_run(volume, loaded, "crop", out, client=client, resume=True))
+    rerun = {e.block for e in resumed if isinstance(e, BlockDone)}
+    summary = summary_of(resumed)
+    assert not rerun & done_before
+    assert len(rerun) < summary["distributed"]["n_blocks"]
+    assert_same_run(out, summary, reference("crop"), exact=True)
+
+
+CLIENT_SCRIPT = """
+import json, sys
+from napari_normcheck.core.config import RunConfig
+from napari_normcheck.core.distributed import run_events
+from napari_normcheck.core.models import load_model
+from napari_normcheck.core.volume import open_volume
+
+model, arch_kwargs, npy, config, out, address = sys.argv[1:]
+loaded = load_model(model, arch="monai.networks.nets.BasicUNet", arch_kwargs=arch_kwargs)
+config = RunConfig.from_dict(json.loads(config))
+for event in run_events(
+    open_volume(npy), loaded, config, out, scheduler=address, volume_source={"source": npy},
+    block_chunks=(1, 1, 1),
+):
+    print(type(event).__name__, flush=True)
+"""
+
+
+def test_client_killed_then_resume(tmp_path, scheduler_address, client, model_file, reference):
+    """A client process killed mid-run (kill -9); resuming reruns only blocks not recorded."""
+    out = tmp_path / "o.zarr"
+    npy = model_file / "v.npy"
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT_SCRIPT)
+    arguments = [
+        str(model_file / "m.pt"),
+        json.dumps(ARCH_KWARGS),
+        str(npy),
+        json.dumps(CONFIGS["crop"].to_dict()),
+        str(out),
+        scheduler_address,
+    ]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    process = subprocess.Popen(
+        [sys.executable, str(script), *arguments],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: any(blocks_dir(out).glob("block_*.json")), 120, "no block finished")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    recorded = {int(p.stem.split("_")[1]) for p in blocks_dir(out).glob("block_*.json")}
+    assert not is_complete(out)
+    loaded = load_model(model_file / "m.pt", arch=ARCH, arch_kwargs=ARCH_KWARGS)
+    resumed = list(
+        run_check_distributed(
+            open_volume(npy),
+            loaded.module,
+            CONFIGS["crop"],
+            out,
+            model_spec=ModelSpec.from_loaded(loaded),
+            scheduler=scheduler_address,
+            volume_source={"source": str(npy)},
+            resume=True,
+        )
+    )
+    summary = summary_of(resumed)
+    rerun = {e.block for e in resumed if isinstance(e, BlockDone)}
+    assert summary["distributed"]["block_chunks"] == [1, 1, 1]  # the interrupted run's blocks
+    assert not rerun & recorded
+    assert len(rerun) < summary["distributed"]["n_blocks"]
+    assert_same_run(out, summary, reference("crop"), exact=True)
+
+
+def test_worker_killed_mid_run(tmp_path, client, loaded, volume, reference):
+    """kill -9 of a worker process after the first block: its blocks run again elsewhere.
+
+    Last in this module: the nanny restarts the worker in the background.
+    """
+    pids = client.run(os.getpid)
+    events = []
+    killed = False
+    for event in distributed_run(volume, loaded, "constant", tmp_path / "o.zarr", client=client):
+        events.append(event)
+        if isinstance(event, BlockDone) and not killed:
+            os.kill(next(iter(pids.values())), signal.SIGKILL)
+            killed = True
+    assert killed
+    assert_same_run(tmp_path / "o.zarr", summary_of(events), reference("constant"), exact=False)
