@@ -1,9 +1,10 @@
 """Results of a run as napari layer data tuples, read lazily from OUT.zarr (no Qt).
 
 Every image output group of the store named in :data:`IMAGE_OUTPUTS` (predictions, the disparity
-map, the per-tile disparity and mismatch grids) becomes one image layer per channel, backed by the zarr array through dask, placed
-in world coordinates by the group's OME-Zarr scale and translation (spatial axes only). A ``tiles``
-Shapes layer outlines each tile's write box; its ``features`` hold the tile index, grid position and
+map, the per-tile disparity and mismatch grids) becomes one image layer per channel, backed by the
+zarr array through a :class:`LiveChannel` (read lazily, slice by slice), placed in world
+coordinates by the group's OME-Zarr scale and translation (spatial axes only). A ``tiles`` Shapes
+layer outlines each tile's write box; its ``features`` hold the tile index, grid position and
 disparity.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,10 +142,15 @@ class FollowingArray:
 
         for path in self.paths:
             if (path / self.component).exists():
-                return zarr.open_array(str(path / self.component), mode="r")
+                self.opened = path / self.component
+                return zarr.open_array(str(self.opened), mode="r")
         raise FileNotFoundError(f"{self.component} is in none of {[str(p) for p in self.paths]}")
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        if not self.opened.exists():
+            # Moved away: zarr would read the missing chunks as fill values, not fail.
+            with contextlib.suppress(FileNotFoundError):
+                self.array = self._open()
         for attempt in range(_READ_ATTEMPTS):
             try:
                 return np.asarray(self.array[key])
@@ -162,8 +167,86 @@ class FollowingArray:
 _READ_ATTEMPTS = 4
 
 
-def lazy_array(path: str | Path, name: str, fallback: str | Path | None = None) -> Any:
-    """Level ``0`` of output ``name`` as a dask array with a fresh name (no stale cached chunks).
+#: Largest slice (in bytes) read ahead off the GUI thread; larger views (3D rendering of a big
+#: volume) are read by napari itself when it slices.
+PREFETCH_BYTES = 256 * 2**20
+
+
+def _key_id(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A hashable form of an indexing key (slices are not hashable before Python 3.12)."""
+    return tuple(
+        ("s", k.start, k.stop, k.step) if isinstance(k, slice) else ("e",) if k is Ellipsis else k
+        for k in key
+    )
+
+
+class LiveChannel:
+    """One channel of a store output, as an array napari slices; reads can be prepared off-thread.
+
+    napari reads the displayed slice on the GUI thread when it re-slices a layer. While a run writes
+    the store, :meth:`read_ahead` (any thread) reads the slice napari asked for last and
+    :meth:`use` hands the result over, so the following ``layer.refresh()`` on the GUI thread
+    finds it in memory instead of waiting on zarr (and on the GIL the engine holds). Any other
+    slice (the user moved a slider) is read directly, as napari does with lazy data.
+
+    Parameters
+    ----------
+    source : FollowingArray
+        The output's level ``0``, ``(C, Z, Y, X)``.
+    channel : int
+        The channel shown.
+    """
+
+    def __init__(self, source: FollowingArray, channel: int) -> None:
+        self.source = source
+        self.channel = channel
+        self.shape = tuple(source.shape[1:])
+        self.dtype = source.dtype
+        self.ndim = len(self.shape)
+        self.chunks = tuple(source.chunks[1:])
+        self.size = int(np.prod(self.shape))
+        self.last_key: tuple[Any, ...] | None = None
+        self._prepared: dict[tuple[Any, ...], np.ndarray] = {}
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        prepared = self._prepared.get(_key_id(key))
+        if prepared is not None:
+            return prepared
+        self.last_key = key
+        return self.source[(self.channel, *key)]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self.source[self.channel]
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read_ahead(self) -> dict[tuple[Any, ...], np.ndarray]:
+        """Read the slice napari asked for last (any thread); pass the result to :meth:`use`."""
+        key = self.last_key
+        if key is None:
+            return {}
+        try:
+            # A zero-stride view: the slice's size without allocating the volume.
+            view = np.broadcast_to(np.empty((), dtype=bool), self.shape)[key]
+            expected = view.size * self.dtype.itemsize
+        except (IndexError, TypeError, ValueError):
+            return {}
+        if expected > PREFETCH_BYTES:
+            return {}
+        return {_key_id(key): self.source[(self.channel, *key)]}
+
+    def use(self, prepared: dict[tuple[Any, ...], np.ndarray]) -> None:
+        """Serve these slices from memory until the next call (an empty dict: read the store)."""
+        self._prepared = prepared
+
+
+def live_channels(
+    path: str | Path, name: str, fallback: str | Path | None = None
+) -> list[LiveChannel]:
+    """Every channel of output ``name`` (level ``0``) as a :class:`LiveChannel`.
 
     Parameters
     ----------
@@ -174,13 +257,9 @@ def lazy_array(path: str | Path, name: str, fallback: str | Path | None = None) 
     fallback : path-like, optional
         Where the store ends up when ``path`` is a run's ``.inprogress`` folder.
     """
-    import dask.array as da
-
     paths = [Path(path)] + ([Path(fallback)] if fallback is not None else [])
     source = FollowingArray(paths, f"{name}/0")
-    return da.from_array(
-        source, chunks=source.chunks, name=f"normcheck-{name}-{uuid.uuid4().hex}", asarray=False
-    )
+    return [LiveChannel(source, channel) for channel in range(source.shape[0])]
 
 
 def image_layers(
@@ -215,34 +294,106 @@ def image_layers(
     run = {key: attrs.get(key) for key in ("params", "model", "source", "version")}
     members = output_groups(root)
     layers: list[LayerDataTuple] = []
-    for group_name, (short, style) in IMAGE_OUTPUTS.items():
+    for group_name in IMAGE_OUTPUTS:
         if (names is not None and group_name not in names) or group_name not in members:
             continue
         try:
             group = root[group_name]
             scale, translation = spatial_transform(group)
-            data = lazy_array(path, group_name, fallback)
+            channels = live_channels(path, group_name, fallback)
         except (KeyError, FileNotFoundError, ValueError):
             continue  # a group the run is creating right now: shown at the next refresh
-        n_channels = int(data.shape[0])
+        for channel, data in enumerate(channels):
+            kwargs = output_kwargs(
+                prefix, group_name, channel, len(channels), scale, translation, params
+            )
+            kwargs["metadata"]["run"] = run
+            layers.append((data, kwargs, "image"))
+    return layers
+
+
+def output_kwargs(
+    prefix: str,
+    group_name: str,
+    channel: int,
+    n_channels: int,
+    scale: tuple[float, ...],
+    translation: tuple[float, ...],
+    params: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``add_image`` keyword arguments of one channel of an output: name, place and style."""
+    short, style = IMAGE_OUTPUTS[group_name]
+    kwargs: dict[str, Any] = {
+        "name": layer_name(prefix, short, channel, n_channels),
+        "scale": tuple(scale),
+        "translate": tuple(translation),
+        "metadata": {"normcheck_output": group_name, "channel": channel},
+        "rgb": False,  # a last axis of 3 or 4 voxels is not a colour axis
+        **style,
+    }
+    if "colormap" not in kwargs:
+        kwargs["colormap"] = (
+            "gray" if n_channels == 1 else CHANNEL_COLORMAPS[channel % len(CHANNEL_COLORMAPS)]
+        )
+    limits = contrast_for(group_name, params)
+    # Without limits napari would scan the data for them; logits get theirs when the run ends.
+    kwargs["contrast_limits"] = limits if limits is not None else (0.0, 1.0)
+    if limits is None:
+        kwargs["metadata"]["contrast_from_data"] = True
+    return kwargs
+
+
+class EmptyChannel:
+    """An all-zero stand-in with an output's shape, shown until the run's store exists.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(Z, Y, X)``.
+    dtype : str or numpy.dtype
+        The output's data type.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        view = np.broadcast_to(np.zeros((), dtype=self.dtype), self.shape)[key]
+        return np.zeros(np.shape(view), dtype=self.dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.zeros(self.shape, dtype=dtype or self.dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def placeholder_layers(
+    prefix: str,
+    names: tuple[str, ...],
+    n_channels: int,
+    shape: tuple[int, ...],
+    scale: tuple[float, ...],
+    translation: tuple[float, ...],
+    params: dict[str, Any],
+) -> list[LayerDataTuple]:
+    """Layer data tuples of a run's voxel outputs before its store exists (all zero).
+
+    The widget adds these while the engine has not started (adding a layer is the costliest thing
+    the GUI thread does), then points them at the store; the shape and placement are those the
+    store will have (the region's shape, the input's voxel size, origin at the region's start).
+    """
+    dtype = params.get("output_dtype", "float32")
+    layers: list[LayerDataTuple] = []
+    for group_name in names:
         for channel in range(n_channels):
-            kwargs: dict[str, Any] = {
-                "name": layer_name(prefix, short, channel, n_channels),
-                "scale": scale,
-                "translate": translation,
-                "metadata": {"normcheck_output": group_name, "channel": channel, "run": run},
-                **style,
-            }
-            if "colormap" not in kwargs:
-                kwargs["colormap"] = (
-                    "gray"
-                    if n_channels == 1
-                    else CHANNEL_COLORMAPS[channel % len(CHANNEL_COLORMAPS)]
-                )
-            limits = contrast_for(group_name, params)
-            if limits is not None:
-                kwargs["contrast_limits"] = limits
-            layers.append((data[channel], kwargs, "image"))
+            kwargs = output_kwargs(
+                prefix, group_name, channel, n_channels, scale, translation, params
+            )
+            layers.append((EmptyChannel(shape, dtype), kwargs, "image"))
     return layers
 
 
@@ -327,6 +478,46 @@ def tile_features(plan: TilePlan, disparity: np.ndarray | None = None) -> dict[s
     }
 
 
+#: Edge colour of a tile whose disparity is not known yet.
+UNKNOWN_TILE_COLOR = (1.0, 1.0, 0.0, 0.5)
+
+
+def tile_edge_colors(disparity: np.ndarray | None, n_tiles: int | None = None) -> np.ndarray:
+    """RGBA edge colour per tile: yellow for the least disparity, red for the largest.
+
+    Parameters
+    ----------
+    disparity : numpy.ndarray, optional
+        One value per tile; NaN where not known yet (drawn translucent yellow).
+    n_tiles : int, optional
+        The number of tiles when ``disparity`` is not given.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_tiles, 4)`` colours in 0..1.
+    """
+    values = (
+        np.full(int(n_tiles or 0), np.nan) if disparity is None else np.asarray(disparity, float)
+    )
+    colors = np.tile(np.asarray(UNKNOWN_TILE_COLOR), (len(values), 1))
+    known = np.isfinite(values)
+    if known.any():
+        # Relative to the worst tile: the tiles to look at first stand out, whatever the scale.
+        top = max(float(values[known].max()), 1e-12)
+        fraction = np.clip(values[known] / top, 0.0, 1.0)
+        colors[known] = np.stack(
+            [
+                np.ones_like(fraction),
+                1.0 - fraction,
+                np.zeros_like(fraction),
+                np.ones_like(fraction),
+            ],
+            axis=1,
+        )
+    return colors
+
+
 def tile_shapes_layer(
     plan: TilePlan,
     scale: tuple[float, ...],
@@ -356,7 +547,7 @@ def tile_shapes_layer(
     kwargs = {
         "name": name,
         "shape_type": "rectangle",
-        "edge_color": "yellow",
+        "edge_color": tile_edge_colors(disparity, plan.n_tiles),
         "face_color": "transparent",
         "edge_width": 1,
         "scale": scale,
@@ -410,6 +601,9 @@ def layers_from_store(path: str | Path, prefix: str | None = None) -> list[Layer
         Layer data tuples for ``viewer._add_layer_from_data`` or a napari reader.
     """
     layers = image_layers(path, prefix)
+    for _data, kwargs, _kind in layers:
+        if kwargs["metadata"].get("contrast_from_data"):
+            del kwargs["contrast_limits"]  # a finished store: napari takes them from the data
     root = open_root(path)
     plan = plan_from_attrs(run_attrs(root))
     if plan is not None and "pred_eval" in output_groups(root):

@@ -28,7 +28,7 @@ def test_feature_z_layer_and_scatter_after_a_run(
     out = tmp_path / "out.zarr"
     widget.out_path.setText(str(out))
     widget.run()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: widget.settled, timeout=60_000)
     assert errors == []
 
     root = zarr.open_group(str(out), mode="r")

@@ -27,7 +27,8 @@ def make_widget(make_napari_viewer, image, model_file, tmp_path, **settings):
 
 
 def wait_done(qtbot, widget, timeout=60_000):
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
+    """Wait for the worker and for the results it left to be shown (one GUI step per layer)."""
+    qtbot.waitUntil(lambda: widget.settled, timeout=timeout)
 
 
 def test_run_adds_lazy_layers_matching_the_store(

@@ -71,7 +71,7 @@ def setup_demo(
 
 
 def start_run(widget: Any, on_done: Callable[[], None] | None = None) -> Any:
-    """Click Run; ``on_done`` is called on the GUI thread once the worker has finished.
+    """Click Run; ``on_done`` is called on the GUI thread once the run's results are all shown.
 
     Returns the worker, or ``None`` when the form was refused (a notification says why).
     """
@@ -79,8 +79,13 @@ def start_run(widget: Any, on_done: Callable[[], None] | None = None) -> Any:
 
     worker = widget.run()
     if worker is not None and on_done is not None:
-        # After the widget's own handler: the final layers are shown, then drawn.
-        worker.finished.connect(lambda: QTimer.singleShot(SETTLE_MS, on_done))
+
+        def settled() -> None:
+            widget.run_settled.disconnect(settled)
+            # The final layers are shown; let them be drawn.
+            QTimer.singleShot(SETTLE_MS, on_done)
+
+        widget.run_settled.connect(settled)
     return worker
 
 

@@ -8,6 +8,7 @@ notification), never raised into napari's traceback dialog.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,44 @@ class JobError:
     message: str
 
 
+@dataclass(frozen=True)
+class PrepareLayers:
+    """The run's outputs, known before they exist: the GUI adds their layers while the run waits.
+
+    Attributes
+    ----------
+    n_channels : int
+        Output channels of the model.
+    shape : tuple of int
+        ``(Z, Y, X)`` of the outputs (the region).
+    scale, translation : tuple of float
+        Their voxel size and the world position of the region's first voxel.
+    params : dict
+        The run configuration (``activation`` and ``output_dtype`` set the contrast limits).
+    plan : TilePlan or None
+        The tiles the engine will plan from the same settings (``None`` when the tile size is left
+        to the engine); the engine's own plan, in ``RunStarted``, is the one that counts.
+    """
+
+    n_channels: int
+    shape: tuple[int, ...]
+    scale: tuple[float, ...]
+    translation: tuple[float, ...]
+    params: dict[str, Any]
+    plan: Any = None
+
+
+#: Longest wait for the GUI to add the result layers before the run starts anyway (seconds).
+LAYERS_WAIT_S = 20.0
+
+
 @dataclass
 class RunRequest:
-    """Everything a run needs besides the model."""
+    """Everything a run needs besides the model.
+
+    ``layers_ready`` is set by the GUI once the result layers exist (see :class:`PrepareLayers`);
+    set from the start, the run does not wait.
+    """
 
     volume: Any
     config: Any
@@ -52,6 +88,7 @@ class RunRequest:
     overwrite: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)
     resume: bool = False
+    layers_ready: threading.Event = field(default_factory=threading.Event)
 
 
 def load(request: ModelRequest) -> ModelReady:
@@ -78,6 +115,49 @@ def load_job(request: ModelRequest) -> Iterator[ModelReady | JobError]:
         yield JobError(str(error))
 
 
+def prepare_layers(run: RunRequest, config: Any, n_channels: int) -> PrepareLayers:
+    """Where the run's voxel outputs will be: the chosen region of the volume, in world space."""
+    shape = tuple(int(n) for n in run.volume.spatial_shape)
+    roi = config.roi or tuple((0, n) for n in shape)
+    scale = tuple(float(v) for v in run.volume.scale)
+    start = tuple(int(a) for a, _b in roi)
+    translation = tuple(float(t) + a * s for t, a, s in zip(run.volume.translation, start, scale))
+    return PrepareLayers(
+        n_channels=int(n_channels),
+        shape=tuple(int(b) - int(a) for a, b in roi),
+        scale=scale,
+        translation=translation,
+        params=config.to_dict(),
+        plan=expected_plan(shape, config),
+    )
+
+
+def expected_plan(shape: tuple[int, ...], config: Any) -> Any:
+    """The tile plan of ``config`` on a volume of ``shape``, as the engine makes it, or ``None``.
+
+    Only used to outline the tiles before the run starts (a Shapes layer of many tiles takes
+    seconds to build); a plan that differs from the engine's is replaced when the run starts.
+    """
+    from napari_normcheck.core.tiling import plan_tiles
+
+    if config.tile is None:
+        return None
+    halo = tuple(config.halo) if config.blend == "crop" else (0, 0, 0)
+    if config.spatial_dims == 2:
+        halo = (0, *halo[1:])
+    try:
+        return plan_tiles(
+            shape,
+            config.tile,
+            overlap=config.overlap,
+            blend=config.blend,
+            halo=halo,
+            roi=config.roi,
+        )
+    except (NormcheckError, ValueError):
+        return None
+
+
 def run_job(run: RunRequest, model: ModelRequest, ready: ModelReady | None) -> Iterator[Any]:
     """Worker body: load the model when needed, check it fits the volume, then run the check.
 
@@ -92,7 +172,7 @@ def run_job(run: RunRequest, model: ModelRequest, ready: ModelReady | None) -> I
 
     Yields
     ------
-    ModelReady, RunStarted, TileDone, RunFinished or JobError
+    ModelReady, PrepareLayers, RunStarted, TileDone, RunFinished or JobError
         Progress items for the GUI thread.
     """
     from napari_normcheck.core.engine import run_check
@@ -113,6 +193,13 @@ def run_job(run: RunRequest, model: ModelRequest, ready: ModelReady | None) -> I
                 f"{info.in_channels}; pick the matching image layer"
             )
         config = run.config.replace(spatial_dims=info.spatial_dims)
+        yield prepare_layers(run, config, info.out_channels)
+        # Adding a napari layer costs the GUI thread ~0.1 s, and more while the engine competes
+        # for the CPU and the GIL: the layers are added before the engine starts.
+        deadline = time.monotonic() + LAYERS_WAIT_S
+        while not run.layers_ready.wait(0.05):
+            if run.cancel.is_set() or time.monotonic() > deadline:
+                break
         yield from run_check(
             run.volume,
             loaded.module,

@@ -1,20 +1,133 @@
-"""The result layers of a run in the viewer: added at the start, re-read while tiles finish.
+"""The result layers of a run in the viewer: added while the run starts, refreshed while tiles finish.
 
-No Qt widgets here: :class:`ResultLayers` only talks to the viewer, so the dock widget stays a form.
+The GUI thread must never wait on the store (a zarr read waits on the GIL the engine holds, and a
+layer appears only after napari built its controls and visual). So:
+
+- reading is done off the GUI thread: the layer descriptions (zarr metadata) and, for a refresh,
+  the slices the visible layers show (:meth:`napari_normcheck._layers.LiveChannel.read_ahead`);
+- the GUI work is cut in steps, one per event-loop turn (:class:`StepQueue`): each new layer is
+  one step, so the viewer draws and answers input between two layers.
+
+No dock widget here: :class:`ResultLayers` only talks to the viewer.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from qtpy.QtCore import QObject, QTimer, Signal  # noqa: TID253 (the Qt layer)
 
 from napari_normcheck import _layers
 from napari_normcheck._qt.region import camera_of
 
+logger = logging.getLogger(__name__)
 
-class ResultLayers:
+#: Outputs the widget shows (the store holds more; the reader opens them all). Fewer layers: each
+#: new napari layer costs the GUI thread about 0.1 s (controls, visual, first draw).
+WIDGET_OUTPUTS = (
+    "pred_eval",
+    "pred_train",
+    "disparity",
+    "seams_eval",
+    "tile_disparity_soft",
+    "tile_mismatch_eval",
+)
+#: Outputs written while tiles finish (the tile grids and ``feature_z`` come at the end).
+VOXEL_OUTPUTS = ("pred_eval", "pred_train", "disparity", "seams_eval")
+#: Pause between two GUI steps (ms): the event loop draws and handles input in between.
+STEP_MS = 30
+
+
+def step(name: str, function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """``function(*args)`` as a queued step named ``name`` (the name shows in timings)."""
+    call = functools.partial(function, *args)
+    call.step_name = name  # type: ignore[attr-defined]
+    return call
+
+
+class StepQueue(QObject):
+    """Callables run on the GUI thread one per event-loop turn, in order.
+
+    Signals
+    -------
+    drained
+        Emitted when the last queued step has run.
+
+    Attributes
+    ----------
+    timings : list or None
+        When a list, ``(step name, start, end)`` (``time.perf_counter()`` seconds) of every step run
+        (the widget benchmark sets it).
+    """
+
+    drained = Signal()
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._steps: deque[Callable[[], None]] = deque()
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(STEP_MS)
+        self._timer.timeout.connect(self._run_next)
+        self.timings: list[tuple[str, float, float]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def add(self, *steps: Callable[[], None]) -> None:
+        """Queue ``steps`` after those already queued."""
+        self._steps.extend(steps)
+        if not self._timer.isActive():
+            self._timer.start()
+
+    def clear(self) -> None:
+        """Drop the queued steps (a new run replaces the old one's)."""
+        self._steps.clear()
+        self._timer.stop()
+
+    def run_all(self) -> None:
+        """Run every queued step now (for callers that need the result synchronously)."""
+        self._timer.stop()
+        while self._steps:
+            self._steps.popleft()()
+        self.drained.emit()
+
+    def _run_next(self) -> None:
+        if self._steps:
+            step = self._steps.popleft()
+            start = time.perf_counter()
+            try:
+                step()
+            finally:
+                if self.timings is not None:
+                    name = getattr(step, "step_name", getattr(step, "__qualname__", "step"))
+                    self.timings.append((name, start, time.perf_counter()))
+                if self._steps:
+                    self._timer.start()
+                else:
+                    self.drained.emit()
+
+
+@dataclass
+class StoreRead:
+    """What an off-thread read of the store found (no napari objects: built in a worker thread)."""
+
+    path: Path
+    tuples: list[_layers.LayerDataTuple]
+    tile_values: np.ndarray | None
+    feature_grid: tuple | None = None
+
+
+class ResultLayers(QObject):
     """The image and tile-outline layers of the current run.
 
     Parameters
@@ -34,9 +147,19 @@ class ResultLayers:
         Image layers by name (kept, and re-pointed, across runs).
     tiles_layer : napari.layers.Shapes or None
         The outlines of the tiles' write boxes.
+    steps : StepQueue
+        GUI work waiting for its event-loop turn.
+
+    Signals
+    -------
+    settled
+        Emitted when no read is in flight and no step is queued.
     """
 
+    settled = Signal()
+
     def __init__(self, viewer: Any) -> None:
+        super().__init__()
         self.viewer = viewer
         self.plan: Any = None
         self.input_scale: tuple[float, ...] = (1.0, 1.0, 1.0)
@@ -47,6 +170,136 @@ class ResultLayers:
         self.feature_layer: Any = None
         self.store_path: Path | None = None
         self.run_out: Path | None = None
+        self.steps = StepQueue(self)
+        self.steps.drained.connect(self._maybe_settled)
+        self._reads_in_flight = 0
+        self._refreshing = False
+        self._refresh_pending = False
+        self._pending_values: np.ndarray | None = None
+        self._run_id = 0
+        self._synchronous = False  # show(): every step now, on the calling thread
+
+    # --- state ----------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """A read is in flight or GUI steps wait."""
+        return self._reads_in_flight > 0 or len(self.steps) > 0
+
+    def _maybe_settled(self) -> None:
+        if not self.busy:
+            self.settled.emit()
+
+    def _off_thread(
+        self,
+        function: Callable[[], Any],
+        done: Callable[[Any], None],
+        finished: Callable[[], None] | None = None,
+    ) -> None:
+        """Run ``function`` in a worker thread; ``done(result)`` runs on the GUI thread after.
+
+        Results of a run that was replaced meanwhile (or of a failed read) are dropped;
+        ``finished`` is called on the GUI thread in every case, after ``done``.
+        """
+        from napari.qt.threading import create_worker
+
+        run_id = self._run_id
+
+        def guarded() -> Any:
+            try:
+                return function()
+            except Exception:  # a store being swapped: the next read sees the new one
+                logger.debug("reading the store failed", exc_info=True)
+                return None
+
+        def returned(result: Any) -> None:
+            if result is not None and run_id == self._run_id:
+                done(result)
+
+        def on_finished() -> None:
+            self._reads_in_flight -= 1
+            if finished is not None:
+                finished()
+            self._maybe_settled()
+
+        worker = create_worker(guarded, _start_thread=False)
+        worker.returned.connect(returned)
+        worker.finished.connect(on_finished)
+        self._reads_in_flight += 1
+        worker.start()
+
+    # --- reading the store (any thread) -----------------------------------------------------------
+
+    def _candidates(self, path: Path) -> list[Path]:
+        return [path] + ([self.run_out] if self.run_out not in (None, path) else [])
+
+    def read_store(
+        self, path: Path, names: tuple[str, ...] = WIDGET_OUTPUTS, features: bool = False
+    ) -> StoreRead | None:
+        """Layer data and per-tile disparity from ``path``, or from the run's final output.
+
+        A run that overwrites an earlier output renames its ``.inprogress`` folder when it completes,
+        which may happen before the store is read. Safe to call from a worker thread.
+        """
+        for candidate in self._candidates(Path(path)):
+            fallback = self.run_out if self.run_out != candidate else None
+            try:
+                tuples = _layers.image_layers(candidate, self.prefix, names, fallback=fallback)
+                plan = self.plan
+                values = _layers.tile_disparity_values(candidate, plan) if plan else None
+            except (FileNotFoundError, KeyError):
+                continue
+            grid = _layers.feature_z_grid(candidate) if features else None
+            return StoreRead(candidate, tuples, values, grid)
+        return None
+
+    # --- the run's phases -------------------------------------------------------------------------
+
+    def new_run(self) -> None:
+        """A run was started: the previous run's pending GUI steps and reads are dropped."""
+        self._run_id += 1
+        self.steps.clear()
+        self._refreshing = self._refresh_pending = False
+        self.store_path = None
+
+    def prepare(self, layout: Any, prefix: str, ready: threading.Event) -> None:
+        """Add the run's voxel-output layers (all zero) and an empty tiles layer, then set ``ready``.
+
+        Called before the engine starts (it waits for ``ready``): each new layer is one GUI step
+        that does not compete with the engine. Layers that exist already are kept (re-pointed when
+        the store exists).
+
+        Parameters
+        ----------
+        layout : PrepareLayers
+            Shape, placement and channels of the outputs.
+        prefix : str
+            Start of the layer names (the input layer's name).
+        ready : threading.Event
+            Set when the layers exist.
+        """
+        self.prefix = prefix
+        tuples = _layers.placeholder_layers(
+            prefix,
+            VOXEL_OUTPUTS,
+            layout.n_channels,
+            layout.shape,
+            layout.scale,
+            layout.translation,
+            layout.params,
+        )
+        shown = {name for name, layer in self.layers.items() if layer in self.viewer.layers}
+        new = [(data, kwargs) for data, kwargs, _kind in tuples if kwargs["name"] not in shown]
+        visible = [item for item in new if item[1].get("visible", True)]
+        hidden = [item for item in new if not item[1].get("visible", True)]
+        steps = [step(f"add {kw['name']}", self._add, data, kw) for data, kw in visible]
+        steps += [step(f"add {kw['name']}", self._add, data, kw) for data, kw in hidden]
+        self.steps.add(*steps)
+        self.plan = layout.plan
+        if layout.plan is None or self._tiles_show(layout.plan):
+            self.steps.add(step("layers ready", ready.set))
+        else:
+            self._build_tiles(None, then=ready.set)
 
     def start(
         self,
@@ -56,25 +309,167 @@ class ResultLayers:
         scale: tuple[float, ...],
         translate: tuple[float, ...],
     ) -> None:
-        """A run started writing ``out``: show its (still empty) outputs and its tiles."""
+        """A run started writing ``out``: point the layers at its store and outline its tiles."""
         self.plan, self.prefix = plan, prefix
         self.input_scale, self.input_translate = scale, translate
         self.run_out = Path(out)
         in_progress = self.run_out.with_name(self.run_out.name + ".inprogress")
         self.store_path = in_progress if in_progress.exists() else self.run_out
-        self.show(self.store_path)
+        path = self.store_path
+        self._off_thread(
+            lambda: self.read_store(path, VOXEL_OUTPUTS), lambda read: self._queue_layers(read)
+        )
+
+    def finish(self, path: Path, then: Callable[[StoreRead], None] | None = None) -> None:
+        """The run ended (finished or stopped): add the remaining layers, show the final values.
+
+        Parameters
+        ----------
+        path : Path
+            The store to show.
+        then : callable, optional
+            Called with the final :class:`StoreRead` as the last GUI step.
+        """
+        self._off_thread(
+            lambda: self.read_store(Path(path), WIDGET_OUTPUTS, features=True),
+            lambda read: self._queue_final(read, then),
+        )
+
+    def refresh(self, tile_values: np.ndarray | None = None) -> None:
+        """Show what the run has written so far: the visible layers' slices are read off-thread.
+
+        At most one refresh is in flight; the last one asked for meanwhile follows it.
+        """
+        if self.store_path is None:
+            return
+        if self._refreshing:
+            self._refresh_pending = True
+            if tile_values is not None:
+                self._pending_values = tile_values
+            return
+        self._refreshing = True
+        shown = self._visible_live_layers()
+        self._off_thread(
+            lambda: [(layer, data.read_ahead()) for layer, data in shown],
+            lambda prepared: self.steps.add(
+                step("refresh", self._show_prepared, prepared, tile_values)
+            ),
+            finished=lambda: self.steps.add(step("refresh done", self._refresh_done)),
+        )
+
+    def _refresh_done(self) -> None:
+        self._refreshing = False
+        if self._refresh_pending:
+            self._refresh_pending = False
+            values, self._pending_values = self._pending_values, None
+            self.refresh(values)
+
+    # --- GUI steps ----------------------------------------------------------------------------------
+
+    def _visible_live_layers(self) -> list[tuple[Any, _layers.LiveChannel]]:
+        return [
+            (layer, layer.data)
+            for layer in self.layers.values()
+            if layer in self.viewer.layers
+            and layer.visible
+            and isinstance(layer.data, _layers.LiveChannel)
+        ]
+
+    def _show_prepared(self, prepared: list[tuple[Any, dict]], tile_values: Any) -> None:
+        """Hand the slices read off-thread to the layers and re-slice them (memory only)."""
+        for layer, slices in prepared:
+            if layer in self.viewer.layers and slices:
+                layer.data.use(slices)
+                layer.refresh()
+        self._update_tiles(tile_values)
+
+    def _queue_layers(self, read: StoreRead, final: bool = False) -> None:
+        """Queue one step per layer to add (or re-point), visible layers first."""
+        self.store_path = read.path
+        store = str(read.path)
+        new, repoint = [], []
+        for data, kwargs, _kind in read.tuples:
+            layer = self.layers.get(kwargs["name"])
+            if layer is not None and layer in self.viewer.layers:
+                if final:
+                    continue  # already reading this run's store (it follows the final rename)
+                repoint.append((layer, data, kwargs))
+            else:
+                kwargs["metadata"] = {**kwargs["metadata"], "normcheck_store": store}
+                new.append((data, kwargs))
+        steps = [step(f"repoint {a[0].name}", self._repoint, *a, store) for a in repoint]
+        visible = [item for item in new if item[1].get("visible", True)]
+        hidden = [item for item in new if not item[1].get("visible", True)]
+        steps += [step(f"add {kw['name']}", self._add, data, kw) for data, kw in visible]
+        if self.plan is not None and not final:
+            steps.append(step("tiles", self._show_tiles, read.tile_values))
+        steps += [step(f"add {kw['name']}", self._add, data, kw) for data, kw in hidden]
+        self.steps.add(*steps)
+
+    def _queue_final(self, read: StoreRead, then: Callable[[StoreRead], None] | None) -> None:
+        self._queue_layers(read, final=True)
+        steps: list[Callable[[], None]] = []
+        if self.plan is not None and (
+            self.tiles_layer is None or self.tiles_layer not in self.viewer.layers
+        ):
+            steps.append(step("tiles", self._show_tiles, read.tile_values))
+        shown = self._visible_live_layers()
+
+        def show_final() -> None:
+            # The final values: read off-thread, shown, then napari reads the store directly again.
+            self._off_thread(
+                lambda: [(layer, data.read_ahead()) for layer, data in shown],
+                lambda prepared: self.steps.add(
+                    step("final refresh", self._show_prepared, prepared, read.tile_values),
+                    step("contrast", self._settle_contrast),
+                    *([step("then", then, read)] if then is not None else []),
+                ),
+            )
+
+        steps.append(step("read final slices", show_final))
+        self.steps.add(*steps)
+
+    def _settle_contrast(self) -> None:
+        """Outputs without fixed contrast limits (logits) get limits from the shown data."""
+        for layer in self.layers.values():
+            if layer in self.viewer.layers and isinstance(layer.data, _layers.LiveChannel):
+                if layer.metadata.get("contrast_from_data") and layer.visible:
+                    layer.reset_contrast_limits()
+                layer.data.use({})  # from now on napari reads the store itself
+
+    def _add(self, data: Any, kwargs: dict[str, Any]) -> None:
+        name = kwargs["name"]
+        if name in self.layers and self.layers[name] in self.viewer.layers:
+            return
+        self.layers[name] = self.viewer.add_image(data, **kwargs)
+
+    def _repoint(self, layer: Any, data: Any, kwargs: dict[str, Any], store: str) -> None:
+        """A new run writes another store: the layer reads it (placement updated only if moved)."""
+        layer.data = data
+        if tuple(layer.scale) != tuple(kwargs["scale"]):
+            layer.scale = kwargs["scale"]
+        if tuple(layer.translate) != tuple(kwargs["translate"]):
+            layer.translate = kwargs["translate"]
+        fixed = not kwargs["metadata"].get("contrast_from_data")
+        if fixed and tuple(layer.contrast_limits) != tuple(kwargs["contrast_limits"]):
+            layer.contrast_limits = kwargs["contrast_limits"]
+        layer.metadata["contrast_from_data"] = not fixed
+        layer.metadata["normcheck_store"] = store
+        layer.metadata["run"] = kwargs["metadata"].get("run")
+
+    # --- synchronous use (tests, callers outside a run) -----------------------------------------------
 
     def show(
         self, path: Path, final: bool = False, tile_values: np.ndarray | None = None
     ) -> np.ndarray | None:
-        """Add (or re-point) the result layers at the store ``path``.
+        """Add (or re-point) the result layers at the store ``path`` now, on the calling thread.
 
         Parameters
         ----------
         path : Path
             The store (a run's ``.inprogress`` folder while it overwrites an earlier output).
         final : bool
-            The run is over: outputs without fixed contrast limits (logits) get limits from the data.
+            Also the outputs written at the end (tile grids).
         tile_values : numpy.ndarray, optional
             Per-tile disparity to use when the store holds no tile grid (yet).
 
@@ -83,96 +478,95 @@ class ResultLayers:
         numpy.ndarray or None
             The per-tile disparity shown in the tiles layer.
         """
-        read = self._read(Path(path))
+        read = self.read_store(Path(path), WIDGET_OUTPUTS if final else VOXEL_OUTPUTS)
         if read is None:
             return None
-        tuples, values = read
-        for data, kwargs, _kind in tuples:
-            name = kwargs["name"]
-            layer = self.layers.get(name)
-            if layer is not None and layer in self.viewer.layers:
-                layer.data = data
-                layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
-                if "contrast_limits" in kwargs:
-                    layer.contrast_limits = kwargs["contrast_limits"]
-                elif final:
-                    layer.reset_contrast_limits()
-                layer.metadata["normcheck_store"] = str(self.store_path)
-            elif final or kwargs.get("visible", True):
-                # Hidden outputs (train, seams, grids) are added when the run ends: creating every
-                # layer at once would freeze the viewer when the run starts.
-                kwargs["metadata"] = {**kwargs["metadata"], "normcheck_store": str(self.store_path)}
-                self.layers[name] = self.viewer.add_image(data, **kwargs)
-        if self.plan is None:
-            return None
-        if values is None:
-            values = tile_values
-        self._show_tiles(values)
-        return values
+        if read.tile_values is None:
+            read.tile_values = tile_values
+        self.steps.clear()
+        self._queue_layers(read)
+        self._synchronous = True
+        try:
+            self.steps.run_all()
+        finally:
+            self._synchronous = False
+        return read.tile_values
 
-    def _read(self, path: Path) -> tuple[list, np.ndarray | None] | None:
-        """Layer data and per-tile disparity from ``path``, or from the run's final output.
+    # --- tiles ------------------------------------------------------------------------------------------
 
-        A run that overwrites an earlier output renames its ``.inprogress`` folder when it completes,
-        which may happen before the GUI thread reads it.
+    def _tiles_show(self, plan: Any) -> bool:
+        """The tiles layer exists and outlines ``plan``."""
+        layer = self.tiles_layer
+        return (
+            layer is not None
+            and layer in self.viewer.layers
+            and layer.metadata.get("plan") == plan.to_dict()
+        )
+
+    def _build_tiles(
+        self, values: np.ndarray | None, then: Callable[[], None] | None = None
+    ) -> None:
+        """Build the tiles Shapes layer in a worker thread, then put it in the viewer (one step).
+
+        napari's Shapes layer takes seconds to build for thousands of tiles (one Python object and
+        a triangulation per shape); only putting it in the viewer has to happen on the GUI thread.
         """
-        candidates = [path] + ([self.run_out] if self.run_out not in (None, path) else [])
-        for candidate in candidates:
-            fallback = self.run_out if self.run_out != candidate else None
-            try:
-                tuples = _layers.image_layers(candidate, self.prefix, fallback=fallback)
-                values = _layers.tile_disparity_values(candidate, self.plan) if self.plan else None
-            except (FileNotFoundError, KeyError):
-                continue
-            self.store_path = candidate
-            return tuples, values
-        return None
+        from napari.layers import Shapes
+
+        plan, scale, translate = self.plan, self.input_scale, self.input_translate
+        name = f"{self.prefix} tiles"
+
+        def build() -> Any:
+            data, kwargs, _ = _layers.tile_shapes_layer(
+                plan, scale, translate, name=name, disparity=values
+            )
+            kwargs["metadata"] = {**kwargs["metadata"], "plan": plan.to_dict()}
+            return Shapes(data, **kwargs)
+
+        def finished() -> None:
+            if then is not None:
+                self.steps.add(step("layers ready", then))
+
+        self._off_thread(
+            build,
+            lambda layer: self.steps.add(step("tiles", self._put_tiles, layer)),
+            finished=finished,
+        )
+
+    def _put_tiles(self, layer: Any) -> None:
+        old = self.tiles_layer
+        if old is not None and old in self.viewer.layers:
+            self.viewer.layers.remove(old)
+        self.tiles_layer = self.viewer.add_layer(layer)
 
     def _show_tiles(self, values: np.ndarray | None) -> None:
-        data, kwargs, _ = _layers.tile_shapes_layer(
-            self.plan,
-            self.input_scale,
-            self.input_translate,
-            name=f"{self.prefix} tiles",
-            disparity=values,
-        )
-        layer = self.tiles_layer
-        if layer is not None and layer in self.viewer.layers:
-            same_place = (tuple(layer.scale), tuple(layer.translate)) == (
-                tuple(kwargs["scale"]),
-                tuple(kwargs["translate"]),
+        """Outline the plan's tiles (the layer is rebuilt off-thread when the plan changed)."""
+        if self._tiles_show(self.plan):
+            self._update_tiles(values)
+        elif self._synchronous:
+            data, kwargs, _ = _layers.tile_shapes_layer(
+                self.plan,
+                self.input_scale,
+                self.input_translate,
+                name=f"{self.prefix} tiles",
+                disparity=values,
             )
-            if same_place and layer.metadata.get("plan") == self.plan.to_dict():
-                layer.features = kwargs["features"]
-                return
-            self.viewer.layers.remove(layer)
-        kwargs["metadata"] = {**kwargs["metadata"], "plan": self.plan.to_dict()}
-        self.tiles_layer = self.viewer.add_shapes(data, **kwargs)
+            kwargs["metadata"] = {**kwargs["metadata"], "plan": self.plan.to_dict()}
+            from napari.layers import Shapes
 
-    def refresh(self, tile_values: np.ndarray | None = None) -> None:
-        """Re-read the growing store: fresh lazy arrays, so no stale cached chunk is shown."""
-        if self.store_path is None:
-            return
-        if not self.store_path.exists() and self.run_out is not None:
-            self.store_path = self.run_out  # the run completed and its store was swapped in
-        if not self.store_path.exists():
-            return
-        groups = _layers.output_groups(_layers.open_root(self.store_path))
-        fallback = self.run_out if self.run_out != self.store_path else None
-        for layer in self.layers.values():
-            group = layer.metadata.get("normcheck_output")
-            # Re-slicing reads the shown plane on the GUI thread: only visible layers pay for it
-            # while the run goes on; hidden ones are re-pointed when the run ends (show()).
-            if layer not in self.viewer.layers or group not in groups or not layer.visible:
-                continue
-            try:
-                data = _layers.lazy_array(self.store_path, group, fallback)
-            except (KeyError, FileNotFoundError, ValueError):
-                continue  # being rewritten right now: the next refresh shows it
-            layer.data = data[layer.metadata["channel"]]
+            self._put_tiles(Shapes(data, **kwargs))
+        else:
+            self._build_tiles(values)
+
+    def _update_tiles(self, values: np.ndarray | None) -> None:
+        """New per-tile disparity: the outlines' features and edge colours."""
         tiles = self.tiles_layer
-        if tiles is not None and tiles in self.viewer.layers and tile_values is not None:
-            tiles.features = _layers.tile_features(self.plan, tile_values)
+        if tiles is None or tiles not in self.viewer.layers or values is None:
+            return
+        tiles.features = _layers.tile_features(self.plan, values)
+        tiles.edge_color = _layers.tile_edge_colors(values)
+
+    # --- feature z and navigation -----------------------------------------------------------------
 
     def show_feature_z(self, layer: int = 0, channel: int | None = None) -> Any:
         """Add (or update) the ``feature z`` layer from the current store; ``None`` when it has none.

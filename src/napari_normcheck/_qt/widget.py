@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import Qt  # noqa: TID253 (the Qt layer)
+from qtpy.QtCore import Qt, Signal  # noqa: TID253 (the Qt layer)
 from qtpy.QtWidgets import (  # noqa: TID253
     QCheckBox,
     QComboBox,
@@ -46,7 +46,7 @@ from napari_normcheck._qt.region import (
     shapes_roi,
     spatial_transform,
 )
-from napari_normcheck._qt.results import ResultLayers
+from napari_normcheck._qt.results import ResultLayers, step
 from napari_normcheck._qt.settings import SettingsBox
 from napari_normcheck._qt.tile_table import SORT_KEYS, TileTable
 from napari_normcheck.core.errors import NormcheckError
@@ -76,7 +76,14 @@ class NormcheckWidget(QWidget):
     ----------
     napari_viewer : napari.Viewer
         The viewer whose image layers are offered and where results appear.
+
+    Signals
+    -------
+    run_settled
+        A run's worker has finished and its results are all shown (layers, table, plots).
     """
+
+    run_settled = Signal()
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__()
@@ -84,7 +91,9 @@ class NormcheckWidget(QWidget):
         self.model_ready: jobs.ModelReady | None = None
         self.worker: Any = None
         self.cancel_event: threading.Event | None = None
+        self.run_request: jobs.RunRequest | None = None
         self.results = ResultLayers(napari_viewer)
+        self.results.settled.connect(self._check_settled)
         self.run_out: Path | None = None
         self.run_input: tuple[str, tuple[float, ...], tuple[float, ...]] = ("", (), ())
         self.last_refresh = 0.0
@@ -480,8 +489,9 @@ class NormcheckWidget(QWidget):
         worker.yielded.connect(self._on_item)
         worker.finished.connect(self._on_worker_finished)
         self.worker = worker
+        self.run_request = request
         self.finished_event = None
-        self.results.store_path = None
+        self.results.new_run()
         self.tile_table.clear_records()
         self.histogram.set_values([])
         self.progress.setValue(0)
@@ -509,6 +519,10 @@ class NormcheckWidget(QWidget):
                 self.model_label.setText("no model loaded")
         elif isinstance(item, jobs.ModelReady):
             self._show_model(item)
+        elif isinstance(item, jobs.PrepareLayers):
+            self.status_label.setText("adding the result layers…")
+            self.results.input_scale, self.results.input_translate = self.run_input[1:]
+            self.results.prepare(item, self.run_input[0], self.run_request.layers_ready)
         elif isinstance(item, RunStarted):
             self._on_started(item)
         elif isinstance(item, TileDone):
@@ -535,7 +549,8 @@ class NormcheckWidget(QWidget):
         if event.metrics:
             self.tile_table.add_record(event.metrics, redraw=False)
         now = time.monotonic()
-        if now - self.last_refresh >= REFRESH_SECONDS or event.n_done == event.n_total:
+        # The last tile's values are shown by the end of the run (RunFinished or the worker's end).
+        if now - self.last_refresh >= REFRESH_SECONDS and event.n_done < event.n_total:
             self.last_refresh = now
             self.tile_table.redraw()
             values = self.tile_values()
@@ -550,7 +565,7 @@ class NormcheckWidget(QWidget):
         summary = event.summary
         if summary.get("tiles"):
             self.tile_table.set_records(summary["tiles"])
-        self.show_results(Path(event.out), final=True)
+        self.results.finish(Path(event.out), then=self._show_final)
         disparity = summary.get("disparity", {})
         soft = disparity.get("soft")
         text = f"done: {summary.get('n_tiles')} tiles in {summary['timing']['total']:.1f} s"
@@ -575,9 +590,19 @@ class NormcheckWidget(QWidget):
         if self.finished_event is None and store is not None:
             self.tile_table.redraw()
             if store.exists():
-                self.show_results(store, final=True)
+                self.results.finish(store, then=self._show_final)
             if self.cancel_event is not None and self.cancel_event.is_set():
                 self.status_label.setText(f"stopped; the partial output is kept in {store}")
+        self._check_settled()
+
+    def _check_settled(self) -> None:
+        if self.worker is None and not self.results.busy:
+            self.run_settled.emit()
+
+    @property
+    def settled(self) -> bool:
+        """No run is going on and every result of the last one is shown."""
+        return self.worker is None and not self.results.busy
 
     # --- result layers ----------------------------------------------------------------------------
 
@@ -599,24 +624,31 @@ class NormcheckWidget(QWidget):
             values[index] = _largest(record.get("disparity_soft"))
         return values
 
-    def show_results(self, path: Path, final: bool = False) -> None:
-        """Show the store ``path`` in the result layers, tile outlines and histogram."""
-        values = self.results.show(path, final=final, tile_values=self.tile_values())
-        if values is not None:
-            self.histogram.set_values(values)
-        if final:
-            self.show_features()
+    def _show_final(self, read: Any) -> None:
+        """The run's last GUI step: histogram, feature statistics (their layer is one more step)."""
+        if read.tile_values is not None:
+            self.histogram.set_values(read.tile_values)
+        self.show_features(read.feature_grid, defer=True)
 
     # --- feature statistics -------------------------------------------------------------------------
 
-    def show_features(self) -> None:
-        """Read the store's ``feature_z``: fill the layer choice, show the layer and the scatter."""
+    def show_features(self, read: tuple | None = None, defer: bool = False) -> None:
+        """Fill the feature layer choice from the store's ``feature_z``; show its layer and scatter.
+
+        Parameters
+        ----------
+        read : tuple, optional
+            :func:`napari_normcheck._layers.feature_z_grid` of the store, read when not given.
+        defer : bool
+            Add the ``feature z`` layer in a GUI step of its own (at the end of a run).
+        """
         from napari_normcheck import _layers
 
-        path = self.results.store_path
-        if path is not None and not path.exists() and self.results.run_out is not None:
-            path = self.results.run_out
-        read = _layers.feature_z_grid(path) if path is not None else None
+        if read is None:
+            path = self.results.store_path
+            if path is not None and not path.exists() and self.results.run_out is not None:
+                path = self.results.run_out
+            read = _layers.feature_z_grid(path) if path is not None else None
         if read is None:
             self.update_scatter()
             return
@@ -629,9 +661,9 @@ class NormcheckWidget(QWidget):
         if current in names:
             self.feature_layer_combo.setCurrentText(current)
         self.feature_layer_combo.blockSignals(False)
-        self._on_feature_layer()
+        self._on_feature_layer(defer=defer)
 
-    def _on_feature_layer(self, *_args: Any) -> None:
+    def _on_feature_layer(self, *_args: Any, defer: bool = False) -> None:
         """A layer was chosen: offer its channels (its strongest first chosen) and redraw."""
         from napari_normcheck import _layers
 
@@ -646,15 +678,20 @@ class NormcheckWidget(QWidget):
         self.feature_channel_combo.addItems([str(c) for c in range(n_channels)])
         self.feature_channel_combo.setCurrentIndex(min(channel, n_channels - 1))
         self.feature_channel_combo.blockSignals(False)
-        self._on_feature_channel()
+        self._on_feature_channel(defer=defer)
         self.update_scatter()
 
-    def _on_feature_channel(self, *_args: Any) -> None:
+    def _on_feature_channel(self, *_args: Any, defer: bool = False) -> None:
         """Show the chosen layer and channel in the ``feature z`` layer."""
         layer = self.feature_layer_combo.currentIndex()
         channel = self.feature_channel_combo.currentIndex()
         if layer >= 0 and channel >= 0:
-            self.results.show_feature_z(layer, channel)
+            if defer:
+                self.results.steps.add(
+                    step("add feature z", self.results.show_feature_z, layer, channel)
+                )
+            else:
+                self.results.show_feature_z(layer, channel)
 
     def update_scatter(self) -> None:
         """Plot the chosen layer's per-tile input means against its running statistics."""
