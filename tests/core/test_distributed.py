@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def reference(tmp_path_factory, loaded, volume):
         if kind not in cache:
             out = folder / f"{kind}.zarr"
             events = list(run_check(volume, loaded.module, CONFIGS[kind], out))
-            cache[kind] = (read_arrays(out), events[-1].summary)
+            cache[kind] = (read_arrays(out), events[-1].summary, out)
         return cache[kind]
 
     return get
@@ -170,7 +171,7 @@ def summary_of(events):
 
 
 def assert_same_run(out, summary, expected, *, exact: bool):
-    expected_arrays, expected_summary = expected
+    expected_arrays, expected_summary, _ = expected
     got = read_arrays(out)
     for name in ARRAYS:
         if exact:
@@ -237,6 +238,26 @@ def test_local_cluster_has_one_thread_per_worker_process():
         cluster = local.cluster
     assert len(pids) == 2 and os.getpid() not in pids
     assert cluster.status.name == "closed"
+
+
+def test_failed_overwrite_keeps_the_earlier_output(tmp_path, client, loaded, reference):
+    """A run that fails on a worker (NaN in the input) leaves an earlier complete OUT untouched."""
+    out = tmp_path / "o.zarr"
+    bad = synthetic_volume(SHAPE)
+    bad[3, 40, 45] = np.nan
+    with pytest.raises(NormcheckError, match="already exists"):
+        list(distributed_run(open_volume(bad), loaded, "crop", reference("crop")[2], client=client))
+    shutil.copytree(reference("crop")[2], out)
+    with pytest.raises(NormcheckError, match="NaN or Inf"):
+        list(
+            distributed_run(
+                open_volume(bad), loaded, "crop", out, client=client, overwrite=True, retries=0
+            )
+        )
+    assert is_complete(out)
+    np.testing.assert_array_equal(
+        zarr.open_group(str(out), mode="r")["pred_eval/0"][:], reference("crop")[0]["pred_eval"]
+    )
 
 
 def test_default_blocks(tmp_path, client, loaded, volume, reference):
@@ -364,11 +385,12 @@ def test_worker_killed_mid_run(tmp_path, client, loaded, volume, reference):
     """
     pids = client.run(os.getpid)
     events = []
-    killed = False
+    killed_at = None
     for event in distributed_run(volume, loaded, "constant", tmp_path / "o.zarr", client=client):
         events.append(event)
-        if isinstance(event, BlockDone) and not killed:
+        if isinstance(event, BlockDone) and killed_at is None:
             os.kill(next(iter(pids.values())), signal.SIGKILL)
-            killed = True
-    assert killed
+            killed_at = len(events)
+    assert killed_at is not None
+    assert any(isinstance(e, BlockDone) for e in events[killed_at:])  # blocks ran after the kill
     assert_same_run(tmp_path / "o.zarr", summary_of(events), reference("constant"), exact=False)

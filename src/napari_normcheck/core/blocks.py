@@ -24,6 +24,8 @@ import numpy as np
 from napari_normcheck.core.tiling import Tile, TilePlan
 
 ChunkIndex = tuple[int, int, int]
+# Largest default block, in output chunks (about 13 x 13 x 13): bounds the work a lost worker takes with it.
+MAX_BLOCK_CHUNKS = 2048
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,12 @@ class Block:
 
 
 def default_block_chunks(plan: TilePlan, n_workers: int) -> tuple[int, int, int]:
-    """Block shape in chunks: about four blocks per worker, large enough to keep rerun tiles few.
+    """Block shape in chunks: about four blocks per worker, each large enough to rerun few tiles.
 
-    Tiles that straddle a block border run in both blocks, so blocks are kept at least two chunks
-    wide per axis, unless that leaves fewer blocks than workers.
+    A tile on a block border runs in every block it touches; with blocks of ``m`` chunks per axis
+    about ``((m + 1) / m) ** 3`` tile runs per tile. Blocks are therefore kept at least four chunks
+    wide per axis (unless that leaves fewer blocks than workers) and at most
+    :data:`MAX_BLOCK_CHUNKS` chunks, so that a lost worker or an interrupted run loses little.
 
     Parameters
     ----------
@@ -85,12 +89,13 @@ def default_block_chunks(plan: TilePlan, n_workers: int) -> tuple[int, int, int]
     """
     grid = list(plan.chunk_grid)
     block = list(grid)
+    n_workers = max(n_workers, 1)
 
     def n_blocks() -> int:
         return math.prod(-(-g // b) for g, b in zip(grid, block))
 
-    for smallest, target in ((2, 4 * max(n_workers, 1)), (1, max(n_workers, 1))):
-        while n_blocks() < target:
+    for smallest, target in ((4, 4 * n_workers), (1, n_workers)):
+        while n_blocks() < target or math.prod(block) > MAX_BLOCK_CHUNKS:
             axis = int(np.argmax(block))
             if block[axis] <= smallest:
                 break

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -284,6 +285,7 @@ def run_check_distributed(
         "tiles_run": int(sum(r["tiles_run"] for r in finished.values())),
     }
     remove_block_records(final_path)
+    shutil.rmtree(final_path / ".scratch", ignore_errors=True)  # emptied spill folders of blocks
     yield RunFinished(out=final_path, summary=summary)
 
 

@@ -1,0 +1,134 @@
+"""Distributed runs: 1 vs 2 local worker processes (one thread each) on the same input, and equality.
+
+Run: ``python benchmarks/bench_distributed.py [--quick] [--shape Z,Y,X]``. Prints the time of a
+single-process run (torch limited to one thread), of a distributed run on 1 and on 2 local workers
+with the same blocks, the speed-up 1 -> 2 workers, the tiles run per block layout (tiles on block
+borders run in each block they touch) and the largest difference of every output against the
+single-process run. Asserts nothing.
+
+Cluster start-up (worker processes importing torch) is excluded from the run times: the workers are
+started and warmed first, as a long-lived cluster would be. Loading the model on the workers (the
+worker plugin) is included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_engine import TILE, make_model, make_zarr  # noqa: E402
+
+OUTPUTS = ("pred_eval", "pred_train", "disparity", "seams_eval", "seams_train", "tile_disparity")
+ARCH_KWARGS = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 2,
+    "features": [8, 16, 32, 64, 128, 8],
+    "norm": "batch",
+    "dropout": 0.0,
+}
+
+
+def _warm() -> int:
+    import os
+
+    import monai.networks.nets  # noqa: F401 (import cost paid before timing)
+
+    return os.getpid()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small volume (32,128,192)")
+    parser.add_argument("--shape", help="volume Z,Y,X (default 64,192,192)")
+    args = parser.parse_args()
+    shape = (32, 128, 192) if args.quick else (64, 192, 192)
+    if args.shape:
+        shape = tuple(int(v) for v in args.shape.split(","))
+
+    from distributed import LocalCluster
+
+    from napari_normcheck.core.blocks import default_block_chunks
+    from napari_normcheck.core.config import RunConfig
+    from napari_normcheck.core.distributed import ModelSpec, open_client, run_check_distributed
+    from napari_normcheck.core.engine import RunFinished, run_check
+    from napari_normcheck.core.models import load_model
+    from napari_normcheck.core.runsteps import prepare_run
+    from napari_normcheck.core.volume import open_volume
+
+    torch.set_num_threads(1)  # the single-process reference uses one core, as one worker does
+    config = RunConfig(tile=TILE, overlap=0.25, normalize="minmax:0,255", activation="sigmoid")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        make_zarr(folder / "v.zarr", shape)
+        torch.save(make_model().state_dict(), folder / "m.pt")
+        loaded = load_model(
+            folder / "m.pt", arch="monai.networks.nets.BasicUNet", arch_kwargs=ARCH_KWARGS
+        )
+        volume = open_volume(str(folder / "v.zarr"))
+        source = {"source": str(folder / "v.zarr")}
+        plan = prepare_run(volume, config, divisor=16).plan
+        block_chunks = default_block_chunks(plan, 2)
+        print(
+            f"volume {shape}, tile {TILE}, {plan.n_tiles} tiles, chunk grid {plan.chunk_grid}, "
+            f"blocks of {block_chunks} chunks"
+        )
+
+        t0 = time.perf_counter()
+        for _event in run_check(volume, loaded.module, config, folder / "single.zarr", divisor=16):
+            pass
+        single = time.perf_counter() - t0
+        print(f"single process, 1 torch thread: {single:.2f} s")
+
+        times, tiles_run = {}, {}
+        for n_workers in (1, 2):
+            cluster = LocalCluster(
+                n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            )
+            with open_client(client=None, n_workers=None, scheduler=cluster.scheduler_address) as c:
+                c.run(_warm)
+                t0 = time.perf_counter()
+                for event in run_check_distributed(
+                    volume,
+                    loaded.module,
+                    config,
+                    folder / f"w{n_workers}.zarr",
+                    model_spec=ModelSpec.from_loaded(loaded),
+                    client=c,
+                    volume_source=source,
+                    divisor=16,
+                    block_chunks=block_chunks,
+                ):
+                    if isinstance(event, RunFinished):
+                        tiles_run[n_workers] = event.summary["distributed"]["tiles_run"]
+                times[n_workers] = time.perf_counter() - t0
+            cluster.close()
+            print(
+                f"{n_workers} worker(s) x 1 thread: {times[n_workers]:.2f} s "
+                f"({tiles_run[n_workers]} tile runs for {plan.n_tiles} tiles)"
+            )
+        print(f"speed-up 1 -> 2 workers: {times[1] / times[2]:.2f}x")
+        print(f"2 workers vs single process: {single / times[2]:.2f}x")
+
+        import zarr
+
+        reference = zarr.open_group(str(folder / "single.zarr"), mode="r")
+        for n_workers in (1, 2):
+            root = zarr.open_group(str(folder / f"w{n_workers}.zarr"), mode="r")
+            diffs = {
+                name: float(np.nanmax(np.abs(root[f"{name}/0"][:] - reference[f"{name}/0"][:])))
+                for name in OUTPUTS
+            }
+            shown = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+            print(f"{n_workers} worker(s) vs single process, max |difference|: {shown}")
+
+
+if __name__ == "__main__":
+    main()
