@@ -178,6 +178,7 @@ class ResultLayers(QObject):
         self._pending_values: np.ndarray | None = None
         self._run_id = 0
         self._synchronous = False  # show(): every step now, on the calling thread
+        self._placeholders = []
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -261,6 +262,7 @@ class ResultLayers(QObject):
         self.steps.clear()
         self._refreshing = self._refresh_pending = False
         self.store_path = None
+        self._placeholders: list[Any] = []  # layers added for this run before its store existed
 
     def prepare(self, layout: Any, prefix: str, ready: threading.Event) -> None:
         """Add the run's voxel-output layers (all zero) and an empty tiles layer, then set ``ready``.
@@ -310,6 +312,7 @@ class ResultLayers(QObject):
         translate: tuple[float, ...],
     ) -> None:
         """A run started writing ``out``: point the layers at its store and outline its tiles."""
+        self._placeholders = []
         self.plan, self.prefix = plan, prefix
         self.input_scale, self.input_translate = scale, translate
         self.run_out = Path(out)
@@ -442,6 +445,16 @@ class ResultLayers(QObject):
         if name in self.layers and self.layers[name] in self.viewer.layers:
             return
         self.layers[name] = self.viewer.add_image(data, **kwargs)
+        self._placeholders.append(self.layers[name])
+
+    def discard_placeholders(self) -> None:
+        """The run failed before its store existed: remove the layers added for it (still empty)."""
+        self.steps.clear()
+        for layer in self._placeholders:
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+        self._placeholders = []
+        self._maybe_settled()
 
     def _repoint(self, layer: Any, data: Any, kwargs: dict[str, Any], store: str) -> None:
         """A new run writes another store: the layer reads it (placement updated only if moved)."""
@@ -538,6 +551,8 @@ class ResultLayers(QObject):
         if old is not None and old in self.viewer.layers:
             self.viewer.layers.remove(old)
         self.tiles_layer = self.viewer.add_layer(layer)
+        if self.store_path is None:
+            self._placeholders.append(self.tiles_layer)
 
     def _show_tiles(self, values: np.ndarray | None) -> None:
         """Outline the plan's tiles (the layer is rebuilt off-thread when the plan changed)."""

@@ -475,6 +475,7 @@ class NormcheckWidget(QWidget):
             config = self.build_config(volume.spatial_shape, layer)
         except NormcheckError as error:
             _show_error(str(error))
+            self.status_label.setText(f"error: {error}")
             return None
         self.run_input = (layer.name, scale, translate)
         if not (resume and getattr(self, "run_out", None) is not None):
@@ -486,7 +487,7 @@ class NormcheckWidget(QWidget):
         worker = thread_worker(jobs.run_job, start_thread=False)(
             request, self.model_request(), self.model_ready
         )
-        worker.yielded.connect(self._on_item)
+        worker.yielded.connect(self._on_run_item)
         worker.finished.connect(self._on_worker_finished)
         self.worker = worker
         self.run_request = request
@@ -508,6 +509,12 @@ class NormcheckWidget(QWidget):
             self.cancel_event.set()
             self.status_label.setText("stopping after the current tile…")
             self.cancel_button.setEnabled(False)
+
+    def _on_run_item(self, item: Any) -> None:
+        if isinstance(item, jobs.JobError):
+            # The run failed before its store existed: its (empty) layers would only mislead.
+            self.results.discard_placeholders()
+        self._on_item(item)
 
     def _on_item(self, item: Any) -> None:
         from napari_normcheck.core.engine import RunFinished, RunStarted, TileDone
