@@ -22,7 +22,7 @@ import pytest
 import torch
 import zarr
 
-from napari_normcheck.core.blocktask import ModelSpec
+from napari_normcheck.core.modelspec import ModelSpec
 from napari_normcheck.core.config import RunConfig
 from napari_normcheck.core.distributed import open_client, run_check_distributed
 from napari_normcheck.core.engine import BlockDone, RunFinished, TileDone, run_check

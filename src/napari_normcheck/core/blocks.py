@@ -1,14 +1,15 @@
-"""Split a run into blocks of whole output chunks for distributed workers: pure NumPy, deterministic.
+"""Split a run into blocks of whole output chunks for distributed workers: pure NumPy.
 
-The tile plan is fixed first, for the whole volume. A block is a box of whole output chunks; the task of
-a block runs every tile whose prediction box touches the block, in global tile order, and writes only
-the block's chunks. Because each chunk's contributing tiles all touch its block and are blended in the
-same order as in a single-process run, blocks give the same outputs, and no two blocks write one chunk.
+The tile plan is fixed first, for the whole volume. A block is a box of whole output chunks; the
+task of a block runs every tile whose prediction box touches the block, in global tile order, and
+writes only the block's chunks. Because each chunk's contributing tiles all touch its block and are
+blended in the same order as in a single-process run, blocks give the same outputs, and no two
+blocks write one chunk.
 
 Every metric has exactly one owner, so sums over blocks count each quantity once:
 
-- a tile's own statistics (disparity over its write box, feature statistics) belong to the block that
-  holds the tile's origin (the first voxel it writes);
+- a tile's own statistics (disparity over its write box, feature statistics) belong to the block
+  that holds the tile's origin (the first voxel it writes);
 - a tile pair's mismatch sums belong to the block that holds the minimum corner of their shared box;
 - a chunk's disparity sums belong to the block that holds the chunk.
 """
@@ -24,7 +25,7 @@ import numpy as np
 from napari_normcheck.core.tiling import Tile, TilePlan
 
 ChunkIndex = tuple[int, int, int]
-# Largest default block, in output chunks (about 13 x 13 x 13): bounds the work a lost worker takes with it.
+# Largest default block in chunks (about 13 x 13 x 13): bounds what a lost worker takes along.
 MAX_BLOCK_CHUNKS = 2048
 
 
@@ -104,7 +105,7 @@ def default_block_chunks(plan: TilePlan, n_workers: int) -> tuple[int, int, int]
 
 
 def plan_blocks(plan: TilePlan, block_chunks: tuple[int, int, int]) -> list[Block]:
-    """Cut the chunk grid of ``plan`` into blocks of ``block_chunks`` chunks (smaller at the far edges).
+    """Cut the chunk grid of ``plan`` into blocks of ``block_chunks`` chunks (smaller at far edges).
 
     Parameters
     ----------
@@ -129,7 +130,8 @@ def plan_blocks(plan: TilePlan, block_chunks: tuple[int, int, int]) -> list[Bloc
             min(r + s * c, e)
             for r, s, c, e in zip(plan.roi_start, stops, plan.chunk_shape, plan.roi_stop)
         )
-        blocks.append(Block(index, tuple(starts), stops, voxel_start, voxel_stop))  # type: ignore[arg-type]
+        block = Block(index, starts, stops, voxel_start, voxel_stop)  # type: ignore[arg-type]
+        blocks.append(block)
     return blocks
 
 
@@ -146,8 +148,8 @@ def block_tiles(plan: TilePlan, block: Block, train_batch: int = 1) -> list[int]
     """Tiles a block's task runs, in global scan order.
 
     Every tile whose prediction box touches the block: the chunks' contributors and both tiles of
-    every pair whose shared box touches it (their seams and mismatch). With ``train_batch > 1`` whole
-    train batches of the global order are run, because tiles in one batch share batch statistics.
+    every pair whose shared box touches it (their seams and mismatch). With ``train_batch > 1``
+    whole train batches of the global order are run: tiles in one batch share batch statistics.
 
     Parameters
     ----------
@@ -175,7 +177,7 @@ def tile_origin(tile: Tile) -> tuple[int, int, int]:
 
 
 def tile_owners(plan: TilePlan, block_chunks: tuple[int, int, int]) -> np.ndarray:
-    """Index of the block owning each tile (the block holding its origin), as :func:`plan_blocks` numbers them."""
+    """Index (as :func:`plan_blocks` numbers blocks) of the block holding each tile's origin."""
     roi_start = np.asarray(plan.roi_start)
     if plan.blend == "crop":
         origins = plan.window_starts + np.asarray(plan.halo)

@@ -1,15 +1,15 @@
 """Run the two-mode check on a dask.distributed cluster, with results equal to a single-process run.
 
 The client fixes the global tile plan, creates OUT.zarr and splits the output chunk grid into blocks
-(:mod:`~napari_normcheck.core.blocks`). One task per block (``client.map`` with retries) runs every tile
-touching the block, in global tile order, and writes only the block's chunks; the model is loaded once
-per worker by a worker plugin (:mod:`~napari_normcheck.core.blocktask`). Each finished block records its
-metric sums, and the client adds them in the single-process order, so the outputs, the tile grids and
-the summary equal :func:`~napari_normcheck.core.engine.run_check`'s.
+(:mod:`~napari_normcheck.core.blocks`). One task per block (``client.map`` with retries) runs every
+tile touching the block, in global tile order, and writes only the block's chunks; the model is
+loaded once per worker by a worker plugin (:mod:`~napari_normcheck.core.blocktask`). Each finished
+block records its metric sums, and the client adds them in the single-process order, so the outputs,
+the tile grids and the summary equal :func:`~napari_normcheck.core.engine.run_check`'s.
 
-Faults: a worker that dies has its blocks rerun elsewhere (chunks are overwritten whole and seams are a
-maximum, so a rerun changes nothing). A run stopped at any point (cancel, a killed client) continues
-with ``resume=True``: blocks recorded in the manifest are kept, the others run again.
+Faults: a worker that dies has its blocks rerun elsewhere (chunks are overwritten whole and seams
+are a maximum, so a rerun changes nothing). A run stopped at any point (cancel, a killed client)
+continues with ``resume=True``: blocks recorded in the manifest are kept, the others run again.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from napari_normcheck.core.blocks import (
     plan_blocks,
     tile_owners,
 )
-from napari_normcheck.core.blocktask import BlockContext, ModelSpec, RunPlugin, run_block_task
 from napari_normcheck.core.config import RunConfig
 from napari_normcheck.core.engine import (
     BlockDone,
@@ -58,6 +57,7 @@ from napari_normcheck.core.manifest import (
 )
 from napari_normcheck.core.metrics import DisparityAccumulator
 from napari_normcheck.core.mismatch import MismatchTracker
+from napari_normcheck.core.modelspec import ModelSpec
 from napari_normcheck.core.runsteps import (
     finish_run,
     make_recorder,
@@ -82,8 +82,8 @@ def open_client(
         Address of a running scheduler (``tcp://host:8786``): any deployment (a workstation,
         dask-jobqueue, dask-cuda's ``LocalCUDACluster``).
     n_workers : int, optional
-        Start a :class:`distributed.LocalCluster` of this many worker processes with one thread each;
-        it is closed on exit.
+        Start a :class:`distributed.LocalCluster` of this many worker processes with one thread
+        each; it is closed on exit.
     client : distributed.Client, optional
         Use this client (not closed on exit).
 
@@ -144,7 +144,7 @@ def run_check_distributed(
     block_chunks: tuple[int, int, int] | None = None,
     retries: int = 2,
 ) -> Iterator[RunStarted | TileDone | BlockDone | RunFinished]:
-    """Run the two-mode check on a dask.distributed cluster, writing the same OUT.zarr as one process.
+    """Run the two-mode check on a dask.distributed cluster, writing what one process would.
 
     Parameters
     ----------
@@ -180,6 +180,9 @@ def run_check_distributed(
     RunStarted, TileDone, BlockDone, RunFinished
         ``TileDone`` for each tile of a finished block (with its metrics), then ``BlockDone``.
     """
+    # Imported here: a single-process run through run_events does not import dask.distributed.
+    from napari_normcheck.core.blocktask import BlockContext, RunPlugin, run_block_task
+
     t_start = time.perf_counter()
     try:
         device = resolve_device(config.device)
@@ -292,7 +295,7 @@ def run_check_distributed(
 def _completed(
     futures: dict[Any, Block], cancel: threading.Event | None
 ) -> Iterator[tuple[Block, dict[str, Any]]]:
-    """Finished blocks as they come (lowest index first among simultaneous ones), until cancelled."""
+    """Finished blocks as they come (lowest index first when several), until cancelled."""
     from distributed import wait
 
     pending = set(futures)
@@ -405,7 +408,11 @@ def run_events(
     -------
     iterator of events
     """
-    if scheduler is None and not n_workers:
+    if scheduler and n_workers:
+        raise NormcheckError("give a scheduler address or a number of workers, not both")
+    if n_workers is not None and n_workers < 1:
+        raise NormcheckError(f"the number of workers must be at least 1, not {n_workers}")
+    if not scheduler and not n_workers:
         return run_check(volume, loaded.module, config, out, **kwargs)
     return run_check_distributed(
         volume,

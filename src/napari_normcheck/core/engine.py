@@ -1,12 +1,13 @@
 """Run the two-mode check in one process: read each tile once, predict it in eval and in train mode.
 
-:func:`run_check` is a generator of small progress events; the command line wraps it in a progress bar
-and the napari widget in a ``thread_worker``. Stopping it between tiles (``close()`` or the ``cancel``
-event) leaves a valid, incomplete OUT.zarr; the model is restored in every case.
+:func:`run_check` is a generator of small progress events; the command line wraps it in a progress
+bar and the napari widget in a ``thread_worker``. Stopping it between tiles (``close()`` or the
+``cancel`` event) leaves a valid, incomplete OUT.zarr; the model is restored in every case.
 
 The steps a distributed run shares with it live here too: :func:`prepare_run` fixes the plan,
 :func:`open_outputs` creates (or reopens) OUT.zarr, :func:`finish_run` writes the tile grids, the
-summary and the completion marker. The tile loop itself is :class:`~napari_normcheck.core.tileloop.TileLoop`.
+summary and the completion marker. The tile loop itself is
+:class:`~napari_normcheck.core.tileloop.TileLoop`.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The steps every run shares, single-process or distributed: fix the plan, open OUT, finish OUT.
 
 :func:`prepare_run` fixes the tile plan, the device, the eval batch and the input normalization;
-:func:`open_outputs` creates OUT.zarr (or reopens an interrupted run's); :func:`finish_run` writes the
-per-tile grids, the summary and, last, the completion marker. Both
+:func:`open_outputs` creates OUT.zarr (or reopens an interrupted run's); :func:`finish_run` writes
+the per-tile grids, the summary and, last, the completion marker. Both
 :func:`~napari_normcheck.core.engine.run_check` and
-:func:`~napari_normcheck.core.distributed.run_check_distributed` call them, so their outputs share one
-layout and one summary.
+:func:`~napari_normcheck.core.distributed.run_check_distributed` call them, so their outputs share
+one layout and one summary.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""The tile loop shared by a single-process run and a distributed block: read, predict, stitch, record.
+"""The tile loop of a single-process run and of a distributed block: read, predict, stitch, record.
 
 :class:`TileLoop` owns the per-run state that tiles feed: the blending accumulator, global disparity
-sums, pairwise mismatch sums, per-tile records and the background writer of finished chunks and seams.
-A single-process run gives it every tile; a distributed block gives it the block's tiles and its box,
-and it then writes only chunks inside the box and keeps records only of the tiles the block owns.
+sums, pairwise mismatch sums, per-tile records and the background writer of finished chunks and
+seams. A single-process run gives it every tile; a distributed block gives it the block's tiles and
+its box, and it then writes only chunks inside the box and keeps records only of the tiles the block
+owns.
 
 Data flow (memory depends on tile size and tiles in flight only):
 reader thread (lazy read + intensity normalization + padding) -> eval/train forwards in batches ->
@@ -46,7 +47,7 @@ MODES = ("eval", "train")
 
 @dataclass(frozen=True)
 class TileResult:
-    """One tile stitched: its record (``None`` when another block owns the tile) and chunks it finished."""
+    """A stitched tile: its record (``None`` if another block owns it) and chunks it finished."""
 
     tile: Tile
     record: dict[str, Any] | None
@@ -191,7 +192,7 @@ class TileLoop:
             self.timing.read += reader.seconds
 
     def _finish_ready(self, pending: deque[TileWork]) -> Iterator[TileResult]:
-        # Tiles are stitched in scan order, which keeps the blending arithmetic identical to MONAI's.
+        # Tiles are stitched in scan order: the blending arithmetic stays identical to MONAI's.
         while pending and len(pending[0].outputs) == len(MODES):
             work = pending.popleft()
             before = self.chunks_written
@@ -206,7 +207,7 @@ class TileLoop:
             yield TileResult(work.tile, record, self.chunks_written - before)
 
     def owns_tile(self, tile: Tile) -> bool:
-        """Whether this loop keeps ``tile``'s record (a block owns the tiles whose origin it holds)."""
+        """Whether this loop keeps ``tile``'s record: a block keeps those whose origin it holds."""
         return self.block is None or self.block.holds_voxel(tile.write_start)
 
     def owned_pair_sums(self) -> dict[str, dict]:
