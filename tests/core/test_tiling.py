@@ -69,3 +69,96 @@ def test_parse_roi():
     assert parse_roi("0:4,1:9,2:7") == ((0, 4), (1, 9), (2, 7))
     with pytest.raises(NormcheckError, match="z0:z1"):
         parse_roi("0-4,1:9")
+
+
+# --- blocks of whole chunks for distributed runs (napari_normcheck.core.blocks) ----------------
+
+BLOCK_PLANS = {
+    "gaussian": dict(overlap=0.3, blend="gaussian", roi=((3, 29), (5, 50), (0, 61))),
+    "crop": dict(blend="crop", halo=(2, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("kind", list(BLOCK_PLANS))
+@pytest.mark.parametrize("block_chunks", [(1, 1, 1), (2, 1, 2), (1, 3, 2), (9, 9, 9)])
+def test_blocks_partition_chunks_and_own_each_tile_and_pair_once(kind, block_chunks):
+    from napari_normcheck.core.blocks import block_tiles, plan_blocks, tile_owners
+    from napari_normcheck.core.mismatch import tile_pairs
+
+    plan = plan_tiles((30, 50, 61), (16, 32, 32), **BLOCK_PLANS[kind])
+    blocks = plan_blocks(plan, block_chunks)
+    # Every output chunk (and voxel) lies in exactly one block.
+    owners = np.zeros(plan.chunk_grid, dtype=int)
+    voxels = np.zeros(plan.roi_shape, dtype=int)
+    for block in blocks:
+        for chunk in block.chunks():
+            owners[chunk] += 1
+        voxels[
+            tuple(slice(a - r, b - r) for a, b, r in zip(block.start, block.stop, plan.roi_start))
+        ] += 1
+    assert (owners == 1).all() and (voxels == 1).all()
+    # Each tile has one owner block, which runs it; tile_owners agrees with the blocks' boxes.
+    tile_owner = tile_owners(plan, block_chunks)
+    for tile in plan.tiles():
+        holding = [b.index for b in blocks if b.holds_voxel(tile.write_start)]
+        assert holding == [tile_owner[tile.index]]
+        assert tile.index in block_tiles(plan, blocks[holding[0]])
+    # A block runs every tile that writes into its chunks, and both tiles of each pair it owns.
+    contributors = {b.index: set() for b in blocks}
+    for tile in plan.tiles():
+        ranges = plan.chunk_range(tile)
+        for block in blocks:
+            if all(
+                a < hi and b > lo
+                for (a, b), lo, hi in zip(ranges, block.chunk_start, block.chunk_stop)
+            ):
+                contributors[block.index].add(tile.index)
+    for block in blocks:
+        assert contributors[block.index] <= set(block_tiles(plan, block))
+    for i, neighbours in tile_pairs(plan).items():
+        for j, (start, _stop) in neighbours:
+            holding = [b for b in blocks if b.holds_voxel(start)]
+            assert len(holding) == 1
+            assert {i, j} <= set(block_tiles(plan, holding[0]))
+
+
+def test_block_tiles_run_whole_train_batches():
+    from napari_normcheck.core.blocks import block_tiles, plan_blocks
+
+    plan = plan_tiles((40, 50, 61), (16, 32, 32), overlap=0.25)
+    for block in plan_blocks(plan, (1, 1, 1)):
+        tiles = block_tiles(plan, block, train_batch=3)
+        batches = {i // 3 for i in tiles}
+        assert tiles == sorted(
+            i for b in batches for i in range(3 * b, min(3 * b + 3, plan.n_tiles))
+        )
+        assert set(block_tiles(plan, block)) <= set(tiles)
+
+
+def test_chunk_completion_order_is_the_accumulators():
+    """The order in which blocks' chunk sums are added is the single-process completion order."""
+    from napari_normcheck.core.blocks import chunk_completion_order
+    from napari_normcheck.core.stitch import ChunkAccumulator
+
+    plan = plan_tiles((30, 50, 61), (16, 32, 32), overlap=0.3)
+    finished = []
+    accumulator = ChunkAccumulator(
+        plan,
+        1,
+        np.ones(plan.window_shape, np.float32),
+        lambda chunk, _slices, _values: finished.append(chunk),
+        "unused",
+    )
+    for tile in plan.tiles():
+        accumulator.add(tile, np.zeros((1, *plan.window_shape), np.float32))
+    assert chunk_completion_order(plan) == finished
+    assert len(finished) == np.prod(plan.chunk_grid)
+
+
+@pytest.mark.parametrize("n_workers", [1, 2, 8])
+def test_default_blocks_give_work_to_every_worker(n_workers):
+    from napari_normcheck.core.blocks import default_block_chunks, plan_blocks
+
+    plan = plan_tiles((64, 192, 192), (32, 64, 64), overlap=0.25)
+    blocks = plan_blocks(plan, default_block_chunks(plan, n_workers))
+    assert n_workers <= len(blocks) <= np.prod(plan.chunk_grid)
