@@ -256,3 +256,17 @@ def test_model_without_running_statistics_is_refused():
     transform = resolve_intensity("none", volume.data)
     with pytest.raises(NormcheckError, match="nothing to recalibrate"):
         recalibrate(model, volume, RecalibrationConfig(tile=TILE, n_tiles=2), transform=transform)
+
+
+def test_padding_counts_as_empty():
+    """A region thinner than the tile leaves padded windows: kept at half content, skipped above."""
+    model = calibrate(tiny_unet("batch"), (1, *TILE))
+    volume = open_volume(synthetic_volume((8, 40, 44)))
+    transform = resolve_intensity("none", volume.data)
+    config = RecalibrationConfig(tile=TILE, n_tiles=2, holdout=0, min_content=0.5)
+    result = recalibrate(model, volume, config, transform=transform)
+    assert all(t.window_start[0] == -4 for t in result.calibration_tiles)  # centred, as MONAI pads
+    with pytest.raises(NormcheckError, match="content mask"):
+        recalibrate(
+            model, volume, dataclasses.replace(config, min_content=0.6), transform=transform
+        )

@@ -152,41 +152,44 @@ def fold_batchnorm(model: nn.Module) -> FoldResult:
     return result
 
 
-def time_eval(model: nn.Module, inputs: list[torch.Tensor], repeats: int = 2) -> float:
-    """Median seconds of one eval forward over ``inputs`` (after one warm-up pass)."""
-    model.eval()
-    times = []
+def time_eval(model: nn.Module, inputs: list[torch.Tensor]) -> float:
+    """Seconds of one eval forward over each of ``inputs``."""
+    t0 = time.perf_counter()
     with torch.inference_mode():
-        for x in inputs[:1]:
+        for x in inputs:
             model(x)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for x in inputs:
-                model(x)
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return time.perf_counter() - t0
 
 
 def fold_speedup(
-    model: nn.Module, folded: nn.Module, inputs: list[torch.Tensor], repeats: int = 2
+    model: nn.Module, folded: nn.Module, inputs: list[torch.Tensor], repeats: int = 3
 ) -> dict[str, float]:
-    """Time both models on ``inputs`` and compare their outputs.
+    """Time both models on ``inputs`` and compare their eval outputs.
+
+    The two are timed alternately, ``repeats`` times each after a warm-up, and the medians kept, so
+    that other load on the machine affects both alike.
 
     Returns
     -------
     dict
-        ``seconds_original``, ``seconds_folded``, ``speedup`` (original / folded) and
-        ``max_abs_difference`` of the eval outputs.
+        ``seconds_original``, ``seconds_folded`` (median seconds over all ``inputs``), ``speedup``
+        (original / folded) and ``max_abs_difference`` of the eval outputs.
     """
     from napari_normcheck.core.forward import first_tensor
     from napari_normcheck.core.modes import normalization_mode
 
-    with torch.inference_mode(), normalization_mode(model, "eval"):
-        difference = max(
-            float((first_tensor(model(x)) - first_tensor(folded(x))).abs().max()) for x in inputs
-        )
-        original = time_eval(model, inputs, repeats)
-    t_folded = time_eval(folded, inputs, repeats)
+    folded.eval()
+    with normalization_mode(model, "eval"):
+        with torch.inference_mode():
+            difference = max(
+                float((first_tensor(model(x)) - first_tensor(folded(x))).abs().max())
+                for x in inputs
+            )
+        original_times, folded_times = [], []
+        for _ in range(repeats):
+            original_times.append(time_eval(model, inputs))
+            folded_times.append(time_eval(folded, inputs))
+    original, t_folded = float(np.median(original_times)), float(np.median(folded_times))
     return {
         "seconds_original": original,
         "seconds_folded": t_folded,
