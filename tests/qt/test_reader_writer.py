@@ -153,3 +153,67 @@ def test_ome_zarr_export_of_a_result_keeps_pyramid_and_run_metadata(
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging left
     level1 = open_volume(str(path), level=1)
     np.testing.assert_allclose(level1.scale, (2.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("suffix", [".ome.zarr", ".tif"])
+def test_a_result_layer_round_trips_through_the_writers(
+    make_napari_viewer, tmp_path, store, suffix
+):
+    out, _ = store
+    viewer = make_napari_viewer()
+    viewer.open(str(out), plugin="napari-normcheck")
+    layer = viewer.layers["run disparity c1"]  # backed by the store, read lazily
+    path = tmp_path / f"disparity{suffix}"
+    assert layer.save(str(path), plugin="napari-normcheck") == [str(path)]
+    volume = open_volume(str(path))
+    expected = zarr.open_group(str(out), mode="r")["disparity/0"][1]
+    np.testing.assert_array_equal(np.asarray(volume.data[0]), expected)
+    np.testing.assert_allclose(volume.scale, (2.0, 0.5, 0.5))
+    if suffix == ".ome.zarr":
+        np.testing.assert_allclose(volume.translation, (10.0, 9.0, 5.0))
+        run = zarr.open_group(str(path), mode="r").attrs["napari"]["metadata"]["run"]
+        assert len(run["model"]["sha256"]) == 64 and run["params"]["tile"] == [16, 32, 32]
+
+
+def test_reader_opens_a_command_line_output(make_napari_viewer, tmp_path, tiny_model_file):
+    import contextlib
+    import io
+    import json
+
+    from napari_normcheck import cli
+
+    volume = np.random.default_rng(5).normal(size=(16, 40, 40)).astype(np.float32)
+    np.save(tmp_path / "volume.npy", volume)
+    out = tmp_path / "cli.zarr"
+    argv = [
+        "run",
+        str(tmp_path / "volume.npy"),
+        "--model",
+        str(tiny_model_file),
+        "--arch",
+        ARCH,
+        "--arch-kwargs",
+        json.dumps(ARCH_KWARGS),
+        "--out",
+        str(out),
+        "--tile",
+        "16,32,32",
+        "--activation",
+        "sigmoid",
+        "--device",
+        "cpu",
+    ]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(argv) == 0
+    viewer = make_napari_viewer()
+    viewer.open(str(out), plugin="napari-normcheck")
+    root = zarr.open_group(str(out), mode="r")
+    for name, group in (("cli eval c0", "pred_eval"), ("cli train c1", "pred_train")):
+        channel = int(name[-1])
+        np.testing.assert_array_equal(
+            np.asarray(viewer.layers[name].data), root[f"{group}/0"][channel]
+        )
+        assert tuple(viewer.layers[name].contrast_limits) == (0.0, 1.0)
+    tiles = viewer.layers["cli tiles"]
+    assert len(tiles.data) == len(json.loads((out / "COMPLETE.json").read_text())["tiles"])
+    assert "cli feature z" in viewer.layers

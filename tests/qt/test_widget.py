@@ -26,6 +26,10 @@ def make_widget(make_napari_viewer, image, model_file, tmp_path, **settings):
     return viewer, widget
 
 
+def plan_tiles(widget):
+    return widget.plan.n_tiles
+
+
 def wait_done(qtbot, widget, timeout=60_000):
     """Wait for the worker and for the results it left to be shown (one GUI step per layer)."""
     qtbot.waitUntil(lambda: widget.settled, timeout=timeout)
@@ -61,7 +65,17 @@ def test_run_adds_lazy_layers_matching_the_store(
     assert widget.histogram.counts.sum() == widget.plan.n_tiles
     assert widget.histogram.grab().width() > 0
     assert tuple(viewer.layers["img eval c0"].contrast_limits) == (0.0, 1.0)
-    assert "tiles" in widget.status_label.text() and "done" in widget.status_label.text()
+    status = widget.status_label.text()
+    summary = widget.finished_event.summary
+    assert status.startswith(f"done: {plan_tiles(widget)} tiles")
+    hard = " / ".join(f"{v:.3f}" for v in summary["disparity"]["hard"])
+    mismatch = " / ".join(f"{v:.3f}" for v in summary["mismatch_eval"]["hard"])
+    assert f"Disparity per channel {hard}" in status and f"eval tile mismatch {mismatch}" in status
+    assert "disparity (" in status  # the verdict
+    # Tile outlines: the worst tile red, the least yellow.
+    values = tiles.features["disparity"].to_numpy()
+    np.testing.assert_allclose(tiles.edge_color[np.argmax(values)], (1, 0, 0, 1))
+    np.testing.assert_allclose(tiles.edge_color[np.argmin(values)][[0, 2, 3]], (1, 0, 1))
     # The inventory of the model loaded by the run is shown.
     assert widget.inventory_table.rowCount() > 0
     assert "running statistics" in widget.verdict_label.text()
@@ -340,3 +354,41 @@ def test_export_report_writes_one_row_per_tile(
     assert len(rows) == 1 + widget.finished_event.summary["n_tiles"]
     assert widget.export_report(tmp_path / "report.csv") is None  # never overwritten silently
     assert "already exists" in errors[-1]
+
+
+def test_box_region_layers_overlay_the_input(
+    make_napari_viewer, qtbot, tiny_model_file, tmp_path, errors
+):
+    image = np.random.default_rng(4).normal(size=(16, 64, 64)).astype(np.float32)
+    viewer, widget = make_widget(make_napari_viewer, image, tiny_model_file, tmp_path)
+    # World y 13..29, x 9..29 -> voxels y 16..48, x 8..48 (scale 0.5, translate 5).
+    viewer.add_shapes([[[13, 9], [29, 29]]], shape_type="rectangle", name="box")
+    widget.region_combo.setCurrentText(SHAPES_BOX)
+    widget.shapes_combo.setCurrentText("box")
+    widget.run()
+    wait_done(qtbot, widget)
+    assert errors == []
+    roi = widget.finished_event.summary.get("params", {}).get("roi") or widget.plan.to_dict()
+    stored = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["pred_eval/0"]
+    (y0, y1), (x0, x1) = (16, 49), (8, 49)
+    assert stored.shape[1:] == (16, y1 - y0, x1 - x0), roi
+    layer = viewer.layers["img eval c0"]
+    np.testing.assert_array_equal(np.asarray(layer.data), stored[0])
+    # The result's first voxel lies on the input's voxel (0, y0, x0), in world coordinates.
+    raw = viewer.layers["img"]
+    np.testing.assert_allclose(layer.data_to_world((0, 0, 0)), raw.data_to_world((0, y0, x0)))
+    np.testing.assert_allclose(layer.scale, SCALE)
+    tiles = viewer.layers["img tiles"]
+    first = widget.plan.get_tile(0)
+    assert first.write_start[1:] == (y0, x0)
+    np.testing.assert_allclose(tiles.scale, SCALE)
+    np.testing.assert_allclose(tiles.translate, TRANSLATE)
+
+
+def test_feature_layers_field_reaches_the_configuration(
+    make_napari_viewer, small_image, tiny_model_file, tmp_path
+):
+    viewer, widget = make_widget(make_napari_viewer, small_image, tiny_model_file, tmp_path)
+    widget.feature_layers.setText("down_1.convs.conv_0.adn.N, final_conv")
+    config = widget.build_config((16, 48, 48), viewer.layers["img"])
+    assert config.feature_layers == ("down_1.convs.conv_0.adn.N", "final_conv")

@@ -38,6 +38,7 @@ class SettingsBox(QGroupBox):
         "normalize",
         "activation",
         "threshold",
+        "feature_layers",
         "out_path",
         "overwrite",
     )
@@ -79,6 +80,13 @@ class SettingsBox(QGroupBox):
         self.threshold.setSingleStep(0.05)
         self.threshold.setValue(0.5)
         form.addRow("threshold", self.threshold)
+        self.feature_layers = QLineEdit()
+        self.feature_layers.setPlaceholderText("(every normalization layer)")
+        self.feature_layers.setToolTip(
+            "more layers whose input statistics are recorded per tile: module names, "
+            "comma separated (as in 'napari-normcheck inspect')"
+        )
+        form.addRow("feature layers", self.feature_layers)
         row = QHBoxLayout()
         self.out_path = QLineEdit()
         self.out_path.setPlaceholderText("(a new folder in the temporary directory)")
@@ -118,4 +126,7 @@ class SettingsBox(QGroupBox):
             normalize=self.normalize.text().strip() or "none",
             activation=self.activation.currentText(),
             threshold=self.threshold.value(),
+            feature_layers=tuple(
+                name.strip() for name in self.feature_layers.text().split(",") if name.strip()
+            ),
         )

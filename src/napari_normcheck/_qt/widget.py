@@ -69,6 +69,28 @@ def _show_info(message: str) -> None:
     show_info(message)
 
 
+def summary_line(summary: dict[str, Any], out: Path | str) -> str:
+    """The line shown after a run: global disparity and eval mismatch per channel, the verdict."""
+    from napari_normcheck.core.report import verdict
+
+    def per_channel(values: Any) -> str:
+        return " / ".join(f"{v:.3f}" for v in values or []) or "-"
+
+    disparity = summary.get("disparity", {})
+    mismatch = summary.get("mismatch_eval", {})
+    text = (
+        f"done: {summary.get('n_tiles')} tiles in {summary['timing']['total']:.1f} s. "
+        f"Disparity per channel {per_channel(disparity.get('hard'))} "
+        f"(soft {per_channel(disparity.get('soft'))}); "
+        f"eval tile mismatch {per_channel(mismatch.get('hard'))}."
+    )
+    try:
+        text += " " + verdict(summary)
+    except (KeyError, TypeError, ValueError):
+        pass  # an older summary without the global figures
+    return f"{text} Output: {out}"
+
+
 class NormcheckWidget(QWidget):
     """Compare a network's predictions with train-mode and eval-mode normalization on a layer.
 
@@ -366,6 +388,7 @@ class NormcheckWidget(QWidget):
         if not loaded.switchable:
             text += f"\nwarning: {loaded.not_switchable_reason}"
         self.model_label.setText(text)
+        self._fill_from_package(loaded)
         layers = ready.inventory.layers
         self.inventory_table.setRowCount(len(layers))
         for row, layer in enumerate(layers):
@@ -382,6 +405,21 @@ class NormcheckWidget(QWidget):
                 self.inventory_table.setItem(row, column, QTableWidgetItem(cell))
         self.inventory_table.resizeColumnsToContents()
         self.verdict_label.setText(ready.inventory.verdict)
+
+    def _fill_from_package(self, loaded: Any) -> None:
+        """A bioimage.io package declares its processing: fill the fields the user left at default."""
+        normalize = (loaded.preprocessing or {}).get("normalize")
+        if normalize and self.normalize.text().strip() in ("", "none"):
+            self.normalize.setText(str(normalize))
+        activation = (loaded.postprocessing or {}).get("activation")
+        if activation and self.activation.currentText() == "none":
+            self.activation.setCurrentText(str(activation))
+        if loaded.arch and not self.arch.text().strip():
+            self.arch.setPlaceholderText(f"{loaded.arch} (from the package)")
+        if loaded.arch_kwargs and not self.arch_kwargs.text().strip():
+            self.arch_kwargs.setPlaceholderText(
+                f"{json.dumps(loaded.arch_kwargs)} (from the package)"
+            )
 
     # --- the run ----------------------------------------------------------------------------------
 
@@ -573,13 +611,7 @@ class NormcheckWidget(QWidget):
         if summary.get("tiles"):
             self.tile_table.set_records(summary["tiles"])
         self.results.finish(Path(event.out), then=self._show_final)
-        disparity = summary.get("disparity", {})
-        soft = disparity.get("soft")
-        text = f"done: {summary.get('n_tiles')} tiles in {summary['timing']['total']:.1f} s"
-        if soft:
-            text += ", soft disparity per channel " + ", ".join(f"{v:.4f}" for v in soft)
-        text += f"; output {event.out}"
-        self.status_label.setText(text)
+        self.status_label.setText(summary_line(summary, event.out))
 
     def _on_worker_finished(self) -> None:
         from napari_normcheck.core.store import is_complete, is_normcheck_store
