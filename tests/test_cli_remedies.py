@@ -165,3 +165,34 @@ def test_remedy_argument_errors_are_one_line(argv, message):
     with pytest.raises(NormcheckError, match=message) as error:
         check_remedies_arguments(parser.parse_args(argv))
     assert "\n" not in str(error.value)
+
+
+def test_fold_command_exports_torchscript_with_equal_output(tmp_path, capsys):
+    from napari_normcheck.cli_remedies import add_fold_parser
+
+    parser = argparse.ArgumentParser()
+    add_fold_parser(parser.add_subparsers(dest="command", required=True))
+    target = tmp_path / "folded.pt"
+    args = parser.parse_args(
+        [
+            "fold",
+            str(SAMPLE.path),
+            *MODEL_ARGS[2:],
+            "--out-model",
+            str(target),
+            "--repeats",
+            "1",
+            "--tile",
+            "16,32,32",
+        ]
+    )
+    assert args.handler(args) == 0
+    assert "speed-up" in capsys.readouterr().out
+    folded = torch.jit.load(str(target))
+    x = torch.rand((1, 1, 16, 32, 32), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = SAMPLE.load()(x)
+        got = folded(x)
+    assert float((got - expected).abs().max()) <= 1e-5 * max(1.0, float(expected.abs().max()))
+    with pytest.raises(NormcheckError, match="never overwritten"):
+        args.handler(args)

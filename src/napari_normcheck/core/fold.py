@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -196,3 +198,49 @@ def fold_speedup(
         "speedup": original / t_folded if t_folded > 0 else float("nan"),
         "max_abs_difference": difference,
     }
+
+
+def export_folded(result: FoldResult, path: str | Path, provenance: dict[str, Any]) -> Path:
+    """Save the folded model as scripted TorchScript (its state_dict no longer fits the original class).
+
+    Parameters
+    ----------
+    result : FoldResult
+        From :func:`fold_batchnorm`.
+    path : path-like
+        The TorchScript file; never overwritten.
+    provenance : dict
+        Stored inside the archive as ``normcheck_fold.json``.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    NormcheckError
+        When ``path`` exists or the folded model cannot be scripted.
+    """
+    import json
+    import warnings
+
+    from napari_normcheck.core.recalibrate_export import write_new_file
+
+    path = Path(path)
+    if path.exists():
+        raise NormcheckError(f"{path} already exists and is never overwritten; choose another file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scripted = torch.jit.script(result.model)
+    except Exception as error:  # TorchScript rejects many Python constructs
+        raise NormcheckError(
+            f"the folded model cannot be scripted with torch.jit.script "
+            f"({str(error).strip().splitlines()[0][:120]}); fold it in your own export code"
+        ) from None
+    extra = {"normcheck_fold.json": json.dumps(provenance)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        write_new_file(path, lambda f: torch.jit.save(scripted, f, _extra_files=extra))
+    return path

@@ -72,17 +72,17 @@ def export_recalibrated(
     )
     state = {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()}
     text = json.dumps(provenance, indent=2)
-    _write_new(paths["provenance"], lambda f: f.write(text.encode()))
-    _write_new(paths["state_dict"], lambda f: torch.save(state, f))
+    write_new_file(paths["provenance"], lambda f: f.write(text.encode()))
+    write_new_file(paths["state_dict"], lambda f: torch.save(state, f))
     if scripted:
         extra = {"normcheck_recalibration.json": text}
-        _write_new(
+        write_new_file(
             paths["torchscript"], lambda f: torch.jit.save(result.model, f, _extra_files=extra)
         )
     return paths
 
 
-def _write_new(path: Path, write) -> None:
+def write_new_file(path: Path, write) -> None:
     """Write through a temporary file, then hard-link it into place: fails rather than replace a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
