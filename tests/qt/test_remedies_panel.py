@@ -87,3 +87,16 @@ def test_panel_without_a_finished_check_says_so(make_napari_viewer, shown):
     assert panel.run() is None
     assert "run the check" in shown[-1]
     assert panel.export() is None
+
+
+def test_cancel_stops_the_remedies(make_napari_viewer, qtbot, finished_check, shown):
+    viewer = make_napari_viewer()
+    panel = RemediesPanel(viewer, lambda: finished_check)
+    panel.tiles.setValue(64)
+    assert panel.run() is not None
+    panel.cancel()  # checked between recalibration batches: long before the first tile
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=120_000)
+    assert panel.remedies is None and "stopped" in panel.status.text()
+    assert not panel.export_button.isEnabled()
+    root = zarr.open_group(str(finished_check.out), mode="r")
+    assert "remedies" not in root.attrs["normcheck"] and "pred_recalibrated" not in root

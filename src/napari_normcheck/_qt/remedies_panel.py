@@ -115,6 +115,7 @@ class RemediesPanel(QGroupBox):
         self.context: RemedyContext | None = None
         self.remedies: dict[str, Any] | None = None
         self.recalibration: Any = None
+        self.finished = False
 
         form = QFormLayout()
         self.labels_combo = QComboBox()
@@ -217,7 +218,9 @@ class RemediesPanel(QGroupBox):
         except NormcheckError as error:
             _show_error(str(error))
             return None
+        context.cancel = threading.Event()  # a context handed out again must not start cancelled
         self.context = context
+        self.finished = False
         worker = thread_worker(remedies_job, start_thread=False)(context, options)
         worker.yielded.connect(self._on_item)
         worker.finished.connect(self._on_finished)
@@ -245,6 +248,7 @@ class RemediesPanel(QGroupBox):
         elif isinstance(item, RemedyTileDone):
             self.status.setText(f"remedies: {item.n_done} / {item.n_total} tiles")
         elif isinstance(item, RemediesFinished):
+            self.finished = True
             self.remedies = item.remedies
             self.recalibration = item.recalibration
             self.show_table(item.remedies)
@@ -253,6 +257,8 @@ class RemediesPanel(QGroupBox):
             self.status.setText(f"done in {item.remedies.get('seconds', 0):.1f} s; {item.out}")
 
     def _on_finished(self) -> None:
+        if not self.finished and self.context is not None and self.context.cancel.is_set():
+            self.status.setText("stopped; the check's own outputs are unchanged")
         self.worker = None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
