@@ -154,10 +154,12 @@ class WorkerRun:
             block=block,
             tiles=tiles,
         )
+        stopped = _stop_signal(context.key)
         try:
             with contextlib.closing(loop.run([plan.get_tile(i) for i in tiles])) as results:
                 for _ in results:
-                    pass
+                    if stopped():
+                        raise BlockStopped(f"block {block.index}: the run was stopped")
             loop.flush()  # the block is recorded only once its chunks are on disk
         finally:
             loop.close()
@@ -180,6 +182,33 @@ class WorkerRun:
         }
         write_block_record(context.store_path, record)
         return record
+
+
+class BlockStopped(Exception):
+    """A block abandoned because its run was stopped (it is not recorded, so a resume reruns it)."""
+
+
+def stop_event_name(run_key: str) -> str:
+    """Name of the dask ``Event`` that tells a run's running blocks to stop."""
+    return f"napari-normcheck-stop-{run_key}"
+
+
+def _stop_signal(run_key: str, every: float = 1.0):
+    """A cheap check of the run's stop event: asks the scheduler at most every ``every`` seconds."""
+    from distributed import Event
+
+    event = Event(stop_event_name(run_key))
+    last = time.perf_counter()
+
+    def stopped() -> bool:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last < every:
+            return False
+        last = now
+        return event.is_set()
+
+    return stopped
 
 
 def run_block_task(block: Block, run_key: str) -> dict[str, Any]:

@@ -181,7 +181,14 @@ def run_check_distributed(
         ``TileDone`` for each tile of a finished block (with its metrics), then ``BlockDone``.
     """
     # Imported here: a single-process run through run_events does not import dask.distributed.
-    from napari_normcheck.core.blocktask import BlockContext, RunPlugin, run_block_task
+    from distributed import Event
+
+    from napari_normcheck.core.blocktask import (
+        BlockContext,
+        RunPlugin,
+        run_block_task,
+        stop_event_name,
+    )
 
     t_start = time.perf_counter()
     try:
@@ -236,6 +243,7 @@ def run_check_distributed(
         )
         plugin = RunPlugin(context)
         futures: dict[Any, Block] = {}
+        complete = False
         try:
             dask_client.register_plugin(plugin)
             owners = tile_owners(plan, block_chunks)
@@ -272,7 +280,12 @@ def run_check_distributed(
                 )
             if cancel is not None and cancel.is_set():
                 return
+            complete = True
         finally:
+            if not complete:
+                # Running blocks cannot be interrupted by the scheduler: they poll this event.
+                with contextlib.suppress(Exception):
+                    Event(stop_event_name(context.key), client=dask_client).set()
             if futures:
                 with contextlib.suppress(Exception):
                     dask_client.cancel(list(futures))
