@@ -4,30 +4,29 @@ The GUI thread must never wait on the store (a zarr read waits on the GIL the en
 layer appears only after napari built its controls and visual). So:
 
 - reading is done off the GUI thread: the layer descriptions (zarr metadata) and, for a refresh,
-  the slices the visible layers show (:meth:`napari_normcheck._layers.LiveChannel.read_ahead`);
-- the GUI work is cut in steps, one per event-loop turn (:class:`StepQueue`): each new layer is
-  one step, so the viewer draws and answers input between two layers.
+  the slices the visible layers show (:meth:`napari_normcheck._arrays.LiveChannel.read_ahead`);
+- the GUI work is cut in steps, one per event-loop turn (:mod:`napari_normcheck._qt.steps`):
+  each new layer is one step, so the viewer draws and answers input between two layers.
 
 No dock widget here: :class:`ResultLayers` only talks to the viewer.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
-import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QObject, QTimer, Signal  # noqa: TID253 (the Qt layer)
+from qtpy.QtCore import QObject, Signal  # noqa: TID253 (the Qt layer)
 
 from napari_normcheck import _layers
+from napari_normcheck._arrays import LiveChannel
 from napari_normcheck._qt.region import camera_of
+from napari_normcheck._qt.steps import StepQueue, step
 
 logger = logging.getLogger(__name__)
 
@@ -43,78 +42,6 @@ WIDGET_OUTPUTS = (
 )
 #: Outputs written while tiles finish (the tile grids and ``feature_z`` come at the end).
 VOXEL_OUTPUTS = ("pred_eval", "pred_train", "disparity", "seams_eval")
-#: Pause between two GUI steps (ms): the event loop draws and handles input in between.
-STEP_MS = 30
-
-
-def step(name: str, function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-    """``function(*args)`` as a queued step named ``name`` (the name shows in timings)."""
-    call = functools.partial(function, *args)
-    call.step_name = name  # type: ignore[attr-defined]
-    return call
-
-
-class StepQueue(QObject):
-    """Callables run on the GUI thread one per event-loop turn, in order.
-
-    Signals
-    -------
-    drained
-        Emitted when the last queued step has run.
-
-    Attributes
-    ----------
-    timings : list or None
-        When a list, ``(step name, start, end)`` (``time.perf_counter()`` seconds) of every step run
-        (the widget benchmark sets it).
-    """
-
-    drained = Signal()
-
-    def __init__(self, parent: QObject | None = None) -> None:
-        super().__init__(parent)
-        self._steps: deque[Callable[[], None]] = deque()
-        self._timer = QTimer(self)
-        self._timer.setSingleShot(True)
-        self._timer.setInterval(STEP_MS)
-        self._timer.timeout.connect(self._run_next)
-        self.timings: list[tuple[str, float, float]] | None = None
-
-    def __len__(self) -> int:
-        return len(self._steps)
-
-    def add(self, *steps: Callable[[], None]) -> None:
-        """Queue ``steps`` after those already queued."""
-        self._steps.extend(steps)
-        if not self._timer.isActive():
-            self._timer.start()
-
-    def clear(self) -> None:
-        """Drop the queued steps (a new run replaces the old one's)."""
-        self._steps.clear()
-        self._timer.stop()
-
-    def run_all(self) -> None:
-        """Run every queued step now (for callers that need the result synchronously)."""
-        self._timer.stop()
-        while self._steps:
-            self._steps.popleft()()
-        self.drained.emit()
-
-    def _run_next(self) -> None:
-        if self._steps:
-            step = self._steps.popleft()
-            start = time.perf_counter()
-            try:
-                step()
-            finally:
-                if self.timings is not None:
-                    name = getattr(step, "step_name", getattr(step, "__qualname__", "step"))
-                    self.timings.append((name, start, time.perf_counter()))
-                if self._steps:
-                    self._timer.start()
-                else:
-                    self.drained.emit()
 
 
 @dataclass
@@ -369,13 +296,11 @@ class ResultLayers(QObject):
 
     # --- GUI steps ----------------------------------------------------------------------------------
 
-    def _visible_live_layers(self) -> list[tuple[Any, _layers.LiveChannel]]:
+    def _visible_live_layers(self) -> list[tuple[Any, LiveChannel]]:
         return [
             (layer, layer.data)
             for layer in self.layers.values()
-            if layer in self.viewer.layers
-            and layer.visible
-            and isinstance(layer.data, _layers.LiveChannel)
+            if layer in self.viewer.layers and layer.visible and isinstance(layer.data, LiveChannel)
         ]
 
     def _show_prepared(self, prepared: list[tuple[Any, dict]], tile_values: Any) -> None:
@@ -435,7 +360,7 @@ class ResultLayers(QObject):
     def _settle_contrast(self) -> None:
         """Outputs without fixed contrast limits (logits) get limits from the shown data."""
         for layer in self.layers.values():
-            if layer in self.viewer.layers and isinstance(layer.data, _layers.LiveChannel):
+            if layer in self.viewer.layers and isinstance(layer.data, LiveChannel):
                 if layer.metadata.get("contrast_from_data") and layer.visible:
                     layer.reset_contrast_limits()
                 layer.data.use({})  # from now on napari reads the store itself

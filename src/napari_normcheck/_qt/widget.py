@@ -2,14 +2,15 @@
 
 The check runs in a :func:`napari.qt.threading.thread_worker` around the core generator
 :func:`~napari_normcheck.core.engine.run_check`; every progress event comes back to the GUI thread,
-which never waits on compute. Result layers are backed lazily by the OUT.zarr being written and
-refreshed at most every :data:`REFRESH_SECONDS` while tiles finish.
+which never waits on compute or on the store. Result layers are added before the engine starts and
+refreshed at most every :data:`REFRESH_SECONDS` while tiles finish (see
+:mod:`napari_normcheck._qt.results`). The model fields live in :mod:`~napari_normcheck._qt.model_box`,
+the feature statistics in :mod:`~napari_normcheck._qt.features_view`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 import threading
 import time
@@ -18,26 +19,24 @@ from typing import Any
 
 from qtpy.QtCore import Qt, Signal  # noqa: TID253 (the Qt layer)
 from qtpy.QtWidgets import (  # noqa: TID253
-    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QProgressBar,
     QPushButton,
     QScrollArea,
     QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
 from napari_normcheck._qt import jobs
-from napari_normcheck._qt.plots import DisparityHistogram, FeatureScatter
+from napari_normcheck._qt.features_view import FeatureSection
+from napari_normcheck._qt.model_box import SAMPLE_PREFIX, ModelSection
+from napari_normcheck._qt.plots import DisparityHistogram
 from napari_normcheck._qt.region import (
     FIELD_OF_VIEW,
     REGIONS,
@@ -46,15 +45,12 @@ from napari_normcheck._qt.region import (
     shapes_roi,
     spatial_transform,
 )
-from napari_normcheck._qt.results import ResultLayers, step
+from napari_normcheck._qt.results import ResultLayers
 from napari_normcheck._qt.settings import SettingsBox
 from napari_normcheck._qt.tile_table import SORT_KEYS, TileTable
 from napari_normcheck.core.errors import NormcheckError
 
 REFRESH_SECONDS = 1.0
-MODEL_FILE = "model file"
-SAMPLE_PREFIX = "sample: "
-INVENTORY_COLUMNS = ("name", "type", "running stats", "momentum", "eps", "affine", "batches")
 
 
 def _show_error(message: str) -> None:
@@ -91,7 +87,7 @@ def summary_line(summary: dict[str, Any], out: Path | str) -> str:
     return f"{text} Output: {out}"
 
 
-class NormcheckWidget(QWidget):
+class NormcheckWidget(ModelSection, FeatureSection, QWidget):
     """Compare a network's predictions with train-mode and eval-mode normalization on a layer.
 
     Parameters
@@ -193,46 +189,6 @@ class NormcheckWidget(QWidget):
         form.addRow("box layer", self.shapes_combo)
         return box
 
-    def _build_model_box(self) -> QGroupBox:
-        box = QGroupBox("Model")
-        form = QFormLayout(box)
-        self.model_source = QComboBox()
-        self.model_source.addItem(MODEL_FILE)
-        self.model_source.currentTextChanged.connect(self._on_model_source)
-        form.addRow("model", self.model_source)
-        row = QHBoxLayout()
-        self.model_path = QLineEdit()
-        self.model_path.setPlaceholderText("state_dict, TorchScript or pickled model")
-        browse = QPushButton("…")
-        browse.clicked.connect(self._browse_model)
-        row.addWidget(self.model_path)
-        row.addWidget(browse)
-        form.addRow("file", row)
-        self.arch = QLineEdit()
-        self.arch.setPlaceholderText("e.g. monai.networks.nets.BasicUNet (state_dict only)")
-        form.addRow("architecture", self.arch)
-        self.arch_kwargs = QLineEdit()
-        self.arch_kwargs.setPlaceholderText('JSON, e.g. {"spatial_dims": 3, "in_channels": 1}')
-        form.addRow("arch kwargs", self.arch_kwargs)
-        self.trust_pickle = QCheckBox("trust this pickle (loading it runs code from the file)")
-        form.addRow(self.trust_pickle)
-        self.load_button = QPushButton("Load model")
-        self.load_button.clicked.connect(self.load_model)
-        form.addRow(self.load_button)
-        self.model_label = QLabel("no model loaded")
-        self.model_label.setWordWrap(True)
-        form.addRow(self.model_label)
-        self.inventory_table = QTableWidget(0, len(INVENTORY_COLUMNS))
-        self.inventory_table.setHorizontalHeaderLabels(INVENTORY_COLUMNS)
-        self.inventory_table.verticalHeader().setVisible(False)
-        self.inventory_table.setMinimumHeight(110)
-        self.inventory_table.setMaximumHeight(180)
-        form.addRow(self.inventory_table)
-        self.verdict_label = QLabel("")
-        self.verdict_label.setWordWrap(True)
-        form.addRow(self.verdict_label)
-        return box
-
     def _build_run_box(self) -> QGroupBox:
         box = QGroupBox("Run")
         layout = QVBoxLayout(box)
@@ -261,19 +217,6 @@ class NormcheckWidget(QWidget):
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         layout.addWidget(self.status_label)
-        return box
-
-    def _build_feature_box(self) -> QGroupBox:
-        box = QGroupBox("Feature statistics (normalization inputs)")
-        form = QFormLayout(box)
-        self.feature_layer_combo = QComboBox()
-        self.feature_layer_combo.currentIndexChanged.connect(self._on_feature_layer)
-        form.addRow("layer", self.feature_layer_combo)
-        self.feature_channel_combo = QComboBox()
-        self.feature_channel_combo.currentIndexChanged.connect(self._on_feature_channel)
-        form.addRow("channel", self.feature_channel_combo)
-        self.scatter = FeatureScatter(box)
-        form.addRow(self.scatter)
         return box
 
     # --- layer choices ----------------------------------------------------------------------------
@@ -331,95 +274,6 @@ class NormcheckWidget(QWidget):
         elif not is_sample and has_samples:
             while self.model_source.count() > 1:
                 self.model_source.removeItem(1)
-
-    def _on_model_source(self, text: str) -> None:
-        if not text.startswith(SAMPLE_PREFIX):
-            return
-        from napari_normcheck.data import sample_model
-
-        sample = sample_model(text.removeprefix(SAMPLE_PREFIX))
-        self.model_path.setText(str(sample.path))
-        self.arch.setText(sample.arch)
-        self.arch_kwargs.setText(json.dumps(sample.arch_kwargs))
-        self.normalize.setText(sample.normalize)
-        self.activation.setCurrentText(sample.activation)
-        self.tile.setText(",".join(str(v) for v in sample.tile))
-        self.model_label.setText(sample.description)
-
-    def _browse_model(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Model file")
-        if path:
-            self.model_path.setText(path)
-
-    # --- model ------------------------------------------------------------------------------------
-
-    def model_request(self) -> jobs.ModelRequest:
-        """The model named by the form."""
-        return jobs.ModelRequest(
-            path=self.model_path.text().strip(),
-            arch=self.arch.text().strip() or None,
-            arch_kwargs=self.arch_kwargs.text().strip() or None,
-            trust_pickle=self.trust_pickle.isChecked(),
-        )
-
-    def load_model(self) -> Any:
-        """Load the model in a worker thread; its inventory appears when it is ready."""
-        from napari.qt.threading import thread_worker
-
-        worker = thread_worker(jobs.load_job, start_thread=False)(self.model_request())
-        worker.yielded.connect(self._on_item)
-        worker.finished.connect(lambda: self.load_button.setEnabled(True))
-        self.load_button.setEnabled(False)
-        self.model_label.setText("loading the model…")
-        self.load_worker = worker
-        worker.start()
-        return worker
-
-    def _show_model(self, ready: jobs.ModelReady) -> None:
-        self.model_ready = ready
-        loaded, info = ready.loaded, ready.loaded.info
-        text = (
-            f"{Path(loaded.path).name}: {loaded.format}, {info.n_parameters:,} parameters, "
-            f"{info.in_channels} → {info.out_channels} channels, {info.spatial_dims}D, "
-            f"tile sides divisible by {tuple(info.divisor)}"
-        )
-        for note in loaded.notes:
-            text += f"\nnote: {note}"
-        if not loaded.switchable:
-            text += f"\nwarning: {loaded.not_switchable_reason}"
-        self.model_label.setText(text)
-        self._fill_from_package(loaded)
-        layers = ready.inventory.layers
-        self.inventory_table.setRowCount(len(layers))
-        for row, layer in enumerate(layers):
-            cells = (
-                layer.name or "(model)",
-                layer.type,
-                "yes" if layer.running_stats else "no",
-                "-" if layer.momentum is None else f"{layer.momentum:g}",
-                "-" if layer.eps is None else f"{layer.eps:g}",
-                "yes" if layer.affine else "no",
-                "-" if layer.num_batches_tracked is None else str(layer.num_batches_tracked),
-            )
-            for column, cell in enumerate(cells):
-                self.inventory_table.setItem(row, column, QTableWidgetItem(cell))
-        self.inventory_table.resizeColumnsToContents()
-        self.verdict_label.setText(ready.inventory.verdict)
-
-    def _fill_from_package(self, loaded: Any) -> None:
-        """A bioimage.io package declares its processing: fill the fields the user left at default."""
-        normalize = (loaded.preprocessing or {}).get("normalize")
-        if normalize and self.normalize.text().strip() in ("", "none"):
-            self.normalize.setText(str(normalize))
-        activation = (loaded.postprocessing or {}).get("activation")
-        if activation and self.activation.currentText() == "none":
-            self.activation.setCurrentText(str(activation))
-        if loaded.arch and not self.arch.text().strip():
-            self.arch.setPlaceholderText(f"{loaded.arch} (from the package)")
-        if loaded.arch_kwargs and not self.arch_kwargs.text().strip():
-            self.arch_kwargs.setPlaceholderText(
-                f"{json.dumps(loaded.arch_kwargs)} (from the package)"
-            )
 
     # --- the run ----------------------------------------------------------------------------------
 
@@ -668,83 +522,6 @@ class NormcheckWidget(QWidget):
         if read.tile_values is not None:
             self.histogram.set_values(read.tile_values)
         self.show_features(read.feature_grid, defer=True)
-
-    # --- feature statistics -------------------------------------------------------------------------
-
-    def show_features(self, read: tuple | None = None, defer: bool = False) -> None:
-        """Fill the feature layer choice from the store's ``feature_z``; show its layer and scatter.
-
-        Parameters
-        ----------
-        read : tuple, optional
-            :func:`napari_normcheck._layers.feature_z_grid` of the store, read when not given.
-        defer : bool
-            Add the ``feature z`` layer in a GUI step of its own (at the end of a run).
-        """
-        from napari_normcheck import _layers
-
-        if read is None:
-            path = self.results.store_path
-            if path is not None and not path.exists() and self.results.run_out is not None:
-                path = self.results.run_out
-            read = _layers.feature_z_grid(path) if path is not None else None
-        if read is None:
-            self.update_scatter()
-            return
-        self.feature_grid, self.feature_layers = read[0], read[1]
-        names = [str(layer.get("name", i)) for i, layer in enumerate(self.feature_layers)]
-        current = self.feature_layer_combo.currentText()
-        self.feature_layer_combo.blockSignals(True)
-        self.feature_layer_combo.clear()
-        self.feature_layer_combo.addItems(names)
-        if current in names:
-            self.feature_layer_combo.setCurrentText(current)
-        self.feature_layer_combo.blockSignals(False)
-        self._on_feature_layer(defer=defer)
-
-    def _on_feature_layer(self, *_args: Any, defer: bool = False) -> None:
-        """A layer was chosen: offer its channels (its strongest first chosen) and redraw."""
-        from napari_normcheck import _layers
-
-        index = self.feature_layer_combo.currentIndex()
-        if index < 0 or self.feature_grid is None:
-            return
-        layer = self.feature_layers[index] if index < len(self.feature_layers) else {}
-        n_channels = int(layer.get("channels") or self.feature_grid.shape[1])
-        channel = _layers.strongest_channel(self.feature_grid, index)
-        self.feature_channel_combo.blockSignals(True)
-        self.feature_channel_combo.clear()
-        self.feature_channel_combo.addItems([str(c) for c in range(n_channels)])
-        self.feature_channel_combo.setCurrentIndex(min(channel, n_channels - 1))
-        self.feature_channel_combo.blockSignals(False)
-        self._on_feature_channel(defer=defer)
-        self.update_scatter()
-
-    def _on_feature_channel(self, *_args: Any, defer: bool = False) -> None:
-        """Show the chosen layer and channel in the ``feature z`` layer."""
-        layer = self.feature_layer_combo.currentIndex()
-        channel = self.feature_channel_combo.currentIndex()
-        if layer >= 0 and channel >= 0:
-            if defer:
-                self.results.steps.add(
-                    step("add feature z", self.results.show_feature_z, layer, channel)
-                )
-            else:
-                self.results.show_feature_z(layer, channel)
-
-    def update_scatter(self) -> None:
-        """Plot the chosen layer's per-tile input means against its running statistics."""
-        index = self.feature_layer_combo.currentIndex()
-        if index < 0 or index >= len(self.feature_layers):
-            return
-        layer = self.feature_layers[index]
-        name = str(layer.get("name", ""))
-        means = []
-        for tile in sorted(self.tile_table.records):
-            features = (self.tile_table.records[tile].get("features") or {}).get(name) or {}
-            if features.get("mean") is not None:
-                means.append(features["mean"])
-        self.scatter.set_data(means, layer.get("running_mean"), layer.get("running_var"), name)
 
     def go_to_tile(self, index: int) -> None:
         """Centre the view on tile ``index`` and select its outline."""

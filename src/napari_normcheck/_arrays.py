@@ -1,0 +1,192 @@
+"""Array-likes napari slices for the result layers: a store's output read lazily, slice by slice.
+
+No Qt and no napari: :class:`LiveChannel` is handed to napari as layer data; the GUI decides
+when its slices are read off-thread (:meth:`LiveChannel.read_ahead`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class FollowingArray:
+    """A zarr array of a store that may move while it is read: the path of a run being written.
+
+    A run that overwrites an earlier output writes ``OUT.zarr.inprogress`` and renames it to
+    ``OUT.zarr`` when it completes; a layer shown during the run must keep working afterwards. Reads
+    go to the first of ``paths`` that holds the array, and are retried there when the folder moved
+    (or a chunk was read while being written).
+
+    Parameters
+    ----------
+    paths : list of path-like
+        Store folders to try, in order.
+    component : str
+        The array inside the store, e.g. ``"pred_eval/0"``.
+    """
+
+    def __init__(self, paths: list[Path], component: str) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.component = component
+        self.array = self._open()
+        self.shape = tuple(self.array.shape)
+        self.dtype = self.array.dtype
+        self.ndim = len(self.shape)
+        self.chunks = tuple(self.array.chunks)
+
+    def _open(self) -> Any:
+        import zarr
+
+        for path in self.paths:
+            if (path / self.component).exists():
+                self.opened = path / self.component
+                return zarr.open_array(str(self.opened), mode="r")
+        raise FileNotFoundError(f"{self.component} is in none of {[str(p) for p in self.paths]}")
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not self.opened.exists():
+            # Moved away: zarr would read the missing chunks as fill values, not fail.
+            with contextlib.suppress(FileNotFoundError):
+                self.array = self._open()
+        for attempt in range(_READ_ATTEMPTS):
+            try:
+                return np.asarray(self.array[key])
+            except Exception:
+                if attempt == _READ_ATTEMPTS - 1:
+                    raise
+                # The store was swapped in place (or a chunk was half written): look again.
+                time.sleep(0.05 * (attempt + 1))
+                with contextlib.suppress(FileNotFoundError):
+                    self.array = self._open()
+        raise AssertionError("unreachable")
+
+
+_READ_ATTEMPTS = 4
+
+
+#: Largest slice (in bytes) read ahead off the GUI thread; larger views (3D rendering of a big
+#: volume) are read by napari itself when it slices.
+PREFETCH_BYTES = 256 * 2**20
+
+
+def _key_id(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A hashable form of an indexing key (slices are not hashable before Python 3.12)."""
+    return tuple(
+        ("s", k.start, k.stop, k.step) if isinstance(k, slice) else ("e",) if k is Ellipsis else k
+        for k in key
+    )
+
+
+class LiveChannel:
+    """One channel of a store output, as an array napari slices; reads can be prepared off-thread.
+
+    napari reads the displayed slice on the GUI thread when it re-slices a layer. While a run writes
+    the store, :meth:`read_ahead` (any thread) reads the slice napari asked for last and
+    :meth:`use` hands the result over, so the following ``layer.refresh()`` on the GUI thread
+    finds it in memory instead of waiting on zarr (and on the GIL the engine holds). Any other
+    slice (the user moved a slider) is read directly, as napari does with lazy data.
+
+    Parameters
+    ----------
+    source : FollowingArray
+        The output's level ``0``, ``(C, Z, Y, X)``.
+    channel : int
+        The channel shown.
+    """
+
+    def __init__(self, source: FollowingArray, channel: int) -> None:
+        self.source = source
+        self.channel = channel
+        self.shape = tuple(source.shape[1:])
+        self.dtype = source.dtype
+        self.ndim = len(self.shape)
+        self.chunks = tuple(source.chunks[1:])
+        self.size = int(np.prod(self.shape))
+        self.last_key: tuple[Any, ...] | None = None
+        self._prepared: dict[tuple[Any, ...], np.ndarray] = {}
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        prepared = self._prepared.get(_key_id(key))
+        if prepared is not None:
+            return prepared
+        self.last_key = key
+        return self.source[(self.channel, *key)]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self.source[self.channel]
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read_ahead(self) -> dict[tuple[Any, ...], np.ndarray]:
+        """Read the slice napari asked for last (any thread); pass the result to :meth:`use`."""
+        key = self.last_key
+        if key is None:
+            return {}
+        try:
+            # A zero-stride view: the slice's size without allocating the volume.
+            view = np.broadcast_to(np.empty((), dtype=bool), self.shape)[key]
+            expected = view.size * self.dtype.itemsize
+        except (IndexError, TypeError, ValueError):
+            return {}
+        if expected > PREFETCH_BYTES:
+            return {}
+        return {_key_id(key): self.source[(self.channel, *key)]}
+
+    def use(self, prepared: dict[tuple[Any, ...], np.ndarray]) -> None:
+        """Serve these slices from memory until the next call (an empty dict: read the store)."""
+        self._prepared = prepared
+
+
+def live_channels(
+    path: str | Path, name: str, fallback: str | Path | None = None
+) -> list[LiveChannel]:
+    """Every channel of output ``name`` (level ``0``) as a :class:`LiveChannel`.
+
+    Parameters
+    ----------
+    path : path-like
+        The store.
+    name : str
+        The output group.
+    fallback : path-like, optional
+        Where the store ends up when ``path`` is a run's ``.inprogress`` folder.
+    """
+    paths = [Path(path)] + ([Path(fallback)] if fallback is not None else [])
+    source = FollowingArray(paths, f"{name}/0")
+    return [LiveChannel(source, channel) for channel in range(source.shape[0])]
+
+
+class EmptyChannel:
+    """An all-zero stand-in with an output's shape, shown until the run's store exists.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(Z, Y, X)``.
+    dtype : str or numpy.dtype
+        The output's data type.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        view = np.broadcast_to(np.zeros((), dtype=self.dtype), self.shape)[key]
+        return np.zeros(np.shape(view), dtype=self.dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.zeros(self.shape, dtype=dtype or self.dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
