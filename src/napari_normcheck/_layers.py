@@ -219,6 +219,48 @@ def placeholder_layers(
     return layers
 
 
+#: Grid outputs the widget shows, written when the run ends.
+GRID_OUTPUTS = ("tile_disparity_soft", "tile_mismatch_eval")
+
+
+def placeholder_grid_layers(
+    prefix: str,
+    plan: TilePlan,
+    n_channels: int,
+    scale: tuple[float, ...],
+    volume_translation: tuple[float, ...],
+    params: dict[str, Any],
+) -> list[LayerDataTuple]:
+    """Layer data tuples of the per-tile grids (and ``feature z``) before the run writes them.
+
+    One cell per tile, placed over its tile as the engine will place it; all zero until then.
+    """
+    from napari_normcheck.core.grids import tile_cell_transform
+
+    cell_scale, cell_translation = tile_cell_transform(plan, tuple(scale), volume_translation)
+    layers: list[LayerDataTuple] = []
+    for group_name in GRID_OUTPUTS:
+        for channel in range(n_channels):
+            kwargs = output_kwargs(
+                prefix, group_name, channel, n_channels, cell_scale, cell_translation, params
+            )
+            layers.append((EmptyChannel(plan.grid_shape, "float32"), kwargs, "image"))
+    feature = {
+        "name": f"{prefix} feature z".strip(),
+        "scale": cell_scale,
+        "translate": cell_translation,
+        "colormap": feature_z_colormap(),
+        "contrast_limits": (-1.0, 1.0),
+        "blending": "translucent",
+        "opacity": 0.5,
+        "visible": False,
+        "rgb": False,
+        "metadata": {"normcheck_output": FEATURE_Z},
+    }
+    layers.append((EmptyChannel(plan.grid_shape, "float32"), feature, "image"))
+    return layers
+
+
 def layer_name(prefix: str, short: str, channel: int, n_channels: int) -> str:
     """Name of an output layer: ``"<prefix> <output>"`` plus ``" c<k>"`` for multi-channel outputs."""
     name = f"{prefix} {short}".strip()

@@ -55,6 +55,13 @@ def test_run_adds_lazy_layers_matching_the_store(
             np.testing.assert_allclose(layer.translate, TRANSLATE)
             np.testing.assert_array_equal(np.asarray(layer.data), stored[channel])
     assert "img disparity c0" in viewer.layers
+    # The grids, added before the run as stand-ins, now read the store.
+    for channel in range(2):
+        np.testing.assert_array_equal(
+            np.asarray(viewer.layers[f"img tile disparity soft c{channel}"].data),
+            root["tile_disparity_soft/0"][channel],
+        )
+    assert not any(type(layer.data).__name__ == "EmptyChannel" for layer in viewer.layers)
     # BatchNorm with foreign running statistics: the two modes differ.
     assert not np.array_equal(
         np.asarray(root["pred_eval/0"][...]), np.asarray(root["pred_train/0"][...])
@@ -103,6 +110,8 @@ def test_cancel_keeps_partial_store_and_model_state(
     assert widget.tile_table.tile_at_row(0) == tiles_done[0].tile.index
     assert "partial output" in widget.status_label.text()
     assert "img eval c0" in viewer.layers
+    # Only what the stopped run wrote is shown: no all-zero stand-ins are left.
+    assert not any(type(layer.data).__name__ == "EmptyChannel" for layer in viewer.layers)
     module = widget.model_ready.loaded.module
     saved = torch.load(tiny_model_file, weights_only=True)
     for key, value in module.state_dict().items():

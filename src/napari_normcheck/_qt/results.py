@@ -24,7 +24,7 @@ import numpy as np
 from qtpy.QtCore import QObject, Signal  # noqa: TID253 (the Qt layer)
 
 from napari_normcheck import _layers
-from napari_normcheck._arrays import LiveChannel
+from napari_normcheck._arrays import EmptyChannel, LiveChannel
 from napari_normcheck._qt.region import camera_of
 from napari_normcheck._qt.steps import StepQueue, step
 
@@ -217,7 +217,18 @@ class ResultLayers(QObject):
             layout.translation,
             layout.params,
         )
+        if layout.plan is not None:
+            tuples += _layers.placeholder_grid_layers(
+                prefix,
+                layout.plan,
+                layout.n_channels,
+                layout.scale,
+                self.input_translate,
+                layout.params,
+            )
         shown = {name for name, layer in self.layers.items() if layer in self.viewer.layers}
+        if self.feature_layer is not None and self.feature_layer in self.viewer.layers:
+            shown.add(self.feature_layer.name)
         new = [(data, kwargs) for data, kwargs, _kind in tuples if kwargs["name"] not in shown]
         visible = [item for item in new if item[1].get("visible", True)]
         hidden = [item for item in new if not item[1].get("visible", True)]
@@ -319,7 +330,7 @@ class ResultLayers(QObject):
         for data, kwargs, _kind in read.tuples:
             layer = self.layers.get(kwargs["name"])
             if layer is not None and layer in self.viewer.layers:
-                if final:
+                if final and isinstance(layer.data, LiveChannel):
                     continue  # already reading this run's store (it follows the final rename)
                 repoint.append((layer, data, kwargs))
             else:
@@ -336,7 +347,8 @@ class ResultLayers(QObject):
 
     def _queue_final(self, read: StoreRead, then: Callable[[StoreRead], None] | None) -> None:
         self._queue_layers(read, final=True)
-        steps: list[Callable[[], None]] = []
+        # Outputs the run did not write (a stopped run has no tile grids): their zeros would lie.
+        steps: list[Callable[[], None]] = [step("drop unwritten", self._drop_unwritten, read)]
         if self.plan is not None and (
             self.tiles_layer is None or self.tiles_layer not in self.viewer.layers
         ):
@@ -369,8 +381,22 @@ class ResultLayers(QObject):
         name = kwargs["name"]
         if name in self.layers and self.layers[name] in self.viewer.layers:
             return
-        self.layers[name] = self.viewer.add_image(data, **kwargs)
-        self._placeholders.append(self.layers[name])
+        layer = self.viewer.add_image(data, **kwargs)
+        if kwargs["metadata"].get("normcheck_output") == _layers.FEATURE_Z:
+            self.feature_layer = layer  # filled by show_feature_z() when the run ends
+        else:
+            self.layers[name] = layer
+        self._placeholders.append(layer)
+
+    def _drop_unwritten(self, read: StoreRead) -> None:
+        # feature z is filled after this step (show_feature_z) when the store has it.
+        keep = self.feature_layer if read.feature_grid is not None else None
+        for layer in [*self.layers.values(), self.feature_layer]:
+            if layer is keep:
+                continue
+            if layer is not None and layer in self.viewer.layers:
+                if isinstance(layer.data, EmptyChannel):
+                    self.viewer.layers.remove(layer)
 
     def discard_placeholders(self) -> None:
         """The run failed before its store existed: remove the layers added for it (still empty)."""
