@@ -161,6 +161,13 @@ class RemediesPanel(QGroupBox):
         viewer.layers.events.removed.connect(self.refresh_labels)
         self.refresh_labels()
 
+    def disconnect_viewer(self) -> None:
+        """Stop listening to the viewer (call it when the dock widget goes away)."""
+        if self.context is not None:
+            self.context.cancel.set()
+        self.viewer.layers.events.inserted.disconnect(self.refresh_labels)
+        self.viewer.layers.events.removed.disconnect(self.refresh_labels)
+
     # --- inputs -----------------------------------------------------------------------------------
 
     def refresh_labels(self, *_args: Any) -> None:
