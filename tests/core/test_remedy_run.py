@@ -149,3 +149,16 @@ def test_crop_mode_2d_model_and_uint8_outputs(tmp_path):
     assert np.abs(stats - train).max() <= 1  # x255 rounding of values equal to 1e-5
     assert result["batchstats"]["disparity_vs_train"]["hard"] == [0.0, 0.0]
     assert result["recalibration"]["batch_size"] == 1
+
+
+def test_a_model_without_running_statistics_needs_no_remedy(tmp_path):
+    from tests.conftest import synthetic_volume, tiny_unet
+
+    model = tiny_unet(("group", {"num_groups": 2}))
+    volume = open_volume(synthetic_volume((16, 32, 40)))
+    out = tmp_path / "gn.zarr"
+    list(run_check(volume, model, RunConfig(tile=(16, 32, 32), device="cpu"), out))
+    result = list(run_remedies(out, volume, model))[-1].remedies
+    assert "recalibrated" not in result and "batchstats" not in result
+    assert "nothing to remedy" in result["notes"][0]
+    assert "pred_recalibrated" not in zarr.open_group(str(out), mode="r")

@@ -219,8 +219,9 @@ def iter_recalibrate(
     n_batches = len(calibration_tiles) // config.batch_size
     if n_batches == 0:
         raise NormcheckError(
-            f"only {len(tiles)} tile(s) of {config.tile} pass the content mask ({n_rejected} "
-            "skipped); lower --mask-below / raise --mask-above, or sample a larger region"
+            f"only {len(tiles)} distinct tile(s) of {config.tile} fit the region and pass the "
+            f"content mask ({n_rejected} skipped), fewer than a batch of {config.batch_size}; "
+            "lower --mask-below / raise --mask-above, or sample a larger region"
         )
     calibration_tiles = calibration_tiles[: n_batches * config.batch_size]
 

@@ -44,6 +44,7 @@ from napari_normcheck.core.labels import (
 )
 from napari_normcheck.core.metrics import DisparityAccumulator
 from napari_normcheck.core.mismatch import MismatchTracker, prediction_box
+from napari_normcheck.core.modes import running_stats_layers
 from napari_normcheck.core.recalibrate import (
     RecalibrationConfig,
     RecalibrationDone,
@@ -204,6 +205,14 @@ def run_remedies(
             f"{tuple(plan.volume_shape)}; give the volume of that run"
         )
     label_volume, mapping, offset = _prepare_labels(labels, label_map, plan)
+    notes = []
+    if remedies and not running_stats_layers(model):
+        # Nothing switches statistics: eval already is train mode, and both remedies equal it.
+        notes.append(
+            "the model has no normalization layers with running statistics: eval and train mode "
+            "agree and there is nothing to remedy"
+        )
+        remedies = ()
     device_ = resolve_device(device or config.device)
     argmax = config.activation == "softmax"
 
@@ -325,7 +334,7 @@ def run_remedies(
             "mapping": {str(c): list(v) for c, v in mapping.items()},
             "ignore": list(ignore_labels),
         }
-    result["notes"] = remedy_notes(result)
+    result["notes"] = notes + remedy_notes(result)
     result["seconds"] = round(time.perf_counter() - t_start, 3)
     result = json.loads(json.dumps(result, default=_plain))
     store.root.attrs["normcheck"] = dict(store.root.attrs["normcheck"]) | {"remedies": result}
