@@ -16,8 +16,10 @@ replaces them by exact averages over many tiles of the volume at hand:
 Two variance estimates: ``mean`` (default) is the average of the per-batch unbiased variances, exactly
 what ``momentum=None`` accumulates; ``pooled`` is the unbiased variance of all sampled voxels of a
 channel, which adds the spread of the batch means: with ``K`` batches of ``n`` values per channel,
-``((n - 1) * sum(v_b) + n * sum((m_b - M)^2)) / (K * n - 1)``. Held-out tiles measure the effect: the
-disparity between eval and train mode on them, before and after.
+``((n - 1) * sum(v_b) + n * sum((m_b - M)^2)) / (K * n - 1)`` (``n`` is read from the layer's input;
+scripted layers hide it and get the large-``n`` limit; for InstanceNorm with more than one tile per
+batch the spread between the tiles of one batch is not included). Held-out tiles measure the effect:
+the disparity between eval and train mode on them, before and after.
 """
 
 from __future__ import annotations
