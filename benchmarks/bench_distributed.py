@@ -44,6 +44,11 @@ def _warm() -> int:
     return os.getpid()
 
 
+def _forward_seconds(summary: dict) -> float:
+    """Seconds in eval and train forwards (summed over blocks in a distributed run)."""
+    return summary["timing"]["forward_eval"] + summary["timing"]["forward_train"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small volume (32,128,192)")
@@ -82,10 +87,11 @@ def main() -> None:
         )
 
         t0 = time.perf_counter()
-        for _event in run_check(volume, loaded.module, config, folder / "single.zarr", divisor=16):
-            pass
+        for event in run_check(volume, loaded.module, config, folder / "single.zarr", divisor=16):
+            if isinstance(event, RunFinished):
+                forwards = _forward_seconds(event.summary) / plan.n_tiles
         single = time.perf_counter() - t0
-        print(f"single process, 1 torch thread: {single:.2f} s")
+        print(f"single process, 1 torch thread: {single:.2f} s (forwards {forwards:.2f} s/tile)")
 
         times, tiles_run = {}, {}
         for n_workers in (1, 2):
@@ -108,11 +114,13 @@ def main() -> None:
                 ):
                     if isinstance(event, RunFinished):
                         tiles_run[n_workers] = event.summary["distributed"]["tiles_run"]
+                        forwards = _forward_seconds(event.summary) / tiles_run[n_workers]
                 times[n_workers] = time.perf_counter() - t0
             cluster.close()
             print(
                 f"{n_workers} worker(s) x 1 thread: {times[n_workers]:.2f} s "
-                f"({tiles_run[n_workers]} tile runs for {plan.n_tiles} tiles)"
+                f"({tiles_run[n_workers]} tile runs for {plan.n_tiles} tiles, "
+                f"forwards {forwards:.2f} s/tile run)"
             )
         print(f"speed-up 1 -> 2 workers: {times[1] / times[2]:.2f}x")
         print(f"2 workers vs single process: {single / times[2]:.2f}x")

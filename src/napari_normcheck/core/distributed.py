@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import threading
 import time
@@ -232,13 +233,13 @@ def run_check_distributed(
             key=f"{digest[:16]}-{uuid.uuid4().hex[:8]}",
             model=model_spec,
             volume=None if volume_source else volume,
-            volume_source=volume_source,
+            volume_source=_absolute_source(volume_source),
             config=config,
             plan=plan,
             transform=setup.transform,
             spatial_dims=setup.spatial_dims,
             n_out=n_out,
-            store_path=str(store.path),
+            store_path=str(Path(store.path).resolve()),
             config_hash=digest,
         )
         plugin = RunPlugin(context)
@@ -303,6 +304,14 @@ def run_check_distributed(
     remove_block_records(final_path)
     shutil.rmtree(final_path / ".scratch", ignore_errors=True)  # emptied spill folders of blocks
     yield RunFinished(out=final_path, summary=summary)
+
+
+def _absolute_source(volume_source: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``volume_source`` with a relative path made absolute (workers have their own directory)."""
+    if not volume_source or not isinstance(volume_source.get("source"), (str, os.PathLike)):
+        return volume_source
+    path = Path(volume_source["source"])
+    return volume_source | {"source": str(path.resolve())} if path.exists() else volume_source
 
 
 def _completed(

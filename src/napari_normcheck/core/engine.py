@@ -27,6 +27,7 @@ from napari_normcheck.core.blocks import whole_train_batches
 from napari_normcheck.core.config import RunConfig
 from napari_normcheck.core.forward import probe_out_channels
 from napari_normcheck.core.intensity import IntensityTransform
+from napari_normcheck.core.manifest import remove_block_records
 from napari_normcheck.core.runsteps import (  # noqa: F401 (check_tile, default_tile re-exported)
     check_tile,
     default_tile,
@@ -245,6 +246,7 @@ def run_check(
             spilled_chunks=loop.accumulator.spill_count,
             before_marker=loop.flush,
         )
+        remove_block_records(final_path)  # a distributed run's records, when this resumed one
         yield RunFinished(out=final_path, summary=summary)
     finally:
         # A failed write must not be listed as done: then the progress is not saved at all.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -46,7 +47,8 @@ class ModelSpec:
         A pickled model was already trusted by the user to be loaded, so workers may load it too.
         """
         return cls(
-            path=str(loaded.path),
+            # Absolute: workers need not share the client's working directory.
+            path=str(Path(loaded.path).resolve()),
             arch=loaded.arch,
             arch_kwargs=loaded.arch_kwargs,
             trust_pickle=trust_pickle or loaded.format == "pickle",
