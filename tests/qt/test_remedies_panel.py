@@ -11,6 +11,7 @@ from napari_normcheck._qt import remedies_panel as panel_module
 from napari_normcheck._qt.remedies_panel import RemediesPanel, RemedyContext, cell_text
 from napari_normcheck.core.config import RunConfig
 from napari_normcheck.core.engine import run_check
+from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.remedy_run import ROWS
 from napari_normcheck.core.volume import open_volume
 from tests.conftest import calibrate, tiny_unet
@@ -87,6 +88,17 @@ def test_panel_without_a_finished_check_says_so(make_napari_viewer, shown):
     assert panel.run() is None
     assert "run the check" in shown[-1]
     assert panel.export() is None
+    panel.mask_above.setText("bright")
+    with pytest.raises(NormcheckError, match="not a number"):
+        panel.options()
+    panel.mask_above.setText("2.5")
+    panel.mask_below.setText("-1")
+    assert panel.options()["recalibration"] == {
+        "n_tiles": 32,
+        "variance": "mean",
+        "mask_below": -1.0,
+        "mask_above": 2.5,
+    }
 
 
 def test_cancel_stops_the_remedies(make_napari_viewer, qtbot, finished_check, shown):

@@ -131,8 +131,14 @@ class RemediesPanel(QGroupBox):
         form.addRow("ground truth", self.labels_combo)
         form.addRow("label map", self.label_map)
         form.addRow("ignore labels", self.ignore_labels)
+        self.mask_below = QLineEdit("")
+        self.mask_below.setPlaceholderText("raw intensity, e.g. 10 (dark background)")
+        self.mask_above = QLineEdit("")
+        self.mask_above.setPlaceholderText("raw intensity, e.g. 200 (bright empty resin)")
         form.addRow("recalibration tiles", self.tiles)
         form.addRow("variance estimate", self.variance)
+        form.addRow("skip voxels below", self.mask_below)
+        form.addRow("skip voxels above", self.mask_above)
 
         self.run_button = QPushButton("Run remedies")
         self.run_button.clicked.connect(self.run)
@@ -187,12 +193,20 @@ class RemediesPanel(QGroupBox):
         """The ``run_remedies`` keyword arguments from the form (raises :class:`NormcheckError`)."""
         from napari_normcheck.core.labels import parse_label_map
 
-        options: dict[str, Any] = {
-            "recalibration": {
-                "n_tiles": self.tiles.value(),
-                "variance": self.variance.currentText(),
-            }
+        recalibration: dict[str, Any] = {
+            "n_tiles": self.tiles.value(),
+            "variance": self.variance.currentText(),
         }
+        for key, edit in (("mask_below", self.mask_below), ("mask_above", self.mask_above)):
+            text = edit.text().strip()
+            if text:
+                try:
+                    recalibration[key] = float(text)
+                except ValueError:
+                    raise NormcheckError(
+                        f"the intensity mask {text!r} is not a number; give e.g. 200 or leave it empty"
+                    ) from None
+        options: dict[str, Any] = {"recalibration": recalibration}
         name = self.labels_combo.currentText()
         if name and name != NO_LABELS:
             layer = self.viewer.layers[name]
