@@ -11,6 +11,7 @@ the feature statistics in :mod:`~napari_normcheck._qt.features_view`.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import tempfile
 import threading
 import time
@@ -110,6 +111,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         self.worker: Any = None
         self.cancel_event: threading.Event | None = None
         self.run_request: jobs.RunRequest | None = None
+        self._heap_frozen = False
         self.results = ResultLayers(napari_viewer)
         self.results.settled.connect(self._check_settled)
         self.run_out: Path | None = None
@@ -165,6 +167,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         """Stop listening to the viewer once the dock widget is gone."""
         if self.cancel_event is not None:
             self.cancel_event.set()
+        self._unfreeze_heap()
         for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             emitter.disconnect(self._refresh_layer_choices)
         for layer in self.viewer.layers:
@@ -381,6 +384,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         )
         worker.yielded.connect(self._on_run_item)
         worker.finished.connect(self._on_worker_finished)
+        self._freeze_heap()
         self.worker = worker
         self.run_request = request
         self.finished_event = None
@@ -490,7 +494,26 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
 
     def _check_settled(self) -> None:
         if self.worker is None and not self.results.busy:
+            self._unfreeze_heap()
             self.run_settled.emit()
+
+    def _freeze_heap(self) -> None:
+        """Keep Python's full garbage collections short while a run goes on.
+
+        With torch, MONAI and napari loaded the heap holds millions of objects: a full collection
+        scans them all and holds the GIL for 0.4-0.9 s, freezing the GUI (and the engine) at a
+        random moment. ``gc.freeze()`` sets the objects alive now aside, so collections during the
+        run only scan what the run allocates; they are handed back to the collector when the run's
+        results are shown.
+        """
+        if not self._heap_frozen:
+            gc.freeze()
+            self._heap_frozen = True
+
+    def _unfreeze_heap(self) -> None:
+        if self._heap_frozen:
+            gc.unfreeze()
+            self._heap_frozen = False
 
     @property
     def settled(self) -> bool:
