@@ -12,7 +12,6 @@ import zarr
 
 from napari_normcheck.cli import main
 from napari_normcheck.cli_remedies import (
-    add_recalibrate_parser,
     add_remedies_arguments,
     check_remedies_arguments,
     run_remedies_after,
@@ -43,9 +42,9 @@ def sample_files(tmp_path_factory):
 
 
 def recalibrate_parser():
-    parser = argparse.ArgumentParser()
-    add_recalibrate_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
+    from napari_normcheck.cli import build_parser
+
+    return build_parser()  # the command line's own parser, with the recalibrate subcommand
 
 
 def test_recalibrate_command_exports_without_touching_the_input(sample_files, capsys):
@@ -99,54 +98,62 @@ def test_recalibrate_command_exports_without_touching_the_input(sample_files, ca
     assert SAMPLE.path.read_bytes() == input_bytes
 
 
-def test_run_then_remedies_with_labels(sample_files, capsys):
+def test_run_with_remedies_and_labels_through_main(sample_files, capsys):
     out = sample_files / "out.zarr"
-    assert (
-        main(
-            [
-                "run",
-                str(sample_files / "raw.npy"),
-                *MODEL_ARGS,
-                "--out",
-                str(out),
-                "--tile",
-                "48,64,64",
-                "--normalize",
-                "minmax:0,255",
-                "--activation",
-                "sigmoid",
-            ]
-        )
-        == 0
-    )
-    parser = argparse.ArgumentParser()
-    add_remedies_arguments(parser)
-    args = parser.parse_args(
-        [
-            "--remedies",
-            "--labels",
-            str(sample_files / "labels.npy"),
-            "--label-map",
-            '{"1": 0, "2": 1}',
-            "--recalibration-tiles",
-            "3",
-            "--recalibration-holdout",
-            "1",
-            "--recalibrated-model",
-            str(sample_files / "from_run.pt"),
-        ]
-    )
-    check_remedies_arguments(args)
-    loaded = load_model(SAMPLE.path, arch=SAMPLE.arch, arch_kwargs=SAMPLE.arch_kwargs)
-    result = run_remedies_after(args, out, loaded, open_volume(sample_files / "raw.npy"))
+    report = sample_files / "report.json"
+    argv = [
+        "run",
+        str(sample_files / "raw.npy"),
+        *MODEL_ARGS,
+        "--out",
+        str(out),
+        "--tile",
+        "48,64,64",
+        "--normalize",
+        "minmax:0,255",
+        "--activation",
+        "sigmoid",
+        "--report",
+        str(report),
+        "--remedies",
+        "--labels",
+        str(sample_files / "labels.npy"),
+        "--label-map",
+        '{"1": 0, "2": 1}',
+        "--recalibration-tiles",
+        "3",
+        "--recalibration-holdout",
+        "1",
+        "--recalibrated-model",
+        str(sample_files / "from_run.pt"),
+    ]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "batch-stats eval" in printed and "recalibrated eval" in printed
     assert (sample_files / "from_run.pt").exists()
+    result = json.loads(report.read_text())["remedies"]
     assert zarr.open_group(str(out), mode="r").attrs["normcheck"]["remedies"] == result
     assert len(result["recalibrated"]["dice_vs_labels"]["hard"]) == 2
     assert result["batchstats"]["disparity_vs_train"]["hard"] == [0.0, 0.0]
+    # The main check's own numbers are the remedies table's eval row.
+    main_report = json.loads(report.read_text())
+    np.testing.assert_allclose(
+        result["eval"]["disparity_vs_train"]["hard"], main_report["disparity"]["hard"], atol=1e-12
+    )
+    # Without --remedies nothing more happens.
+    parser = argparse.ArgumentParser()
+    add_remedies_arguments(parser)
+    loaded = load_model(SAMPLE.path, arch=SAMPLE.arch, arch_kwargs=SAMPLE.arch_kwargs)
     nothing = parser.parse_args([])
+    check_remedies_arguments(nothing)
     assert run_remedies_after(nothing, out, loaded, open_volume(sample_files / "raw.npy")) == {}
+    # A remedies error is found before the long check runs, and exits 2.
+    bad = argv[:-2]  # without --recalibrated-model, which exists now
+    bad[bad.index("--label-map") + 1] = "{oops"
+    marker = (out / "COMPLETE.json").stat().st_mtime_ns
+    assert main([*bad, "--overwrite"]) == 2
+    assert "label map" in capsys.readouterr().err
+    assert (out / "COMPLETE.json").stat().st_mtime_ns == marker  # OUT was not rewritten
 
 
 @pytest.mark.parametrize(

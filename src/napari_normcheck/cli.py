@@ -8,6 +8,13 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from napari_normcheck.cli_remedies import (
+    add_fold_parser,
+    add_recalibrate_parser,
+    add_remedies_arguments,
+    check_remedies_arguments,
+    run_remedies_after,
+)
 from napari_normcheck.core.errors import NormcheckError
 
 
@@ -80,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run in OUT (same options); finished chunks are kept",
     )
     run.set_defaults(handler=_run_command)
+    add_remedies_arguments(run)
+    add_recalibrate_parser(sub)
+    add_fold_parser(sub)
 
     demo = sub.add_parser(
         "demo", help="run the packaged sample models on the packaged sample volume"
@@ -197,9 +207,13 @@ def _run_command(args: argparse.Namespace) -> int:
         precision=args.precision,
         fuse_train=not args.no_fuse_train,
     )
+    check_remedies_arguments(args)  # before the long check, not after it
     report = run_and_report(
         volume, loaded, config, args.out, overwrite=args.overwrite, resume=args.resume
     )
+    remedies = run_remedies_after(args, args.out, loaded, volume)
+    if remedies:
+        report["remedies"] = remedies
     if args.report:
         from napari_normcheck.core.report import write_report
 
