@@ -60,7 +60,10 @@ SHAPE = (28, 48, 52)  # 2 x 2 x 2 tiles of 16 x 32 x 32
 CONFIGS = {
     "gaussian": RunConfig(tile=(16, 32, 32), overlap=0.25, activation="sigmoid"),
     "constant": RunConfig(tile=(16, 32, 32), overlap=0.25, blend="constant", activation="softmax"),
-    "crop": RunConfig(tile=(16, 32, 32), blend="crop", halo=(0, 8, 8), activation="sigmoid"),
+    # Train batches of three tiles share batch statistics: blocks must run the same batches.
+    "crop": RunConfig(
+        tile=(16, 32, 32), blend="crop", halo=(0, 8, 8), activation="sigmoid", train_batch=3
+    ),
 }
 BLOCKS = {"gaussian": (2, 2, 2), "constant": (2, 1, 2), "crop": (1, 2, 1)}  # 4, 8, 4 blocks
 
