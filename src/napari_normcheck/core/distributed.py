@@ -364,6 +364,10 @@ def _finish(
             f"{n_chunks} chunks (a block planning bug)"
         )
     mismatch = MismatchTracker(plan, n_out, config.threshold)
+    if len(pair_sums) != mismatch.n_pairs:
+        raise RuntimeError(
+            f"blocks returned {len(pair_sums)} of {mismatch.n_pairs} tile pairs (a planning bug)"
+        )
     keys = {tuple(int(v) for v in key.split(",")) for key in pair_sums}
     mismatch.load({f"{i},{j}": pair_sums[f"{i},{j}"] for i, j in mismatch.scan_order(keys)})
     disparity = DisparityAccumulator(n_out, config.threshold, argmax=config.activation == "softmax")
