@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -64,6 +66,16 @@ def instrument(widget) -> list[tuple[str, float, float]]:
     wrap(widget.tile_table, "redraw", "tile_table.redraw")
     wrap(widget.histogram, "set_values", "histogram.set_values")
     widget.results.steps.timings = intervals  # every queued GUI step ("add <layer>", "refresh")
+    # Garbage collections hold the GIL (any thread's): they are named too.
+    started: list[float] = []
+
+    def on_gc(phase, info):
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            intervals.append((f"gc gen{info['generation']}", started[0], time.perf_counter()))
+
+    gc.callbacks.append(on_gc)
     return intervals
 
 
@@ -142,7 +154,21 @@ def widget_run(widget, intervals) -> dict:
         raise RuntimeError(f"the run did not finish: {widget.status_label.text()}")
     inside = [start, *[t for t in ticks if start <= t <= done[0]], done[0]]
     gaps = np.diff(inside) * 1000
+    # Phases: before the engine starts (the widget adds its layers), tiles, final values.
+    began = [b for label, b, _e in intervals if label == "_on_item(RunStarted)" and b >= start]
+    ended = [b for label, b, _e in intervals if label == "_on_item(RunFinished)" and b >= start]
+    phases = {}
+    if began and ended:
+        for name, lo, hi in (
+            ("layers", start, began[-1]),
+            ("tiles", began[-1], ended[-1]),
+            ("final", ended[-1], done[0]),
+        ):
+            # A gap belongs to the phase it ends in.
+            phase_gaps = [g for g, t1 in zip(gaps, inside[1:]) if lo < t1 <= hi]
+            phases[name] = max(phase_gaps, default=0.0)
     return {
+        "phases": phases,
         "worst": worst_gaps(inside, intervals),
         "wall_s": done[0] - start,
         "engine_s": widget.finished_event.summary["timing"]["total"],
@@ -222,7 +248,10 @@ def main() -> None:
             viewer, shape=shape, device=args.device, out=folder / "widget.zarr", tile=tile
         )
         intervals = instrument(widget)
-        print(f"sample {shape}, tile {tile}, device {args.device}, tick every {TICK_MS} ms")
+        print(
+            f"sample {shape}, tile {tile}, device {args.device}, tick every {TICK_MS} ms, "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        )
         cli_run(volume_path, folder / "warmup.zarr", sample, tile, args.device)
         widget_runs, cli_runs = [], []
         for index in range(args.repeat):
@@ -233,6 +262,11 @@ def main() -> None:
                 f"run {index + 1}: widget {w['wall_s']:.2f} s (engine {w['engine_s']:.2f} s), "
                 f"max tick gap {w['max_gap_ms']:.0f} ms (p99 {w['p99_gap_ms']:.0f} ms, "
                 f"{w['ticks']} ticks); CLI {c['wall_s']:.2f} s (engine {c['engine_s']:.2f} s)"
+            )
+            print(
+                "  largest gap by phase (ms): "
+                + ", ".join(f"{name} {gap:.0f}" for name, gap in w["phases"].items())
+                + " (layers: before the engine starts; tiles: while it runs; final: after)"
             )
             print("  largest gaps: " + "; ".join(w["worst"]))
         floor = napari_floor(viewer, shape)

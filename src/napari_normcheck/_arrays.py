@@ -180,8 +180,10 @@ class EmptyChannel:
         self.dtype = np.dtype(dtype)
         self.ndim = len(self.shape)
         self.size = int(np.prod(self.shape))
+        self.last_key: tuple[Any, ...] | None = None  # what napari shows (read ahead on repoint)
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        self.last_key = key if isinstance(key, tuple) else (key,)
         view = np.broadcast_to(np.zeros((), dtype=self.dtype), self.shape)[key]
         return np.zeros(np.shape(view), dtype=self.dtype)
 

@@ -257,9 +257,24 @@ class ResultLayers(QObject):
         in_progress = self.run_out.with_name(self.run_out.name + ".inprogress")
         self.store_path = in_progress if in_progress.exists() else self.run_out
         path = self.store_path
-        self._off_thread(
-            lambda: self.read_store(path, VOXEL_OUTPUTS), lambda read: self._queue_layers(read)
-        )
+        shown = {
+            layer.name: layer.data.last_key
+            for layer in self.layers.values()
+            if layer in self.viewer.layers and layer.visible
+        }
+
+        def read() -> StoreRead | None:
+            store = self.read_store(path, VOXEL_OUTPUTS)
+            if store is not None:
+                # The slices the visible layers show: re-pointing them then reads no store.
+                for data, kwargs, _kind in store.tuples:
+                    key = shown.get(kwargs["name"])
+                    if key is not None and isinstance(data, LiveChannel):
+                        data.last_key = key
+                        data.use(data.read_ahead())
+            return store
+
+        self._off_thread(read, lambda store: self._queue_layers(store))
 
     def finish(self, path: Path, then: Callable[[StoreRead], None] | None = None) -> None:
         """The run ended (finished or stopped): add the remaining layers, show the final values.
@@ -314,12 +329,18 @@ class ResultLayers(QObject):
             if layer in self.viewer.layers and layer.visible and isinstance(layer.data, LiveChannel)
         ]
 
-    def _show_prepared(self, prepared: list[tuple[Any, dict]], tile_values: Any) -> None:
-        """Hand the slices read off-thread to the layers and re-slice them (memory only)."""
+    def _show_prepared(
+        self, prepared: list[tuple[Any, dict]], tile_values: Any, final: bool = False
+    ) -> None:
+        """Hand the slices read off-thread to the layers and re-slice them (memory only).
+
+        While the run goes on, only the shown data changes: the layer's extent (the same shape)
+        and its thumbnail (updated once the run ends) are left alone.
+        """
         for layer, slices in prepared:
             if layer in self.viewer.layers and slices:
                 layer.data.use(slices)
-                layer.refresh()
+                layer.refresh(thumbnail=final, extent=False, highlight=False)
         self._update_tiles(tile_values)
 
     def _queue_layers(self, read: StoreRead, final: bool = False) -> None:
@@ -360,7 +381,7 @@ class ResultLayers(QObject):
             self._off_thread(
                 lambda: [(layer, data.read_ahead()) for layer, data in shown],
                 lambda prepared: self.steps.add(
-                    step("final refresh", self._show_prepared, prepared, read.tile_values),
+                    step("final refresh", self._show_prepared, prepared, read.tile_values, True),
                     step("contrast", self._settle_contrast),
                     *([step("then", then, read)] if then is not None else []),
                 ),
