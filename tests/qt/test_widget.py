@@ -401,3 +401,34 @@ def test_feature_layers_field_reaches_the_configuration(
     widget.feature_layers.setText("down_1.convs.conv_0.adn.N, final_conv")
     config = widget.build_config((16, 48, 48), viewer.layers["img"])
     assert config.feature_layers == ("down_1.convs.conv_0.adn.N", "final_conv")
+
+
+def test_layers_exist_before_the_engine_starts_even_with_one_pool_thread(
+    make_napari_viewer, qtbot, small_image, tiny_model_file, tmp_path, errors
+):
+    from qtpy.QtCore import QThreadPool
+
+    # napari's workers share one pool (a thread per CPU); the run's worker holds one while it
+    # waits for its layers: preparing them must not need another thread of that pool.
+    pool = QThreadPool.globalInstance()
+    threads = pool.maxThreadCount()
+    pool.setMaxThreadCount(1)
+    try:
+        viewer, widget = make_widget(make_napari_viewer, small_image, tiny_model_file, tmp_path)
+        seen = []
+
+        def on_item(item):
+            if type(item).__name__ == "RunStarted":
+                names = {layer.name for layer in viewer.layers}
+                seen.append((widget.run_request.layers_ready.is_set(), names))
+
+        worker = widget.run()
+        worker.yielded.connect(on_item)
+        wait_done(qtbot, widget)
+    finally:
+        pool.setMaxThreadCount(threads)
+    assert errors == []
+    ((ready, names),) = seen
+    assert ready
+    assert {"img eval c0", "img disparity c1", "img train c1", "img tiles"} <= names
+    assert {"img tile disparity soft c0", "img feature z"} <= names

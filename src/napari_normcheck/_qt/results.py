@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,12 @@ WIDGET_OUTPUTS = (
 )
 #: Outputs written while tiles finish (the tile grids and ``feature_z`` come at the end).
 VOXEL_OUTPUTS = ("pred_eval", "pred_train", "disparity", "seams_eval")
+
+
+class _Delivery(QObject):
+    """Carries a reader-thread result to the GUI thread (a signal emitted from another thread)."""
+
+    delivered = Signal(object)
 
 
 @dataclass
@@ -98,6 +105,9 @@ class ResultLayers(QObject):
         self.store_path: Path | None = None
         self.run_out: Path | None = None
         self.steps = StepQueue(self)
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="normcheck-reader")
+        self._delivery = _Delivery()  # lives on the GUI thread: its signal is queued to it
+        self._delivery.delivered.connect(self._deliver)
         self.steps.drained.connect(self._maybe_settled)
         self._reads_in_flight = 0
         self._refreshing = False
@@ -124,37 +134,35 @@ class ResultLayers(QObject):
         done: Callable[[Any], None],
         finished: Callable[[], None] | None = None,
     ) -> None:
-        """Run ``function`` in a worker thread; ``done(result)`` runs on the GUI thread after.
+        """Run ``function`` in the reader thread; ``done(result)`` runs on the GUI thread after.
 
         Results of a run that was replaced meanwhile (or of a failed read) are dropped;
-        ``finished`` is called on the GUI thread in every case, after ``done``.
+        ``finished`` is called on the GUI thread in every case, after ``done``. The reader is a
+        thread of our own, not napari's worker pool: the run's worker holds a thread of that pool
+        (which has one per CPU) and waits for layers whose preparation needs a reader.
         """
-        from napari.qt.threading import create_worker
-
         run_id = self._run_id
 
-        def guarded() -> Any:
+        def guarded() -> None:
             try:
-                return function()
+                result = function()
             except Exception:  # a store being swapped: the next read sees the new one
                 logger.debug("reading the store failed", exc_info=True)
-                return None
+                result = None
+            self._delivery.delivered.emit((run_id, result, done, finished))
 
-        def returned(result: Any) -> None:
-            if result is not None and run_id == self._run_id:
-                done(result)
-
-        def on_finished() -> None:
-            self._reads_in_flight -= 1
-            if finished is not None:
-                finished()
-            self._maybe_settled()
-
-        worker = create_worker(guarded, _start_thread=False)
-        worker.returned.connect(returned)
-        worker.finished.connect(on_finished)
         self._reads_in_flight += 1
-        worker.start()
+        self._reader.submit(guarded)
+
+    def _deliver(self, item: tuple) -> None:
+        """On the GUI thread: hand a read's result over (queued by Qt from the reader thread)."""
+        run_id, result, done, finished = item
+        self._reads_in_flight -= 1
+        if result is not None and run_id == self._run_id:
+            done(result)
+        if finished is not None:
+            finished()
+        self._maybe_settled()
 
     # --- reading the store (any thread) -----------------------------------------------------------
 
