@@ -91,6 +91,7 @@ class Timing:
     """Seconds spent per stage (the reader thread's time overlaps the forwards)."""
 
     read: float = 0.0
+    read_wait: float = 0.0  # the model waiting for the reader thread (disk slower than the model)
     forward_eval: float = 0.0
     forward_train: float = 0.0
     stitch: float = 0.0

@@ -190,6 +190,7 @@ class TileLoop:
         finally:
             reader.stop()
             self.timing.read += reader.seconds
+            self.timing.read_wait += reader.waited
 
     def _finish_ready(self, pending: deque[TileWork]) -> Iterator[TileResult]:
         # Tiles are stitched in scan order: the blending arithmetic stays identical to MONAI's.
