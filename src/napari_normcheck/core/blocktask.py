@@ -129,8 +129,12 @@ class WorkerRun:
                 self._models[ident] = (model, make_recorder(model, self.context.config))
             return self._models[ident]
 
-    def run_block(self, block: Block, worker: str = "") -> dict[str, Any]:
-        """Run every tile touching ``block``, write its chunks, record it; return its sums."""
+    def run_block(self, block: Block, worker: Any = None) -> dict[str, Any]:
+        """Run every tile touching ``block``, write its chunks, record it; return its sums.
+
+        With a dask ``worker``, each owned tile's record is also sent to the client as it finishes
+        (an event on :func:`progress_topic`), for live progress; the block's result repeats them.
+        """
         t_start = time.perf_counter()
         context, plan = self.context, self.context.plan
         model, recorder = self.model_for_thread()
@@ -157,7 +161,9 @@ class WorkerRun:
         stopped = _stop_signal(context.key)
         try:
             with contextlib.closing(loop.run([plan.get_tile(i) for i in tiles])) as results:
-                for _ in results:
+                for result in results:
+                    if worker is not None and result.record is not None:
+                        worker.log_event(progress_topic(context.key), {"record": result.record})
                     if stopped():
                         raise BlockStopped(f"block {block.index}: the run was stopped")
             loop.flush()  # the block is recorded only once its chunks are on disk
@@ -178,7 +184,7 @@ class WorkerRun:
             "timing": timing.to_dict(),
             "spilled_chunks": loop.accumulator.spill_count,
             "tiles_run": len(tiles),
-            "worker": worker,
+            "worker": getattr(worker, "address", ""),
         }
         write_block_record(context.store_path, record)
         return record
@@ -186,6 +192,11 @@ class WorkerRun:
 
 class BlockStopped(Exception):
     """A block abandoned because its run was stopped (it is not recorded, so a resume reruns it)."""
+
+
+def progress_topic(run_key: str) -> str:
+    """Event topic on which a run's blocks report finished tiles."""
+    return f"napari-normcheck-progress-{run_key}"
 
 
 def stop_event_name(run_key: str) -> str:
@@ -231,4 +242,4 @@ def run_block_task(block: Block, run_key: str) -> dict[str, Any]:
     run = _RUNS.get(run_key)
     if run is None:
         raise RuntimeError(f"napari-normcheck run {run_key} is not set up on this worker")
-    return run.run_block(block, worker=get_worker().address)
+    return run.run_block(block, worker=get_worker())

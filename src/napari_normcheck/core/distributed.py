@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
@@ -187,6 +188,7 @@ def run_check_distributed(
     from napari_normcheck.core.blocktask import (
         BlockContext,
         RunPlugin,
+        progress_topic,
         run_block_task,
         stop_event_name,
     )
@@ -245,7 +247,11 @@ def run_check_distributed(
         plugin = RunPlugin(context)
         futures: dict[Any, Block] = {}
         complete = False
+        tile_records: queue.Queue = queue.Queue()
+        topic = progress_topic(context.key)
         try:
+            # Handlers run on the client's event loop thread: hand records over through a queue.
+            dask_client.subscribe_topic(topic, lambda event: tile_records.put(event[1]["record"]))
             dask_client.register_plugin(plugin)
             owners = tile_owners(plan, block_chunks)
             todo = [b for b in blocks if b.index not in finished]
@@ -261,16 +267,20 @@ def run_check_distributed(
                 run_block_task, todo, run_key=context.key, retries=retries, pure=False
             )
             futures = dict(zip(submitted, todo))
-            n_tiles_done = 0
-            for block, result in _completed(futures, cancel):
-                finished[block.index] = result
+            reported: set[int] = set()
+            for block, result in _completed(futures, cancel, tile_records):
                 elapsed = time.perf_counter() - t_start
-                for key in sorted(result["records"], key=int):
-                    n_tiles_done += 1
-                    record = result["records"][key]
-                    yield TileDone(
-                        plan.get_tile(int(key)), n_tiles_done, n_total, elapsed, 0, record
-                    )
+                records = [result] if block is None else list(result["records"].values())
+                # A tile is reported once: live from its block, or with the block's result (a
+                # lost message, a retried block).
+                for record in sorted(records, key=lambda r: r["index"]):
+                    if record["index"] not in reported:
+                        reported.add(record["index"])
+                        tile = plan.get_tile(record["index"])
+                        yield TileDone(tile, len(reported), n_total, elapsed, 0, record)
+                if block is None:
+                    continue
+                finished[block.index] = result
                 yield BlockDone(
                     block.index,
                     len(finished) - (len(blocks) - len(todo)),
@@ -292,6 +302,8 @@ def run_check_distributed(
                     dask_client.cancel(list(futures))
             with contextlib.suppress(Exception):
                 dask_client.unregister_worker_plugin(plugin.name)
+            with contextlib.suppress(Exception):
+                dask_client.unsubscribe_topic(topic)
     final_path, summary = _finish(
         store, volume, config, plan, finished, recorder, n_out, setup.eval_batch, out, t_start
     )
@@ -315,15 +327,21 @@ def _absolute_source(volume_source: dict[str, Any] | None) -> dict[str, Any] | N
 
 
 def _completed(
-    futures: dict[Any, Block], cancel: threading.Event | None
-) -> Iterator[tuple[Block, dict[str, Any]]]:
-    """Finished blocks as they come (lowest index first when several), until cancelled."""
+    futures: dict[Any, Block], cancel: threading.Event | None, tile_records: queue.Queue
+) -> Iterator[tuple[Block | None, dict[str, Any]]]:
+    """Finished tiles ``(None, record)`` and blocks ``(block, result)`` as they come, until cancel.
+
+    Blocks finishing together come lowest index first.
+    """
     from distributed import wait
 
     pending = set(futures)
     while pending:
         if cancel is not None and cancel.is_set():
             return
+        with contextlib.suppress(queue.Empty):
+            while True:
+                yield None, tile_records.get_nowait()
         try:
             done, pending = wait(pending, timeout=0.25, return_when="FIRST_COMPLETED")
         except TimeoutError:
