@@ -333,7 +333,7 @@ def _completed(
 
     Blocks finishing together come lowest index first.
     """
-    from distributed import wait
+    from distributed import KilledWorker, wait
 
     pending = set(futures)
     while pending:
@@ -347,7 +347,15 @@ def _completed(
         except TimeoutError:
             continue
         for future in sorted(done, key=lambda f: futures[f].index):
-            yield futures[future], future.result()
+            try:
+                result = future.result()
+            except KilledWorker:
+                raise NormcheckError(
+                    f"block {futures[future].index} was lost with its worker several times (a "
+                    "worker keeps dying, e.g. out of memory); use smaller tiles or more memory "
+                    "per worker, then --resume"
+                ) from None
+            yield futures[future], result
 
 
 def _finish(
