@@ -140,6 +140,19 @@ class LiveChannel:
             return {}
         return {_key_id(key): self.source[(self.channel, *key)]}
 
+    def value_range(self) -> tuple[float, float]:
+        """Finite min and max of the slice napari shows (the middle plane if none yet); any thread.
+
+        Contrast limits of outputs without a fixed range (logits), without scanning the volume.
+        """
+        key = self.last_key if self.last_key is not None else (self.shape[0] // 2,)
+        values = np.asarray(self.source[(self.channel, *key)], dtype=float)
+        values = values[np.isfinite(values)]
+        if not values.size:
+            return (0.0, 1.0)
+        low, high = float(values.min()), float(values.max())
+        return (low, high if high > low else low + 1.0)
+
     def use(self, prepared: dict[tuple[Any, ...], np.ndarray]) -> None:
         """Serve these slices from memory until the next call (an empty dict: read the store)."""
         self._prepared = prepared

@@ -25,7 +25,8 @@ LayerDataTuple = tuple[Any, dict, str]
 
 # Group name in OUT.zarr -> (short layer name, style).
 IMAGE_OUTPUTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "pred_eval": ("eval", {"blending": "additive", "opacity": 0.6}),
+    # Hidden like train: the disparity is what to look at first; eye icons compare the two.
+    "pred_eval": ("eval", {"blending": "additive", "opacity": 0.6, "visible": False}),
     "pred_train": ("train", {"blending": "additive", "opacity": 0.6, "visible": False}),
     "disparity": ("disparity", {"colormap": "magma", "blending": "additive", "opacity": 0.6}),
     # Where overlapping tiles disagree: tiling artifacts show up here.

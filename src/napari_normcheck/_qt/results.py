@@ -382,15 +382,27 @@ class ResultLayers(QObject):
             self.tiles_layer is None or self.tiles_layer not in self.viewer.layers
         ):
             steps.append(step("tiles", self._show_tiles, read.tile_values))
-        shown = self._visible_live_layers()
 
         def show_final() -> None:
             # The final values: read off-thread, shown, then napari reads the store directly again.
+            shown = self._visible_live_layers()
+            logits = [
+                (layer, layer.data)
+                for layer in self.layers.values()
+                if layer in self.viewer.layers
+                and isinstance(layer.data, LiveChannel)
+                and layer.metadata.get("contrast_from_data")
+            ]
+
+            def final_read() -> tuple[list, list]:
+                prepared = [(layer, data.read_ahead()) for layer, data in shown]
+                return prepared, [(layer, data.value_range()) for layer, data in logits]
+
             self._off_thread(
-                lambda: [(layer, data.read_ahead()) for layer, data in shown],
-                lambda prepared: self.steps.add(
-                    step("final refresh", self._show_prepared, prepared, read.tile_values, True),
-                    step("contrast", self._settle_contrast),
+                final_read,
+                lambda result: self.steps.add(
+                    step("final refresh", self._show_prepared, result[0], read.tile_values, True),
+                    step("contrast", self._settle_contrast, result[1]),
                     *([step("then", then, read)] if then is not None else []),
                 ),
             )
@@ -398,12 +410,14 @@ class ResultLayers(QObject):
         steps.append(step("read final slices", show_final))
         self.steps.add(*steps)
 
-    def _settle_contrast(self) -> None:
-        """Outputs without fixed contrast limits (logits) get limits from the shown data."""
+    def _settle_contrast(self, limits: list[tuple[Any, tuple[float, float]]]) -> None:
+        """Outputs without fixed contrast limits (logits) get limits from their data."""
+        for layer, (low, high) in limits:
+            if layer in self.viewer.layers:
+                layer.contrast_limits_range = (low, high)
+                layer.contrast_limits = (low, high)
         for layer in self.layers.values():
             if layer in self.viewer.layers and isinstance(layer.data, LiveChannel):
-                if layer.metadata.get("contrast_from_data") and layer.visible:
-                    layer.reset_contrast_limits()
                 layer.data.use({})  # from now on napari reads the store itself
 
     def _add(self, data: Any, kwargs: dict[str, Any]) -> None:

@@ -51,7 +51,9 @@ from napari_normcheck._qt.settings import SettingsBox
 from napari_normcheck._qt.tile_table import SORT_KEYS, TileTable
 from napari_normcheck.core.errors import NormcheckError
 
-REFRESH_SECONDS = 1.0
+#: Least time between two refreshes of the shown layers during a run (s). Each one costs a
+#: canvas redraw, which a software renderer pays with CPU time the engine would use.
+REFRESH_SECONDS = 2.0
 
 
 def _show_error(message: str) -> None:
