@@ -5,24 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 import zarr
 
-from napari_normcheck.cli import build_parser, main
+from napari_normcheck.cli import main
 from tests.conftest import calibrate, synthetic_volume, tiny_unet
-
-
-def _run_options() -> set[str]:
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.dest == "command")
-    return set(subparsers.choices["run"]._option_string_actions)
-
-
-pytestmark = pytest.mark.skipif(
-    not {"--workers", "--scheduler"} <= _run_options(),
-    reason="napari-normcheck run has no --workers/--scheduler options yet",
-)
 
 ARCH_KWARGS = {
     "spatial_dims": 3,

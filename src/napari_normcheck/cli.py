@@ -86,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue an interrupted run in OUT (same options); finished chunks are kept",
     )
+    run.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on a running dask.distributed cluster: its scheduler address (tcp://host:8786)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run on a local dask.distributed cluster of N worker processes (1 thread each)",
+    )
     run.set_defaults(handler=_run_command)
     add_remedies_arguments(run)
     add_recalibrate_parser(sub)
@@ -209,7 +220,21 @@ def _run_command(args: argparse.Namespace) -> int:
     )
     check_remedies_arguments(args)  # before the long check, not after it
     report = run_and_report(
-        volume, loaded, config, args.out, overwrite=args.overwrite, resume=args.resume
+        volume,
+        loaded,
+        config,
+        args.out,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        scheduler=args.scheduler,
+        n_workers=args.workers,
+        volume_source={
+            "source": args.volume,
+            "dataset": args.dataset,
+            "level": args.level,
+            "channel_axis": args.channel_axis if args.channel_axis is not None else "auto",
+        },
+        trust_pickle=args.trust_pickle,
     )
     remedies = run_remedies_after(args, args.out, loaded, volume)
     if remedies:
@@ -229,12 +254,23 @@ def _package_default(loaded, key: str) -> str | None:
 
 
 def run_and_report(
-    volume, loaded, config, out, *, overwrite: bool = False, resume: bool = False
+    volume,
+    loaded,
+    config,
+    out,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    volume_source: dict | None = None,
+    trust_pickle: bool = False,
 ) -> dict:
     """Run the check with a progress bar on stderr, print the summary; return the report."""
     from tqdm import tqdm
 
-    from napari_normcheck.core.engine import RunFinished, RunStarted, TileDone, run_check
+    from napari_normcheck.core.distributed import run_events
+    from napari_normcheck.core.engine import RunFinished, RunStarted, TileDone
     from napari_normcheck.core.inventory import norm_inventory
     from napari_normcheck.core.report import build_report, format_summary
 
@@ -244,11 +280,15 @@ def run_and_report(
         "model": {"path": str(loaded.path), "sha256": loaded.sha256, "format": loaded.format},
         "norm_layers": inventory.to_dict(),
     }
-    events = run_check(
+    events = run_events(
         volume,
-        loaded.module,
+        loaded,
         config,
         out,
+        scheduler=scheduler,
+        n_workers=n_workers,
+        volume_source=volume_source,
+        trust_pickle=trust_pickle,
         overwrite=overwrite,
         spatial_dims=info.spatial_dims,
         divisor=info.divisor,
