@@ -159,3 +159,37 @@ def test_cuda_staging_reuses_pinned_buffers_and_probe_finds_a_batch(batchnorm_un
     cpu = forward_batch(batchnorm_unet, images, "train", 3, CPU, per_sample=True)
     gpu = forward_batch(model, images, "train", 3, device, per_sample=True, staging=staging)
     np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-4)
+
+
+def test_a_reduced_precision_run_reports_its_effect_against_fp32(tmp_path, batchnorm_unet):
+    from napari_normcheck.core.engine import RunFinished, run_check
+    from napari_normcheck.core.report import build_report, format_summary
+    from napari_normcheck.core.volume import open_volume
+    from tests.conftest import synthetic_volume
+
+    np.save(tmp_path / "v.npy", synthetic_volume((16, 40, 44)))
+    config = RunConfig(tile=(16, 32, 32), activation="sigmoid", precision="bf16", device="cpu")
+    events = list(
+        run_check(open_volume(tmp_path / "v.npy"), batchnorm_unet, config, tmp_path / "o")
+    )
+    summary = events[-1].summary
+    assert isinstance(events[-1], RunFinished)
+    effect = summary["precision_effect"]
+    assert effect["precision"] == "bf16" and effect["tiles"] == [0, 1, 2, 3]
+    assert all(0 <= v <= 1 for mode in ("eval", "train") for v in effect[mode]["hard"])
+    assert "bf16 against fp32 on 4 tiles" in format_summary(build_report(summary, {}))
+    # The bf16 run's predictions really differ from an fp32 run's.
+    fp32 = list(
+        run_check(
+            open_volume(tmp_path / "v.npy"),
+            batchnorm_unet,
+            config.replace(precision="fp32"),
+            tmp_path / "f",
+        )
+    )[-1].summary
+    assert "precision_effect" not in fp32
+    import zarr
+
+    a = zarr.open_group(str(tmp_path / "o"), mode="r")["pred_eval/0"][:]
+    b = zarr.open_group(str(tmp_path / "f"), mode="r")["pred_eval/0"][:]
+    assert 0 < np.abs(a - b).max() < 0.5

@@ -34,7 +34,9 @@ from napari_normcheck.core.runsteps import (  # noqa: F401 (check_tile, default_
     finish_run,
     make_recorder,
     open_outputs,
+    precision_effect,
     prepare_run,
+    resolve_eval_batch,
     run_attrs,
 )
 from napari_normcheck.core.stitch import importance_map
@@ -168,6 +170,8 @@ def run_check(
     n_out = probe_out_channels(
         worker_model, volume.n_channels, plan.window_shape, setup.spatial_dims, device, divisor
     )
+    setup = resolve_eval_batch(setup, worker_model, volume, config, out, resume=resume)
+    effect = precision_effect(worker_model, volume, config, setup)
     attrs = run_attrs(volume, config, setup, extra_attrs)
     store, arrays = open_outputs(
         out, attrs, config, plan, n_out, volume, overwrite=overwrite, resume=resume
@@ -246,6 +250,7 @@ def run_check(
             eval_batch=setup.eval_batch,
             spilled_chunks=loop.accumulator.spill_count,
             before_marker=loop.flush,
+            extra_summary={"precision_effect": effect} if effect else None,
         )
         remove_block_records(final_path)  # a distributed run's records, when this resumed one
         yield RunFinished(out=final_path, summary=summary)

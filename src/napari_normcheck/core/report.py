@@ -81,6 +81,8 @@ def build_report(summary: dict[str, Any], store_attrs: dict[str, Any]) -> dict[s
         "out": summary.get("out"),
         "versions": software_versions(),
         "timing": summary.get("timing"),
+        "precision_effect": summary.get("precision_effect"),
+        "distributed": summary.get("distributed"),
         "verdict": verdict(summary),
     }
 
@@ -159,5 +161,11 @@ def format_summary(report: dict[str, Any], worst: int = 5) -> str:
             lines.append(
                 f"  tile {tile['index']:>4} at z,y,x {box}: disparity {max(tile['disparity_hard']):.3f}"
             )
+    effect = report.get("precision_effect")
+    if effect:
+        lines.append(
+            f"{effect['precision']} against fp32 on {len(effect['tiles'])} tiles (1 - Dice, hard): "
+            f"eval {per_channel(effect['eval']['hard'])}; train {per_channel(effect['train']['hard'])}"
+        )
     lines.append(f"verdict: {report['verdict']}")
     return "\n".join(lines)

@@ -10,24 +10,33 @@ one layout and one summary.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+import zarr
 from torch import nn
 
 from napari_normcheck import __version__
 from napari_normcheck.core.config import RunConfig
 from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.features import FeatureLayer, FeatureRecorder, default_feature_layers
-from napari_normcheck.core.forward import resolve_device
+from napari_normcheck.core.forward import (
+    measure_precision_effect,
+    probe_eval_batch,
+    resolve_device,
+)
 from napari_normcheck.core.grids import tile_cell_transform, write_feature_grid, write_tile_grids
 from napari_normcheck.core.intensity import IntensityTransform, resolve_intensity
 from napari_normcheck.core.metrics import DisparityAccumulator
 from napari_normcheck.core.mismatch import MismatchTracker
 from napari_normcheck.core.store import OutputStore
+from napari_normcheck.core.tile_io import read_window
 from napari_normcheck.core.tiling import TilePlan, plan_tiles
 from napari_normcheck.core.volume import Volume
 
@@ -38,6 +47,8 @@ MODES = ("eval", "train")
 PREDICTION_NAMES = {"eval": "pred_eval", "train": "pred_train"}
 DEFAULT_TILE_3D = (64, 128, 128)
 DEFAULT_TILE_2D = (1, 256, 256)
+# The largest eval batch the CUDA probe tries: beyond it the GPU is busy anyway.
+EVAL_BATCH_LIMIT = 32
 
 
 def default_tile(
@@ -139,6 +150,7 @@ def prepare_run(
     if spatial_dims not in (2, 3):
         raise NormcheckError(f"spatial dims must be 2 or 3, not {spatial_dims}")
     device = device or resolve_device(config.device)
+    # On CUDA the engine then probes the largest batch that fits (resolve_eval_batch).
     eval_batch = config.eval_batch or (4 if device.type == "cuda" else 1)
     tile_shape = config.tile or default_tile(volume.spatial_shape, spatial_dims, divisor or 16)
     halo = config.halo if config.blend == "crop" else (0, 0, 0)
@@ -156,6 +168,69 @@ def prepare_run(
     if transform is None:
         transform = resolve_intensity(config.normalize, volume.data)
     return RunSetup(plan, spatial_dims, device, eval_batch, transform)
+
+
+def resolve_eval_batch(
+    setup: RunSetup,
+    model: nn.Module,
+    volume: Volume,
+    config: RunConfig,
+    out: str | Path,
+    *,
+    resume: bool,
+) -> RunSetup:
+    """On CUDA without ``--eval-batch``: the largest eval batch that fits, probed once per run.
+
+    A resumed run keeps the batch its interrupted run recorded (the parameters must match), so the
+    probe runs only for a new output.
+    """
+    if config.eval_batch is not None or setup.device.type != "cuda":
+        return setup
+    recorded = _recorded_eval_batch(out) if resume else None
+    eval_batch = recorded or probe_eval_batch(
+        model,
+        volume.n_channels,
+        setup.plan.window_shape,
+        setup.spatial_dims,
+        setup.device,
+        precision=config.precision,
+        limit=min(EVAL_BATCH_LIMIT, setup.plan.n_tiles),
+    )
+    return dataclasses.replace(setup, eval_batch=eval_batch)
+
+
+def _recorded_eval_batch(out: str | Path) -> int | None:
+    target = Path(out)
+    for path in (target.with_name(target.name + ".inprogress"), target):
+        with contextlib.suppress(Exception):
+            attrs = zarr.open_group(str(path), mode="r").attrs["normcheck"]
+            return int(attrs["params"]["eval_batch"])
+    return None
+
+
+def precision_effect(
+    model: nn.Module, volume: Volume, config: RunConfig, setup: RunSetup, n_tiles: int = 4
+) -> dict[str, Any] | None:
+    """How much reduced precision changes the predictions, on tiles spread over the plan.
+
+    Returns ``None`` for fp32; otherwise ``{"precision", "tiles", "eval", "train"}`` where the
+    modes hold ``1 - Dice`` per channel of the reduced-precision prediction against fp32.
+    """
+    if config.precision == "fp32":
+        return None
+    plan = setup.plan
+    indices = sorted({int(i) for i in np.linspace(0, plan.n_tiles - 1, min(n_tiles, plan.n_tiles))})
+    images = [read_window(volume, plan, plan.get_tile(i), setup.transform) for i in indices]
+    effect = measure_precision_effect(
+        model,
+        images,
+        setup.spatial_dims,
+        setup.device,
+        config.precision,
+        config.activation,
+        config.threshold,
+    )
+    return {"precision": config.precision, "tiles": indices, **effect}
 
 
 def make_recorder(model: nn.Module, config: RunConfig) -> FeatureRecorder | None:
