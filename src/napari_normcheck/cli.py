@@ -174,9 +174,16 @@ def _load(args: argparse.Namespace):
     )
 
 
-def _run_command(args: argparse.Namespace) -> int:
-    from napari_normcheck.core.config import RunConfig, parse_int_triple
-    from napari_normcheck.core.tiling import parse_roi
+def open_inputs(args: argparse.Namespace):
+    """The volume and the model of a ``run`` or ``recalibrate`` command, checked against each other.
+
+    Returns
+    -------
+    volume : Volume
+        The lazily opened input.
+    loaded : LoadedModel
+        The model, with switchable normalization and the volume's channel count.
+    """
     from napari_normcheck.core.volume import open_volume
 
     volume = open_volume(
@@ -190,12 +197,20 @@ def _run_command(args: argparse.Namespace) -> int:
         raise NormcheckError(
             loaded.not_switchable_reason or "the model's normalization mode is fixed"
         )
-    info = loaded.info
-    if volume.n_channels != info.in_channels:
+    if volume.n_channels != loaded.info.in_channels:
         raise NormcheckError(
             f"the volume has {volume.n_channels} channel(s) but the model expects "
-            f"{info.in_channels}; pick the matching image or pass --channel-axis"
+            f"{loaded.info.in_channels}; pick the matching image or pass --channel-axis"
         )
+    return volume, loaded
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from napari_normcheck.core.config import RunConfig, parse_int_triple
+    from napari_normcheck.core.tiling import parse_roi
+
+    volume, loaded = open_inputs(args)
+    info = loaded.info
     roi = parse_roi(args.roi) if args.roi else None
     if roi is not None and len(roi) == 2:
         roi = ((0, volume.spatial_shape[0]), *roi)

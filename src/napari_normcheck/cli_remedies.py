@@ -359,7 +359,7 @@ def recalibrate_command(args: argparse.Namespace) -> int:
     """``napari-normcheck recalibrate``: recalibrate a copy of the model and export it."""
     from tqdm import tqdm
 
-    from napari_normcheck.cli import _load, _package_default
+    from napari_normcheck.cli import _package_default, open_inputs
     from napari_normcheck.core.config import parse_int_triple
     from napari_normcheck.core.engine import check_tile, default_tile
     from napari_normcheck.core.intensity import resolve_intensity
@@ -371,26 +371,12 @@ def recalibrate_command(args: argparse.Namespace) -> int:
     )
     from napari_normcheck.core.recalibrate_export import export_recalibrated
     from napari_normcheck.core.tiling import parse_roi
-    from napari_normcheck.core.volume import open_volume
 
-    volume = open_volume(
-        args.volume,
-        dataset=args.dataset,
-        level=args.level,
-        channel_axis=args.channel_axis if args.channel_axis is not None else "auto",
-    )
-    loaded = _load(args)
-    if not loaded.switchable:
-        raise NormcheckError(loaded.not_switchable_reason or "the model's normalization is fixed")
+    volume, loaded = open_inputs(args)
     from torch.jit import ScriptModule
 
     _check_export_free(args.out_model, isinstance(loaded.module, ScriptModule))
     info = loaded.info
-    if volume.n_channels != info.in_channels:
-        raise NormcheckError(
-            f"the volume has {volume.n_channels} channel(s) but the model expects "
-            f"{info.in_channels}; pick the matching image or pass --channel-axis"
-        )
     tile = (
         parse_int_triple(args.tile, "tile")
         if args.tile
