@@ -28,6 +28,12 @@ IMAGE_OUTPUTS: dict[str, tuple[str, dict[str, Any]]] = {
     # Hidden like train: the disparity is what to look at first; eye icons compare the two.
     "pred_eval": ("eval", {"blending": "additive", "opacity": 0.6, "visible": False}),
     "pred_train": ("train", {"blending": "additive", "opacity": 0.6, "visible": False}),
+    # Written by `run --remedies` (or the widget's Remedies section) when the user asked for them.
+    "pred_recalibrated": (
+        "recalibrated",
+        {"blending": "additive", "opacity": 0.6, "visible": False},
+    ),
+    "pred_batchstats": ("batch-stats", {"blending": "additive", "opacity": 0.6, "visible": False}),
     "disparity": ("disparity", {"colormap": "magma", "blending": "additive", "opacity": 0.6}),
     # Where overlapping tiles disagree: tiling artifacts show up here.
     "seams_eval": (

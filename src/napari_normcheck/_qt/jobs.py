@@ -89,6 +89,7 @@ class RunRequest:
     cancel: threading.Event = field(default_factory=threading.Event)
     resume: bool = False
     layers_ready: threading.Event = field(default_factory=threading.Event)
+    scheduler: str | None = None
 
 
 def load(request: ModelRequest) -> ModelReady:
@@ -175,7 +176,7 @@ def run_job(run: RunRequest, model: ModelRequest, ready: ModelReady | None) -> I
     ModelReady, PrepareLayers, RunStarted, TileDone, RunFinished or JobError
         Progress items for the GUI thread.
     """
-    from napari_normcheck.core.engine import run_check
+    from napari_normcheck.core.distributed import run_events
 
     try:
         if ready is None or ready.request != model:
@@ -200,11 +201,15 @@ def run_job(run: RunRequest, model: ModelRequest, ready: ModelReady | None) -> I
         while not run.layers_ready.wait(0.05):
             if run.cancel.is_set() or time.monotonic() > deadline:
                 break
-        yield from run_check(
+        # In this process, or on the dask cluster of ``run.scheduler`` (the layer's data travels
+        # to the workers once; the model file is loaded there).
+        yield from run_events(
             run.volume,
-            loaded.module,
+            loaded,
             config,
             run.out,
+            scheduler=run.scheduler or None,
+            trust_pickle=model.trust_pickle,
             overwrite=run.overwrite,
             resume=run.resume,
             spatial_dims=info.spatial_dims,

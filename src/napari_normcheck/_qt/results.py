@@ -422,7 +422,13 @@ class ResultLayers(QObject):
 
     def _add(self, data: Any, kwargs: dict[str, Any]) -> None:
         name = kwargs["name"]
-        if name in self.layers and self.layers[name] in self.viewer.layers:
+        existing = self.layers.get(name)
+        if existing is not None and existing in self.viewer.layers:
+            if isinstance(existing.data, EmptyChannel) and not isinstance(data, EmptyChannel):
+                # A stand-in whose own add step was still queued when the store was read (a run
+                # stopped early): it reads the store now, instead of being dropped as unwritten.
+                store = kwargs["metadata"].get("normcheck_store", "")
+                self._repoint(existing, data, kwargs, store)
             return
         layer = self.viewer.add_image(data, **kwargs)
         if kwargs["metadata"].get("normcheck_output") == _layers.FEATURE_Z:
@@ -458,8 +464,9 @@ class ResultLayers(QObject):
         if tuple(layer.translate) != tuple(kwargs["translate"]):
             layer.translate = kwargs["translate"]
         fixed = not kwargs["metadata"].get("contrast_from_data")
-        if fixed and tuple(layer.contrast_limits) != tuple(kwargs["contrast_limits"]):
-            layer.contrast_limits = kwargs["contrast_limits"]
+        limits = kwargs.get("contrast_limits")
+        if fixed and limits is not None and tuple(layer.contrast_limits) != tuple(limits):
+            layer.contrast_limits = limits
         layer.metadata["contrast_from_data"] = not fixed
         layer.metadata["normcheck_store"] = store
         layer.metadata["run"] = kwargs["metadata"].get("run")

@@ -35,6 +35,8 @@ class SettingsBox(QGroupBox):
         "train_batch",
         "eval_batch",
         "device",
+        "precision",
+        "scheduler",
         "normalize",
         "activation",
         "threshold",
@@ -69,6 +71,20 @@ class SettingsBox(QGroupBox):
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda"])
         form.addRow("device", self.device)
+        self.precision = QComboBox()
+        self.precision.addItems(["fp32", "tf32", "bf16", "fp16"])
+        self.precision.setToolTip(
+            "forward precision; reduced precision changes the predictions, and the run measures "
+            "by how much against fp32 on a few tiles"
+        )
+        form.addRow("precision", self.precision)
+        self.scheduler = QLineEdit()
+        self.scheduler.setPlaceholderText("(this process)")
+        self.scheduler.setToolTip(
+            "address of a running dask.distributed scheduler (tcp://host:8786): the tiles run on "
+            "its workers, which must see the model file and the output folder"
+        )
+        form.addRow("cluster", self.scheduler)
         self.normalize = QLineEdit("none")
         self.normalize.setToolTip("none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI")
         form.addRow("normalize input", self.normalize)
@@ -123,6 +139,7 @@ class SettingsBox(QGroupBox):
             train_batch=self.train_batch.value(),
             eval_batch=self.eval_batch.value() or None,
             device=self.device.currentText(),
+            precision=self.precision.currentText(),
             normalize=self.normalize.text().strip() or "none",
             activation=self.activation.currentText(),
             threshold=self.threshold.value(),

@@ -46,6 +46,7 @@ from napari_normcheck._qt.region import (
     shapes_roi,
     spatial_transform,
 )
+from napari_normcheck._qt.remedies_panel import RemediesPanel, RemedyContext
 from napari_normcheck._qt.results import ResultLayers
 from napari_normcheck._qt.settings import SettingsBox
 from napari_normcheck._qt.tile_table import SORT_KEYS, TileTable
@@ -155,6 +156,8 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         layout.addWidget(QLabel("Per-tile soft disparity"))
         layout.addWidget(self.histogram)
         layout.addWidget(self._build_feature_box())
+        self.remedies_panel = RemediesPanel(self.viewer, self.remedy_context)
+        layout.addWidget(self.remedies_panel)
         # Wide enough for the form: only the height scrolls.
         scroll.setMinimumWidth(
             content.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 4
@@ -170,6 +173,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         if self.cancel_event is not None:
             self.cancel_event.set()
         self._unfreeze_heap()
+        self.remedies_panel.disconnect_viewer()
         for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             emitter.disconnect(self._refresh_layer_choices)
         for layer in self.viewer.layers:
@@ -347,6 +351,21 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         self.status_label.setText(f"report written to {written}")
         return written
 
+    def remedy_context(self) -> RemedyContext | None:
+        """The last finished check, for the Remedies section (``None`` before one finished)."""
+        from napari_normcheck.core.store import is_complete
+
+        event, request, ready = self.finished_event, self.run_request, self.model_ready
+        if event is None or request is None or ready is None or not is_complete(event.out):
+            return None
+        return RemedyContext(
+            volume=request.volume,
+            model=ready.loaded.module,
+            out=Path(event.out),
+            prefix=self.run_input[0],
+            model_path=ready.loaded.path,
+        )
+
     def resume(self) -> Any:
         """Continue the stopped run in its output (finished chunks are kept); returns the worker."""
         return self.run(resume=True)
@@ -379,7 +398,13 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
             self.run_out = self.output_path(layer.name)
         self.cancel_event = threading.Event()
         request = jobs.RunRequest(
-            volume, config, self.run_out, self.overwrite.isChecked(), self.cancel_event, resume
+            volume,
+            config,
+            self.run_out,
+            self.overwrite.isChecked(),
+            self.cancel_event,
+            resume,
+            scheduler=self.scheduler.text().strip() or None,
         )
         worker = thread_worker(jobs.run_job, start_thread=False)(
             request, self.model_request(), self.model_ready
