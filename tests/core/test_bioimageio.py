@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from napari_normcheck.cli import main
-from napari_normcheck.core import bioimageio
+from napari_normcheck.core import bioimageio, package_zip
 from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.models import load_model
 
@@ -138,7 +138,7 @@ def zip_folder(folder: Path, zip_path: Path) -> Path:
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """Extract zips under tmp_path rather than the shared temp folder."""
-    monkeypatch.setattr(bioimageio, "cache_root", lambda: tmp_path / "cache")
+    monkeypatch.setattr(package_zip, "cache_root", lambda: tmp_path / "cache")
     return tmp_path / "cache"
 
 
@@ -277,7 +277,7 @@ def test_zip_bomb_ratio_refused(tmp_path, cache):
 
 
 def test_zip_bomb_total_size_refused(tmp_path, cache, monkeypatch):
-    monkeypatch.setattr(bioimageio, "MAX_UNPACKED_BYTES", 1000)
+    monkeypatch.setattr(package_zip, "MAX_UNPACKED_BYTES", 1000)
     big = tmp_path / "big.zip"
     with zipfile.ZipFile(big, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr("rdf.yaml", "type: model\n")

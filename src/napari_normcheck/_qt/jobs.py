@@ -58,8 +58,8 @@ class PrepareLayers:
     params : dict
         The run configuration (``activation`` and ``output_dtype`` set the contrast limits).
     plan : TilePlan or None
-        The tiles the engine will plan from the same settings (``None`` when the tile size is left
-        to the engine); the engine's own plan, in ``RunStarted``, is the one that counts.
+        The tiles the engine will plan from the same settings (``None`` when they are invalid: the
+        engine then reports why); the engine's own plan, in ``RunStarted``, is the one that counts.
     """
 
     n_channels: int
@@ -116,7 +116,9 @@ def load_job(request: ModelRequest) -> Iterator[ModelReady | JobError]:
         yield JobError(str(error))
 
 
-def prepare_layers(run: RunRequest, config: Any, n_channels: int) -> PrepareLayers:
+def prepare_layers(
+    run: RunRequest, config: Any, n_channels: int, divisor: Any = None
+) -> PrepareLayers:
     """Where the run's voxel outputs will be: the chosen region of the volume, in world space."""
     shape = tuple(int(n) for n in run.volume.spatial_shape)
     roi = config.roi or tuple((0, n) for n in shape)
@@ -129,34 +131,22 @@ def prepare_layers(run: RunRequest, config: Any, n_channels: int) -> PrepareLaye
         scale=scale,
         translation=translation,
         params=config.to_dict(),
-        plan=expected_plan(shape, config),
+        plan=expected_plan(shape, config, divisor),
     )
 
 
-def expected_plan(shape: tuple[int, ...], config: Any) -> Any:
+def expected_plan(shape: tuple[int, ...], config: Any, divisor: Any = None) -> Any:
     """The tile plan of ``config`` on a volume of ``shape``, as the engine makes it, or ``None``.
 
     Only used to outline the tiles before the run starts (a Shapes layer of many tiles takes
-    seconds to build); a plan that differs from the engine's is replaced when the run starts.
+    seconds to build); the engine's own plan, in ``RunStarted``, is the one that counts.
     """
-    from napari_normcheck.core.tiling import plan_tiles
+    from napari_normcheck.core.runsteps import plan_run_tiles
 
-    if config.tile is None:
-        return None
-    halo = tuple(config.halo) if config.blend == "crop" else (0, 0, 0)
-    if config.spatial_dims == 2:
-        halo = (0, *halo[1:])
     try:
-        return plan_tiles(
-            shape,
-            config.tile,
-            overlap=config.overlap,
-            blend=config.blend,
-            halo=halo,
-            roi=config.roi,
-        )
+        return plan_run_tiles(shape, config, config.spatial_dims or 3, divisor)
     except (NormcheckError, ValueError):
-        return None
+        return None  # the engine reports the problem when the run starts
 
 
 def run_job(run: RunRequest, model: ModelRequest, ready: ModelReady | None) -> Iterator[Any]:
@@ -194,7 +184,7 @@ def run_job(run: RunRequest, model: ModelRequest, ready: ModelReady | None) -> I
                 f"{info.in_channels}; pick the matching image layer"
             )
         config = run.config.replace(spatial_dims=info.spatial_dims)
-        yield prepare_layers(run, config, info.out_channels)
+        yield prepare_layers(run, config, info.out_channels, info.divisor)
         # Adding a napari layer costs the GUI thread ~0.1 s, and more while the engine competes
         # for the CPU and the GIL: the layers are added before the engine starts.
         deadline = time.monotonic() + LAYERS_WAIT_S

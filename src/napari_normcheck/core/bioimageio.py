@@ -34,12 +34,7 @@ from napari_normcheck.core.bioimageio_processing import (
 from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.models import LoadedModel, file_sha256, load_model
 from napari_normcheck.core.modes import normalization_mode
-from napari_normcheck.core.package_zip import (
-    MAX_COMPRESSION_RATIO,  # noqa: F401 (re-exported: bioimageio.MAX_COMPRESSION_RATIO)
-    MAX_UNPACKED_BYTES,
-    cache_root,
-    extract_package,
-)
+from napari_normcheck.core.package_zip import extract_package
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 # Tolerance of --verify when a package names none (bioimage.io's core uses the same defaults).
@@ -100,13 +95,7 @@ def open_package(path: str | Path) -> Package:
     import yaml
 
     source = Path(path)
-    # cache_root and MAX_UNPACKED_BYTES are looked up in this module, so that patching them on
-    # bioimageio (as tests do) still takes effect now that extraction lives in package_zip.
-    root = (
-        extract_package(source, cache_root(), max_unpacked_bytes=MAX_UNPACKED_BYTES)
-        if source.is_file()
-        else source
-    )
+    root = extract_package(source) if source.is_file() else source
     rdf_path = next((root / n for n in RDF_NAMES if (root / n).is_file()), None)
     if rdf_path is None:
         raise NormcheckError(f"{source} holds no rdf.yaml or bioimageio.yaml at its top level")

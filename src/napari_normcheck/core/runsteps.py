@@ -152,12 +152,33 @@ def prepare_run(
     device = device or resolve_device(config.device)
     # On CUDA the engine then probes the largest batch that fits (resolve_eval_batch).
     eval_batch = config.eval_batch or (4 if device.type == "cuda" else 1)
-    tile_shape = config.tile or default_tile(volume.spatial_shape, spatial_dims, divisor or 16)
+    plan = plan_run_tiles(volume.spatial_shape, config, spatial_dims, divisor)
+    if transform is None:
+        transform = resolve_intensity(config.normalize, volume.data)
+    return RunSetup(plan, spatial_dims, device, eval_batch, transform)
+
+
+def plan_run_tiles(
+    spatial_shape: tuple[int, int, int],
+    config: RunConfig,
+    spatial_dims: int,
+    divisor: tuple[int, ...] | int | None = None,
+) -> TilePlan:
+    """The tile plan a run of ``config`` makes on a volume of ``spatial_shape`` (checked tiles).
+
+    Pure and cheap: the widget outlines the tiles with it before the run starts.
+
+    Raises
+    ------
+    NormcheckError
+        When the model's input window is not divisible by its downsampling factor.
+    """
+    tile_shape = config.tile or default_tile(spatial_shape, spatial_dims, divisor or 16)
     halo = config.halo if config.blend == "crop" else (0, 0, 0)
     if spatial_dims == 2:
         halo = (0, *halo[1:])
     plan = plan_tiles(
-        volume.spatial_shape,
+        spatial_shape,
         tile_shape,
         overlap=config.overlap,
         blend=config.blend,  # type: ignore[arg-type]
@@ -165,9 +186,7 @@ def prepare_run(
         roi=config.roi,
     )
     check_tile(plan.window_shape, spatial_dims, divisor)
-    if transform is None:
-        transform = resolve_intensity(config.normalize, volume.data)
-    return RunSetup(plan, spatial_dims, device, eval_batch, transform)
+    return plan
 
 
 def resolve_eval_batch(
