@@ -193,3 +193,35 @@ def test_a_reduced_precision_run_reports_its_effect_against_fp32(tmp_path, batch
     a = zarr.open_group(str(tmp_path / "o"), mode="r")["pred_eval/0"][:]
     b = zarr.open_group(str(tmp_path / "f"), mode="r")["pred_eval/0"][:]
     assert 0 < np.abs(a - b).max() < 0.5
+
+
+class LimitedMemory(nn.Module):
+    """A real network that runs out of (simulated) GPU memory above a batch of 2."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        if x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.model(x)
+
+
+def test_out_of_memory_halves_batches_whose_results_do_not_depend_on_them(batchnorm_unet):
+    model = LimitedMemory(batchnorm_unet)
+    images = tiles_of_different_statistics(n=5)
+    plan = plan_tiles((16, 32, 32), (16, 32, 32), overlap=0.0, blend="constant")
+    tile = next(iter(plan.tiles()))
+    pending = deque(TileWork(tile, image) for image in images)
+    passes = Passes(model, 4, 1, 3, CPU, Timing(), None, fuse_train=True)
+    passes.run_ready(pending, final=True)
+    assert passes.batch == {"eval": 2, "train": 2}
+    for work, image in zip(pending, images):
+        for mode in ("eval", "train"):
+            alone = forward_batch(batchnorm_unet, [image], mode, 3, CPU)[0]
+            np.testing.assert_allclose(work.outputs[mode], alone, rtol=0, atol=1e-5)
+    # Tiles of a shared train batch are never split: that would change their statistics.
+    shared = Passes(model, 1, 3, 3, CPU, Timing(), None)
+    with pytest.raises(NormcheckError, match="3 tiles .* smaller --tile or --train-batch"):
+        shared.run_ready(deque(TileWork(tile, image) for image in images), final=True)

@@ -110,16 +110,19 @@ class Passes:
                         staging=self.staging,
                     )
                     features = self.recorder.take() if hooks else []
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from 2.5 on, same class
                 # Eval results, and fused train results, do not depend on the batch: halve it.
                 independent = mode == "eval" or self.fuse_train
                 if independent and self.batch[mode] > 1:
                     self.batch[mode] //= 2
                     torch.cuda.empty_cache()
                     continue
+                several = len(group) > 1
+                what = f"{len(group)} tiles" if several else "one tile"
+                fix = "--tile or --train-batch" if several else "--tile"
                 raise NormcheckError(
-                    f"one tile of {group[0].image.shape[1:]} voxels does not fit in GPU memory in "
-                    f"the {mode} pass; use a smaller --tile"
+                    f"{what} of {group[0].image.shape[1:]} voxels {'do' if several else 'does'} "
+                    f"not fit in GPU memory in the {mode} pass; use a smaller {fix}"
                 ) from None
             elapsed = time.perf_counter() - t0
             if mode == "eval":
@@ -314,7 +317,7 @@ def probe_eval_batch(
     while batch <= max(1, limit):
         try:
             forward_batch(model, [image] * batch, "eval", spatial_dims, device, precision=precision)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from 2.5 on, same class
             break
         fits, batch = batch, batch * 2
     torch.cuda.empty_cache()
