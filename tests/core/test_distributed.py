@@ -22,13 +22,13 @@ import pytest
 import torch
 import zarr
 
-from napari_normcheck.core.modelspec import ModelSpec
 from napari_normcheck.core.config import RunConfig
 from napari_normcheck.core.distributed import open_client, run_check_distributed
 from napari_normcheck.core.engine import BlockDone, RunFinished, TileDone, run_check
 from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.manifest import blocks_dir
 from napari_normcheck.core.models import load_model
+from napari_normcheck.core.modelspec import ModelSpec
 from napari_normcheck.core.store import is_complete
 from napari_normcheck.core.volume import open_volume
 from tests.conftest import calibrate, synthetic_volume, tiny_unet
@@ -155,7 +155,14 @@ def reference(tmp_path_factory, loaded, volume):
     def get(kind):
         if kind not in cache:
             out = folder / f"{kind}.zarr"
-            events = list(run_check(volume, loaded.module, CONFIGS[kind], out))
+            # The workers run torch on one thread (OMP_NUM_THREADS=1); a batched convolution's
+            # float rounding depends on the thread count, so the reference uses one thread too.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                events = list(run_check(volume, loaded.module, CONFIGS[kind], out))
+            finally:
+                torch.set_num_threads(threads)
             cache[kind] = (read_arrays(out), events[-1].summary, out)
         return cache[kind]
 
