@@ -28,7 +28,8 @@ def test_remedies_section_uses_the_last_finished_check(
     qtbot.waitUntil(lambda: panel.worker is None, timeout=120_000)
     assert errors == []
     assert panel.table.rowCount() == len(ROWS)
-    root = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    out = tmp_path / "out.zarr"
+    root = zarr.open_group(str(out), mode="r")
     remedies = root.attrs["normcheck"]["remedies"]
     # The table's eval row is the widget's own check; batch statistics equal train mode.
     np.testing.assert_allclose(
@@ -41,6 +42,15 @@ def test_remedies_section_uses_the_last_finished_check(
     np.testing.assert_allclose(layer.scale, SCALE)
     np.testing.assert_allclose(layer.translate, TRANSLATE)
     np.testing.assert_array_equal(np.asarray(layer.data), root["pred_recalibrated/0"][0])
+    # The plugin's reader opens the remedies' predictions too, placed like the others.
+    from napari_normcheck._reader import get_reader
+
+    read = {kwargs["name"]: (data, kwargs) for data, kwargs, _ in get_reader(str(out))(str(out))}
+    for short, group in (("recalibrated", "pred_recalibrated"), ("batch-stats", "pred_batchstats")):
+        data, kwargs = read[f"out {short} c1"]
+        np.testing.assert_allclose(kwargs["scale"], SCALE)
+        np.testing.assert_allclose(kwargs["translate"], TRANSLATE)
+        np.testing.assert_array_equal(np.asarray(data), root[f"{group}/0"][1])
 
 
 def test_precision_choice_reaches_the_run_and_its_summary(
