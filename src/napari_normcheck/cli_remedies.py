@@ -404,7 +404,7 @@ def recalibrate_command(args: argparse.Namespace) -> int:
     )
     transform = resolve_intensity(normalize, volume.data)
     result = None
-    with tqdm(unit="batch", file=sys.stderr, desc="recalibrate") as bar:
+    with tqdm(unit="batch", file=sys.stderr, desc="calibration") as bar:
         for event in iter_recalibrate(
             loaded.module,
             volume,
@@ -418,7 +418,9 @@ def recalibrate_command(args: argparse.Namespace) -> int:
             },
         ):
             if isinstance(event, RecalibrationProgress):
-                bar.total = event.n_total
+                if event.stage != bar.desc:  # one bar per stage: calibration, then holdout
+                    bar.reset(total=event.n_total)
+                    bar.set_description(event.stage)
                 bar.update(1)
             elif isinstance(event, RecalibrationDone):
                 result = event.result
