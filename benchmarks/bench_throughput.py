@@ -102,7 +102,8 @@ def measure(device_name: str, shape: tuple[int, int, int], variants: list[dict])
             print(
                 f"  {label:<32} {voxels / seconds / 1e6:7.2f} Mvoxel/s, engine {seconds:6.2f} s, "
                 f"bare forwards {bare:6.2f} s, ratio {seconds / bare:.3f}, "
-                f"eval batch {summary['eval_batch']}, disparity {summary['disparity']['hard']}"
+                f"eval batch {summary['eval_batch']}, model waited for the reader "
+                f"{summary['timing'].get('read_wait', 0.0):.2f} s"
             )
             effect = summary.get("precision_effect")
             if effect:
