@@ -5,7 +5,7 @@ map, the per-tile disparity and mismatch grids) becomes one image layer per chan
 zarr array through a :class:`~napari_normcheck._arrays.LiveChannel` (read lazily, slice by slice),
 placed in world coordinates by the group's OME-Zarr scale and translation (spatial axes only). A
 ``tiles`` Shapes layer outlines each tile's write box; its ``features`` hold the tile index, grid position and
-disparity.
+disparity (built by :mod:`napari_normcheck._tile_layers`, whose names are re-exported here).
 """
 
 from __future__ import annotations
@@ -18,8 +18,19 @@ import numpy as np
 
 from napari_normcheck._arrays import EmptyChannel, live_channels
 
+# Re-exported: callers use the tile functions as ``_layers.<name>``.
+from napari_normcheck._tile_layers import UNKNOWN_TILE_COLOR as UNKNOWN_TILE_COLOR
+from napari_normcheck._tile_layers import input_translation as input_translation
+from napari_normcheck._tile_layers import plan_from_attrs as plan_from_attrs
+from napari_normcheck._tile_layers import tile_box as tile_box
+from napari_normcheck._tile_layers import tile_center as tile_center
+from napari_normcheck._tile_layers import tile_edge_colors as tile_edge_colors
+from napari_normcheck._tile_layers import tile_features as tile_features
+from napari_normcheck._tile_layers import tile_shapes_layer as tile_shapes_layer
+from napari_normcheck._tile_layers import to_world as to_world
+
 if TYPE_CHECKING:
-    from napari_normcheck.core.tiling import Tile, TilePlan
+    from napari_normcheck.core.tiling import TilePlan
 
 LayerDataTuple = tuple[Any, dict, str]
 
@@ -281,153 +292,6 @@ def contrast_for(group_name: str, params: dict[str, Any]) -> tuple[float, float]
     if group_name in DISPARITY_OUTPUTS or params.get("activation", "none") != "none":
         return (0.0, 1.0)
     return None
-
-
-def plan_from_attrs(attrs: dict[str, Any]) -> TilePlan | None:
-    """Rebuild the run's :class:`~napari_normcheck.core.tiling.TilePlan` from the root attributes."""
-    from napari_normcheck.core.tiling import plan_tiles
-
-    plan = attrs.get("plan")
-    if not plan:
-        return None
-    roi = tuple(zip(plan["roi_start"], plan["roi_stop"]))
-    return plan_tiles(
-        tuple(plan["volume_shape"]),
-        tuple(plan["tile"]),
-        overlap=plan["overlap"],
-        blend=plan["blend"],
-        halo=tuple(plan["halo"]),
-        roi=roi,  # type: ignore[arg-type]
-    )
-
-
-def input_translation(
-    plan: TilePlan, scale: tuple[float, ...], roi_translation: tuple[float, ...]
-) -> tuple[float, ...]:
-    """World position of the input volume's voxel ``(0, 0, 0)`` from the outputs' (ROI) origin."""
-    return tuple(t - r * s for t, r, s in zip(roi_translation, plan.roi_start, scale))
-
-
-def tile_box(tile: Tile) -> np.ndarray:
-    """The write box of ``tile`` as a rectangle ``(4, 3)`` at its centre z-plane, in voxel coordinates.
-
-    Edges lie on voxel borders (half a voxel outside the centres), so neighbouring boxes touch.
-    """
-    z = (tile.write_start[0] + tile.write_stop[0] - 1) // 2
-    y0, x0 = tile.write_start[1] - 0.5, tile.write_start[2] - 0.5
-    y1, x1 = tile.write_stop[1] - 0.5, tile.write_stop[2] - 0.5
-    return np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]], dtype=float)
-
-
-def tile_center(tile: Tile) -> tuple[float, float, float]:
-    """Centre of the tile's write box in voxel coordinates ``(z, y, x)``."""
-    z = (tile.write_start[0] + tile.write_stop[0] - 1) // 2
-    return (
-        float(z),
-        (tile.write_start[1] + tile.write_stop[1] - 1) / 2,
-        (tile.write_start[2] + tile.write_stop[2] - 1) / 2,
-    )
-
-
-def to_world(
-    voxel: tuple[float, ...], scale: tuple[float, ...], translate: tuple[float, ...]
-) -> tuple[float, ...]:
-    """Voxel coordinates to world coordinates."""
-    return tuple(t + v * s for v, s, t in zip(voxel, scale, translate))
-
-
-def tile_features(plan: TilePlan, disparity: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Feature table of the tiles: index, grid position and disparity (NaN where unknown)."""
-    tiles = plan.tiles()
-    values = np.full(len(tiles), np.nan) if disparity is None else np.asarray(disparity, float)
-    return {
-        "tile": np.array([t.index for t in tiles]),
-        "grid_z": np.array([t.grid[0] for t in tiles]),
-        "grid_y": np.array([t.grid[1] for t in tiles]),
-        "grid_x": np.array([t.grid[2] for t in tiles]),
-        "disparity": values,
-    }
-
-
-#: Edge colour of a tile whose disparity is not known yet.
-UNKNOWN_TILE_COLOR = (1.0, 1.0, 0.0, 0.5)
-
-
-def tile_edge_colors(disparity: np.ndarray | None, n_tiles: int | None = None) -> np.ndarray:
-    """RGBA edge colour per tile: yellow for the least disparity, red for the largest.
-
-    Parameters
-    ----------
-    disparity : numpy.ndarray, optional
-        One value per tile; NaN where not known yet (drawn translucent yellow).
-    n_tiles : int, optional
-        The number of tiles when ``disparity`` is not given.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(n_tiles, 4)`` colours in 0..1.
-    """
-    values = (
-        np.full(int(n_tiles or 0), np.nan) if disparity is None else np.asarray(disparity, float)
-    )
-    colors = np.tile(np.asarray(UNKNOWN_TILE_COLOR), (len(values), 1))
-    known = np.isfinite(values)
-    if known.any():
-        # Relative to the worst tile: the tiles to look at first stand out, whatever the scale.
-        top = max(float(values[known].max()), 1e-12)
-        fraction = np.clip(values[known] / top, 0.0, 1.0)
-        colors[known] = np.stack(
-            [
-                np.ones_like(fraction),
-                1.0 - fraction,
-                np.zeros_like(fraction),
-                np.ones_like(fraction),
-            ],
-            axis=1,
-        )
-    return colors
-
-
-def tile_shapes_layer(
-    plan: TilePlan,
-    scale: tuple[float, ...],
-    translate: tuple[float, ...],
-    name: str = "tiles",
-    disparity: np.ndarray | None = None,
-) -> LayerDataTuple:
-    """A Shapes layer data tuple outlining every tile's write box.
-
-    Parameters
-    ----------
-    plan : TilePlan
-        The run's tiles.
-    scale, translate : tuple of float
-        The input volume's voxel size and origin ``(z, y, x)``.
-    name : str
-        Layer name.
-    disparity : numpy.ndarray, optional
-        One value per tile (scan order) for the ``disparity`` feature.
-
-    Returns
-    -------
-    tuple
-        ``(rectangles, kwargs, "shapes")``.
-    """
-    rectangles = [tile_box(tile) for tile in plan.tiles()]
-    kwargs = {
-        "name": name,
-        "shape_type": "rectangle",
-        "edge_color": tile_edge_colors(disparity, plan.n_tiles),
-        "face_color": "transparent",
-        "edge_width": 1,
-        "scale": scale,
-        "translate": translate,
-        "features": tile_features(plan, disparity),
-        "metadata": {"normcheck_output": "tiles"},
-        "opacity": 0.7,
-    }
-    return (rectangles, kwargs, "shapes")
 
 
 def tile_disparity_values(path: str | Path, plan: TilePlan) -> np.ndarray | None:
