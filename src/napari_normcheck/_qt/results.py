@@ -8,15 +8,15 @@ layer appears only after napari built its controls and visual). So:
 - the GUI work is cut in steps, one per event-loop turn (:mod:`napari_normcheck._qt.steps`):
   each new layer is one step, so the viewer draws and answers input between two layers.
 
-No dock widget here: :class:`ResultLayers` only talks to the viewer.
+No dock widget here: :class:`ResultLayers` only talks to the viewer. The reader thread is in
+:mod:`~napari_normcheck._qt.reader_thread`, the tile outlines in
+:mod:`~napari_normcheck._qt.tile_outlines`.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,9 @@ from qtpy.QtCore import QObject, Signal  # noqa: TID253 (the Qt layer)
 
 from napari_normcheck import _layers
 from napari_normcheck._arrays import EmptyChannel, LiveChannel
-from napari_normcheck._qt.region import camera_of
+from napari_normcheck._qt.reader_thread import ReaderThread
 from napari_normcheck._qt.steps import StepQueue, step
-
-logger = logging.getLogger(__name__)
+from napari_normcheck._qt.tile_outlines import TileOutlines
 
 #: Outputs the widget shows (the store holds more; the reader opens them all). Fewer layers: each
 #: new napari layer costs the GUI thread about 0.1 s (controls, visual, first draw).
@@ -45,12 +44,6 @@ WIDGET_OUTPUTS = (
 VOXEL_OUTPUTS = ("pred_eval", "pred_train", "disparity", "seams_eval")
 
 
-class _Delivery(QObject):
-    """Carries a reader-thread result to the GUI thread (a signal emitted from another thread)."""
-
-    delivered = Signal(object)
-
-
 @dataclass
 class StoreRead:
     """What an off-thread read of the store found (no napari objects: built in a worker thread)."""
@@ -61,7 +54,7 @@ class StoreRead:
     feature_grid: tuple | None = None
 
 
-class ResultLayers(QObject):
+class ResultLayers(TileOutlines, QObject):
     """The image and tile-outline layers of the current run.
 
     Parameters
@@ -105,15 +98,11 @@ class ResultLayers(QObject):
         self.store_path: Path | None = None
         self.run_out: Path | None = None
         self.steps = StepQueue(self)
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="normcheck-reader")
-        self._delivery = _Delivery()  # lives on the GUI thread: its signal is queued to it
-        self._delivery.delivered.connect(self._deliver)
+        self._reads = ReaderThread(delivered=self._maybe_settled)
         self.steps.drained.connect(self._maybe_settled)
-        self._reads_in_flight = 0
         self._refreshing = False
         self._refresh_pending = False
         self._pending_values: np.ndarray | None = None
-        self._run_id = 0
         self._synchronous = False  # show(): every step now, on the calling thread
         self._placeholders = []
 
@@ -122,7 +111,7 @@ class ResultLayers(QObject):
     @property
     def busy(self) -> bool:
         """A read is in flight or GUI steps wait."""
-        return self._reads_in_flight > 0 or len(self.steps) > 0
+        return self._reads.in_flight > 0 or len(self.steps) > 0
 
     def _maybe_settled(self) -> None:
         if not self.busy:
@@ -134,35 +123,8 @@ class ResultLayers(QObject):
         done: Callable[[Any], None],
         finished: Callable[[], None] | None = None,
     ) -> None:
-        """Run ``function`` in the reader thread; ``done(result)`` runs on the GUI thread after.
-
-        Results of a run that was replaced meanwhile (or of a failed read) are dropped;
-        ``finished`` is called on the GUI thread in every case, after ``done``. The reader is a
-        thread of our own, not napari's worker pool: the run's worker holds a thread of that pool
-        (which has one per CPU) and waits for layers whose preparation needs a reader.
-        """
-        run_id = self._run_id
-
-        def guarded() -> None:
-            try:
-                result = function()
-            except Exception:  # a store being swapped: the next read sees the new one
-                logger.debug("reading the store failed", exc_info=True)
-                result = None
-            self._delivery.delivered.emit((run_id, result, done, finished))
-
-        self._reads_in_flight += 1
-        self._reader.submit(guarded)
-
-    def _deliver(self, item: tuple) -> None:
-        """On the GUI thread: hand a read's result over (queued by Qt from the reader thread)."""
-        run_id, result, done, finished = item
-        self._reads_in_flight -= 1
-        if result is not None and run_id == self._run_id:
-            done(result)
-        if finished is not None:
-            finished()
-        self._maybe_settled()
+        """Run ``function`` in the reader thread, then ``done(result)`` (``ReaderThread.submit``)."""
+        self._reads.submit(function, done, finished)
 
     # --- reading the store (any thread) -----------------------------------------------------------
 
@@ -193,7 +155,7 @@ class ResultLayers(QObject):
 
     def new_run(self) -> None:
         """A run was started: the previous run's pending GUI steps and reads are dropped."""
-        self._run_id += 1
+        self._reads.run_id += 1
         self.steps.clear()
         self._refreshing = self._refresh_pending = False
         self.store_path = None
@@ -506,83 +468,7 @@ class ResultLayers(QObject):
             self._synchronous = False
         return read.tile_values
 
-    # --- tiles ------------------------------------------------------------------------------------------
-
-    def _tiles_show(self, plan: Any) -> bool:
-        """The tiles layer exists and outlines ``plan``."""
-        layer = self.tiles_layer
-        return (
-            layer is not None
-            and layer in self.viewer.layers
-            and layer.metadata.get("plan") == plan.to_dict()
-        )
-
-    def _build_tiles(
-        self, values: np.ndarray | None, then: Callable[[], None] | None = None
-    ) -> None:
-        """Build the tiles Shapes layer in a worker thread, then put it in the viewer (one step).
-
-        napari's Shapes layer takes seconds to build for thousands of tiles (one Python object and
-        a triangulation per shape); only putting it in the viewer has to happen on the GUI thread.
-        """
-        from napari.layers import Shapes
-
-        plan, scale, translate = self.plan, self.input_scale, self.input_translate
-        name = f"{self.prefix} tiles"
-
-        def build() -> Any:
-            data, kwargs, _ = _layers.tile_shapes_layer(
-                plan, scale, translate, name=name, disparity=values
-            )
-            kwargs["metadata"] = {**kwargs["metadata"], "plan": plan.to_dict()}
-            return Shapes(data, **kwargs)
-
-        def finished() -> None:
-            if then is not None:
-                self.steps.add(step("layers ready", then))
-
-        self._off_thread(
-            build,
-            lambda layer: self.steps.add(step("tiles", self._put_tiles, layer)),
-            finished=finished,
-        )
-
-    def _put_tiles(self, layer: Any) -> None:
-        old = self.tiles_layer
-        if old is not None and old in self.viewer.layers:
-            self.viewer.layers.remove(old)
-        self.tiles_layer = self.viewer.add_layer(layer)
-        if self.store_path is None:
-            self._placeholders.append(self.tiles_layer)
-
-    def _show_tiles(self, values: np.ndarray | None) -> None:
-        """Outline the plan's tiles (the layer is rebuilt off-thread when the plan changed)."""
-        if self._tiles_show(self.plan):
-            self._update_tiles(values)
-        elif self._synchronous:
-            data, kwargs, _ = _layers.tile_shapes_layer(
-                self.plan,
-                self.input_scale,
-                self.input_translate,
-                name=f"{self.prefix} tiles",
-                disparity=values,
-            )
-            kwargs["metadata"] = {**kwargs["metadata"], "plan": self.plan.to_dict()}
-            from napari.layers import Shapes
-
-            self._put_tiles(Shapes(data, **kwargs))
-        else:
-            self._build_tiles(values)
-
-    def _update_tiles(self, values: np.ndarray | None) -> None:
-        """New per-tile disparity: the outlines' features and edge colours."""
-        tiles = self.tiles_layer
-        if tiles is None or tiles not in self.viewer.layers or values is None:
-            return
-        tiles.features = _layers.tile_features(self.plan, values)
-        tiles.edge_color = _layers.tile_edge_colors(values)
-
-    # --- feature z and navigation -----------------------------------------------------------------
+    # --- feature z -----------------------------------------------------------------------------
 
     def show_feature_z(self, layer: int = 0, channel: int | None = None) -> Any:
         """Add (or update) the ``feature z`` layer from the current store; ``None`` when it has none.
@@ -612,16 +498,3 @@ class ResultLayers(QObject):
         else:
             self.feature_layer = self.viewer.add_image(data, **kwargs)
         return self.feature_layer
-
-    def go_to_tile(self, index: int) -> None:
-        """Centre the view on tile ``index`` (z plane and camera) and select its outline."""
-        if self.plan is None:
-            return
-        tile = self.plan.get_tile(index)
-        center = _layers.to_world(_layers.tile_center(tile), self.input_scale, self.input_translate)
-        z_axis = self.viewer.dims.ndim - 3
-        if z_axis >= 0:
-            self.viewer.dims.set_point(z_axis, center[0])
-        camera_of(self.viewer).center = center
-        if self.tiles_layer is not None and self.tiles_layer in self.viewer.layers:
-            self.tiles_layer.selected_data = {index}

@@ -1,0 +1,137 @@
+"""The tile outlines of a run in the viewer: a Shapes layer built off the GUI thread.
+
+napari's Shapes layer takes seconds to build for thousands of tiles, so it is built in the reader
+thread and only put in the viewer on the GUI thread (one step); while the run goes on, only its
+features and edge colours change. Going to a tile centres the view on it and selects its outline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_normcheck import _tile_layers
+from napari_normcheck._qt.region import camera_of
+from napari_normcheck._qt.steps import StepQueue, step
+
+
+class TileOutlines:
+    """The tiles Shapes layer of :class:`~napari_normcheck._qt.results.ResultLayers` (a mixin).
+
+    A mixin rather than an object of its own: outlining the tiles needs most of the result layers'
+    state (the viewer, the run's plan and placement, the step queue, the reader thread, the layers
+    added before the store existed).
+
+    Attributes
+    ----------
+    tiles_layer : napari.layers.Shapes or None
+        The outlines of the tiles' write boxes.
+
+    Notes
+    -----
+    The class it is mixed into provides ``viewer``, ``plan``, ``input_scale``, ``input_translate``,
+    ``prefix``, ``steps``, ``store_path``, ``_placeholders``, ``_synchronous`` and ``_off_thread``.
+    """
+
+    viewer: Any
+    plan: Any
+    input_scale: tuple[float, ...]
+    input_translate: tuple[float, ...]
+    prefix: str
+    tiles_layer: Any
+    steps: StepQueue
+    store_path: Path | None
+    _placeholders: list[Any]
+    _synchronous: bool
+
+    def _tiles_show(self, plan: Any) -> bool:
+        """The tiles layer exists and outlines ``plan``."""
+        layer = self.tiles_layer
+        return (
+            layer is not None
+            and layer in self.viewer.layers
+            and layer.metadata.get("plan") == plan.to_dict()
+        )
+
+    def _build_tiles(
+        self, values: np.ndarray | None, then: Callable[[], None] | None = None
+    ) -> None:
+        """Build the tiles Shapes layer in a worker thread, then put it in the viewer (one step).
+
+        napari's Shapes layer takes seconds to build for thousands of tiles (one Python object and
+        a triangulation per shape); only putting it in the viewer has to happen on the GUI thread.
+        """
+        from napari.layers import Shapes
+
+        plan, scale, translate = self.plan, self.input_scale, self.input_translate
+        name = f"{self.prefix} tiles"
+
+        def build() -> Any:
+            data, kwargs, _ = _tile_layers.tile_shapes_layer(
+                plan, scale, translate, name=name, disparity=values
+            )
+            kwargs["metadata"] = {**kwargs["metadata"], "plan": plan.to_dict()}
+            return Shapes(data, **kwargs)
+
+        def finished() -> None:
+            if then is not None:
+                self.steps.add(step("layers ready", then))
+
+        self._off_thread(
+            build,
+            lambda layer: self.steps.add(step("tiles", self._put_tiles, layer)),
+            finished=finished,
+        )
+
+    def _put_tiles(self, layer: Any) -> None:
+        old = self.tiles_layer
+        if old is not None and old in self.viewer.layers:
+            self.viewer.layers.remove(old)
+        self.tiles_layer = self.viewer.add_layer(layer)
+        if self.store_path is None:
+            self._placeholders.append(self.tiles_layer)
+
+    def _show_tiles(self, values: np.ndarray | None) -> None:
+        """Outline the plan's tiles (the layer is rebuilt off-thread when the plan changed)."""
+        if self._tiles_show(self.plan):
+            self._update_tiles(values)
+        elif self._synchronous:
+            data, kwargs, _ = _tile_layers.tile_shapes_layer(
+                self.plan,
+                self.input_scale,
+                self.input_translate,
+                name=f"{self.prefix} tiles",
+                disparity=values,
+            )
+            kwargs["metadata"] = {**kwargs["metadata"], "plan": self.plan.to_dict()}
+            from napari.layers import Shapes
+
+            self._put_tiles(Shapes(data, **kwargs))
+        else:
+            self._build_tiles(values)
+
+    def _update_tiles(self, values: np.ndarray | None) -> None:
+        """New per-tile disparity: the outlines' features and edge colours."""
+        tiles = self.tiles_layer
+        if tiles is None or tiles not in self.viewer.layers or values is None:
+            return
+        tiles.features = _tile_layers.tile_features(self.plan, values)
+        tiles.edge_color = _tile_layers.tile_edge_colors(values)
+
+    def go_to_tile(self, index: int) -> None:
+        """Centre the view on tile ``index`` (z plane and camera) and select its outline."""
+        if self.plan is None:
+            return
+        tile = self.plan.get_tile(index)
+        center = _tile_layers.to_world(
+            _tile_layers.tile_center(tile), self.input_scale, self.input_translate
+        )
+        z_axis = self.viewer.dims.ndim - 3
+        if z_axis >= 0:
+            self.viewer.dims.set_point(z_axis, center[0])
+        camera_of(self.viewer).center = center
+        if self.tiles_layer is not None and self.tiles_layer in self.viewer.layers:
+            self.tiles_layer.selected_data = {index}
