@@ -12,6 +12,22 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ISBI_RAW = SHARED_DATA / "em" / "isbi2012_train_raw.tif"
 
 
+TINY_UNET_ARCH = "monai.networks.nets.BasicUNet"
+TINY_FEATURES = (4, 4, 8, 8, 16, 4)
+
+
+def tiny_unet_kwargs(norm="batch", spatial_dims: int = 3) -> dict:
+    """The architecture keyword arguments of :func:`tiny_unet`, as a model file's loader takes them."""
+    return {
+        "spatial_dims": spatial_dims,
+        "in_channels": 1,
+        "out_channels": 2,
+        "features": list(TINY_FEATURES),
+        "norm": norm,
+        "dropout": 0.0,
+    }
+
+
 def tiny_unet(
     norm, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, seed: int = 0
 ):
@@ -23,7 +39,7 @@ def tiny_unet(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=out_channels,
-        features=(4, 4, 8, 8, 16, 4),
+        features=TINY_FEATURES,
         norm=norm,
         dropout=0.0,
     )

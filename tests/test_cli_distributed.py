@@ -9,15 +9,9 @@ import torch
 import zarr
 
 from napari_normcheck.cli import main
-from tests.conftest import calibrate, synthetic_volume, tiny_unet
+from tests.conftest import calibrate, synthetic_volume, tiny_unet, tiny_unet_kwargs
 
-ARCH_KWARGS = {
-    "spatial_dims": 3,
-    "in_channels": 1,
-    "out_channels": 2,
-    "features": [4, 4, 8, 8, 16, 4],
-    "norm": "batch",
-}
+ARCH_KWARGS = tiny_unet_kwargs("batch")
 
 
 def test_run_with_workers_equals_single_process(tmp_path, capsys):

@@ -31,7 +31,7 @@ from napari_normcheck.core.models import load_model
 from napari_normcheck.core.modelspec import ModelSpec
 from napari_normcheck.core.store import is_complete
 from napari_normcheck.core.volume import open_volume
-from tests.conftest import calibrate, synthetic_volume, tiny_unet
+from tests.conftest import TINY_UNET_ARCH, calibrate, synthetic_volume, tiny_unet, tiny_unet_kwargs
 
 distributed = pytest.importorskip("distributed")
 
@@ -47,15 +47,8 @@ ARRAYS = (
     "tile_mismatch_train",
     "feature_z",
 )
-ARCH = "monai.networks.nets.BasicUNet"
-ARCH_KWARGS = {
-    "spatial_dims": 3,
-    "in_channels": 1,
-    "out_channels": 2,
-    "features": [4, 4, 8, 8, 16, 4],
-    "norm": "batch",
-    "dropout": 0.0,
-}
+ARCH = TINY_UNET_ARCH
+ARCH_KWARGS = tiny_unet_kwargs("batch")
 SHAPE = (28, 48, 52)  # 2 x 2 x 2 tiles of 16 x 32 x 32
 CONFIGS = {
     "gaussian": RunConfig(tile=(16, 32, 32), overlap=0.25, activation="sigmoid"),
