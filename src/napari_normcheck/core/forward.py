@@ -186,7 +186,7 @@ def forward_batch(
         else:
             stack.enter_context(normalization_mode(model, mode))  # type: ignore[arg-type]
         stack.enter_context(precision_context(precision, device))
-        output = first_tensor(model(batch))
+        output = first_tensor(model(batch), model, tuple(batch.shape[2:]))
     if tuple(output.shape[2:]) != tuple(batch.shape[2:]) or output.shape[0] != batch.shape[0]:
         raise NormcheckError(
             f"the model returned shape {tuple(output.shape)} for input {tuple(batch.shape)}: "
@@ -200,31 +200,24 @@ def forward_batch(
 _warned_tuple_output = False
 
 
-def first_tensor(output: Any) -> torch.Tensor:
-    """The model's prediction: the output itself, or the first tensor of a tuple, list or dict."""
+def first_tensor(
+    output: Any, model: nn.Module | None = None, spatial_shape: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """The model's prediction: the output itself, or the tensor chosen among several.
+
+    The choice recorded on ``model`` (``--output-index`` / ``--output-key``) wins; otherwise the
+    first tensor with the input's ``spatial_shape`` (the full-resolution head of deep supervision),
+    else the first tensor (see :func:`~napari_normcheck.core.outputs.select_prediction`).
+    """
     global _warned_tuple_output
-    if isinstance(output, torch.Tensor):
-        return output
-    values = (
-        list(output.values())
-        if isinstance(output, dict)
-        else list(output)
-        if isinstance(output, (tuple, list))
-        else []
-    )
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            if not _warned_tuple_output:
-                warnings.warn(
-                    f"the model returned a {type(output).__name__}; using its first tensor "
-                    f"(shape {tuple(value.shape)}) as the prediction",
-                    stacklevel=2,
-                )
-                _warned_tuple_output = True
-            return value
-    raise NormcheckError(
-        f"the model returned {type(output).__name__} with no tensor; it must return a tensor"
-    )
+    from napari_normcheck.core.outputs import choice_of, select_prediction
+
+    choice = choice_of(model) if model is not None else None
+    prediction, note = select_prediction(output, choice, spatial_shape)
+    if note is not None and not _warned_tuple_output:
+        warnings.warn(f"{note}; shape {tuple(prediction.shape)}", stacklevel=2)
+        _warned_tuple_output = True
+    return prediction
 
 
 def probe_out_channels(
@@ -235,24 +228,15 @@ def probe_out_channels(
     device: torch.device,
     divisor: tuple[int, ...] | int | None = None,
 ) -> int:
-    """Output channels from one eval forward on zeros (also checks channels and output shape).
+    """Output channels from one forward of the run's window (batch 1, batch statistics).
 
-    With the model's divisor known, the probe uses a small window (two divisors a side, at most
-    the tile) so that it costs a fraction of a tile's forward.
+    The window itself is tried, so a tile the model takes runs whatever the probed divisor says;
+    where it fails, the error names the axis and the nearest sizes that work
+    (:func:`~napari_normcheck.core.tilefit.check_window`).
     """
-    if divisor is not None:
-        divs = (divisor,) * spatial_dims if isinstance(divisor, int) else tuple(divisor)
-        divs = (1,) * (3 - len(divs)) + divs
-        window = tuple(min(w, 2 * d) for w, d in zip(window, divs))
-    image = np.zeros((in_channels, *window), dtype=np.float32)
-    try:
-        return int(forward_batch(model, [image], "eval", spatial_dims, device).shape[1])
-    except RuntimeError as error:
-        raise NormcheckError(
-            f"the model failed on a {spatial_dims}D input of {in_channels} channel(s) and shape "
-            f"{window[3 - spatial_dims :]}: {str(error).splitlines()[0]} (check the channel count, "
-            "--spatial-dims and the tile)"
-        ) from None
+    from napari_normcheck.core.tilefit import check_window
+
+    return check_window(model, in_channels, window, spatial_dims, device, divisor)
 
 
 def activate(values: np.ndarray, activation: str) -> np.ndarray:

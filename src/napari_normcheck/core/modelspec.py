@@ -27,6 +27,8 @@ class ModelSpec:
         Override of the probed spatial dims.
     sha256 : str or None
         The file's hash as loaded by the client; a worker reading a different file refuses to run.
+    output_index, output_key : int or str or None
+        The output chosen as the prediction (``--output-index`` / ``--output-key``).
     module_bytes : bytes or None
         A model held only in memory, serialized with cloudpickle by :meth:`from_module`; used only
         when the caller asks for it explicitly.
@@ -39,6 +41,8 @@ class ModelSpec:
     spatial_dims: int | None = None
     sha256: str | None = None
     module_bytes: bytes | None = None
+    output_index: int | None = None
+    output_key: str | None = None
 
     @classmethod
     def from_loaded(cls, loaded: Any, *, trust_pickle: bool = False) -> ModelSpec:
@@ -54,6 +58,8 @@ class ModelSpec:
             trust_pickle=trust_pickle or loaded.format == "pickle",
             spatial_dims=loaded.info.spatial_dims,
             sha256=loaded.sha256,
+            output_index=loaded.output_choice.index,
+            output_key=loaded.output_choice.key,
         )
 
     @classmethod
@@ -79,6 +85,8 @@ class ModelSpec:
             arch_kwargs=self.arch_kwargs,
             trust_pickle=self.trust_pickle,
             spatial_dims=self.spatial_dims,
+            output_index=self.output_index,
+            output_key=self.output_key,
         )
         if self.sha256 is not None and loaded.sha256 != self.sha256:
             raise NormcheckError(

@@ -1,24 +1,25 @@
-"""Probe a network: spatial dims, channels and the factor a tile side must be divisible by.
+"""Probe a network: spatial dims, channels, outputs and the tile sides it takes per axis.
 
 The probe runs small forwards in eval mode under ``torch.inference_mode()`` and restores training flags
-and buffers, so the model is not changed.
+and buffers, so the model is not changed. The divisor of each spatial axis is searched on its own
+and confirmed by forwards (:mod:`~napari_normcheck.core.shape_search`); a tile the user gives is
+tried with a forward of its own (:mod:`~napari_normcheck.core.tilefit`), so the divisor is advice.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from napari_normcheck.core.errors import NormcheckError, first_line
-from napari_normcheck.core.modes import normalization_mode
+from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.outputs import OutputChoice, choice_of, describe_outputs
+from napari_normcheck.core.shape_search import AxisSizes, search_shapes
+from napari_normcheck.core.trials import run_trial, untouched
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,23 @@ class ModelInfo:
     spatial_dims : int
         2 or 3.
     in_channels, out_channels : int
-        Channels of the input and of the (first) output tensor.
+        Channels of the input and of the prediction (0 when no forward worked).
     divisor : tuple of int
-        Per spatial axis: a tile side must be a multiple of this (the network's downsampling factor).
+        Per spatial axis: tile sides that are multiples of it work (the network's downsampling,
+        confirmed by forwards). Advice: a tile the user gives is tried with a forward instead.
     n_parameters : int
         Number of parameter elements.
+    fixed_shape : tuple of (int or None) or None
+        Per spatial axis, the only side the model takes (None: any multiple of the divisor);
+        None when no axis is fixed.
+    outputs : tuple of str
+        What the model returns, one line per item (``"[0] tensor (1, 2, 32, 32)"``).
+    output_activation : str or None
+        ``"sigmoid"`` or ``"softmax"`` when the model's outputs already are probabilities.
+    tried : tuple of str
+        The shapes the probe ran and what happened (``"(1, 1, 32, 32, 32): ok"``).
+    probe_error : str or None
+        Why no shape worked, when none did.
     """
 
     spatial_dims: int
@@ -42,77 +55,31 @@ class ModelInfo:
     out_channels: int
     divisor: tuple[int, ...]
     n_parameters: int
+    fixed_shape: tuple[int | None, ...] | None = None
+    outputs: tuple[str, ...] = ()
+    output_activation: str | None = None
+    tried: tuple[str, ...] = field(default=(), compare=False)
+    probe_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serializable dictionary."""
-        return {**asdict(self), "divisor": list(self.divisor)}
+        data = asdict(self)
+        for key in ("divisor", "fixed_shape", "outputs", "tried"):
+            if data[key] is not None:
+                data[key] = list(data[key])
+        return data
 
-
-# Cubic probe sides, smallest first: larger ones only when the small one collapses or fails.
-_PROBE_SIDES = {2: (64, 128, 256), 3: (32, 64, 128)}
-_MAX_DIVISOR = 64
-# aten ops that can shrink the spatial grid by a stride (adaptive pooling is global, not a stride).
-_STRIDED_OP_WORDS = ("conv", "pool", "unshuffle", "upsample", "interpolate")
-
-
-class _StrideRecorder(TorchDispatchMode):
-    """Record the smallest spatial size produced by a strided op during one forward.
-
-    A dispatch mode sees the aten ops of eager, scripted and traced models alike, where forward
-    hooks would miss everything inside TorchScript.
-    """
-
-    def __init__(self, spatial_dims: int) -> None:
-        super().__init__()
-        self.spatial_dims = spatial_dims
-        self.smallest: list[int | None] = [None] * spatial_dims
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        name = str(func)
-        if "adaptive" not in name and any(word in name for word in _STRIDED_OP_WORDS):
-            output = result[0] if isinstance(result, tuple | list) and result else result
-            self._record(args[0] if args else None, output)
-        return result
-
-    def _record(self, source: Any, output: Any) -> None:
-        ndim = self.spatial_dims + 2
-        if not (torch.is_tensor(source) and torch.is_tensor(output)):
-            return
-        if source.ndim != ndim or output.ndim != ndim:
-            return
-        for axis, (n_in, n_out) in enumerate(zip(source.shape[2:], output.shape[2:], strict=True)):
-            # A stride of 2 or more, not the border a convolution without padding removes.
-            if 3 * n_out <= 2 * n_in:
-                current = self.smallest[axis]
-                self.smallest[axis] = n_out if current is None else min(current, n_out)
-
-
-@contextlib.contextmanager
-def _untouched(module: nn.Module, notes: list[str]) -> Iterator[None]:
-    """Eval mode and inference mode; buffers a forward wrote (a model traced in train mode) restored."""
-    saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
-    try:
-        # TorchScript's optimizing executor profiles and recompiles for each new input shape,
-        # which costs seconds for the few one-off shapes of a probe.
-        with (
-            normalization_mode(module, "eval"),
-            torch.inference_mode(),
-            torch.jit.optimized_execution(False),
-        ):
-            yield
-    finally:
-        changed = False
-        with torch.no_grad():
-            for buffer, copy in saved:
-                if not torch.equal(buffer, copy):
-                    buffer.copy_(copy)
-                    changed = True
-        if changed:
-            notes.append(
-                "the model updated its own buffers in an eval-mode forward (traced in train mode?); "
-                "they were restored"
-            )
+    def describe_shapes(self) -> str:
+        """Which tile sides the model takes, per axis, for ``inspect`` and the widget."""
+        if self.probe_error is not None:
+            return "tile sides: unknown (no probe forward worked)"
+        names = ("z", "y", "x")[3 - self.spatial_dims :]
+        fixed = self.fixed_shape or (None,) * self.spatial_dims
+        parts = [
+            f"{name} = {side} only" if side is not None else f"{name} a multiple of {d}"
+            for name, d, side in zip(names, self.divisor, fixed)
+        ]
+        return "tile sides: " + ", ".join(parts)
 
 
 def _input_layout(
@@ -173,127 +140,116 @@ def _first_constant_convolution(script_module: torch.jit.ScriptModule) -> tuple[
     return None
 
 
-def _primary_output(output: Any, notes: list[str]) -> torch.Tensor:
-    """The prediction: the output itself or the first tensor of a tuple, list or dict."""
-    if torch.is_tensor(output):
-        return output
-    items = list(output.items()) if isinstance(output, Mapping) else None
-    values = [v for _, v in items] if items is not None else output
-    if isinstance(values, tuple | list):
-        for index, value in enumerate(values):
-            if torch.is_tensor(value):
-                where = repr(items[index][0]) if items is not None else f"#{index}"
-                notes.append(
-                    f"the model returns a {type(output).__name__} of {len(values)}; its first "
-                    f"tensor ({where}) is used as the prediction"
-                )
-                return value
-    raise NormcheckError(
-        f"the model returned a {type(output).__name__} without a tensor; it must return a tensor"
-    )
-
-
-def _forward(module: nn.Module, shape: tuple[int, ...], dims: int, dtype: torch.dtype):
-    """Run one seeded random input; return (output or None, smallest strided sizes, error)."""
-    generator = torch.Generator().manual_seed(0)
-    image = torch.randn(shape, generator=generator).to(dtype)
-    recorder = _StrideRecorder(dims)
-    try:
-        with recorder:
-            output = module(image)
-    except Exception as error:
-        return None, recorder.smallest, error
-    return output, recorder.smallest, None
+def _self_activation(prediction: torch.Tensor) -> str | None:
+    """``"softmax"`` / ``"sigmoid"`` when a prediction on random input already is probabilities."""
+    values = prediction.float()
+    if values.numel() == 0 or values.min() < 0 or values.max() > 1:
+        return None
+    if values.shape[1] > 1 and torch.allclose(values.sum(1), torch.ones(()), atol=1e-4):
+        return "softmax"
+    return "sigmoid"
 
 
 def probe_with_notes(
-    module: nn.Module, spatial_dims: int | None, in_channels: int | None
+    module: nn.Module,
+    spatial_dims: int | None,
+    in_channels: int | None,
+    *,
+    choice: OutputChoice | None = None,
+    sizes: AxisSizes | None = None,
+    allow_failure: bool = False,
 ) -> tuple[ModelInfo, list[str]]:
-    """Probe ``module`` (see :func:`probe_model`) and also return notes for the user."""
+    """Probe ``module`` (see :func:`probe_model`) and also return notes for the user.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The model.
+    spatial_dims, in_channels : int or None
+        Overrides for what the layers say.
+    choice : OutputChoice, optional
+        The output to use; by default the one recorded on ``module``.
+    sizes : AxisSizes, optional
+        Sizes a package declares (start there, confirm its steps).
+    allow_failure : bool
+        Return a :class:`ModelInfo` with ``probe_error`` instead of raising when no shape works.
+    """
     dims, channels = _input_layout(module, spatial_dims, in_channels)
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    choice = choice or choice_of(module)
     notes: list[str] = []
-    output_notes: list[str] = []
-    result: tuple[torch.Tensor, tuple[int, ...]] | None = None
-    with _untouched(module, notes):
-        for side in _PROBE_SIDES[dims]:
-            shape = (1, channels, *(side,) * dims)
-            output, smallest, error = _forward(module, shape, dims, dtype)
-            # A grid strided down to one voxel may be a floor, or too small for a layer (instance
-            # norm refuses one voxel): retry larger. Any other failure would recur, and larger
-            # forwards of a real network are slow.
-            collapsed = any(n is not None and n < 2 for n in smallest)
-            if error is not None and not any(n is not None and n <= 2 for n in smallest):
-                break
-            if error is not None or (collapsed and side != _PROBE_SIDES[dims][-1]):
-                continue
-            prediction = _check_output(_primary_output(output, output_notes), shape, dims)
-            divisor = tuple(1 if n is None else math.ceil(side / n) for n in smallest)
-            result = prediction, _confirm_divisor(module, shape, divisor, dims, dtype, notes)
-            break
-    if result is None:
-        raise NormcheckError(
-            f"the model fails on a random input of shape {shape} ({first_line(error)[:160]}); "
-            "pass --in-channels / --spatial-dims if they are wrong"
+    n_parameters = int(sum(p.numel() for p in module.parameters()))
+    with untouched(module, notes):
+        search = search_shapes(
+            lambda spatial: run_trial(module, channels, spatial, dtype, choice), dims, sizes
         )
-    prediction, divisor = result
-    n_parameters = sum(p.numel() for p in module.parameters())
-    info = ModelInfo(dims, channels, int(prediction.shape[1]), divisor, int(n_parameters))
-    return info, output_notes + notes
-
-
-def _check_output(prediction: torch.Tensor, shape: tuple[int, ...], dims: int) -> torch.Tensor:
-    if prediction.ndim != dims + 2 or tuple(prediction.shape[2:]) != shape[2:]:
-        raise NormcheckError(
-            f"the model maps an input of shape {shape} to {tuple(prediction.shape)}; "
-            "napari-normcheck needs an output with the input's spatial shape (use 'same' padding)"
+    tried = tuple(t.summary() for t in search.tried)
+    base = search.base
+    if base is None:
+        last = search.tried[-1]
+        if last.output is not None:
+            error = (
+                f"the model maps an input of shape {last.shape} to {last.error.split()[-1]}"
+                if last.error and last.error.startswith("the output has shape")
+                else last.error
+            )
+            message = (
+                f"{error}; napari-normcheck needs an output with the input's spatial shape "
+                "(use 'same' padding, or --output-index / --output-key)"
+            )
+        else:
+            message = (
+                f"the model fails on a random input of shape {last.shape} ({last.error}); "
+                "pass --in-channels / --spatial-dims if they are wrong"
+            )
+        if not allow_failure:
+            raise NormcheckError(message)
+        info = ModelInfo(dims, channels, 0, (1,) * dims, n_parameters, tried=tried)
+        return _replace(info, probe_error=message), notes
+    if base.note:
+        notes.insert(0, base.note)
+    fixed = search.fixed if any(side is not None for side in search.fixed) else None
+    if fixed is not None:
+        shown = ", ".join(
+            f"{name} = {side}" for name, side in zip("zyx"[3 - dims :], fixed) if side is not None
         )
-    return prediction
-
-
-def _confirm_divisor(
-    module: nn.Module,
-    shape: tuple[int, ...],
-    divisor: tuple[int, ...],
-    dims: int,
-    dtype: torch.dtype,
-    notes: list[str],
-) -> tuple[int, ...]:
-    """Check ``divisor`` on odd multiples of it; double it while the model fails there.
-
-    The strides seen by :class:`_StrideRecorder` miss exotic downsampling (strided slicing, say).
-    An input whose sides are odd multiples of the divisor, ``(3 d, d, d)``, is a multiple of the
-    divisor but of no larger power-of-two multiple of it, and is cheap: one axis is tripled so that
-    the coarsest grid has more than one voxel (instance norm refuses a single one).
-    """
-    candidate = divisor
-    while max(candidate) <= _MAX_DIVISOR:
-        trial = tuple((3 if axis == 0 else 1) * d for axis, d in enumerate(candidate))
-        output, _, error = _forward(module, (1, shape[1], *trial), dims, dtype)
-        if error is None:
-            prediction = _primary_output(output, [])
-            if prediction.ndim == dims + 2 and tuple(prediction.shape[2:]) == trial:
-                if candidate != divisor:
-                    notes.append(f"tile-side divisor {candidate} found by trial forwards")
-                return candidate
-        candidate = tuple(2 * d for d in candidate)
-    raise NormcheckError(
-        f"the model works on {tuple(shape)} but on no odd multiple of sides up to "
-        f"{_MAX_DIVISOR}; check that it accepts inputs of other sizes"
+        notes.append(f"the model takes a fixed size only ({shown}): tiles use it")
+    activation = _self_activation(base.prediction)
+    if activation is not None:
+        notes.append(
+            f"the model's outputs are already probabilities ({activation} inside the model): "
+            "keep --activation none"
+        )
+    info = ModelInfo(
+        spatial_dims=dims,
+        in_channels=channels,
+        out_channels=int(base.prediction.shape[1]),
+        divisor=search.divisor,
+        n_parameters=n_parameters,
+        fixed_shape=fixed,
+        outputs=tuple(describe_outputs(base.output)),
+        output_activation=activation,
+        tried=tried,
     )
+    return info, notes
+
+
+def _replace(info: ModelInfo, **changes: Any) -> ModelInfo:
+    return dataclasses.replace(info, **changes)
 
 
 def probe_model(
     module: nn.Module, *, spatial_dims: int | None = None, in_channels: int | None = None
 ) -> ModelInfo:
-    """Find a model's input layout, output channels and tile-side divisor by small forwards.
+    """Find a model's input layout, outputs and per-axis tile-side divisor by small forwards.
 
     ``spatial_dims`` and ``in_channels`` come from the first convolution (its weight shape for
-    TorchScript) unless given. The divisor is the largest downsampling factor of any strided
-    convolution or pooling seen in a forward on a small random cube (32³ in 3D, 64² in 2D; larger
-    only when that collapses the grid to one voxel), confirmed by a forward on odd multiples of it.
-    Forwards run in eval mode under ``torch.inference_mode()``; training flags and buffers are
-    restored, so the model's ``state_dict`` is bitwise unchanged.
+    TorchScript) unless given. A working shape comes first (a small random cube, 32³ in 3D, 64² in
+    2D; larger when that collapses the grid to a voxel or two; the size a Linear layer asks for).
+    Then each axis on its own: the downsampling its strided ops showed, confirmed by a forward on an
+    odd multiple of it with the other axes unchanged, doubled while that fails. Forwards run in
+    eval mode under ``torch.inference_mode()``; training flags and buffers are restored, so the
+    model's ``state_dict`` is bitwise unchanged.
 
     Parameters
     ----------
@@ -310,6 +266,6 @@ def probe_model(
     Raises
     ------
     NormcheckError
-        When the layout cannot be found, the forward fails, or the output's spatial shape differs.
+        When the layout cannot be found, no forward works, or the output's spatial shape differs.
     """
     return probe_with_notes(module, spatial_dims, in_channels)[0]

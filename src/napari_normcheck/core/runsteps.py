@@ -85,23 +85,16 @@ def default_tile(
 def check_tile(
     window_shape: tuple[int, int, int], spatial_dims: int, divisor: tuple[int, ...] | int | None
 ) -> None:
-    """Raise a :class:`NormcheckError` suggesting the nearest valid tile when a side is not divisible."""
+    """Check what needs no model: a 2D model's window has ``z = 1``.
+
+    Whether the model takes the window is decided by one forward of it before the first tile
+    (:func:`~napari_normcheck.core.tilefit.check_window`): ``divisor`` is advice, never a reason
+    to refuse a window that works.
+    """
     if spatial_dims == 2 and window_shape[0] != 1:
         raise NormcheckError(
             f"a 2D model runs plane by plane: the tile's z size must be 1, not {window_shape[0]} "
             f"(use --tile 1,{window_shape[1]},{window_shape[2]})"
-        )
-    if divisor is None:
-        return
-    divs = (divisor,) * spatial_dims if isinstance(divisor, int) else tuple(divisor)
-    sides = window_shape[3 - spatial_dims :]
-    bad = [(s, d) for s, d in zip(sides, divs) if s % d]
-    if bad:
-        nearest = [max(d, round(s / d) * d) for s, d in zip(sides, divs)]
-        shown = ",".join(str(v) for v in ((1,) if spatial_dims == 2 else ()) + tuple(nearest))
-        raise NormcheckError(
-            f"the model's input window {window_shape} is not divisible by its downsampling factor "
-            f"{divs}: use a tile like {shown} (in crop mode the window is tile + 2 x halo)"
         )
 
 
