@@ -87,7 +87,7 @@ def test_run_writes_outputs_report_and_summary(files, capsys):
         (lambda a, f: a.__setitem__(3, str(f / "nothing.pt")), "nothing.pt"),
         (lambda a, f: a.__setitem__(7, "{not json"), "JSON"),
         (lambda a, f: a.__setitem__(5, "monai.networks.nets.NoSuchNet"), "NoSuchNet"),
-        (lambda a, f: a.__setitem__(11, "16,30,32"), "divisible"),
+        (lambda a, f: a.__setitem__(11, "16,30,30"), "divisible"),
         (lambda a, f: a.extend(["--overlap", "1.5"]), "overlap"),
         (lambda a, f: a.extend(["--roi", "0:4,50:60,0:8"]), "ROI"),
     ],

@@ -137,10 +137,23 @@ def _add_model_arguments(parser: argparse.ArgumentParser, with_model: bool = Tru
     parser.add_argument("--arch", help="architecture callable: package.module:Name or file.py:Name")
     parser.add_argument("--arch-kwargs", help="architecture keyword arguments: JSON or @file.json")
     parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=None)
+    parser.add_argument("--in-channels", type=int, default=None, help="input channels of the model")
     parser.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="allow loading a pickled module (runs code from the file)",
+        help="allow loading a pickled module or a bioimage.io package's architecture source "
+        "(runs code from the file)",
+    )
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--output-index",
+        type=int,
+        metavar="N",
+        help="the model returns a tuple or list: use item N as the prediction (default: the first "
+        "full-resolution tensor)",
+    )
+    choice.add_argument(
+        "--output-key", metavar="NAME", help="the model returns a dict: use this key"
     )
 
 
@@ -162,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, *, allow_probe_failure: bool = False):
     from napari_normcheck.core.models import load_model
 
     return load_model(
@@ -171,6 +184,10 @@ def _load(args: argparse.Namespace):
         arch_kwargs=args.arch_kwargs,
         trust_pickle=args.trust_pickle,
         spatial_dims=args.spatial_dims,
+        in_channels=args.in_channels,
+        output_index=args.output_index,
+        output_key=args.output_key,
+        allow_probe_failure=allow_probe_failure,
     )
 
 
@@ -192,7 +209,9 @@ def open_inputs(args: argparse.Namespace):
         level=args.level,
         channel_axis=args.channel_axis if args.channel_axis is not None else "auto",
     )
-    loaded = _load(args)
+    tile_given = bool(getattr(args, "tile", None))
+    # With a tile of the user's, that tile is tried with a forward even if the probe found none.
+    loaded = _load(args, allow_probe_failure=tile_given)
     if not loaded.switchable:
         raise NormcheckError(
             loaded.not_switchable_reason or "the model's normalization mode is fixed"
@@ -211,11 +230,12 @@ def _run_command(args: argparse.Namespace) -> int:
 
     volume, loaded = open_inputs(args)
     info = loaded.info
+    tile = parse_int_triple(args.tile, "tile") if args.tile else _model_tile(loaded, volume)
     roi = parse_roi(args.roi) if args.roi else None
     if roi is not None and len(roi) == 2:
         roi = ((0, volume.spatial_shape[0]), *roi)
     config = RunConfig(
-        tile=parse_int_triple(args.tile, "tile") if args.tile else None,
+        tile=tile,
         overlap=args.overlap,
         blend=args.blend,
         halo=parse_int_triple(args.halo, "halo") if args.halo else (0, 0, 0),
@@ -234,6 +254,13 @@ def _run_command(args: argparse.Namespace) -> int:
         fuse_train=not args.no_fuse_train,
     )
     check_remedies_arguments(args)  # before the long check, not after it
+    if info.output_activation and config.activation != "none":
+        print(
+            f"napari-normcheck: warning: the model's outputs already are probabilities "
+            f"({info.output_activation} inside it); --activation {config.activation} applies "
+            "another one",
+            file=sys.stderr,
+        )
     report = run_and_report(
         volume,
         loaded,
@@ -260,6 +287,21 @@ def _run_command(args: argparse.Namespace) -> int:
         write_report(args.report, report, overwrite=args.overwrite)
         print(f"report: {args.report}")
     return 0
+
+
+def _model_tile(loaded, volume) -> tuple[int, int, int] | None:
+    """The tile a model with a fixed input size needs (None: the run picks one)."""
+    from napari_normcheck.core.runsteps import default_tile
+
+    info = loaded.info
+    if info.fixed_shape is None:
+        return None
+    dims = info.spatial_dims
+    tile = list(default_tile(volume.spatial_shape, dims, info.divisor))
+    for axis, side in zip(range(3 - dims, 3), info.fixed_shape):
+        if side is not None:
+            tile[axis] = side
+    return tuple(tile)  # type: ignore[return-value]
 
 
 def _package_default(loaded, key: str) -> str | None:
@@ -292,7 +334,12 @@ def run_and_report(
     info = loaded.info
     inventory = norm_inventory(loaded.module)
     attrs = {
-        "model": {"path": str(loaded.path), "sha256": loaded.sha256, "format": loaded.format},
+        "model": {
+            "path": str(loaded.path),
+            "sha256": loaded.sha256,
+            "format": loaded.format,
+            "output": loaded.output_choice.describe(),
+        },
         "norm_layers": inventory.to_dict(),
     }
     events = run_events(
@@ -396,15 +443,26 @@ def _demo_command(args: argparse.Namespace) -> int:
 def _inspect_command(args: argparse.Namespace) -> int:
     from napari_normcheck.core.inventory import norm_inventory
 
-    loaded = _load(args)
+    loaded = _load(args, allow_probe_failure=True)
     info = loaded.info
+    outputs = (
+        f"{info.out_channels} output channel(s)" if not info.probe_error else "outputs unknown"
+    )
     print(
         f"{loaded.path}: {loaded.format}, {info.n_parameters:,} parameters, "
-        f"{info.in_channels} input channel(s), {info.out_channels} output channel(s), "
-        f"{info.spatial_dims}D, tile sides divisible by {info.divisor}"
+        f"{info.in_channels} input channel(s), {outputs}, {info.spatial_dims}D"
     )
+    print(info.describe_shapes())
+    if info.outputs:
+        print("the model returns: " + "; ".join(info.outputs))
+    if loaded.input_channel_names or loaded.output_channel_names:
+        print(f"channels: input {loaded.input_channel_names}, output {loaded.output_channel_names}")
     for note in loaded.notes:
         print(f"note: {note}")
+    if info.probe_error:
+        print(f"warning: no probe forward worked: {info.probe_error}")
+        for trial in info.tried:
+            print(f"  tried {trial}")
     if not loaded.switchable:
         print(f"warning: {loaded.not_switchable_reason}")
     print(norm_inventory(loaded.module).format_table())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import zipfile
 from pathlib import Path
 
@@ -15,117 +14,9 @@ from napari_normcheck.cli import main
 from napari_normcheck.core import bioimageio, package_zip
 from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.models import load_model
+from tests.core.bioimageio_packages import make_package
 
-NET_SOURCE = """
-import torch
-from torch import nn
-
-
-class TinyNet(nn.Module):
-    def __init__(self, in_channels: int = 1, features: int = 4):
-        super().__init__()
-        self.conv = nn.Conv3d(in_channels, features, 3, padding=1)
-        self.norm = nn.BatchNorm3d(features)
-        self.head = nn.Conv3d(features, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.norm(self.conv(x))))
-"""
-
-P_LOW, P_HIGH = 1.0, 99.8
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.:DeprecationWarning")
-
-
-def _import_net(folder: Path):
-    spec = importlib.util.spec_from_file_location(f"_test_net_{folder.name}", folder / "net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.TinyNet
-
-
-def _expected_output(net: torch.nn.Module, raw: np.ndarray) -> np.ndarray:
-    """Independent computation: bioimage.io scale_range, eval-mode forward, sigmoid."""
-    low, high = np.percentile(raw.astype(np.float32), [P_LOW, P_HIGH])
-    image = (raw.astype(np.float32) - np.float32(low)) / np.float32(high - low + 1e-6)
-    net.eval()
-    with torch.no_grad():
-        logits = net(torch.from_numpy(image.astype(np.float32)))
-    return torch.sigmoid(logits).numpy()
-
-
-def make_package(
-    folder: Path,
-    *,
-    weights: tuple[str, ...] = ("torchscript", "pytorch_state_dict"),
-    v05: bool = True,
-    traced: bool = False,
-) -> Path:
-    """Write a package with a tiny Conv3d + BatchNorm3d network into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "net.py").write_text(NET_SOURCE)
-    torch.manual_seed(0)
-    net = _import_net(folder)(in_channels=1, features=4)
-    with torch.no_grad():
-        net.norm.running_mean.uniform_(-0.5, 0.5)
-        net.norm.running_var.uniform_(0.5, 2.0)
-    torch.save(net.state_dict(), folder / "weights.pt")
-    example = torch.zeros(1, 1, 8, 16, 16)
-    exported = torch.jit.trace(net.eval(), example) if traced else torch.jit.script(net.eval())
-    torch.jit.save(exported, str(folder / "weights_ts.pt"))
-    raw = np.random.default_rng(0).integers(0, 255, (1, 1, 8, 16, 16)).astype(np.uint16)
-    np.save(folder / "test_input.npy", raw)
-    np.save(folder / "test_output.npy", _expected_output(net, raw))
-    pre = {"kwargs": {"min_percentile": P_LOW, "max_percentile": P_HIGH, "axes": "zyx"}}
-    if v05:
-        space = [{"type": "space", "id": a, "size": 16} for a in "zyx"]
-        axes_in = [{"type": "batch"}, {"type": "channel", "channel_names": ["raw"]}, *space]
-        rdf = {
-            "format_version": "0.5.4",
-            "type": "model",
-            "inputs": [
-                {
-                    "id": "raw",
-                    "axes": axes_in,
-                    "test_tensor": {"source": "test_input.npy"},
-                    "preprocessing": [{"id": "scale_range", **pre}],
-                }
-            ],
-            "outputs": [
-                {
-                    "id": "prob",
-                    "axes": axes_in,
-                    "test_tensor": {"source": "test_output.npy"},
-                    "postprocessing": [{"id": "sigmoid"}],
-                }
-            ],
-            "weights": {},
-        }
-        arch = {"source": "net.py", "callable": "TinyNet", "kwargs": {"features": 4}}
-        state_dict = {"source": "weights.pt", "architecture": arch}
-    else:
-        rdf = {
-            "format_version": "0.4.10",
-            "type": "model",
-            "test_inputs": ["test_input.npy"],
-            "test_outputs": ["test_output.npy"],
-            "inputs": [
-                {
-                    "name": "raw",
-                    "axes": "bczyx",
-                    "shape": [1, 1, 8, 16, 16],
-                    "preprocessing": [{"name": "scale_range", **pre}],
-                }
-            ],
-            "outputs": [{"name": "prob", "axes": "bczyx", "postprocessing": [{"name": "sigmoid"}]}],
-            "weights": {},
-        }
-        state_dict = {"source": "weights.pt", "architecture": "net.py:TinyNet", "kwargs": {}}
-    if "torchscript" in weights:
-        rdf["weights"]["torchscript"] = {"source": "weights_ts.pt"}
-    if "pytorch_state_dict" in weights:
-        rdf["weights"]["pytorch_state_dict"] = state_dict
-    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
-    return folder
 
 
 def zip_folder(folder: Path, zip_path: Path) -> Path:
@@ -155,7 +46,8 @@ def test_torchscript_package_loads_as_folder_without_trust(tmp_path):
         1,
     )
     assert loaded.preprocessing["normalize"] == "percentile:1,99.8"
-    assert loaded.preprocessing["raw"][0]["name"] == "scale_range"
+    steps = [step["name"] for step in loaded.preprocessing["raw"]]
+    assert [name for name in steps if name != "ensure_dtype"] == ["scale_range"]
     assert loaded.postprocessing["activation"] == "sigmoid"
 
 
@@ -178,7 +70,7 @@ def test_state_dict_source_needs_trust(tmp_path):
     loaded = load_model(package, trust_pickle=True)
     assert not isinstance(loaded.module, torch.jit.ScriptModule)
     assert loaded.arch.endswith("net.py:TinyNet")
-    assert loaded.arch_kwargs == {"features": 4}
+    assert loaded.arch_kwargs == {"features": 4, "dims": 3}
     assert type(loaded.module.norm) is torch.nn.BatchNorm3d
 
 
@@ -293,7 +185,8 @@ def test_weights_sha256_mismatch_and_url_refused(tmp_path):
     (package / "rdf.yaml").write_text(yaml.safe_dump(rdf))
     with pytest.raises(NormcheckError, match="sha256"):
         load_model(package)
-    rdf["weights"]["torchscript"] = {"source": "https://example.org/weights.pt"}
+    rdf["weights"]["torchscript"]["source"] = "https://example.org/weights.pt"
+    rdf["weights"]["torchscript"].pop("sha256")
     (package / "rdf.yaml").write_text(yaml.safe_dump(rdf))
     with pytest.raises(NormcheckError, match="offline"):
         load_model(package)
@@ -363,4 +256,5 @@ def test_run_with_a_package_needs_no_arch_normalize_or_activation(tmp_path):
     assert params["normalize"] == "percentile:1,99.8"
     assert params["activation"] == "sigmoid"
     pred = zarr.open_group(str(out), mode="r")["pred_eval/0"][:]
-    assert pred.min() >= 0 and pred.max() <= 1  # sigmoid applied
+    prob = pred / 255.0 if pred.dtype == np.uint8 else pred
+    assert prob.min() >= 0 and prob.max() <= 1 and 0.2 < prob.mean() < 0.8  # sigmoid applied

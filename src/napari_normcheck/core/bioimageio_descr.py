@@ -242,7 +242,11 @@ def _sha(value: Any) -> str | None:
 
 def _tolerance(descr: Any, v05: bool) -> tuple[float, float, float]:
     if v05:
-        entries = list(descr.config.bioimageio.reproducibility_tolerance or [])
+        config = descr.config.bioimageio
+        # The format fills in tolerances of its own; only declared ones override ours.
+        if "reproducibility_tolerance" not in config.model_fields_set:
+            return DEFAULT_RTOL, DEFAULT_ATOL, 0.0
+        entries = list(config.reproducibility_tolerance or [])
         if not entries:
             return DEFAULT_RTOL, DEFAULT_ATOL, 0.0
         entry = entries[0]
