@@ -158,10 +158,13 @@ class LiveChannel:
         self._prepared = prepared
 
 
-def live_channels(
-    path: str | Path, name: str, fallback: str | Path | None = None
-) -> list[LiveChannel]:
-    """Every channel of output ``name`` (level ``0``) as a :class:`LiveChannel`.
+def output_sources(
+    path: str | Path,
+    name: str,
+    level_paths: list[str] | tuple[str, ...] = ("0",),
+    fallback: str | Path | None = None,
+) -> list[FollowingArray]:
+    """Every level of output ``name`` as a :class:`FollowingArray` ``(C, Z, Y, X)``, finest first.
 
     Parameters
     ----------
@@ -169,11 +172,25 @@ def live_channels(
         The store.
     name : str
         The output group.
+    level_paths : sequence of str
+        The levels' array paths inside the group (its OME-Zarr ``datasets``).
     fallback : path-like, optional
         Where the store ends up when ``path`` is a run's ``.inprogress`` folder.
     """
     paths = [Path(path)] + ([Path(fallback)] if fallback is not None else [])
-    source = FollowingArray(paths, f"{name}/0")
+    return [FollowingArray(paths, f"{name}/{level}") for level in level_paths]
+
+
+def channel_pyramid(sources: list[FollowingArray], channel: int) -> list[LiveChannel]:
+    """One channel of every level: the data of a (multiscale) napari image layer."""
+    return [LiveChannel(source, channel) for source in sources]
+
+
+def live_channels(
+    path: str | Path, name: str, fallback: str | Path | None = None
+) -> list[LiveChannel]:
+    """Every channel of output ``name`` (level ``0``) as a :class:`LiveChannel`."""
+    (source,) = output_sources(path, name, ("0",), fallback)
     return [LiveChannel(source, channel) for channel in range(source.shape[0])]
 
 

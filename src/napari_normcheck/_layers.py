@@ -1,22 +1,34 @@
 """Results of a run as napari layer data tuples, read lazily from OUT.zarr (no Qt).
 
-Every image output group of the store named in :data:`IMAGE_OUTPUTS` (predictions, the disparity
-map, the per-tile disparity and mismatch grids) becomes one image layer per channel, backed by the
-zarr array through a :class:`~napari_normcheck._arrays.LiveChannel` (read lazily, slice by slice),
-placed in world coordinates by the group's OME-Zarr scale and translation (spatial axes only). A
-``tiles`` Shapes layer outlines each tile's write box; its ``features`` hold the tile index, grid position and
-disparity (built by :mod:`napari_normcheck._tile_layers`, whose names are re-exported here).
+One image layer per output (predictions, the disparity map, the seams, the per-tile grids), showing
+one output channel at a time: the widget re-points the same layers when another channel is chosen,
+so the layer count does not grow with the model's channels. Each layer reads its store lazily
+through :class:`~napari_normcheck._arrays.LiveChannel` objects, one per pyramid level (the levels
+and their placement come from the group's OME-Zarr ``multiscales`` metadata), placed in world
+coordinates by the level's scale and translation (spatial axes only). A ``tiles`` Shapes layer
+outlines each tile's write box on every plane it spans (built by :mod:`napari_normcheck._tile_layers`,
+whose names are re-exported here). The reader's own rule (the channel as a slider axis) is in
+:mod:`napari_normcheck._reader`.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_normcheck._arrays import EmptyChannel, live_channels
+from napari_normcheck._arrays import EmptyChannel, channel_pyramid, output_sources
+
+# Re-exported: the feature z functions, as ``_layers.<name>``.
+from napari_normcheck._feature_layers import FEATURE_Z as FEATURE_Z
+from napari_normcheck._feature_layers import FEATURE_Z_NAME as FEATURE_Z_NAME
+from napari_normcheck._feature_layers import feature_z_colormap as feature_z_colormap
+from napari_normcheck._feature_layers import feature_z_grid as feature_z_grid
+from napari_normcheck._feature_layers import feature_z_layer as feature_z_layer
+from napari_normcheck._feature_layers import strongest_channel as strongest_channel
 
 # Re-exported: callers use the tile functions as ``_layers.<name>``.
 from napari_normcheck._tile_layers import UNKNOWN_TILE_COLOR as UNKNOWN_TILE_COLOR
@@ -34,17 +46,17 @@ if TYPE_CHECKING:
 
 LayerDataTuple = tuple[Any, dict, str]
 
-# Group name in OUT.zarr -> (short layer name, style).
+_PREDICTION = {"blending": "additive", "opacity": 0.6, "visible": False}
+_GRID = {"blending": "translucent", "opacity": 0.4, "visible": False}
+# Group name in OUT.zarr -> (short layer name, style). Predictions get one colour per mode: eval
+# and train overlaid are white where they agree, green or magenta where they do not.
 IMAGE_OUTPUTS: dict[str, tuple[str, dict[str, Any]]] = {
     # Hidden like train: the disparity is what to look at first; eye icons compare the two.
-    "pred_eval": ("eval", {"blending": "additive", "opacity": 0.6, "visible": False}),
-    "pred_train": ("train", {"blending": "additive", "opacity": 0.6, "visible": False}),
-    # Written by `run --remedies` (or the widget's Remedies section) when the user asked for them.
-    "pred_recalibrated": (
-        "recalibrated",
-        {"blending": "additive", "opacity": 0.6, "visible": False},
-    ),
-    "pred_batchstats": ("batch-stats", {"blending": "additive", "opacity": 0.6, "visible": False}),
+    "pred_eval": ("eval", {**_PREDICTION, "colormap": "green"}),
+    "pred_train": ("train", {**_PREDICTION, "colormap": "magenta"}),
+    # Written by `run --remedies` (or the widget's Remedies tab) when the user asked for them.
+    "pred_recalibrated": ("recalibrated", {**_PREDICTION, "colormap": "cyan"}),
+    "pred_batchstats": ("batch-stats", {**_PREDICTION, "colormap": "yellow"}),
     "disparity": ("disparity", {"colormap": "magma", "blending": "additive", "opacity": 0.6}),
     # Where overlapping tiles disagree: tiling artifacts show up here.
     "seams_eval": (
@@ -55,25 +67,11 @@ IMAGE_OUTPUTS: dict[str, tuple[str, dict[str, Any]]] = {
         "seams (train)",
         {"colormap": "cyan", "blending": "additive", "opacity": 0.7, "visible": False},
     ),
-    "tile_disparity": (
-        "tile disparity",
-        {"colormap": "inferno", "blending": "translucent", "opacity": 0.4, "visible": False},
-    ),
-    "tile_disparity_soft": (
-        "tile disparity soft",
-        {"colormap": "inferno", "blending": "translucent", "opacity": 0.4, "visible": False},
-    ),
-    "tile_mismatch_eval": (
-        "tile mismatch eval",
-        {"colormap": "viridis", "blending": "translucent", "opacity": 0.4, "visible": False},
-    ),
-    "tile_mismatch_train": (
-        "tile mismatch train",
-        {"colormap": "viridis", "blending": "translucent", "opacity": 0.4, "visible": False},
-    ),
+    "tile_disparity": ("tile disparity (hard)", {**_GRID, "colormap": "inferno"}),
+    "tile_disparity_soft": ("tile disparity", {**_GRID, "colormap": "inferno"}),
+    "tile_mismatch_eval": ("tile mismatch", {**_GRID, "colormap": "viridis"}),
+    "tile_mismatch_train": ("tile mismatch (train)", {**_GRID, "colormap": "viridis"}),
 }
-# Predictions: one colour per channel (the same in both modes, so toggling compares like with like).
-CHANNEL_COLORMAPS = ("green", "magenta", "cyan", "yellow", "blue", "red")
 DISPARITY_OUTPUTS = (
     "seams_eval",
     "seams_train",
@@ -83,6 +81,27 @@ DISPARITY_OUTPUTS = (
     "tile_mismatch_eval",
     "tile_mismatch_train",
 )
+#: Outputs written by the remedies (shown like the predictions, one layer each).
+REMEDY_OUTPUTS = ("pred_recalibrated", "pred_batchstats")
+#: Separator of an output's and its channel's names in a layer name: ``disparity · membrane``.
+NAME_SEPARATOR = " · "
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level of an output image group.
+
+    Attributes
+    ----------
+    path : str
+        The level's array inside the group (``"0"``, ``"1"``, ...).
+    scale, translation : tuple of float
+        Its spatial voxel size and the world position of its first voxel.
+    """
+
+    path: str
+    scale: tuple[float, ...]
+    translation: tuple[float, ...]
 
 
 def open_root(path: str | Path) -> Any:
@@ -104,58 +123,102 @@ def run_attrs(root: Any) -> dict[str, Any]:
     return dict(root.attrs.get("normcheck", {}))
 
 
-def spatial_transform(group: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Spatial ``(scale, translation)`` from an OME-Zarr image group's level ``0``.
+def output_levels(group: Any) -> list[Level]:
+    """Every level of an OME-Zarr image group, finest first, from its ``multiscales`` metadata.
 
     Parameters
     ----------
     group : zarr.Group
-        An image group written by :class:`~napari_normcheck.core.store.OutputStore`.
+        An image group written by :class:`~napari_normcheck.core.store.OutputStore` (OME-Zarr 0.5
+        ``ome`` attribute, or 0.4's top-level ``multiscales``).
 
     Returns
     -------
-    tuple
-        ``(scale, translation)`` over the space axes (channel axes dropped).
+    list of Level
+        One per ``datasets`` entry; scale and translation over the space axes only.
     """
-    ome = dict(group.attrs.get("ome", {}))
+    attrs = dict(group.attrs)
+    ome = dict(attrs.get("ome", attrs))
     multiscale = ome["multiscales"][0]
-    space = [i for i, axis in enumerate(multiscale["axes"]) if axis.get("type") == "space"]
-    scale = [1.0] * len(multiscale["axes"])
-    translation = [0.0] * len(multiscale["axes"])
-    for transform in multiscale["datasets"][0].get("coordinateTransformations", []):
-        if transform["type"] == "scale":
-            scale = transform["scale"]
-        elif transform["type"] == "translation":
-            translation = transform["translation"]
-    return tuple(float(scale[i]) for i in space), tuple(float(translation[i]) for i in space)
+    axes = multiscale["axes"]
+    space = [i for i, axis in enumerate(axes) if axis.get("type") == "space"]
+    levels = []
+    for dataset in multiscale["datasets"]:
+        scale = [1.0] * len(axes)
+        translation = [0.0] * len(axes)
+        for transform in dataset.get("coordinateTransformations", []):
+            if transform["type"] == "scale":
+                scale = transform["scale"]
+            elif transform["type"] == "translation":
+                translation = transform["translation"]
+        levels.append(
+            Level(
+                str(dataset["path"]),
+                tuple(float(scale[i]) for i in space),
+                tuple(float(translation[i]) for i in space),
+            )
+        )
+    return levels
+
+
+def spatial_transform(group: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Spatial ``(scale, translation)`` of an OME-Zarr image group's finest level."""
+    level = output_levels(group)[0]
+    return level.scale, level.translation
+
+
+def channel_names(attrs: dict[str, Any], n_channels: int) -> list[str]:
+    """Names of the output channels: the model's (a bioimage.io package's) when known, else ``c<k>``.
+
+    Parameters
+    ----------
+    attrs : dict
+        The store's ``normcheck`` attributes (``channel_names`` at the top, or in ``model``).
+    n_channels : int
+        The outputs' channel count.
+    """
+    for source in (attrs, attrs.get("model") or {}, attrs.get("params") or {}):
+        names = source.get("channel_names") if isinstance(source, dict) else None
+        if isinstance(names, (list, tuple)) and len(names) == n_channels:
+            return [str(name) for name in names]
+    return [f"c{k}" for k in range(n_channels)]
+
+
+def layer_name(short: str, channel_name: str | None) -> str:
+    """Name of an output layer: ``"disparity · membrane"`` (the output alone for one channel)."""
+    return f"{short}{NAME_SEPARATOR}{channel_name}" if channel_name else short
 
 
 def image_layers(
     path: str | Path,
-    prefix: str | None = None,
     names: tuple[str, ...] | None = None,
+    channel: int = 0,
     fallback: str | Path | None = None,
+    names_of_channels: list[str] | None = None,
 ) -> list[LayerDataTuple]:
-    """Image layer data tuples for the outputs present in the store.
+    """One image layer data tuple per output present in the store, showing one channel.
 
     Parameters
     ----------
     path : path-like
         OUT.zarr (complete or still being written).
-    prefix : str, optional
-        Start of every layer name; the store's folder name by default.
     names : tuple of str, optional
         Output groups to read; all known ones that exist by default.
+    channel : int
+        The output channel shown (clipped to the channels there are).
     fallback : path-like, optional
-        The final store when ``path`` is a run's ``.inprogress`` folder (see :class:`~napari_normcheck._arrays.FollowingArray`).
+        The final store when ``path`` is a run's ``.inprogress`` folder (see
+        :class:`~napari_normcheck._arrays.FollowingArray`).
+    names_of_channels : list of str, optional
+        The channels' names; from the store's attributes, else ``c<k>``, by default.
 
     Returns
     -------
     list of tuple
-        ``(data, kwargs, "image")`` per output and channel; ``data`` is ``(Z, Y, X)`` and lazy.
+        ``(levels, kwargs, "image")``: ``levels`` is a list of lazy ``(Z, Y, X)`` arrays, finest
+        first, for a multiscale layer (one entry when the store has no pyramid).
     """
     root = open_root(path)
-    prefix = Path(path).name.removesuffix(".zarr") if prefix is None else prefix
     attrs = run_attrs(root)
     params = attrs.get("params", {})
     # Carried by every layer so an export keeps the run's parameters and the model's hash.
@@ -166,45 +229,49 @@ def image_layers(
         if (names is not None and group_name not in names) or group_name not in members:
             continue
         try:
-            group = root[group_name]
-            scale, translation = spatial_transform(group)
-            channels = live_channels(path, group_name, fallback)
+            levels = output_levels(root[group_name])
+            sources = output_sources(path, group_name, [lv.path for lv in levels], fallback)
         except (KeyError, FileNotFoundError, ValueError):
             continue  # a group the run is creating right now: shown at the next refresh
-        for channel, data in enumerate(channels):
-            kwargs = output_kwargs(
-                prefix, group_name, channel, len(channels), scale, translation, params
-            )
-            kwargs["metadata"]["run"] = run
-            layers.append((data, kwargs, "image"))
+        n_channels = int(sources[0].shape[0])
+        shown = min(max(int(channel), 0), n_channels - 1)
+        labels = names_of_channels or channel_names(attrs, n_channels)
+        if len(labels) != n_channels:
+            labels = channel_names({}, n_channels)
+        kwargs = output_kwargs(
+            group_name, shown, labels, levels[0].scale, levels[0].translation, params
+        )
+        kwargs["contrast_limits"] = contrast_for(group_name, params, sources[0].dtype) or (0, 1)
+        kwargs["metadata"]["run"] = run
+        layers.append((channel_pyramid(sources, shown), kwargs, "image"))
     return layers
 
 
 def output_kwargs(
-    prefix: str,
     group_name: str,
     channel: int,
-    n_channels: int,
+    labels: list[str],
     scale: tuple[float, ...],
     translation: tuple[float, ...],
     params: dict[str, Any],
 ) -> dict[str, Any]:
-    """The ``add_image`` keyword arguments of one channel of an output: name, place and style."""
+    """The ``add_image`` keyword arguments of an output showing ``channel``: name, place and style."""
     short, style = IMAGE_OUTPUTS[group_name]
     kwargs: dict[str, Any] = {
-        "name": layer_name(prefix, short, channel, n_channels),
+        "name": layer_name(short, labels[channel] if len(labels) > 1 else None),
         "scale": tuple(scale),
         "translate": tuple(translation),
-        "metadata": {"normcheck_output": group_name, "channel": channel},
+        "metadata": {
+            "normcheck_output": group_name,
+            "channel": channel,
+            "channel_names": list(labels),
+        },
         "rgb": False,  # a last axis of 3 or 4 voxels is not a colour axis
+        "multiscale": True,  # one level or several: re-pointing may change how many
         **style,
     }
-    if "colormap" not in kwargs:
-        kwargs["colormap"] = (
-            "gray" if n_channels == 1 else CHANNEL_COLORMAPS[channel % len(CHANNEL_COLORMAPS)]
-        )
     limits = contrast_for(group_name, params)
-    # Without limits napari would scan the data for them; logits get theirs when the run ends.
+    # Without limits napari would scan the data for them; logits get theirs from their data later.
     kwargs["contrast_limits"] = limits if limits is not None else (0.0, 1.0)
     if limits is None:
         kwargs["metadata"]["contrast_from_data"] = True
@@ -212,9 +279,10 @@ def output_kwargs(
 
 
 def placeholder_layers(
-    prefix: str,
     names: tuple[str, ...],
     n_channels: int,
+    channel: int,
+    labels: list[str],
     shape: tuple[int, ...],
     scale: tuple[float, ...],
     translation: tuple[float, ...],
@@ -227,14 +295,14 @@ def placeholder_layers(
     store will have (the region's shape, the input's voxel size, origin at the region's start).
     """
     dtype = params.get("output_dtype", "float32")
-    layers: list[LayerDataTuple] = []
-    for group_name in names:
-        for channel in range(n_channels):
-            kwargs = output_kwargs(
-                prefix, group_name, channel, n_channels, scale, translation, params
-            )
-            layers.append((EmptyChannel(shape, dtype), kwargs, "image"))
-    return layers
+    return [
+        (
+            [EmptyChannel(shape, dtype)],
+            output_kwargs(name, channel, labels, scale, translation, params),
+            "image",
+        )
+        for name in names
+    ]
 
 
 #: Grid outputs the widget shows, written when the run ends.
@@ -242,9 +310,9 @@ GRID_OUTPUTS = ("tile_disparity_soft", "tile_mismatch_eval")
 
 
 def placeholder_grid_layers(
-    prefix: str,
     plan: TilePlan,
-    n_channels: int,
+    channel: int,
+    labels: list[str],
     scale: tuple[float, ...],
     volume_translation: tuple[float, ...],
     params: dict[str, Any],
@@ -256,15 +324,16 @@ def placeholder_grid_layers(
     from napari_normcheck.core.grids import tile_cell_transform
 
     cell_scale, cell_translation = tile_cell_transform(plan, tuple(scale), volume_translation)
-    layers: list[LayerDataTuple] = []
-    for group_name in GRID_OUTPUTS:
-        for channel in range(n_channels):
-            kwargs = output_kwargs(
-                prefix, group_name, channel, n_channels, cell_scale, cell_translation, params
-            )
-            layers.append((EmptyChannel(plan.grid_shape, "float32"), kwargs, "image"))
+    layers: list[LayerDataTuple] = [
+        (
+            [EmptyChannel(plan.grid_shape, "float32")],
+            output_kwargs(name, channel, labels, cell_scale, cell_translation, params),
+            "image",
+        )
+        for name in GRID_OUTPUTS
+    ]
     feature = {
-        "name": f"{prefix} feature z".strip(),
+        "name": FEATURE_Z_NAME,
         "scale": cell_scale,
         "translate": cell_translation,
         "colormap": feature_z_colormap(),
@@ -279,14 +348,22 @@ def placeholder_grid_layers(
     return layers
 
 
-def layer_name(prefix: str, short: str, channel: int, n_channels: int) -> str:
-    """Name of an output layer: ``"<prefix> <output>"`` plus ``" c<k>"`` for multi-channel outputs."""
-    name = f"{prefix} {short}".strip()
-    return f"{name} c{channel}" if n_channels > 1 else name
+def contrast_for(
+    group_name: str, params: dict[str, Any], dtype: Any = None
+) -> tuple[float, float] | None:
+    """Contrast limits of an output: 0..1 for probabilities, 0..255 when stored as uint8, else automatic.
 
-
-def contrast_for(group_name: str, params: dict[str, Any]) -> tuple[float, float] | None:
-    """Contrast limits of an output: 0..1 for probabilities (0..255 stored as uint8), else automatic."""
+    Parameters
+    ----------
+    group_name : str
+        The output group.
+    params : dict
+        The run parameters (``activation``, ``output_dtype``).
+    dtype : numpy.dtype, optional
+        The stored data type: unsigned integers hold 0..1 scaled to their full range.
+    """
+    if dtype is not None and np.dtype(dtype).kind == "u":
+        return (0.0, float(np.iinfo(np.dtype(dtype)).max))
     if params.get("output_dtype") == "uint8":
         return (0.0, 255.0)
     if group_name in DISPARITY_OUTPUTS or params.get("activation", "none") != "none":
@@ -294,10 +371,29 @@ def contrast_for(group_name: str, params: dict[str, Any]) -> tuple[float, float]
     return None
 
 
-def tile_disparity_values(path: str | Path, plan: TilePlan) -> np.ndarray | None:
-    """Per tile (scan order), the largest channel value of the store's tile disparity grid.
+def stored_to_unit(values: np.ndarray, dtype: Any) -> np.ndarray:
+    """Stored values as floats in their meaning's units (unsigned integers: 0..max -> 0..1)."""
+    values = np.asarray(values, dtype=float)
+    if np.dtype(dtype).kind == "u":
+        values = values / float(np.iinfo(np.dtype(dtype)).max)
+    return values
+
+
+def tile_disparity_values(
+    path: str | Path, plan: TilePlan, channel: int | None = None
+) -> np.ndarray | None:
+    """Per tile (scan order), one channel's value of the store's tile disparity grid.
 
     The soft disparity grid is preferred (it varies smoothly); the hard one is used when alone.
+
+    Parameters
+    ----------
+    path : path-like
+        OUT.zarr.
+    plan : TilePlan
+        The run's tiles.
+    channel : int, optional
+        The output channel; the largest over the channels when ``None``.
     """
     root = open_root(path)
     groups = output_groups(root)
@@ -305,12 +401,16 @@ def tile_disparity_values(path: str | Path, plan: TilePlan) -> np.ndarray | None
     if name is None:
         return None
     try:
-        grid = np.asarray(root[f"{name}/0"][...], dtype=float)
+        array = root[f"{name}/0"]
+        grid = stored_to_unit(array[...], array.dtype)
     except (KeyError, FileNotFoundError, ValueError):
         return None  # being created by the run right now
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: tiles not run
-        per_cell = np.nanmax(grid, axis=0)
+    if channel is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: tiles not run
+            per_cell = np.nanmax(grid, axis=0)
+    else:
+        per_cell = grid[min(max(int(channel), 0), grid.shape[0] - 1)]
     values = []
     for tile in plan.tiles():
         try:
@@ -318,142 +418,3 @@ def tile_disparity_values(path: str | Path, plan: TilePlan) -> np.ndarray | None
         except IndexError:
             values.append(np.nan)
     return np.asarray(values)
-
-
-def layers_from_store(path: str | Path, prefix: str | None = None) -> list[LayerDataTuple]:
-    """All layers of a napari-normcheck output: images (lazy) and the tiles outline.
-
-    Parameters
-    ----------
-    path : path-like
-        OUT.zarr.
-    prefix : str, optional
-        Start of every layer name; the store's folder name by default.
-
-    Returns
-    -------
-    list of tuple
-        Layer data tuples for ``viewer._add_layer_from_data`` or a napari reader.
-    """
-    layers = image_layers(path, prefix)
-    for _data, kwargs, _kind in layers:
-        if kwargs["metadata"].get("contrast_from_data"):
-            del kwargs["contrast_limits"]  # a finished store: napari takes them from the data
-    root = open_root(path)
-    plan = plan_from_attrs(run_attrs(root))
-    if plan is not None and "pred_eval" in output_groups(root):
-        scale, translation = spatial_transform(root["pred_eval"])
-        prefix = Path(path).name.removesuffix(".zarr") if prefix is None else prefix
-        layers.append(
-            tile_shapes_layer(
-                plan,
-                scale,
-                input_translation(plan, scale, translation),
-                name=f"{prefix} tiles".strip(),
-                disparity=tile_disparity_values(path, plan),
-            )
-        )
-    feature = feature_z_layer(path, prefix)
-    if feature is not None:
-        layers.append(feature)
-    return layers
-
-
-FEATURE_Z = "feature_z"
-# Diverging colormaps, preferred first (the first napari knows is used).
-FEATURE_Z_COLORMAPS = ("bwr", "PiYG", "twilight_shifted")
-
-
-def feature_z_grid(
-    path: str | Path,
-) -> tuple[np.ndarray, list[dict[str, Any]], tuple, tuple] | None:
-    """The store's ``feature_z`` grid with its layers and spatial transform, or ``None``.
-
-    Returns
-    -------
-    tuple or None
-        ``(grid, layers, scale, translation)``: ``grid`` is ``(layer, channel, tz, ty, tx)``,
-        ``layers`` the ``normcheck.layers`` attributes (name, channels, running statistics),
-        ``scale`` and ``translation`` the spatial placement of the cells over their tiles.
-    """
-    try:
-        root = open_root(path)
-        if FEATURE_Z not in output_groups(root):
-            return None
-        group = root[FEATURE_Z]
-        grid = np.asarray(group["0"][...], dtype=float)
-        layers = list(dict(group.attrs.get("normcheck", {})).get("layers", []))
-        scale, translation = spatial_transform(group)
-    except (KeyError, FileNotFoundError, ValueError):
-        return None
-    return grid, layers, scale, translation
-
-
-def strongest_channel(grid: np.ndarray, layer: int) -> int:
-    """The channel of ``layer`` with the largest ``|z|`` over the tiles (0 when all unknown)."""
-    values = np.abs(np.asarray(grid[layer], dtype=float)).reshape(grid.shape[1], -1)
-    values = np.where(np.isfinite(values), values, -1.0)
-    return int(values.max(axis=1).argmax()) if values.size else 0
-
-
-def feature_z_colormap() -> str:
-    """The first available diverging colormap of :data:`FEATURE_Z_COLORMAPS`."""
-    from napari.utils.colormaps import AVAILABLE_COLORMAPS
-
-    return next((n for n in FEATURE_Z_COLORMAPS if n in AVAILABLE_COLORMAPS), "twilight_shifted")
-
-
-def feature_z_layer(
-    path: str | Path,
-    prefix: str | None = None,
-    layer: int = 0,
-    channel: int | None = None,
-) -> LayerDataTuple | None:
-    """The ``feature z`` image layer: one layer's one channel of ``feature_z``, one cell per tile.
-
-    Parameters
-    ----------
-    path : path-like
-        OUT.zarr.
-    prefix : str, optional
-        Start of the layer name; the store's folder name by default.
-    layer : int
-        Index of the normalization layer (in the ``normcheck.layers`` attributes).
-    channel : int, optional
-        The channel; the one with the largest ``|z|`` over the tiles by default.
-
-    Returns
-    -------
-    tuple or None
-        ``(data (tz, ty, tx), kwargs, "image")``, or ``None`` when the store has no ``feature_z``.
-    """
-    read = feature_z_grid(path)
-    if read is None:
-        return None
-    grid, layers, scale, translation = read
-    layer = min(max(int(layer), 0), grid.shape[0] - 1)
-    if channel is None:
-        channel = strongest_channel(grid, layer)
-    channel = min(max(int(channel), 0), grid.shape[1] - 1)
-    data = grid[layer, channel].astype(np.float32)
-    finite = np.abs(data[np.isfinite(data)])
-    zmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    prefix = Path(path).name.removesuffix(".zarr") if prefix is None else prefix
-    name = layers[layer].get("name", str(layer)) if layer < len(layers) else str(layer)
-    kwargs: dict[str, Any] = {
-        "name": f"{prefix} feature z".strip(),
-        "scale": scale,
-        "translate": translation,
-        "colormap": feature_z_colormap(),
-        "contrast_limits": (-zmax, zmax),
-        "blending": "translucent",
-        "opacity": 0.5,
-        "visible": False,
-        "metadata": {
-            "normcheck_output": FEATURE_Z,
-            "feature_layer": layer,
-            "feature_layer_name": name,
-            "channel": channel,
-        },
-    }
-    return (data, kwargs, "image")

@@ -1,8 +1,9 @@
 """The tiles of a run as napari data: the plan from the store, outlines, edge colours (no Qt).
 
-A ``tiles`` Shapes layer outlines each tile's write box (at its centre z-plane, in the input's world
-coordinates); its ``features`` hold the tile index, grid position and disparity, and each outline's
-edge colour goes from yellow to red with the tile's disparity.
+A ``tiles`` Shapes layer outlines each tile's write box on every z-plane the box spans (napari shows
+a shape only on its own plane), in the input's world coordinates; its ``features`` hold, per
+outline, the tile index, the plane, the grid position and the disparity, and each outline's edge
+colour goes from yellow to red with its tile's disparity.
 """
 
 from __future__ import annotations
@@ -41,15 +42,42 @@ def input_translation(
     return tuple(t - r * s for t, r, s in zip(roi_translation, plan.roi_start, scale))
 
 
-def tile_box(tile: Tile) -> np.ndarray:
-    """The write box of ``tile`` as a rectangle ``(4, 3)`` at its centre z-plane, in voxel coordinates.
+def tile_box(tile: Tile, z: int | None = None) -> np.ndarray:
+    """The write box of ``tile`` as a rectangle ``(4, 3)`` on plane ``z``, in voxel coordinates.
 
     Edges lie on voxel borders (half a voxel outside the centres), so neighbouring boxes touch.
+    The plane is the box's centre plane when ``z`` is not given.
     """
-    z = (tile.write_start[0] + tile.write_stop[0] - 1) // 2
+    if z is None:
+        z = (tile.write_start[0] + tile.write_stop[0] - 1) // 2
     y0, x0 = tile.write_start[1] - 0.5, tile.write_start[2] - 0.5
     y1, x1 = tile.write_stop[1] - 0.5, tile.write_stop[2] - 0.5
     return np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]], dtype=float)
+
+
+#: Most outlines in a tiles layer (napari builds about 2000 a second, off the GUI thread). A plan
+#: with more tiles x planes outlines each tile on every k-th plane of its box (and its centre).
+MAX_OUTLINES = 20_000
+
+
+def outline_planes(plan: TilePlan) -> tuple[np.ndarray, np.ndarray]:
+    """The tile and the z-plane of every outline: each tile on every plane its write box spans.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(tile_index, z)``, one entry per outline, tiles in scan order.
+    """
+    tiles = plan.tiles()
+    total = sum(t.write_stop[0] - t.write_start[0] for t in tiles)
+    step = max(1, int(np.ceil(total / MAX_OUTLINES)))
+    index, planes = [], []
+    for tile in tiles:
+        z0, z1 = tile.write_start[0], tile.write_stop[0]
+        zs = set(range(z0, z1, step)) | {(z0 + z1 - 1) // 2}
+        index.extend([tile.index] * len(zs))
+        planes.extend(sorted(zs))
+    return np.asarray(index, dtype=int), np.asarray(planes, dtype=int)
 
 
 def tile_center(tile: Tile) -> tuple[float, float, float]:
@@ -70,16 +98,25 @@ def to_world(
 
 
 def tile_features(plan: TilePlan, disparity: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Feature table of the tiles: index, grid position and disparity (NaN where unknown)."""
+    """Feature table of the outlines: tile index, plane, grid position and disparity (NaN: unknown)."""
+    index, planes = outline_planes(plan)
     tiles = plan.tiles()
     values = np.full(len(tiles), np.nan) if disparity is None else np.asarray(disparity, float)
+    grid = np.asarray([t.grid for t in tiles], dtype=int).reshape(len(tiles), 3)
     return {
-        "tile": np.array([t.index for t in tiles]),
-        "grid_z": np.array([t.grid[0] for t in tiles]),
-        "grid_y": np.array([t.grid[1] for t in tiles]),
-        "grid_x": np.array([t.grid[2] for t in tiles]),
-        "disparity": values,
+        "tile": index,
+        "z": planes,
+        "grid_z": grid[index, 0],
+        "grid_y": grid[index, 1],
+        "grid_x": grid[index, 2],
+        "disparity": values[index] if len(values) == len(tiles) else np.full(len(index), np.nan),
     }
+
+
+def outline_edge_colors(plan: TilePlan, disparity: np.ndarray | None) -> np.ndarray:
+    """RGBA edge colour per outline (its tile's colour, :func:`tile_edge_colors`)."""
+    index, _planes = outline_planes(plan)
+    return tile_edge_colors(disparity, plan.n_tiles)[index]
 
 
 #: Edge colour of a tile whose disparity is not known yet.
@@ -129,7 +166,7 @@ def tile_shapes_layer(
     name: str = "tiles",
     disparity: np.ndarray | None = None,
 ) -> LayerDataTuple:
-    """A Shapes layer data tuple outlining every tile's write box.
+    """A Shapes layer data tuple outlining every tile's write box on each plane it spans.
 
     Parameters
     ----------
@@ -145,13 +182,16 @@ def tile_shapes_layer(
     Returns
     -------
     tuple
-        ``(rectangles, kwargs, "shapes")``.
+        ``(rectangles, kwargs, "shapes")``; outline ``k`` belongs to tile
+        ``kwargs["features"]["tile"][k]``.
     """
-    rectangles = [tile_box(tile) for tile in plan.tiles()]
+    index, planes = outline_planes(plan)
+    tiles = plan.tiles()
+    rectangles = [tile_box(tiles[i], z) for i, z in zip(index, planes)]
     kwargs = {
         "name": name,
         "shape_type": "rectangle",
-        "edge_color": tile_edge_colors(disparity, plan.n_tiles),
+        "edge_color": outline_edge_colors(plan, disparity),
         "face_color": "transparent",
         "edge_width": 1,
         "scale": scale,
@@ -161,3 +201,13 @@ def tile_shapes_layer(
         "opacity": 0.7,
     }
     return (rectangles, kwargs, "shapes")
+
+
+def outline_at(features: Any, tile_index: int, z: int) -> int | None:
+    """The outline of tile ``tile_index`` on plane ``z`` (or its nearest plane), by feature table."""
+    tiles = np.asarray(features["tile"])
+    planes = np.asarray(features["z"])
+    mine = np.flatnonzero(tiles == tile_index)
+    if not mine.size:
+        return None
+    return int(mine[np.argmin(np.abs(planes[mine] - z))])

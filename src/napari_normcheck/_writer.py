@@ -171,6 +171,8 @@ def write_tiff(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
         image = image.astype(np.float32)
     axes = "".join(a.upper() for a in _axes(image.ndim))
     scale = tuple(meta.get("scale") or (1.0,) * image.ndim)
+    if axes == "CZYX":  # ImageJ orders its axes TZCYXS
+        image, axes = np.moveaxis(image, 0, 1), "ZCYX"
     spacing_y, spacing_x = float(scale[-2]), float(scale[-1])
     imagej_meta: dict[str, Any] = {"axes": axes}
     if image.ndim >= 3:

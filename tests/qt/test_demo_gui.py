@@ -22,11 +22,15 @@ def test_demo_window_screenshot_is_not_blank(make_napari_viewer, qtbot, tmp_path
     qtbot.waitUntil(lambda: bool(done), timeout=60_000)
     assert widget.finished_event is not None, widget.status_label.text()
     assert (out / "COMPLETE.json").exists()
-    for name in ("eval c0", "train c1", "disparity c1", "tiles"):
-        assert f"{SAMPLE_LAYER_NAME} {name}" in viewer.layers
+    # The sample model's channels are membrane and organelle; the worst one is shown.
+    shown = widget.channel_combo.currentText()
+    for name in (f"eval · {shown}", f"train · {shown}", f"disparity · {shown}", "tiles"):
+        assert name in viewer.layers
+    assert len(viewer.layers) <= 9
     demo_gui.screenshot_view(viewer, widget)
-    assert not viewer.layers[f"{SAMPLE_LAYER_NAME} eval c0"].visible
-    assert viewer.layers.selection.active.name == f"{SAMPLE_LAYER_NAME} disparity c1"
+    assert not viewer.layers[f"eval · {shown}"].visible
+    assert viewer.layers.selection.active.name == f"disparity · {shown}"
+    assert widget.tabs.currentWidget() is widget.results_tab
     qtbot.wait(200)
     shot = np.asarray(viewer.screenshot(canvas_only=False))
     assert shot.ndim == 3 and shot.shape[0] > 300 and shot.shape[1] > 500

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import zarr
 
 from napari_normcheck import _layers
 from napari_normcheck._qt.widget import NormcheckWidget
+from napari_normcheck._reader import layers_from_store
 
 from .conftest import fill_model
 
@@ -34,7 +36,7 @@ def test_feature_z_layer_and_scatter_after_a_run(
     root = zarr.open_group(str(out), mode="r")
     grid = np.asarray(root["feature_z/0"][...])
     attrs = dict(root["feature_z"].attrs["normcheck"])["layers"]
-    layer = viewer.layers["img feature z"]
+    layer = viewer.layers["feature z"]
     # The first layer with running statistics, at its channel of largest |z|.
     assert widget.feature_layer_combo.currentIndex() == 0
     assert widget.feature_layer_combo.currentText() == attrs[0]["name"]
@@ -47,15 +49,34 @@ def test_feature_z_layer_and_scatter_after_a_run(
     zmax = float(np.nanmax(np.abs(grid[0, strongest])))
     np.testing.assert_allclose(layer.contrast_limits, (-zmax, zmax), rtol=1e-5)
     # Its cells lie over the tiles: the same cell transform as the tile disparity grid.
-    np.testing.assert_allclose(layer.scale, viewer.layers["img tile disparity soft c0"].scale)
-    np.testing.assert_allclose(
-        layer.translate, viewer.layers["img tile disparity soft c0"].translate
+    grid_layer = next(
+        lay
+        for lay in viewer.layers
+        if lay.metadata.get("normcheck_output") == "tile_disparity_soft"
     )
+    np.testing.assert_allclose(layer.scale, grid_layer.scale)
+    np.testing.assert_allclose(layer.translate, grid_layer.translate)
     plan = widget.plan
     first = plan.get_tile(0)
     centre = _layers.to_world(_layers.tile_center(first), SCALE, TRANSLATE)
     cell = np.asarray(layer.world_to_data(centre))
     np.testing.assert_allclose(np.round(cell), [0, 0, 0])
+
+    # The feature mean plot: one point per tile, the running mean and std of that channel.
+    summary = widget.finished_event.summary
+    name = attrs[0]["name"]
+    plot = widget.feature_plot
+    means = [summary["tiles"][i]["features"][name]["mean"][strongest] for i in range(plan.n_tiles)]
+    np.testing.assert_allclose(np.sort(plot.tile_means), np.sort(means))
+    assert plot.running_mean == pytest.approx(attrs[0]["running_mean"][strongest])
+    assert plot.running_std == pytest.approx(np.sqrt(attrs[0]["running_var"][strongest]))
+    # The scatter: |z| of that layer and channel against the shown channel's disparity.
+    scatter = widget.scatter
+    z = [abs(summary["tiles"][i]["features"][name]["z"][strongest]) for i in scatter.tiles]
+    np.testing.assert_allclose(scatter.z, z)
+    channel = widget.results.channel
+    expected = [summary["tiles"][i]["disparity_soft"][channel] for i in scatter.tiles]
+    np.testing.assert_allclose(scatter.disparity, expected)
 
     # Another channel: the layer's data follow.
     other = (strongest + 1) % n_channels
@@ -67,25 +88,12 @@ def test_feature_z_layer_and_scatter_after_a_run(
     np.testing.assert_allclose(
         np.asarray(layer.data), grid[1, widget.feature_channel_combo.currentIndex()]
     )
-    assert widget.scatter.title == attrs[1]["name"]
+    assert attrs[1]["name"] in widget.feature_plot.axes.get_title()
     widget.feature_layer_combo.setCurrentIndex(0)
 
-    # The scatter: one dot per tile and channel, the layer's running mean.
-    scatter = widget.scatter
-    assert scatter.tile_means.shape == (plan.n_tiles, n_channels)
-    assert len(scatter.points) == plan.n_tiles * n_channels
-    np.testing.assert_allclose(scatter.running_mean, attrs[0]["running_mean"])
-    np.testing.assert_allclose(scatter.running_var, attrs[0]["running_var"])
-    summary_means = [
-        widget.finished_event.summary["tiles"][i]["features"][attrs[0]["name"]]["mean"]
-        for i in range(plan.n_tiles)
-    ]
-    np.testing.assert_allclose(np.sort(scatter.tile_means, axis=0), np.sort(summary_means, axis=0))
-    assert scatter.grab().width() > 0
-
     # The reader shows the layer too.
-    read = {kwargs["name"]: (data, kwargs) for data, kwargs, _ in _layers.layers_from_store(out)}
-    data, kwargs = read["out feature z"]
+    read = {kwargs["name"]: (data, kwargs) for data, kwargs, _ in layers_from_store(out)}
+    data, kwargs = read["feature z"]
     np.testing.assert_allclose(data, grid[0, strongest])
     np.testing.assert_allclose(kwargs["scale"], layer.scale)
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import zarr
 
+from napari_normcheck._layers import IMAGE_OUTPUTS
 from napari_normcheck._reader import get_reader
 from napari_normcheck.core.config import RunConfig
 from napari_normcheck.core.engine import run_check
@@ -65,25 +66,41 @@ def test_reader_opens_all_outputs(store):
     layers = reader(str(out))
     by_name = {kwargs["name"]: (data, kwargs, kind) for data, kwargs, kind in layers}
     root = zarr.open_group(str(out), mode="r")
+    # One layer per output, the channel as its first (slider) axis.
+    assert (
+        len([kind for _, _, kind in layers if kind == "image"])
+        == len([g for g in root.group_keys() if g in IMAGE_OUTPUTS]) + 1
+    )  # + feature z
     for short, group in (
         ("eval", "pred_eval"),
         ("train", "pred_train"),
         ("disparity", "disparity"),
     ):
-        for channel in range(2):
-            data, kwargs, kind = by_name[f"run {short} c{channel}"]
-            assert kind == "image"
-            np.testing.assert_array_equal(np.asarray(data), root[f"{group}/0"][channel])
-            assert kwargs["scale"] == (2.0, 0.5, 0.5)
-            # The ROI starts at voxel y 8: world y 5 + 8 * 0.5.
-            assert kwargs["translate"] == (10.0, 9.0, 5.0)
-    assert "run tile disparity c0" in by_name and "run tile disparity soft c1" in by_name
-    assert "run tile mismatch eval c0" in by_name
-    shapes, kwargs, kind = by_name["run tiles"]
-    assert kind == "shapes" and len(shapes) == finished.summary["n_tiles"]
+        data, kwargs, kind = by_name[short]
+        assert kind == "image" and data.shape[0] == 2
+        np.testing.assert_array_equal(np.asarray(data), root[f"{group}/0"][...])
+        assert kwargs["scale"] == (1.0, 2.0, 0.5, 0.5)
+        # The ROI starts at voxel y 8: world y 5 + 8 * 0.5.
+        assert kwargs["translate"] == (0.0, 10.0, 9.0, 5.0)
+    assert {"tile disparity", "tile disparity (hard)", "tile mismatch"} <= set(by_name)
+    shapes, kwargs, kind = by_name["tiles"]
+    assert kind == "shapes" and set(kwargs["features"]["tile"]) == set(
+        range(finished.summary["n_tiles"])
+    )
     assert kwargs["translate"] == (10.0, 5.0, 5.0)
     expected = [max(t["disparity_soft"]) for t in finished.summary["tiles"]]
-    np.testing.assert_allclose(kwargs["features"]["disparity"], expected, rtol=1e-5)
+    tiles = kwargs["features"]["tile"]
+    np.testing.assert_allclose(
+        kwargs["features"]["disparity"], np.asarray(expected)[tiles], rtol=1e-5
+    )
+    # Every outline lies on a plane its tile spans, and every plane of a tile has one.
+    plan_tiles = {t["index"]: t for t in finished.summary["tiles"]}
+    for (tile, z), rectangle in zip(zip(tiles, kwargs["features"]["z"]), shapes):
+        start, stop = plan_tiles[tile]["start"][0], plan_tiles[tile]["stop"][0]
+        assert start <= z < stop and (rectangle[:, 0] == z).all()
+    for index, record in plan_tiles.items():
+        planes = set(kwargs["features"]["z"][tiles == index])
+        assert planes == set(range(record["start"][0], record["stop"][0]))
 
 
 def test_viewer_opens_store_through_the_plugin(make_napari_viewer, store):
@@ -91,9 +108,15 @@ def test_viewer_opens_store_through_the_plugin(make_napari_viewer, store):
     viewer = make_napari_viewer()
     viewer.open(str(out), plugin="napari-normcheck")
     names = [layer.name for layer in viewer.layers]
-    assert "run eval c0" in names and "run tiles" in names
-    assert "run seams (eval) c0" in names and "run seams (train) c1" in names
-    np.testing.assert_allclose(viewer.layers["run eval c1"].translate, (10.0, 9.0, 5.0))
+    assert "eval" in names and "tiles" in names
+    assert "disparity" in names and len(names) == len(set(names))
+    np.testing.assert_allclose(viewer.layers["eval"].translate, (0.0, 10.0, 9.0, 5.0))
+    # The tile outlines show on a plane inside the tiles (not only at their centre plane).
+    tiles = viewer.layers["tiles"]
+    viewer.dims.set_point(viewer.dims.ndim - 3, 10.0 + 2.0 * 3)  # voxel plane z = 3
+    assert tiles._data_view._displayed.sum() > 0
+    viewer.dims.set_point(viewer.dims.ndim - 3, 10.0 + 2.0 * 12)
+    assert tiles._data_view._displayed.sum() > 0
 
 
 @pytest.mark.parametrize("suffix", [".ome.zarr", ".tif"])
@@ -120,15 +143,19 @@ def test_results_follow_a_store_swapped_in_before_they_are_read(make_napari_view
     results = ResultLayers(viewer)
     plan = plan_from_attrs(run_attrs(zarr.open_group(str(out), mode="r")))
     results.start(plan, out, "run", (2.0, 0.5, 0.5), (10.0, 5.0, 5.0))
+    results.channel = 1
     # The run's .inprogress folder is gone (renamed to OUT): the layers read OUT.
     values = results.show(out.with_name(out.name + ".inprogress"), final=True)
     assert results.store_path == out
     assert len(values) == finished.summary["n_tiles"]
     np.testing.assert_array_equal(
-        np.asarray(viewer.layers["run train c1"].data), zarr.open_group(str(out))["pred_train/0"][1]
+        np.asarray(viewer.layers["train · c1"].data[0]),
+        zarr.open_group(str(out))["pred_train/0"][1],
     )
     results.go_to_tile(1)
-    assert viewer.layers["run tiles"].selected_data == {1}
+    tiles = viewer.layers["tiles"]
+    (selected,) = tiles.selected_data
+    assert tiles.features["tile"][selected] == 1
 
 
 def test_ome_zarr_export_of_a_result_keeps_pyramid_and_run_metadata(
@@ -137,7 +164,7 @@ def test_ome_zarr_export_of_a_result_keeps_pyramid_and_run_metadata(
     out, _ = store
     viewer = make_napari_viewer()
     viewer.open(str(out), plugin="napari-normcheck")
-    layer = viewer.layers["run disparity c0"]
+    layer = viewer.layers["disparity"]
     big = np.random.default_rng(0).random((4, 256, 256)).astype(np.float32)
     pyramid = viewer.add_image(big, name="big", scale=(2.0, 0.5, 0.5), metadata=layer.metadata)
     path = tmp_path / "disparity.ome.zarr"
@@ -162,12 +189,12 @@ def test_a_result_layer_round_trips_through_the_writers(
     out, _ = store
     viewer = make_napari_viewer()
     viewer.open(str(out), plugin="napari-normcheck")
-    layer = viewer.layers["run disparity c1"]  # backed by the store, read lazily
+    layer = viewer.layers["disparity"]  # backed by the store, read lazily, channel first
     path = tmp_path / f"disparity{suffix}"
     assert layer.save(str(path), plugin="napari-normcheck") == [str(path)]
     volume = open_volume(str(path))
-    expected = zarr.open_group(str(out), mode="r")["disparity/0"][1]
-    np.testing.assert_array_equal(np.asarray(volume.data[0]), expected)
+    expected = zarr.open_group(str(out), mode="r")["disparity/0"][...]
+    np.testing.assert_array_equal(np.asarray(volume.data), expected)
     np.testing.assert_allclose(volume.scale, (2.0, 0.5, 0.5))
     if suffix == ".ome.zarr":
         np.testing.assert_allclose(volume.translation, (10.0, 9.0, 5.0))
@@ -208,12 +235,12 @@ def test_reader_opens_a_command_line_output(make_napari_viewer, tmp_path, tiny_m
     viewer = make_napari_viewer()
     viewer.open(str(out), plugin="napari-normcheck")
     root = zarr.open_group(str(out), mode="r")
-    for name, group in (("cli eval c0", "pred_eval"), ("cli train c1", "pred_train")):
-        channel = int(name[-1])
-        np.testing.assert_array_equal(
-            np.asarray(viewer.layers[name].data), root[f"{group}/0"][channel]
-        )
-        assert tuple(viewer.layers[name].contrast_limits) == (0.0, 1.0)
-    tiles = viewer.layers["cli tiles"]
-    assert len(tiles.data) == len(json.loads((out / "COMPLETE.json").read_text())["tiles"])
-    assert "cli feature z" in viewer.layers
+    for name, group in (("eval", "pred_eval"), ("train", "pred_train")):
+        stored = root[f"{group}/0"]
+        np.testing.assert_array_equal(np.asarray(viewer.layers[name].data), stored[...])
+        top = 255.0 if stored.dtype == np.uint8 else 1.0
+        assert tuple(viewer.layers[name].contrast_limits) == (0.0, top)
+    tiles = viewer.layers["tiles"]
+    n_tiles = len(json.loads((out / "COMPLETE.json").read_text())["tiles"])
+    assert set(tiles.features["tile"]) == set(range(n_tiles))
+    assert "feature z" in viewer.layers

@@ -26,13 +26,27 @@ def test_tile_table_sorts_by_largest_channel_unknown_last(qtbot):
     assert clicked == [2]
 
 
-def test_histogram_bins_finite_values(qtbot):
+def test_histogram_bins_finite_values_and_saves_a_picture(qtbot, tmp_path):
     histogram = DisparityHistogram()
     qtbot.addWidget(histogram)
-    histogram.set_values([0.0, 0.1, 0.2, math.nan, 0.2])
+    histogram.resize(400, 300)
+    histogram.show()
+    histogram.set_values([0.0, 0.1, 0.2, math.nan, 0.2], global_value=0.15, channel="membrane")
     assert histogram.counts.sum() == 4
     assert histogram.edges[-1] == 0.2
+    assert histogram.axes.get_xlabel().startswith("soft disparity")
+    assert histogram.axes.get_ylabel() == "tiles"
+    assert [line.get_xdata()[0] for line in histogram.axes.lines] == [0.15]
     assert not histogram.grab().isNull()
+    png = histogram.save(tmp_path / "histogram.png")
+    from PIL import Image
+
+    picture = np.asarray(Image.open(png).convert("RGB"))
+    assert picture.shape[0] > 200 and picture.shape[1] > 300
+    assert picture.reshape(-1, 3).std(axis=0).max() > 20  # not blank
+    assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 20
+    svg = histogram.save(tmp_path / "histogram.svg")
+    assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
 
 
 def test_tile_boxes_follow_write_boxes():
@@ -42,7 +56,10 @@ def test_tile_boxes_follow_write_boxes():
     np.testing.assert_allclose(boxes[3][:, 1:].min(axis=0), (31.5, 31.5))
     np.testing.assert_allclose(boxes[3][:, 1:].max(axis=0), (47.5, 47.5))
     features = tile_features(plan, np.arange(4.0))
-    assert list(features["grid_x"]) == [0, 1, 0, 1]
+    # One outline per tile and plane (16 planes each).
+    assert list(features["grid_x"][::16]) == [0, 1, 0, 1]
+    assert list(features["tile"][::16]) == [0, 1, 2, 3] and len(features["tile"]) == 64
+    np.testing.assert_array_equal(features["disparity"], np.repeat(np.arange(4.0), 16))
 
 
 def test_contrast_limits_follow_the_output_kind():

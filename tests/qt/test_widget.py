@@ -30,6 +30,23 @@ def plan_tiles(widget):
     return widget.plan.n_tiles
 
 
+def level0(layer):
+    """The layer's full-resolution data as an array (result layers are multiscale)."""
+    return np.asarray(layer.data[0] if layer.multiscale else layer.data)
+
+
+def stand_in(layer):
+    """The layer still shows an all-zero stand-in of an output not written."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return type(data).__name__ == "EmptyChannel"
+
+
+def output_layer(viewer, group):
+    """The one layer showing output ``group`` (whatever channel it shows)."""
+    (layer,) = [lay for lay in viewer.layers if lay.metadata.get("normcheck_output") == group]
+    return layer
+
+
 def wait_done(qtbot, widget, timeout=60_000):
     """Wait for the worker and for the results it left to be shown (one GUI step per layer)."""
     qtbot.waitUntil(lambda: widget.settled, timeout=timeout)
@@ -47,31 +64,37 @@ def test_run_adds_lazy_layers_matching_the_store(
     out = tmp_path / "out.zarr"
     assert is_complete(out)
     root = zarr.open_group(str(out), mode="r")
-    for group, short in (("pred_eval", "eval"), ("pred_train", "train")):
-        stored = np.asarray(root[f"{group}/0"][...])
-        for channel in range(2):
-            layer = viewer.layers[f"img {short} c{channel}"]
+    n_layers = len(viewer.layers)
+    assert n_layers <= 9  # the input and at most 8 result layers
+    for channel in (1, 0):
+        widget.channel_combo.setCurrentIndex(channel)
+        for group, short in (("pred_eval", "eval"), ("pred_train", "train")):
+            stored = np.asarray(root[f"{group}/0"][...])
+            layer = viewer.layers[f"{short} · c{channel}"]
             np.testing.assert_allclose(layer.scale, SCALE)
             np.testing.assert_allclose(layer.translate, TRANSLATE)
-            np.testing.assert_array_equal(np.asarray(layer.data), stored[channel])
-    assert "img disparity c0" in viewer.layers
-    # The grids, added before the run as stand-ins, now read the store.
-    for channel in range(2):
+            np.testing.assert_array_equal(level0(layer), stored[channel])
+        assert f"disparity · c{channel}" in viewer.layers
+        # The grids, added before the run as stand-ins, now read the store.
         np.testing.assert_array_equal(
-            np.asarray(viewer.layers[f"img tile disparity soft c{channel}"].data),
+            level0(viewer.layers[f"tile disparity · c{channel}"]),
             root["tile_disparity_soft/0"][channel],
         )
-    assert not any(type(layer.data).__name__ == "EmptyChannel" for layer in viewer.layers)
+        assert len(viewer.layers) == n_layers
+    assert not any(stand_in(lay) for lay in viewer.layers)
     # BatchNorm with foreign running statistics: the two modes differ.
     assert not np.array_equal(
         np.asarray(root["pred_eval/0"][...]), np.asarray(root["pred_train/0"][...])
     )
-    tiles = viewer.layers["img tiles"]
-    assert len(tiles.data) == widget.plan.n_tiles == widget.tile_table.rowCount()
+    tiles = viewer.layers["tiles"]
+    assert set(tiles.features["tile"]) == set(range(widget.plan.n_tiles))
+    assert widget.plan.n_tiles == widget.tile_table.rowCount()
     assert np.isfinite(tiles.features["disparity"]).all()
     assert widget.histogram.counts.sum() == widget.plan.n_tiles
     assert widget.histogram.grab().width() > 0
-    assert tuple(viewer.layers["img eval c0"].contrast_limits) == (0.0, 1.0)
+    # Probabilities: 0..1, or 0..255 when stored as uint8.
+    top = 255.0 if root["pred_eval/0"].dtype == np.uint8 else 1.0
+    assert tuple(viewer.layers["eval · c0"].contrast_limits) == (0.0, top)
     status = widget.status_label.text()
     summary = widget.finished_event.summary
     assert status.startswith(f"done: {plan_tiles(widget)} tiles")
@@ -79,7 +102,7 @@ def test_run_adds_lazy_layers_matching_the_store(
     mismatch = " / ".join(f"{v:.3f}" for v in summary["mismatch_eval"]["hard"])
     assert f"Disparity per channel {hard}" in status and f"eval tile mismatch {mismatch}" in status
     assert "disparity (" in status  # the verdict
-    # Tile outlines: the worst tile red, the least yellow.
+    # Tile outlines (of channel 0 now): the worst tile red, the least yellow.
     values = tiles.features["disparity"].to_numpy()
     np.testing.assert_allclose(tiles.edge_color[np.argmax(values)], (1, 0, 0, 1))
     np.testing.assert_allclose(tiles.edge_color[np.argmin(values)][[0, 2, 3]], (1, 0, 1))
@@ -109,9 +132,9 @@ def test_cancel_keeps_partial_store_and_model_state(
     assert widget.tile_table.rowCount() == 1  # from the tile's own metrics
     assert widget.tile_table.tile_at_row(0) == tiles_done[0].tile.index
     assert "partial output" in widget.status_label.text()
-    assert "img eval c0" in viewer.layers
+    assert "eval · c0" in viewer.layers
     # Only what the stopped run wrote is shown: no all-zero stand-ins are left.
-    assert not any(type(layer.data).__name__ == "EmptyChannel" for layer in viewer.layers)
+    assert not any(stand_in(lay) for lay in viewer.layers)
     module = widget.model_ready.loaded.module
     saved = torch.load(tiny_model_file, weights_only=True)
     for key, value in module.state_dict().items():
@@ -171,7 +194,10 @@ def test_tile_table_click_moves_the_view(
     assert viewer.dims.current_step != before
     assert viewer.dims.point[0] == pytest.approx(z_world, abs=SCALE[0])
     np.testing.assert_allclose(camera_of(viewer).center[-2:], (y_world, x_world))
-    assert viewer.layers["img tiles"].selected_data == {index}
+    tiles = viewer.layers["tiles"]
+    (selected,) = tiles.selected_data
+    assert tiles.features["tile"][selected] == index
+    assert widget.tile_table.selected_tile() == index
 
 
 def test_missing_model_file_is_a_notification(
@@ -284,10 +310,12 @@ def test_rerun_with_overwrite_repoints_layers(
     assert is_complete(out) and not (tmp_path / "out.zarr.inprogress").exists()
     stored = zarr.open_group(str(out), mode="r")["pred_eval/0"][0]
     assert stored.min() < 0  # logits now, not probabilities
-    np.testing.assert_array_equal(np.asarray(viewer.layers["img eval c0"].data), stored)
-    assert len(viewer.layers["img tiles"].data) == widget.plan.n_tiles == 1
+    widget.channel_combo.setCurrentIndex(0)
+    qtbot.waitUntil(lambda: widget.settled, timeout=10_000)
+    np.testing.assert_array_equal(level0(viewer.layers["eval · c0"]), stored)
+    assert set(viewer.layers["tiles"].features["tile"]) == {0} and widget.plan.n_tiles == 1
     # Logits: the contrast follows the data, not the 0..1 of probabilities.
-    low, high = viewer.layers["img eval c0"].contrast_limits
+    low, high = viewer.layers["eval · c0"].contrast_limits
     assert low < 0 and low >= stored.min() - 1e-6
 
 
@@ -318,8 +346,8 @@ def test_2d_image_with_a_2d_model(make_napari_viewer, qtbot, tmp_path, errors):
     widget.run()
     wait_done(qtbot, widget)
     assert errors == []
-    layer = viewer.layers["plane eval"]  # one output channel: no channel suffix
-    assert layer.data.shape == (1, 48, 64)
+    layer = viewer.layers["eval"]  # one output channel: no channel suffix
+    assert level0(layer).shape == (1, 48, 64)
     np.testing.assert_allclose(layer.scale[-2:], (0.5, 0.25))
     widget.go_to_tile(widget.tile_table.tile_at_row(0))
     assert is_complete(tmp_path / "plane.zarr")
@@ -343,7 +371,7 @@ def test_multiscale_layer_runs_at_the_chosen_level(
     assert errors == []
     pred = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["pred_eval/0"]
     assert pred.shape[1:] == (16, 32, 32)
-    result = next(lay for lay in viewer.layers if lay.name.startswith("img eval"))
+    result = output_layer(viewer, "pred_eval")
     np.testing.assert_allclose(result.scale[-3:], np.asarray(layer.scale[-3:]) * [1, 2, 2])
 
 
@@ -381,13 +409,14 @@ def test_box_region_layers_overlay_the_input(
     stored = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["pred_eval/0"]
     (y0, y1), (x0, x1) = (16, 49), (8, 49)
     assert stored.shape[1:] == (16, y1 - y0, x1 - x0), roi
-    layer = viewer.layers["img eval c0"]
-    np.testing.assert_array_equal(np.asarray(layer.data), stored[0])
+    widget.channel_combo.setCurrentIndex(0)
+    layer = viewer.layers["eval · c0"]
+    np.testing.assert_array_equal(level0(layer), stored[0])
     # The result's first voxel lies on the input's voxel (0, y0, x0), in world coordinates.
     raw = viewer.layers["img"]
     np.testing.assert_allclose(layer.data_to_world((0, 0, 0)), raw.data_to_world((0, y0, x0)))
     np.testing.assert_allclose(layer.scale, SCALE)
-    tiles = viewer.layers["img tiles"]
+    tiles = viewer.layers["tiles"]
     first = widget.plan.get_tile(0)
     assert first.write_start[1:] == (y0, x0)
     np.testing.assert_allclose(tiles.scale, SCALE)
@@ -430,5 +459,6 @@ def test_layers_exist_before_the_engine_starts_even_with_one_pool_thread(
     assert errors == []
     ((ready, names),) = seen
     assert ready
-    assert {"img eval c0", "img disparity c1", "img train c1", "img tiles"} <= names
-    assert {"img tile disparity soft c0", "img feature z"} <= names
+    assert {"eval · c0", "disparity · c0", "train · c0", "tiles"} <= names
+    assert {"tile disparity · c0", "tile mismatch · c0", "feature z", "seams (eval) · c0"} <= names
+    assert len(names) == 9

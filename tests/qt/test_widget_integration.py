@@ -38,19 +38,26 @@ def test_remedies_section_uses_the_last_finished_check(
         atol=1e-12,
     )
     assert remedies["batchstats"]["disparity_vs_train"]["hard"] == [0.0, 0.0]
-    layer = viewer.layers["img recalibrated c0"]
-    np.testing.assert_allclose(layer.scale, SCALE)
-    np.testing.assert_allclose(layer.translate, TRANSLATE)
-    np.testing.assert_array_equal(np.asarray(layer.data), root["pred_recalibrated/0"][0])
+    # One layer per remedy, following the widget's channel choice like the check's own layers.
+    n_layers = len(viewer.layers)
+    for channel in (0, 1):
+        widget.channel_combo.setCurrentIndex(channel)
+        layer = viewer.layers[f"recalibrated · c{channel}"]
+        np.testing.assert_allclose(layer.scale, SCALE)
+        np.testing.assert_allclose(layer.translate, TRANSLATE)
+        np.testing.assert_array_equal(
+            np.asarray(layer.data[0]), root["pred_recalibrated/0"][channel]
+        )
+        assert f"batch-stats · c{channel}" in viewer.layers and len(viewer.layers) == n_layers
     # The plugin's reader opens the remedies' predictions too, placed like the others.
     from napari_normcheck._reader import get_reader
 
     read = {kwargs["name"]: (data, kwargs) for data, kwargs, _ in get_reader(str(out))(str(out))}
     for short, group in (("recalibrated", "pred_recalibrated"), ("batch-stats", "pred_batchstats")):
-        data, kwargs = read[f"out {short} c1"]
-        np.testing.assert_allclose(kwargs["scale"], SCALE)
-        np.testing.assert_allclose(kwargs["translate"], TRANSLATE)
-        np.testing.assert_array_equal(np.asarray(data), root[f"{group}/0"][1])
+        data, kwargs = read[short]
+        np.testing.assert_allclose(kwargs["scale"], (1.0, *SCALE))
+        np.testing.assert_allclose(kwargs["translate"], (0.0, *TRANSLATE))
+        np.testing.assert_array_equal(np.asarray(data), root[f"{group}/0"][...])
 
 
 def test_precision_choice_reaches_the_run_and_its_summary(

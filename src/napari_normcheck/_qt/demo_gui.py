@@ -11,8 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtWidgets import QScrollArea  # noqa: TID253 (the Qt layer)
-
 from napari_normcheck._sample_data import SAMPLE_SHAPE, make_sample
 
 DOCK_NAME = "Normalization check"
@@ -99,7 +97,8 @@ def screenshot_view(viewer: Any, widget: Any) -> None:
     """Arrange the window for a picture: the worst tile's plane, the disparity over the volume.
 
     The eval predictions are hidden (they would cover the disparity), the whole plane is in view,
-    the disparity layer is selected (its controls show) and the dock shows the tile table.
+    the disparity layer is selected (its controls show) and the dock shows the Results tab: the
+    tile table and the ``|z|`` vs disparity plot.
     """
     from napari_normcheck._qt.region import camera_of, canvas_size
 
@@ -113,18 +112,15 @@ def screenshot_view(viewer: Any, widget: Any) -> None:
         camera.zoom = 0.95 * min(height / (y1 - y0), width / (x1 - x0))
     disparity = None
     for layer in viewer.layers:
-        if "normcheck_output" not in layer.metadata:
-            continue
-        name = layer.name.removeprefix(widget.run_input[0]).strip()
-        if name.startswith("eval"):
+        output = layer.metadata.get("normcheck_output")
+        if output == "pred_eval":
             layer.visible = False
-        if name.startswith("disparity") and "soft" not in name:
+        if output == "disparity":
             disparity = layer
     if disparity is not None:
         viewer.layers.selection.active = disparity
-    scroll = widget.findChild(QScrollArea)
-    if scroll is not None:
-        scroll.ensureWidgetVisible(widget.tile_table)
+    widget.tabs.setCurrentWidget(widget.results_tab)
+    widget.plot_tabs.setCurrentWidget(widget.scatter)
 
 
 def run_demo_gui(

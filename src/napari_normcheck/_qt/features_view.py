@@ -1,37 +1,89 @@
-"""The feature statistics part of the dock widget: layer/channel choice, ``feature z``, the scatter.
+"""The plots of the Results tab: disparity histogram, feature mean per tile, ``|z|`` vs disparity.
 
 A mixin of :class:`~napari_normcheck._qt.widget.NormcheckWidget` (it uses the widget's result
-layers and tile table).
+layers, tile table and finished run). The normalization layer and feature channel chosen here
+drive the two feature plots and the ``feature z`` layer; the output channel chosen in the widget
+drives the disparity values.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox  # noqa: TID253 (the Qt layer)
+import numpy as np
+from qtpy.QtWidgets import (  # noqa: TID253 (the Qt layer)
+    QComboBox,
+    QFormLayout,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
 
-from napari_normcheck._qt.plots import FeatureScatter
+from napari_normcheck._qt.plots import DisparityHistogram, DisparityScatter, FeatureMeanPlot
 from napari_normcheck._qt.steps import step
+from napari_normcheck._qt.tile_table import channel_value
 
 
 class FeatureSection:
-    """Per-layer feature statistics after a run (mixed into the dock widget)."""
+    """The plots and the normalization layer / feature channel choice (mixed into the dock widget)."""
 
-    def _build_feature_box(self) -> QGroupBox:
-        box = QGroupBox("Feature statistics (normalization inputs)")
-        form = QFormLayout(box)
+    def _build_plots(self) -> QWidget:
+        box = QWidget()
+        layout = QVBoxLayout(box)
+        layout.setContentsMargins(0, 0, 0, 0)
+        form = QFormLayout()
         self.feature_layer_combo = QComboBox()
+        self.feature_layer_combo.setToolTip("the normalization layer of the feature plots")
         self.feature_layer_combo.currentIndexChanged.connect(self._on_feature_layer)
-        form.addRow("layer", self.feature_layer_combo)
+        form.addRow("norm layer", self.feature_layer_combo)
         self.feature_channel_combo = QComboBox()
+        self.feature_channel_combo.setToolTip("the channel of that layer's input")
         self.feature_channel_combo.currentIndexChanged.connect(self._on_feature_channel)
-        form.addRow("channel", self.feature_channel_combo)
-        self.scatter = FeatureScatter(box)
-        form.addRow(self.scatter)
+        form.addRow("feature channel", self.feature_channel_combo)
+        self.plot_tabs = QTabWidget()
+        self.histogram = DisparityHistogram()
+        self.feature_plot = FeatureMeanPlot()
+        self.scatter = DisparityScatter()
+        self.scatter.tile_clicked.connect(self._on_plot_tile)
+        self.plot_tabs.addTab(self.scatter, "|z| vs disparity")
+        self.plot_tabs.addTab(self.histogram, "Disparity")
+        self.plot_tabs.addTab(self.feature_plot, "Feature mean")
+        layout.addWidget(self.plot_tabs, 1)
+        layout.addLayout(form)
         return box
 
+    # --- the normalization layers ----------------------------------------------------------------
+
+    def _layer_entries(self) -> list[dict[str, Any]]:
+        """The normalization layers with running statistics: the store's, else the records'."""
+        if self.feature_entries:
+            return self.feature_entries
+        for record in self.tile_table.records.values():
+            features = record.get("features") or {}
+            return [
+                {"name": name, "channels": len(values.get("mean") or [])}
+                for name, values in features.items()
+                if values.get("z") is not None
+            ]
+        return []
+
+    def _fill_layer_combo(self) -> None:
+        names = [str(entry.get("name", i)) for i, entry in enumerate(self._layer_entries())]
+        combo = self.feature_layer_combo
+        if [combo.itemText(i) for i in range(combo.count())] == names:
+            return
+        current = combo.currentText()
+        combo.blockSignals(True)
+        combo.clear()
+        combo.addItems(names)
+        if current in names:
+            combo.setCurrentText(current)
+        combo.blockSignals(False)
+        self._on_feature_layer(redraw=False)
+
     def show_features(self, read: tuple | None = None, defer: bool = False) -> None:
-        """Fill the feature layer choice from the store's ``feature_z``; show its layer and scatter.
+        """Take the layers from the store's ``feature_z``; show its layer and the plots.
 
         Parameters
         ----------
@@ -47,60 +99,115 @@ class FeatureSection:
             if path is not None and not path.exists() and self.results.run_out is not None:
                 path = self.results.run_out
             read = _layers.feature_z_grid(path) if path is not None else None
-        if read is None:
-            self.update_scatter()
-            return
-        self.feature_grid, self.feature_layers = read[0], read[1]
-        names = [str(layer.get("name", i)) for i, layer in enumerate(self.feature_layers)]
-        current = self.feature_layer_combo.currentText()
-        self.feature_layer_combo.blockSignals(True)
-        self.feature_layer_combo.clear()
-        self.feature_layer_combo.addItems(names)
-        if current in names:
-            self.feature_layer_combo.setCurrentText(current)
-        self.feature_layer_combo.blockSignals(False)
-        self._on_feature_layer(defer=defer)
+        if read is not None:
+            self.feature_grid, self.feature_entries = read[0], read[1]
+            self.feature_layer_combo.clear()  # (refilled with the store's layers)
+        self._fill_layer_combo()
+        self._on_feature_channel(defer=defer)
+        self.update_plots()
 
-    def _on_feature_layer(self, *_args: Any, defer: bool = False) -> None:
-        """A layer was chosen: offer its channels (its strongest first chosen) and redraw."""
+    def _on_feature_layer(self, *_args: Any, redraw: bool = True) -> None:
+        """A layer was chosen: offer its channels (its strongest first chosen)."""
         from napari_normcheck import _layers
 
         index = self.feature_layer_combo.currentIndex()
-        if index < 0 or self.feature_grid is None:
+        entries = self._layer_entries()
+        if index < 0 or index >= len(entries):
             return
-        layer = self.feature_layers[index] if index < len(self.feature_layers) else {}
-        n_channels = int(layer.get("channels") or self.feature_grid.shape[1])
-        channel = _layers.strongest_channel(self.feature_grid, index)
+        n_channels = int(entries[index].get("channels") or 1)
+        channel = 0
+        if self.feature_grid is not None and index < self.feature_grid.shape[0]:
+            channel = _layers.strongest_channel(self.feature_grid, index)
         self.feature_channel_combo.blockSignals(True)
         self.feature_channel_combo.clear()
         self.feature_channel_combo.addItems([str(c) for c in range(n_channels)])
         self.feature_channel_combo.setCurrentIndex(min(channel, n_channels - 1))
         self.feature_channel_combo.blockSignals(False)
-        self._on_feature_channel(defer=defer)
-        self.update_scatter()
+        if redraw:
+            self._on_feature_channel()
 
     def _on_feature_channel(self, *_args: Any, defer: bool = False) -> None:
-        """Show the chosen layer and channel in the ``feature z`` layer."""
+        """Show the chosen layer and channel in the ``feature z`` layer and the plots."""
         layer = self.feature_layer_combo.currentIndex()
         channel = self.feature_channel_combo.currentIndex()
-        if layer >= 0 and channel >= 0:
+        if layer >= 0 and channel >= 0 and self.feature_grid is not None:
             if defer:
                 self.results.steps.add(
                     step("add feature z", self.results.show_feature_z, layer, channel)
                 )
             else:
                 self.results.show_feature_z(layer, channel)
+        if not defer:
+            self.update_plots()
 
-    def update_scatter(self) -> None:
-        """Plot the chosen layer's per-tile input means against its running statistics."""
+    # --- the plots -----------------------------------------------------------------------------
+
+    def _global_disparity(self, channel: int) -> float | None:
+        event = self.finished_event
+        values = ((event.summary.get("disparity") or {}).get("soft") if event else None) or []
+        return float(values[channel]) if 0 <= channel < len(values) else None
+
+    def _running_stats(self, entry: dict[str, Any], channel: int) -> tuple[Any, Any]:
+        """The layer's running mean and standard deviation of ``channel`` (``None`` if unknown)."""
+        mean, var = entry.get("running_mean"), entry.get("running_var")
+        if mean is None and self.model_ready is not None:
+            try:  # during a run: the model's own buffers (read only)
+                module = self.model_ready.loaded.module.get_submodule(str(entry["name"]))
+                mean = module.running_mean.detach().cpu().numpy().tolist()
+                var = module.running_var.detach().cpu().numpy().tolist()
+            except (AttributeError, KeyError, TypeError):
+                return None, None
+        try:
+            std = math.sqrt(max(float(var[channel]), 0.0)) if var is not None else None
+            return (float(mean[channel]) if mean is not None else None), std
+        except (IndexError, TypeError, ValueError):
+            return None, None
+
+    def update_plots(self) -> None:
+        """Redraw the three plots from the tile records (visible plots only draw)."""
+        channel = self.results.channel
+        label = self.channel_combo.currentText()
+        records = self.tile_table.records
+        tiles = sorted(records)
+        disparity = [channel_value(records[t].get("disparity_soft"), channel) for t in tiles]
+        self.histogram.set_values(disparity, self._global_disparity(channel), label)
+        entries = self._layer_entries()
         index = self.feature_layer_combo.currentIndex()
-        if index < 0 or index >= len(self.feature_layers):
+        feature_channel = max(self.feature_channel_combo.currentIndex(), 0)
+        if not entries or not 0 <= index < len(entries):
+            z = [(records[t].get("feature_z") or {}).get("max_abs", math.nan) for t in tiles]
+            self.scatter.set_data(tiles, z, disparity, xlabel="largest |feature z| per tile")
+            self.feature_plot.set_data([], [])
             return
-        layer = self.feature_layers[index]
-        name = str(layer.get("name", ""))
-        means = []
-        for tile in sorted(self.tile_table.records):
-            features = (self.tile_table.records[tile].get("features") or {}).get(name) or {}
-            if features.get("mean") is not None:
-                means.append(features["mean"])
-        self.scatter.set_data(means, layer.get("running_mean"), layer.get("running_var"), name)
+        entry = entries[index]
+        name = str(entry.get("name", ""))
+        means, z = [], []
+        for t in tiles:
+            values = (records[t].get("features") or {}).get(name) or {}
+            means.append(channel_value(values.get("mean"), feature_channel))
+            z.append(channel_value(values.get("z"), feature_channel))
+        mean, std = self._running_stats(entry, feature_channel)
+        self.feature_plot.set_data(
+            tiles, means, mean, std, title=f"{name} · channel {feature_channel}"
+        )
+        self.scatter.set_data(
+            tiles,
+            z,
+            disparity,
+            xlabel=f"|feature z| per tile ({name}, channel {feature_channel})",
+            title=f"Feature shift vs disparity · {label}",
+        )
+
+    def _on_plot_tile(self, index: int) -> None:
+        """A point of the scatter was clicked: go to its tile and select its row."""
+        self.tile_table.select_tile(index)
+        self.go_to_tile(index)
+
+    def tile_values(self) -> np.ndarray | None:
+        """Per tile, the chosen channel's soft disparity from the table (NaN where not yet known)."""
+        if self.plan is None or not self.tile_table.records:
+            return None
+        values = np.full(self.plan.n_tiles, np.nan)
+        for index, record in self.tile_table.records.items():
+            values[index] = channel_value(record.get("disparity_soft"), self.results.channel)
+        return values

@@ -92,6 +92,15 @@ class RunRequest:
     scheduler: str | None = None
 
 
+def output_channel_names(loaded: Any) -> list[str] | None:
+    """The model's output channel names when it names them (bioimage.io packages), else ``None``."""
+    names = getattr(loaded, "output_channel_names", None) or getattr(loaded, "channel_names", None)
+    out_channels = getattr(getattr(loaded, "info", None), "out_channels", None)
+    if isinstance(names, (list, tuple)) and names and len(names) == out_channels:
+        return [str(name) for name in names]
+    return None
+
+
 def load(request: ModelRequest) -> ModelReady:
     """Load and inventory the model of ``request`` (raises :class:`NormcheckError`)."""
     from napari_normcheck.core.inventory import norm_inventory
@@ -210,6 +219,8 @@ def run_job(run: RunRequest, model: ModelRequest, ready: ModelReady | None) -> I
                     "path": str(loaded.path),
                     "sha256": loaded.sha256,
                     "format": loaded.format,
+                    # The output channels' names (a bioimage.io package's), for the layers.
+                    "channel_names": output_channel_names(loaded),
                 },
                 "norm_layers": ready.inventory.to_dict(),
             },

@@ -1,20 +1,152 @@
-"""A small histogram of per-tile disparity, painted with Qt (no plotting library needed)."""
+"""Plots of a run with matplotlib in napari's colours: axes, ticks, labels, each savable as PNG/SVG.
+
+- :class:`DisparityHistogram`: per-tile disparity of one output channel, the global value marked;
+- :class:`FeatureMeanPlot`: per-tile mean input of a normalization layer's channel against the
+  layer's running mean, with bands of 1 and 2 running standard deviations;
+- :class:`DisparityScatter`: per tile, ``|feature z|`` against disparity; a click on a point (or a
+  hover) names its tile, and the widget moves the viewer there.
+
+A plot redraws only while it is visible (matplotlib draws on the GUI thread); a hidden one is
+redrawn when it is shown.
+"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QRectF, Qt  # noqa: TID253 (the Qt layer)
-from qtpy.QtGui import QColor, QPainter  # noqa: TID253
-from qtpy.QtWidgets import QSizePolicy, QWidget  # noqa: TID253
+from qtpy.QtCore import Signal  # noqa: TID253 (the Qt layer)
+from qtpy.QtWidgets import (  # noqa: TID253
+    QFileDialog,
+    QHBoxLayout,
+    QPushButton,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
 
 N_BINS = 20
+#: Points within this distance (screen pixels) of the pointer are hit by a click or a hover.
+PICK_PIXELS = 8.0
+_ACCENT = "#f07828"  # the tiles' orange
+_LINE = "#5aaaff"
 
 
-class DisparityHistogram(QWidget):
-    """Histogram of per-tile soft disparity over ``[0, max]``, redrawn on :meth:`set_values`.
+def napari_colors() -> dict[str, str]:
+    """Background, text and grid colours of napari's current theme (dark by default)."""
+    colors = {"background": "#262930", "text": "#f0f1f2", "grid": "#414851"}
+    try:
+        from napari.settings import get_settings
+        from napari.utils.theme import get_theme
+
+        name = get_settings().appearance.theme
+        theme = get_theme(name if name != "system" else "dark")
+        colors = {
+            "background": theme.canvas.as_hex(),
+            "text": theme.text.as_hex(),
+            "grid": theme.foreground.as_hex(),
+        }
+    except Exception:  # an older napari or no settings: the dark defaults
+        pass
+    return colors
+
+
+class PlotWidget(QWidget):
+    """A matplotlib figure with one axes in napari's colours, and a Save button (PNG or SVG).
+
+    Parameters
+    ----------
+    parent : QWidget, optional
+        The parent widget.
+
+    Attributes
+    ----------
+    figure : matplotlib.figure.Figure
+        The figure.
+    axes : matplotlib.axes.Axes
+        Its axes.
+    canvas : FigureCanvasQTAgg
+        The Qt widget drawing it.
+    """
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.colors = napari_colors()
+        self.figure = Figure(figsize=(4.0, 2.6), dpi=90, layout="constrained")
+        self.figure.set_facecolor(self.colors["background"])
+        self.axes = self.figure.add_subplot()
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(180)
+        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.save_button = QPushButton("Save…")
+        self.save_button.setToolTip("save this plot as PNG or SVG")
+        self.save_button.clicked.connect(lambda: self.save())
+        row = QHBoxLayout()
+        row.addStretch(1)
+        row.addWidget(self.save_button)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.canvas, 1)
+        layout.addLayout(row)
+        self._stale = False
+        self.style_axes()
+
+    def style_axes(self) -> None:
+        """Napari's colours on the axes (call after ``axes.clear()``)."""
+        ax, colors = self.axes, self.colors
+        ax.set_facecolor(colors["background"])
+        for spine in ax.spines.values():
+            spine.set_color(colors["text"])
+        ax.tick_params(colors=colors["text"], labelsize=8)
+        ax.xaxis.label.set_color(colors["text"])
+        ax.yaxis.label.set_color(colors["text"])
+        ax.title.set_color(colors["text"])
+        ax.grid(True, color=colors["grid"], linewidth=0.5, alpha=0.6)
+
+    def legend(self) -> None:
+        """A legend in napari's colours (when something is labelled)."""
+        handles, _labels = self.axes.get_legend_handles_labels()
+        if handles:
+            legend = self.axes.legend(fontsize=7, facecolor=self.colors["background"])
+            legend.get_frame().set_edgecolor(self.colors["grid"])
+            for text in legend.get_texts():
+                text.set_color(self.colors["text"])
+
+    def redraw(self) -> None:
+        """Draw when visible (the next time it is shown otherwise)."""
+        if self.isVisible():
+            self._stale = False
+            self.canvas.draw_idle()
+        else:
+            self._stale = True
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
+        """Draw what changed while hidden."""
+        super().showEvent(event)
+        if self._stale:
+            self._stale = False
+            self.canvas.draw_idle()
+
+    def save(self, path: str | Path | None = None) -> Path | None:
+        """Save the plot (``.png``, ``.svg`` or any format matplotlib knows); asks where if not told."""
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Save the plot", "normcheck_plot.png", "PNG (*.png);;SVG (*.svg)"
+            )
+            if not path:
+                return None
+        path = Path(path)
+        self.figure.savefig(path, facecolor=self.figure.get_facecolor(), dpi=150)
+        return path
+
+
+class DisparityHistogram(PlotWidget):
+    """Histogram of per-tile disparity of one output channel, the global value as a line.
 
     Attributes
     ----------
@@ -22,156 +154,214 @@ class DisparityHistogram(QWidget):
         Tiles per bin.
     edges : numpy.ndarray
         Bin edges (``len(counts) + 1``).
+    global_value : float or None
+        The whole region's disparity of the channel (marked).
     """
 
     def __init__(self, parent: Any = None) -> None:
         super().__init__(parent)
         self.counts = np.zeros(N_BINS, dtype=int)
         self.edges = np.linspace(0.0, 1.0, N_BINS + 1)
-        self.setMinimumHeight(90)
-        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        self.setToolTip("tiles per soft-disparity bin")
+        self.global_value: float | None = None
+        self.set_values([])
 
-    def set_values(self, values: Any) -> None:
-        """Bin the finite ``values`` (one per tile) and repaint."""
+    def set_values(self, values: Any, global_value: float | None = None, channel: str = "") -> None:
+        """Bin the finite ``values`` (one per tile) over ``[0, max]`` and redraw."""
         finite = np.asarray([v for v in np.ravel(values) if math.isfinite(v)], dtype=float)
         top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        if global_value is not None and math.isfinite(global_value):
+            top = max(top, float(global_value))
         self.counts, self.edges = np.histogram(finite, bins=N_BINS, range=(0.0, top))
-        self.update()
-
-    def paintEvent(self, _event: Any) -> None:  # noqa: N802 (Qt's name)
-        """Draw the bars, with the value range written below."""
-        painter = QPainter(self)
-        try:
-            width, height = self.width(), self.height()
-            text_height = painter.fontMetrics().height()
-            plot_height = max(height - text_height - 4, 1)
-            painter.fillRect(0, 0, width, height, QColor(40, 40, 40))
-            peak = max(int(self.counts.max()), 1)
-            bar_width = width / len(self.counts)
-            painter.setPen(Qt.PenStyle.NoPen)
-            painter.setBrush(QColor(240, 120, 40))
-            for i, count in enumerate(self.counts):
-                bar = plot_height * count / peak
-                painter.drawRect(QRectF(i * bar_width + 1, plot_height - bar, bar_width - 2, bar))
-            painter.setPen(QColor(220, 220, 220))
-            painter.drawText(2, height - 4, f"{self.edges[0]:.3g}")
-            label = f"{self.edges[-1]:.3g}  ({int(self.counts.sum())} tiles, max {peak})"
-            text_width = painter.fontMetrics().horizontalAdvance(label)
-            painter.drawText(width - text_width - 2, height - 4, label)
-        finally:
-            painter.end()
+        self.global_value = global_value
+        ax = self.axes
+        ax.clear()
+        self.style_axes()
+        ax.stairs(self.counts, self.edges, fill=True, color=_ACCENT, alpha=0.85, label="tiles")
+        if global_value is not None and math.isfinite(global_value):
+            ax.axvline(
+                global_value, color=_LINE, linewidth=2, label=f"whole region {global_value:.3f}"
+            )
+        ax.set_xlabel("soft disparity per tile (1 − soft Dice, 0–1)")
+        ax.set_ylabel("tiles")
+        ax.set_title(f"Disparity per tile{' · ' + channel if channel else ''}", fontsize=9)
+        ax.set_xlim(0.0, top)
+        self.legend()
+        self.redraw()
 
 
-class FeatureScatter(QWidget):
-    """Per-channel input means of one normalization layer: a dot per tile, the running mean and band.
+class FeatureMeanPlot(PlotWidget):
+    """Per-tile mean input of one channel of a normalization layer against its running mean.
 
-    x is the channel index; y each tile's mean of that channel's input. The layer's running mean is
-    drawn as a line with markers, ``running mean ± sqrt(running var)`` as a shaded band.
+    The running mean is a line; ``running mean ± 1`` and ``± 2`` running standard deviations are
+    bands: tiles outside the outer band are normalized very differently in train and eval mode.
 
     Attributes
     ----------
+    tiles : numpy.ndarray
+        Tile indices (x).
     tile_means : numpy.ndarray
-        ``(n_tiles, n_channels)`` input means (NaN where unknown).
-    running_mean, running_var : numpy.ndarray
-        The layer's running statistics per channel (empty when unknown).
-    title : str
-        The layer's name.
+        Their mean input of the channel (y).
+    running_mean, running_std : float or None
+        The layer's running statistics of the channel.
     """
 
     def __init__(self, parent: Any = None) -> None:
         super().__init__(parent)
-        self.tile_means = np.zeros((0, 0))
-        self.running_mean = np.zeros(0)
-        self.running_var = np.zeros(0)
-        self.title = ""
-        self.setMinimumHeight(140)
-        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        self.setToolTip("per-tile input mean per channel; line: running mean ± sqrt(running var)")
+        self.tiles = np.zeros(0, dtype=int)
+        self.tile_means = np.zeros(0)
+        self.running_mean: float | None = None
+        self.running_std: float | None = None
+        self.set_data([], [])
 
     def set_data(
         self,
-        tile_means: Any,
-        running_mean: Any = None,
-        running_var: Any = None,
+        tiles: Any,
+        means: Any,
+        running_mean: float | None = None,
+        running_std: float | None = None,
         title: str = "",
     ) -> None:
-        """Show ``tile_means`` (one row per tile) against the running statistics, and repaint."""
-        rows = [np.asarray(row, dtype=float).ravel() for row in tile_means]
-        n_channels = max(
-            [len(r) for r in rows] + [0 if running_mean is None else len(running_mean)]
+        """Plot ``means`` (one per tile in ``tiles``) against the running statistics; redraw."""
+        self.tiles = np.asarray(tiles, dtype=int)
+        self.tile_means = np.asarray(means, dtype=float)
+        self.running_mean, self.running_std = running_mean, running_std
+        ax = self.axes
+        ax.clear()
+        self.style_axes()
+        if running_mean is not None and math.isfinite(running_mean):
+            if running_std is not None and math.isfinite(running_std):
+                for k, alpha in ((2, 0.15), (1, 0.3)):
+                    ax.axhspan(
+                        running_mean - k * running_std,
+                        running_mean + k * running_std,
+                        color=_LINE,
+                        alpha=alpha,
+                        linewidth=0,
+                        label=f"± {k} running std",
+                    )
+            ax.axhline(running_mean, color=_LINE, linewidth=2, label="running mean")
+        if self.tiles.size:
+            ax.scatter(
+                self.tiles, self.tile_means, s=14, color=_ACCENT, label="tile mean", zorder=3
+            )
+        ax.set_xlabel("tile (scan order)")
+        ax.set_ylabel("mean input (feature units)")
+        ax.set_title(title or "Feature mean per tile", fontsize=9)
+        self.legend()
+        self.redraw()
+
+
+class DisparityScatter(PlotWidget):
+    """Per tile, ``|feature z|`` (x) against disparity (y): the diagnosis in one picture.
+
+    Signals
+    -------
+    tile_clicked : Signal(int)
+        Emitted with the tile index when a point is clicked.
+
+    Attributes
+    ----------
+    tiles, z, disparity : numpy.ndarray
+        One entry per plotted tile.
+    selected : int or None
+        The highlighted tile.
+    """
+
+    tile_clicked = Signal(int)
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self.tiles = np.zeros(0, dtype=int)
+        self.z = np.zeros(0)
+        self.disparity = np.zeros(0)
+        self.selected: int | None = None
+        self._hovered: int | None = None
+        self._xlabel = "|feature z| per tile (running std)"
+        self.canvas.mpl_connect("button_press_event", self._on_press)
+        self.canvas.mpl_connect("motion_notify_event", self._on_motion)
+        self.set_data([], [], [])
+
+    def set_data(
+        self, tiles: Any, z: Any, disparity: Any, xlabel: str = "", title: str = ""
+    ) -> None:
+        """Plot one point per tile (non-finite ones left out) and redraw."""
+        tiles, z, disparity = (np.asarray(a, dtype=float) for a in (tiles, z, disparity))
+        keep = np.isfinite(z) & np.isfinite(disparity)
+        self.tiles = tiles[keep].astype(int)
+        self.z, self.disparity = np.abs(z[keep]), disparity[keep]
+        if xlabel:
+            self._xlabel = xlabel
+        ax = self.axes
+        ax.clear()
+        self.style_axes()
+        ax.scatter(self.z, self.disparity, s=16, color=_ACCENT, zorder=3)
+        (self._ring,) = ax.plot([], [], "o", markersize=11, mfc="none", mec="#ffffff", mew=2)
+        self._label = ax.annotate(
+            "",
+            (0, 0),
+            xytext=(8, 8),
+            textcoords="offset points",
+            fontsize=8,
+            color=self.colors["text"],
+            bbox={"boxstyle": "round", "fc": self.colors["background"], "ec": self.colors["grid"]},
+            visible=False,
         )
-        means = np.full((len(rows), n_channels), np.nan)
-        for i, row in enumerate(rows):
-            means[i, : len(row)] = row
-        self.tile_means = means
-        self.running_mean = np.asarray(running_mean if running_mean is not None else [], float)
-        self.running_var = np.asarray(running_var if running_var is not None else [], float)
-        self.title = title
-        self.update()
+        ax.set_xlabel(self._xlabel)
+        ax.set_ylabel("soft disparity per tile (0–1)")
+        ax.set_title(title or "Feature shift vs disparity (click a tile)", fontsize=9)
+        self._hovered = None
+        self.select_tile(self.selected, draw=False)
+        self.redraw()
 
-    @property
-    def points(self) -> np.ndarray:
-        """The finite dots as ``(n, 2)`` rows of (channel, mean)."""
-        channel = np.broadcast_to(np.arange(self.tile_means.shape[1]), self.tile_means.shape)
-        keep = np.isfinite(self.tile_means)
-        return np.stack([channel[keep], self.tile_means[keep]], axis=1)
+    def select_tile(self, index: int | None, draw: bool = True) -> None:
+        """Ring the point of tile ``index`` (nothing when it is not plotted)."""
+        self.selected = index
+        hit = np.flatnonzero(self.tiles == index) if index is not None else []
+        if len(hit):
+            self._ring.set_data([self.z[hit[0]]], [self.disparity[hit[0]]])
+        else:
+            self._ring.set_data([], [])
+        if draw:
+            self.redraw()
 
-    def _y_range(self) -> tuple[float, float]:
-        values = [self.tile_means[np.isfinite(self.tile_means)]]
-        if self.running_mean.size:
-            sd = np.sqrt(np.clip(self.running_var, 0, None)) if self.running_var.size else 0.0
-            values += [self.running_mean - sd, self.running_mean + sd]
-        finite = np.concatenate([np.ravel(v) for v in values])
-        finite = finite[np.isfinite(finite)]
-        if not finite.size:
-            return (0.0, 1.0)
-        low, high = float(finite.min()), float(finite.max())
-        pad = (high - low) * 0.05 or 1.0
-        return (low - pad, high + pad)
+    def point_position(self, index: int) -> tuple[float, float] | None:
+        """Where tile ``index``'s point is drawn, in the canvas widget's coordinates (Qt pixels)."""
+        hit = np.flatnonzero(self.tiles == index)
+        if not len(hit):
+            return None
+        self.canvas.draw()  # the transforms of the current size
+        x, y = self.axes.transData.transform((self.z[hit[0]], self.disparity[hit[0]]))
+        ratio = self.canvas.device_pixel_ratio or 1.0
+        return x / ratio, self.canvas.height() - y / ratio
 
-    def paintEvent(self, _event: Any) -> None:  # noqa: N802 (Qt's name)
-        """Draw the band, the running-mean line and the tile dots."""
-        from qtpy.QtCore import QPointF  # noqa: TID253
-        from qtpy.QtGui import QPen, QPolygonF  # noqa: TID253
+    def tile_at(self, event: Any) -> int | None:
+        """The tile whose point is nearest the mouse event (within :data:`PICK_PIXELS`)."""
+        if event.inaxes is not self.axes or not self.tiles.size:
+            return None
+        points = self.axes.transData.transform(np.column_stack([self.z, self.disparity]))
+        distance = np.hypot(points[:, 0] - event.x, points[:, 1] - event.y)
+        ratio = self.canvas.device_pixel_ratio or 1.0
+        nearest = int(distance.argmin())
+        return int(self.tiles[nearest]) if distance[nearest] <= PICK_PIXELS * ratio else None
 
-        painter = QPainter(self)
-        try:
-            width, height = self.width(), self.height()
-            text_height = painter.fontMetrics().height()
-            top, bottom = text_height + 4, max(height - text_height - 4, text_height + 6)
-            left, right = 4.0, max(width - 4.0, 5.0)
-            painter.fillRect(0, 0, width, height, QColor(40, 40, 40))
-            n = max(self.tile_means.shape[1], self.running_mean.size)
-            low, high = self._y_range()
+    def _on_press(self, event: Any) -> None:
+        tile = self.tile_at(event)
+        if tile is not None:
+            self.select_tile(tile)
+            self.tile_clicked.emit(tile)
 
-            def px(channel: float) -> float:
-                return left + (channel + 0.5) * (right - left) / max(n, 1)
-
-            def py(value: float) -> float:
-                return bottom - (value - low) / (high - low) * (bottom - top)
-
-            mean = self.running_mean
-            if mean.size:
-                sd = np.sqrt(np.clip(self.running_var, 0, None)) if self.running_var.size else None
-                if sd is not None and sd.size == mean.size:
-                    upper = [QPointF(px(c), py(m + s)) for c, (m, s) in enumerate(zip(mean, sd))]
-                    lower = [QPointF(px(c), py(m - s)) for c, (m, s) in enumerate(zip(mean, sd))]
-                    painter.setPen(Qt.PenStyle.NoPen)
-                    painter.setBrush(QColor(80, 140, 220, 90))
-                    painter.drawPolygon(QPolygonF(upper + lower[::-1]))
-                painter.setPen(QPen(QColor(90, 170, 255), 2))
-                painter.setBrush(QColor(90, 170, 255))
-                line = [QPointF(px(c), py(m)) for c, m in enumerate(mean)]
-                painter.drawPolyline(QPolygonF(line))
-                for point in line:
-                    painter.drawRect(QRectF(point.x() - 3, point.y() - 3, 6, 6))
-            painter.setPen(Qt.PenStyle.NoPen)
-            painter.setBrush(QColor(240, 120, 40, 170))
-            for channel, value in self.points:
-                painter.drawEllipse(QPointF(px(channel), py(value)), 2.5, 2.5)
-            painter.setPen(QColor(220, 220, 220))
-            painter.drawText(2, text_height, f"{self.title}  ({self.tile_means.shape[0]} tiles)")
-            painter.drawText(2, height - 4, f"y {low:.3g}..{high:.3g}, x: channel 0..{n - 1}")
-        finally:
-            painter.end()
+    def _on_motion(self, event: Any) -> None:
+        tile = self.tile_at(event)
+        if tile == self._hovered:
+            return
+        self._hovered = tile
+        if tile is None:
+            self._label.set_visible(False)
+        else:
+            i = int(np.flatnonzero(self.tiles == tile)[0])
+            self._label.xy = (self.z[i], self.disparity[i])
+            self._label.set_text(
+                f"tile {tile}\n|z| {self.z[i]:.2f}\ndisparity {self.disparity[i]:.3f}"
+            )
+            self._label.set_visible(True)
+        self.canvas.draw_idle()

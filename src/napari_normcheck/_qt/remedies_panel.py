@@ -38,9 +38,6 @@ from qtpy.QtWidgets import (  # noqa: TID253 (the Qt layer)
 from napari_normcheck.core.errors import NormcheckError
 
 NO_LABELS = "(no labels)"
-LAYER_SHORT = {"recalibrated": "recalibrated", "batchstats": "batch-stats"}
-# One colour per output channel, as the dock widget's prediction layers use.
-CHANNEL_COLORMAPS = ("green", "magenta", "cyan", "yellow", "blue", "red")
 
 
 @dataclass(frozen=True)
@@ -105,12 +102,21 @@ class RemediesPanel(QGroupBox):
         Where Labels layers are offered and prediction layers are added.
     get_context : callable
         ``get_context() -> RemedyContext | None`` (see the module docstring).
+    get_channel : callable, optional
+        ``get_channel() -> int``: the output channel the dock widget shows (the remedies' layers
+        show the same one, and follow it); channel 0 when not given.
     """
 
-    def __init__(self, viewer: Any, get_context: Callable[[], RemedyContext | None]) -> None:
+    def __init__(
+        self,
+        viewer: Any,
+        get_context: Callable[[], RemedyContext | None],
+        get_channel: Callable[[], int] | None = None,
+    ) -> None:
         super().__init__("Remedies")
         self.viewer = viewer
         self.get_context = get_context
+        self.get_channel = get_channel or (lambda: 0)
         self.worker: Any = None
         self.context: RemedyContext | None = None
         self.remedies: dict[str, Any] | None = None
@@ -308,51 +314,36 @@ class RemediesPanel(QGroupBox):
         self.notes.setText("\n".join(remedies.get("notes", [])))
 
     def add_layers(self, out: Path, remedies: dict[str, Any]) -> list[Any]:
-        """Add (or re-point) one image layer per remedy prediction and channel; returns them."""
-        import dask.array as da
-        import zarr
+        """Add (or re-point) one image layer per remedy prediction, showing the chosen channel.
 
-        root = zarr.open_group(str(out), mode="r")
-        params = dict(root.attrs["normcheck"]).get("params", {})
-        prefix = self.context.prefix if self.context is not None else ""
+        The layers follow the dock widget's rule: one layer per output (``recalibrated · c0``),
+        switched with the widget's channel choice, above the input.
+        """
+        from napari_normcheck import _layers
+        from napari_normcheck._qt.layer_data import is_output_layer
+
+        groups = tuple(f"pred_{remedy}" for remedy in ("recalibrated", "batchstats"))
+        groups = tuple(g for g in groups if g.removeprefix("pred_") in remedies)
+        tuples = _layers.image_layers(out, groups, self.get_channel())
         added = []
-        for remedy, short in LAYER_SHORT.items():
-            if remedy not in remedies:
-                continue
-            group = f"pred_{remedy}"
-            scale, translation = ome_spatial_transform(root[group])
-            data = da.from_zarr(root[f"{group}/0"])
-            n_channels = int(data.shape[0])
-            for channel in range(n_channels):
-                name = f"{prefix} {short}".strip() + (f" c{channel}" if n_channels > 1 else "")
-                if name in self.viewer.layers:
-                    layer = self.viewer.layers[name]
-                    layer.data = data[channel]
-                    added.append(layer)
-                    continue
-                colormap = (
-                    "gray"
-                    if n_channels == 1
-                    else CHANNEL_COLORMAPS[channel % len(CHANNEL_COLORMAPS)]
-                )
-                kwargs: dict[str, Any] = {}
-                if params.get("output_dtype") == "uint8":
-                    kwargs["contrast_limits"] = (0.0, 255.0)
-                elif params.get("activation", "none") != "none":
-                    kwargs["contrast_limits"] = (0.0, 1.0)
-                layer = self.viewer.add_image(
-                    data[channel],
-                    name=name,
-                    scale=scale,
-                    translate=translation,
-                    colormap=colormap,
-                    blending="additive",
-                    opacity=0.6,
-                    visible=False,
-                    metadata={"normcheck_output": group, "channel": channel},
-                    **kwargs,
-                )
-                added.append(layer)
+        for data, kwargs, _kind in tuples:
+            kwargs["metadata"]["normcheck_store"] = str(out)
+            group = kwargs["metadata"]["normcheck_output"]
+            existing = next(
+                (
+                    layer
+                    for layer in self.viewer.layers
+                    if layer.metadata.get("normcheck_output") == group and is_output_layer(layer)
+                ),
+                None,
+            )
+            if existing is not None:
+                existing.data = data
+                existing.name = kwargs["name"]
+                existing.metadata.update(kwargs["metadata"])
+                added.append(existing)
+            else:
+                added.append(self.viewer.add_image(data, **kwargs))
         return added
 
     def export(self, path: str | Path | None = None) -> dict[str, Path] | None:
@@ -383,13 +374,6 @@ class RemediesPanel(QGroupBox):
             return None
         self.status.setText("exported " + ", ".join(str(p) for p in paths.values()))
         return paths
-
-
-def ome_spatial_transform(group: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Spatial ``(z, y, x)`` scale and translation of a single-level OME-Zarr image group."""
-    dataset = group.attrs["ome"]["multiscales"][0]["datasets"][0]
-    transforms = {t["type"]: t[t["type"]] for t in dataset["coordinateTransformations"]}
-    return tuple(transforms["scale"][1:]), tuple(transforms["translation"][1:])
 
 
 def cell_text(row: dict[str, Any], key: str, channel: int) -> str:

@@ -8,7 +8,9 @@ layer appears only after napari built its controls and visual). So:
 - the GUI work is cut in steps, one per event-loop turn (:mod:`napari_normcheck._qt.steps`):
   each new layer is one step, so the viewer draws and answers input between two layers.
 
-No dock widget here: :class:`ResultLayers` only talks to the viewer. The reader thread is in
+One layer per output shows one output channel (:attr:`ResultLayers.channel`); choosing another
+re-points the same layers (:meth:`ResultLayers.set_channel`). No dock widget here:
+:class:`ResultLayers` only talks to the viewer. The reader thread is in
 :mod:`~napari_normcheck._qt.reader_thread`, the tile outlines in
 :mod:`~napari_normcheck._qt.tile_outlines`.
 """
@@ -26,6 +28,8 @@ from qtpy.QtCore import QObject, Signal  # noqa: TID253 (the Qt layer)
 
 from napari_normcheck import _layers
 from napari_normcheck._arrays import EmptyChannel, LiveChannel
+from napari_normcheck._qt import layer_data
+from napari_normcheck._qt.channel_choice import ChannelChoice
 from napari_normcheck._qt.reader_thread import ReaderThread
 from napari_normcheck._qt.steps import StepQueue, step
 from napari_normcheck._qt.tile_outlines import TileOutlines
@@ -44,6 +48,11 @@ WIDGET_OUTPUTS = (
 VOXEL_OUTPUTS = ("pred_eval", "pred_train", "disparity", "seams_eval")
 
 
+def _output(kwargs: dict[str, Any]) -> str:
+    """The output group a layer's keyword arguments describe (its key in the result layers)."""
+    return str(kwargs["metadata"].get("normcheck_output", kwargs["name"]))
+
+
 @dataclass
 class StoreRead:
     """What an off-thread read of the store found (no napari objects: built in a worker thread)."""
@@ -54,7 +63,7 @@ class StoreRead:
     feature_grid: tuple | None = None
 
 
-class ResultLayers(TileOutlines, QObject):
+class ResultLayers(ChannelChoice, TileOutlines, QObject):
     """The image and tile-outline layers of the current run.
 
     Parameters
@@ -71,7 +80,11 @@ class ResultLayers(TileOutlines, QObject):
     run_out : Path or None
         Where the run's output ends up.
     layers : dict
-        Image layers by name (kept, and re-pointed, across runs).
+        Image layers by output group (kept, and re-pointed, across runs and channels).
+    channel : int
+        The output channel the layers show.
+    channel_labels : list of str
+        The output channels' names (``c0``, ``c1``, ... unless the model names them).
     tiles_layer : napari.layers.Shapes or None
         The outlines of the tiles' write boxes.
     steps : StepQueue
@@ -92,6 +105,8 @@ class ResultLayers(TileOutlines, QObject):
         self.input_scale: tuple[float, ...] = (1.0, 1.0, 1.0)
         self.input_translate: tuple[float, ...] = (0.0, 0.0, 0.0)
         self.prefix = ""
+        self.channel = 0
+        self.channel_labels: list[str] = []
         self.layers: dict[str, Any] = {}
         self.tiles_layer: Any = None
         self.feature_layer: Any = None
@@ -142,9 +157,13 @@ class ResultLayers(TileOutlines, QObject):
         for candidate in self._candidates(Path(path)):
             fallback = self.run_out if self.run_out != candidate else None
             try:
-                tuples = _layers.image_layers(candidate, self.prefix, names, fallback=fallback)
+                tuples = _layers.image_layers(
+                    candidate, names, self.channel, fallback, self.channel_labels or None
+                )
                 plan = self.plan
-                values = _layers.tile_disparity_values(candidate, plan) if plan else None
+                values = (
+                    _layers.tile_disparity_values(candidate, plan, self.channel) if plan else None
+                )
             except (FileNotFoundError, KeyError):
                 continue
             grid = _layers.feature_z_grid(candidate) if features else None
@@ -178,10 +197,13 @@ class ResultLayers(TileOutlines, QObject):
             Set when the layers exist.
         """
         self.prefix = prefix
+        labels = self.labels_for(layout.n_channels)
+        channel = min(self.channel, layout.n_channels - 1)
         tuples = _layers.placeholder_layers(
-            prefix,
             VOXEL_OUTPUTS,
             layout.n_channels,
+            channel,
+            labels,
             layout.shape,
             layout.scale,
             layout.translation,
@@ -189,17 +211,12 @@ class ResultLayers(TileOutlines, QObject):
         )
         if layout.plan is not None:
             tuples += _layers.placeholder_grid_layers(
-                prefix,
-                layout.plan,
-                layout.n_channels,
-                layout.scale,
-                self.input_translate,
-                layout.params,
+                layout.plan, channel, labels, layout.scale, self.input_translate, layout.params
             )
-        shown = {name for name, layer in self.layers.items() if layer in self.viewer.layers}
+        shown = {key for key, layer in self.layers.items() if layer in self.viewer.layers}
         if self.feature_layer is not None and self.feature_layer in self.viewer.layers:
-            shown.add(self.feature_layer.name)
-        new = [(data, kwargs) for data, kwargs, _kind in tuples if kwargs["name"] not in shown]
+            shown.add(_layers.FEATURE_Z)
+        new = [(data, kw) for data, kw, _kind in tuples if _output(kw) not in shown]
         visible = [item for item in new if item[1].get("visible", True)]
         hidden = [item for item in new if not item[1].get("visible", True)]
         steps = [step(f"add {kw['name']}", self._add, data, kw) for data, kw in visible]
@@ -227,21 +244,21 @@ class ResultLayers(TileOutlines, QObject):
         in_progress = self.run_out.with_name(self.run_out.name + ".inprogress")
         self.store_path = in_progress if in_progress.exists() else self.run_out
         path = self.store_path
+        # The slices the visible layers show, per level: re-pointing them then reads no store.
         shown = {
-            layer.name: layer.data.last_key
-            for layer in self.layers.values()
+            key: [level.last_key for level in layer_data.levels_of(layer)]
+            for key, layer in self.layers.items()
             if layer in self.viewer.layers and layer.visible
         }
 
         def read() -> StoreRead | None:
             store = self.read_store(path, VOXEL_OUTPUTS)
             if store is not None:
-                # The slices the visible layers show: re-pointing them then reads no store.
                 for data, kwargs, _kind in store.tuples:
-                    key = shown.get(kwargs["name"])
-                    if key is not None and isinstance(data, LiveChannel):
-                        data.last_key = key
-                        data.use(data.read_ahead())
+                    for level, key in zip(data, shown.get(_output(kwargs), [])):
+                        if key is not None and isinstance(level, LiveChannel):
+                            level.last_key = key
+                            level.use(level.read_ahead())
             return store
 
         self._off_thread(read, lambda store: self._queue_layers(store))
@@ -276,7 +293,7 @@ class ResultLayers(TileOutlines, QObject):
         self._refreshing = True
         shown = self._visible_live_layers()
         self._off_thread(
-            lambda: [(layer, data.read_ahead()) for layer, data in shown],
+            lambda: [(layer, level, level.read_ahead()) for layer, level in shown],
             lambda prepared: self.steps.add(
                 step("refresh", self._show_prepared, prepared, tile_values)
             ),
@@ -293,24 +310,30 @@ class ResultLayers(TileOutlines, QObject):
     # --- GUI steps ----------------------------------------------------------------------------------
 
     def _visible_live_layers(self) -> list[tuple[Any, LiveChannel]]:
+        """``(layer, level)`` for every store-reading level of the visible result layers."""
         return [
-            (layer, layer.data)
+            (layer, level)
             for layer in self.layers.values()
-            if layer in self.viewer.layers and layer.visible and isinstance(layer.data, LiveChannel)
+            if layer in self.viewer.layers and layer.visible
+            for level in layer_data.live_levels(layer)
         ]
 
     def _show_prepared(
-        self, prepared: list[tuple[Any, dict]], tile_values: Any, final: bool = False
+        self, prepared: list[tuple[Any, LiveChannel, dict]], tile_values: Any, final: bool = False
     ) -> None:
-        """Hand the slices read off-thread to the layers and re-slice them (memory only).
+        """Hand the slices read off-thread to the layers' levels and re-slice them (memory only).
 
         While the run goes on, only the shown data changes: the layer's extent (the same shape)
         and its thumbnail (updated once the run ends) are left alone.
         """
-        for layer, slices in prepared:
-            if layer in self.viewer.layers and slices:
-                layer.data.use(slices)
-                layer.refresh(thumbnail=final, extent=False, highlight=False)
+        touched = []
+        for layer, level, slices in prepared:
+            if layer in self.viewer.layers and slices and level in layer_data.levels_of(layer):
+                level.use(slices)
+                if layer not in touched:
+                    touched.append(layer)
+        for layer in touched:
+            layer.refresh(thumbnail=final, extent=False, highlight=False)
         self._update_tiles(tile_values)
 
     def _queue_layers(self, read: StoreRead, final: bool = False) -> None:
@@ -319,9 +342,9 @@ class ResultLayers(TileOutlines, QObject):
         store = str(read.path)
         new, repoint = [], []
         for data, kwargs, _kind in read.tuples:
-            layer = self.layers.get(kwargs["name"])
+            layer = self.layers.get(_output(kwargs))
             if layer is not None and layer in self.viewer.layers:
-                if final and isinstance(layer.data, LiveChannel):
+                if final and layer_data.live_levels(layer):
                     continue  # already reading this run's store (it follows the final rename)
                 repoint.append((layer, data, kwargs))
             else:
@@ -349,22 +372,23 @@ class ResultLayers(TileOutlines, QObject):
             # The final values: read off-thread, shown, then napari reads the store directly again.
             shown = self._visible_live_layers()
             logits = [
-                (layer, layer.data)
+                (layer, layer_data.live_levels(layer)[0])
                 for layer in self.layers.values()
                 if layer in self.viewer.layers
-                and isinstance(layer.data, LiveChannel)
+                and layer_data.live_levels(layer)
                 and layer.metadata.get("contrast_from_data")
             ]
 
             def final_read() -> tuple[list, list]:
-                prepared = [(layer, data.read_ahead()) for layer, data in shown]
-                return prepared, [(layer, data.value_range()) for layer, data in logits]
+                prepared = [(layer, level, level.read_ahead()) for layer, level in shown]
+                return prepared, [(layer, level.value_range()) for layer, level in logits]
 
             self._off_thread(
                 final_read,
                 lambda result: self.steps.add(
                     step("final refresh", self._show_prepared, result[0], read.tile_values, True),
                     step("contrast", self._settle_contrast, result[1]),
+                    step("order", self.order_layers),
                     *([step("then", then, read)] if then is not None else []),
                 ),
             )
@@ -379,24 +403,33 @@ class ResultLayers(TileOutlines, QObject):
                 layer.contrast_limits_range = (low, high)
                 layer.contrast_limits = (low, high)
         for layer in self.layers.values():
-            if layer in self.viewer.layers and isinstance(layer.data, LiveChannel):
-                layer.data.use({})  # from now on napari reads the store itself
+            if layer in self.viewer.layers:
+                layer_data.stop_prefetch(layer)  # from now on napari reads the store itself
 
     def _add(self, data: Any, kwargs: dict[str, Any]) -> None:
-        name = kwargs["name"]
-        existing = self.layers.get(name)
+        key = _output(kwargs)
+        existing = self.feature_layer if key == _layers.FEATURE_Z else self.layers.get(key)
         if existing is not None and existing in self.viewer.layers:
-            if isinstance(existing.data, EmptyChannel) and not isinstance(data, EmptyChannel):
+            written = key != _layers.FEATURE_Z and not isinstance(data[0], EmptyChannel)
+            if written and layer_data.is_stand_in(existing):
                 # A stand-in whose own add step was still queued when the store was read (a run
                 # stopped early): it reads the store now, instead of being dropped as unwritten.
                 store = kwargs["metadata"].get("normcheck_store", "")
                 self._repoint(existing, data, kwargs, store)
             return
-        layer = self.viewer.add_image(data, **kwargs)
-        if kwargs["metadata"].get("normcheck_output") == _layers.FEATURE_Z:
+        # The new layer does not take the selection (nor the layer controls) from the user's.
+        selection = getattr(self.viewer.layers, "_activate_on_insert", None)
+        if selection is not None:
+            self.viewer.layers._activate_on_insert = False
+        try:
+            layer = self.viewer.add_image(data, **kwargs)
+        finally:
+            if selection is not None:
+                self.viewer.layers._activate_on_insert = selection
+        if key == _layers.FEATURE_Z:
             self.feature_layer = layer  # filled by show_feature_z() when the run ends
         else:
-            self.layers[name] = layer
+            self.layers[key] = layer
         self._placeholders.append(layer)
 
     def _drop_unwritten(self, read: StoreRead) -> None:
@@ -406,7 +439,7 @@ class ResultLayers(TileOutlines, QObject):
             if layer is keep:
                 continue
             if layer is not None and layer in self.viewer.layers:
-                if isinstance(layer.data, EmptyChannel):
+                if layer_data.is_stand_in(layer):
                     self.viewer.layers.remove(layer)
 
     def discard_placeholders(self) -> None:
@@ -421,6 +454,8 @@ class ResultLayers(TileOutlines, QObject):
     def _repoint(self, layer: Any, data: Any, kwargs: dict[str, Any], store: str) -> None:
         """A new run writes another store: the layer reads it (placement updated only if moved)."""
         layer.data = data
+        if layer.name != kwargs["name"]:
+            layer.name = kwargs["name"]
         if tuple(layer.scale) != tuple(kwargs["scale"]):
             layer.scale = kwargs["scale"]
         if tuple(layer.translate) != tuple(kwargs["translate"]):
@@ -431,7 +466,8 @@ class ResultLayers(TileOutlines, QObject):
             layer.contrast_limits = limits
         layer.metadata["contrast_from_data"] = not fixed
         layer.metadata["normcheck_store"] = store
-        layer.metadata["run"] = kwargs["metadata"].get("run")
+        for key in ("run", "channel", "channel_names"):
+            layer.metadata[key] = kwargs["metadata"].get(key)
 
     # --- synchronous use (tests, callers outside a run) -----------------------------------------------
 
@@ -467,34 +503,3 @@ class ResultLayers(TileOutlines, QObject):
         finally:
             self._synchronous = False
         return read.tile_values
-
-    # --- feature z -----------------------------------------------------------------------------
-
-    def show_feature_z(self, layer: int = 0, channel: int | None = None) -> Any:
-        """Add (or update) the ``feature z`` layer from the current store; ``None`` when it has none.
-
-        Parameters
-        ----------
-        layer : int
-            Index of the normalization layer in the store's ``feature_z`` attributes.
-        channel : int, optional
-            The channel; the one with the largest ``|z|`` by default.
-        """
-        if self.store_path is None:
-            return None
-        path = self.store_path
-        if not path.exists() and self.run_out is not None:
-            path = self.run_out
-        read = _layers.feature_z_layer(path, self.prefix, layer, channel)
-        if read is None:
-            return None
-        data, kwargs, _ = read
-        existing = self.feature_layer
-        if existing is not None and existing in self.viewer.layers:
-            existing.data = data
-            existing.scale, existing.translate = kwargs["scale"], kwargs["translate"]
-            existing.contrast_limits = kwargs["contrast_limits"]
-            existing.metadata.update(kwargs["metadata"])
-        else:
-            self.feature_layer = self.viewer.add_image(data, **kwargs)
-        return self.feature_layer

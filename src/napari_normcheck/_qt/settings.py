@@ -1,4 +1,4 @@
-"""The run settings of the dock widget: tiling, batching, normalization and output."""
+"""The run settings of the dock widget: those users change often, the rest folded under "Advanced"."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from qtpy.QtWidgets import (  # noqa: TID253 (the Qt layer)
     QLineEdit,
     QPushButton,
     QSpinBox,
+    QWidget,
 )
 
 
@@ -46,8 +47,13 @@ class SettingsBox(QGroupBox):
     )
 
     def __init__(self, parent: Any = None) -> None:
+        from superqt import QCollapsible
+
         super().__init__("Settings", parent)
         form = QFormLayout(self)
+        advanced_fields = QWidget()
+        advanced = QFormLayout(advanced_fields)
+        advanced.setContentsMargins(0, 0, 0, 0)
         self.tile = QLineEdit()
         self.tile.setPlaceholderText("auto, or Z,Y,X (multiples of the model's divisor)")
         form.addRow("tile", self.tile)
@@ -58,33 +64,33 @@ class SettingsBox(QGroupBox):
         form.addRow("overlap", self.overlap)
         self.blend = QComboBox()
         self.blend.addItems(["gaussian", "constant", "crop"])
-        form.addRow("blend", self.blend)
+        advanced.addRow("blend", self.blend)
         self.halo = QLineEdit("0,0,0")
-        form.addRow("halo (crop)", self.halo)
+        advanced.addRow("halo (crop)", self.halo)
         self.train_batch = QSpinBox()
         self.train_batch.setRange(1, 256)
-        form.addRow("train batch", self.train_batch)
+        advanced.addRow("train batch", self.train_batch)
         self.eval_batch = QSpinBox()
         self.eval_batch.setRange(0, 256)
         self.eval_batch.setSpecialValueText("auto")
-        form.addRow("eval batch", self.eval_batch)
+        advanced.addRow("eval batch", self.eval_batch)
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda"])
-        form.addRow("device", self.device)
+        advanced.addRow("device", self.device)
         self.precision = QComboBox()
         self.precision.addItems(["fp32", "tf32", "bf16", "fp16"])
         self.precision.setToolTip(
             "forward precision; reduced precision changes the predictions, and the run measures "
             "by how much against fp32 on a few tiles"
         )
-        form.addRow("precision", self.precision)
+        advanced.addRow("precision", self.precision)
         self.scheduler = QLineEdit()
         self.scheduler.setPlaceholderText("(this process)")
         self.scheduler.setToolTip(
             "address of a running dask.distributed scheduler (tcp://host:8786): the tiles run on "
             "its workers, which must see the model file and the output folder"
         )
-        form.addRow("cluster", self.scheduler)
+        advanced.addRow("cluster", self.scheduler)
         self.normalize = QLineEdit("none")
         self.normalize.setToolTip("none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI")
         form.addRow("normalize input", self.normalize)
@@ -95,14 +101,14 @@ class SettingsBox(QGroupBox):
         self.threshold.setRange(0.01, 0.99)
         self.threshold.setSingleStep(0.05)
         self.threshold.setValue(0.5)
-        form.addRow("threshold", self.threshold)
+        advanced.addRow("threshold", self.threshold)
         self.feature_layers = QLineEdit()
         self.feature_layers.setPlaceholderText("(every normalization layer)")
         self.feature_layers.setToolTip(
             "more layers whose input statistics are recorded per tile: module names, "
             "comma separated (as in 'napari-normcheck inspect')"
         )
-        form.addRow("feature layers", self.feature_layers)
+        advanced.addRow("feature layers", self.feature_layers)
         row = QHBoxLayout()
         self.out_path = QLineEdit()
         self.out_path.setPlaceholderText("(a new folder in the temporary directory)")
@@ -113,6 +119,10 @@ class SettingsBox(QGroupBox):
         form.addRow("output", row)
         self.overwrite = QCheckBox("overwrite an earlier output")
         form.addRow(self.overwrite)
+        # Rarely changed: blending, batches, device, precision, cluster, threshold, feature layers.
+        self.advanced = QCollapsible("Advanced")
+        self.advanced.addWidget(advanced_fields)
+        form.addRow(self.advanced)
 
     def _browse_out(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Output OUT.zarr", filter="zarr (*.zarr)")

@@ -17,6 +17,9 @@ from napari_normcheck import _tile_layers
 from napari_normcheck._qt.region import camera_of
 from napari_normcheck._qt.steps import StepQueue, step
 
+#: Name of the tile outlines layer.
+TILES_NAME = "tiles"
+
 
 class TileOutlines:
     """The tiles Shapes layer of :class:`~napari_normcheck._qt.results.ResultLayers` (a mixin).
@@ -67,7 +70,7 @@ class TileOutlines:
         from napari.layers import Shapes
 
         plan, scale, translate = self.plan, self.input_scale, self.input_translate
-        name = f"{self.prefix} tiles"
+        name = TILES_NAME
 
         def build() -> Any:
             data, kwargs, _ = _tile_layers.tile_shapes_layer(
@@ -103,7 +106,7 @@ class TileOutlines:
                 self.plan,
                 self.input_scale,
                 self.input_translate,
-                name=f"{self.prefix} tiles",
+                name=TILES_NAME,
                 disparity=values,
             )
             kwargs["metadata"] = {**kwargs["metadata"], "plan": self.plan.to_dict()}
@@ -119,19 +122,19 @@ class TileOutlines:
         if tiles is None or tiles not in self.viewer.layers or values is None:
             return
         tiles.features = _tile_layers.tile_features(self.plan, values)
-        tiles.edge_color = _tile_layers.tile_edge_colors(values)
+        tiles.edge_color = _tile_layers.outline_edge_colors(self.plan, values)
 
     def go_to_tile(self, index: int) -> None:
-        """Centre the view on tile ``index`` (z plane and camera) and select its outline."""
+        """Centre the view on tile ``index`` (z plane and camera) and select its outline there."""
         if self.plan is None:
             return
         tile = self.plan.get_tile(index)
-        center = _tile_layers.to_world(
-            _tile_layers.tile_center(tile), self.input_scale, self.input_translate
-        )
+        voxel = _tile_layers.tile_center(tile)
+        center = _tile_layers.to_world(voxel, self.input_scale, self.input_translate)
         z_axis = self.viewer.dims.ndim - 3
         if z_axis >= 0:
             self.viewer.dims.set_point(z_axis, center[0])
         camera_of(self.viewer).center = center
         if self.tiles_layer is not None and self.tiles_layer in self.viewer.layers:
-            self.tiles_layer.selected_data = {index}
+            outline = _tile_layers.outline_at(self.tiles_layer.features, index, int(voxel[0]))
+            self.tiles_layer.selected_data = set() if outline is None else {outline}

@@ -1,4 +1,8 @@
-"""A table of tiles sorted by disparity; clicking a row asks to go to that tile."""
+"""A table of tiles sorted by disparity; clicking a row asks to go to that tile.
+
+The values shown are those of the chosen output channel (:attr:`TileTable.channel`), or the
+largest over the channels when none is chosen.
+"""
 
 from __future__ import annotations
 
@@ -24,11 +28,13 @@ def _feature_z(record: dict[str, Any]) -> float:
     return math.nan if value is None else float(value)
 
 
-# What the table can be sorted by (largest first): the value of a record.
+# What the table can be sorted by (largest first): the value of a record for a channel.
 SORT_KEYS = {
-    "disparity": lambda r: _largest(r.get("disparity_soft")),
-    "mismatch (eval)": lambda r: _largest(r.get("mismatch_eval_soft") or r.get("mismatch_eval")),
-    "feature z": _feature_z,
+    "disparity": lambda r, c=None: channel_value(r.get("disparity_soft"), c),
+    "mismatch (eval)": lambda r, c=None: channel_value(
+        r.get("mismatch_eval_soft") or r.get("mismatch_eval"), c
+    ),
+    "feature z": lambda r, c=None: _feature_z(r),
 }
 
 
@@ -36,6 +42,16 @@ def _largest(values: Any) -> float:
     """The largest finite value of a per-channel list (NaN when there is none)."""
     finite = [float(v) for v in (values or []) if v is not None and math.isfinite(float(v))]
     return max(finite) if finite else math.nan
+
+
+def channel_value(values: Any, channel: int | None = None) -> float:
+    """One channel's value of a per-channel list (the largest when ``channel`` is ``None``)."""
+    if channel is None:
+        return _largest(values)
+    values = list(values or [])
+    if not 0 <= channel < len(values) or values[channel] is None:
+        return math.nan
+    return float(values[channel])
 
 
 def _number_item(value: float, digits: int = 4) -> QTableWidgetItem:
@@ -68,6 +84,7 @@ class TileTable(QTableWidget):
         self.verticalHeader().setVisible(False)
         self.records: dict[int, dict[str, Any]] = {}
         self.sort_key = "disparity"
+        self.channel: int | None = None
         self.cellClicked.connect(self._on_clicked)
 
     def set_sort_key(self, name: str) -> None:
@@ -75,6 +92,11 @@ class TileTable(QTableWidget):
         if name not in SORT_KEYS:
             raise ValueError(f"unknown sort key {name!r}; use one of {', '.join(SORT_KEYS)}")
         self.sort_key = name
+        self.redraw()
+
+    def set_channel(self, channel: int | None) -> None:
+        """Show (and sort by) output channel ``channel`` (the largest value when ``None``)."""
+        self.channel = channel
         self.redraw()
 
     def clear_records(self) -> None:
@@ -98,13 +120,14 @@ class TileTable(QTableWidget):
         value_of = SORT_KEYS[self.sort_key]
 
         def key(index: int) -> tuple[bool, float, int]:
-            value = value_of(self.records[index])
+            value = value_of(self.records[index], self.channel)
             return (math.isnan(value), -value if not math.isnan(value) else 0.0, index)
 
         return sorted(self.records, key=key)
 
     def redraw(self) -> None:
-        """Fill the table from the records, sorted by disparity."""
+        """Fill the table from the records, sorted by the sort key (the selected tile stays)."""
+        selected = self.selected_tile()
         order = self.sorted_indices()
         self.setRowCount(len(order))
         for row, index in enumerate(order):
@@ -114,11 +137,29 @@ class TileTable(QTableWidget):
             self.setItem(row, 0, tile_item)
             grid = record.get("grid") or ()
             self.setItem(row, 1, QTableWidgetItem(",".join(str(g) for g in grid)))
-            self.setItem(row, 2, _number_item(_largest(record.get("disparity_soft"))))
-            self.setItem(row, 3, _number_item(_largest(record.get("disparity_hard"))))
-            self.setItem(row, 4, _number_item(SORT_KEYS["mismatch (eval)"](record)))
+            channel = self.channel
+            self.setItem(row, 2, _number_item(channel_value(record.get("disparity_soft"), channel)))
+            self.setItem(row, 3, _number_item(channel_value(record.get("disparity_hard"), channel)))
+            self.setItem(row, 4, _number_item(SORT_KEYS["mismatch (eval)"](record, channel)))
             self.setItem(row, 5, _number_item(_feature_z(record), digits=2))
         self.resizeColumnsToContents()
+        if selected is not None:
+            self.select_tile(selected)
+
+    def selected_tile(self) -> int | None:
+        """The tile of the selected row, or ``None``."""
+        rows = self.selectionModel().selectedRows() if self.selectionModel() else []
+        return self.tile_at_row(rows[0].row()) if rows else None
+
+    def select_tile(self, index: int) -> None:
+        """Select (and scroll to) the row of tile ``index``, without emitting :attr:`tile_activated`."""
+        for row in range(self.rowCount()):
+            if self.tile_at_row(row) == index:
+                self.blockSignals(True)
+                self.selectRow(row)
+                self.blockSignals(False)
+                self.scrollToItem(self.item(row, 0))
+                return
 
     def tile_at_row(self, row: int) -> int:
         """The tile index shown in ``row``."""

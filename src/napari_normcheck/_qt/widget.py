@@ -1,5 +1,10 @@
 """The dock widget: choose an image and a model, run the two-mode check, browse the results.
 
+Three tabs: *Check* (image, model with its inventory and verdict, region, settings; the rarely
+changed ones folded under "Advanced"), *Results* (summary with the verdict, the output channel
+shown, the tile table and the plots; it comes forward when a run starts) and *Remedies*. The run
+buttons, progress and status line stay below the tabs (built in :mod:`napari_normcheck._qt.tabs`).
+
 The check runs in a :func:`napari.qt.threading.thread_worker` around the core generator
 :func:`~napari_normcheck.core.engine.run_check`; every progress event comes back to the GUI thread,
 which never waits on compute or on the store. Result layers are added before the engine starts and
@@ -18,38 +23,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import Qt, Signal  # noqa: TID253 (the Qt layer)
-from qtpy.QtWidgets import (  # noqa: TID253
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QProgressBar,
-    QPushButton,
-    QScrollArea,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtCore import Signal  # noqa: TID253 (the Qt layer)
+from qtpy.QtWidgets import QFileDialog, QVBoxLayout, QWidget  # noqa: TID253
 
-from napari_normcheck._qt import jobs
+from napari_normcheck._qt import jobs, tabs
 from napari_normcheck._qt.features_view import FeatureSection
 from napari_normcheck._qt.model_box import SAMPLE_PREFIX, ModelSection
-from napari_normcheck._qt.plots import DisparityHistogram
 from napari_normcheck._qt.region import (
     FIELD_OF_VIEW,
-    REGIONS,
     SHAPES_BOX,
     field_of_view_roi,
     shapes_roi,
     spatial_transform,
 )
-from napari_normcheck._qt.remedies_panel import RemediesPanel, RemedyContext
+from napari_normcheck._qt.remedies_panel import RemedyContext
 from napari_normcheck._qt.results import ResultLayers
-from napari_normcheck._qt.settings import SettingsBox
-from napari_normcheck._qt.tile_table import SORT_KEYS, TileTable
 from napari_normcheck.core.errors import NormcheckError
 
 #: Least time between two refreshes of the shown layers during a run (s). Each one costs a
@@ -121,47 +109,16 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         self.run_input: tuple[str, tuple[float, ...], tuple[float, ...]] = ("", (), ())
         self.last_refresh = 0.0
         self.finished_event: Any = None
-        self.feature_layers: list[dict[str, Any]] = []
+        self.feature_entries: list[dict[str, Any]] = []
         self.feature_grid: Any = None
 
-        # The form is taller than most docks: it scrolls instead of squeezing its tables.
-        content = QWidget()
-        layout = QVBoxLayout(content)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        scroll.setWidget(content)
+        self.user_chose_channel = False
+
+        self.tabs = tabs.build_tabs(self)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
-        layout.addWidget(self._build_input_box())
-        layout.addWidget(self._build_model_box())
-        self.settings = SettingsBox(content)
-        layout.addWidget(self.settings)
-        # The settings fields, by their names (the sample model choice fills some of them).
-        for name in SettingsBox.FIELDS:
-            setattr(self, name, getattr(self.settings, name))
-        layout.addWidget(self._build_run_box())
-        self.sort_combo = QComboBox(content)
-        self.sort_combo.addItems(list(SORT_KEYS))
-        self.sort_combo.setToolTip("sort the tiles by disparity, eval mismatch or feature z")
-        self.sort_combo.currentTextChanged.connect(lambda name: self.tile_table.set_sort_key(name))
-        layout.addWidget(self.sort_combo)
-        self.tile_table = TileTable(content)
-        self.tile_table.setMinimumHeight(160)
-        self.tile_table.tile_activated.connect(self.go_to_tile)
-        layout.addWidget(QLabel("Tiles, sorted by the choice above (click one to go there)"))
-        layout.addWidget(self.tile_table)
-        self.histogram = DisparityHistogram(content)
-        layout.addWidget(QLabel("Per-tile soft disparity"))
-        layout.addWidget(self.histogram)
-        layout.addWidget(self._build_feature_box())
-        self.remedies_panel = RemediesPanel(self.viewer, self.remedy_context)
-        layout.addWidget(self.remedies_panel)
-        # Wide enough for the form: only the height scrolls.
-        scroll.setMinimumWidth(
-            content.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 4
-        )
+        outer.addWidget(self.tabs, 1)
+        outer.addWidget(tabs.build_run_box(self))
 
         self.viewer.layers.events.inserted.connect(self._refresh_layer_choices)
         self.viewer.layers.events.removed.connect(self._refresh_layer_choices)
@@ -178,55 +135,6 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
             emitter.disconnect(self._refresh_layer_choices)
         for layer in self.viewer.layers:
             layer.events.name.disconnect(self._refresh_layer_choices)
-
-    # --- building the form ----------------------------------------------------------------------
-
-    def _build_input_box(self) -> QGroupBox:
-        box = QGroupBox("Input")
-        form = QFormLayout(box)
-        self.image_combo = QComboBox()
-        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
-        form.addRow("image layer", self.image_combo)
-        self.level_spin = QSpinBox()
-        self.level_spin.setRange(0, 0)
-        self.level_spin.setToolTip("multiscale level to check (0 = full resolution)")
-        form.addRow("level", self.level_spin)
-        self.region_combo = QComboBox()
-        self.region_combo.addItems(REGIONS)
-        form.addRow("region", self.region_combo)
-        self.shapes_combo = QComboBox()
-        form.addRow("box layer", self.shapes_combo)
-        return box
-
-    def _build_run_box(self) -> QGroupBox:
-        box = QGroupBox("Run")
-        layout = QVBoxLayout(box)
-        row = QHBoxLayout()
-        self.run_button = QPushButton("Run")
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.resume_button = QPushButton("Resume")
-        self.resume_button.setEnabled(False)
-        self.resume_button.setToolTip("continue the stopped run in the same output, same settings")
-        self.resume_button.clicked.connect(self.resume)
-        row.addWidget(self.run_button)
-        row.addWidget(self.cancel_button)
-        row.addWidget(self.resume_button)
-        self.report_button = QPushButton("Export report…")
-        self.report_button.setEnabled(False)
-        self.report_button.setToolTip("save the per-tile report of the last run as CSV or JSON")
-        self.report_button.clicked.connect(lambda: self.export_report())
-        row.addWidget(self.report_button)
-        layout.addLayout(row)
-        self.progress = QProgressBar()
-        self.progress.setFormat("%v / %m tiles")
-        layout.addWidget(self.progress)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        layout.addWidget(self.status_label)
-        return box
 
     # --- layer choices ----------------------------------------------------------------------------
 
@@ -417,7 +325,9 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         self.finished_event = None
         self.results.new_run()
         self.tile_table.clear_records()
-        self.histogram.set_values([])
+        self.update_plots()
+        self.summary_label.setText("running…")
+        self.tabs.setCurrentWidget(self.results_tab)
         self.progress.setValue(0)
         self.status_label.setText("starting…")
         self.run_button.setEnabled(False)
@@ -449,8 +359,11 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
                 self.model_label.setText("no model loaded")
         elif isinstance(item, jobs.ModelReady):
             self._show_model(item)
+            self._set_channel_labels(item.loaded, item.loaded.info.out_channels)
         elif isinstance(item, jobs.PrepareLayers):
             self.status_label.setText("adding the result layers…")
+            if self.channel_combo.count() != item.n_channels:
+                self._set_channel_labels(None, item.n_channels)
             self.results.input_scale, self.results.input_translate = self.run_input[1:]
             self.results.prepare(item, self.run_input[0], self.run_request.layers_ready)
         elif isinstance(item, RunStarted):
@@ -483,11 +396,9 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         if now - self.last_refresh >= REFRESH_SECONDS and event.n_done < event.n_total:
             self.last_refresh = now
             self.tile_table.redraw()
-            values = self.tile_values()
-            self.results.refresh(values)
-            if values is not None:
-                self.histogram.set_values(values)
-            self.update_scatter()
+            self.results.refresh(self.tile_values())
+            self._fill_layer_combo()
+            self.update_plots()
 
     def _on_run_finished(self, event: Any) -> None:
         self.finished_event = event
@@ -495,8 +406,14 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         summary = event.summary
         if summary.get("tiles"):
             self.tile_table.set_records(summary["tiles"])
+        soft = (summary.get("disparity") or {}).get("soft") or []
+        if soft and not self.user_chose_channel:  # the channel with the highest disparity
+            worst = max(range(len(soft)), key=lambda c: soft[c])
+            self.channel_combo.setCurrentIndex(min(worst, self.channel_combo.count() - 1))
         self.results.finish(Path(event.out), then=self._show_final)
-        self.status_label.setText(summary_line(summary, event.out))
+        line = summary_line(summary, event.out)
+        self.status_label.setText(line)
+        self.summary_label.setText(line)
 
     def _on_worker_finished(self) -> None:
         from napari_normcheck.core.store import is_complete, is_normcheck_store
@@ -554,25 +471,45 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         """The tile plan of the current (or last) run."""
         return self.results.plan
 
-    def tile_values(self) -> Any:
-        """Per tile, the largest channel's soft disparity from the table (NaN where not yet known)."""
-        import numpy as np
-
-        from napari_normcheck._qt.tile_table import _largest
-
-        if self.plan is None or not self.tile_table.records:
-            return None
-        values = np.full(self.plan.n_tiles, np.nan)
-        for index, record in self.tile_table.records.items():
-            values[index] = _largest(record.get("disparity_soft"))
-        return values
-
     def _show_final(self, read: Any) -> None:
-        """The run's last GUI step: histogram, feature statistics (their layer is one more step)."""
-        if read.tile_values is not None:
-            self.histogram.set_values(read.tile_values)
+        """The run's last GUI step: the plots, feature statistics (their layer is one more step)."""
         self.show_features(read.feature_grid, defer=True)
 
     def go_to_tile(self, index: int) -> None:
-        """Centre the view on tile ``index`` and select its outline."""
+        """Centre the view on tile ``index``, select its outline, its row and its plot point."""
         self.results.go_to_tile(index)
+        self.tile_table.select_tile(index)
+        self.scatter.select_tile(index)
+
+    # --- the output channel ---------------------------------------------------------------------
+
+    def _set_channel_labels(self, loaded: Any, n_channels: int) -> None:
+        """Offer the model's output channels, by name when the model names them."""
+        from napari_normcheck import _layers
+
+        names = jobs.output_channel_names(loaded) if loaded is not None else None
+        if not (isinstance(names, (list, tuple)) and len(names) == n_channels):
+            names = _layers.channel_names({}, n_channels)
+        names = [str(name) for name in names]
+        self.results.channel_labels = names
+        if [self.channel_combo.itemText(i) for i in range(self.channel_combo.count())] == names:
+            return
+        self.channel_combo.blockSignals(True)
+        self.channel_combo.clear()
+        self.channel_combo.addItems(names)
+        self.channel_combo.setCurrentIndex(min(self.results.channel, n_channels - 1))
+        self.channel_combo.blockSignals(False)
+        self.results.channel = self.channel_combo.currentIndex()
+        self.tile_table.set_channel(self.results.channel)
+
+    def _on_channel_activated(self, *_args: Any) -> None:
+        self.user_chose_channel = True  # a choice of the user's is kept across runs
+
+    def _on_channel_changed(self, index: int) -> None:
+        """Show output channel ``index``: the same layers re-pointed, the table and plots follow."""
+        if index < 0:
+            return
+        self.results.channel = index
+        self.tile_table.set_channel(index)
+        self.results.set_channel(index, self.tile_values())
+        self.update_plots()

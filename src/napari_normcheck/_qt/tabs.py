@@ -1,0 +1,158 @@
+"""The dock widget's layout: the Check, Results and Remedies tabs and the run controls below them.
+
+Functions that build the widgets onto a :class:`~napari_normcheck._qt.widget.NormcheckWidget` (the
+attributes they set are the widget's public fields: ``image_combo``, ``tile_table``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qtpy.QtCore import Qt  # noqa: TID253 (the Qt layer)
+from qtpy.QtWidgets import (  # noqa: TID253
+    QComboBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSpinBox,
+    QSplitter,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_normcheck._qt.region import REGIONS
+from napari_normcheck._qt.remedies_panel import RemediesPanel
+from napari_normcheck._qt.settings import SettingsBox
+from napari_normcheck._qt.tile_table import SORT_KEYS, TileTable
+
+CHECK, RESULTS, REMEDIES = "Check", "Results", "Remedies"
+
+
+def scrolled(content: QWidget) -> QScrollArea:
+    """``content`` in a vertical scroll area as wide as it needs."""
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setWidget(content)
+    scroll.setMinimumWidth(
+        content.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 4
+    )
+    return scroll
+
+
+def build_tabs(widget: Any) -> QTabWidget:
+    """The three tabs; sets ``widget.check_tab``, ``results_tab``, ``remedies_tab``."""
+    tabs = QTabWidget()
+    check = QWidget()
+    layout = QVBoxLayout(check)
+    layout.addWidget(build_input_box(widget))
+    layout.addWidget(widget._build_model_box())
+    widget.settings = SettingsBox(check)
+    layout.addWidget(widget.settings)
+    layout.addStretch(1)
+    # The settings fields, by their names (the sample model choice fills some of them).
+    for name in SettingsBox.FIELDS:
+        setattr(widget, name, getattr(widget.settings, name))
+    widget.check_tab = scrolled(check)
+    tabs.addTab(widget.check_tab, CHECK)
+    widget.results_tab = build_results(widget)
+    tabs.addTab(widget.results_tab, RESULTS)
+    widget.remedies_panel = RemediesPanel(
+        widget.viewer, widget.remedy_context, get_channel=lambda: widget.results.channel
+    )
+    widget.remedies_tab = scrolled(widget.remedies_panel)
+    tabs.addTab(widget.remedies_tab, REMEDIES)
+    return tabs
+
+
+def build_input_box(widget: Any) -> QGroupBox:
+    """Image layer, pyramid level, region and the Shapes layer of a box region."""
+    box = QGroupBox("Input")
+    form = QFormLayout(box)
+    widget.image_combo = QComboBox()
+    widget.image_combo.currentIndexChanged.connect(widget._on_image_changed)
+    form.addRow("image layer", widget.image_combo)
+    widget.level_spin = QSpinBox()
+    widget.level_spin.setRange(0, 0)
+    widget.level_spin.setToolTip("multiscale level to check (0 = full resolution)")
+    form.addRow("level", widget.level_spin)
+    widget.region_combo = QComboBox()
+    widget.region_combo.addItems(REGIONS)
+    form.addRow("region", widget.region_combo)
+    widget.shapes_combo = QComboBox()
+    form.addRow("box layer", widget.shapes_combo)
+    return box
+
+
+def build_results(widget: Any) -> QWidget:
+    """Summary, output channel, tile table and plots (table and plots share a splitter)."""
+    page = QWidget()
+    layout = QVBoxLayout(page)
+    widget.summary_label = QLabel("Run a check: its summary, tiles and plots appear here.")
+    widget.summary_label.setWordWrap(True)
+    widget.summary_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    layout.addWidget(widget.summary_label)
+    row = QHBoxLayout()
+    widget.channel_combo = QComboBox()
+    widget.channel_combo.setToolTip(
+        "the output channel the layers, the table and the plots show (one at a time)"
+    )
+    widget.channel_combo.currentIndexChanged.connect(widget._on_channel_changed)
+    widget.channel_combo.activated.connect(widget._on_channel_activated)
+    row.addWidget(QLabel("channel"))
+    row.addWidget(widget.channel_combo, 1)
+    widget.sort_combo = QComboBox()
+    widget.sort_combo.addItems(list(SORT_KEYS))
+    widget.sort_combo.setToolTip("sort the tiles by disparity, eval mismatch or feature z")
+    widget.sort_combo.currentTextChanged.connect(lambda name: widget.tile_table.set_sort_key(name))
+    row.addWidget(QLabel("sort by"))
+    row.addWidget(widget.sort_combo, 1)
+    widget.report_button = QPushButton("Export report…")
+    widget.report_button.setEnabled(False)
+    widget.report_button.setToolTip("save the per-tile report of the last run as CSV or JSON")
+    widget.report_button.clicked.connect(lambda: widget.export_report())
+    row.addWidget(widget.report_button)
+    layout.addLayout(row)
+    splitter = QSplitter(Qt.Orientation.Vertical)
+    widget.tile_table = TileTable()
+    widget.tile_table.setMinimumHeight(120)
+    widget.tile_table.setToolTip("tiles, sorted as chosen above: click one to go there")
+    widget.tile_table.tile_activated.connect(widget.go_to_tile)
+    splitter.addWidget(widget.tile_table)
+    splitter.addWidget(widget._build_plots())
+    splitter.setStretchFactor(0, 2)
+    splitter.setStretchFactor(1, 3)
+    layout.addWidget(splitter, 1)
+    return page
+
+
+def build_run_box(widget: Any) -> QWidget:
+    """Run, Cancel and Resume, the progress bar and the status line (below the tabs)."""
+    box = QWidget()
+    layout = QVBoxLayout(box)
+    layout.setContentsMargins(6, 0, 6, 6)
+    row = QHBoxLayout()
+    widget.run_button = QPushButton("Run")
+    widget.run_button.clicked.connect(lambda: widget.run())
+    widget.cancel_button = QPushButton("Cancel")
+    widget.cancel_button.setEnabled(False)
+    widget.cancel_button.clicked.connect(widget.cancel)
+    widget.resume_button = QPushButton("Resume")
+    widget.resume_button.setEnabled(False)
+    widget.resume_button.setToolTip("continue the stopped run in the same output, same settings")
+    widget.resume_button.clicked.connect(lambda: widget.resume())
+    for button in (widget.run_button, widget.cancel_button, widget.resume_button):
+        row.addWidget(button)
+    layout.addLayout(row)
+    widget.progress = QProgressBar()
+    widget.progress.setFormat("%v / %m tiles")
+    layout.addWidget(widget.progress)
+    widget.status_label = QLabel("")
+    widget.status_label.setWordWrap(True)
+    layout.addWidget(widget.status_label)
+    return box
