@@ -102,12 +102,16 @@ def _describe_05(source, weights, dims, fixed, halo, shape):
     with ValidationContext(root=source, perform_io_checks=False):
         # The last space axis has no id: the format's default, x.
         space_in = [
-            m.SpaceInputAxis(id=m.AxisId(a), size=s if fixed else m.ParameterizedSize(min=8, step=8))
+            m.SpaceInputAxis(
+                id=m.AxisId(a), size=s if fixed else m.ParameterizedSize(min=8, step=8)
+            )
             for a, s in zip("zy"[3 - dims :], shape)
         ] + [m.SpaceInputAxis(size=shape[-1] if fixed else m.ParameterizedSize(min=8, step=8))]
         space_out = [
             m.SpaceOutputAxisWithHalo(
-                id=axis.id, halo=halo, size=m.SizeReference(tensor_id=m.TensorId("raw"), axis_id=axis.id)
+                id=axis.id,
+                halo=halo,
+                size=m.SizeReference(tensor_id=m.TensorId("raw"), axis_id=axis.id),
             )
             if halo
             else m.SpaceOutputAxis(

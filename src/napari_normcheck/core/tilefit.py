@@ -119,9 +119,11 @@ def _explain(
     if fixes:
         return f"{head}: {'; '.join(fixes)}; change --tile (or --halo) accordingly ({advice})"
     rounded = [max(d, -(-s // d) * d) for s, d in zip(sides, divs)]
-    if rounded != list(sides) and trial(rounded).ok:
-        return (
-            f"{head}; tile sides should be divisible by the model's downsampling {divs}: "
-            f"a window of {_shape_text(rounded, dims)} works"
-        )
+    # The rounded window, then the divisor itself (a model with a fixed size takes only that).
+    for candidate in (rounded, list(divs)):
+        if candidate != list(sides) and trial(candidate).ok:
+            return (
+                f"{head}; tile sides should be divisible by the model's downsampling {divs}: "
+                f"a window of {_shape_text(candidate, dims)} works"
+            )
     return f"{head}; {advice}; 'napari-normcheck inspect' lists the shapes the model takes"
