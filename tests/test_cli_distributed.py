@@ -39,6 +39,7 @@ def test_run_with_workers_equals_single_process(tmp_path, capsys):
             "0,8,8",
             "--activation",
             "sigmoid",
+            "--seams",
             "--report",
             str(tmp_path / f"{name}.json"),
             *extra,

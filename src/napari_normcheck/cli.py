@@ -62,7 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI | zscore",
     )
     run.add_argument("--activation", choices=("none", "sigmoid", "softmax"), default=None)
-    run.add_argument("--output-dtype", choices=("float32", "float16", "uint8"), default="float32")
+    run.add_argument(
+        "--output-dtype",
+        choices=("auto", "float32", "float16", "uint8"),
+        default="auto",
+        help="stored predictions and disparity: auto = uint8 (0-255) after an activation, "
+        "float32 for logits",
+    )
+    run.add_argument(
+        "--seams",
+        action="store_true",
+        help="also store the seams voxel maps (largest disagreement of overlapping tiles)",
+    )
     run.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
     run.add_argument(
         "--cache-mb",
@@ -246,6 +257,7 @@ def _run_command(args: argparse.Namespace) -> int:
         normalize=args.normalize or _package_default(loaded, "normalize") or "none",
         activation=args.activation or _package_default(loaded, "activation") or "none",
         output_dtype=args.output_dtype,
+        seams=args.seams,
         threshold=args.threshold,
         spatial_dims=info.spatial_dims,
         cache_mb=args.cache_mb,

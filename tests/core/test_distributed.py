@@ -51,11 +51,21 @@ ARCH = TINY_UNET_ARCH
 ARCH_KWARGS = tiny_unet_kwargs("batch")
 SHAPE = (28, 48, 52)  # 2 x 2 x 2 tiles of 16 x 32 x 32
 CONFIGS = {
-    "gaussian": RunConfig(tile=(16, 32, 32), overlap=0.25, activation="sigmoid"),
-    "constant": RunConfig(tile=(16, 32, 32), overlap=0.25, blend="constant", activation="softmax"),
+    # Pyramid levels down to 16 voxels a side: the blocks write their chunks' levels too.
+    "gaussian": RunConfig(
+        tile=(16, 32, 32), overlap=0.25, activation="sigmoid", seams=True, pyramid_side=16
+    ),
+    "constant": RunConfig(
+        tile=(16, 32, 32), overlap=0.25, blend="constant", activation="softmax", seams=True
+    ),
     # Train batches of three tiles share batch statistics: blocks must run the same batches.
     "crop": RunConfig(
-        tile=(16, 32, 32), blend="crop", halo=(0, 8, 8), activation="sigmoid", train_batch=3
+        tile=(16, 32, 32),
+        blend="crop",
+        halo=(0, 8, 8),
+        activation="sigmoid",
+        train_batch=3,
+        seams=True,
     ),
 }
 BLOCKS = {"gaussian": (2, 2, 2), "constant": (2, 1, 2), "crop": (1, 2, 1)}  # 4, 8, 4 blocks
@@ -164,7 +174,12 @@ def reference(tmp_path_factory, loaded, volume):
 
 def read_arrays(out):
     root = zarr.open_group(str(out), mode="r")
-    return {name: root[f"{name}/0"][:] for name in ARRAYS}
+    arrays = {}
+    for name in ARRAYS:
+        for dataset in root[name].attrs["ome"]["multiscales"][0]["datasets"]:
+            key = name if dataset["path"] == "0" else f"{name}/{dataset['path']}"
+            arrays[key] = root[f"{name}/{dataset['path']}"][:]
+    return arrays
 
 
 def summary_of(events):
@@ -176,7 +191,8 @@ def summary_of(events):
 def assert_same_run(out, summary, expected, *, exact: bool):
     expected_arrays, expected_summary, _ = expected
     got = read_arrays(out)
-    for name in ARRAYS:
+    assert got.keys() == expected_arrays.keys()
+    for name in got:
         if exact:
             np.testing.assert_array_equal(got[name], expected_arrays[name], err_msg=name)
         else:

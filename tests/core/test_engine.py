@@ -245,20 +245,28 @@ def test_existing_output_is_refused_and_kept(tmp_path, batchnorm_unet):
 
 
 def test_output_dtypes(tmp_path, batchnorm_unet):
-    volume = synthetic_volume((16, 32, 32))
-    f32, _ = run_engine(
-        volume, batchnorm_unet, tmp_path / "a.zarr", tile=(16, 32, 32), activation="sigmoid"
+    volume = open_volume(synthetic_volume((16, 32, 32)))
+
+    def run(name, **config):
+        config = RunConfig(tile=(16, 32, 32), **config)
+        events = list(run_check(volume, batchnorm_unet, config, tmp_path / name))
+        return zarr.open_group(str(tmp_path / name), mode="r"), events[-1].summary
+
+    f32, f32_summary = run("a.zarr", activation="sigmoid", output_dtype="float32")
+    # The default after an activation: probabilities x 255 as uint8; metrics before rounding.
+    u8, u8_summary = run("b.zarr", activation="sigmoid")
+    assert u8["pred_eval/0"].dtype == np.uint8
+    np.testing.assert_array_equal(
+        u8["pred_eval/0"][:], np.round(f32["pred_eval/0"][:] * 255).astype(np.uint8)
     )
-    u8, _ = run_engine(
-        volume,
-        batchnorm_unet,
-        tmp_path / "b.zarr",
-        tile=(16, 32, 32),
-        activation="sigmoid",
-        output_dtype="uint8",
-    )
-    assert u8.dtype == np.uint8
-    np.testing.assert_array_equal(u8, np.round(f32 * 255).astype(np.uint8))
+    assert u8_summary["disparity"] == f32_summary["disparity"]
+    # eval, train and disparity: 3 bytes per input voxel per output channel (4x that in float32).
+    assert u8_summary["out_bytes_per_voxel_channel"] == 3.0
+    assert f32_summary["out_bytes_per_voxel_channel"] == 12.0
+    logits, _ = run("c.zarr")
+    assert logits["pred_eval/0"].dtype == np.float32  # logits stay float
+    with pytest.raises(NormcheckError, match="logits need"):
+        RunConfig(output_dtype="uint8")
 
 
 def test_spilling_to_disk_gives_identical_output(tmp_path, batchnorm_unet):

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.engine import Timing
 from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.forward import (
     Passes,
@@ -22,6 +21,7 @@ from napari_normcheck.core.precision import precision_context, precision_dispari
 from napari_normcheck.core.staging import HostStaging
 from napari_normcheck.core.tile_io import TileWork
 from napari_normcheck.core.tiling import plan_tiles
+from napari_normcheck.core.timing import Timing
 from tests.conftest import calibrate, tiny_unet
 from tests.core.test_modes import assert_state_equal, state_copy
 

@@ -48,7 +48,13 @@ def test_engine_disparity_matches_numpy_on_stored_predictions(tmp_path, batchnor
         run_check(
             open_volume(synthetic_volume((20, 40, 44))),
             batchnorm_unet,
-            RunConfig(tile=(16, 32, 32), blend="crop", halo=(0, 8, 8), activation="sigmoid"),
+            RunConfig(
+                tile=(16, 32, 32),
+                blend="crop",
+                halo=(0, 8, 8),
+                activation="sigmoid",
+                output_dtype="float32",
+            ),
             out,
         )
     )

@@ -85,6 +85,8 @@ def test_mismatch_and_seams_match_numpy_recomputation(tmp_path, batchnorm_unet):
         overlap=0.5,
         activation="sigmoid",
         blend="constant",
+        seams=True,
+        output_dtype="float32",
     )
     plan = plan_tiles((16, 48, 48), (16, 32, 32), overlap=0.5)
     preds = direct_predictions(plan, batchnorm_unet, volume)

@@ -24,7 +24,6 @@ from torch import nn
 
 from napari_normcheck.core.blocks import Block, block_tiles, chunk_key
 from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.engine import Timing
 from napari_normcheck.core.features import FeatureRecorder
 from napari_normcheck.core.forward import resolve_device
 from napari_normcheck.core.intensity import IntensityTransform
@@ -35,6 +34,7 @@ from napari_normcheck.core.stitch import importance_map
 from napari_normcheck.core.store import OutputStore
 from napari_normcheck.core.tileloop import TileLoop
 from napari_normcheck.core.tiling import TilePlan
+from napari_normcheck.core.timing import Timing
 from napari_normcheck.core.volume import Volume, open_volume
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from napari_normcheck.core.errors import NormcheckError
 
 ACTIVATIONS = ("none", "sigmoid", "softmax")
-OUTPUT_DTYPES = ("float32", "float16", "uint8")
+OUTPUT_DTYPES = ("auto", "float32", "float16", "uint8")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
@@ -43,7 +43,16 @@ class RunConfig:
     activation : str
         Applied after stitching: ``none``, ``sigmoid`` or ``softmax`` (over channels).
     output_dtype : str
-        ``float32``, ``float16`` or ``uint8`` (probability x 255).
+        How predictions, disparity and seams are stored: ``uint8`` (probability x 255, rounded),
+        ``float16`` or ``float32``. ``auto`` (the default) is ``uint8`` after a sigmoid or softmax
+        and ``float32`` for logits (``activation="none"``); it is resolved when the config is made.
+        Every metric is computed in float32 before any rounding.
+    pyramid_side : int
+        Voxel outputs get 2x-downsampled levels in y and x until a level fits this many voxels a
+        side (one screen), so napari browses a whole result smoothly; 0 writes level 0 only.
+    seams : bool
+        Also store the voxel maps ``seams_eval`` and ``seams_train`` (largest disagreement of
+        overlapping tiles per voxel). The tile mismatch numbers are computed either way.
     threshold : float
         Probability above which a voxel counts as foreground in hard Dice.
     spatial_dims : int or None
@@ -71,7 +80,7 @@ class RunConfig:
     device: str = "auto"
     normalize: str = "none"
     activation: str = "none"
-    output_dtype: str = "float32"
+    output_dtype: str = "auto"
     threshold: float = 0.5
     spatial_dims: int | None = None
     feature_layers: tuple[str, ...] = field(default_factory=tuple)
@@ -79,6 +88,8 @@ class RunConfig:
     prefetch: int = 2
     precision: str = "fp32"
     fuse_train: bool = True
+    seams: bool = False
+    pyramid_side: int = 1024
 
     def __post_init__(self) -> None:
         if self.blend not in ("constant", "gaussian", "crop"):
@@ -92,6 +103,14 @@ class RunConfig:
         if self.output_dtype not in OUTPUT_DTYPES:
             raise NormcheckError(
                 f"unknown output dtype {self.output_dtype!r}; use {', '.join(OUTPUT_DTYPES)}"
+            )
+        if self.output_dtype == "auto":
+            stored = "float32" if self.activation == "none" else "uint8"
+            object.__setattr__(self, "output_dtype", stored)
+        elif self.output_dtype == "uint8" and self.activation == "none":
+            raise NormcheckError(
+                "uint8 outputs hold probabilities (0-255); with --activation none the logits "
+                "need --output-dtype float32 or float16"
             )
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise NormcheckError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")

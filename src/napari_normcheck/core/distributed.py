@@ -44,7 +44,6 @@ from napari_normcheck.core.engine import (
     RunFinished,
     RunStarted,
     TileDone,
-    Timing,
     run_check,
 )
 from napari_normcheck.core.errors import NormcheckError
@@ -67,6 +66,7 @@ from napari_normcheck.core.runsteps import (
     prepare_run,
     run_attrs,
 )
+from napari_normcheck.core.timing import Timing
 from napari_normcheck.core.volume import Volume
 
 CPU = torch.device("cpu")

@@ -43,6 +43,7 @@ from napari_normcheck.core.stitch import importance_map
 from napari_normcheck.core.store import is_complete
 from napari_normcheck.core.tileloop import TileLoop
 from napari_normcheck.core.tiling import Tile, TilePlan
+from napari_normcheck.core.timing import Timing
 from napari_normcheck.core.volume import Volume
 
 
@@ -86,30 +87,6 @@ class BlockDone:
     elapsed: float
     tiles_run: int
     worker: str
-
-
-@dataclass
-class Timing:
-    """Seconds spent per stage (the reader thread's time overlaps the forwards)."""
-
-    read: float = 0.0
-    read_wait: float = 0.0  # the model waiting for the reader thread (disk slower than the model)
-    forward_eval: float = 0.0
-    forward_train: float = 0.0
-    stitch: float = 0.0
-    metrics: float = 0.0
-    write: float = 0.0
-    total: float = 0.0
-
-    def to_dict(self) -> dict[str, float]:
-        """Rounded seconds per stage."""
-        return {k: round(v, 4) for k, v in self.__dict__.items()}
-
-    def add(self, other: dict[str, float]) -> None:
-        """Add another run part's seconds (a distributed block's), except the total."""
-        for key, value in other.items():
-            if key != "total" and hasattr(self, key):
-                setattr(self, key, getattr(self, key) + value)
 
 
 def run_check(
@@ -200,20 +177,26 @@ def run_check(
     last_save = time.perf_counter()
 
     def save_progress() -> None:
-        # Written after the chunks it lists: a chunk is either listed and on disk, or recomputed.
+        # A snapshot taken now, written by the writer thread after the chunk writes queued before
+        # it: a chunk is either listed and on disk, or recomputed. The run does not wait for it.
         nonlocal last_save
-        loop.flush()  # the chunks listed as done must be on disk first
-        store.write_progress(
-            {
-                "done_chunks": sorted(loop.accumulator.done_chunks),
-                "disparity_sums": loop.disparity.to_dict(),
-                "pair_sums": loop.mismatch.to_dict(),
-                "tiles": {str(k): v for k, v in loop.records.items()},
-            }
-        )
+        snapshot = {
+            "done_chunks": sorted(loop.accumulator.done_chunks),
+            "pair_sums": loop.mismatch.to_dict(),
+            "tiles": {str(k): v for k, v in loop.records.items()},
+        }
+
+        def write() -> None:
+            # On the writer thread: the chunks listed are summed by now, and no later one is.
+            store.write_progress({**snapshot, "disparity_sums": loop.disparity.to_dict()})
+
+        loop.write_after_pending(write)
         last_save = time.perf_counter()
 
+    timing.setup = time.perf_counter() - t_start
+    t_event = time.perf_counter()
     yield RunStarted(out=Path(out), plan=plan, device=str(device), eval_batch=setup.eval_batch)
+    timing.events += time.perf_counter() - t_event
     needed = {t.index for t in plan.tiles() if loop.accumulator.needs(t)}
     # A pair's mismatch is computed when its later tile runs, from the earlier tile's overlap slab.
     needed |= {j for i in list(needed) for j in loop.mismatch.missing_partners(i)}
@@ -224,18 +207,19 @@ def run_check(
             for n_done, result in enumerate(results, start=1):
                 if time.perf_counter() - last_save > 2.0:
                     save_progress()
-                elapsed = time.perf_counter() - t_start
+                t_event = time.perf_counter()
                 yield TileDone(
                     result.tile,
                     n_done,
                     len(tiles),
-                    elapsed,
+                    t_event - t_start,
                     result.chunks_written,
                     result.record or {},
                 )
+                timing.events += time.perf_counter() - t_event
                 if cancel is not None and cancel.is_set():
                     return
-        timing.total = time.perf_counter() - t_start
+        loop.flush()
         final_path, summary = finish_run(
             store,
             volume,
@@ -251,6 +235,7 @@ def run_check(
             spilled_chunks=loop.accumulator.spill_count,
             before_marker=loop.flush,
             extra_summary={"precision_effect": effect} if effect else None,
+            run_started=t_start,
         )
         remove_block_records(final_path)  # a distributed run's records, when this resumed one
         yield RunFinished(out=final_path, summary=summary)

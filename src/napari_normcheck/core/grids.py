@@ -17,7 +17,7 @@ from napari_normcheck.core.tile_io import TileWork
 from napari_normcheck.core.tiling import TilePlan
 
 if TYPE_CHECKING:
-    from napari_normcheck.core.engine import Timing
+    from napari_normcheck.core.timing import Timing
 
 
 def tile_record(

@@ -18,14 +18,6 @@ import numpy as np
 DICE_KINDS = ("hard", "soft", "argmax")
 
 
-def _sum_spatial(values: np.ndarray) -> np.ndarray:
-    return values.reshape(values.shape[0], -1).sum(axis=1, dtype=np.float64)
-
-
-def _count_spatial(mask: np.ndarray) -> np.ndarray:
-    return np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1).astype(np.float64)
-
-
 def dice_sums(
     p_train: np.ndarray, p_eval: np.ndarray, threshold: float, argmax: bool = False
 ) -> dict[str, np.ndarray]:
@@ -45,20 +37,32 @@ def dice_sums(
     dict
         ``{kind: array (2, C)}`` with row 0 = intersection term ``sum(A and B)`` (hard) or
         ``sum(min(p, q))`` (soft), row 1 = ``sum(A) + sum(B)``; float64.
+
+    Notes
+    -----
+    Both maps are made contiguous first, so every sum runs over one contiguous row per channel
+    (several times faster than over strided views), in float64; ``p == q`` gives
+    ``sum(min(p, q)) == sum(p)`` bit for bit, so identical maps have Dice exactly 1. Counts are
+    exact.
     """
-    a = p_train > threshold
-    b = p_eval > threshold
+    n = p_train.shape[0]
+    p = np.ascontiguousarray(p_train, dtype=np.float32).reshape(n, -1)
+    q = np.ascontiguousarray(p_eval, dtype=np.float32).reshape(n, -1)
+    a = p > threshold
+    b = q > threshold
+    count_a = np.count_nonzero(a, axis=1)
+    count_b = np.count_nonzero(b, axis=1)
+    np.logical_and(a, b, out=a)
     sums = {
-        "hard": np.stack([_count_spatial(a & b), _count_spatial(a) + _count_spatial(b)]),
+        "hard": np.stack([np.count_nonzero(a, axis=1), count_a + count_b]).astype(np.float64),
         "soft": np.stack(
             [
-                _sum_spatial(np.minimum(p_train, p_eval)),
-                _sum_spatial(p_train) + _sum_spatial(p_eval),
+                np.minimum(p, q).sum(axis=1, dtype=np.float64),
+                p.sum(axis=1, dtype=np.float64) + q.sum(axis=1, dtype=np.float64),
             ]
         ),
     }
     if argmax:
-        n = p_train.shape[0]
         ta = np.argmax(p_train, axis=0)
         ea = np.argmax(p_eval, axis=0)
         inter = np.array([np.count_nonzero((ta == c) & (ea == c)) for c in range(n)], float)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +36,14 @@ from napari_normcheck.core.grids import tile_cell_transform, write_feature_grid,
 from napari_normcheck.core.intensity import IntensityTransform, resolve_intensity
 from napari_normcheck.core.metrics import DisparityAccumulator
 from napari_normcheck.core.mismatch import MismatchTracker
+from napari_normcheck.core.pyramid import Pyramid, n_levels
 from napari_normcheck.core.store import OutputStore
 from napari_normcheck.core.tile_io import read_window
 from napari_normcheck.core.tiling import TilePlan, plan_tiles
 from napari_normcheck.core.volume import Volume
 
 if TYPE_CHECKING:
-    from napari_normcheck.core.engine import Timing
+    from napari_normcheck.core.timing import Timing
 
 MODES = ("eval", "train")
 PREDICTION_NAMES = {"eval": "pred_eval", "train": "pred_train"}
@@ -309,9 +311,9 @@ def open_outputs(
     return store, _create_voxel_outputs(store, config, out_shape, out_chunks, scale, translation)
 
 
-def output_arrays(store: OutputStore) -> dict[str, Any]:
-    """The voxel output arrays of an existing store, keyed as :class:`TileLoop` expects."""
-    arrays = {name: store.array(name) for name in VOXEL_OUTPUTS}
+def output_arrays(store: OutputStore) -> dict[str, Pyramid]:
+    """The voxel outputs of an existing store (every level), keyed as :class:`TileLoop` expects."""
+    arrays = {name: store.pyramid(name) for name in VOXEL_OUTPUTS if name in store.root}
     arrays["eval"], arrays["train"] = arrays.pop("pred_eval"), arrays.pop("pred_train")
     return arrays
 
@@ -332,6 +334,7 @@ def finish_run(
     spilled_chunks: int,
     before_marker: Callable[[], None] | None = None,
     extra_summary: dict[str, Any] | None = None,
+    run_started: float | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Write the tile grids, the summary and, last, the completion marker.
 
@@ -365,6 +368,9 @@ def finish_run(
         Called just before the marker is written (to flush pending writes).
     extra_summary : dict, optional
         More summary keys.
+    run_started : float, optional
+        ``time.perf_counter()`` when the run started: then ``timing.finish`` and ``timing.total``
+        are set here (a distributed run sets its own total).
 
     Returns
     -------
@@ -373,6 +379,7 @@ def finish_run(
     summary : dict
         What the marker holds.
     """
+    t_finish = time.perf_counter()
     ordered = [records[i] for i in sorted(records)]
     for record in ordered:
         tile_mismatch = mismatch.tile_mismatch(record["index"])
@@ -384,6 +391,10 @@ def finish_run(
     write_tile_grids(store, plan, ordered, n_out, cell_transform)
     write_feature_grid(store, plan, ordered, feature_layers, cell_transform)
     global_mismatch = mismatch.result()
+    if run_started is not None:
+        now = time.perf_counter()
+        timing.finish += now - t_finish
+        timing.total = now - run_started
     summary = {
         "out": str(out),
         "n_tiles": plan.n_tiles,
@@ -395,6 +406,7 @@ def finish_run(
         "mismatch_eval": global_mismatch["eval"],
         "mismatch_train": global_mismatch["train"],
         "n_tile_pairs": mismatch.n_pairs,
+        **out_size(store, plan, n_out),
         "tiles": ordered,
         **(extra_summary or {}),
     }
@@ -412,7 +424,16 @@ def _create_voxel_outputs(
     scale: tuple[float, ...],
     translation: tuple[float, ...],
 ) -> dict[str, Any]:
-    """``pred_eval``, ``pred_train`` and ``disparity`` images, chunked along the tile grid."""
+    """``pred_eval``, ``pred_train``, ``disparity`` (and seams) images, chunked along the tile grid.
+
+    They are multiscale (:mod:`~napari_normcheck.core.pyramid`) when the ROI is wider than
+    ``config.pyramid_side``; the seams, written pair by pair, have level 0 only.
+    """
+    levels = (
+        n_levels(out_shape[-2:], out_chunks[-2:], config.pyramid_side)
+        if config.pyramid_side > 0
+        else 0
+    )
     arrays = {}
     for mode in MODES:
         arrays[mode] = store.create_image(
@@ -427,6 +448,7 @@ def _create_voxel_outputs(
                 "activation": config.activation,
                 "train_batch": config.train_batch,
             },
+            levels=levels,
         )
     arrays["disparity"] = store.create_image(
         "disparity",
@@ -436,8 +458,9 @@ def _create_voxel_outputs(
         scale,
         translation,
         attrs={"meaning": "|P_train - P_eval| per channel"},
+        levels=levels,
     )
-    for mode in MODES:
+    for mode in MODES if config.seams else ():
         arrays[f"seams_{mode}"] = store.create_image(
             f"seams_{mode}",
             out_shape,
@@ -450,4 +473,18 @@ def _create_voxel_outputs(
                 "zero where one tile covers a voxel"
             },
         )
-    return arrays
+    return {name: store.pyramid(PREDICTION_NAMES.get(name, name)) for name in arrays}
+
+
+def out_size(store: OutputStore, plan: TilePlan, n_out: int) -> dict[str, float]:
+    """Uncompressed bytes the voxel outputs (every level) hold per input voxel of the ROI."""
+    n_bytes = 0
+    for name in VOXEL_OUTPUTS:
+        if name in store.root:
+            for array in store.pyramid(name).arrays:
+                n_bytes += int(np.prod(array.shape)) * array.dtype.itemsize
+    per_voxel = n_bytes / int(np.prod(plan.roi_shape))
+    return {
+        "out_bytes_per_voxel": round(per_voxel, 3),
+        "out_bytes_per_voxel_channel": round(per_voxel / n_out, 3),
+    }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,14 +44,31 @@ def importance_map(window_shape: tuple[int, ...], mode: str, spatial_dims: int =
     """
     if mode == "crop":
         return np.ones(window_shape, dtype=np.float32)
-    # MONAI is the reference for the weights; importing it here keeps parity exact.
-    import torch
-    from monai.data.utils import compute_importance_map
-
     shape = tuple(window_shape[-spatial_dims:])
-    weights = compute_importance_map(shape, mode=mode, sigma_scale=0.125, dtype=torch.float32)
-    weights = weights.cpu().numpy().astype(np.float32)
-    return weights.reshape(window_shape)
+    return gaussian_or_constant_map(shape, mode).reshape(window_shape)
+
+
+def gaussian_or_constant_map(patch_size: tuple[int, ...], mode: str) -> np.ndarray:
+    """MONAI's ``compute_importance_map`` (sigma scale 0.125), op for op in torch float32.
+
+    Written out here so that a run does not import MONAI (seconds of start-up); a test holds it
+    bitwise equal to MONAI's function.
+    """
+    import torch
+
+    if mode == "constant":
+        weights = torch.ones(patch_size, dtype=torch.float)
+    elif mode == "gaussian":
+        sigmas = [size * 0.125 for size in patch_size]
+        for i, size in enumerate(patch_size):
+            x = torch.arange(start=-(size - 1) / 2.0, end=(size - 1) / 2.0 + 1, dtype=torch.float)
+            x = torch.exp(x**2 / (-2 * sigmas[i] ** 2))
+            weights = weights.unsqueeze(-1) * x[(None,) * i] if i > 0 else x
+    else:
+        raise ValueError(f"unknown blend mode {mode!r}")
+    floor = max(torch.min(weights).item(), 1e-3)
+    weights = torch.clamp_(weights.to(torch.float), min=floor)
+    return weights.numpy().astype(np.float32)
 
 
 class ChunkAccumulator:
@@ -128,8 +145,13 @@ class ChunkAccumulator:
         """Whether ``tile`` still contributes to an unfinished chunk (resume skips it otherwise)."""
         return any(c not in self.done_chunks for c in self.tile_chunks(tile))
 
-    def add(self, tile: Tile, prediction: np.ndarray) -> list[ChunkIndex]:
-        """Add ``prediction`` ``(n_values, *window_shape)`` of ``tile``; return chunks finished by it."""
+    def add(self, tile: Tile, prediction: np.ndarray | Sequence[np.ndarray]) -> list[ChunkIndex]:
+        """Add the prediction of ``tile``; return the chunks finished by it.
+
+        ``prediction`` is ``(n_values, *window_shape)``, or a sequence of arrays whose leading sizes
+        add up to ``n_values`` (the modes, without concatenating them first).
+        """
+        parts = [prediction] if isinstance(prediction, np.ndarray) else list(prediction)
         finished = []
         roi_start = self.plan.roi_start
         for chunk in self.tile_chunks(tile):
@@ -147,7 +169,15 @@ class ChunkAccumulator:
             total, weight = self._buffer(chunk)
             w = self.weights[in_tile]
             # The same float32 operations, in the same order, as MONAI: sum += pred * w; count += w.
-            total[(slice(None), *in_chunk)] += prediction[(slice(None), *in_tile)] * w
+            first = 0
+            scratch = None
+            for part in parts:
+                view = total[(slice(first, first + len(part)), *in_chunk)]
+                if scratch is None or scratch.shape != view.shape:
+                    scratch = np.empty(view.shape, dtype=np.float32)
+                np.multiply(part[(slice(None), *in_tile)], w, out=scratch)
+                np.add(view, scratch, out=view)
+                first += len(part)
             weight[in_chunk] += w
             self.remaining[chunk] -= 1
             if self.remaining[chunk] == 0:

@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 
 from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.pyramid import Pyramid, level_transform
 
 COMPLETE_MARKER = "COMPLETE.json"
 PROGRESS_FILE = "progress.json"
@@ -72,8 +73,9 @@ def ome_image_attrs(
     scale: tuple[float, ...],
     translation: tuple[float, ...],
     axes: tuple[str, ...] = ("c", "z", "y", "x"),
+    levels: int = 0,
 ) -> dict[str, Any]:
-    """OME-Zarr 0.5 ``multiscales`` attributes for a single-level image group.
+    """OME-Zarr 0.5 ``multiscales`` attributes of an image group with ``1 + levels`` levels.
 
     Parameters
     ----------
@@ -83,6 +85,8 @@ def ome_image_attrs(
         Spatial voxel size and origin ``(z, y, x)``; leading non-spatial axes get scale 1, offset 0.
     axes : tuple of str
         Axis names; ``c`` is a channel axis, ``z``/``y``/``x`` are space.
+    levels : int
+        Downsampled levels ``1 .. levels`` beside ``0`` (y and x halved per level).
 
     Returns
     -------
@@ -100,15 +104,14 @@ def ome_image_attrs(
                 "axes": axis_meta,
                 "datasets": [
                     {
-                        "path": "0",
+                        "path": str(level),
                         "coordinateTransformations": [
-                            {"type": "scale", "scale": [1.0] * n_extra + [float(s) for s in scale]},
-                            {
-                                "type": "translation",
-                                "translation": [0.0] * n_extra + [float(t) for t in translation],
-                            },
+                            {"type": "scale", "scale": [1.0] * n_extra + level_scale},
+                            {"type": "translation", "translation": [0.0] * n_extra + level_shift},
                         ],
                     }
+                    for level in range(levels + 1)
+                    for level_scale, level_shift in [level_transform(scale, translation, level)]
                 ],
             }
         ],
@@ -231,29 +234,46 @@ class OutputStore:
         translation: tuple[float, ...],
         attrs: dict[str, Any] | None = None,
         axes: tuple[str, ...] = ("c", "z", "y", "x"),
+        levels: int = 0,
     ) -> zarr.Array:
-        """Create the OME-Zarr image group ``name`` with level ``0`` and return that array."""
+        """Create the OME-Zarr image group ``name`` and return its level ``0``.
+
+        With ``levels``, levels ``1 .. levels`` are created too, y and x halved per level, their
+        chunks the level-0 chunks halved likewise (see :mod:`~napari_normcheck.core.pyramid`).
+        """
         group = self.root.create_group(name, overwrite=True)
-        group.attrs["ome"] = ome_image_attrs(name, scale, translation, axes)
+        group.attrs["ome"] = ome_image_attrs(name, scale, translation, axes, levels)
         if attrs:
             group.attrs["normcheck"] = attrs
         fill = 0 if np.dtype(dtype).kind in "iu" else 0.0
         # LZ4 with byte shuffle: several times faster than zarr's default zstd on probabilities, so
         # compressing outputs does not slow the model down on few cores.
         compressor = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-        return group.create_array(
-            "0",
-            shape=shape,
-            chunks=chunks,
-            dtype=dtype,
-            fill_value=fill,
-            dimension_names=axes,
-            compressors=compressor,
-        )
+        arrays = []
+        for level in range(levels + 1):
+            factor = 2**level
+            arrays.append(
+                group.create_array(
+                    str(level),
+                    shape=(*shape[:-2], *(-(-n // factor) for n in shape[-2:])),
+                    chunks=(*chunks[:-2], *(c // factor for c in chunks[-2:])),
+                    dtype=dtype,
+                    fill_value=fill,
+                    dimension_names=axes,
+                    compressors=compressor,
+                )
+            )
+        return arrays[0]
 
     def array(self, name: str) -> zarr.Array:
         """Level 0 of image ``name``."""
         return self.root[f"{name}/0"]
+
+    def pyramid(self, name: str) -> Pyramid:
+        """Every level of image ``name``, as its ``multiscales`` metadata lists them."""
+        group = self.root[name]
+        datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
+        return Pyramid([group[d["path"]] for d in datasets])
 
     def finish(self, summary: dict[str, Any]) -> Path:
         """Write the completion marker last; swap the new OUT in place of an old one. Returns OUT."""

@@ -40,7 +40,7 @@ from napari_normcheck.core.writer import BackgroundWriter
 if TYPE_CHECKING:
     import torch
 
-    from napari_normcheck.core.engine import Timing
+    from napari_normcheck.core.timing import Timing
 
 MODES = ("eval", "train")
 
@@ -138,7 +138,11 @@ class TileLoop:
             n_out, config.threshold, argmax=config.activation == "softmax"
         )
         self.mismatch = MismatchTracker(
-            plan, n_out, config.threshold, on_pair=self._write_seams, tiles=tiles
+            plan,
+            n_out,
+            config.threshold,
+            on_pair=self._write_seams if "seams_eval" in arrays else None,
+            tiles=tiles,
         )
         chunk_box = None if block is None else (block.chunk_start, block.chunk_stop)
         self.accumulator = ChunkAccumulator(
@@ -226,30 +230,57 @@ class TileLoop:
 
     def _stitch(self, work: TileWork) -> None:
         t0 = time.perf_counter()
-        prediction = np.concatenate([work.outputs[m] for m in MODES], axis=0)
-        write_before = self.timing.write
-        self.accumulator.add(work.tile, prediction)
-        self.timing.stitch += time.perf_counter() - t0 - (self.timing.write - write_before)
+        before = self.timing.write + self.timing.write_wait + self.timing.metrics
+        self.accumulator.add(work.tile, [work.outputs[m] for m in MODES])
+        after = self.timing.write + self.timing.write_wait + self.timing.metrics
+        self.timing.stitch += time.perf_counter() - t0 - (after - before)
 
     def _write_chunk(
+        self, chunk: ChunkIndex, slices: tuple[slice, ...], values: np.ndarray
+    ) -> None:
+        # The chunk's activation, disparity sums and storage run on the writer thread, in chunk
+        # completion order (the global sums add up in the same order as before), while this
+        # thread stitches and predicts the next tiles.
+        t0 = time.perf_counter()
+        self._submit(self._finish_chunk, chunk, slices, values)
+        self.chunks_written += 1
+        self.timing.write += time.perf_counter() - t0
+
+    def _finish_chunk(
         self, chunk: ChunkIndex, slices: tuple[slice, ...], values: np.ndarray
     ) -> None:
         t0 = time.perf_counter()
         stacked = values.reshape(len(MODES), self.n_out, *values.shape[1:])
         probabilities = activate(stacked, self.config.activation)
         self.chunk_sums[chunk] = self.disparity.add(probabilities[1], probabilities[0])
-        self.writer.submit(self._store_chunk, slices, probabilities)
-        self.chunks_written += 1
+        self._store_chunk(slices, probabilities)
+        self.timing.writer += time.perf_counter() - t0
+
+    def _submit(self, job, *args) -> None:
+        # Time blocked on a full queue is the run waiting for the writer thread.
+        waited = self.writer.submit(job, *args)
+        self.timing.write_wait += waited
+        self.timing.write -= waited
+
+    def write_after_pending(self, job, *args) -> None:
+        """Run ``job(*args)`` on the writer thread once every write queued before it is done."""
+        t0 = time.perf_counter()
+        self._submit(job, *args)
         self.timing.write += time.perf_counter() - t0
 
     def _store_chunk(self, slices: tuple[slice, ...], probabilities: np.ndarray) -> None:
-        # On the writer thread: compress and write while the model predicts the next tiles.
+        # On the writer thread: compress and write (with the chunk's pyramid levels) while the
+        # model predicts the next tiles.
         box = (slice(None), *slices)
         dtype = self.config.output_dtype
+
+        def store_as(values: np.ndarray) -> np.ndarray:
+            return to_output_dtype(values, dtype)
+
         for m, mode in enumerate(MODES):
-            self.arrays[mode][box] = to_output_dtype(probabilities[m], dtype)
+            self.arrays[mode].write_chunk(box, probabilities[m], store_as)
         difference = np.abs(probabilities[1] - probabilities[0])
-        self.arrays["disparity"][box] = to_output_dtype(difference, dtype)
+        self.arrays["disparity"].write_chunk(box, difference, store_as)
 
     def _write_seams(
         self, start: tuple[int, ...], stop: tuple[int, ...], difference: np.ndarray
@@ -264,9 +295,18 @@ class TileLoop:
             local = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
             difference = difference[(slice(None), slice(None), *local)]
             start, stop = lo, hi
-        self.writer.submit(self._store_seams, start, stop, difference)
+        t0 = time.perf_counter()
+        self._submit(self._store_seams, start, stop, difference)
+        self.timing.write += time.perf_counter() - t0
 
     def _store_seams(
+        self, start: tuple[int, ...], stop: tuple[int, ...], difference: np.ndarray
+    ) -> None:
+        t0 = time.perf_counter()
+        self._store_seams_box(start, stop, difference)
+        self.timing.writer += time.perf_counter() - t0
+
+    def _store_seams_box(
         self, start: tuple[int, ...], stop: tuple[int, ...], difference: np.ndarray
     ) -> None:
         # The largest disagreement of any tile pair covering a voxel; max is idempotent on resume
@@ -282,8 +322,10 @@ class TileLoop:
             seams[box] = to_output_dtype(np.maximum(current, difference[m]), dtype)
 
     def flush(self) -> None:
-        """Wait until every submitted chunk and seam is written."""
+        """Wait until every submitted chunk and seam is written (counted as ``write_wait``)."""
+        t0 = time.perf_counter()
         self.writer.flush()
+        self.timing.write_wait += time.perf_counter() - t0
 
     def close(self) -> None:
         """Finish pending writes, stop the writer and drop spilled partial chunks."""

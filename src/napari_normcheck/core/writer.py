@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,10 +24,18 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name="normcheck-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Callable[..., Any], *args: Any) -> None:
-        """Queue ``job(*args)``; raises an earlier job's error, if any."""
+    def submit(self, job: Callable[..., Any], *args: Any) -> float:
+        """Queue ``job(*args)``; raises an earlier job's error, if any.
+
+        Returns
+        -------
+        float
+            Seconds spent waiting for room in the queue (the writer behind the run).
+        """
         self._raise()
+        t0 = time.perf_counter()
         self._jobs.put((job, args))
+        return time.perf_counter() - t0
 
     def flush(self) -> None:
         """Wait until every queued job has run; raises an error a job raised."""

@@ -1,0 +1,194 @@
+"""Machinery throughput: the whole check with a model that costs nothing, so our own code is timed.
+
+Run: ``python benchmarks/bench_pipeline.py [--shape 64,1024,1024] [--tiles 32,256,256 ...]
+[--device cpu|cuda] [--memory]``. Prints measured figures; asserts nothing.
+
+The model is one 1x1x1 convolution and a BatchNorm3d with 2 output channels (running statistics that
+fit no tile, so the disparity is not zero): its forwards take a few percent of the run, and what is
+left is reading, intensity normalization, stitching, metrics, seams, tile grids and writes. Each case
+runs in a fresh process (peak RSS is per process) on a uint8 zarr volume with a membrane-like texture.
+
+Printed per case: input Mvoxel/s (target >= 10 on 2 CPU cores), seconds per named stage of the
+report's timing and their sum against the wall time (target: within 5%), peak RSS, and the bytes OUT
+holds per input voxel per output channel (uncompressed array size, and on disk).
+``--memory`` runs the default tile on 1x, 16x and 64x the voxels (growing in y and x) and prints the
+peak RSS ratios (target: within 1.25x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+STAGES = (
+    "setup",
+    "read_wait",
+    "forward_eval",
+    "forward_train",
+    "stitch",
+    "metrics",
+    "write",
+    "write_wait",
+    "finish",
+)
+
+
+def make_model(spatial_dims: int = 3):
+    """A 1x1x1 convolution and a BatchNorm with running statistics that fit no tile."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+    norm = nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d
+    model = nn.Sequential(conv(1, 2, 1), norm(2))
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.3)
+        model[1].running_var.fill_(0.05)
+    return model.eval()
+
+
+def make_zarr(path: Path, shape: tuple[int, int, int]) -> None:
+    """A uint8 zarr volume: smooth blobs and noise, written plane block by plane block."""
+    import zarr
+
+    rng = np.random.default_rng(0)
+    array = zarr.create_array(str(path), shape=shape, chunks=(16, 256, 256), dtype="uint8")
+    yy, xx = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
+    for z in range(0, shape[0], 16):
+        depth = min(16, shape[0] - z)
+        block = np.empty((depth, *shape[1:]), dtype=np.uint8)
+        for k in range(depth):
+            wave = np.sin(yy / (17.0 + z + k)) * np.cos(xx / 23.0)
+            noise = rng.integers(0, 60, size=shape[1:], dtype=np.uint8)
+            block[k] = (np.clip(wave * 90 + 120, 0, 195)).astype(np.uint8) + noise
+        array[z : z + depth] = block
+
+
+def run_case(volume_path: str, out: str, tile: tuple[int, int, int], device: str) -> dict:
+    """One run of the check in this process; its figures."""
+    import torch
+
+    from napari_normcheck.core.config import RunConfig
+    from napari_normcheck.core.engine import RunFinished, run_check
+    from napari_normcheck.core.volume import open_volume
+
+    spatial_dims = 2 if tile[0] == 1 else 3
+    model = make_model(spatial_dims)
+    config = RunConfig(
+        tile=tile,
+        overlap=0.25,
+        blend="gaussian",
+        normalize="minmax:0,255",
+        activation="sigmoid",
+        device=device,
+        spatial_dims=spatial_dims,
+    )
+    volume = open_volume(volume_path)
+    t0 = time.perf_counter()
+    summary: dict = {}
+    for event in run_check(volume, model, config, out, divisor=1, spatial_dims=spatial_dims):
+        if isinstance(event, RunFinished):
+            summary = event.summary
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    n_voxels = int(np.prod(volume.spatial_shape))
+    on_disk = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    return {
+        "tile": list(tile),
+        "wall_s": wall,
+        "mvoxel_per_s": n_voxels / wall / 1e6,
+        "timing": summary.get("timing", {}),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "out_bytes_per_voxel": summary.get("out_bytes_per_voxel"),
+        "disk_bytes_per_voxel_channel": on_disk / n_voxels / 2,
+        "disparity": summary.get("disparity", {}).get("hard"),
+    }
+
+
+def in_subprocess(volume: Path, tile: tuple[int, int, int], device: str) -> dict:
+    """Run one case in a fresh interpreter (its own peak RSS)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        code = (
+            "import json, sys; sys.path.insert(0, %r); import bench_pipeline as b; "
+            "print(json.dumps(b.run_case(%r, %r, %r, %r)))"
+            % (str(Path(__file__).parent), str(volume), f"{tmp}/out.zarr", tuple(tile), device)
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-3000:])
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_case(shape: tuple[int, ...], result: dict) -> None:
+    """Throughput, stages against the wall time, memory and output size of one case."""
+    timing = result["timing"]
+    staged = sum(timing.get(k, 0.0) for k in STAGES)
+    total = timing.get("total", result["wall_s"])
+    print(
+        f"\nvolume {'x'.join(map(str, shape))}, tile {'x'.join(map(str, result['tile']))}: "
+        f"{result['wall_s']:.1f} s, {result['mvoxel_per_s']:.2f} Mvoxel/s of input"
+    )
+    print(
+        "  stages: "
+        + ", ".join(f"{k} {timing[k]:.2f}" for k in STAGES if k in timing)
+        + f"; read (reader thread, overlapped) {timing.get('read', 0):.2f}"
+    )
+    print(
+        f"  stages sum {staged:.2f} s vs run total {total:.2f} s "
+        f"({100 * staged / max(total, 1e-9):.1f}%); process wall {result['wall_s']:.2f} s"
+    )
+    print(
+        f"  peak RSS {result['peak_rss_mib']:.0f} MiB; OUT {result['out_bytes_per_voxel']} bytes "
+        f"per input voxel (uncompressed, all outputs), "
+        f"{result['disk_bytes_per_voxel_channel']:.2f} on disk per voxel per channel"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="64,1024,1024")
+    parser.add_argument("--tiles", nargs="+", default=["32,256,256", "64,128,128", "1,512,512"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--memory", action="store_true", help="peak RSS at 1x, 16x, 64x voxels")
+    args = parser.parse_args(argv)
+    shape = tuple(int(v) for v in args.shape.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.memory:
+            tile = (32, 256, 256)
+            peaks = []
+            for factor in (1, 4, 8):
+                grown = (shape[0], 256 * factor, 256 * factor)
+                path = Path(tmp) / f"vol_{factor}.zarr"
+                make_zarr(path, grown)
+                result = in_subprocess(path, tile, args.device)
+                print_case(grown, result)
+                peaks.append(result["peak_rss_mib"])
+            print(
+                f"\npeak RSS 16x/1x {peaks[1] / peaks[0]:.2f}, 64x/1x {peaks[2] / peaks[0]:.2f} "
+                "(target <= 1.25)"
+            )
+            return 0
+        path = Path(tmp) / "vol.zarr"
+        t0 = time.perf_counter()
+        make_zarr(path, shape)
+        print(f"made {path.name} {shape} uint8 in {time.perf_counter() - t0:.1f} s")
+        for text in args.tiles:
+            tile = tuple(int(v) for v in text.split(","))
+            print_case(shape, in_subprocess(path, tile, args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
