@@ -1,4 +1,6 @@
-"""The plots of the Results tab: disparity histogram, feature mean per tile, ``|z|`` vs disparity.
+"""The Results tab's output channel choice and its plots (histogram, feature mean, ``|z|``).
+
+The plots: per-tile disparity histogram, feature mean per tile, ``|z|`` vs disparity.
 
 A mixin of :class:`~napari_normcheck._qt.widget.NormcheckWidget` (it uses the widget's result
 layers, tile table and finished run). The normalization layer and feature channel chosen here
@@ -52,6 +54,40 @@ class FeatureSection:
         layout.addWidget(self.plot_tabs, 1)
         layout.addLayout(form)
         return box
+
+    # --- the output channel ---------------------------------------------------------------------
+
+    def _set_channel_labels(self, loaded: Any, n_channels: int) -> None:
+        """Offer the model's output channels, by name when the model names them."""
+        from napari_normcheck import _layers
+        from napari_normcheck._qt import jobs
+
+        names = jobs.output_channel_names(loaded) if loaded is not None else None
+        if not (isinstance(names, (list, tuple)) and len(names) == n_channels):
+            names = _layers.channel_names({}, n_channels)
+        names = [str(name) for name in names]
+        self.results.channel_labels = names
+        if [self.channel_combo.itemText(i) for i in range(self.channel_combo.count())] == names:
+            return
+        self.channel_combo.blockSignals(True)
+        self.channel_combo.clear()
+        self.channel_combo.addItems(names)
+        self.channel_combo.setCurrentIndex(min(self.results.channel, n_channels - 1))
+        self.channel_combo.blockSignals(False)
+        self.results.channel = self.channel_combo.currentIndex()
+        self.tile_table.set_channel(self.results.channel)
+
+    def _on_channel_activated(self, *_args: Any) -> None:
+        self.user_chose_channel = True  # a choice of the user's is kept across runs
+
+    def _on_channel_changed(self, index: int) -> None:
+        """Show output channel ``index``: the same layers re-pointed, the table and plots follow."""
+        if index < 0:
+            return
+        self.results.channel = index
+        self.tile_table.set_channel(index)
+        self.results.set_channel(index, self.tile_values())
+        self.update_plots()
 
     # --- the normalization layers ----------------------------------------------------------------
 

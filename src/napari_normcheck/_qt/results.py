@@ -8,11 +8,10 @@ layer appears only after napari built its controls and visual). So:
 - the GUI work is cut in steps, one per event-loop turn (:mod:`napari_normcheck._qt.steps`):
   each new layer is one step, so the viewer draws and answers input between two layers.
 
-One layer per output shows one output channel (:attr:`ResultLayers.channel`); choosing another
-re-points the same layers (:meth:`ResultLayers.set_channel`). No dock widget here:
-:class:`ResultLayers` only talks to the viewer. The reader thread is in
-:mod:`~napari_normcheck._qt.reader_thread`, the tile outlines in
-:mod:`~napari_normcheck._qt.tile_outlines`.
+One layer per output shows one output channel; choosing another re-points the same layers
+(:mod:`~napari_normcheck._qt.channel_choice`). No dock widget here: :class:`ResultLayers` only
+talks to the viewer (reads in :mod:`~napari_normcheck._qt.reader_thread`, tile outlines in
+:mod:`~napari_normcheck._qt.tile_outlines`).
 """
 
 from __future__ import annotations
@@ -34,8 +33,7 @@ from napari_normcheck._qt.reader_thread import ReaderThread
 from napari_normcheck._qt.steps import StepQueue, step
 from napari_normcheck._qt.tile_outlines import TileOutlines
 
-#: Outputs the widget shows (the store holds more; the reader opens them all). Fewer layers: each
-#: new napari layer costs the GUI thread about 0.1 s (controls, visual, first draw).
+#: Outputs the widget shows (the store holds more; the reader opens them all): one layer each.
 WIDGET_OUTPUTS = (
     "pred_eval",
     "pred_train",
@@ -398,10 +396,7 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
 
     def _settle_contrast(self, limits: list[tuple[Any, tuple[float, float]]]) -> None:
         """Outputs without fixed contrast limits (logits) get limits from their data."""
-        for layer, (low, high) in limits:
-            if layer in self.viewer.layers:
-                layer.contrast_limits_range = (low, high)
-                layer.contrast_limits = (low, high)
+        self._apply_contrast(limits)
         for layer in self.layers.values():
             if layer in self.viewer.layers:
                 layer_data.stop_prefetch(layer)  # from now on napari reads the store itself
