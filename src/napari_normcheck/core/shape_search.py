@@ -21,6 +21,15 @@ MAX_DIVISOR = 64
 _MATMUL = re.compile(r"\((\d+)x(\d+) and (\d+)x(\d+)\)")
 _VIEW = re.compile(r"shape '\[([-\d, ]+)\]' is invalid for input of size (\d+)")
 
+# Errors of a grid too small somewhere inside (a bottleneck of one voxel, a kernel larger than the
+# grid, a size check of the network's own): a larger input may work.
+_SIZE_ERROR = re.compile(
+    r"spatial element|value per channel|too small|greater than|divisible|must match|at least",
+    re.IGNORECASE,
+)
+
+_TOO_SMALL = re.compile(r"spatial element|value per channel|too small|greater than", re.I)
+
 TrialFn = Callable[[Sequence[int]], Trial]
 
 
@@ -84,7 +93,8 @@ def find_base(
                 return retry, tried
         # A grid strided down to a voxel or two may be too small for a layer (instance norm
         # refuses one voxel): larger may work. Any other failure would recur, only slower.
-        if result.error is not None and not result.collapsed and result.output is None:
+        too_small = result.collapsed or _SIZE_ERROR.search(result.error or "")
+        if result.error is not None and not too_small and result.output is None:
             break
     return None, tried
 
@@ -115,14 +125,20 @@ def stride_hint(base: Trial) -> tuple[int, ...]:
     )
 
 
-def _trial_side(base_side: int, divisor: int) -> int:
-    """An odd multiple (3 or more) of ``divisor``, not below ``base_side``.
+def _trial_sides(base_side: int, divisor: int) -> tuple[int, int]:
+    """Odd multiples of ``divisor``: the largest not above ``base_side``, the smallest above it.
 
-    It is a multiple of the divisor but of no larger power-of-two multiple of it, so a forward
-    that works there confirms this divisor and not a coarser one.
+    They are multiples of the divisor but of no larger power-of-two multiple of it, so a forward
+    that works there confirms this divisor and not a coarser one. The one below is cheaper; the
+    one above is tried when the one below was too small for some layer.
     """
-    k = max(3, math.ceil(base_side / divisor))
-    return divisor * (k if k % 2 else k + 1)
+    below = base_side // divisor
+    below -= 1 - below % 2
+    above = max(3, -(-base_side // divisor))
+    above += 1 - above % 2
+    # A trial on the base side itself would not show that other sizes work (a fixed size).
+    first = divisor * below if below >= 1 and divisor * below != base_side else divisor * above
+    return first, divisor * above
 
 
 def axis_divisor(
@@ -139,12 +155,16 @@ def axis_divisor(
     for divisor in ladder:
         if divisor > max(MAX_DIVISOR, start):
             break
-        spatial = list(base.spatial)
-        spatial[axis] = _trial_side(base.spatial[axis], divisor)
-        result = trial(spatial)
-        tried.append(result)
-        if result.ok:
-            return divisor, tried
+        below, above = _trial_sides(base.spatial[axis], divisor)
+        for side in dict.fromkeys((below, above)):
+            spatial = list(base.spatial)
+            spatial[axis] = side
+            result = trial(spatial)
+            tried.append(result)
+            if result.ok:
+                return divisor, tried
+            if not (result.collapsed or _TOO_SMALL.search(result.error or "")):
+                break
     return None, tried
 
 

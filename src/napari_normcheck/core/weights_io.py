@@ -23,7 +23,15 @@ from torch import nn
 from napari_normcheck.core.errors import NormcheckError, first_line
 
 # Keys under which training scripts commonly nest the weights (plain, Lightning, custom loops).
-_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights")
+_NESTED_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "network_weights",  # nnU-Net v2's checkpoint_final.pth
+    "model",
+    "net",
+    "network",
+    "weights",
+)
 # Wrappers that prefix every key: DataParallel / DDP, Lightning modules, torch.compile.
 _KEY_PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
 _SHOWN_KEYS = 5
