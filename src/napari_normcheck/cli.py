@@ -351,6 +351,8 @@ def run_and_report(
             "sha256": loaded.sha256,
             "format": loaded.format,
             "output": loaded.output_choice.describe(),
+            "divisor": list(info.divisor),
+            "fixed_shape": None if info.fixed_shape is None else list(info.fixed_shape),
         },
         "norm_layers": inventory.to_dict(),
     }

@@ -101,6 +101,13 @@ def _explain(
     head = f"the model does not take the tile window {_shape_text(sides, dims)} ({result.error})"
     if _CHANNEL_ERROR.search(result.error or ""):
         return f"{head}; check the channel count and --spatial-dims"
+    if result.prediction is not None:
+        return (
+            f"the model maps the tile window {_shape_text(sides, dims)} to an output of shape "
+            f"{tuple(result.prediction.shape)}; napari-normcheck needs an output with the input's "
+            "spatial shape (a segmentation network with 'same' padding; --output-index / "
+            "--output-key choose another output)"
+        )
     advice = f"tile sides divisible by the model's downsampling {divs} are advised"
     fixes = []
     for axis, (side, d) in enumerate(zip(sides, divs)):
