@@ -214,3 +214,74 @@ def _describe_04(source, weights, dims, fixed, halo, shape):
             weights=m.WeightsDescr(**entries),
             timestamp="2024-01-01T00:00:00",
         )
+
+
+LIBRARY_KWARGS = {
+    "spatial_dims": 2,
+    "in_channels": 1,
+    "out_channels": 2,
+    "features": [4, 4, 8, 8, 16, 4],
+    "norm": "batch",
+}
+
+
+def make_library_package(folder: Path) -> Path:
+    """A 0.5 package whose state_dict's architecture is MONAI's BasicUNet (no package code)."""
+    from bioimageio.spec import ValidationContext, save_bioimageio_package_as_folder
+    from bioimageio.spec.model import v0_5 as m
+    from monai.networks.nets import BasicUNet
+
+    source = folder.with_name(folder.name + "_src")
+    source.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    net = BasicUNet(**LIBRARY_KWARGS).eval()
+    torch.save(net.state_dict(), source / "weights.pt")
+    image = np.random.default_rng(0).normal(size=(1, 1, 32, 48)).astype(np.float32)
+    np.save(source / "test_input.npy", image)
+    with torch.no_grad():
+        np.save(source / "test_output.npy", net(torch.from_numpy(image)).numpy())
+    with ValidationContext(root=source, perform_io_checks=False):
+        space = [
+            m.SpaceInputAxis(id=m.AxisId(a), size=m.ParameterizedSize(min=16, step=16))
+            for a in "yx"
+        ]
+        inputs = m.InputTensorDescr(
+            id=m.TensorId("raw"),
+            axes=[m.BatchAxis(), m.ChannelAxis(channel_names=[m.Identifier("raw")]), *space],
+            test_tensor=m.FileDescr(source=Path("test_input.npy")),
+        )
+        outputs = m.OutputTensorDescr(
+            id=m.TensorId("logits"),
+            axes=[
+                m.BatchAxis(),
+                m.ChannelAxis(channel_names=[m.Identifier("background"), m.Identifier("cells")]),
+                *[
+                    m.SpaceOutputAxis(
+                        id=a.id, size=m.SizeReference(tensor_id=m.TensorId("raw"), axis_id=a.id)
+                    )
+                    for a in space
+                ],
+            ],
+            test_tensor=m.FileDescr(source=Path("test_output.npy")),
+        )
+        arch = m.ArchitectureFromLibraryDescr(
+            import_from="monai.networks.nets",
+            callable=m.Identifier("BasicUNet"),
+            kwargs=LIBRARY_KWARGS,
+        )
+        descr = m.ModelDescr(
+            name="tiny basic unet",
+            description="MONAI BasicUNet from its library",
+            authors=[m.Author(name="napari-normcheck")],
+            cite=[m.CiteEntry(text="napari-normcheck", doi=m.Doi("10.1234/normcheck"))],
+            license="MIT",
+            inputs=[inputs],
+            outputs=[outputs],
+            weights=m.WeightsDescr(
+                pytorch_state_dict=m.PytorchStateDictWeightsDescr(
+                    source=Path("weights.pt"), architecture=arch, pytorch_version="2.1"
+                )
+            ),
+        )
+    save_bioimageio_package_as_folder(descr, output_path=folder)
+    return folder

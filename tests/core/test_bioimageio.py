@@ -258,3 +258,51 @@ def test_run_with_a_package_needs_no_arch_normalize_or_activation(tmp_path):
     pred = zarr.open_group(str(out), mode="r")["pred_eval/0"][:]
     prob = pred / 255.0 if pred.dtype == np.uint8 else pred
     assert prob.min() >= 0 and prob.max() <= 1 and 0.2 < prob.mean() < 0.8  # sigmoid applied
+
+
+def test_05_package_whose_last_space_axis_has_no_id(tmp_path, capsys):
+    # The format's default id is x: a 2D package with axes batch, channel, y, (x).
+    package = make_package(tmp_path / "pkg", dims=2)
+    axes = yaml.safe_load((package / "rdf.yaml").read_text())["inputs"][0]["axes"]
+    assert axes[2]["id"] == "y" and "id" not in axes[3]
+    assert main(["inspect", str(package), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "2D" in out and "test output reproduced" in out
+    assert "tile sides: y a multiple of 8, x a multiple of 8" in out
+    assert "channels: input ['raw'], output ['prob']" in out
+
+
+@pytest.mark.parametrize("v05", [True, False])
+def test_declared_sizes_halo_and_channel_names(tmp_path, v05):
+    package = make_package(tmp_path / "pkg", v05=v05, halo=2)
+    loaded = load_model(package)
+    assert loaded.info.divisor == (8, 8, 8)  # the declared step, confirmed by forwards
+    assert loaded.halo == (2, 2, 2)
+    assert any("--halo 2,2,2" in note for note in loaded.notes)
+    names = (["raw"], ["prob"]) if v05 else (None, None)
+    assert (loaded.input_channel_names, loaded.output_channel_names) == names
+    assert bioimageio.verify_package(package, loaded=loaded).passed
+
+
+@pytest.mark.parametrize("v05", [True, False])
+def test_fixed_size_package_gets_its_shape_as_tile(tmp_path, v05):
+    import zarr
+
+    package = make_package(tmp_path / "pkg", v05=v05, fixed=True, weights=("torchscript",))
+    assert load_model(package).info.fixed_shape == (8, 16, 16)
+    np.save(tmp_path / "v.npy", np.random.default_rng(1).normal(size=(8, 20, 20)))
+    out = tmp_path / "o.zarr"
+    assert main(["run", str(tmp_path / "v.npy"), "--model", str(package), "--out", str(out)]) == 0
+    assert zarr.open_group(str(out), mode="r").attrs["normcheck"]["params"]["tile"] == [8, 16, 16]
+
+
+def test_state_dict_of_an_installed_library_needs_no_trust(tmp_path, capsys):
+    from tests.core.bioimageio_packages import make_library_package
+
+    package = make_library_package(tmp_path / "pkg")
+    loaded = load_model(package)
+    assert loaded.arch == "monai.networks.nets:BasicUNet"
+    assert loaded.info.divisor == (16, 16)
+    assert loaded.output_channel_names == ["background", "cells"]
+    assert main(["inspect", str(package), "--verify"]) == 0
+    assert "test output reproduced" in capsys.readouterr().out
