@@ -47,12 +47,14 @@ def test_five_channels_keep_eight_layers_and_switching_repoints_them(
     path, kwargs = five_channel_model
     viewer, widget = make_widget(make_napari_viewer, small_image, path, tmp_path)
     widget.arch_kwargs.setText(json.dumps(kwargs))
+    widget.seams.setChecked(True)  # every output the widget shows
     widget.run()
     wait_done(qtbot, widget)
     assert errors == []
     root = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
     layers = result_layers(viewer)
-    assert len(layers) <= MAX_RESULT_LAYERS
+    assert len(layers) == MAX_RESULT_LAYERS  # eval, train, disparity, seams, 2 grids, z, tiles
+    assert len(viewer.layers) == MAX_RESULT_LAYERS + 1
     assert widget.channel_combo.count() == 5
     # The default channel is the one with the highest disparity.
     soft = widget.finished_event.summary["disparity"]["soft"]
@@ -70,6 +72,9 @@ def test_five_channels_keep_eight_layers_and_switching_repoints_them(
         np.testing.assert_array_equal(level0(eval_layer), root["pred_eval/0"][channel])
         np.testing.assert_array_equal(
             level0(viewer.layers[f"disparity · c{channel}"]), root["disparity/0"][channel]
+        )
+        np.testing.assert_array_equal(
+            level0(viewer.layers[f"seams (eval) · c{channel}"]), root["seams_eval/0"][channel]
         )
         grid = viewer.layers[f"tile disparity · c{channel}"]
         np.testing.assert_array_equal(level0(grid), root["tile_disparity_soft/0"][channel])

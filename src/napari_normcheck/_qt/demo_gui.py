@@ -150,7 +150,7 @@ def run_demo_gui(
         else:
             if screenshot is None:  # (the screenshot's view is arranged already)
                 go_to_worst_tile(widget)
-            print(widget.status_label.text())
+            print(widget.summary_label.text())
         if screenshot is None:
             return
         if status["code"] == 0:

@@ -14,6 +14,11 @@ from napari_normcheck import _layers
 from napari_normcheck._arrays import EmptyChannel, LiveChannel
 
 
+def output_of(kwargs: dict[str, Any]) -> str:
+    """The output group a layer's keyword arguments describe (its key in the result layers)."""
+    return str(kwargs["metadata"].get("normcheck_output", kwargs["name"]))
+
+
 def levels_of(layer: Any) -> list[Any]:
     """The arrays of a layer's levels, finest first (one for a single-scale layer)."""
     data = layer.data

@@ -77,7 +77,10 @@ class PlotWidget(QWidget):
         from matplotlib.figure import Figure
 
         self.colors = napari_colors()
-        self.figure = Figure(figsize=(4.0, 2.6), dpi=90, layout="constrained")
+        # Fixed margins (fractions, so the plot resizes with the dock): a layout engine would
+        # re-solve the layout at every draw, several times the cost of drawing.
+        self.figure = Figure(figsize=(4.0, 2.6), dpi=90)
+        self.figure.subplots_adjust(left=0.15, right=0.97, bottom=0.19, top=0.89)
         self.figure.set_facecolor(self.colors["background"])
         self.axes = self.figure.add_subplot()
         self.canvas = FigureCanvasQTAgg(self.figure)
@@ -96,6 +99,10 @@ class PlotWidget(QWidget):
         self._stale = False
         self.style_axes()
 
+    def warm_up(self) -> None:
+        """Draw once off-screen: matplotlib's first draw loads fonts (once per process)."""
+        self.canvas.draw()
+
     def style_axes(self) -> None:
         """Napari's colours on the axes (call after ``axes.clear()``)."""
         ax, colors = self.axes, self.colors
@@ -112,7 +119,9 @@ class PlotWidget(QWidget):
         """A legend in napari's colours (when something is labelled)."""
         handles, _labels = self.axes.get_legend_handles_labels()
         if handles:
-            legend = self.axes.legend(fontsize=7, facecolor=self.colors["background"])
+            legend = self.axes.legend(
+                fontsize=7, facecolor=self.colors["background"], loc="upper right"
+            )
             legend.get_frame().set_edgecolor(self.colors["grid"])
             for text in legend.get_texts():
                 text.set_color(self.colors["text"])
@@ -163,29 +172,32 @@ class DisparityHistogram(PlotWidget):
         self.counts = np.zeros(N_BINS, dtype=int)
         self.edges = np.linspace(0.0, 1.0, N_BINS + 1)
         self.global_value: float | None = None
+        ax = self.axes
+        self._bars = ax.stairs(self.counts, self.edges, fill=True, color=_ACCENT, alpha=0.85)
+        self._bars.set_label("tiles")
+        self._global = ax.axvline(0.0, color=_LINE, linewidth=2, label="whole region")
+        ax.set_xlabel("soft disparity per tile (1 − soft Dice, 0–1)")
+        ax.set_ylabel("tiles")
+        self.legend()
         self.set_values([])
 
     def set_values(self, values: Any, global_value: float | None = None, channel: str = "") -> None:
         """Bin the finite ``values`` (one per tile) over ``[0, max]`` and redraw."""
         finite = np.asarray([v for v in np.ravel(values) if math.isfinite(v)], dtype=float)
         top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-        if global_value is not None and math.isfinite(global_value):
+        known = global_value is not None and math.isfinite(global_value)
+        if known:
             top = max(top, float(global_value))
         self.counts, self.edges = np.histogram(finite, bins=N_BINS, range=(0.0, top))
         self.global_value = global_value
         ax = self.axes
-        ax.clear()
-        self.style_axes()
-        ax.stairs(self.counts, self.edges, fill=True, color=_ACCENT, alpha=0.85, label="tiles")
-        if global_value is not None and math.isfinite(global_value):
-            ax.axvline(
-                global_value, color=_LINE, linewidth=2, label=f"whole region {global_value:.3f}"
-            )
-        ax.set_xlabel("soft disparity per tile (1 − soft Dice, 0–1)")
-        ax.set_ylabel("tiles")
-        ax.set_title(f"Disparity per tile{' · ' + channel if channel else ''}", fontsize=9)
+        self._bars.set_data(self.counts, self.edges)
+        self._global.set_xdata([global_value, global_value] if known else [0.0, 0.0])
+        self._global.set_visible(known)
+        title = f"Disparity per tile{' · ' + channel if channel else ''}"
+        ax.set_title(title + (f" (whole region {global_value:.3f})" if known else ""), fontsize=9)
         ax.set_xlim(0.0, top)
-        self.legend()
+        ax.set_ylim(0.0, max(int(self.counts.max()), 1) * 1.08)
         self.redraw()
 
 
@@ -206,11 +218,26 @@ class FeatureMeanPlot(PlotWidget):
     """
 
     def __init__(self, parent: Any = None) -> None:
+        from matplotlib.patches import Rectangle
+
         super().__init__(parent)
         self.tiles = np.zeros(0, dtype=int)
         self.tile_means = np.zeros(0)
         self.running_mean: float | None = None
         self.running_std: float | None = None
+        ax = self.axes
+        across = ax.get_yaxis_transform()  # x in axes fraction, y in data
+        self._bands = []
+        for k, alpha in ((2, 0.15), (1, 0.3)):
+            band = Rectangle((0, 0), 1, 0, transform=across, color=_LINE, alpha=alpha, lw=0)
+            band.set_label(f"± {k} running std")
+            ax.add_patch(band)
+            self._bands.append((k, band))
+        self._mean_line = ax.axhline(0.0, color=_LINE, linewidth=2, label="running mean")
+        self._points = ax.scatter([], [], s=14, color=_ACCENT, label="tile mean", zorder=3)
+        ax.set_xlabel("tile (scan order)")
+        ax.set_ylabel("mean input (feature units)")
+        self.legend()
         self.set_data([], [])
 
     def set_data(
@@ -225,29 +252,27 @@ class FeatureMeanPlot(PlotWidget):
         self.tiles = np.asarray(tiles, dtype=int)
         self.tile_means = np.asarray(means, dtype=float)
         self.running_mean, self.running_std = running_mean, running_std
+        has_mean = running_mean is not None and math.isfinite(running_mean)
+        has_std = has_mean and running_std is not None and math.isfinite(running_std)
+        values = list(self.tile_means[np.isfinite(self.tile_means)])
+        self._mean_line.set_visible(has_mean)
+        if has_mean:
+            self._mean_line.set_ydata([running_mean, running_mean])
+            values.append(running_mean)
+        for k, band in self._bands:
+            band.set_visible(has_std)
+            if has_std:
+                band.set_y(running_mean - k * running_std)
+                band.set_height(2 * k * running_std)
+                values += [running_mean - k * running_std, running_mean + k * running_std]
+        points = np.column_stack([self.tiles, self.tile_means]) if self.tiles.size else []
+        self._points.set_offsets(np.reshape(points, (-1, 2)))
         ax = self.axes
-        ax.clear()
-        self.style_axes()
-        if running_mean is not None and math.isfinite(running_mean):
-            if running_std is not None and math.isfinite(running_std):
-                for k, alpha in ((2, 0.15), (1, 0.3)):
-                    ax.axhspan(
-                        running_mean - k * running_std,
-                        running_mean + k * running_std,
-                        color=_LINE,
-                        alpha=alpha,
-                        linewidth=0,
-                        label=f"± {k} running std",
-                    )
-            ax.axhline(running_mean, color=_LINE, linewidth=2, label="running mean")
-        if self.tiles.size:
-            ax.scatter(
-                self.tiles, self.tile_means, s=14, color=_ACCENT, label="tile mean", zorder=3
-            )
-        ax.set_xlabel("tile (scan order)")
-        ax.set_ylabel("mean input (feature units)")
+        low, high = (min(values), max(values)) if values else (0.0, 1.0)
+        pad = (high - low) * 0.06 or 1.0
+        ax.set_ylim(low - pad, high + pad)
+        ax.set_xlim(-0.5, max(int(self.tiles.max()) if self.tiles.size else 0, 1) + 0.5)
         ax.set_title(title or "Feature mean per tile", fontsize=9)
-        self.legend()
         self.redraw()
 
 
@@ -276,25 +301,8 @@ class DisparityScatter(PlotWidget):
         self.disparity = np.zeros(0)
         self.selected: int | None = None
         self._hovered: int | None = None
-        self._xlabel = "|feature z| per tile (running std)"
-        self.canvas.mpl_connect("button_press_event", self._on_press)
-        self.canvas.mpl_connect("motion_notify_event", self._on_motion)
-        self.set_data([], [], [])
-
-    def set_data(
-        self, tiles: Any, z: Any, disparity: Any, xlabel: str = "", title: str = ""
-    ) -> None:
-        """Plot one point per tile (non-finite ones left out) and redraw."""
-        tiles, z, disparity = (np.asarray(a, dtype=float) for a in (tiles, z, disparity))
-        keep = np.isfinite(z) & np.isfinite(disparity)
-        self.tiles = tiles[keep].astype(int)
-        self.z, self.disparity = np.abs(z[keep]), disparity[keep]
-        if xlabel:
-            self._xlabel = xlabel
         ax = self.axes
-        ax.clear()
-        self.style_axes()
-        ax.scatter(self.z, self.disparity, s=16, color=_ACCENT, zorder=3)
+        self._points = ax.scatter([], [], s=16, color=_ACCENT, zorder=3)
         (self._ring,) = ax.plot([], [], "o", markersize=11, mfc="none", mec="#ffffff", mew=2)
         self._label = ax.annotate(
             "",
@@ -306,10 +314,30 @@ class DisparityScatter(PlotWidget):
             bbox={"boxstyle": "round", "fc": self.colors["background"], "ec": self.colors["grid"]},
             visible=False,
         )
-        ax.set_xlabel(self._xlabel)
         ax.set_ylabel("soft disparity per tile (0–1)")
+        self.canvas.mpl_connect("button_press_event", self._on_press)
+        self.canvas.mpl_connect("motion_notify_event", self._on_motion)
+        self.set_data([], [], [], xlabel="|feature z| per tile (running std)")
+
+    def set_data(
+        self, tiles: Any, z: Any, disparity: Any, xlabel: str = "", title: str = ""
+    ) -> None:
+        """Plot one point per tile (non-finite ones left out) and redraw."""
+        tiles, z, disparity = (np.asarray(a, dtype=float) for a in (tiles, z, disparity))
+        keep = np.isfinite(z) & np.isfinite(disparity)
+        self.tiles = tiles[keep].astype(int)
+        self.z, self.disparity = np.abs(z[keep]), disparity[keep]
+        ax = self.axes
+        self._points.set_offsets(np.column_stack([self.z, self.disparity]).reshape(-1, 2))
+        top_z = float(self.z.max()) if self.z.size else 1.0
+        top_d = float(self.disparity.max()) if self.disparity.size else 1.0
+        ax.set_xlim(0.0, (top_z or 1.0) * 1.08)
+        ax.set_ylim(0.0, (top_d or 1.0) * 1.08)
+        if xlabel and xlabel != ax.get_xlabel():
+            ax.set_xlabel(xlabel)
         ax.set_title(title or "Feature shift vs disparity (click a tile)", fontsize=9)
         self._hovered = None
+        self._label.set_visible(False)
         self.select_tile(self.selected, draw=False)
         self.redraw()
 

@@ -28,7 +28,8 @@ from qtpy.QtCore import QObject, Signal  # noqa: TID253 (the Qt layer)
 from napari_normcheck import _layers
 from napari_normcheck._arrays import EmptyChannel, LiveChannel
 from napari_normcheck._qt import layer_data
-from napari_normcheck._qt.channel_choice import ChannelChoice
+from napari_normcheck._qt.channel_choice import LAYER_ORDER, ChannelChoice
+from napari_normcheck._qt.layer_data import output_of as _output
 from napari_normcheck._qt.reader_thread import ReaderThread
 from napari_normcheck._qt.steps import StepQueue, step
 from napari_normcheck._qt.tile_outlines import TileOutlines
@@ -42,13 +43,9 @@ WIDGET_OUTPUTS = (
     "tile_disparity_soft",
     "tile_mismatch_eval",
 )
+RANK = {name: rank for rank, name in enumerate(LAYER_ORDER)}
 #: Outputs written while tiles finish (the tile grids and ``feature_z`` come at the end).
 VOXEL_OUTPUTS = ("pred_eval", "pred_train", "disparity", "seams_eval")
-
-
-def _output(kwargs: dict[str, Any]) -> str:
-    """The output group a layer's keyword arguments describe (its key in the result layers)."""
-    return str(kwargs["metadata"].get("normcheck_output", kwargs["name"]))
 
 
 @dataclass
@@ -198,7 +195,7 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         labels = self.labels_for(layout.n_channels)
         channel = min(self.channel, layout.n_channels - 1)
         tuples = _layers.placeholder_layers(
-            VOXEL_OUTPUTS,
+            tuple(n for n in VOXEL_OUTPUTS if layout.params.get("seams") or "seams" not in n),
             layout.n_channels,
             channel,
             labels,
@@ -215,10 +212,9 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         if self.feature_layer is not None and self.feature_layer in self.viewer.layers:
             shown.add(_layers.FEATURE_Z)
         new = [(data, kw) for data, kw, _kind in tuples if _output(kw) not in shown]
-        visible = [item for item in new if item[1].get("visible", True)]
-        hidden = [item for item in new if not item[1].get("visible", True)]
-        steps = [step(f"add {kw['name']}", self._add, data, kw) for data, kw in visible]
-        steps += [step(f"add {kw['name']}", self._add, data, kw) for data, kw in hidden]
+        # Added bottom first, in the layer list's order: no layer has to be moved afterwards.
+        new.sort(key=lambda item: -RANK.get(_output(item[1]), 0))
+        steps = [step(f"add {kw['name']}", self._add, data, kw) for data, kw in new]
         self.steps.add(*steps)
         self.plan = layout.plan
         if layout.plan is None or self._tiles_show(layout.plan):
@@ -428,14 +424,15 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         self._placeholders.append(layer)
 
     def _drop_unwritten(self, read: StoreRead) -> None:
-        # feature z is filled after this step (show_feature_z) when the store has it.
+        # feature z is filled after this step (show_feature_z) when the store has it; an output
+        # this store does not hold (seams of an earlier run) would show another run's values.
         keep = self.feature_layer if read.feature_grid is not None else None
-        for layer in [*self.layers.values(), self.feature_layer]:
-            if layer is keep:
+        written = {_output(kwargs) for _data, kwargs, _kind in read.tuples}
+        for key, layer in [*self.layers.items(), (_layers.FEATURE_Z, self.feature_layer)]:
+            if layer is keep or layer is None or layer not in self.viewer.layers:
                 continue
-            if layer is not None and layer in self.viewer.layers:
-                if layer_data.is_stand_in(layer):
-                    self.viewer.layers.remove(layer)
+            if layer_data.is_stand_in(layer) or (key in WIDGET_OUTPUTS and key not in written):
+                self.viewer.layers.remove(layer)
 
     def discard_placeholders(self) -> None:
         """The run failed before its store existed: remove the layers added for it (still empty)."""

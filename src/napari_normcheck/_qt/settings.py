@@ -42,6 +42,7 @@ class SettingsBox(QGroupBox):
         "activation",
         "threshold",
         "feature_layers",
+        "seams",
         "out_path",
         "overwrite",
     )
@@ -109,6 +110,8 @@ class SettingsBox(QGroupBox):
             "comma separated (as in 'napari-normcheck inspect')"
         )
         advanced.addRow("feature layers", self.feature_layers)
+        self.seams = QCheckBox("also store the seams maps (where overlapping tiles disagree)")
+        advanced.addRow(self.seams)
         row = QHBoxLayout()
         self.out_path = QLineEdit()
         self.out_path.setPlaceholderText("(a new folder in the temporary directory)")
@@ -156,4 +159,5 @@ class SettingsBox(QGroupBox):
             feature_layers=tuple(
                 name.strip() for name in self.feature_layers.text().split(",") if name.strip()
             ),
+            seams=self.seams.isChecked(),
         )

@@ -325,7 +325,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         self.finished_event = None
         self.results.new_run()
         self.tile_table.clear_records()
-        self.update_plots()
+        # (The plots are redrawn at the first refresh: a draw now would delay the layers.)
         self.summary_label.setText("running…")
         self.tabs.setCurrentWidget(self.results_tab)
         self.progress.setValue(0)
@@ -411,9 +411,12 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
             worst = max(range(len(soft)), key=lambda c: soft[c])
             self.channel_combo.setCurrentIndex(min(worst, self.channel_combo.count() - 1))
         self.results.finish(Path(event.out), then=self._show_final)
-        line = summary_line(summary, event.out)
-        self.status_label.setText(line)
-        self.summary_label.setText(line)
+        self.summary_label.setText(summary_line(summary, event.out))
+        total = (summary.get("timing") or {}).get("total", 0.0)
+        self.status_label.setText(
+            f"done: {summary.get('n_tiles')} tiles in {total:.1f} s (summary in Results); "
+            f"output {event.out}"
+        )
 
     def _on_worker_finished(self) -> None:
         from napari_normcheck.core.store import is_complete, is_normcheck_store
