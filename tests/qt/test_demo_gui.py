@@ -31,6 +31,8 @@ def test_demo_window_screenshot_is_not_blank(make_napari_viewer, qtbot, tmp_path
     assert not viewer.layers[f"eval · {shown}"].visible
     assert viewer.layers.selection.active.name == f"disparity · {shown}"
     assert widget.tabs.currentWidget() is widget.results_tab
+    assert [widget.tabs.tabText(i) for i in range(3)] == ["Check", "Results", "Remedies"]
+    assert widget.scatter.isVisible() and widget.scatter.tiles.size == widget.plan.n_tiles
     qtbot.wait(200)
     shot = np.asarray(viewer.screenshot(canvas_only=False))
     assert shot.ndim == 3 and shot.shape[0] > 300 and shot.shape[1] > 500
