@@ -168,7 +168,13 @@ def test_a_reduced_precision_run_reports_its_effect_against_fp32(tmp_path, batch
     from tests.conftest import synthetic_volume
 
     np.save(tmp_path / "v.npy", synthetic_volume((16, 40, 44)))
-    config = RunConfig(tile=(16, 32, 32), activation="sigmoid", precision="bf16", device="cpu")
+    config = RunConfig(
+        tile=(16, 32, 32),
+        activation="sigmoid",
+        precision="bf16",
+        device="cpu",
+        output_dtype="float32",
+    )
     events = list(
         run_check(open_volume(tmp_path / "v.npy"), batchnorm_unet, config, tmp_path / "o")
     )

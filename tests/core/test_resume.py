@@ -22,12 +22,24 @@ from napari_normcheck.core.store import is_complete
 from napari_normcheck.core.volume import open_volume
 from tests.conftest import calibrate, synthetic_volume, tiny_unet
 
-NAMES = ("pred_eval", "pred_train", "disparity", "tile_disparity", "tile_mismatch_eval")
+NAMES = (
+    "pred_eval",
+    "pred_train",
+    "disparity",
+    "seams_eval",
+    "tile_disparity",
+    "tile_mismatch_eval",
+)
 
 
 def read_outputs(out):
+    """Every level of every output (the pyramid levels are written with their chunks)."""
     root = zarr.open_group(str(out), mode="r")
-    return {name: root[f"{name}/0"][:] for name in NAMES}
+    arrays = {}
+    for name in NAMES:
+        for dataset in root[name].attrs["ome"]["multiscales"][0]["datasets"]:
+            arrays[f"{name}/{dataset['path']}"] = root[f"{name}/{dataset['path']}"][:]
+    return arrays
 
 
 def summary_of(events):
@@ -37,7 +49,14 @@ def summary_of(events):
 @pytest.mark.parametrize("stop_after", [1, 6, 10])
 def test_cancel_then_resume_equals_uninterrupted(tmp_path, batchnorm_unet, stop_after):
     volume = open_volume(synthetic_volume((40, 48, 52)))  # a 3 x 2 x 2 grid of tiles
-    config = RunConfig(tile=(16, 32, 32), overlap=0.25, activation="sigmoid", cache_mb=0)
+    config = RunConfig(
+        tile=(16, 32, 32),
+        overlap=0.25,
+        activation="sigmoid",
+        cache_mb=0,
+        seams=True,
+        pyramid_side=16,  # levels 1 and 2
+    )
     reference = summary_of(list(run_check(volume, batchnorm_unet, config, tmp_path / "ref.zarr")))
 
     out = tmp_path / "o.zarr"
@@ -54,7 +73,8 @@ def test_cancel_then_resume_equals_uninterrupted(tmp_path, batchnorm_unet, stop_
     if stop_after >= 10:  # rows 0 and 1 finished every chunk row 0 writes: row 0 is not rerun
         assert n_rerun < reference["n_tiles"]
     expected, got = read_outputs(tmp_path / "ref.zarr"), read_outputs(out)
-    for name in NAMES:
+    assert "pred_eval/2" in got and got.keys() == expected.keys()
+    for name in got:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
     for key in ("disparity", "mismatch_eval", "mismatch_train"):
         np.testing.assert_allclose(resumed[key]["hard"], reference[key]["hard"], rtol=1e-12)
@@ -137,5 +157,6 @@ def test_kill_9_at_random_points_then_resume(tmp_path):
     if not is_complete(out):
         subprocess.run(command(out, *extra), check=True, env=env, capture_output=True)
     expected, got = read_outputs(tmp_path / "ref.zarr"), read_outputs(out)
-    for name in NAMES:
+    assert "pred_eval/2" in got and got.keys() == expected.keys()
+    for name in got:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)

@@ -249,6 +249,19 @@ def activate(values: np.ndarray, activation: str) -> np.ndarray:
     return torch.softmax(tensor, dim=1).numpy()
 
 
+def activate_into(values: np.ndarray, activation: str, out: np.ndarray) -> None:
+    """Apply the activation to one mode's ``(C, z, y, x)`` values, written into ``out`` (float32)."""
+    if activation == "none":
+        np.copyto(out, values)
+        return
+    source = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    target = torch.from_numpy(out)
+    if activation == "sigmoid":
+        torch.sigmoid(source, out=target)
+    else:
+        target.copy_(torch.softmax(source, dim=0))
+
+
 def to_output_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
     """Cast probabilities for storage; ``uint8`` stores probability x 255, rounded."""
     if dtype == "uint8":

@@ -9,7 +9,7 @@ import numpy as np
 
 from napari_normcheck.core.config import RunConfig
 from napari_normcheck.core.features import FeatureLayer, tile_feature_summary
-from napari_normcheck.core.forward import MODES, activate
+from napari_normcheck.core.forward import MODES, activate_into
 from napari_normcheck.core.metrics import tile_disparity
 from napari_normcheck.core.mismatch import MismatchTracker, prediction_box
 from napari_normcheck.core.store import OutputStore
@@ -33,8 +33,12 @@ def tile_record(
     tile = work.tile
     box_start, box_stop = prediction_box(plan, tile)
     window = tuple(slice(a - w, b - w) for a, b, w in zip(box_start, box_stop, tile.window_start))
-    own = np.stack([work.outputs[m][(slice(None), *window)] for m in MODES])
-    probabilities = activate(own, config.activation)
+    first = work.outputs[MODES[0]][(slice(None), *window)]
+    probabilities = np.empty((len(MODES), *first.shape), dtype=np.float32)
+    for m, mode in enumerate(MODES):
+        activate_into(
+            work.outputs[mode][(slice(None), *window)], config.activation, probabilities[m]
+        )
     mismatch.add(tile, probabilities)
     written = tuple(
         slice(a - s, b - s) for a, b, s in zip(tile.write_start, tile.write_stop, box_start)
