@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_normcheck.core.tiling import Tile, TilePlan
+from napari_normcheck.core.tiling import TilePlan
 
 ChunkIndex = tuple[int, int, int]
 # Largest default block in chunks (about 13 x 13 x 13): bounds what a lost worker takes along.
@@ -53,10 +53,6 @@ class Block:
     def n_chunks(self) -> int:
         """Number of output chunks in the block."""
         return math.prod(b - a for a, b in zip(self.chunk_start, self.chunk_stop))
-
-    def holds_chunk(self, chunk: ChunkIndex) -> bool:
-        """Whether output chunk ``chunk`` lies in this block."""
-        return all(a <= c < b for c, a, b in zip(chunk, self.chunk_start, self.chunk_stop))
 
     def holds_voxel(self, voxel: tuple[int, ...]) -> bool:
         """Whether the volume voxel ``voxel`` lies in this block."""
@@ -171,11 +167,6 @@ def block_tiles(plan: TilePlan, block: Block, train_batch: int = 1) -> list[int]
     return sorted(whole_train_batches(indices, train_batch, plan.n_tiles))
 
 
-def tile_origin(tile: Tile) -> tuple[int, int, int]:
-    """The voxel that decides which block owns a tile's statistics: the first voxel it writes."""
-    return tile.write_start
-
-
 def tile_owners(plan: TilePlan, block_chunks: tuple[int, int, int]) -> np.ndarray:
     """Index (as :func:`plan_blocks` numbers blocks) of the block holding each tile's origin."""
     roi_start = np.asarray(plan.roi_start)
@@ -208,11 +199,6 @@ def chunk_completion_order(plan: TilePlan) -> list[ChunkIndex]:
 def chunk_key(chunk: ChunkIndex) -> str:
     """``"z,y,x"``: a chunk index as a JSON object key."""
     return ",".join(str(int(c)) for c in chunk)
-
-
-def parse_chunk_key(key: str) -> ChunkIndex:
-    """Inverse of :func:`chunk_key`."""
-    return tuple(int(v) for v in key.split(","))  # type: ignore[return-value]
 
 
 def whole_train_batches(tiles: set[int], train_batch: int, n_tiles: int) -> set[int]:

@@ -14,7 +14,7 @@ from torch import nn
 
 from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.features import FeatureRecorder
-from napari_normcheck.core.modes import normalization_mode
+from napari_normcheck.core.modes import MODES, normalization_mode
 from napari_normcheck.core.per_sample_norm import per_sample_train_norm
 from napari_normcheck.core.precision import precision_context, precision_disparity
 from napari_normcheck.core.staging import HostStaging
@@ -22,8 +22,6 @@ from napari_normcheck.core.tile_io import TileWork
 
 if TYPE_CHECKING:
     from napari_normcheck.core.timing import Timing
-
-MODES = ("eval", "train")
 
 
 def resolve_device(choice: str) -> torch.device:

@@ -9,9 +9,10 @@ import numpy as np
 
 from napari_normcheck.core.config import RunConfig
 from napari_normcheck.core.features import FeatureLayer, tile_feature_summary
-from napari_normcheck.core.forward import MODES, activate_into
+from napari_normcheck.core.forward import activate_into
 from napari_normcheck.core.metrics import tile_disparity
 from napari_normcheck.core.mismatch import MismatchTracker, prediction_box
+from napari_normcheck.core.modes import MODES
 from napari_normcheck.core.store import OutputStore
 from napari_normcheck.core.tile_io import TileWork
 from napari_normcheck.core.tiling import TilePlan

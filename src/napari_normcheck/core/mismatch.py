@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from napari_normcheck.core.metrics import dice_sums, disparity_from_sums
+from napari_normcheck.core.modes import MODES
 from napari_normcheck.core.tiling import Tile, TilePlan
-
-MODES = ("eval", "train")
 
 
 def prediction_box(plan: TilePlan, tile: Tile) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -93,11 +92,6 @@ class MismatchTracker:
     def n_pairs(self) -> int:
         """Number of overlapping tile pairs."""
         return sum(len(v) for v in self.neighbours.values()) // 2
-
-    @property
-    def held_bytes(self) -> int:
-        """Memory held by overlap slabs waiting for their later neighbour."""
-        return sum(s.nbytes for s in self._slabs.values())
 
     def missing_partners(self, index: int) -> list[int]:
         """Earlier neighbours whose pair with ``index`` has no sums yet (resume reruns them)."""

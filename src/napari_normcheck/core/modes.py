@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 NormMode = Literal["eval", "train"]
+# The two predictions of every check, in the order outputs and sums hold them.
+MODES: tuple[NormMode, NormMode] = ("eval", "train")
 
 _RUNNING_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 

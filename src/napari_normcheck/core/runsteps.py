@@ -36,6 +36,7 @@ from napari_normcheck.core.grids import tile_cell_transform, write_feature_grid,
 from napari_normcheck.core.intensity import IntensityTransform, resolve_intensity
 from napari_normcheck.core.metrics import DisparityAccumulator
 from napari_normcheck.core.mismatch import MismatchTracker
+from napari_normcheck.core.modes import MODES
 from napari_normcheck.core.pyramid import Pyramid, n_levels
 from napari_normcheck.core.store import OutputStore
 from napari_normcheck.core.tile_io import read_window
@@ -45,7 +46,6 @@ from napari_normcheck.core.volume import Volume
 if TYPE_CHECKING:
     from napari_normcheck.core.timing import Timing
 
-MODES = ("eval", "train")
 PREDICTION_NAMES = {"eval": "pred_eval", "train": "pred_train"}
 DEFAULT_TILE_3D = (64, 128, 128)
 DEFAULT_TILE_2D = (1, 256, 256)

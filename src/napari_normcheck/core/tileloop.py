@@ -31,6 +31,7 @@ from napari_normcheck.core.grids import tile_record
 from napari_normcheck.core.intensity import IntensityTransform
 from napari_normcheck.core.metrics import DisparityAccumulator
 from napari_normcheck.core.mismatch import MismatchTracker
+from napari_normcheck.core.modes import MODES
 from napari_normcheck.core.stitch import ChunkAccumulator
 from napari_normcheck.core.tile_io import TileReader, TileWork
 from napari_normcheck.core.tiling import Tile, TilePlan
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
     import torch
 
     from napari_normcheck.core.timing import Timing
-
-MODES = ("eval", "train")
 
 
 @dataclass(frozen=True)
