@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_normcheck._store_meta import open_root, output_groups, spatial_transform
+
 LayerDataTuple = tuple[Any, dict, str]
 
 FEATURE_Z = "feature_z"
@@ -32,8 +34,6 @@ def feature_z_grid(
         ``layers`` the ``normcheck.layers`` attributes (name, channels, running statistics),
         ``scale`` and ``translation`` the spatial placement of the cells over their tiles.
     """
-    from napari_normcheck._layers import open_root, output_groups, spatial_transform
-
     try:
         root = open_root(path)
         if FEATURE_Z not in output_groups(root):

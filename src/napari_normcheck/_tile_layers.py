@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from napari_normcheck._layers import LayerDataTuple
     from napari_normcheck.core.tiling import Tile, TilePlan
+
+LayerDataTuple = tuple[Any, dict, str]
 
 
 def plan_from_attrs(attrs: dict[str, Any]) -> TilePlan | None:
