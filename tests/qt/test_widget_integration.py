@@ -38,8 +38,10 @@ def test_remedies_section_uses_the_last_finished_check(
         atol=1e-12,
     )
     assert remedies["batchstats"]["disparity_vs_train"]["hard"] == [0.0, 0.0]
-    # One layer per remedy, following the widget's channel choice like the check's own layers.
+    # One layer per remedy, following the widget's channel choice like the check's own layers,
+    # among the result layers (the tile outlines stay on top).
     n_layers = len(viewer.layers)
+    assert viewer.layers[-1].name == "tiles" and viewer.layers[0].name == "img"
     for channel in (0, 1):
         widget.channel_combo.setCurrentIndex(channel)
         layer = viewer.layers[f"recalibrated · c{channel}"]

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtWidgets import (  # noqa: TID253 (the Qt layer)
+from qtpy.QtCore import Signal  # noqa: TID253 (the Qt layer)
+from qtpy.QtWidgets import (  # noqa: TID253
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -96,6 +97,11 @@ def remedies_job(context: RemedyContext, options: dict[str, Any]) -> Iterator[An
 class RemediesPanel(QGroupBox):
     """Compare eval, train, recalibrated eval and batch-stats eval on the last check's output.
 
+    Signals
+    -------
+    layers_added
+        The remedies' prediction layers were added (or re-pointed).
+
     Parameters
     ----------
     viewer : napari.Viewer
@@ -106,6 +112,8 @@ class RemediesPanel(QGroupBox):
         ``get_channel() -> int``: the output channel the dock widget shows (the remedies' layers
         show the same one, and follow it); channel 0 when not given.
     """
+
+    layers_added = Signal()
 
     def __init__(
         self,
@@ -280,6 +288,7 @@ class RemediesPanel(QGroupBox):
             self.recalibration = item.recalibration
             self.show_table(item.remedies)
             self.add_layers(item.out, item.remedies)
+            self.layers_added.emit()
             self.export_button.setEnabled(item.recalibration is not None)
             self.status.setText(f"done in {item.remedies.get('seconds', 0):.1f} s; {item.out}")
 

@@ -65,6 +65,7 @@ def build_tabs(widget: Any) -> QTabWidget:
     widget.remedies_panel = RemediesPanel(
         widget.viewer, widget.remedy_context, get_channel=lambda: widget.results.channel
     )
+    widget.remedies_panel.layers_added.connect(widget.results.order_layers)
     widget.remedies_tab = scrolled(widget.remedies_panel)
     tabs.addTab(widget.remedies_tab, REMEDIES)
     return tabs
