@@ -23,8 +23,8 @@ class ModelSpec:
         Architecture of a state_dict (see :func:`~napari_normcheck.core.models.load_model`).
     trust_pickle : bool
         The user allowed pickled objects in this file.
-    spatial_dims : int or None
-        Override of the probed spatial dims.
+    spatial_dims, in_channels : int or None
+        The layout the client used (workers skip guessing it).
     sha256 : str or None
         The file's hash as loaded by the client; a worker reading a different file refuses to run.
     output_index, output_key : int or str or None
@@ -39,6 +39,7 @@ class ModelSpec:
     arch_kwargs: dict[str, Any] | None = None
     trust_pickle: bool = False
     spatial_dims: int | None = None
+    in_channels: int | None = None
     sha256: str | None = None
     module_bytes: bytes | None = None
     output_index: int | None = None
@@ -57,6 +58,7 @@ class ModelSpec:
             arch_kwargs=loaded.arch_kwargs,
             trust_pickle=trust_pickle or loaded.format == "pickle",
             spatial_dims=loaded.info.spatial_dims,
+            in_channels=loaded.info.in_channels,
             sha256=loaded.sha256,
             output_index=loaded.output_choice.index,
             output_key=loaded.output_choice.key,
@@ -85,8 +87,11 @@ class ModelSpec:
             arch_kwargs=self.arch_kwargs,
             trust_pickle=self.trust_pickle,
             spatial_dims=self.spatial_dims,
+            in_channels=self.in_channels,
             output_index=self.output_index,
             output_key=self.output_key,
+            # The client probed the model and tried the run's window; a worker needs neither.
+            allow_probe_failure=True,
         )
         if self.sha256 is not None and loaded.sha256 != self.sha256:
             raise NormcheckError(
