@@ -36,6 +36,7 @@ def sample_run(tmp_path_factory):
         overlap=0.25,
         normalize=sample.normalize,
         activation=sample.activation,
+        output_dtype="float32",  # the stored predictions are checked against MONAI below
         device="cpu",
     )
     events = list(run_check(open_volume(raw), model, config, out))
