@@ -8,6 +8,13 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from napari_normcheck.cli_model import (  # noqa: F401 (_load, open_inputs re-exported)
+    _add_model_arguments,
+    _load,
+    _model_tile,
+    _package_default,
+    open_inputs,
+)
 from napari_normcheck.cli_remedies import (
     add_fold_parser,
     add_recalibrate_parser,
@@ -142,32 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
-    if with_model:
-        parser.add_argument("--model", required=True, dest="model_path", help="model file")
-    parser.add_argument("--arch", help="architecture callable: package.module:Name or file.py:Name")
-    parser.add_argument("--arch-kwargs", help="architecture keyword arguments: JSON or @file.json")
-    parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=None)
-    parser.add_argument("--in-channels", type=int, default=None, help="input channels of the model")
-    parser.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow loading a pickled module or a bioimage.io package's architecture source "
-        "(runs code from the file)",
-    )
-    choice = parser.add_mutually_exclusive_group()
-    choice.add_argument(
-        "--output-index",
-        type=int,
-        metavar="N",
-        help="the model returns a tuple or list: use item N as the prediction (default: the first "
-        "full-resolution tensor)",
-    )
-    choice.add_argument(
-        "--output-key", metavar="NAME", help="the model returns a dict: use this key"
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for a user error)."""
     parser = build_parser()
@@ -184,55 +165,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("napari-normcheck: interrupted; the output is incomplete", file=sys.stderr)
         return 130
-
-
-def _load(args: argparse.Namespace, *, allow_probe_failure: bool = False):
-    from napari_normcheck.core.models import load_model
-
-    return load_model(
-        args.model_path,
-        arch=args.arch,
-        arch_kwargs=args.arch_kwargs,
-        trust_pickle=args.trust_pickle,
-        spatial_dims=args.spatial_dims,
-        in_channels=args.in_channels,
-        output_index=args.output_index,
-        output_key=args.output_key,
-        allow_probe_failure=allow_probe_failure,
-    )
-
-
-def open_inputs(args: argparse.Namespace):
-    """The volume and the model of a ``run`` or ``recalibrate`` command, checked against each other.
-
-    Returns
-    -------
-    volume : Volume
-        The lazily opened input.
-    loaded : LoadedModel
-        The model, with switchable normalization and the volume's channel count.
-    """
-    from napari_normcheck.core.volume import open_volume
-
-    volume = open_volume(
-        args.volume,
-        dataset=args.dataset,
-        level=args.level,
-        channel_axis=args.channel_axis if args.channel_axis is not None else "auto",
-    )
-    tile_given = bool(getattr(args, "tile", None))
-    # With a tile of the user's, that tile is tried with a forward even if the probe found none.
-    loaded = _load(args, allow_probe_failure=tile_given)
-    if not loaded.switchable:
-        raise NormcheckError(
-            loaded.not_switchable_reason or "the model's normalization mode is fixed"
-        )
-    if volume.n_channels != loaded.info.in_channels:
-        raise NormcheckError(
-            f"the volume has {volume.n_channels} channel(s) but the model expects "
-            f"{loaded.info.in_channels}; pick the matching image or pass --channel-axis"
-        )
-    return volume, loaded
 
 
 def _run_command(args: argparse.Namespace) -> int:
@@ -299,27 +231,6 @@ def _run_command(args: argparse.Namespace) -> int:
         write_report(args.report, report, overwrite=args.overwrite)
         print(f"report: {args.report}")
     return 0
-
-
-def _model_tile(loaded, volume) -> tuple[int, int, int] | None:
-    """The tile a model with a fixed input size needs (None: the run picks one)."""
-    from napari_normcheck.core.runsteps import default_tile
-
-    info = loaded.info
-    if info.fixed_shape is None:
-        return None
-    dims = info.spatial_dims
-    tile = list(default_tile(volume.spatial_shape, dims, info.divisor))
-    for axis, side in zip(range(3 - dims, 3), info.fixed_shape):
-        if side is not None:
-            tile[axis] = side
-    return tuple(tile)  # type: ignore[return-value]
-
-
-def _package_default(loaded, key: str) -> str | None:
-    """A bioimage.io package's own preprocessing or postprocessing, used when not given."""
-    source = loaded.preprocessing if key == "normalize" else loaded.postprocessing
-    return (source or {}).get(key)
 
 
 def run_and_report(

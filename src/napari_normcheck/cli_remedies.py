@@ -30,7 +30,7 @@ def add_recalibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     argparse.ArgumentParser
         The new subcommand's parser (its handler is :func:`recalibrate_command`).
     """
-    from napari_normcheck.cli import _add_model_arguments
+    from napari_normcheck.cli_model import _add_model_arguments
 
     parser = subparsers.add_parser(
         "recalibrate",
@@ -77,7 +77,7 @@ def add_recalibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def add_fold_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``fold MODEL --arch ... --out-model FILE`` (BatchNorm folded into convolutions)."""
-    from napari_normcheck.cli import _add_model_arguments
+    from napari_normcheck.cli_model import _add_model_arguments
 
     parser = subparsers.add_parser(
         "fold",
@@ -100,7 +100,7 @@ def fold_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from napari_normcheck.cli import _load
+    from napari_normcheck.cli_model import _load
     from napari_normcheck.core.config import parse_int_triple
     from napari_normcheck.core.fold import export_folded, fold_batchnorm, fold_speedup
 
@@ -359,7 +359,7 @@ def recalibrate_command(args: argparse.Namespace) -> int:
     """``napari-normcheck recalibrate``: recalibrate a copy of the model and export it."""
     from tqdm import tqdm
 
-    from napari_normcheck.cli import _package_default, open_inputs
+    from napari_normcheck.cli_model import _package_default, open_inputs
     from napari_normcheck.core.config import parse_int_triple
     from napari_normcheck.core.engine import check_tile, default_tile
     from napari_normcheck.core.intensity import resolve_intensity

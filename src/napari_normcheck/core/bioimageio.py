@@ -42,7 +42,7 @@ from napari_normcheck.core.bioimageio_processing import (  # noqa: F401 (re-expo
 )
 from napari_normcheck.core.errors import NormcheckError
 from napari_normcheck.core.forward import first_tensor
-from napari_normcheck.core.models import LoadedModel, file_sha256, load_model
+from napari_normcheck.core.model_file import LoadedModel, file_sha256, load_file
 from napari_normcheck.core.modes import normalization_mode
 from napari_normcheck.core.package_zip import extract_package
 
@@ -184,11 +184,11 @@ def load_package(
         arch = _architecture(package, state, trust_pickle)
         arch_kwargs = state.kwargs
         file = _local_file(package, state.source, state.sha256, "the pytorch_state_dict weights")
-        loaded = load_model(file, arch=arch, arch_kwargs=arch_kwargs, **options)
+        loaded = load_file(file, arch=arch, arch_kwargs=arch_kwargs, **options)
         notes.append("pytorch_state_dict weights used")
     elif script is not None:
         file = _local_file(package, script.source, script.sha256, "the torchscript weights")
-        loaded = load_model(file, **options)
+        loaded = load_file(file, **options)
         notes.append("torchscript weights used (no package code runs)")
         if state is not None:
             fixed = (

@@ -8,111 +8,25 @@ keys, with ``module.``/``model.``/``net.``/``_orig_mod.`` prefixes, a PyTorch Li
 probing never change the model: the probe runs in eval mode under ``torch.inference_mode()`` and
 restores training flags and buffers.
 
-Reading files lives in :mod:`~napari_normcheck.core.weights_io`, finding architectures in
+A weights file is loaded by :mod:`~napari_normcheck.core.model_file`, a package by
+:mod:`~napari_normcheck.core.bioimageio`. Reading files lives in
+:mod:`~napari_normcheck.core.weights_io`, finding architectures in
 :mod:`~napari_normcheck.core.arch`, switchability in :mod:`~napari_normcheck.core.switchable`;
 their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
+from napari_normcheck.core import bioimageio
 from napari_normcheck.core.arch import parse_kwargs, resolve_callable  # noqa: F401 (re-exported)
 from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.outputs import OutputChoice, attach_choice
+from napari_normcheck.core.model_file import LoadedModel, file_sha256, load_file  # noqa: F401
 from napari_normcheck.core.probe import ModelInfo, probe_model, probe_with_notes  # noqa: F401
 from napari_normcheck.core.shape_search import AxisSizes
-from napari_normcheck.core.switchable import not_switchable_reason
-from napari_normcheck.core.weights_io import load_module
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for the two-mode check, with where it came from and what to tell the user.
-
-    Attributes
-    ----------
-    module : torch.nn.Module
-        On CPU, in eval mode.
-    format : str
-        ``"state_dict"``, ``"torchscript"``, ``"pickle"`` or ``"bioimageio"``.
-    path : str
-        The model file.
-    sha256 : str
-        Hex digest of the model file (for a folder package: of its weights file).
-    info : ModelInfo
-        Result of :func:`probe_model`.
-    switchable : bool
-        False when the normalization mode cannot be switched (e.g. traced TorchScript).
-    not_switchable_reason : str or None
-        Why not, and how to export the model so that it can be switched.
-    notes : list of str
-        Things the user should know (stripped key prefixes, ignored arguments, ...).
-    arch, arch_kwargs : str or None, dict or None
-        The architecture used to rebuild a state_dict.
-    preprocessing, postprocessing : dict or None
-        Declared processing steps (bioimage.io packages); None when the format has none.
-    output_choice : OutputChoice
-        The output used as the prediction (``--output-index`` / ``--output-key``).
-    input_channel_names, output_channel_names : list of str or None
-        Channel names a bioimage.io package declares (None otherwise): the widget can name
-        layers and table columns with them.
-    halo : tuple of int or None
-        The output halo a bioimage.io package declares per spatial axis (for ``--blend crop``).
-    """
-
-    module: nn.Module
-    format: str
-    path: str
-    sha256: str
-    info: ModelInfo
-    switchable: bool = True
-    not_switchable_reason: str | None = None
-    notes: list[str] = field(default_factory=list)
-    arch: str | None = None
-    arch_kwargs: dict[str, Any] | None = None
-    preprocessing: dict[str, Any] | None = None
-    postprocessing: dict[str, Any] | None = None
-    output_choice: OutputChoice = field(default_factory=OutputChoice)
-    input_channel_names: list[str] | None = None
-    output_channel_names: list[str] | None = None
-    halo: tuple[int, ...] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Everything but the module, for reports and store metadata."""
-        return {
-            "format": self.format,
-            "path": self.path,
-            "sha256": self.sha256,
-            "info": self.info.to_dict(),
-            "switchable": self.switchable,
-            "not_switchable_reason": self.not_switchable_reason,
-            "notes": list(self.notes),
-            "arch": self.arch,
-            "arch_kwargs": self.arch_kwargs,
-            "preprocessing": self.preprocessing,
-            "postprocessing": self.postprocessing,
-            "output_index": self.output_choice.index,
-            "output_key": self.output_choice.key,
-            "input_channel_names": self.input_channel_names,
-            "output_channel_names": self.output_channel_names,
-            "halo": None if self.halo is None else list(self.halo),
-        }
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks so large weights do not fill memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_model(
@@ -168,9 +82,6 @@ def load_model(
     path = Path(path)
     if not path.exists():
         raise NormcheckError(f"model file {path} not found; check the path")
-    choice = OutputChoice(output_index, output_key)
-    from napari_normcheck.core import bioimageio
-
     if bioimageio.is_package(path):
         package = bioimageio.load_package(
             path,
@@ -189,35 +100,15 @@ def load_model(
             f"{path} is a folder without rdf.yaml or bioimageio.yaml: pass the weights file "
             "(TorchScript, or a state_dict with --arch) or a bioimage.io package"
         )
-    kwargs = parse_kwargs(arch_kwargs)
-    notes: list[str] = []
-    module, model_format = load_module(path, arch, kwargs, trust_pickle, notes)
-    if model_format != "state_dict" and arch is not None:
-        notes.append(f"--arch {arch!r} ignored: the file holds a whole {model_format} model")
-    module.eval()
-    # Read the graph before any forward: once TorchScript has run a model without optimization,
-    # its inlined_graph keeps prim::CallMethod nodes that hide the norm ops.
-    reason = not_switchable_reason(module)
-    module = attach_choice(module, choice)
-    info, probe_notes = probe_with_notes(
-        module,
-        spatial_dims,
-        in_channels,
-        choice=choice,
+    return load_file(
+        path,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        trust_pickle=trust_pickle,
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        output_index=output_index,
+        output_key=output_key,
+        allow_probe_failure=allow_probe_failure,
         sizes=sizes,
-        allow_failure=allow_probe_failure,
-    )
-    notes.extend(probe_notes)
-    return LoadedModel(
-        module=module,
-        format=model_format,
-        path=str(path),
-        sha256=file_sha256(path),
-        info=info,
-        switchable=reason is None,
-        not_switchable_reason=reason,
-        notes=notes,
-        arch=arch if model_format == "state_dict" else None,
-        arch_kwargs=kwargs if model_format == "state_dict" else None,
-        output_choice=choice,
     )

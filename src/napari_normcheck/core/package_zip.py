@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.models import file_sha256
+from napari_normcheck.core.model_file import file_sha256
 
 # Zip-bomb limits: total uncompressed size, and the compression ratio of any large entry.
 MAX_UNPACKED_BYTES = 2 * 1024**3
