@@ -29,7 +29,7 @@ class AnisotropicUNet(nn.Module):
 
     def __init__(self, width: int = 2, upper: int = 3):
         super().__init__()
-        self.encoders = nn.ModuleList([block(1, width)] + [block(width, width)] * 0)
+        self.encoders = nn.ModuleList([block(1, width)])
         self.encoders.extend(block(width, width) for _ in range(upper))
         self.pools = nn.ModuleList(
             [nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)) for _ in range(upper)]
