@@ -173,7 +173,10 @@ def load_package(
         "output_index": output_index,
         "output_key": output_key,
         "allow_probe_failure": allow_probe_failure,
-        "sizes": tensor_in.sizes,
+        # The declared sizes start the probe, unless --spatial-dims says otherwise.
+        "sizes": tensor_in.sizes
+        if tensor_in.sizes is not None and len(tensor_in.sizes.minimum) == dims
+        else None,
     }
     notes: list[str] = []
     loaded, arch, arch_kwargs = None, None, None
