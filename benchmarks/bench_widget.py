@@ -70,8 +70,6 @@ def instrument(widget) -> list[tuple[str, float, float]]:
     wrap(widget.tile_table, "redraw", "tile_table.redraw")
     wrap(widget.tile_table, "add_record", "tile_table.add_record")
     wrap(widget, "update_plots", "update_plots")
-    for plot in (widget.histogram, widget.scatter, widget.feature_plot):
-        wrap(plot.canvas, "draw", f"{type(plot).__name__} draw")
     wrap(widget.progress, "setValue", "progress.setValue")
     wrap(widget.status_label, "setText", "status_label.setText")
     widget.results.steps.timings = intervals  # every queued GUI step ("add <layer>", "refresh")

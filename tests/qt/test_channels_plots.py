@@ -117,7 +117,9 @@ def test_a_click_on_a_plot_point_moves_the_view_and_selects_the_row(
     position = scatter.point_position(index)
     assert position is not None
     x, y = position
-    qtbot.mouseClick(scatter.canvas, Qt.MouseButton.LeftButton, pos=QPoint(round(x), round(y)))
+    qtbot.mouseClick(
+        scatter.view.viewport(), Qt.MouseButton.LeftButton, pos=QPoint(round(x), round(y))
+    )
     tile = widget.plan.get_tile(index)
     centre = to_world(tile_center(tile), SCALE, TRANSLATE)
     np.testing.assert_allclose(camera_of(viewer).center[-2:], centre[1:])
@@ -128,14 +130,13 @@ def test_a_click_on_a_plot_point_moves_the_view_and_selects_the_row(
     other = widget.tile_table.tile_at_row(widget.tile_table.rowCount() - 1)
     widget.tile_table.cellClicked.emit(widget.tile_table.rowCount() - 1, 0)
     assert scatter.selected == other
-    # The hover names the tile.
-    from matplotlib.backend_bases import MouseEvent
+    # Hovering a point names its tile (the point under the pointer, and its tooltip).
+    from qtpy.QtCore import QPointF
 
-    px, py = scatter.axes.transData.transform(
-        (scatter.z[scatter.tiles == index][0], scatter.disparity[scatter.tiles == index][0])
-    )
-    scatter._on_motion(MouseEvent("motion_notify_event", scatter.canvas, px, py))
-    assert scatter._label.get_visible() and f"tile {index}" in scatter._label.get_text()
+    scene = scatter.view.mapToScene(QPoint(round(x), round(y)))
+    under = scatter._points.pointsAt(scatter._points.mapFromScene(QPointF(scene)))
+    assert [int(p.data()) for p in under] == [index]
+    assert scatter.hover_text(1.0, 0.5, index).startswith(f"tile {index}")
     # Each plot saves as a picture that is not blank.
     png = widget.feature_plot.save(tmp_path / "feature.png")
     from PIL import Image

@@ -88,7 +88,7 @@ def test_feature_z_layer_and_scatter_after_a_run(
     np.testing.assert_allclose(
         np.asarray(layer.data), grid[1, widget.feature_channel_combo.currentIndex()]
     )
-    assert attrs[1]["name"] in widget.feature_plot.axes.get_title()
+    assert attrs[1]["name"] in widget.feature_plot.title()
     widget.feature_layer_combo.setCurrentIndex(0)
 
     # The reader shows the layer too.

@@ -34,9 +34,10 @@ def test_histogram_bins_finite_values_and_saves_a_picture(qtbot, tmp_path):
     histogram.set_values([0.0, 0.1, 0.2, math.nan, 0.2], global_value=0.15, channel="membrane")
     assert histogram.counts.sum() == 4
     assert histogram.edges[-1] == 0.2
-    assert histogram.axes.get_xlabel().startswith("soft disparity")
-    assert histogram.axes.get_ylabel() == "tiles"
-    assert [line.get_xdata()[0] for line in histogram.axes.lines] == [0.15]
+    xlabel, ylabel = histogram.labels()
+    assert xlabel.startswith("soft disparity") and ylabel == "tiles"
+    assert histogram._global.value() == 0.15 and histogram._global.isVisible()
+    assert "membrane" in histogram.title() and "0.150" in histogram.title()
     assert not histogram.grab().isNull()
     png = histogram.save(tmp_path / "histogram.png")
     from PIL import Image
@@ -46,7 +47,7 @@ def test_histogram_bins_finite_values_and_saves_a_picture(qtbot, tmp_path):
     assert picture.reshape(-1, 3).std(axis=0).max() > 20  # not blank
     assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 20
     svg = histogram.save(tmp_path / "histogram.svg")
-    assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
+    assert "<svg" in svg.read_text()
 
 
 def test_tile_boxes_follow_write_boxes():

@@ -53,8 +53,6 @@ class FeatureSection:
         self.plot_tabs.addTab(self.feature_plot, "Feature mean")
         layout.addWidget(self.plot_tabs, 1)
         layout.addLayout(form)
-        for plot in (self.scatter, self.histogram, self.feature_plot):
-            plot.warm_up()  # not during a run: a figure's first draw loads and lays out fonts
         return box
 
     # --- the output channel ---------------------------------------------------------------------

@@ -1,13 +1,13 @@
-"""Plots of a run with matplotlib in napari's colours: axes, ticks, labels, each savable as PNG/SVG.
+"""Plots of a run with pyqtgraph in napari's colours: axes, ticks, labels, each savable as PNG/SVG.
 
 - :class:`DisparityHistogram`: per-tile disparity of one output channel, the global value marked;
 - :class:`FeatureMeanPlot`: per-tile mean input of a normalization layer's channel against the
   layer's running mean, with bands of 1 and 2 running standard deviations;
-- :class:`DisparityScatter`: per tile, ``|feature z|`` against disparity; a click on a point (or a
-  hover) names its tile, and the widget moves the viewer there.
+- :class:`DisparityScatter`: per tile, ``|feature z|`` against disparity; hovering a point names
+  its tile, clicking it asks the widget to go there.
 
-A plot redraws only while it is visible (matplotlib draws on the GUI thread); a hidden one is
-redrawn when it is shown.
+pyqtgraph draws with Qt on the GUI thread, and an update costs a few milliseconds: the plots can
+follow a run without freezing napari (matplotlib's Agg took 100-300 ms per draw here).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Signal  # noqa: TID253 (the Qt layer)
+from qtpy.QtCore import QPointF, Signal  # noqa: TID253 (the Qt layer)
 from qtpy.QtWidgets import (  # noqa: TID253
     QFileDialog,
     QHBoxLayout,
@@ -28,8 +28,6 @@ from qtpy.QtWidgets import (  # noqa: TID253
 )
 
 N_BINS = 20
-#: Points within this distance (screen pixels) of the pointer are hit by a click or a hover.
-PICK_PIXELS = 8.0
 _ACCENT = "#f07828"  # the tiles' orange
 _LINE = "#5aaaff"
 
@@ -54,7 +52,7 @@ def napari_colors() -> dict[str, str]:
 
 
 class PlotWidget(QWidget):
-    """A matplotlib figure with one axes in napari's colours, and a Save button (PNG or SVG).
+    """A pyqtgraph plot in napari's colours, with a Save button (PNG or SVG).
 
     Parameters
     ----------
@@ -63,29 +61,30 @@ class PlotWidget(QWidget):
 
     Attributes
     ----------
-    figure : matplotlib.figure.Figure
-        The figure.
-    axes : matplotlib.axes.Axes
-        Its axes.
-    canvas : FigureCanvasQTAgg
-        The Qt widget drawing it.
+    view : pyqtgraph.PlotWidget
+        The plot's Qt widget (a graphics view).
+    item : pyqtgraph.PlotItem
+        Its axes and contents.
     """
 
     def __init__(self, parent: Any = None) -> None:
         super().__init__(parent)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
+        import pyqtgraph as pg
 
         self.colors = napari_colors()
-        # Fixed margins (fractions, so the plot resizes with the dock): a layout engine would
-        # re-solve the layout at every draw, several times the cost of drawing.
-        self.figure = Figure(figsize=(4.0, 2.6), dpi=90)
-        self.figure.subplots_adjust(left=0.15, right=0.97, bottom=0.19, top=0.89)
-        self.figure.set_facecolor(self.colors["background"])
-        self.axes = self.figure.add_subplot()
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(180)
-        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.view = pg.PlotWidget(background=self.colors["background"])
+        self.view.setMinimumHeight(170)
+        self.view.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.item = self.view.getPlotItem()
+        self.item.setMenuEnabled(False)
+        self.item.getViewBox().setMouseEnabled(x=False, y=False)
+        self.item.hideButtons()
+        pen = pg.mkPen(self.colors["text"])
+        for side in ("bottom", "left"):
+            axis = self.item.getAxis(side)
+            axis.setPen(pen)
+            axis.setTextPen(pen)
+        self.item.showGrid(x=True, y=True, alpha=0.25)
         self.save_button = QPushButton("Save…")
         self.save_button.setToolTip("save this plot as PNG or SVG")
         self.save_button.clicked.connect(lambda: self.save())
@@ -94,55 +93,34 @@ class PlotWidget(QWidget):
         row.addWidget(self.save_button)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.canvas, 1)
+        layout.addWidget(self.view, 1)
         layout.addLayout(row)
-        self._stale = False
-        self.style_axes()
+        self._title = ""
 
-    def warm_up(self) -> None:
-        """Draw once off-screen: matplotlib's first draw loads fonts (once per process)."""
-        self.canvas.draw()
+    def set_labels(self, x: str, y: str) -> None:
+        """Axis labels (units in the text)."""
+        style = {"color": self.colors["text"], "font-size": "9pt"}
+        self.item.setLabel("bottom", x, **style)
+        self.item.setLabel("left", y, **style)
 
-    def style_axes(self) -> None:
-        """Napari's colours on the axes (call after ``axes.clear()``)."""
-        ax, colors = self.axes, self.colors
-        ax.set_facecolor(colors["background"])
-        for spine in ax.spines.values():
-            spine.set_color(colors["text"])
-        ax.tick_params(colors=colors["text"], labelsize=8)
-        ax.xaxis.label.set_color(colors["text"])
-        ax.yaxis.label.set_color(colors["text"])
-        ax.title.set_color(colors["text"])
-        ax.grid(True, color=colors["grid"], linewidth=0.5, alpha=0.6)
+    def set_title(self, text: str) -> None:
+        """The plot's title."""
+        if text != self._title:
+            self._title = text
+            self.item.setTitle(text, color=self.colors["text"], size="9pt")
 
-    def legend(self) -> None:
-        """A legend in napari's colours (when something is labelled)."""
-        handles, _labels = self.axes.get_legend_handles_labels()
-        if handles:
-            legend = self.axes.legend(
-                fontsize=7, facecolor=self.colors["background"], loc="upper right"
-            )
-            legend.get_frame().set_edgecolor(self.colors["grid"])
-            for text in legend.get_texts():
-                text.set_color(self.colors["text"])
+    def title(self) -> str:
+        """The plot's title."""
+        return self._title
 
-    def redraw(self) -> None:
-        """Draw when visible (the next time it is shown otherwise)."""
-        if self.isVisible():
-            self._stale = False
-            self.canvas.draw_idle()
-        else:
-            self._stale = True
-
-    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
-        """Draw what changed while hidden."""
-        super().showEvent(event)
-        if self._stale:
-            self._stale = False
-            self.canvas.draw_idle()
+    def labels(self) -> tuple[str, str]:
+        """The x and y axis labels."""
+        return (self.item.getAxis("bottom").labelText, self.item.getAxis("left").labelText)
 
     def save(self, path: str | Path | None = None) -> Path | None:
-        """Save the plot (``.png``, ``.svg`` or any format matplotlib knows); asks where if not told."""
+        """Save the plot as ``.svg`` or as an image (``.png``); asks where when not told."""
+        import pyqtgraph.exporters as exporters
+
         if path is None:
             path, _ = QFileDialog.getSaveFileName(
                 self, "Save the plot", "normcheck_plot.png", "PNG (*.png);;SVG (*.svg)"
@@ -150,8 +128,34 @@ class PlotWidget(QWidget):
             if not path:
                 return None
         path = Path(path)
-        self.figure.savefig(path, facecolor=self.figure.get_facecolor(), dpi=150)
+        if path.suffix.lower() == ".svg":
+            self._save_svg(path)
+        else:
+            exporter = exporters.ImageExporter(self.item)
+            width = max(int(self.item.sceneBoundingRect().width()), 400)
+            exporter.parameters()["width"] = 2 * width  # twice the screen's resolution
+            exporter.export(str(path))
         return path
+
+    def _save_svg(self, path: Path) -> None:
+        """The plot's scene drawn into an SVG file by Qt (vector paths and text)."""
+        from qtpy.QtCore import QRectF, QSize  # noqa: TID253
+        from qtpy.QtGui import QPainter  # noqa: TID253
+        from qtpy.QtSvg import QSvgGenerator  # noqa: TID253
+
+        source = self.item.sceneBoundingRect()
+        generator = QSvgGenerator()
+        generator.setFileName(str(path))
+        generator.setSize(QSize(int(source.width()), int(source.height())))
+        generator.setViewBox(QRectF(0, 0, source.width(), source.height()))
+        generator.setTitle(self._title)
+        painter = QPainter(generator)
+        try:
+            target = QRectF(0, 0, source.width(), source.height())
+            painter.fillRect(target, self.view.backgroundBrush())
+            self.view.scene().render(painter, target, source)
+        finally:
+            painter.end()
 
 
 class DisparityHistogram(PlotWidget):
@@ -168,21 +172,28 @@ class DisparityHistogram(PlotWidget):
     """
 
     def __init__(self, parent: Any = None) -> None:
+        import pyqtgraph as pg
+
         super().__init__(parent)
         self.counts = np.zeros(N_BINS, dtype=int)
         self.edges = np.linspace(0.0, 1.0, N_BINS + 1)
         self.global_value: float | None = None
-        ax = self.axes
-        self._bars = ax.stairs(self.counts, self.edges, fill=True, color=_ACCENT, alpha=0.85)
-        self._bars.set_label("tiles")
-        self._global = ax.axvline(0.0, color=_LINE, linewidth=2, label="whole region")
-        ax.set_xlabel("soft disparity per tile (1 − soft Dice, 0–1)")
-        ax.set_ylabel("tiles")
-        self.legend()
+        self._bars = pg.PlotCurveItem(
+            x=self.edges,
+            y=self.counts.astype(float),
+            stepMode="center",
+            fillLevel=0,
+            brush=pg.mkBrush(_ACCENT),
+            pen=pg.mkPen(_ACCENT),
+        )
+        self.item.addItem(self._bars)
+        self._global = pg.InfiniteLine(angle=90, pen=pg.mkPen(_LINE, width=2))
+        self.item.addItem(self._global)
+        self.set_labels("soft disparity per tile (1 − soft Dice, 0–1)", "tiles")
         self.set_values([])
 
     def set_values(self, values: Any, global_value: float | None = None, channel: str = "") -> None:
-        """Bin the finite ``values`` (one per tile) over ``[0, max]`` and redraw."""
+        """Bin the finite ``values`` (one per tile) over ``[0, max]``; mark ``global_value``."""
         finite = np.asarray([v for v in np.ravel(values) if math.isfinite(v)], dtype=float)
         top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         known = global_value is not None and math.isfinite(global_value)
@@ -190,15 +201,14 @@ class DisparityHistogram(PlotWidget):
             top = max(top, float(global_value))
         self.counts, self.edges = np.histogram(finite, bins=N_BINS, range=(0.0, top))
         self.global_value = global_value
-        ax = self.axes
-        self._bars.set_data(self.counts, self.edges)
-        self._global.set_xdata([global_value, global_value] if known else [0.0, 0.0])
-        self._global.set_visible(known)
+        self._bars.setData(self.edges, self.counts.astype(float))
+        self._global.setVisible(known)
+        if known:
+            self._global.setPos(float(global_value))
         title = f"Disparity per tile{' · ' + channel if channel else ''}"
-        ax.set_title(title + (f" (whole region {global_value:.3f})" if known else ""), fontsize=9)
-        ax.set_xlim(0.0, top)
-        ax.set_ylim(0.0, max(int(self.counts.max()), 1) * 1.08)
-        self.redraw()
+        self.set_title(title + (f" (blue: whole region {global_value:.3f})" if known else ""))
+        self.item.setXRange(0.0, top, padding=0.02)
+        self.item.setYRange(0.0, max(int(self.counts.max()), 1) * 1.08, padding=0)
 
 
 class FeatureMeanPlot(PlotWidget):
@@ -218,26 +228,28 @@ class FeatureMeanPlot(PlotWidget):
     """
 
     def __init__(self, parent: Any = None) -> None:
-        from matplotlib.patches import Rectangle
+        import pyqtgraph as pg
 
         super().__init__(parent)
         self.tiles = np.zeros(0, dtype=int)
         self.tile_means = np.zeros(0)
         self.running_mean: float | None = None
         self.running_std: float | None = None
-        ax = self.axes
-        across = ax.get_yaxis_transform()  # x in axes fraction, y in data
         self._bands = []
-        for k, alpha in ((2, 0.15), (1, 0.3)):
-            band = Rectangle((0, 0), 1, 0, transform=across, color=_LINE, alpha=alpha, lw=0)
-            band.set_label(f"± {k} running std")
-            ax.add_patch(band)
+        for k, alpha in ((2, 40), (1, 80)):
+            band = pg.LinearRegionItem(
+                orientation="horizontal",
+                movable=False,
+                brush=pg.mkBrush(90, 170, 255, alpha),
+                pen=pg.mkPen(None),
+            )
+            self.item.addItem(band)
             self._bands.append((k, band))
-        self._mean_line = ax.axhline(0.0, color=_LINE, linewidth=2, label="running mean")
-        self._points = ax.scatter([], [], s=14, color=_ACCENT, label="tile mean", zorder=3)
-        ax.set_xlabel("tile (scan order)")
-        ax.set_ylabel("mean input (feature units)")
-        self.legend()
+        self._mean_line = pg.InfiniteLine(angle=0, pen=pg.mkPen(_LINE, width=2))
+        self.item.addItem(self._mean_line)
+        self._points = pg.ScatterPlotItem(size=7, brush=pg.mkBrush(_ACCENT), pen=None)
+        self.item.addItem(self._points)
+        self.set_labels("tile (scan order)", "mean input (feature units)")
         self.set_data([], [])
 
     def set_data(
@@ -248,32 +260,33 @@ class FeatureMeanPlot(PlotWidget):
         running_std: float | None = None,
         title: str = "",
     ) -> None:
-        """Plot ``means`` (one per tile in ``tiles``) against the running statistics; redraw."""
+        """Plot ``means`` (one per tile in ``tiles``) against the running statistics."""
         self.tiles = np.asarray(tiles, dtype=int)
         self.tile_means = np.asarray(means, dtype=float)
         self.running_mean, self.running_std = running_mean, running_std
         has_mean = running_mean is not None and math.isfinite(running_mean)
         has_std = has_mean and running_std is not None and math.isfinite(running_std)
         values = list(self.tile_means[np.isfinite(self.tile_means)])
-        self._mean_line.set_visible(has_mean)
+        self._mean_line.setVisible(has_mean)
         if has_mean:
-            self._mean_line.set_ydata([running_mean, running_mean])
+            self._mean_line.setPos(float(running_mean))
             values.append(running_mean)
         for k, band in self._bands:
-            band.set_visible(has_std)
+            band.setVisible(has_std)
             if has_std:
-                band.set_y(running_mean - k * running_std)
-                band.set_height(2 * k * running_std)
-                values += [running_mean - k * running_std, running_mean + k * running_std]
-        points = np.column_stack([self.tiles, self.tile_means]) if self.tiles.size else []
-        self._points.set_offsets(np.reshape(points, (-1, 2)))
-        ax = self.axes
+                low, high = running_mean - k * running_std, running_mean + k * running_std
+                band.setRegion((low, high))
+                values += [low, high]
+        keep = np.isfinite(self.tile_means)
+        self._points.setData(self.tiles[keep].astype(float), self.tile_means[keep])
         low, high = (min(values), max(values)) if values else (0.0, 1.0)
         pad = (high - low) * 0.06 or 1.0
-        ax.set_ylim(low - pad, high + pad)
-        ax.set_xlim(-0.5, max(int(self.tiles.max()) if self.tiles.size else 0, 1) + 0.5)
-        ax.set_title(title or "Feature mean per tile", fontsize=9)
-        self.redraw()
+        self.item.setYRange(low - pad, high + pad, padding=0)
+        last = int(self.tiles.max()) if self.tiles.size else 1
+        self.item.setXRange(-0.5, max(last, 1) + 0.5, padding=0)
+        self.set_title(
+            (title or "Feature mean per tile") + " · blue: running mean, bands ±1, ±2 std"
+        )
 
 
 class DisparityScatter(PlotWidget):
@@ -289,107 +302,77 @@ class DisparityScatter(PlotWidget):
     tiles, z, disparity : numpy.ndarray
         One entry per plotted tile.
     selected : int or None
-        The highlighted tile.
+        The ringed tile.
     """
 
     tile_clicked = Signal(int)
 
     def __init__(self, parent: Any = None) -> None:
+        import pyqtgraph as pg
+
         super().__init__(parent)
         self.tiles = np.zeros(0, dtype=int)
         self.z = np.zeros(0)
         self.disparity = np.zeros(0)
         self.selected: int | None = None
-        self._hovered: int | None = None
-        ax = self.axes
-        self._points = ax.scatter([], [], s=16, color=_ACCENT, zorder=3)
-        (self._ring,) = ax.plot([], [], "o", markersize=11, mfc="none", mec="#ffffff", mew=2)
-        self._label = ax.annotate(
-            "",
-            (0, 0),
-            xytext=(8, 8),
-            textcoords="offset points",
-            fontsize=8,
-            color=self.colors["text"],
-            bbox={"boxstyle": "round", "fc": self.colors["background"], "ec": self.colors["grid"]},
-            visible=False,
+        self._points = pg.ScatterPlotItem(
+            size=9,
+            brush=pg.mkBrush(_ACCENT),
+            pen=None,
+            hoverable=True,
+            hoverBrush=pg.mkBrush("#ffffff"),
+            tip=self.hover_text,
         )
-        ax.set_ylabel("soft disparity per tile (0–1)")
-        self.canvas.mpl_connect("button_press_event", self._on_press)
-        self.canvas.mpl_connect("motion_notify_event", self._on_motion)
-        self.set_data([], [], [], xlabel="|feature z| per tile (running std)")
+        self._points.sigClicked.connect(self._on_clicked)
+        self.item.addItem(self._points)
+        self._ring = pg.ScatterPlotItem(size=18, brush=None, pen=pg.mkPen("#ffffff", width=2))
+        self.item.addItem(self._ring)
+        self.set_labels("|feature z| per tile (running std)", "soft disparity per tile (0–1)")
+        self.set_data([], [], [])
 
     def set_data(
         self, tiles: Any, z: Any, disparity: Any, xlabel: str = "", title: str = ""
     ) -> None:
-        """Plot one point per tile (non-finite ones left out) and redraw."""
+        """Plot one point per tile (non-finite ones left out)."""
         tiles, z, disparity = (np.asarray(a, dtype=float) for a in (tiles, z, disparity))
         keep = np.isfinite(z) & np.isfinite(disparity)
         self.tiles = tiles[keep].astype(int)
         self.z, self.disparity = np.abs(z[keep]), disparity[keep]
-        ax = self.axes
-        self._points.set_offsets(np.column_stack([self.z, self.disparity]).reshape(-1, 2))
+        self._points.setData(self.z, self.disparity, data=self.tiles)
         top_z = float(self.z.max()) if self.z.size else 1.0
         top_d = float(self.disparity.max()) if self.disparity.size else 1.0
-        ax.set_xlim(0.0, (top_z or 1.0) * 1.08)
-        ax.set_ylim(0.0, (top_d or 1.0) * 1.08)
-        if xlabel and xlabel != ax.get_xlabel():
-            ax.set_xlabel(xlabel)
-        ax.set_title(title or "Feature shift vs disparity (click a tile)", fontsize=9)
-        self._hovered = None
-        self._label.set_visible(False)
-        self.select_tile(self.selected, draw=False)
-        self.redraw()
+        self.item.setXRange(0.0, (top_z or 1.0) * 1.08, padding=0)
+        self.item.setYRange(0.0, (top_d or 1.0) * 1.08, padding=0)
+        if xlabel and xlabel != self.labels()[0]:
+            self.set_labels(xlabel, "soft disparity per tile (0–1)")
+        self.set_title(title or "Feature shift vs disparity (click a tile)")
+        self.select_tile(self.selected)
 
-    def select_tile(self, index: int | None, draw: bool = True) -> None:
+    def hover_text(self, x: float, y: float, data: Any) -> str:
+        """The tooltip of a point: its tile and values."""
+        return f"tile {int(data)}\n|z| {x:.2f}\ndisparity {y:.3f}"
+
+    def select_tile(self, index: int | None) -> None:
         """Ring the point of tile ``index`` (nothing when it is not plotted)."""
         self.selected = index
         hit = np.flatnonzero(self.tiles == index) if index is not None else []
         if len(hit):
-            self._ring.set_data([self.z[hit[0]]], [self.disparity[hit[0]]])
+            self._ring.setData([self.z[hit[0]]], [self.disparity[hit[0]]])
         else:
-            self._ring.set_data([], [])
-        if draw:
-            self.redraw()
+            self._ring.setData([], [])
 
     def point_position(self, index: int) -> tuple[float, float] | None:
-        """Where tile ``index``'s point is drawn, in the canvas widget's coordinates (Qt pixels)."""
+        """Where tile ``index``'s point is drawn, in the plot view's viewport (Qt pixels)."""
         hit = np.flatnonzero(self.tiles == index)
         if not len(hit):
             return None
-        self.canvas.draw()  # the transforms of the current size
-        x, y = self.axes.transData.transform((self.z[hit[0]], self.disparity[hit[0]]))
-        ratio = self.canvas.device_pixel_ratio or 1.0
-        return x / ratio, self.canvas.height() - y / ratio
+        view_box = self.item.getViewBox()
+        scene = view_box.mapViewToScene(QPointF(self.z[hit[0]], self.disparity[hit[0]]))
+        point = self.view.mapFromScene(scene)
+        return float(point.x()), float(point.y())
 
-    def tile_at(self, event: Any) -> int | None:
-        """The tile whose point is nearest the mouse event (within :data:`PICK_PIXELS`)."""
-        if event.inaxes is not self.axes or not self.tiles.size:
-            return None
-        points = self.axes.transData.transform(np.column_stack([self.z, self.disparity]))
-        distance = np.hypot(points[:, 0] - event.x, points[:, 1] - event.y)
-        ratio = self.canvas.device_pixel_ratio or 1.0
-        nearest = int(distance.argmin())
-        return int(self.tiles[nearest]) if distance[nearest] <= PICK_PIXELS * ratio else None
-
-    def _on_press(self, event: Any) -> None:
-        tile = self.tile_at(event)
-        if tile is not None:
+    def _on_clicked(self, _item: Any, points: Any, *_args: Any) -> None:
+        if len(points):
+            tile = int(points[0].data())
             self.select_tile(tile)
             self.tile_clicked.emit(tile)
-
-    def _on_motion(self, event: Any) -> None:
-        tile = self.tile_at(event)
-        if tile == self._hovered:
-            return
-        self._hovered = tile
-        if tile is None:
-            self._label.set_visible(False)
-        else:
-            i = int(np.flatnonzero(self.tiles == tile)[0])
-            self._label.xy = (self.z[i], self.disparity[i])
-            self._label.set_text(
-                f"tile {tile}\n|z| {self.z[i]:.2f}\ndisparity {self.disparity[i]:.3f}"
-            )
-            self._label.set_visible(True)
-        self.canvas.draw_idle()
