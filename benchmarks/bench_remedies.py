@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_normcheck.cli_remedies import format_remedies
+from napari_normcheck.cli.remedies import format_remedies
 from napari_normcheck.core.config import RunConfig
 from napari_normcheck.core.engine import RunFinished, run_check
 from napari_normcheck.core.fold import fold_batchnorm, fold_speedup

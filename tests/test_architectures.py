@@ -21,7 +21,7 @@ import zarr
 from monai.inferers import sliding_window_inference
 
 import napari_normcheck.cli as cli
-import napari_normcheck.cli_model as cli_model
+import napari_normcheck.cli.model_args as cli_model
 from napari_normcheck.core.modes import has_running_stats
 from tests.conftest import synthetic_volume
 
@@ -224,13 +224,13 @@ def test_architecture(name, tmp_path, capsys, monkeypatch):
     volume = synthetic_volume(shape) if len(shape) == 3 else synthetic_volume((1, *shape))[0]
     np.save(tmp_path / "volume.npy", volume)
     loaded_models = []
-    real_load = cli_model._load
+    real_load = cli_model.load_model_from_args
 
     def keep(*args, **kwargs):
         loaded_models.append(real_load(*args, **kwargs))
         return loaded_models[-1]
 
-    monkeypatch.setattr(cli_model, "_load", keep)
+    monkeypatch.setattr(cli_model, "load_model_from_args", keep)
     run = ["run", str(tmp_path / "volume.npy"), "--model", str(tmp_path / "model.pt"), *model_args]
     tiling = ["--tile", ",".join(map(str, tile)), "--overlap", "0.25", "--blend", "gaussian"]
     out = tmp_path / "out.zarr"

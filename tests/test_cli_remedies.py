@@ -11,7 +11,7 @@ import torch
 import zarr
 
 from napari_normcheck.cli import main
-from napari_normcheck.cli_remedies import (
+from napari_normcheck.cli.remedies import (
     add_remedies_arguments,
     check_remedies_arguments,
     run_remedies_after,
@@ -175,7 +175,7 @@ def test_remedy_argument_errors_are_one_line(argv, message):
 
 
 def test_fold_command_exports_torchscript_with_equal_output(tmp_path, capsys):
-    from napari_normcheck.cli_remedies import add_fold_parser
+    from napari_normcheck.cli.remedies import add_fold_parser
 
     parser = argparse.ArgumentParser()
     add_fold_parser(parser.add_subparsers(dest="command", required=True))

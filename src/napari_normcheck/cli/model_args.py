@@ -7,7 +7,8 @@ import argparse
 from napari_normcheck.core.errors import NormcheckError
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
+    """Add the model file and how to load it (architecture, layout, trust, output choice)."""
     if with_model:
         parser.add_argument("--model", required=True, dest="model_path", help="model file")
     parser.add_argument("--arch", help="architecture callable: package.module:Name or file.py:Name")
@@ -33,7 +34,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, with_model: bool = Tru
     )
 
 
-def _load(args: argparse.Namespace, *, allow_probe_failure: bool = False):
+def load_model_from_args(args: argparse.Namespace, *, allow_probe_failure: bool = False):
+    """Load the model the flags of :func:`add_model_arguments` name."""
     from napari_normcheck.core.models import load_model
 
     return load_model(
@@ -69,7 +71,7 @@ def open_inputs(args: argparse.Namespace):
     )
     tile_given = bool(getattr(args, "tile", None))
     # With a tile of the user's, that tile is tried with a forward even if the probe found none.
-    loaded = _load(args, allow_probe_failure=tile_given)
+    loaded = load_model_from_args(args, allow_probe_failure=tile_given)
     if not loaded.switchable:
         raise NormcheckError(
             loaded.not_switchable_reason or "the model's normalization mode is fixed"
@@ -82,7 +84,7 @@ def open_inputs(args: argparse.Namespace):
     return volume, loaded
 
 
-def _model_tile(loaded, volume) -> tuple[int, int, int] | None:
+def model_tile(loaded, volume) -> tuple[int, int, int] | None:
     """The tile a model with a fixed input size needs (None: the run picks one)."""
     from napari_normcheck.core.runsteps import default_tile
 
@@ -97,7 +99,7 @@ def _model_tile(loaded, volume) -> tuple[int, int, int] | None:
     return tuple(tile)  # type: ignore[return-value]
 
 
-def _package_default(loaded, key: str) -> str | None:
+def package_default(loaded, key: str) -> str | None:
     """A bioimage.io package's own preprocessing or postprocessing, used when not given."""
     source = loaded.preprocessing if key == "normalize" else loaded.postprocessing
     return (source or {}).get(key)

@@ -1,43 +1,29 @@
-"""The command line: ``napari-normcheck run | inspect | demo``; each subcommand wraps one core function."""
+"""``napari-normcheck run``: the two-mode check over a volume, with a progress bar and a summary."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import warnings
-from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
-from napari_normcheck.cli_model import (  # noqa: F401 (_load, open_inputs re-exported)
-    _add_model_arguments,
-    _load,
-    _model_tile,
-    _package_default,
+from napari_normcheck.cli.model_args import (
+    add_model_arguments,
+    model_tile,
     open_inputs,
+    package_default,
 )
-from napari_normcheck.cli_remedies import (
-    add_fold_parser,
-    add_recalibrate_parser,
+from napari_normcheck.cli.remedies import (
     add_remedies_arguments,
     check_remedies_arguments,
     run_remedies_after,
 )
-from napari_normcheck.core.errors import NormcheckError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of all subcommands."""
-    parser = argparse.ArgumentParser(
-        prog="napari-normcheck",
-        description="Compare a segmentation network's predictions with train-mode and eval-mode "
-        "normalization, tile by tile, over volumes larger than memory.",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_run_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``run`` subcommand to ``sub`` (argparse subparsers)."""
     run = sub.add_parser("run", help="run the two-mode check over a volume and write OUT.zarr")
     run.add_argument("volume", help="zarr / OME-Zarr / TIFF / .npy volume")
-    _add_model_arguments(run)
+    add_model_arguments(run)
     run.add_argument("--out", required=True, help="output OUT.zarr folder")
     run.add_argument("--dataset", help="array path inside a zarr group")
     run.add_argument("--level", type=int, default=0, help="OME-Zarr multiscale level (0 = full)")
@@ -115,65 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="run on a local dask.distributed cluster of N worker processes (1 thread each)",
     )
-    run.set_defaults(handler=_run_command)
+    run.set_defaults(handler=run_command)
     add_remedies_arguments(run)
-    add_recalibrate_parser(sub)
-    add_fold_parser(sub)
-
-    demo = sub.add_parser(
-        "demo", help="run the packaged sample models on the packaged sample volume"
-    )
-    demo.add_argument("--out", default="normcheck-demo", help="folder for the outputs")
-    demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    demo.add_argument(
-        "--gui",
-        action="store_true",
-        help="open napari with the sample and run the batchnorm sample model in the dock widget",
-    )
-    demo.add_argument(
-        "--screenshot",
-        metavar="PATH",
-        help="with --gui: save a screenshot of the window to PATH when the run ends, then quit",
-    )
-    demo.set_defaults(handler=_demo_command)
-
-    inspect = sub.add_parser("inspect", help="load a model and list its normalization layers")
-    inspect.add_argument("model_path", metavar="MODEL")
-    _add_model_arguments(inspect, with_model=False)
-    inspect.add_argument(
-        "--verify",
-        action="store_true",
-        help="bioimage.io package: reproduce its test output (exit 1 when it differs)",
-    )
-    inspect.set_defaults(handler=_inspect_command)
-    return parser
+    return run
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (2 for a user error)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            return int(args.handler(args) or 0)
-    except NormcheckError as error:
-        if args.debug:
-            raise
-        print(f"napari-normcheck: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("napari-normcheck: interrupted; the output is incomplete", file=sys.stderr)
-        return 130
-
-
-def _run_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """Run the check (and the remedies when asked), write the report; exit code."""
     from napari_normcheck.core.config import RunConfig, parse_int_triple
     from napari_normcheck.core.tiling import parse_roi
 
     volume, loaded = open_inputs(args)
     info = loaded.info
-    tile = parse_int_triple(args.tile, "tile") if args.tile else _model_tile(loaded, volume)
+    tile = parse_int_triple(args.tile, "tile") if args.tile else model_tile(loaded, volume)
     roi = parse_roi(args.roi) if args.roi else None
     if roi is not None and len(roi) == 2:
         roi = ((0, volume.spatial_shape[0]), *roi)
@@ -186,8 +126,8 @@ def _run_command(args: argparse.Namespace) -> int:
         train_batch=args.train_batch,
         eval_batch=args.eval_batch,
         device=args.device,
-        normalize=args.normalize or _package_default(loaded, "normalize") or "none",
-        activation=args.activation or _package_default(loaded, "activation") or "none",
+        normalize=args.normalize or package_default(loaded, "normalize") or "none",
+        activation=args.activation or package_default(loaded, "activation") or "none",
         output_dtype=args.output_dtype,
         seams=args.seams,
         threshold=args.threshold,
@@ -311,104 +251,3 @@ def _store_attrs(out) -> dict:
     import zarr
 
     return dict(zarr.open_group(str(out), mode="r").attrs["normcheck"])
-
-
-def _demo_command(args: argparse.Namespace) -> int:
-    from napari_normcheck.core.config import RunConfig
-    from napari_normcheck.core.models import load_model
-    from napari_normcheck.core.report import write_report
-    from napari_normcheck.core.volume import open_volume
-    from napari_normcheck.data import SAMPLE_MODELS, sample_volume
-
-    if args.gui or args.screenshot:
-        from napari_normcheck._qt.demo_gui import run_demo_gui
-
-        out = Path(args.out) / "batchnorm-gui.zarr"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return run_demo_gui(args.screenshot, device=args.device, out=out)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    volume = open_volume(sample_volume())
-    print(
-        f"sample volume {volume.spatial_shape} (synthetic EM: membranes, organelles, empty resin)"
-    )
-    results = {}
-    for name, sample in SAMPLE_MODELS.items():
-        print(f"\n== {name}: {sample.description}")
-        loaded = load_model(sample.path, arch=sample.arch, arch_kwargs=sample.arch_kwargs)
-        config = RunConfig(
-            tile=tuple(sample.tile),
-            overlap=0.25,
-            blend="gaussian",
-            normalize=sample.normalize,
-            activation=sample.activation,
-            device=args.device,
-        )
-        report = run_and_report(volume, loaded, config, out_dir / f"{name}.zarr", overwrite=True)
-        write_report(out_dir / f"{name}_report.json", report, overwrite=True)
-        write_report(out_dir / f"{name}_report.csv", report, overwrite=True)
-        results[name] = report
-    print("\n== comparison (hard, per channel)")
-    print(f"{'model':<10} {'disparity':<22} {'mismatch eval':<22} mismatch train")
-    for name, report in results.items():
-
-        def fmt(values):
-            return " ".join(f"{v:.3f}" for v in values)
-
-        print(
-            f"{name:<10} {fmt(report['disparity']['hard']):<22} "
-            f"{fmt(report['mismatch_eval']['hard']):<22} {fmt(report['mismatch_train']['hard'])}"
-        )
-    print(
-        f"\noutputs and reports in {out_dir}/ (open a .zarr in napari with the napari-normcheck reader)"
-    )
-    return 0
-
-
-def _inspect_command(args: argparse.Namespace) -> int:
-    from napari_normcheck.core.inventory import norm_inventory
-
-    loaded = _load(args, allow_probe_failure=True)
-    info = loaded.info
-    outputs = (
-        f"{info.out_channels} output channel(s)" if not info.probe_error else "outputs unknown"
-    )
-    print(
-        f"{loaded.path}: {loaded.format}, {info.n_parameters:,} parameters, "
-        f"{info.in_channels} input channel(s), {outputs}, {info.spatial_dims}D"
-    )
-    print(info.describe_shapes())
-    if info.outputs:
-        print("the model returns: " + "; ".join(info.outputs))
-    if loaded.input_channel_names or loaded.output_channel_names:
-        print(f"channels: input {loaded.input_channel_names}, output {loaded.output_channel_names}")
-    for note in loaded.notes:
-        print(f"note: {note}")
-    if info.probe_error:
-        print(f"warning: no probe forward worked: {info.probe_error}")
-        for trial in info.tried:
-            print(f"  tried {trial}")
-    if not loaded.switchable:
-        print(f"warning: {loaded.not_switchable_reason}")
-    print(norm_inventory(loaded.module).format_table())
-    if getattr(args, "verify", False):
-        return _verify(args, loaded)
-    return 0
-
-
-def _verify(args: argparse.Namespace, loaded) -> int:
-    from napari_normcheck.core.bioimageio import verify_package
-
-    if loaded.format != "bioimageio":
-        raise NormcheckError("--verify needs a bioimage.io package (a folder or zip with rdf.yaml)")
-    result = verify_package(args.model_path, loaded=loaded, trust_pickle=args.trust_pickle)
-    verdict = "reproduced" if result.passed else "NOT reproduced"
-    print(
-        f"test output {verdict}: max abs difference {result.max_abs_diff:.3g} "
-        f"(rtol {result.rtol:g}, atol {result.atol:g})"
-    )
-    return 0 if result.passed else 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -30,7 +30,7 @@ def add_recalibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     argparse.ArgumentParser
         The new subcommand's parser (its handler is :func:`recalibrate_command`).
     """
-    from napari_normcheck.cli_model import _add_model_arguments
+    from napari_normcheck.cli.model_args import add_model_arguments
 
     parser = subparsers.add_parser(
         "recalibrate",
@@ -40,7 +40,7 @@ def add_recalibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "with only the normalization layers in train mode. The input model file is never changed.",
     )
     parser.add_argument("volume", help="zarr / OME-Zarr / TIFF / .npy volume")
-    _add_model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument(
         "--out-model",
         required=True,
@@ -77,7 +77,7 @@ def add_recalibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def add_fold_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``fold MODEL --arch ... --out-model FILE`` (BatchNorm folded into convolutions)."""
-    from napari_normcheck.cli_model import _add_model_arguments
+    from napari_normcheck.cli.model_args import add_model_arguments
 
     parser = subparsers.add_parser(
         "fold",
@@ -86,7 +86,7 @@ def add_fold_parser(subparsers: Any) -> argparse.ArgumentParser:
         "output stays the same (float rounding) and the time of a forward is printed.",
     )
     parser.add_argument("model_path", metavar="MODEL")
-    _add_model_arguments(parser, with_model=False)
+    add_model_arguments(parser, with_model=False)
     parser.add_argument("--out-model", required=True, help="TorchScript file (never overwritten)")
     parser.add_argument("--tile", help="tile Z,Y,X for the timing (Y,X for a 2D model)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over 3 random tiles")
@@ -100,7 +100,7 @@ def fold_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from napari_normcheck.cli_model import _load
+    from napari_normcheck.cli.model_args import load_model_from_args
     from napari_normcheck.core.config import parse_int_triple
     from napari_normcheck.core.fold import export_folded, fold_batchnorm, fold_speedup
 
@@ -108,7 +108,7 @@ def fold_command(args: argparse.Namespace) -> int:
         raise NormcheckError(
             f"{args.out_model} already exists and is never overwritten; choose another --out-model"
         )
-    loaded = _load(args)
+    loaded = load_model_from_args(args)
     info = loaded.info
     result = fold_batchnorm(loaded.module)
     if not result.folded:
@@ -359,7 +359,7 @@ def recalibrate_command(args: argparse.Namespace) -> int:
     """``napari-normcheck recalibrate``: recalibrate a copy of the model and export it."""
     from tqdm import tqdm
 
-    from napari_normcheck.cli_model import _package_default, open_inputs
+    from napari_normcheck.cli.model_args import open_inputs, package_default
     from napari_normcheck.core.config import parse_int_triple
     from napari_normcheck.core.engine import check_tile, default_tile
     from napari_normcheck.core.intensity import resolve_intensity
@@ -386,7 +386,7 @@ def recalibrate_command(args: argparse.Namespace) -> int:
     roi = parse_roi(args.roi) if args.roi else None
     if roi is not None and len(roi) == 2:
         roi = ((0, volume.spatial_shape[0]), *roi)
-    normalize = args.normalize or _package_default(loaded, "normalize") or "none"
+    normalize = args.normalize or package_default(loaded, "normalize") or "none"
     config = RecalibrationConfig(
         tile=tile,
         batch_size=args.batch_size,
@@ -398,7 +398,7 @@ def recalibrate_command(args: argparse.Namespace) -> int:
         mask_below=args.mask_below,
         mask_above=args.mask_above,
         min_content=args.min_content,
-        activation=args.activation or _package_default(loaded, "activation") or "none",
+        activation=args.activation or package_default(loaded, "activation") or "none",
         threshold=args.threshold,
         device=args.device,
     )
