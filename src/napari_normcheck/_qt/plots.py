@@ -84,6 +84,7 @@ class PlotWidget(QWidget):
             axis = self.item.getAxis(side)
             axis.setPen(pen)
             axis.setTextPen(pen)
+            axis.enableAutoSIPrefix(False)  # 0.6, not 600 (x0.001)
         self.item.showGrid(x=True, y=True, alpha=0.25)
         self.save_button = QPushButton("Save…")
         self.save_button.setToolTip("save this plot as PNG or SVG")
