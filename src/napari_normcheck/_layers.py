@@ -98,14 +98,16 @@ def channel_names(attrs: dict[str, Any], n_channels: int) -> list[str]:
     Parameters
     ----------
     attrs : dict
-        The store's ``normcheck`` attributes (``channel_names`` at the top, or in ``model``).
+        The store's ``normcheck`` attributes (``channel_names`` at the top, or ``channel_names`` /
+        ``output_channel_names`` in ``model``).
     n_channels : int
         The outputs' channel count.
     """
     for source in (attrs, attrs.get("model") or {}, attrs.get("params") or {}):
-        names = source.get("channel_names") if isinstance(source, dict) else None
-        if isinstance(names, (list, tuple)) and len(names) == n_channels:
-            return [str(name) for name in names]
+        for key in ("channel_names", "output_channel_names"):
+            names = source.get(key) if isinstance(source, dict) else None
+            if isinstance(names, (list, tuple)) and len(names) == n_channels:
+                return [str(name) for name in names]
     return [f"c{k}" for k in range(n_channels)]
 
 

@@ -96,3 +96,14 @@ def test_tile_table_switches_to_mismatch_and_feature_z(qtbot):
     table.set_sort_key("feature z")
     assert [table.tile_at_row(r) for r in range(3)] == [0, 1, 2]
     assert table.item(0, 5).text() == "4.00"
+
+
+def test_channel_names_come_from_the_model_when_they_fit():
+    from napari_normcheck._layers import channel_names, layer_name
+
+    assert channel_names({}, 2) == ["c0", "c1"]
+    model = {"model": {"output_channel_names": ["membrane", "organelle"]}}
+    assert channel_names(model, 2) == ["membrane", "organelle"]
+    assert channel_names(model, 3) == ["c0", "c1", "c2"]  # not this output's channels
+    assert layer_name("disparity", "membrane") == "disparity · membrane"
+    assert layer_name("eval", None) == "eval"
