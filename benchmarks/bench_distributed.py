@@ -60,13 +60,13 @@ def main() -> None:
 
     from distributed import LocalCluster
 
-    from napari_normcheck.core.blocks import default_block_chunks
-    from napari_normcheck.core.config import RunConfig
-    from napari_normcheck.core.distributed import ModelSpec, open_client, run_check_distributed
-    from napari_normcheck.core.engine import RunFinished, run_check
-    from napari_normcheck.core.models import load_model
-    from napari_normcheck.core.runsteps import prepare_run
-    from napari_normcheck.core.volume import open_volume
+    from napari_normcheck.core.base.config import RunConfig
+    from napari_normcheck.core.io.volume import open_volume
+    from napari_normcheck.core.models.models import load_model
+    from napari_normcheck.core.run.blocks import default_block_chunks
+    from napari_normcheck.core.run.distributed import ModelSpec, open_client, run_check_distributed
+    from napari_normcheck.core.run.engine import RunFinished, run_check
+    from napari_normcheck.core.run.runsteps import prepare_run
 
     torch.set_num_threads(1)  # the single-process reference uses one core, as one worker does
     config = RunConfig(tile=TILE, overlap=0.25, normalize="minmax:0,255", activation="sigmoid")

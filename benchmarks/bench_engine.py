@@ -51,9 +51,9 @@ def make_zarr(path: Path, shape: tuple[int, int, int]) -> None:
 
 
 def engine_run(volume_path: str, out: str, cache_mb: int) -> dict:
-    from napari_normcheck.core.config import RunConfig
-    from napari_normcheck.core.engine import RunFinished, run_check
-    from napari_normcheck.core.volume import open_volume
+    from napari_normcheck.core.base.config import RunConfig
+    from napari_normcheck.core.io.volume import open_volume
+    from napari_normcheck.core.run.engine import RunFinished, run_check
 
     model = make_model()
     config = RunConfig(
@@ -98,10 +98,10 @@ def memory_benchmark(base: tuple[int, int, int], cache_mb: int) -> None:
 def speed_benchmark(shape: tuple[int, int, int]) -> None:
     from monai.inferers import sliding_window_inference
 
-    from napari_normcheck.core.intensity import resolve_intensity
-    from napari_normcheck.core.modes import has_running_stats
-    from napari_normcheck.core.tiling import plan_tiles
-    from napari_normcheck.core.volume import open_volume
+    from napari_normcheck.core.base.modes import has_running_stats
+    from napari_normcheck.core.base.tiling import plan_tiles
+    from napari_normcheck.core.io.intensity import resolve_intensity
+    from napari_normcheck.core.io.volume import open_volume
 
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:

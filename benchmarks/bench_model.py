@@ -73,12 +73,12 @@ def make_volume(path: Path, shape: tuple[int, int, int]) -> str:
 
 def bare_seconds(volume_path: Path, model, tile, device) -> tuple[float, float, int]:
     """Seconds of the eval and train forwards over the run's tiles; with feature hooks; tiles."""
-    from napari_normcheck.core.features import FeatureRecorder, default_feature_layers
-    from napari_normcheck.core.forward import forward_batch
-    from napari_normcheck.core.intensity import resolve_intensity
-    from napari_normcheck.core.tile_io import read_window
-    from napari_normcheck.core.tiling import plan_tiles
-    from napari_normcheck.core.volume import open_volume
+    from napari_normcheck.core.base.tiling import plan_tiles
+    from napari_normcheck.core.io.intensity import resolve_intensity
+    from napari_normcheck.core.io.volume import open_volume
+    from napari_normcheck.core.measure.features import FeatureRecorder, default_feature_layers
+    from napari_normcheck.core.run.forward import forward_batch
+    from napari_normcheck.core.run.tile_io import read_window
 
     volume = open_volume(str(volume_path))
     plan = plan_tiles(volume.spatial_shape, tile, overlap=0.25, blend="gaussian")
@@ -109,8 +109,8 @@ def monai_seconds(volume_path: Path, model, tile, device) -> float:
     import zarr
     from monai.inferers import sliding_window_inference
 
-    from napari_normcheck.core.intensity import resolve_intensity
-    from napari_normcheck.core.modes import normalization_mode
+    from napari_normcheck.core.base.modes import normalization_mode
+    from napari_normcheck.core.io.intensity import resolve_intensity
 
     data = zarr.open_array(str(volume_path), mode="r")[:]
     transform = resolve_intensity("percentile:1,99.8", data[None])

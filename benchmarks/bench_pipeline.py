@@ -77,9 +77,9 @@ def run_case(volume_path: str, out: str, tile: tuple[int, int, int], device: str
     """One run of the check in this process; its figures."""
     import torch
 
-    from napari_normcheck.core.config import RunConfig
-    from napari_normcheck.core.engine import RunFinished, run_check
-    from napari_normcheck.core.volume import open_volume
+    from napari_normcheck.core.base.config import RunConfig
+    from napari_normcheck.core.io.volume import open_volume
+    from napari_normcheck.core.run.engine import RunFinished, run_check
 
     spatial_dims = 2 if tile[0] == 1 else 3
     model = make_model(spatial_dims)

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from napari_normcheck.cli.remedies import format_remedies
-from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.engine import RunFinished, run_check
-from napari_normcheck.core.fold import fold_batchnorm, fold_speedup
-from napari_normcheck.core.remedy_run import RemediesFinished, run_remedies
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.remedies.fold import fold_batchnorm, fold_speedup
+from napari_normcheck.core.remedies.remedy_run import RemediesFinished, run_remedies
+from napari_normcheck.core.run.engine import RunFinished, run_check
 from napari_normcheck.data import SAMPLE_MODELS, make_synthetic_em
 
 ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "em"

@@ -27,8 +27,8 @@ from bench_engine import TILE, make_model, make_zarr  # noqa: E402
 
 
 def engine_seconds(volume_path: str, out: str, model, config) -> tuple[float, dict]:
-    from napari_normcheck.core.engine import RunFinished, run_check
-    from napari_normcheck.core.volume import open_volume
+    from napari_normcheck.core.io.volume import open_volume
+    from napari_normcheck.core.run.engine import RunFinished, run_check
 
     t0 = time.perf_counter()
     summary: dict = {}
@@ -41,13 +41,13 @@ def engine_seconds(volume_path: str, out: str, model, config) -> tuple[float, di
 
 
 def bare_seconds(volume_path: str, model, config, device: torch.device, eval_batch: int) -> float:
-    from napari_normcheck.core.forward import forward_batch
-    from napari_normcheck.core.intensity import resolve_intensity
-    from napari_normcheck.core.per_sample_norm import supports_per_sample
-    from napari_normcheck.core.staging import HostStaging
-    from napari_normcheck.core.tile_io import read_window
-    from napari_normcheck.core.tiling import plan_tiles
-    from napari_normcheck.core.volume import open_volume
+    from napari_normcheck.core.base.tiling import plan_tiles
+    from napari_normcheck.core.io.intensity import resolve_intensity
+    from napari_normcheck.core.io.volume import open_volume
+    from napari_normcheck.core.models.per_sample_norm import supports_per_sample
+    from napari_normcheck.core.run.forward import forward_batch
+    from napari_normcheck.core.run.staging import HostStaging
+    from napari_normcheck.core.run.tile_io import read_window
 
     volume = open_volume(volume_path)
     plan = plan_tiles(volume.spatial_shape, config.tile, overlap=config.overlap, blend=config.blend)
@@ -80,7 +80,7 @@ def bare_seconds(volume_path: str, model, config, device: torch.device, eval_bat
 
 
 def measure(device_name: str, shape: tuple[int, int, int], variants: list[dict]) -> None:
-    from napari_normcheck.core.config import RunConfig
+    from napari_normcheck.core.base.config import RunConfig
 
     device = torch.device(device_name)
     base = RunConfig(tile=TILE, overlap=0.25, normalize="minmax:0,255", device=device_name)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_normcheck.core.modes import normalization_mode
+from napari_normcheck.core.base.modes import normalization_mode
 from napari_normcheck.data import SAMPLE_MODELS, SampleModel, make_synthetic_em
 
 TRAIN_VOLUME_SHAPE = (64, 256, 256)

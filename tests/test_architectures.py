@@ -22,7 +22,7 @@ from monai.inferers import sliding_window_inference
 
 import napari_normcheck.cli as cli
 import napari_normcheck.cli.model_args as cli_model
-from napari_normcheck.core.modes import has_running_stats
+from napari_normcheck.core.base.modes import has_running_stats
 from tests.conftest import synthetic_volume
 
 NNUNET_BUILDER = """
@@ -159,7 +159,7 @@ def _build(name, tmp_path):
 
 
 def cli_resolve(arch):
-    from napari_normcheck.core.models import resolve_callable
+    from napari_normcheck.core.models.models import resolve_callable
 
     return resolve_callable(arch)
 

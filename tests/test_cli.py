@@ -10,7 +10,7 @@ import torch
 import zarr
 
 from napari_normcheck.cli import main
-from napari_normcheck.core.store import is_complete
+from napari_normcheck.core.io.store import is_complete
 from tests.conftest import calibrate, synthetic_volume, tiny_unet
 
 ARCH = "monai.networks.nets.BasicUNet"

@@ -16,9 +16,9 @@ from napari_normcheck.cli.remedies import (
     check_remedies_arguments,
     run_remedies_after,
 )
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.models import load_model
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.models.models import load_model
 from napari_normcheck.data import SAMPLE_MODELS, make_synthetic_em
 
 SAMPLE = SAMPLE_MODELS["batchnorm"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_normcheck.core.modes import running_stats_layers
+from napari_normcheck.core.base.modes import running_stats_layers
 from napari_normcheck.data import (
     SAMPLE_MODELS,
     SampleModel,

@@ -47,7 +47,7 @@ from napari_normcheck._tile_layers import tile_shapes_layer as tile_shapes_layer
 from napari_normcheck._tile_layers import to_world as to_world
 
 if TYPE_CHECKING:
-    from napari_normcheck.core.tiling import TilePlan
+    from napari_normcheck.core.base.tiling import TilePlan
 
 LayerDataTuple = tuple[Any, dict, str]
 
@@ -248,7 +248,7 @@ def placeholder_grid_layers(
 
     One cell per tile, placed over its tile as the engine will place it; all zero until then.
     """
-    from napari_normcheck.core.grids import tile_cell_transform
+    from napari_normcheck.core.run.grids import tile_cell_transform
 
     cell_scale, cell_translation = tile_cell_transform(plan, tuple(scale), volume_translation)
     layers: list[LayerDataTuple] = [

@@ -28,7 +28,7 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
         ``reader(path) -> list of layer data tuples``; ``None`` for other zarr folders, so napari
         tries other readers.
     """
-    from napari_normcheck.core.store import is_normcheck_store
+    from napari_normcheck.core.io.store import is_normcheck_store
 
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     if not paths or not all(is_normcheck_store(p) for p in paths):

@@ -50,7 +50,7 @@ def output_levels(group: Any) -> list[Level]:
     Parameters
     ----------
     group : zarr.Group
-        An image group written by :class:`~napari_normcheck.core.store.OutputStore` (OME-Zarr 0.5
+        An image group written by :class:`~napari_normcheck.core.io.store.OutputStore` (OME-Zarr 0.5
         ``ome`` attribute, or 0.4's top-level ``multiscales``).
 
     Returns

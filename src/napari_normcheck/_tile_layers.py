@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from napari_normcheck.core.tiling import Tile, TilePlan
+    from napari_normcheck.core.base.tiling import Tile, TilePlan
 
 LayerDataTuple = tuple[Any, dict, str]
 
 
 def plan_from_attrs(attrs: dict[str, Any]) -> TilePlan | None:
-    """Rebuild the run's :class:`~napari_normcheck.core.tiling.TilePlan` from the root attributes."""
-    from napari_normcheck.core.tiling import plan_tiles
+    """Rebuild the run's :class:`~napari_normcheck.core.base.tiling.TilePlan` from the root attributes."""
+    from napari_normcheck.core.base.tiling import plan_tiles
 
     plan = attrs.get("plan")
     if not plan:

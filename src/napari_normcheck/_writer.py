@@ -75,7 +75,7 @@ def write_ome_zarr(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     import dask.array as da
     import zarr
 
-    from napari_normcheck.core.store import ome_image_attrs
+    from napari_normcheck.core.io.store import ome_image_attrs
 
     if meta.get("multiscale") or isinstance(data, list):
         data = data[0]

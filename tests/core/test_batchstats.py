@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_normcheck.core.batchstats import BatchStatsNorm, batch_stats_copy
-from napari_normcheck.core.modes import normalization_mode, running_stats_layers
+from napari_normcheck.core.base.modes import normalization_mode, running_stats_layers
+from napari_normcheck.core.remedies.batchstats import BatchStatsNorm, batch_stats_copy
 from tests.conftest import calibrate, tiny_unet
 
 NORMS = {

@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from napari_normcheck.cli import main
-from napari_normcheck.core import bioimageio, package_zip
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.models import load_model
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.models import bioimageio, package_zip
+from napari_normcheck.core.models.models import load_model
 from tests.core.bioimageio_packages import make_package
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.:DeprecationWarning")
@@ -109,7 +109,7 @@ def test_preprocessing_mapping(step, spec):
 
 
 def test_scale_linear_mapping_matches_the_formula():
-    from napari_normcheck.core.intensity import resolve_intensity
+    from napari_normcheck.core.io.intensity import resolve_intensity
 
     step = {"name": "scale_linear", "kwargs": {"gain": 0.25, "offset": 3.0}}
     spec, _ = bioimageio.map_preprocessing([step])

@@ -22,15 +22,15 @@ import pytest
 import torch
 import zarr
 
-from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.distributed import open_client, run_check_distributed
-from napari_normcheck.core.engine import BlockDone, RunFinished, TileDone, run_check
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.manifest import blocks_dir
-from napari_normcheck.core.models import load_model
-from napari_normcheck.core.modelspec import ModelSpec
-from napari_normcheck.core.store import is_complete
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.io.store import is_complete
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.models.models import load_model
+from napari_normcheck.core.models.modelspec import ModelSpec
+from napari_normcheck.core.run.distributed import open_client, run_check_distributed
+from napari_normcheck.core.run.engine import BlockDone, RunFinished, TileDone, run_check
+from napari_normcheck.core.run.manifest import blocks_dir
 from tests.conftest import TINY_UNET_ARCH, calibrate, synthetic_volume, tiny_unet, tiny_unet_kwargs
 
 distributed = pytest.importorskip("distributed")
@@ -332,10 +332,10 @@ def test_cancel_then_resume_runs_only_unfinished_blocks(
 
 CLIENT_SCRIPT = """
 import json, sys
-from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.distributed import run_events
-from napari_normcheck.core.models import load_model
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.run.distributed import run_events
+from napari_normcheck.core.models.models import load_model
+from napari_normcheck.core.io.volume import open_volume
 
 model, arch_kwargs, npy, config, out, address = sys.argv[1:]
 loaded = load_model(model, arch="monai.networks.nets.BasicUNet", arch_kwargs=arch_kwargs)

@@ -12,13 +12,13 @@ import torch
 import zarr
 from monai.inferers import sliding_window_inference
 
-from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.engine import RunFinished, TileDone, run_check
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.intensity import resolve_intensity
-from napari_normcheck.core.modes import has_running_stats
-from napari_normcheck.core.store import is_complete
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.base.modes import has_running_stats
+from napari_normcheck.core.io.intensity import resolve_intensity
+from napari_normcheck.core.io.store import is_complete
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.run.engine import RunFinished, TileDone, run_check
 from tests.conftest import calibrate, synthetic_volume, tiny_unet
 
 
@@ -324,7 +324,7 @@ def test_model_output_shape_must_match_input(tmp_path):
 
 
 def test_dict_output_uses_first_tensor_and_says_so(tmp_path):
-    import napari_normcheck.core.forward as forward
+    import napari_normcheck.core.run.forward as forward
 
     forward._warned_tuple_output = False
     with pytest.warns(UserWarning, match="first tensor"):

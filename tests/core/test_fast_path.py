@@ -8,20 +8,20 @@ import pytest
 import torch
 from torch import nn
 
-from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.forward import (
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.base.tiling import plan_tiles
+from napari_normcheck.core.models.per_sample_norm import per_sample_train_norm, supports_per_sample
+from napari_normcheck.core.run.forward import (
     Passes,
     forward_batch,
     measure_precision_effect,
     probe_eval_batch,
 )
-from napari_normcheck.core.per_sample_norm import per_sample_train_norm, supports_per_sample
-from napari_normcheck.core.precision import precision_context, precision_disparity
-from napari_normcheck.core.staging import HostStaging
-from napari_normcheck.core.tile_io import TileWork
-from napari_normcheck.core.tiling import plan_tiles
-from napari_normcheck.core.timing import Timing
+from napari_normcheck.core.run.precision import precision_context, precision_disparity
+from napari_normcheck.core.run.staging import HostStaging
+from napari_normcheck.core.run.tile_io import TileWork
+from napari_normcheck.core.run.timing import Timing
 from tests.conftest import calibrate, tiny_unet
 from tests.core.test_modes import assert_state_equal, state_copy
 
@@ -162,9 +162,9 @@ def test_cuda_staging_reuses_pinned_buffers_and_probe_finds_a_batch(batchnorm_un
 
 
 def test_a_reduced_precision_run_reports_its_effect_against_fp32(tmp_path, batchnorm_unet):
-    from napari_normcheck.core.engine import RunFinished, run_check
-    from napari_normcheck.core.report import build_report, format_summary
-    from napari_normcheck.core.volume import open_volume
+    from napari_normcheck.core.io.volume import open_volume
+    from napari_normcheck.core.run.engine import RunFinished, run_check
+    from napari_normcheck.core.run.report import build_report, format_summary
     from tests.conftest import synthetic_volume
 
     np.save(tmp_path / "v.npy", synthetic_volume((16, 40, 44)))

@@ -2,14 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.engine import run_check
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.features import FeatureRecorder, default_feature_layers
-from napari_normcheck.core.intensity import resolve_intensity
-from napari_normcheck.core.tile_io import read_window
-from napari_normcheck.core.tiling import plan_tiles
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.base.tiling import plan_tiles
+from napari_normcheck.core.io.intensity import resolve_intensity
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.measure.features import FeatureRecorder, default_feature_layers
+from napari_normcheck.core.run.engine import run_check
+from napari_normcheck.core.run.tile_io import read_window
 from tests.conftest import synthetic_volume, tiny_unet
 
 
@@ -55,7 +55,7 @@ def test_group_norm_model_has_no_z_but_named_layers_can_be_recorded(tmp_path):
 def test_per_sample_moments_equal_var_mean_and_handle_constant_channels():
     import torch
 
-    from napari_normcheck.core.features import per_sample_moments
+    from napari_normcheck.core.measure.features import per_sample_moments
 
     x = torch.randn(3, 4, 5, 6, 7) * 2 + 1
     x[1, 2] = 3.0  # a constant channel: variance 0, not inf

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.fold import fold_batchnorm, fold_speedup
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.remedies.fold import fold_batchnorm, fold_speedup
 from napari_normcheck.data import SAMPLE_MODELS, sample_volume
 from tests.conftest import calibrate, tiny_unet
 

@@ -16,6 +16,8 @@ FORBIDDEN_IN_CORE = (
     "PyQt6",
     "PySide2",
     "PySide6",
+    "pyqtgraph",
+    "matplotlib",
 )
 
 
@@ -28,9 +30,19 @@ def loaded_after(code: str) -> set[str]:
 
 
 def test_every_core_module_imports_without_qt_or_napari():
-    modules = [m.name for m in pkgutil.iter_modules(napari_normcheck.core.__path__)]
-    assert {"engine", "tiling", "stitch", "volume", "models", "metrics"} <= set(modules)
-    imports = "\n".join(f"import napari_normcheck.core.{name}" for name in modules)
+    modules = [
+        m.name
+        for m in pkgutil.walk_packages(napari_normcheck.core.__path__, "napari_normcheck.core.")
+    ]
+    assert {
+        "napari_normcheck.core.run.engine",
+        "napari_normcheck.core.base.tiling",
+        "napari_normcheck.core.run.stitch",
+        "napari_normcheck.core.io.volume",
+        "napari_normcheck.core.models.models",
+        "napari_normcheck.core.measure.metrics",
+    } <= set(modules)
+    imports = "\n".join(f"import {name}" for name in modules)
     assert not loaded_after(imports) & set(FORBIDDEN_IN_CORE)
 
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.intensity import (
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.io.intensity import (
     IntensitySpec,
     IntensityTransform,
     resolve_intensity,
     subsample_strides,
 )
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.io.volume import open_volume
 
 
 @pytest.mark.parametrize(
@@ -176,7 +176,7 @@ def test_constant_volume_percentile_is_an_error():
 def test_zscore_is_estimated_once_over_the_whole_volume():
     import dask.array as da
 
-    from napari_normcheck.core.intensity import IntensitySpec, resolve_intensity
+    from napari_normcheck.core.io.intensity import IntensitySpec, resolve_intensity
 
     rng = np.random.default_rng(3)
     volume = rng.normal(40.0, 7.0, size=(1, 20, 64, 64)).astype(np.float32)

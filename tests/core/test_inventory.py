@@ -9,8 +9,8 @@ import torch
 from monai.networks.nets import MedNeXt, UNet
 from torch import nn
 
-from napari_normcheck.core.inventory import norm_inventory
-from napari_normcheck.core.models import load_model
+from napari_normcheck.core.models.inventory import norm_inventory
+from napari_normcheck.core.models.models import load_model
 from tests.conftest import calibrate, tiny_unet
 
 # Building TorchScript test files is deprecated API; the loader must still read such files.

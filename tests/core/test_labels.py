@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.labels import (
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.measure.labels import (
     LabelDice,
     dice_of_stored,
     label_box,

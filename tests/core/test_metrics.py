@@ -1,11 +1,15 @@
 import numpy as np
 import zarr
 
-from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.engine import RunFinished, run_check
-from napari_normcheck.core.metrics import DisparityAccumulator, dice_sums, disparity_from_sums
-from napari_normcheck.core.store import read_marker
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.io.store import read_marker
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.measure.metrics import (
+    DisparityAccumulator,
+    dice_sums,
+    disparity_from_sums,
+)
+from napari_normcheck.core.run.engine import RunFinished, run_check
 from tests.conftest import synthetic_volume
 
 

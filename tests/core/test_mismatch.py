@@ -1,12 +1,12 @@
 import numpy as np
 import torch
 
-from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.engine import run_check
-from napari_normcheck.core.mismatch import prediction_box, tile_pairs
-from napari_normcheck.core.modes import normalization_mode
-from napari_normcheck.core.tiling import plan_tiles
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.modes import normalization_mode
+from napari_normcheck.core.base.tiling import plan_tiles
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.measure.mismatch import prediction_box, tile_pairs
+from napari_normcheck.core.run.engine import run_check
 from tests.conftest import synthetic_volume, tiny_unet
 
 

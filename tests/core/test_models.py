@@ -11,15 +11,15 @@ import torch
 from monai.networks.nets import BasicUNet, UNet
 from torch import nn
 
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.models import (
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.base.modes import normalization_mode
+from napari_normcheck.core.models.models import (
     file_sha256,
     load_model,
     parse_kwargs,
     probe_model,
     resolve_callable,
 )
-from napari_normcheck.core.modes import normalization_mode
 from tests.conftest import calibrate, tiny_unet
 
 # Building TorchScript test files is deprecated API; the loader must still read such files.

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from napari_normcheck.core.modes import has_running_stats, normalization_mode
+from napari_normcheck.core.base.modes import has_running_stats, normalization_mode
 from tests.conftest import calibrate, tiny_unet
 
 

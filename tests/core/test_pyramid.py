@@ -1,10 +1,10 @@
 import numpy as np
 import zarr
 
-from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.engine import run_check
-from napari_normcheck.core.pyramid import downsample_means, n_levels
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.io.pyramid import downsample_means, n_levels
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.run.engine import run_check
 from tests.conftest import synthetic_volume
 
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.forward import forward_batch
-from napari_normcheck.core.intensity import resolve_intensity
-from napari_normcheck.core.modes import normalization_mode, running_stats_layers
-from napari_normcheck.core.recalibrate import RecalibrationConfig, recalibrate
-from napari_normcheck.core.recalibrate_export import export_recalibrated
-from napari_normcheck.core.tile_sampling import ContentMask, read_tiles, window_plan
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.base.modes import normalization_mode, running_stats_layers
+from napari_normcheck.core.io.intensity import resolve_intensity
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.remedies.recalibrate import RecalibrationConfig, recalibrate
+from napari_normcheck.core.remedies.recalibrate_export import export_recalibrated
+from napari_normcheck.core.run.forward import forward_batch
+from napari_normcheck.core.run.tile_sampling import ContentMask, read_tiles, window_plan
 from tests.conftest import calibrate, synthetic_volume, tiny_unet
 
 TILE = (16, 32, 32)

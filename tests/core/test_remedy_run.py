@@ -8,17 +8,17 @@ import torch
 import zarr
 from monai.inferers import sliding_window_inference
 
-from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.engine import RunFinished, run_check
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.remedy_run import (
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.remedies.remedy_run import (
     ROWS,
     RemediesFinished,
     RemediesStarted,
     RemedyTileDone,
     run_remedies,
 )
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.run.engine import RunFinished, run_check
 from napari_normcheck.data import SAMPLE_MODELS, make_synthetic_em
 
 SHAPE = (48, 96, 112)

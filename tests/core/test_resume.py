@@ -15,11 +15,11 @@ import pytest
 import torch
 import zarr
 
-from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.engine import RunFinished, TileDone, run_check
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.store import is_complete
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.io.store import is_complete
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.run.engine import RunFinished, TileDone, run_check
 from tests.conftest import calibrate, synthetic_volume, tiny_unet
 
 NAMES = (

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.outputs import OutputChoice, attach_choice, select_prediction
-from napari_normcheck.core.probe import probe_model, probe_with_notes
-from napari_normcheck.core.tilefit import check_window
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.models.outputs import OutputChoice, attach_choice, select_prediction
+from napari_normcheck.core.models.probe import probe_model, probe_with_notes
+from napari_normcheck.core.models.tilefit import check_window
 
 
 def block(cin: int, cout: int) -> nn.Sequential:

@@ -3,7 +3,7 @@ import pytest
 import torch
 from monai.data.utils import compute_importance_map
 
-from napari_normcheck.core.stitch import importance_map
+from napari_normcheck.core.run.stitch import importance_map
 
 
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])

@@ -3,8 +3,8 @@ import pytest
 from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.tiling import parse_roi, plan_tiles
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.base.tiling import parse_roi, plan_tiles
 
 
 @pytest.mark.parametrize("shape", [(20, 40, 44), (16, 32, 32), (33, 70, 100), (5, 200, 31)])
@@ -71,7 +71,7 @@ def test_parse_roi():
         parse_roi("0-4,1:9")
 
 
-# --- blocks of whole chunks for distributed runs (napari_normcheck.core.blocks) ----------------
+# --- blocks of whole chunks for distributed runs (napari_normcheck.core.run.blocks) ----------------
 
 BLOCK_PLANS = {
     "gaussian": dict(overlap=0.3, blend="gaussian", roi=((3, 29), (5, 50), (0, 61))),
@@ -82,8 +82,8 @@ BLOCK_PLANS = {
 @pytest.mark.parametrize("kind", list(BLOCK_PLANS))
 @pytest.mark.parametrize("block_chunks", [(1, 1, 1), (2, 1, 2), (1, 3, 2), (9, 9, 9)])
 def test_blocks_partition_chunks_and_own_each_tile_and_pair_once(kind, block_chunks):
-    from napari_normcheck.core.blocks import block_tiles, plan_blocks, tile_owners
-    from napari_normcheck.core.mismatch import tile_pairs
+    from napari_normcheck.core.measure.mismatch import tile_pairs
+    from napari_normcheck.core.run.blocks import block_tiles, plan_blocks, tile_owners
 
     plan = plan_tiles((30, 50, 61), (16, 32, 32), **BLOCK_PLANS[kind])
     blocks = plan_blocks(plan, block_chunks)
@@ -123,7 +123,7 @@ def test_blocks_partition_chunks_and_own_each_tile_and_pair_once(kind, block_chu
 
 
 def test_block_tiles_run_whole_train_batches():
-    from napari_normcheck.core.blocks import block_tiles, plan_blocks
+    from napari_normcheck.core.run.blocks import block_tiles, plan_blocks
 
     plan = plan_tiles((40, 50, 61), (16, 32, 32), overlap=0.25)
     for block in plan_blocks(plan, (1, 1, 1)):
@@ -137,8 +137,8 @@ def test_block_tiles_run_whole_train_batches():
 
 def test_chunk_completion_order_is_the_accumulators():
     """The order in which blocks' chunk sums are added is the single-process completion order."""
-    from napari_normcheck.core.blocks import chunk_completion_order
-    from napari_normcheck.core.stitch import ChunkAccumulator
+    from napari_normcheck.core.run.blocks import chunk_completion_order
+    from napari_normcheck.core.run.stitch import ChunkAccumulator
 
     plan = plan_tiles((30, 50, 61), (16, 32, 32), overlap=0.3)
     finished = []
@@ -157,7 +157,7 @@ def test_chunk_completion_order_is_the_accumulators():
 
 @pytest.mark.parametrize("n_workers", [1, 2, 8])
 def test_default_blocks_give_work_to_every_worker(n_workers):
-    from napari_normcheck.core.blocks import default_block_chunks, plan_blocks
+    from napari_normcheck.core.run.blocks import default_block_chunks, plan_blocks
 
     plan = plan_tiles((64, 192, 192), (32, 64, 64), overlap=0.25)
     blocks = plan_blocks(plan, default_block_chunks(plan, n_workers))

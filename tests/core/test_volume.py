@@ -10,8 +10,8 @@ import pytest
 import tifffile
 import zarr
 
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.volume import (
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.io.volume import (
     Volume,
     _contiguous_chunks,
     _zarr_dask_chunks,

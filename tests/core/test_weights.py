@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.models import load_model
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.models.models import load_model
 from tests.conftest import TINY_UNET_ARCH, calibrate, tiny_unet, tiny_unet_kwargs
 
 
@@ -96,7 +96,7 @@ def test_network_file_inside_a_package_with_relative_imports(tmp_path):
         """)
     )
     arch = f"{package / 'unet.py'}:Net"
-    from napari_normcheck.core.models import resolve_callable
+    from napari_normcheck.core.models.models import resolve_callable
 
     net = resolve_callable(arch)(width=4)
     torch.save({"model": net.state_dict()}, tmp_path / "net.pt")

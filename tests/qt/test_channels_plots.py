@@ -179,10 +179,10 @@ def add_half_level(root_path, group):
 def test_pyramid_outputs_open_as_multiscale_layers(make_napari_viewer, tmp_path, tiny_model_file):
     import dataclasses
 
-    from napari_normcheck.core.config import RunConfig
-    from napari_normcheck.core.engine import run_check
-    from napari_normcheck.core.models import load_model
-    from napari_normcheck.core.volume import open_volume
+    from napari_normcheck.core.base.config import RunConfig
+    from napari_normcheck.core.io.volume import open_volume
+    from napari_normcheck.core.models.models import load_model
+    from napari_normcheck.core.run.engine import run_check
 
     loaded = load_model(tiny_model_file, arch=ARCH, arch_kwargs=ARCH_KWARGS)
     image = np.random.default_rng(4).normal(size=(16, 64, 64)).astype(np.float32)

@@ -6,10 +6,10 @@ import zarr
 
 from napari_normcheck._layers import IMAGE_OUTPUTS
 from napari_normcheck._reader import get_reader
-from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.engine import run_check
-from napari_normcheck.core.models import load_model
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.models.models import load_model
+from napari_normcheck.core.run.engine import run_check
 
 from .conftest import ARCH, ARCH_KWARGS
 

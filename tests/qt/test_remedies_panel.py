@@ -9,11 +9,11 @@ import zarr
 
 from napari_normcheck._qt import remedies_panel as panel_module
 from napari_normcheck._qt.remedies_panel import RemediesPanel, RemedyContext, cell_text
-from napari_normcheck.core.config import RunConfig
-from napari_normcheck.core.engine import run_check
-from napari_normcheck.core.errors import NormcheckError
-from napari_normcheck.core.remedy_run import ROWS
-from napari_normcheck.core.volume import open_volume
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.remedies.remedy_run import ROWS
+from napari_normcheck.core.run.engine import run_check
 from tests.conftest import calibrate, tiny_unet
 
 

@@ -5,7 +5,7 @@ import numpy as np
 from napari_normcheck._layers import contrast_for, tile_box, tile_features
 from napari_normcheck._qt.plots import DisparityHistogram
 from napari_normcheck._qt.tile_table import TileTable
-from napari_normcheck.core.tiling import plan_tiles
+from napari_normcheck.core.base.tiling import plan_tiles
 
 
 def test_tile_table_sorts_by_largest_channel_unknown_last(qtbot):

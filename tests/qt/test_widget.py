@@ -5,7 +5,7 @@ import zarr
 
 from napari_normcheck._qt.region import FIELD_OF_VIEW, SHAPES_BOX, camera_of, canvas_size
 from napari_normcheck._qt.widget import NormcheckWidget
-from napari_normcheck.core.store import is_complete, is_normcheck_store
+from napari_normcheck.core.io.store import is_complete, is_normcheck_store
 
 from .conftest import fill_model
 

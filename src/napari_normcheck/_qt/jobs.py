@@ -1,7 +1,7 @@
 """What the widget's worker threads run: model loading and the two-mode check (no Qt here).
 
 Both are generators, so :func:`napari.qt.threading.thread_worker` hands every item to the GUI thread.
-A :class:`~napari_normcheck.core.errors.NormcheckError` is yielded as a :class:`JobError` (shown as a
+A :class:`~napari_normcheck.core.base.errors.NormcheckError` is yielded as a :class:`JobError` (shown as a
 notification), never raised into napari's traceback dialog.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.base.errors import NormcheckError
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,8 @@ def output_channel_names(loaded: Any) -> list[str] | None:
 
 def load(request: ModelRequest) -> ModelReady:
     """Load and inventory the model of ``request`` (raises :class:`NormcheckError`)."""
-    from napari_normcheck.core.inventory import norm_inventory
-    from napari_normcheck.core.models import load_model
+    from napari_normcheck.core.models.inventory import norm_inventory
+    from napari_normcheck.core.models.models import load_model
 
     if not request.path:
         raise NormcheckError("choose a model file first")
@@ -150,7 +150,7 @@ def expected_plan(shape: tuple[int, ...], config: Any, divisor: Any = None) -> A
     Only used to outline the tiles before the run starts (a Shapes layer of many tiles takes
     seconds to build); the engine's own plan, in ``RunStarted``, is the one that counts.
     """
-    from napari_normcheck.core.runsteps import plan_run_tiles
+    from napari_normcheck.core.run.runsteps import plan_run_tiles
 
     try:
         return plan_run_tiles(shape, config, config.spatial_dims or 3, divisor)
@@ -175,7 +175,7 @@ def run_job(run: RunRequest, model: ModelRequest, ready: ModelReady | None) -> I
     ModelReady, PrepareLayers, RunStarted, TileDone, RunFinished or JobError
         Progress items for the GUI thread.
     """
-    from napari_normcheck.core.distributed import run_events
+    from napari_normcheck.core.run.distributed import run_events
 
     try:
         if ready is None or ready.request != model:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.base.errors import NormcheckError
 
 WHOLE = "whole volume"
 FIELD_OF_VIEW = "current field of view"

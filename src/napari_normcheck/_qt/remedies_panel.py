@@ -8,7 +8,7 @@ Embedding (what the dock widget does)::
 ``get_context()`` is called when the user clicks Run remedies and must return a :class:`RemedyContext`
 (the volume, the loaded model and the finished OUT.zarr of the last check) or ``None`` when there is
 no finished check yet. The remedies run in a :func:`napari.qt.threading.thread_worker` over the core
-generator :func:`~napari_normcheck.core.remedy_run.run_remedies`; the table, the layers of each
+generator :func:`~napari_normcheck.core.remedies.remedy_run.run_remedies`; the table, the layers of each
 remedy's prediction and the export of the recalibrated model follow when it finishes.
 """
 
@@ -36,7 +36,7 @@ from qtpy.QtWidgets import (  # noqa: TID253
     QVBoxLayout,
 )
 
-from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.base.errors import NormcheckError
 
 NO_LABELS = "(no labels)"
 
@@ -84,7 +84,7 @@ class RemedyContext:
 
 def remedies_job(context: RemedyContext, options: dict[str, Any]) -> Iterator[Any]:
     """Worker body: run the remedies; a :class:`NormcheckError` becomes a :class:`JobError` item."""
-    from napari_normcheck.core.remedy_run import run_remedies
+    from napari_normcheck.core.remedies.remedy_run import run_remedies
 
     try:
         yield from run_remedies(
@@ -205,7 +205,7 @@ class RemediesPanel(QGroupBox):
 
     def options(self) -> dict[str, Any]:
         """The ``run_remedies`` keyword arguments from the form (raises :class:`NormcheckError`)."""
-        from napari_normcheck.core.labels import parse_label_map
+        from napari_normcheck.core.measure.labels import parse_label_map
 
         recalibration: dict[str, Any] = {
             "n_tiles": self.tiles.value(),
@@ -272,8 +272,8 @@ class RemediesPanel(QGroupBox):
             self.context.cancel.set()
 
     def _on_item(self, item: Any) -> None:
-        from napari_normcheck.core.recalibrate import RecalibrationProgress
-        from napari_normcheck.core.remedy_run import RemediesFinished, RemedyTileDone
+        from napari_normcheck.core.remedies.recalibrate import RecalibrationProgress
+        from napari_normcheck.core.remedies.remedy_run import RemediesFinished, RemedyTileDone
 
         if isinstance(item, JobError):
             _show_error(item.message)
@@ -303,7 +303,7 @@ class RemediesPanel(QGroupBox):
 
     def show_table(self, remedies: dict[str, Any]) -> None:
         """Fill the comparison table: one row per mode, hard values per channel."""
-        from napari_normcheck.core.remedy_run import ROW_TITLES, ROWS
+        from napari_normcheck.core.remedies.remedy_run import ROW_TITLES, ROWS
 
         rows = [r for r in ROWS if r in remedies]
         n_out = len(remedies["eval"]["disparity_vs_train"]["hard"])
@@ -357,7 +357,7 @@ class RemediesPanel(QGroupBox):
 
     def export(self, path: str | Path | None = None) -> dict[str, Path] | None:
         """Save the recalibrated model (state_dict + provenance); existing files are never replaced."""
-        from napari_normcheck.core.recalibrate_export import export_recalibrated
+        from napari_normcheck.core.remedies.recalibrate_export import export_recalibrated
 
         if self.recalibration is None:
             _show_error("run the remedies first: there is no recalibrated model yet")

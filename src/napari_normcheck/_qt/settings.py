@@ -20,7 +20,7 @@ from qtpy.QtWidgets import (  # noqa: TID253 (the Qt layer)
 
 
 class SettingsBox(QGroupBox):
-    """The fields of a :class:`~napari_normcheck.core.config.RunConfig` and the output folder.
+    """The fields of a :class:`~napari_normcheck.core.base.config.RunConfig` and the output folder.
 
     Parameters
     ----------
@@ -140,7 +140,7 @@ class SettingsBox(QGroupBox):
         roi : tuple of (int, int), optional
             The region of interest; the whole volume when ``None``.
         """
-        from napari_normcheck.core.config import RunConfig, parse_int_triple
+        from napari_normcheck.core.base.config import RunConfig, parse_int_triple
 
         tile_text = self.tile.text().strip()
         return RunConfig(

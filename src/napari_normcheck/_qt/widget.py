@@ -6,7 +6,7 @@ shown, the tile table and the plots; it comes forward when a run starts) and *Re
 buttons, progress and status line stay below the tabs (built in :mod:`napari_normcheck._qt.tabs`).
 
 The check runs in a :func:`napari.qt.threading.thread_worker` around the core generator
-:func:`~napari_normcheck.core.engine.run_check`; every progress event comes back to the GUI thread,
+:func:`~napari_normcheck.core.run.engine.run_check`; every progress event comes back to the GUI thread,
 which never waits on compute or on the store. Result layers are added before the engine starts and
 refreshed at most every :data:`REFRESH_SECONDS` while tiles finish (see
 :mod:`napari_normcheck._qt.results`). The model fields live in :mod:`~napari_normcheck._qt.model_box`,
@@ -38,7 +38,7 @@ from napari_normcheck._qt.region import (
 )
 from napari_normcheck._qt.remedies_panel import RemedyContext
 from napari_normcheck._qt.results import ResultLayers
-from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.base.errors import NormcheckError
 
 #: Least time between two refreshes of the shown layers during a run (s). Each one costs a
 #: canvas redraw, which a software renderer pays with CPU time the engine would use.
@@ -59,7 +59,7 @@ def _show_info(message: str) -> None:
 
 def summary_line(summary: dict[str, Any], out: Path | str) -> str:
     """The line shown after a run: global disparity and eval mismatch per channel, the verdict."""
-    from napari_normcheck.core.report import verdict
+    from napari_normcheck.core.run.report import verdict
 
     def per_channel(values: Any) -> str:
         return " / ".join(f"{v:.3f}" for v in values or []) or "-"
@@ -237,7 +237,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         """Write the last finished run's report (``.csv`` one row per tile, or ``.json``)."""
         import zarr
 
-        from napari_normcheck.core.report import build_report, write_report
+        from napari_normcheck.core.run.report import build_report, write_report
 
         if self.finished_event is None:
             _show_error("no finished run to report on yet")
@@ -261,7 +261,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
 
     def remedy_context(self) -> RemedyContext | None:
         """The last finished check, for the Remedies section (``None`` before one finished)."""
-        from napari_normcheck.core.store import is_complete
+        from napari_normcheck.core.io.store import is_complete
 
         event, request, ready = self.finished_event, self.run_request, self.model_ready
         if event is None or request is None or ready is None or not is_complete(event.out):
@@ -282,7 +282,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         """Start the check on the chosen layer; returns the worker (``None`` on a form error)."""
         from napari.qt.threading import thread_worker
 
-        from napari_normcheck.core.volume import open_volume
+        from napari_normcheck.core.io.volume import open_volume
 
         if self.worker is not None:
             _show_error("a check is already running; cancel it first")
@@ -350,7 +350,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         self._on_item(item)
 
     def _on_item(self, item: Any) -> None:
-        from napari_normcheck.core.engine import RunFinished, RunStarted, TileDone
+        from napari_normcheck.core.run.engine import RunFinished, RunStarted, TileDone
 
         if isinstance(item, jobs.JobError):
             _show_error(item.message)
@@ -419,7 +419,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         )
 
     def _on_worker_finished(self) -> None:
-        from napari_normcheck.core.store import is_complete, is_normcheck_store
+        from napari_normcheck.core.io.store import is_complete, is_normcheck_store
 
         self.worker = None
         self.run_button.setEnabled(True)

@@ -15,7 +15,7 @@ from napari_normcheck.cli.demo import add_demo_parser
 from napari_normcheck.cli.inspect import add_inspect_parser
 from napari_normcheck.cli.remedies import add_fold_parser, add_recalibrate_parser
 from napari_normcheck.cli.run import add_run_parser
-from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.base.errors import NormcheckError
 
 
 def build_parser() -> argparse.ArgumentParser:

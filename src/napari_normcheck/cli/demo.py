@@ -32,10 +32,10 @@ def add_demo_parser(sub: Any) -> argparse.ArgumentParser:
 
 def demo_command(args: argparse.Namespace) -> int:
     """Run both sample models and print their comparison, or open the demo window."""
-    from napari_normcheck.core.config import RunConfig
-    from napari_normcheck.core.models import load_model
-    from napari_normcheck.core.report import write_report
-    from napari_normcheck.core.volume import open_volume
+    from napari_normcheck.core.base.config import RunConfig
+    from napari_normcheck.core.io.volume import open_volume
+    from napari_normcheck.core.models.models import load_model
+    from napari_normcheck.core.run.report import write_report
     from napari_normcheck.data import SAMPLE_MODELS, sample_volume
 
     if args.gui or args.screenshot:

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from napari_normcheck.cli.model_args import add_model_arguments, load_model_from_args
-from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.base.errors import NormcheckError
 
 
 def add_inspect_parser(sub: Any) -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def add_inspect_parser(sub: Any) -> argparse.ArgumentParser:
 
 def inspect_command(args: argparse.Namespace) -> int:
     """Print the model's layout, accepted shapes, outputs and normalization inventory."""
-    from napari_normcheck.core.inventory import norm_inventory
+    from napari_normcheck.core.models.inventory import norm_inventory
 
     loaded = load_model_from_args(args, allow_probe_failure=True)
     info = loaded.info
@@ -57,7 +57,7 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 def verify(args: argparse.Namespace, loaded) -> int:
     """Reproduce a bioimage.io package's test output; exit code 1 when it differs."""
-    from napari_normcheck.core.bioimageio import verify_package
+    from napari_normcheck.core.models.bioimageio import verify_package
 
     if loaded.format != "bioimageio":
         raise NormcheckError("--verify needs a bioimage.io package (a folder or zip with rdf.yaml)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.base.errors import NormcheckError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
@@ -36,7 +36,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, with_model: bool = True
 
 def load_model_from_args(args: argparse.Namespace, *, allow_probe_failure: bool = False):
     """Load the model the flags of :func:`add_model_arguments` name."""
-    from napari_normcheck.core.models import load_model
+    from napari_normcheck.core.models.models import load_model
 
     return load_model(
         args.model_path,
@@ -61,7 +61,7 @@ def open_inputs(args: argparse.Namespace):
     loaded : LoadedModel
         The model, with switchable normalization and the volume's channel count.
     """
-    from napari_normcheck.core.volume import open_volume
+    from napari_normcheck.core.io.volume import open_volume
 
     volume = open_volume(
         args.volume,
@@ -86,7 +86,7 @@ def open_inputs(args: argparse.Namespace):
 
 def model_tile(loaded, volume) -> tuple[int, int, int] | None:
     """The tile a model with a fixed input size needs (None: the run picks one)."""
-    from napari_normcheck.core.runsteps import default_tile
+    from napari_normcheck.core.run.runsteps import default_tile
 
     info = loaded.info
     if info.fixed_shape is None:

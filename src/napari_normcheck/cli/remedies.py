@@ -4,7 +4,7 @@ Wired into :mod:`napari_normcheck.cli` by three calls (see the module's README s
 ``add_recalibrate_parser(sub)`` in ``build_parser``, ``add_remedies_arguments(run)`` on the ``run``
 parser, and, in ``run``, :func:`check_remedies_arguments` before the check and
 :func:`run_remedies_after` after it (its dictionary goes into the report under ``remedies``).
-Errors are :class:`~napari_normcheck.core.errors.NormcheckError`; ``cli.main`` prints them and exits 2.
+Errors are :class:`~napari_normcheck.core.base.errors.NormcheckError`; ``cli.main`` prints them and exits 2.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from napari_normcheck.core.errors import NormcheckError
+from napari_normcheck.core.base.errors import NormcheckError
 
 
 def add_recalibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -101,8 +101,8 @@ def fold_command(args: argparse.Namespace) -> int:
     import torch
 
     from napari_normcheck.cli.model_args import load_model_from_args
-    from napari_normcheck.core.config import parse_int_triple
-    from napari_normcheck.core.fold import export_folded, fold_batchnorm, fold_speedup
+    from napari_normcheck.core.base.config import parse_int_triple
+    from napari_normcheck.core.remedies.fold import export_folded, fold_batchnorm, fold_speedup
 
     if Path(args.out_model).exists():
         raise NormcheckError(
@@ -212,7 +212,7 @@ def check_remedies_arguments(args: argparse.Namespace) -> None:
         For a label map that does not parse, labels without a map or a missing labels file, or an
         export target that exists.
     """
-    from napari_normcheck.core.labels import parse_label_map
+    from napari_normcheck.core.measure.labels import parse_label_map
 
     labels = getattr(args, "labels", None)
     if getattr(args, "label_map", None) is not None and labels is None:
@@ -233,7 +233,7 @@ def check_remedies_arguments(args: argparse.Namespace) -> None:
 
 
 def _check_export_free(path: str, scripted: bool) -> None:
-    from napari_normcheck.core.recalibrate_export import export_paths
+    from napari_normcheck.core.remedies.recalibrate_export import export_paths
 
     for target in export_paths(path, scripted).values():
         if target.exists():
@@ -266,10 +266,10 @@ def run_remedies_after(
     """
     from tqdm import tqdm
 
-    from napari_normcheck.core.labels import open_labels
-    from napari_normcheck.core.recalibrate import RecalibrationProgress
-    from napari_normcheck.core.recalibrate_export import export_recalibrated
-    from napari_normcheck.core.remedy_run import (
+    from napari_normcheck.core.measure.labels import open_labels
+    from napari_normcheck.core.remedies.recalibrate import RecalibrationProgress
+    from napari_normcheck.core.remedies.recalibrate_export import export_recalibrated
+    from napari_normcheck.core.remedies.remedy_run import (
         REMEDIES,
         RemediesFinished,
         RemediesStarted,
@@ -330,7 +330,7 @@ def run_remedies_after(
 
 def format_remedies(result: dict[str, Any]) -> str:
     """The comparison table (hard values per channel) and the notes, as printed text."""
-    from napari_normcheck.core.remedy_run import ROW_TITLES, ROWS
+    from napari_normcheck.core.remedies.remedy_run import ROW_TITLES, ROWS
 
     def fmt(values: Any) -> str:
         return " ".join(f"{v:.3f}" for v in values) if values else "-"
@@ -360,17 +360,17 @@ def recalibrate_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from napari_normcheck.cli.model_args import open_inputs, package_default
-    from napari_normcheck.core.config import parse_int_triple
-    from napari_normcheck.core.engine import check_tile, default_tile
-    from napari_normcheck.core.intensity import resolve_intensity
-    from napari_normcheck.core.recalibrate import (
+    from napari_normcheck.core.base.config import parse_int_triple
+    from napari_normcheck.core.base.tiling import parse_roi
+    from napari_normcheck.core.io.intensity import resolve_intensity
+    from napari_normcheck.core.remedies.recalibrate import (
         RecalibrationConfig,
         RecalibrationDone,
         RecalibrationProgress,
         iter_recalibrate,
     )
-    from napari_normcheck.core.recalibrate_export import export_recalibrated
-    from napari_normcheck.core.tiling import parse_roi
+    from napari_normcheck.core.remedies.recalibrate_export import export_recalibrated
+    from napari_normcheck.core.run.engine import check_tile, default_tile
 
     volume, loaded = open_inputs(args)
     from torch.jit import ScriptModule

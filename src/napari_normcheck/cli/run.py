@@ -108,8 +108,8 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the check (and the remedies when asked), write the report; exit code."""
-    from napari_normcheck.core.config import RunConfig, parse_int_triple
-    from napari_normcheck.core.tiling import parse_roi
+    from napari_normcheck.core.base.config import RunConfig, parse_int_triple
+    from napari_normcheck.core.base.tiling import parse_roi
 
     volume, loaded = open_inputs(args)
     info = loaded.info
@@ -166,7 +166,7 @@ def run_command(args: argparse.Namespace) -> int:
     if remedies:
         report["remedies"] = remedies
     if args.report:
-        from napari_normcheck.core.report import write_report
+        from napari_normcheck.core.run.report import write_report
 
         write_report(args.report, report, overwrite=args.overwrite)
         print(f"report: {args.report}")
@@ -189,10 +189,10 @@ def run_and_report(
     """Run the check with a progress bar on stderr, print the summary; return the report."""
     from tqdm import tqdm
 
-    from napari_normcheck.core.distributed import run_events
-    from napari_normcheck.core.engine import RunFinished, RunStarted, TileDone
-    from napari_normcheck.core.inventory import norm_inventory
-    from napari_normcheck.core.report import build_report, format_summary
+    from napari_normcheck.core.models.inventory import norm_inventory
+    from napari_normcheck.core.run.distributed import run_events
+    from napari_normcheck.core.run.engine import RunFinished, RunStarted, TileDone
+    from napari_normcheck.core.run.report import build_report, format_summary
 
     info = loaded.info
     inventory = norm_inventory(loaded.module)

@@ -1,0 +1,1 @@
+"""The bottom: errors, the run configuration, normalization modes and the tile plan (pure, no I/O)."""

@@ -1,0 +1,180 @@
+"""One configuration object for the command line, the widget and the report."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from napari_normcheck.core.base.errors import NormcheckError
+
+ACTIVATIONS = ("none", "sigmoid", "softmax")
+OUTPUT_DTYPES = ("auto", "float32", "float16", "uint8")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How a two-mode check runs: tiling, batching, input normalization and outputs.
+
+    Attributes
+    ----------
+    tile : tuple of int or None
+        Tile shape ``(z, y, x)``; ``None`` picks one from the model and the volume. A 2D model uses
+        ``z = 1``. In ``crop`` mode this is the inner block written per tile.
+    overlap : float
+        Overlap fraction between neighbouring tiles in blend modes, in ``[0, 1)``.
+    blend : str
+        ``"constant"`` or ``"gaussian"`` (as MONAI's sliding window) or ``"crop"`` (tile + halo,
+        inner block written).
+    halo : tuple of int
+        Context on each side in ``crop`` mode.
+    roi : tuple of (int, int) or None
+        Region of interest ``((z0, z1), (y0, y1), (x0, x1))``; whole volume when ``None``.
+    train_batch : int
+        Tiles per train-mode forward; tiles in one batch share batch statistics (1 = typical training).
+    eval_batch : int or None
+        Tiles per eval-mode forward; ``None``: 1 on CPU, 4 on CUDA (halved on out-of-memory).
+    device : str
+        ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    normalize : str
+        Input intensity spec: ``none``, ``minmax:LO,HI``, ``meanstd:MEAN,STD``, ``percentile:P_LO,P_HI``.
+    activation : str
+        Applied after stitching: ``none``, ``sigmoid`` or ``softmax`` (over channels).
+    output_dtype : str
+        How predictions, disparity and seams are stored: ``uint8`` (probability x 255, rounded),
+        ``float16`` or ``float32``. ``auto`` (the default) is ``uint8`` after a sigmoid or softmax
+        and ``float32`` for logits (``activation="none"``); it is resolved when the config is made.
+        Every metric is computed in float32 before any rounding.
+    pyramid_side : int
+        Voxel outputs get 2x-downsampled levels in y and x until a level fits this many voxels a
+        side (one screen), so napari browses a whole result smoothly; 0 writes level 0 only.
+    seams : bool
+        Also store the voxel maps ``seams_eval`` and ``seams_train`` (largest disagreement of
+        overlapping tiles per voxel). The tile mismatch numbers are computed either way.
+    threshold : float
+        Probability above which a voxel counts as foreground in hard Dice.
+    spatial_dims : int or None
+        Spatial dims of the model (2 or 3); probed when ``None``.
+    cache_mb : int
+        Memory for blending buffers of unfinished output chunks; beyond it they spill to disk.
+    prefetch : int
+        Tiles read ahead by the reader thread.
+    precision : str
+        ``fp32`` (IEEE float32, the default), ``tf32`` (TF32 tensor cores on CUDA), ``bf16`` or
+        ``fp16`` (autocast; normalization buffers stay float32). Reduced precision changes the
+        predictions; the run measures by how much on a few tiles.
+    fuse_train : bool
+        On CUDA with ``train_batch == 1``: run the train pass several tiles per forward, each
+        normalized by its own statistics (the batch-1 result, to float rounding).
+    """
+
+    tile: tuple[int, int, int] | None = None
+    overlap: float = 0.25
+    blend: str = "gaussian"
+    halo: tuple[int, int, int] = (0, 0, 0)
+    roi: tuple[tuple[int, int], ...] | None = None
+    train_batch: int = 1
+    eval_batch: int | None = None
+    device: str = "auto"
+    normalize: str = "none"
+    activation: str = "none"
+    output_dtype: str = "auto"
+    threshold: float = 0.5
+    spatial_dims: int | None = None
+    feature_layers: tuple[str, ...] = field(default_factory=tuple)
+    cache_mb: int = 512
+    prefetch: int = 2
+    precision: str = "fp32"
+    fuse_train: bool = True
+    seams: bool = False
+    pyramid_side: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.blend not in ("constant", "gaussian", "crop"):
+            raise NormcheckError(f"unknown blend {self.blend!r}; use constant, gaussian or crop")
+        if not 0 <= self.overlap < 1:
+            raise NormcheckError(f"overlap {self.overlap} is outside [0, 1); use e.g. 0.25")
+        if self.activation not in ACTIVATIONS:
+            raise NormcheckError(
+                f"unknown activation {self.activation!r}; use {', '.join(ACTIVATIONS)}"
+            )
+        if self.output_dtype not in OUTPUT_DTYPES:
+            raise NormcheckError(
+                f"unknown output dtype {self.output_dtype!r}; use {', '.join(OUTPUT_DTYPES)}"
+            )
+        if self.output_dtype == "auto":
+            stored = "float32" if self.activation == "none" else "uint8"
+            object.__setattr__(self, "output_dtype", stored)
+        elif self.output_dtype == "uint8" and self.activation == "none":
+            raise NormcheckError(
+                "uint8 outputs hold probabilities (0-255); with --activation none the logits "
+                "need --output-dtype float32 or float16"
+            )
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise NormcheckError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
+        if self.train_batch < 1 or (self.eval_batch is not None and self.eval_batch < 1):
+            raise NormcheckError("batch sizes must be at least 1")
+        if self.spatial_dims not in (None, 2, 3):
+            raise NormcheckError(f"spatial dims must be 2 or 3, not {self.spatial_dims}")
+        if self.precision not in PRECISIONS:
+            raise NormcheckError(
+                f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}"
+            )
+        if not 0 < self.threshold < 1:
+            raise NormcheckError(f"threshold {self.threshold} must lie in (0, 1)")
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """Return a copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (tuples become lists)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored (newer versions may add some)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        for key in ("tile", "halo", "feature_layers"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        if values.get("roi") is not None:
+            values["roi"] = tuple(tuple(pair) for pair in values["roi"])
+        return cls(**values)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def parse_int_triple(text: str, what: str) -> tuple[int, int, int]:
+    """Parse ``"Z,Y,X"`` (or ``"Y,X"``, giving ``Z = 1``) into three ints.
+
+    Parameters
+    ----------
+    text : str
+        Comma-separated sizes.
+    what : str
+        Name for the error message (``"tile"``, ``"halo"``).
+
+    Returns
+    -------
+    tuple of int
+        ``(z, y, x)``.
+    """
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise NormcheckError(
+            f"cannot read {what} {text!r}; write Z,Y,X (e.g. 32,128,128)"
+        ) from None
+    if len(values) == 2:
+        values = (1, *values) if what == "tile" else (0, *values)
+    if len(values) != 3:
+        raise NormcheckError(f"{what} {text!r} needs 3 values Z,Y,X (or Y,X for a 2D model)")
+    return values  # type: ignore[return-value]

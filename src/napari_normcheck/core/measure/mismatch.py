@@ -1,0 +1,180 @@
+"""Tile mismatch: how much overlapping tiles disagree on the voxels they share (tiling artifacts).
+
+For every pair of tiles whose prediction boxes overlap (blend modes with overlap > 0, or crop mode with a
+halo), their own predictions on the shared voxels are compared, in eval and in train mode separately:
+mismatch = ``1 - Dice`` (hard and soft, per channel). A tile's mismatch is the mean over its neighbours;
+the global value comes from sums over all pairs. Only the overlap slabs of tiles whose later neighbours
+are not computed yet are held in memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from napari_normcheck.core.base.modes import MODES
+from napari_normcheck.core.base.tiling import Tile, TilePlan
+from napari_normcheck.core.measure.metrics import dice_sums, disparity_from_sums
+
+
+def prediction_box(plan: TilePlan, tile: Tile) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The voxels a tile predicts inside the ROI: its whole window (halo included) clipped to the ROI."""
+    start = tuple(max(w, r) for w, r in zip(tile.window_start, plan.roi_start))
+    stop = tuple(
+        min(w + s, r) for w, s, r in zip(tile.window_start, plan.window_shape, plan.roi_stop)
+    )
+    return start, stop
+
+
+def _intersect(a, b):
+    start = tuple(max(x, y) for x, y in zip(a[0], b[0]))
+    stop = tuple(min(x, y) for x, y in zip(a[1], b[1]))
+    return (start, stop) if all(s < e for s, e in zip(start, stop)) else None
+
+
+def tile_pairs(
+    plan: TilePlan, tiles: list[int] | None = None
+) -> dict[int, list[tuple[int, tuple]]]:
+    """For each tile, its overlapping neighbours ``(index, shared_box)`` (both directions).
+
+    With ``tiles`` (a distributed block's tiles) only those tiles and pairs among them are listed.
+    """
+    chosen = None if tiles is None else set(tiles)
+    by_grid = {
+        tuple(g): i
+        for i, g in enumerate(plan.grid_positions.tolist())
+        if chosen is None or i in chosen
+    }
+    steps = []
+    for d in range(3):
+        starts = np.unique(plan.window_starts[:, d])
+        steps.append(int(np.diff(starts).min()) if len(starts) > 1 else plan.window_shape[d])
+    reach = [math.ceil(w / max(s, 1)) for w, s in zip(plan.window_shape, steps)]
+    boxes = {i: prediction_box(plan, plan.get_tile(i)) for i in by_grid.values()}
+    neighbours: dict[int, list[tuple[int, tuple]]] = {i: [] for i in sorted(by_grid.values())}
+    offsets = [o for o in itertools.product(*(range(-r, r + 1) for r in reach)) if any(o)]
+    for grid, i in by_grid.items():
+        for offset in offsets:
+            j = by_grid.get(tuple(g + o for g, o in zip(grid, offset)))
+            if j is None:
+                continue
+            shared = _intersect(boxes[i], boxes[j])
+            if shared is not None:
+                neighbours[i].append((j, shared))
+    return neighbours
+
+
+@dataclass
+class MismatchTracker:
+    """Accumulates pairwise mismatch sums as tiles finish, in scan order, one entry per tile pair.
+
+    ``tiles`` restricts it to the pairs among those tiles (a distributed block's task).
+    """
+
+    plan: TilePlan
+    n_channels: int
+    threshold: float = 0.5
+    on_pair: Callable[[tuple[int, ...], tuple[int, ...], np.ndarray], None] | None = None
+    tiles: list[int] | None = None
+    neighbours: dict[int, list[tuple[int, tuple]]] = field(init=False)
+    pair_sums: dict[tuple[int, int], dict[str, dict[str, np.ndarray]]] = field(init=False)
+    _slabs: dict[tuple[int, int], np.ndarray] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.neighbours = tile_pairs(self.plan, self.tiles)
+        self.pair_sums = {}
+
+    @property
+    def n_pairs(self) -> int:
+        """Number of overlapping tile pairs."""
+        return sum(len(v) for v in self.neighbours.values()) // 2
+
+    def missing_partners(self, index: int) -> list[int]:
+        """Earlier neighbours whose pair with ``index`` has no sums yet (resume reruns them)."""
+        return [
+            j for j, _ in self.neighbours[index] if j < index and (j, index) not in self.pair_sums
+        ]
+
+    def add(self, tile: Tile, probabilities: np.ndarray) -> None:
+        """Add a tile's own probabilities ``(2 modes, C, *prediction_box shape)``."""
+        box_start, _ = prediction_box(self.plan, tile)
+        i = tile.index
+        for j, (start, stop) in self.neighbours[i]:
+            local = tuple(slice(a - b, c - b) for a, c, b in zip(start, stop, box_start))
+            mine = probabilities[(slice(None), slice(None), *local)]
+            if j > i:
+                self._slabs[(i, j)] = np.array(mine, copy=True)
+                continue
+            theirs = self._slabs.pop((j, i), None)
+            if theirs is None:  # the earlier tile was not rerun on resume: its pair sums are kept
+                continue
+            self.pair_sums[(j, i)] = {
+                mode: dice_sums(theirs[m], mine[m], self.threshold) for m, mode in enumerate(MODES)
+            }
+            if self.on_pair is not None:
+                self.on_pair(start, stop, np.abs(theirs - mine))
+
+    def result(self) -> dict[str, dict[str, list[float]]]:
+        """Global mismatch ``{"eval": {"hard": [...], "soft": [...]}, "train": {...}}``."""
+        result = {}
+        for mode in MODES:
+            result[mode] = {}
+            for kind in ("hard", "soft"):
+                total = np.zeros((2, self.n_channels))
+                for sums in self.pair_sums.values():
+                    total = total + sums[mode][kind]
+                result[mode][kind] = disparity_from_sums(total)
+        return result
+
+    def tile_mismatch(self, index: int) -> dict[str, list[float] | None]:
+        """Mean mismatch over a tile's neighbours per channel (``None`` for a tile without any)."""
+        pairs = [
+            self.pair_sums[key]
+            for key in ((min(index, j), max(index, j)) for j, _ in self.neighbours[index])
+            if key in self.pair_sums
+        ]
+        return {
+            f"{mode}_{kind}": (
+                np.mean([disparity_from_sums(p[mode][kind]) for p in pairs], axis=0).tolist()
+                if pairs
+                else None
+            )
+            for mode in MODES
+            for kind in ("hard", "soft")
+        }
+
+    def to_dict(self) -> dict[str, dict]:
+        """Pair sums as JSON-ready data (resume)."""
+        return {
+            f"{i},{j}": {
+                mode: {k: v.tolist() for k, v in sums[mode].items() if k != "argmax"}
+                for mode in MODES
+            }
+            for (i, j), sums in self.pair_sums.items()
+        }
+
+    def shared_box(self, i: int, j: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The voxels tiles ``i`` and ``j`` both predict (they must be neighbours)."""
+        return next(box for k, box in self.neighbours[i] if k == j)
+
+    def scan_order(self, keys: set[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``keys`` in the order a single-process run computes those pairs (by later tile)."""
+        return [
+            (j, i)
+            for i in sorted(self.neighbours)
+            for j, _ in self.neighbours[i]
+            if j < i and (j, i) in keys
+        ]
+
+    def load(self, data: dict[str, dict]) -> None:
+        """Restore pair sums saved by :meth:`to_dict`."""
+        for key, sums in data.items():
+            i, j = (int(v) for v in key.split(","))
+            self.pair_sums[(i, j)] = {
+                mode: {k: np.asarray(v, dtype=np.float64) for k, v in sums[mode].items()}
+                for mode in MODES
+            }

@@ -1,0 +1,213 @@
+"""Split a run into blocks of whole output chunks for distributed workers: pure NumPy.
+
+The tile plan is fixed first, for the whole volume. A block is a box of whole output chunks; the
+task of a block runs every tile whose prediction box touches the block, in global tile order, and
+writes only the block's chunks. Because each chunk's contributing tiles all touch its block and are
+blended in the same order as in a single-process run, blocks give the same outputs, and no two
+blocks write one chunk.
+
+Every metric has exactly one owner, so sums over blocks count each quantity once:
+
+- a tile's own statistics (disparity over its write box, feature statistics) belong to the block
+  that holds the tile's origin (the first voxel it writes);
+- a tile pair's mismatch sums belong to the block that holds the minimum corner of their shared box;
+- a chunk's disparity sums belong to the block that holds the chunk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from napari_normcheck.core.base.tiling import TilePlan
+
+ChunkIndex = tuple[int, int, int]
+# Largest default block in chunks (about 13 x 13 x 13): bounds what a lost worker takes along.
+MAX_BLOCK_CHUNKS = 2048
+
+
+@dataclass(frozen=True)
+class Block:
+    """A box of whole output chunks, written by one task.
+
+    Attributes
+    ----------
+    index : int
+        Position in the block grid's scan order (z slowest).
+    chunk_start, chunk_stop : tuple of int
+        Chunk index range ``[start, stop)`` per axis.
+    start, stop : tuple of int
+        The same box in volume voxel coordinates (inside the region of interest).
+    """
+
+    index: int
+    chunk_start: tuple[int, int, int]
+    chunk_stop: tuple[int, int, int]
+    start: tuple[int, int, int]
+    stop: tuple[int, int, int]
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of output chunks in the block."""
+        return math.prod(b - a for a, b in zip(self.chunk_start, self.chunk_stop))
+
+    def holds_voxel(self, voxel: tuple[int, ...]) -> bool:
+        """Whether the volume voxel ``voxel`` lies in this block."""
+        return all(a <= v < b for v, a, b in zip(voxel, self.start, self.stop))
+
+    def chunks(self) -> list[ChunkIndex]:
+        """The block's chunks, in index order."""
+        ranges = (range(a, b) for a, b in zip(self.chunk_start, self.chunk_stop))
+        return list(itertools.product(*ranges))  # type: ignore[arg-type]
+
+
+def default_block_chunks(plan: TilePlan, n_workers: int) -> tuple[int, int, int]:
+    """Block shape in chunks: about four blocks per worker, each large enough to rerun few tiles.
+
+    A tile on a block border runs in every block it touches; with blocks of ``m`` chunks per axis
+    about ``((m + 1) / m) ** 3`` tile runs per tile. Blocks are therefore kept at least four chunks
+    wide per axis (unless that leaves fewer blocks than workers) and at most
+    :data:`MAX_BLOCK_CHUNKS` chunks, so that a lost worker or an interrupted run loses little.
+
+    Parameters
+    ----------
+    plan : TilePlan
+        The run's plan.
+    n_workers : int
+        Worker threads of the cluster.
+
+    Returns
+    -------
+    tuple of int
+        Chunks per block along ``(z, y, x)``.
+    """
+    grid = list(plan.chunk_grid)
+    block = list(grid)
+    n_workers = max(n_workers, 1)
+
+    def n_blocks() -> int:
+        return math.prod(-(-g // b) for g, b in zip(grid, block))
+
+    for smallest, target in ((4, 4 * n_workers), (1, n_workers)):
+        while n_blocks() < target or math.prod(block) > MAX_BLOCK_CHUNKS:
+            axis = int(np.argmax(block))
+            if block[axis] <= smallest:
+                break
+            block[axis] = -(-block[axis] // 2)
+    return tuple(block)  # type: ignore[return-value]
+
+
+def plan_blocks(plan: TilePlan, block_chunks: tuple[int, int, int]) -> list[Block]:
+    """Cut the chunk grid of ``plan`` into blocks of ``block_chunks`` chunks (smaller at far edges).
+
+    Parameters
+    ----------
+    plan : TilePlan
+        The run's plan.
+    block_chunks : tuple of int
+        Chunks per block along ``(z, y, x)``; each at least 1.
+
+    Returns
+    -------
+    list of Block
+        In scan order (z slowest).
+    """
+    block_chunks = tuple(max(1, int(b)) for b in block_chunks)  # type: ignore[assignment]
+    grid = plan.chunk_grid
+    axis_starts = [range(0, g, b) for g, b in zip(grid, block_chunks)]
+    blocks = []
+    for index, starts in enumerate(itertools.product(*axis_starts)):
+        stops = tuple(min(s + b, g) for s, b, g in zip(starts, block_chunks, grid))
+        voxel_start = tuple(r + s * c for r, s, c in zip(plan.roi_start, starts, plan.chunk_shape))
+        voxel_stop = tuple(
+            min(r + s * c, e)
+            for r, s, c, e in zip(plan.roi_start, stops, plan.chunk_shape, plan.roi_stop)
+        )
+        block = Block(index, starts, stops, voxel_start, voxel_stop)  # type: ignore[arg-type]
+        blocks.append(block)
+    return blocks
+
+
+def prediction_boxes(plan: TilePlan) -> tuple[np.ndarray, np.ndarray]:
+    """``(n_tiles, 3)`` starts and stops of every tile's whole window clipped to the ROI."""
+    starts = np.maximum(plan.window_starts, np.asarray(plan.roi_start))
+    stops = np.minimum(
+        plan.window_starts + np.asarray(plan.window_shape), np.asarray(plan.roi_stop)
+    )
+    return starts, stops
+
+
+def block_tiles(plan: TilePlan, block: Block, train_batch: int = 1) -> list[int]:
+    """Tiles a block's task runs, in global scan order.
+
+    Every tile whose prediction box touches the block: the chunks' contributors and both tiles of
+    every pair whose shared box touches it (their seams and mismatch). With ``train_batch > 1``
+    whole train batches of the global order are run: tiles in one batch share batch statistics.
+
+    Parameters
+    ----------
+    plan : TilePlan
+        The run's plan.
+    block : Block
+        The block.
+    train_batch : int
+        Tiles per train-mode forward in the single-process order.
+
+    Returns
+    -------
+    list of int
+        Tile indices, sorted.
+    """
+    starts, stops = prediction_boxes(plan)
+    touches = np.all((starts < np.asarray(block.stop)) & (stops > np.asarray(block.start)), axis=1)
+    indices = {int(i) for i in np.flatnonzero(touches)}
+    return sorted(whole_train_batches(indices, train_batch, plan.n_tiles))
+
+
+def tile_owners(plan: TilePlan, block_chunks: tuple[int, int, int]) -> np.ndarray:
+    """Index (as :func:`plan_blocks` numbers blocks) of the block holding each tile's origin."""
+    roi_start = np.asarray(plan.roi_start)
+    if plan.blend == "crop":
+        origins = plan.window_starts + np.asarray(plan.halo)
+    else:
+        origins = np.maximum(plan.window_starts, roi_start)
+    chunks = (origins - roi_start) // np.asarray(plan.chunk_shape)
+    positions = chunks // np.asarray(block_chunks)
+    grid = tuple(-(-g // b) for g, b in zip(plan.chunk_grid, block_chunks))
+    return np.ravel_multi_index(tuple(positions.T), grid)
+
+
+def chunk_completion_order(plan: TilePlan) -> list[ChunkIndex]:
+    """Chunks in the order a single-process run finishes them (its last contributing tile added).
+
+    Global sums are added in this order when blocks are merged, so they equal the single-process
+    sums bit for bit (floating-point addition is not associative).
+    """
+    remaining = plan.chunk_contributors()
+    order: list[ChunkIndex] = []
+    for tile in plan.tiles():
+        for chunk in itertools.product(*(range(a, b) for a, b in plan.chunk_range(tile))):
+            remaining[chunk] -= 1
+            if remaining[chunk] == 0:
+                order.append(chunk)  # type: ignore[arg-type]
+    return order
+
+
+def chunk_key(chunk: ChunkIndex) -> str:
+    """``"z,y,x"``: a chunk index as a JSON object key."""
+    return ",".join(str(int(c)) for c in chunk)
+
+
+def whole_train_batches(tiles: set[int], train_batch: int, n_tiles: int) -> set[int]:
+    """Complete ``tiles`` to whole train batches of the global scan order.
+
+    Tiles in one train-mode batch share batch statistics, so a tile's train prediction depends on
+    its batch mates: rerunning a tile (resume, a distributed block) must rerun its whole batch.
+    """
+    if train_batch <= 1:
+        return set(tiles)
+    groups = {i // train_batch for i in tiles}
+    return {i for g in groups for i in range(g * train_batch, min((g + 1) * train_batch, n_tiles))}

@@ -1,0 +1,248 @@
+"""Run the two-mode check in one process: read each tile once, predict it in eval and in train mode.
+
+:func:`run_check` is a generator of small progress events; the command line wraps it in a progress
+bar and the napari widget in a ``thread_worker``. Stopping it between tiles (``close()`` or the
+``cancel`` event) leaves a valid, incomplete OUT.zarr; the model is restored in every case.
+
+The steps a distributed run shares with it live here too: :func:`prepare_run` fixes the plan,
+:func:`open_outputs` creates (or reopens) OUT.zarr, :func:`finish_run` writes the tile grids, the
+summary and the completion marker. The tile loop itself is
+:class:`~napari_normcheck.core.run.tileloop.TileLoop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.tiling import Tile, TilePlan
+from napari_normcheck.core.io.intensity import IntensityTransform
+from napari_normcheck.core.io.store import is_complete
+from napari_normcheck.core.io.volume import Volume
+from napari_normcheck.core.run.blocks import whole_train_batches
+from napari_normcheck.core.run.forward import probe_out_channels
+from napari_normcheck.core.run.manifest import remove_block_records
+from napari_normcheck.core.run.runsteps import (  # noqa: F401 (check_tile, default_tile re-exported)
+    check_tile,
+    default_tile,
+    finish_run,
+    make_recorder,
+    open_outputs,
+    precision_effect,
+    prepare_run,
+    resolve_eval_batch,
+    run_attrs,
+)
+from napari_normcheck.core.run.stitch import importance_map
+from napari_normcheck.core.run.tileloop import TileLoop
+from napari_normcheck.core.run.timing import Timing
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """Emitted once the plan is fixed and the output store exists."""
+
+    out: Path
+    plan: TilePlan
+    device: str
+    eval_batch: int
+
+
+@dataclass(frozen=True)
+class TileDone:
+    """Emitted after a tile's two predictions have been stitched."""
+
+    tile: Tile
+    n_done: int
+    n_total: int
+    elapsed: float
+    chunks_written: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    """Emitted last, after the completion marker; ``summary`` is what the marker holds."""
+
+    out: Path
+    summary: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BlockDone:
+    """Emitted by a distributed run when a block's task has finished and is recorded."""
+
+    block: int
+    n_done: int
+    n_total: int
+    elapsed: float
+    tiles_run: int
+    worker: str
+
+
+def run_check(
+    volume: Volume,
+    model: nn.Module,
+    config: RunConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    spatial_dims: int | None = None,
+    divisor: tuple[int, ...] | int | None = None,
+    transform: IntensityTransform | None = None,
+    cancel: threading.Event | None = None,
+    extra_attrs: dict[str, Any] | None = None,
+    resume: bool = False,
+) -> Iterator[RunStarted | TileDone | RunFinished]:
+    """Run the two-mode tiled check of ``model`` over ``volume``, writing OUT.zarr.
+
+    Parameters
+    ----------
+    volume : Volume
+        The input, lazily opened (``(C, Z, Y, X)``).
+    model : torch.nn.Module
+        The user's model; its state is restored bitwise after the run, whatever happens.
+    config : RunConfig
+        Tiling, batching, normalization and output settings.
+    out : path-like
+        The OUT.zarr to write.
+    overwrite : bool
+        Replace an earlier napari-normcheck output at ``out`` (swapped in only when complete).
+    spatial_dims : int, optional
+        2 or 3; defaults to ``config.spatial_dims``, then 3 when the volume has z > 1.
+    divisor : int or tuple of int, optional
+        The model's downsampling factor; tiles are checked against it.
+    transform : IntensityTransform, optional
+        Input normalization; resolved from ``config.normalize`` when not given.
+    cancel : threading.Event, optional
+        Set it to stop after the current tile.
+    extra_attrs : dict, optional
+        More metadata for the store (model file hash, inventory, ...).
+    resume : bool
+        Continue an interrupted run in ``out`` with the same parameters: finished output chunks and
+        their metrics are kept, and only tiles that contribute to unfinished chunks run again.
+
+    Yields
+    ------
+    RunStarted, TileDone, RunFinished
+        Progress events.
+    """
+    t_start = time.perf_counter()
+    timing = Timing()
+    setup = prepare_run(
+        volume, config, spatial_dims=spatial_dims, divisor=divisor, transform=transform
+    )
+    plan, device = setup.plan, setup.device
+    worker_model = model if device.type == "cpu" else copy.deepcopy(model).to(device)
+    recorder = make_recorder(worker_model, config)
+    n_out = probe_out_channels(
+        worker_model, volume.n_channels, plan.window_shape, setup.spatial_dims, device, divisor
+    )
+    setup = resolve_eval_batch(setup, worker_model, volume, config, out, resume=resume)
+    effect = precision_effect(worker_model, volume, config, setup)
+    attrs = run_attrs(volume, config, setup, extra_attrs)
+    store, arrays = open_outputs(
+        out, attrs, config, plan, n_out, volume, overwrite=overwrite, resume=resume
+    )
+    progress = store.read_progress() if resume else {}
+    loop = TileLoop(
+        volume,
+        worker_model,
+        config,
+        plan,
+        arrays,
+        n_out,
+        importance_map(plan.window_shape, plan.blend, setup.spatial_dims),
+        setup.transform,
+        setup.spatial_dims,
+        device,
+        setup.eval_batch,
+        timing,
+        recorder,
+        store.path / ".scratch",
+        done_chunks={tuple(c) for c in progress.get("done_chunks", [])},
+    )
+    loop.disparity.load(progress.get("disparity_sums", {}))
+    loop.mismatch.load(progress.get("pair_sums", {}))
+    loop.records.update({int(k): v for k, v in progress.get("tiles", {}).items()})
+    last_save = time.perf_counter()
+
+    def save_progress() -> None:
+        # A snapshot taken now, written by the writer thread after the chunk writes queued before
+        # it: a chunk is either listed and on disk, or recomputed. The run does not wait for it.
+        nonlocal last_save
+        snapshot = {
+            "done_chunks": sorted(loop.accumulator.done_chunks),
+            "pair_sums": loop.mismatch.to_dict(),
+            "tiles": {str(k): v for k, v in loop.records.items()},
+        }
+
+        def write() -> None:
+            # On the writer thread: the chunks listed are summed by now, and no later one is.
+            store.write_progress({**snapshot, "disparity_sums": loop.disparity.to_dict()})
+
+        loop.write_after_pending(write)
+        last_save = time.perf_counter()
+
+    timing.setup = time.perf_counter() - t_start
+    t_event = time.perf_counter()
+    yield RunStarted(out=Path(out), plan=plan, device=str(device), eval_batch=setup.eval_batch)
+    timing.events += time.perf_counter() - t_event
+    needed = {t.index for t in plan.tiles() if loop.accumulator.needs(t)}
+    # A pair's mismatch is computed when its later tile runs, from the earlier tile's overlap slab.
+    needed |= {j for i in list(needed) for j in loop.mismatch.missing_partners(i)}
+    needed = whole_train_batches(needed, config.train_batch, plan.n_tiles)
+    tiles = [plan.get_tile(i) for i in sorted(needed)]
+    try:
+        with contextlib.closing(loop.run(tiles)) as results:
+            for n_done, result in enumerate(results, start=1):
+                if time.perf_counter() - last_save > 2.0:
+                    save_progress()
+                t_event = time.perf_counter()
+                yield TileDone(
+                    result.tile,
+                    n_done,
+                    len(tiles),
+                    t_event - t_start,
+                    result.chunks_written,
+                    result.record or {},
+                )
+                timing.events += time.perf_counter() - t_event
+                if cancel is not None and cancel.is_set():
+                    return
+        loop.flush()
+        final_path, summary = finish_run(
+            store,
+            volume,
+            plan,
+            loop.records,
+            loop.mismatch,
+            loop.disparity,
+            loop.feature_layers,
+            n_out,
+            out=out,
+            timing=timing,
+            eval_batch=setup.eval_batch,
+            spilled_chunks=loop.accumulator.spill_count,
+            before_marker=loop.flush,
+            extra_summary={"precision_effect": effect} if effect else None,
+            run_started=t_start,
+        )
+        remove_block_records(final_path)  # a distributed run's records, when this resumed one
+        yield RunFinished(out=final_path, summary=summary)
+    finally:
+        # A failed write must not be listed as done: then the progress is not saved at all.
+        with contextlib.suppress(Exception):
+            if not is_complete(store.path):
+                save_progress()
+        with contextlib.suppress(Exception):
+            loop.close()

@@ -1,0 +1,163 @@
+"""Per-tile results: disparity and feature records, and the tile grids placed over the volume."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.modes import MODES
+from napari_normcheck.core.base.tiling import TilePlan
+from napari_normcheck.core.io.store import OutputStore
+from napari_normcheck.core.measure.features import FeatureLayer, tile_feature_summary
+from napari_normcheck.core.measure.metrics import tile_disparity
+from napari_normcheck.core.measure.mismatch import MismatchTracker, prediction_box
+from napari_normcheck.core.run.forward import activate_into
+from napari_normcheck.core.run.tile_io import TileWork
+
+if TYPE_CHECKING:
+    from napari_normcheck.core.run.timing import Timing
+
+
+def tile_record(
+    work: TileWork,
+    plan: TilePlan,
+    config: RunConfig,
+    mismatch: MismatchTracker,
+    timing: Timing,
+    feature_layers: list[FeatureLayer],
+) -> dict[str, Any]:
+    """Per-tile disparity over the voxels a tile writes; its predictions go on to the mismatch tracker."""
+    t0 = time.perf_counter()
+    tile = work.tile
+    box_start, box_stop = prediction_box(plan, tile)
+    window = tuple(slice(a - w, b - w) for a, b, w in zip(box_start, box_stop, tile.window_start))
+    first = work.outputs[MODES[0]][(slice(None), *window)]
+    probabilities = np.empty((len(MODES), *first.shape), dtype=np.float32)
+    for m, mode in enumerate(MODES):
+        activate_into(
+            work.outputs[mode][(slice(None), *window)], config.activation, probabilities[m]
+        )
+    mismatch.add(tile, probabilities)
+    written = tuple(
+        slice(a - s, b - s) for a, b, s in zip(tile.write_start, tile.write_stop, box_start)
+    )
+    values = tile_disparity(
+        probabilities[1][(slice(None), *written)],
+        probabilities[0][(slice(None), *written)],
+        config.threshold,
+        argmax=config.activation == "softmax",
+    )
+    features = tile_feature_summary(feature_layers, work.features)
+    timing.metrics += time.perf_counter() - t0
+    return {
+        "index": tile.index,
+        "grid": list(tile.grid),
+        "start": list(tile.write_start),
+        "stop": list(tile.write_stop),
+        "disparity_hard": values["hard"],
+        "disparity_soft": values["soft"],
+        **({"disparity_argmax": values["argmax"]} if "argmax" in values else {}),
+        "feature_z": overlay_z(features, feature_layers),
+        "features": features,
+    }
+
+
+def overlay_z(features: dict[str, dict], layers: list[FeatureLayer]) -> dict[str, Any] | None:
+    """The report's per-tile feature z summary for the overlay layer (the first with running stats)."""
+    for layer in layers:
+        z = features.get(layer.name, {}).get("z")
+        if z is not None:
+            absolute = np.abs(np.asarray(z))
+            return {
+                "layer": layer.name,
+                "mean_abs": float(absolute.mean()),
+                "max_abs": float(absolute.max()),
+                "max_channel": int(absolute.argmax()),
+            }
+    return None
+
+
+def tile_cell_transform(
+    plan: TilePlan, scale: tuple[float, ...], volume_translation: tuple[float, ...]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Scale and translation that place cell ``(iz, iy, ix)`` of a tile grid over that tile."""
+    step = []
+    for d, n in enumerate(plan.grid_shape):
+        starts = plan.window_starts[:, d]
+        step.append(
+            max((starts.max() - starts.min()) / (n - 1), 1.0) if n > 1 else plan.roi_shape[d]
+        )
+    first = plan.get_tile(0)
+    cell_scale = tuple(float(s) * v for s, v in zip(step, scale))
+    # Voxel centres sit at index * scale + translation (OME-Zarr and napari): centre each cell on
+    # the span of its tile.
+    cell_translation = tuple(
+        t + (w + (st - 1) / 2) * v
+        for t, w, st, v in zip(volume_translation, first.write_start, step, scale)
+    )
+    return cell_scale, cell_translation
+
+
+def write_tile_grids(
+    store: OutputStore,
+    plan: TilePlan,
+    records: list[dict[str, Any]],
+    n_out: int,
+    cell_transform: tuple[tuple[float, ...], tuple[float, ...]],
+) -> None:
+    """Per-tile grids of disparity and mismatch: one cell per tile, placed over its tile."""
+    for name, key in (
+        ("tile_disparity", "disparity_hard"),
+        ("tile_disparity_soft", "disparity_soft"),
+        ("tile_mismatch_eval", "mismatch_eval"),
+        ("tile_mismatch_train", "mismatch_train"),
+    ):
+        grid = np.full((n_out, *plan.grid_shape), np.nan, dtype=np.float32)
+        for record in records:
+            if record.get(key) is not None:
+                grid[(slice(None), *record["grid"])] = record[key]
+        array = store.create_image(
+            name,
+            grid.shape,
+            grid.shape,
+            "float32",
+            *cell_transform,
+            attrs={"meaning": f"per-tile {key.replace('_', ' ')} (1 - Dice)"},
+        )
+        array[...] = grid
+
+
+def write_feature_grid(
+    store: OutputStore,
+    plan: TilePlan,
+    records: list[dict[str, Any]],
+    layers: list[FeatureLayer],
+    cell_transform: tuple[tuple[float, ...], tuple[float, ...]],
+) -> None:
+    """``feature_z`` (layer, channel, tiles_z, tiles_y, tiles_x) for layers with running statistics."""
+    z_layers = [layer for layer in layers if layer.running_mean is not None]
+    if not z_layers:
+        return
+    n_channels = max(layer.channels or 0 for layer in z_layers)
+    grid = np.full((len(z_layers), n_channels, *plan.grid_shape), np.nan, dtype=np.float32)
+    for record in records:
+        for li, layer in enumerate(z_layers):
+            z = record["features"].get(layer.name, {}).get("z")
+            if z is not None:
+                grid[(li, slice(0, len(z)), *record["grid"])] = z
+    array = store.create_image(
+        "feature_z",
+        grid.shape,
+        grid.shape,
+        "float32",
+        *cell_transform,
+        attrs={
+            "layers": [layer.to_dict() for layer in z_layers],
+            "meaning": "(tile mean - running mean) / sqrt(running var + eps) of each layer's input",
+        },
+        axes=("l", "c", "z", "y", "x"),
+    )
+    array[...] = grid

@@ -1,0 +1,243 @@
+"""Blend tile predictions into output chunks, holding only unfinished chunks in memory.
+
+The accumulator follows MONAI's ``sliding_window_inference`` arithmetic exactly: each tile's prediction
+is multiplied by the importance map, added to a running sum in tile order, the importance map is added to
+a weight sum, and the output is ``sum / weight`` in float32. Instead of one buffer for the whole volume,
+sums live per output chunk; a chunk is handed to ``on_chunk_done`` as soon as the last tile that touches
+it (known from the plan) has been added, then dropped. Unfinished chunks beyond ``max_bytes`` spill to
+``.npy`` files in a scratch folder, so memory depends on tile size, not on volume size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from napari_normcheck.core.base.tiling import Tile, TilePlan
+
+ChunkIndex = tuple[int, int, int]
+ChunkCallback = Callable[[ChunkIndex, tuple[slice, slice, slice], np.ndarray], None]
+
+
+def importance_map(window_shape: tuple[int, ...], mode: str, spatial_dims: int = 3) -> np.ndarray:
+    """The blending weight of a tile: MONAI's own ``compute_importance_map``.
+
+    Parameters
+    ----------
+    window_shape : tuple of int
+        Tile shape ``(z, y, x)``.
+    mode : {"constant", "gaussian", "crop"}
+        ``crop`` writes inner blocks unweighted (ones).
+    spatial_dims : int
+        2 for a 2D model: the map is computed on ``(y, x)`` (as a per-plane MONAI call would) and
+        broadcast over the single z-plane.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 weights of shape ``window_shape``.
+    """
+    if mode == "crop":
+        return np.ones(window_shape, dtype=np.float32)
+    shape = tuple(window_shape[-spatial_dims:])
+    return gaussian_or_constant_map(shape, mode).reshape(window_shape)
+
+
+def gaussian_or_constant_map(patch_size: tuple[int, ...], mode: str) -> np.ndarray:
+    """MONAI's ``compute_importance_map`` (sigma scale 0.125), op for op in torch float32.
+
+    Written out here so that a run does not import MONAI (seconds of start-up); a test holds it
+    bitwise equal to MONAI's function.
+    """
+    import torch
+
+    if mode == "constant":
+        weights = torch.ones(patch_size, dtype=torch.float)
+    elif mode == "gaussian":
+        sigmas = [size * 0.125 for size in patch_size]
+        for i, size in enumerate(patch_size):
+            x = torch.arange(start=-(size - 1) / 2.0, end=(size - 1) / 2.0 + 1, dtype=torch.float)
+            x = torch.exp(x**2 / (-2 * sigmas[i] ** 2))
+            weights = weights.unsqueeze(-1) * x[(None,) * i] if i > 0 else x
+    else:
+        raise ValueError(f"unknown blend mode {mode!r}")
+    floor = max(torch.min(weights).item(), 1e-3)
+    weights = torch.clamp_(weights.to(torch.float), min=floor)
+    return weights.numpy().astype(np.float32)
+
+
+class ChunkAccumulator:
+    """Weighted sums of tile predictions per output chunk.
+
+    Parameters
+    ----------
+    plan : TilePlan
+        The run's plan (chunk grid and contributing tiles).
+    n_values : int
+        Leading size of every prediction handed to :meth:`add` (modes x channels).
+    weights : numpy.ndarray
+        Importance map of one window (``plan.window_shape``).
+    on_chunk_done : callable
+        ``on_chunk_done(chunk_index, roi_slices, values)`` with ``values`` float32
+        ``(n_values, cz, cy, cx)`` = blended output; called once per chunk, in completion order.
+    scratch_dir : path-like
+        Folder for spilled chunks (created on demand, removed by :meth:`close`).
+    max_bytes : int
+        Memory for unfinished chunks before the least recently used spill to disk.
+    done_chunks : set of ChunkIndex, optional
+        Chunks already finished in an earlier, interrupted run: their contributions are skipped.
+    chunk_box : pair of tuple of int, optional
+        Chunk index range ``([z0, y0, x0], [z1, y1, x1])`` to accumulate (a distributed block);
+        contributions to chunks outside it are skipped. All chunks when ``None``.
+    tiles : list of int, optional
+        The tiles that will be added (a block's task); chunks are finished after the last of them.
+        All tiles of the plan when ``None``.
+    """
+
+    def __init__(
+        self,
+        plan: TilePlan,
+        n_values: int,
+        weights: np.ndarray,
+        on_chunk_done: ChunkCallback,
+        scratch_dir: str | Path,
+        max_bytes: int = 512 * 2**20,
+        done_chunks: set[ChunkIndex] | None = None,
+        chunk_box: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+        tiles: list[int] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.n_values = n_values
+        self.weights = np.ascontiguousarray(weights, dtype=np.float32)
+        self.on_chunk_done = on_chunk_done
+        self.scratch_dir = Path(scratch_dir)
+        self.max_bytes = max_bytes
+        self.remaining = plan.chunk_contributors(tiles)
+        self.chunk_box = chunk_box
+        self.done_chunks: set[ChunkIndex] = set(done_chunks or ())
+        self._buffers: OrderedDict[ChunkIndex, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._spilled: set[ChunkIndex] = set()
+        self._bytes = 0
+        self.spill_count = 0
+
+    def chunk_slices(self, chunk: ChunkIndex) -> tuple[slice, slice, slice]:
+        """ROI-relative voxel slices of ``chunk``."""
+        return tuple(
+            slice(i * c, min((i + 1) * c, n))
+            for i, c, n in zip(chunk, self.plan.chunk_shape, self.plan.roi_shape)
+        )  # type: ignore[return-value]
+
+    def tile_chunks(self, tile: Tile) -> list[ChunkIndex]:
+        """Chunks that ``tile`` writes into (inside :attr:`chunk_box`)."""
+        ranges = self.plan.chunk_range(tile)
+        if self.chunk_box is not None:
+            ranges = tuple(
+                (max(a, lo), min(b, hi)) for (a, b), lo, hi in zip(ranges, *self.chunk_box)
+            )
+        return list(itertools.product(*(range(a, b) for a, b in ranges)))
+
+    def needs(self, tile: Tile) -> bool:
+        """Whether ``tile`` still contributes to an unfinished chunk (resume skips it otherwise)."""
+        return any(c not in self.done_chunks for c in self.tile_chunks(tile))
+
+    def add(self, tile: Tile, prediction: np.ndarray | Sequence[np.ndarray]) -> list[ChunkIndex]:
+        """Add the prediction of ``tile``; return the chunks finished by it.
+
+        ``prediction`` is ``(n_values, *window_shape)``, or a sequence of arrays whose leading sizes
+        add up to ``n_values`` (the modes, without concatenating them first).
+        """
+        parts = [prediction] if isinstance(prediction, np.ndarray) else list(prediction)
+        finished = []
+        roi_start = self.plan.roi_start
+        for chunk in self.tile_chunks(tile):
+            if chunk in self.done_chunks:
+                continue
+            chunk_slices = self.chunk_slices(chunk)
+            # Intersection of the tile's write box and the chunk, in volume coordinates.
+            lo = [max(a, r + s.start) for a, r, s in zip(tile.write_start, roi_start, chunk_slices)]
+            hi = [min(b, r + s.stop) for b, r, s in zip(tile.write_stop, roi_start, chunk_slices)]
+            in_tile = tuple(slice(a - w, b - w) for a, b, w in zip(lo, hi, tile.window_start))
+            in_chunk = tuple(
+                slice(a - r - s.start, b - r - s.start)
+                for a, b, r, s in zip(lo, hi, roi_start, chunk_slices)
+            )
+            total, weight = self._buffer(chunk)
+            w = self.weights[in_tile]
+            # The same float32 operations, in the same order, as MONAI: sum += pred * w; count += w.
+            first = 0
+            scratch = None
+            for part in parts:
+                view = total[(slice(first, first + len(part)), *in_chunk)]
+                if scratch is None or scratch.shape != view.shape:
+                    scratch = np.empty(view.shape, dtype=np.float32)
+                np.multiply(part[(slice(None), *in_tile)], w, out=scratch)
+                np.add(view, scratch, out=view)
+                first += len(part)
+            weight[in_chunk] += w
+            self.remaining[chunk] -= 1
+            if self.remaining[chunk] == 0:
+                self._finish(chunk)
+                finished.append(chunk)
+        return finished
+
+    def _finish(self, chunk: ChunkIndex) -> None:
+        total, weight = self._buffers.pop(chunk)
+        self._bytes -= total.nbytes + weight.nbytes
+        np.divide(total, weight, out=total)
+        self.done_chunks.add(chunk)
+        self.on_chunk_done(chunk, self.chunk_slices(chunk), total)
+
+    def _buffer(self, chunk: ChunkIndex) -> tuple[np.ndarray, np.ndarray]:
+        if chunk in self._buffers:
+            self._buffers.move_to_end(chunk)
+            return self._buffers[chunk]
+        shape = tuple(s.stop - s.start for s in self.chunk_slices(chunk))
+        if chunk in self._spilled:
+            path = self._spill_path(chunk)
+            with np.load(path) as stored:
+                buffers = (stored["total"], stored["weight"])
+            path.unlink()
+            self._spilled.discard(chunk)
+        else:
+            buffers = (
+                np.zeros((self.n_values, *shape), dtype=np.float32),
+                np.zeros(shape, dtype=np.float32),
+            )
+        self._buffers[chunk] = buffers
+        self._bytes += buffers[0].nbytes + buffers[1].nbytes
+        self._evict()
+        return buffers
+
+    def _evict(self) -> None:
+        # Keep the newest chunk in memory even when one chunk alone exceeds the budget.
+        while self._bytes > self.max_bytes and len(self._buffers) > 1:
+            chunk, (total, weight) = self._buffers.popitem(last=False)
+            self._bytes -= total.nbytes + weight.nbytes
+            self.scratch_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(self._spill_path(chunk), total=total, weight=weight)
+            self._spilled.add(chunk)
+            self.spill_count += 1
+
+    def _spill_path(self, chunk: ChunkIndex) -> Path:
+        return self.scratch_dir / f"chunk_{chunk[0]}_{chunk[1]}_{chunk[2]}.npz"
+
+    @property
+    def complete(self) -> bool:
+        """Whether every chunk (of :attr:`chunk_box`) has been finished."""
+        if self.chunk_box is not None:
+            n_chunks = int(np.prod([b - a for a, b in zip(*self.chunk_box)]))
+            return len(self.done_chunks) == n_chunks
+        return len(self.done_chunks) == int(np.prod(self.plan.chunk_grid))
+
+    def close(self) -> None:
+        """Remove spilled partial chunks (an interrupted run recomputes their tiles on resume)."""
+        if self.scratch_dir.exists():
+            shutil.rmtree(self.scratch_dir, ignore_errors=True)
+        self._buffers.clear()
+        self._spilled.clear()
+        self._bytes = 0

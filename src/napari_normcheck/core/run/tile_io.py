@@ -1,0 +1,139 @@
+"""Read tiles: the model input window of each tile, normalized and padded, in a reader thread."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.base.tiling import Tile, TilePlan
+from napari_normcheck.core.io.intensity import IntensityTransform
+from napari_normcheck.core.io.volume import Volume
+
+
+@dataclass
+class TileWork:
+    """A tile in flight: its input window, then its predictions per mode and feature statistics."""
+
+    tile: Tile
+    image: np.ndarray
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class TileReader:
+    """A thread that reads, normalizes and pads the next tiles while the model works."""
+
+    def __init__(
+        self,
+        volume: Volume,
+        plan: TilePlan,
+        tiles: list[Tile],
+        transform: IntensityTransform,
+        depth: int,
+    ) -> None:
+        self.volume = volume
+        self.plan = plan
+        self.tiles = tiles
+        self.transform = transform
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="normcheck-reader", daemon=True)
+        self.seconds = 0.0
+        # Time the consumer spent blocked on an empty queue: the model waiting for the disk.
+        self.waited = 0.0
+
+    def start(self) -> None:
+        """Start reading ahead."""
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and drop tiles read ahead."""
+        self.stopped.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+        self.thread.join(timeout=10)
+
+    def __iter__(self) -> Iterator[TileWork]:
+        for _ in self.tiles:
+            t0 = time.perf_counter()
+            item = self.queue.get()
+            self.waited += time.perf_counter() - t0
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _run(self) -> None:
+        try:
+            for tile in self.tiles:
+                if self.stopped.is_set():
+                    return
+                t0 = time.perf_counter()
+                image = read_window(self.volume, self.plan, tile, self.transform)
+                self.seconds += time.perf_counter() - t0
+                while not self.stopped.is_set():
+                    try:
+                        self.queue.put(TileWork(tile, image), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as error:  # handed to the consumer, which raises it
+            self.queue.put(error)
+
+
+def read_window(
+    volume: Volume, plan: TilePlan, tile: Tile, transform: IntensityTransform
+) -> np.ndarray:
+    """Read the model input window of ``tile``: normalized float32 ``(C, *window_shape)``.
+
+    Blend modes see only the region of interest, zero-padded outside it in normalized space (as MONAI
+    pads its input). Crop mode sees real context from the whole volume, reflect-padded only beyond the
+    volume border.
+    """
+    start = tile.window_start
+    stop = tuple(s + w for s, w in zip(start, plan.window_shape))
+    if plan.blend == "crop":
+        # Reflect about the volume border (numpy's "reflect" of the whole volume), whatever the halo.
+        index = [
+            _reflect_index(np.arange(a, b), n) for a, b, n in zip(start, stop, plan.volume_shape)
+        ]
+        lo = tuple(int(i.min()) for i in index)
+        hi = tuple(int(i.max()) + 1 for i in index)
+    else:
+        lo = tuple(max(s, a) for s, a in zip(start, plan.roi_start))
+        hi = tuple(min(s, b) for s, b in zip(stop, plan.roi_stop))
+    block = volume.data[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    block = np.asarray(
+        block.compute(scheduler="synchronous") if hasattr(block, "compute") else block
+    )
+    image = transform.apply(block)
+    n_bad = image.size - int(np.count_nonzero(np.isfinite(image)))
+    if n_bad:
+        raise NormcheckError(
+            f"the volume holds {n_bad} NaN or Inf value(s) in the box z {lo[0]}:{hi[0]}, "
+            f"y {lo[1]}:{hi[1]}, x {lo[2]}:{hi[2]}; fill or mask them before running"
+        )
+    if plan.blend == "crop":
+        if image.shape[1:] != plan.window_shape or any(a != s for a, s in zip(lo, start)):
+            image = image[np.ix_(range(image.shape[0]), *[i - a for i, a in zip(index, lo)])]
+    else:
+        pad = [(0, 0)] + [(a - s, e - b) for s, a, b, e in zip(start, lo, hi, stop)]
+        if any(p != (0, 0) for p in pad):
+            image = np.pad(image, pad, mode="constant", constant_values=0.0)
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def _reflect_index(index: np.ndarray, size: int) -> np.ndarray:
+    """Map coordinates outside ``[0, size)`` to their mirror image (no edge repeat), periodically."""
+    if size == 1:
+        return np.zeros_like(index)
+    period = 2 * (size - 1)
+    folded = np.mod(index, period)
+    return np.where(folded >= size, period - folded, folded)
