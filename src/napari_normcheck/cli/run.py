@@ -71,8 +71,9 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     run.add_argument(
         "--cache-mb",
         type=int,
-        default=512,
-        help="memory for unfinished output chunks before spilling to disk",
+        default=256,
+        help="memory (MB) for unfinished output chunks (and half as much for overlap slabs) "
+        "before spilling to disk",
     )
     run.add_argument(
         "--feature-layer",

@@ -58,7 +58,9 @@ class RunConfig:
     spatial_dims : int or None
         Spatial dims of the model (2 or 3); probed when ``None``.
     cache_mb : int
-        Memory for blending buffers of unfinished output chunks; beyond it they spill to disk.
+        Memory for blending buffers of unfinished output chunks, and half as much again for the
+        overlap slabs tiles keep for their later neighbours; beyond it both spill to disk, so
+        memory does not grow with the width of the volume.
     prefetch : int
         Tiles read ahead by the reader thread.
     precision : str
@@ -84,7 +86,7 @@ class RunConfig:
     threshold: float = 0.5
     spatial_dims: int | None = None
     feature_layers: tuple[str, ...] = field(default_factory=tuple)
-    cache_mb: int = 512
+    cache_mb: int = 256
     prefetch: int = 2
     precision: str = "fp32"
     fuse_train: bool = True

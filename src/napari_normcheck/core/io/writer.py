@@ -18,7 +18,7 @@ class BackgroundWriter:
         Jobs queued before :meth:`submit` blocks, which bounds the memory held by pending writes.
     """
 
-    def __init__(self, max_pending: int = 16) -> None:
+    def __init__(self, max_pending: int = 6) -> None:
         self._jobs: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="normcheck-writer", daemon=True)

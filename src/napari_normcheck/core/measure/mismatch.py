@@ -13,12 +13,14 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from napari_normcheck.core.base.modes import MODES
 from napari_normcheck.core.base.tiling import Tile, TilePlan
 from napari_normcheck.core.measure.metrics import dice_sums, disparity_from_sums
+from napari_normcheck.core.measure.slabs import SlabStore
 
 
 def prediction_box(plan: TilePlan, tile: Tile) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -72,7 +74,9 @@ def tile_pairs(
 class MismatchTracker:
     """Accumulates pairwise mismatch sums as tiles finish, in scan order, one entry per tile pair.
 
-    ``tiles`` restricts it to the pairs among those tiles (a distributed block's task).
+    ``tiles`` restricts it to the pairs among those tiles (a distributed block's task). Overlap
+    slabs waiting for a later neighbour take at most ``max_slab_bytes`` of memory; the oldest go to
+    ``scratch_dir`` beyond it (see :class:`~napari_normcheck.core.measure.slabs.SlabStore`).
     """
 
     plan: TilePlan
@@ -80,12 +84,15 @@ class MismatchTracker:
     threshold: float = 0.5
     on_pair: Callable[[tuple[int, ...], tuple[int, ...], np.ndarray], None] | None = None
     tiles: list[int] | None = None
+    max_slab_bytes: int | None = None
+    scratch_dir: str | Path | None = None
     neighbours: dict[int, list[tuple[int, tuple]]] = field(init=False)
     pair_sums: dict[tuple[int, int], dict[str, dict[str, np.ndarray]]] = field(init=False)
-    _slabs: dict[tuple[int, int], np.ndarray] = field(init=False, default_factory=dict)
+    _slabs: SlabStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.neighbours = tile_pairs(self.plan, self.tiles)
+        self._slabs = SlabStore(self.max_slab_bytes, self.scratch_dir)
         self.pair_sums = {}
 
     @property
@@ -107,9 +114,9 @@ class MismatchTracker:
             local = tuple(slice(a - b, c - b) for a, c, b in zip(start, stop, box_start))
             mine = probabilities[(slice(None), slice(None), *local)]
             if j > i:
-                self._slabs[(i, j)] = np.array(mine, copy=True)
+                self._slabs.put((i, j), mine)
                 continue
-            theirs = self._slabs.pop((j, i), None)
+            theirs = self._slabs.pop((j, i))
             if theirs is None:  # the earlier tile was not rerun on resume: its pair sums are kept
                 continue
             self.pair_sums[(j, i)] = {

@@ -144,6 +144,9 @@ class TileLoop:
             config.threshold,
             on_pair=self._write_seams if "seams_eval" in arrays else None,
             tiles=tiles,
+            # Slabs pending for later neighbours: half the chunk cache again, then to disk.
+            max_slab_bytes=config.cache_mb * 2**20 // 2,
+            scratch_dir=Path(scratch_dir) / "slabs",
         )
         chunk_box = None if block is None else (block.chunk_start, block.chunk_stop)
         self.accumulator = ChunkAccumulator(

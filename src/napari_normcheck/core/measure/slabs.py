@@ -1,0 +1,65 @@
+"""Overlap slabs waiting for their later tile: in memory up to a budget, the oldest on disk beyond it.
+
+A tile's predictions on the voxels it shares with a later neighbour are kept until that neighbour
+runs. In scan order the neighbours of a whole row (or z-layer) of tiles are pending at once, so
+their number grows with the width of the volume; the budget keeps memory bounded whatever the width.
+Spilled slabs are plain ``.npy`` files read back bit for bit, so the mismatch numbers do not depend
+on the budget.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+
+class SlabStore:
+    """Arrays by key, the least recently stored spilled to ``scratch_dir`` beyond ``max_bytes``.
+
+    Parameters
+    ----------
+    max_bytes : int or None
+        Memory for slabs; ``None`` keeps every slab in memory.
+    scratch_dir : path-like or None
+        Folder for spilled slabs (created on demand); needed when ``max_bytes`` is set.
+    """
+
+    def __init__(self, max_bytes: int | None = None, scratch_dir: str | Path | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.scratch_dir = None if scratch_dir is None else Path(scratch_dir)
+        self._memory: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._spilled: set[tuple[int, int]] = set()
+        self._bytes = 0
+        self.spill_count = 0
+
+    def put(self, key: tuple[int, int], slab: np.ndarray) -> None:
+        """Keep a copy of ``slab`` under ``key``."""
+        copy = np.array(slab, copy=True)
+        self._memory[key] = copy
+        self._bytes += copy.nbytes
+        while self.max_bytes is not None and self._bytes > self.max_bytes and self._memory:
+            old_key, old = self._memory.popitem(last=False)
+            self._bytes -= old.nbytes
+            self.scratch_dir.mkdir(parents=True, exist_ok=True)
+            np.save(self._path(old_key), old)
+            self._spilled.add(old_key)
+            self.spill_count += 1
+
+    def pop(self, key: tuple[int, int]) -> np.ndarray | None:
+        """The slab stored under ``key`` (removed), or ``None``."""
+        if key in self._memory:
+            slab = self._memory.pop(key)
+            self._bytes -= slab.nbytes
+            return slab
+        if key in self._spilled:
+            self._spilled.discard(key)
+            path = self._path(key)
+            slab = np.load(path)
+            path.unlink()
+            return slab
+        return None
+
+    def _path(self, key: tuple[int, int]) -> Path:
+        return self.scratch_dir / f"slab_{key[0]}_{key[1]}.npy"
