@@ -28,17 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-STAGES = (
-    "setup",
-    "read_wait",
-    "forward_eval",
-    "forward_train",
-    "stitch",
-    "metrics",
-    "write",
-    "write_wait",
-    "finish",
-)
+from napari_normcheck.core.run.timing import MAIN_THREAD_STAGES
 
 
 def make_model(spatial_dims: int = 3):
@@ -135,7 +125,7 @@ def in_subprocess(volume: Path, tile: tuple[int, int, int], device: str) -> dict
 def print_case(shape: tuple[int, ...], result: dict) -> None:
     """Throughput, stages against the wall time, memory and output size of one case."""
     timing = result["timing"]
-    staged = sum(timing.get(k, 0.0) for k in STAGES)
+    staged = sum(timing.get(k, 0.0) for k in MAIN_THREAD_STAGES)
     total = timing.get("total", result["wall_s"])
     print(
         f"\nvolume {'x'.join(map(str, shape))}, tile {'x'.join(map(str, result['tile']))}: "
@@ -143,7 +133,7 @@ def print_case(shape: tuple[int, ...], result: dict) -> None:
     )
     print(
         "  stages: "
-        + ", ".join(f"{k} {timing[k]:.2f}" for k in STAGES if k in timing)
+        + ", ".join(f"{k} {timing[k]:.2f}" for k in MAIN_THREAD_STAGES if k in timing)
         + f"; read (reader thread, overlapped) {timing.get('read', 0):.2f}"
     )
     print(
