@@ -61,13 +61,12 @@ def downsample_means(values: np.ndarray, levels: int) -> list[np.ndarray]:
 
 def _pair_sum(values: np.ndarray, axis: int) -> np.ndarray:
     """Sum neighbouring pairs along ``axis`` (an odd last element is kept on its own)."""
-    n = values.shape[axis]
-    even = np.take(values, np.arange(0, n - 1, 2), axis=axis)
-    odd = np.take(values, np.arange(1, n, 2), axis=axis)
-    summed = even + odd
+    values = np.moveaxis(values, axis, -1)
+    n = values.shape[-1]
+    summed = values[..., 0 : n - 1 : 2] + values[..., 1:n:2]
     if n % 2:
-        summed = np.concatenate([summed, np.take(values, [n - 1], axis=axis)], axis=axis)
-    return summed
+        summed = np.concatenate([summed, values[..., n - 1 :]], axis=-1)
+    return np.moveaxis(summed, -1, axis)
 
 
 def level_transform(
