@@ -1,0 +1,267 @@
+"""Every output of a run, registered once: where it is stored, how it is computed, how it is shown.
+
+Two kinds of outputs:
+
+- :class:`VoxelOutput`: a map over the volume, written chunk by chunk (each prediction, the
+  disparity) or tile pair by tile pair (the seams).
+- :class:`TileMetric`: one value per tile and output channel, kept in each tile's record, written as
+  a grid with one cell per tile, reported per tile and sortable in the widget's tile table.
+
+The store (:mod:`~napari_normcheck.core.run.runsteps`), the tile loop, the report, the reader, the
+widget's layers and tile table and the distributed merge all read these tuples. Adding a metric is
+one :class:`TileMetric` entry plus its function in :mod:`~napari_normcheck.core.measure.tile_metrics`;
+tile records travel whole between blocks, so the distributed merge needs nothing more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from napari_normcheck.core.measure import tile_metrics
+from napari_normcheck.core.measure.tile_metrics import TileView
+
+Group = Literal["prediction", "remedy", "disparity"]
+
+
+@dataclass(frozen=True)
+class Display:
+    """How napari shows an output: a short layer name and ``add_image`` style keywords.
+
+    Attributes
+    ----------
+    layer : str
+        Short layer name (``"disparity"``); the channel's name is appended.
+    colormap, blending : str
+        napari colormap and blending.
+    opacity : float
+        Layer opacity.
+    visible : bool
+        Shown when added.
+    group : str
+        ``prediction``, ``remedy`` or ``disparity`` (what the widget groups and recolours).
+    widget : bool
+        The widget adds this layer for a run (the reader opens every output).
+    """
+
+    layer: str
+    colormap: str
+    blending: str = "additive"
+    opacity: float = 0.6
+    visible: bool = True
+    group: Group = "disparity"
+    widget: bool = False
+
+    def style(self) -> dict[str, Any]:
+        """``add_image`` keywords of the style (name, place and contrast are the caller's)."""
+        return {
+            "colormap": self.colormap,
+            "blending": self.blending,
+            "opacity": self.opacity,
+            "visible": self.visible,
+        }
+
+
+ChunkFunction = Callable[[Mapping[str, np.ndarray]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class VoxelOutput:
+    """A voxel map in OUT.zarr, with the input's grid and the output channels first.
+
+    Attributes
+    ----------
+    name : str
+        The image group in OUT.zarr.
+    needs : tuple of str
+        The predictions it is computed from; it exists in a run that makes all of them.
+    meaning : str
+        Stored in the group's attributes.
+    display : Display
+        How napari shows it.
+    compute : callable or None
+        From a finished chunk's activated predictions by name, each ``(C, z, y, x)``, to the values
+        stored (probabilities in ``[0, 1]`` after an activation). ``None``: written tile pair by
+        tile pair (the seams).
+    opt_in : str or None
+        The boolean :class:`~napari_normcheck.core.base.config.RunConfig` field that turns it on.
+    """
+
+    name: str
+    needs: tuple[str, ...]
+    meaning: str
+    display: Display
+    compute: ChunkFunction | None = None
+    opt_in: str | None = None
+
+    @property
+    def pyramid(self) -> bool:
+        """Written per chunk, so every chunk writes its own coarser levels too."""
+        return self.compute is not None
+
+    def wanted(self, predictions: tuple[str, ...], config: Any) -> bool:
+        """Whether a run making ``predictions`` with ``config`` writes this output."""
+        if not set(self.needs) <= set(predictions):
+            return False
+        return self.opt_in is None or bool(getattr(config, self.opt_in))
+
+
+def _prediction(name: str) -> ChunkFunction:
+    def compute(probabilities: Mapping[str, np.ndarray]) -> np.ndarray:
+        return probabilities[name]
+
+    compute.__name__ = f"prediction_{name}"
+    return compute
+
+
+def _disparity(probabilities: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.abs(probabilities["train"] - probabilities["eval"])
+
+
+_PREDICTION_STYLE = {"blending": "additive", "opacity": 0.6, "visible": False}
+# Predictions get one colour each: eval and train overlaid are white where they agree, green or
+# magenta where they do not.
+PREDICTION_DISPLAY = {
+    "eval": Display("eval", "green", **_PREDICTION_STYLE, group="prediction", widget=True),
+    "train": Display("train", "magenta", **_PREDICTION_STYLE, group="prediction", widget=True),
+    "recalibrated": Display("recalibrated", "cyan", **_PREDICTION_STYLE, group="remedy"),
+    "batchstats": Display("batch-stats", "yellow", **_PREDICTION_STYLE, group="remedy"),
+}
+PREDICTION_MEANING = {
+    "eval": "eval-mode prediction (running statistics)",
+    "train": "train-mode prediction (batch statistics, running statistics untouched)",
+    "recalibrated": "eval-mode prediction of a copy with recalibrated running statistics",
+    "batchstats": "eval-mode prediction with each tile normalized by its own statistics",
+}
+
+
+def prediction_group(name: str) -> str:
+    """The OUT.zarr group of prediction ``name``: ``pred_<name>``."""
+    return f"pred_{name}"
+
+
+VOXEL_OUTPUTS: tuple[VoxelOutput, ...] = (
+    *(
+        VoxelOutput(
+            prediction_group(name),
+            (name,),
+            PREDICTION_MEANING[name],
+            PREDICTION_DISPLAY[name],
+            compute=_prediction(name),
+        )
+        for name in PREDICTION_DISPLAY
+    ),
+    VoxelOutput(
+        "disparity",
+        ("eval", "train"),
+        "|P_train - P_eval| per channel",
+        # Shown first: the disparity is what to look at; eye icons compare the predictions.
+        Display("disparity", "magma", widget=True),
+        compute=_disparity,
+    ),
+    *(
+        VoxelOutput(
+            f"seams_{mode}",
+            (mode,),
+            f"largest |P_A - P_B| of overlapping tiles A, B ({mode} mode); zero where one tile "
+            "covers a voxel",
+            # Where overlapping tiles disagree: tiling artifacts show up here.
+            Display(f"seams ({mode})", "cyan", opacity=0.7, visible=False, widget=mode == "eval"),
+            opt_in="seams",
+        )
+        for mode in ("eval", "train")
+    ),
+)
+
+TileFunction = Callable[[TileView], "list[float] | None"]
+_GRID = {"blending": "translucent", "opacity": 0.4, "visible": False}
+
+
+@dataclass(frozen=True)
+class TileMetric:
+    """One value per tile and output channel.
+
+    Attributes
+    ----------
+    key : str
+        The key in each tile's record, in the report's ``tiles`` and the per-tile CSV.
+    meaning : str
+        One line for the grid's attributes.
+    compute : callable or None
+        From the tile's :class:`~napari_normcheck.core.measure.tile_metrics.TileView` to a list per
+        channel, or ``None`` where it does not apply (the key is then left out). ``None`` for the
+        metrics of tile pairs, which the tile loop's mismatch tracker fills in at the end.
+    grid : str or None
+        The grid group in OUT.zarr (one cell per tile); ``None`` for none.
+    display : Display or None
+        How napari shows the grid.
+    sort : str or None
+        Its name in the widget's tile table sort choice; ``None`` when not offered.
+    needs : tuple of str
+        The predictions it is computed from.
+    """
+
+    key: str
+    meaning: str
+    compute: TileFunction | None = None
+    grid: str | None = None
+    display: Display | None = None
+    sort: str | None = None
+    needs: tuple[str, ...] = ("eval", "train")
+
+
+TILE_METRICS: tuple[TileMetric, ...] = (
+    TileMetric(
+        "disparity_hard",
+        "per-tile disparity hard (1 - Dice)",
+        tile_metrics.disparity_hard,
+        grid="tile_disparity",
+        display=Display("tile disparity (hard)", "inferno", **_GRID),
+    ),
+    TileMetric(
+        "disparity_soft",
+        "per-tile disparity soft (1 - Dice)",
+        tile_metrics.disparity_soft,
+        grid="tile_disparity_soft",
+        display=Display("tile disparity", "inferno", **_GRID, widget=True),
+        sort="disparity",
+    ),
+    TileMetric(
+        "disparity_argmax", "per-tile disparity of argmax classes", tile_metrics.disparity_argmax
+    ),
+    TileMetric(
+        "mismatch_eval",
+        "per-tile mismatch eval (1 - Dice)",
+        grid="tile_mismatch_eval",
+        display=Display("tile mismatch", "viridis", **_GRID, widget=True),
+        sort="mismatch (eval)",
+        needs=("eval",),
+    ),
+    TileMetric(
+        "mismatch_train",
+        "per-tile mismatch train (1 - Dice)",
+        grid="tile_mismatch_train",
+        display=Display("tile mismatch (train)", "viridis", **_GRID),
+        needs=("train",),
+    ),
+)
+
+
+def voxel_outputs(predictions: tuple[str, ...], config: Any) -> tuple[VoxelOutput, ...]:
+    """The voxel outputs a run making ``predictions`` with ``config`` writes, in registry order."""
+    return tuple(o for o in VOXEL_OUTPUTS if o.wanted(predictions, config))
+
+
+def tile_metrics_of(predictions: tuple[str, ...]) -> tuple[TileMetric, ...]:
+    """The tile metrics a run making ``predictions`` computes, in registry order."""
+    return tuple(m for m in TILE_METRICS if set(m.needs) <= set(predictions))
+
+
+def output_display() -> dict[str, Display]:
+    """Every stored output with a display (voxel maps and tile grids), by group name."""
+    shown = {o.name: o.display for o in VOXEL_OUTPUTS}
+    shown |= {m.grid: m.display for m in TILE_METRICS if m.grid and m.display}
+    return shown
