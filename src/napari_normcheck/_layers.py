@@ -8,12 +8,15 @@ and their placement come from the group's OME-Zarr ``multiscales`` metadata), pl
 coordinates by the level's scale and translation (spatial axes only). A ``tiles`` Shapes layer
 outlines each tile's write box on every plane it spans (built by :mod:`napari_normcheck._tile_layers`,
 whose names are re-exported here). The reader's own rule (the channel as a slider axis) is in
-:mod:`napari_normcheck._reader`.
+:mod:`napari_normcheck._reader`. Which outputs there are, their layer names and styles, which the
+widget shows and their order in the layer list all come from the output registry
+(:mod:`napari_normcheck.core.run.registry`).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,49 +48,97 @@ from napari_normcheck._tile_layers import tile_edge_colors as tile_edge_colors
 from napari_normcheck._tile_layers import tile_features as tile_features
 from napari_normcheck._tile_layers import tile_shapes_layer as tile_shapes_layer
 from napari_normcheck._tile_layers import to_world as to_world
+from napari_normcheck.core.run import registry
 
 if TYPE_CHECKING:
     from napari_normcheck.core.base.tiling import TilePlan
 
 LayerDataTuple = tuple[Any, dict, str]
 
-_PREDICTION = {"blending": "additive", "opacity": 0.6, "visible": False}
-_GRID = {"blending": "translucent", "opacity": 0.4, "visible": False}
-# Group name in OUT.zarr -> (short layer name, style). Predictions get one colour per mode: eval
-# and train overlaid are white where they agree, green or magenta where they do not.
-IMAGE_OUTPUTS: dict[str, tuple[str, dict[str, Any]]] = {
-    # Hidden like train: the disparity is what to look at first; eye icons compare the two.
-    "pred_eval": ("eval", {**_PREDICTION, "colormap": "green"}),
-    "pred_train": ("train", {**_PREDICTION, "colormap": "magenta"}),
-    # Written by `run --remedies` (or the widget's Remedies tab) when the user asked for them.
-    "pred_recalibrated": ("recalibrated", {**_PREDICTION, "colormap": "cyan"}),
-    "pred_batchstats": ("batch-stats", {**_PREDICTION, "colormap": "yellow"}),
-    "disparity": ("disparity", {"colormap": "magma", "blending": "additive", "opacity": 0.6}),
-    # Where overlapping tiles disagree: tiling artifacts show up here.
-    "seams_eval": (
-        "seams (eval)",
-        {"colormap": "cyan", "blending": "additive", "opacity": 0.7, "visible": False},
-    ),
-    "seams_train": (
-        "seams (train)",
-        {"colormap": "cyan", "blending": "additive", "opacity": 0.7, "visible": False},
-    ),
-    "tile_disparity": ("tile disparity (hard)", {**_GRID, "colormap": "inferno"}),
-    "tile_disparity_soft": ("tile disparity", {**_GRID, "colormap": "inferno"}),
-    "tile_mismatch_eval": ("tile mismatch", {**_GRID, "colormap": "viridis"}),
-    "tile_mismatch_train": ("tile mismatch (train)", {**_GRID, "colormap": "viridis"}),
+
+def image_outputs() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Group name in OUT.zarr -> (short layer name, ``add_image`` style), from the output registry.
+
+    Every registered output: the voxel maps (predictions, disparity, seams) in registry order,
+    then the tile metrics' grids (:func:`napari_normcheck.core.run.registry.output_display`).
+    """
+    return {name: (shown.layer, shown.style()) for name, shown in registry.output_display().items()}
+
+
+def outputs_in_group(group: str) -> tuple[str, ...]:
+    """The outputs whose display is in ``group`` (``prediction``, ``remedy``, ``disparity``)."""
+    return tuple(name for name, shown in registry.output_display().items() if shown.group == group)
+
+
+def widget_voxel_outputs(params: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The voxel outputs the widget shows, written while tiles finish.
+
+    Parameters
+    ----------
+    params : dict, optional
+        The run's parameters: outputs a run turns on (``seams``) are left out when it did not.
+    """
+    return tuple(
+        output.name
+        for output in registry.VOXEL_OUTPUTS
+        if output.display.widget
+        and (params is None or output.opt_in is None or bool(params.get(output.opt_in)))
+    )
+
+
+def widget_grid_outputs() -> tuple[str, ...]:
+    """The per-tile grids the widget shows, written when the run ends."""
+    return tuple(
+        metric.grid
+        for metric in registry.TILE_METRICS
+        if metric.grid and metric.display is not None and metric.display.widget
+    )
+
+
+def widget_outputs() -> tuple[str, ...]:
+    """Every output the widget shows (the store holds more; the reader opens them all)."""
+    return (*widget_voxel_outputs(), *widget_grid_outputs())
+
+
+def layer_order() -> tuple[str, ...]:
+    """Result layers from the top of napari's layer list down (``normcheck_output`` values).
+
+    ``tiles``, the disparity maps (disparity, seams), the predictions, the remedies' predictions,
+    the per-tile grids, ``feature z``. The grids go by layer name, so each metric's plain layer
+    comes just above its variants (``tile disparity`` above ``tile disparity (hard)``).
+    """
+    voxels = {output.name: output.display for output in registry.VOXEL_OUTPUTS}
+    grids = {m.grid: m.display for m in registry.TILE_METRICS if m.grid and m.display}
+    return (
+        "tiles",
+        *(
+            name
+            for group in ("disparity", "prediction", "remedy")
+            for name, shown in voxels.items()
+            if shown.group == group
+        ),
+        *sorted(grids, key=lambda name: grids[name].layer),
+        FEATURE_Z,
+    )
+
+
+# Names older callers import: computed from the registry when read, so a registry entry added
+# later (or in a test) shows up in them too.
+_REGISTRY_VIEWS: dict[str, Callable[[], Any]] = {
+    "IMAGE_OUTPUTS": image_outputs,
+    "DISPARITY_OUTPUTS": lambda: outputs_in_group("disparity"),
+    "REMEDY_OUTPUTS": lambda: outputs_in_group("remedy"),
+    "GRID_OUTPUTS": widget_grid_outputs,
 }
-DISPARITY_OUTPUTS = (
-    "seams_eval",
-    "seams_train",
-    "disparity",
-    "tile_disparity",
-    "tile_disparity_soft",
-    "tile_mismatch_eval",
-    "tile_mismatch_train",
-)
-#: Outputs written by the remedies (shown like the predictions, one layer each).
-REMEDY_OUTPUTS = ("pred_recalibrated", "pred_batchstats")
+
+
+def __getattr__(name: str) -> Any:
+    """``IMAGE_OUTPUTS``, ``DISPARITY_OUTPUTS``, ``REMEDY_OUTPUTS``, ``GRID_OUTPUTS`` from the registry."""
+    if name in _REGISTRY_VIEWS:
+        return _REGISTRY_VIEWS[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 #: Separator of an output's and its channel's names in a layer name: ``disparity · membrane``.
 NAME_SEPARATOR = " · "
 
@@ -152,7 +203,7 @@ def image_layers(
     run = {key: attrs.get(key) for key in ("params", "model", "source", "version")}
     members = output_groups(root)
     layers: list[LayerDataTuple] = []
-    for group_name in IMAGE_OUTPUTS:
+    for group_name in image_outputs():
         if (names is not None and group_name not in names) or group_name not in members:
             continue
         try:
@@ -183,7 +234,7 @@ def output_kwargs(
     params: dict[str, Any],
 ) -> dict[str, Any]:
     """The ``add_image`` keyword arguments of an output showing ``channel``: name, place and style."""
-    short, style = IMAGE_OUTPUTS[group_name]
+    short, style = image_outputs()[group_name]
     kwargs: dict[str, Any] = {
         "name": layer_name(short, labels[channel] if len(labels) > 1 else None),
         "scale": tuple(scale),
@@ -232,10 +283,6 @@ def placeholder_layers(
     ]
 
 
-#: Grid outputs the widget shows, written when the run ends.
-GRID_OUTPUTS = ("tile_disparity_soft", "tile_mismatch_eval")
-
-
 def placeholder_grid_layers(
     plan: TilePlan,
     channel: int,
@@ -257,7 +304,7 @@ def placeholder_grid_layers(
             output_kwargs(name, channel, labels, cell_scale, cell_translation, params),
             "image",
         )
-        for name in GRID_OUTPUTS
+        for name in widget_grid_outputs()
     ]
     feature = {
         "name": FEATURE_Z_NAME,
@@ -293,7 +340,7 @@ def contrast_for(
         return (0.0, float(np.iinfo(np.dtype(dtype)).max))
     if params.get("output_dtype") == "uint8":
         return (0.0, 255.0)
-    if group_name in DISPARITY_OUTPUTS or params.get("activation", "none") != "none":
+    if group_name in outputs_in_group("disparity") or params.get("activation", "none") != "none":
         return (0.0, 1.0)
     return None
 

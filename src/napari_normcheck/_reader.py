@@ -75,7 +75,7 @@ def output_layer(path: str | Path, root: Any, group_name: str) -> LayerDataTuple
     root : zarr.Group
         Its root group.
     group_name : str
-        The output (a key of :data:`napari_normcheck._layers.IMAGE_OUTPUTS`).
+        The output (a key of :func:`napari_normcheck._layers.image_outputs`).
 
     Returns
     -------
@@ -97,7 +97,7 @@ def output_layer(path: str | Path, root: Any, group_name: str) -> LayerDataTuple
     attrs = _layers.run_attrs(root)
     params = attrs.get("params", {})
     n_channels = int(arrays[0].shape[0])
-    short, style = _layers.IMAGE_OUTPUTS[group_name]
+    short, style = _layers.image_outputs()[group_name]
     kwargs: dict[str, Any] = {
         "name": short,
         "scale": (1.0, *levels[0].scale),
@@ -140,7 +140,7 @@ def layers_from_store(path: str | Path) -> list[LayerDataTuple]:
     members = _layers.output_groups(root)
     layers = [
         layer
-        for name in _layers.IMAGE_OUTPUTS
+        for name in _layers.image_outputs()
         if name in members and (layer := output_layer(path, root, name)) is not None
     ]
     plan = _layers.plan_from_attrs(_layers.run_attrs(root))

@@ -15,23 +15,6 @@ from napari_normcheck import _layers
 from napari_normcheck._qt import layer_data
 from napari_normcheck._qt.steps import step
 
-#: Result layers from the top of napari's layer list down (all above the input image).
-LAYER_ORDER = (
-    "tiles",
-    "disparity",
-    "seams_eval",
-    "seams_train",
-    "pred_eval",
-    "pred_train",
-    "pred_recalibrated",
-    "pred_batchstats",
-    "tile_disparity_soft",
-    "tile_disparity",
-    "tile_mismatch_eval",
-    "tile_mismatch_train",
-    _layers.FEATURE_Z,
-)
-
 
 class ChannelChoice:
     """Channel switching, layer order and ``feature z`` of the result layers (a mixin).
@@ -86,7 +69,7 @@ class ChannelChoice:
             if layer in self.viewer.layers and layer_data.is_stand_in(layer):
                 labels = list(layer.metadata.get("channel_names") or [])
                 if 0 <= self.channel < len(labels) and len(labels) > 1:
-                    short = _layers.IMAGE_OUTPUTS[layer.metadata["normcheck_output"]][0]
+                    short = _layers.image_outputs()[layer.metadata["normcheck_output"]][0]
                     layer.name = _layers.layer_name(short, labels[self.channel])
         if tile_values is not None:
             self._update_tiles(tile_values)
@@ -106,9 +89,9 @@ class ChannelChoice:
                 layer.contrast_limits = (low, high)
 
     def order_layers(self) -> None:
-        """Put the result layers at the top of the layer list, in :data:`LAYER_ORDER`."""
+        """Put the result layers at the top of the layer list, in :func:`_layers.layer_order`."""
         layers = self.viewer.layers
-        ranked = {name: rank for rank, name in enumerate(LAYER_ORDER)}
+        ranked = {name: rank for rank, name in enumerate(_layers.layer_order())}
         own = [*self.layers.values(), self.tiles_layer, self.feature_layer]
         ours = [
             layer

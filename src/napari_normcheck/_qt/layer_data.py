@@ -39,7 +39,7 @@ def live_levels(layer: Any) -> list[LiveChannel]:
 
 def is_output_layer(layer: Any) -> bool:
     """A layer showing one channel of a store's output (the widget's or a remedy's)."""
-    return layer.metadata.get("normcheck_output") in _layers.IMAGE_OUTPUTS and bool(
+    return layer.metadata.get("normcheck_output") in _layers.image_outputs() and bool(
         live_levels(layer)
     )
 
@@ -56,7 +56,7 @@ def switched(layer: Any, channel: int) -> tuple[list[LiveChannel], str, int]:
     labels = list(layer.metadata.get("channel_names") or [])
     if len(labels) != n_channels:
         labels = _layers.channel_names({}, n_channels)
-    short = _layers.IMAGE_OUTPUTS[layer.metadata["normcheck_output"]][0]
+    short = _layers.image_outputs()[layer.metadata["normcheck_output"]][0]
     name = _layers.layer_name(short, labels[shown] if n_channels > 1 else None)
     return [LiveChannel(level.source, shown) for level in levels], name, shown
 

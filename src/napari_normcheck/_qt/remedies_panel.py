@@ -330,9 +330,13 @@ class RemediesPanel(QGroupBox):
         """
         from napari_normcheck import _layers
         from napari_normcheck._qt.layer_data import is_output_layer
+        from napari_normcheck.core.run import registry
 
-        groups = tuple(f"pred_{remedy}" for remedy in ("recalibrated", "batchstats"))
-        groups = tuple(g for g in groups if g.removeprefix("pred_") in remedies)
+        groups = tuple(
+            output.name
+            for output in registry.VOXEL_OUTPUTS
+            if output.display.group == "remedy" and set(output.needs) <= set(remedies)
+        )
         tuples = _layers.image_layers(out, groups, self.get_channel())
         added = []
         for data, kwargs, _kind in tuples:

@@ -28,24 +28,11 @@ from qtpy.QtCore import QObject, Signal  # noqa: TID253 (the Qt layer)
 from napari_normcheck import _layers
 from napari_normcheck._arrays import EmptyChannel, LiveChannel
 from napari_normcheck._qt import layer_data
-from napari_normcheck._qt.channel_choice import LAYER_ORDER, ChannelChoice
+from napari_normcheck._qt.channel_choice import ChannelChoice
 from napari_normcheck._qt.layer_data import output_of as _output
 from napari_normcheck._qt.reader_thread import ReaderThread
 from napari_normcheck._qt.steps import StepQueue, step
 from napari_normcheck._qt.tile_outlines import TileOutlines
-
-#: Outputs the widget shows (the store holds more; the reader opens them all): one layer each.
-WIDGET_OUTPUTS = (
-    "pred_eval",
-    "pred_train",
-    "disparity",
-    "seams_eval",
-    "tile_disparity_soft",
-    "tile_mismatch_eval",
-)
-RANK = {name: rank for rank, name in enumerate(LAYER_ORDER)}
-#: Outputs written while tiles finish (the tile grids and ``feature_z`` come at the end).
-VOXEL_OUTPUTS = ("pred_eval", "pred_train", "disparity", "seams_eval")
 
 
 @dataclass
@@ -142,9 +129,12 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         return [path] + ([self.run_out] if self.run_out not in (None, path) else [])
 
     def read_store(
-        self, path: Path, names: tuple[str, ...] = WIDGET_OUTPUTS, features: bool = False
+        self, path: Path, names: tuple[str, ...] | None = None, features: bool = False
     ) -> StoreRead | None:
         """Layer data and per-tile disparity from ``path``, or from the run's final output.
+
+        ``names``: the outputs to read; those the widget shows
+        (:func:`~napari_normcheck._layers.widget_outputs`) by default.
 
         A run that overwrites an earlier output renames its ``.inprogress`` folder when it completes,
         which may happen before the store is read. Safe to call from a worker thread.
@@ -153,7 +143,11 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
             fallback = self.run_out if self.run_out != candidate else None
             try:
                 tuples = _layers.image_layers(
-                    candidate, names, self.channel, fallback, self.channel_labels or None
+                    candidate,
+                    names if names is not None else _layers.widget_outputs(),
+                    self.channel,
+                    fallback,
+                    self.channel_labels or None,
                 )
                 plan = self.plan
                 values = (
@@ -195,7 +189,7 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         labels = self.labels_for(layout.n_channels)
         channel = min(self.channel, layout.n_channels - 1)
         tuples = _layers.placeholder_layers(
-            tuple(n for n in VOXEL_OUTPUTS if layout.params.get("seams") or "seams" not in n),
+            _layers.widget_voxel_outputs(layout.params),
             layout.n_channels,
             channel,
             labels,
@@ -213,7 +207,8 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
             shown.add(_layers.FEATURE_Z)
         new = [(data, kw) for data, kw, _kind in tuples if _output(kw) not in shown]
         # Added bottom first, in the layer list's order: no layer has to be moved afterwards.
-        new.sort(key=lambda item: -RANK.get(_output(item[1]), 0))
+        ranked = {name: rank for rank, name in enumerate(_layers.layer_order())}
+        new.sort(key=lambda item: -ranked.get(_output(item[1]), 0))
         steps = [step(f"add {kw['name']}", self._add, data, kw) for data, kw in new]
         self.steps.add(*steps)
         self.plan = layout.plan
@@ -246,7 +241,7 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         }
 
         def read() -> StoreRead | None:
-            store = self.read_store(path, VOXEL_OUTPUTS)
+            store = self.read_store(path, _layers.widget_voxel_outputs())
             if store is not None:
                 for data, kwargs, _kind in store.tuples:
                     for level, key in zip(data, shown.get(_output(kwargs), [])):
@@ -268,7 +263,7 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
             Called with the final :class:`StoreRead` as the last GUI step.
         """
         self._off_thread(
-            lambda: self.read_store(Path(path), WIDGET_OUTPUTS, features=True),
+            lambda: self.read_store(Path(path), _layers.widget_outputs(), features=True),
             lambda read: self._queue_final(read, then),
         )
 
@@ -428,10 +423,11 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         # this store does not hold (seams of an earlier run) would show another run's values.
         keep = self.feature_layer if read.feature_grid is not None else None
         written = {_output(kwargs) for _data, kwargs, _kind in read.tuples}
+        shown = _layers.widget_outputs()
         for key, layer in [*self.layers.items(), (_layers.FEATURE_Z, self.feature_layer)]:
             if layer is keep or layer is None or layer not in self.viewer.layers:
                 continue
-            if layer_data.is_stand_in(layer) or (key in WIDGET_OUTPUTS and key not in written):
+            if layer_data.is_stand_in(layer) or (key in shown and key not in written):
                 self.viewer.layers.remove(layer)
 
     def discard_placeholders(self) -> None:
@@ -482,7 +478,8 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         numpy.ndarray or None
             The per-tile disparity shown in the tiles layer.
         """
-        read = self.read_store(Path(path), WIDGET_OUTPUTS if final else VOXEL_OUTPUTS)
+        names = _layers.widget_outputs() if final else _layers.widget_voxel_outputs()
+        read = self.read_store(Path(path), names)
         if read is None:
             return None
         if read.tile_values is None:

@@ -1,0 +1,192 @@
+"""An output added to the registry reaches the reader, the widget's layers and the tile table.
+
+``registry.TILE_METRICS`` and ``registry.VOXEL_OUTPUTS`` get one extra entry each (monkeypatched,
+no other edit): a per-tile "fraction of voxels that flip" grid and an "uncertainty" voxel map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_normcheck import _layers
+from napari_normcheck._qt.tile_table import TileTable, column_headers, sort_keys
+from napari_normcheck._reader import get_reader
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.models.models import load_model
+from napari_normcheck.core.run import registry
+from napari_normcheck.core.run.engine import run_check
+
+from .conftest import ARCH, ARCH_KWARGS
+
+FLIPS = registry.TileMetric(
+    "flip_fraction",
+    "per-tile fraction of voxels whose hard class flips between eval and train",
+    grid="tile_flips",
+    display=registry.Display(
+        "tile flips", "plasma", blending="translucent", opacity=0.4, visible=False, widget=True
+    ),
+    sort="flips",
+)
+UNCERTAINTY = registry.VoxelOutput(
+    "uncertainty",
+    ("eval", "train"),
+    "mean of P_train and P_eval distance from 0.5",
+    registry.Display("uncertainty", "twilight", widget=True),
+    compute=lambda p: 1 - np.abs(p["train"] + p["eval"] - 1),
+)
+
+
+@pytest.fixture
+def extended(monkeypatch):
+    """The registry with one more tile metric and one more voxel output."""
+    monkeypatch.setattr(registry, "TILE_METRICS", (*registry.TILE_METRICS, FLIPS))
+    monkeypatch.setattr(registry, "VOXEL_OUTPUTS", (*registry.VOXEL_OUTPUTS, UNCERTAINTY))
+
+
+@pytest.fixture
+def store(tmp_path, tiny_model_file, small_image):
+    """A finished run's OUT.zarr, with a ``tile_flips`` grid copied from its soft disparity grid.
+
+    Made with the registry of today (ask for it before ``extended``): only the napari side reads
+    the extra entries.
+    """
+    loaded = load_model(tiny_model_file, arch=ARCH, arch_kwargs=ARCH_KWARGS)
+    volume = dataclasses.replace(open_volume(small_image), scale=(2.0, 0.5, 0.5))
+    out = tmp_path / "run.zarr"
+    config = RunConfig(tile=(16, 32, 32), activation="sigmoid", device="cpu")
+    list(run_check(volume, loaded.module, config, out, divisor=loaded.info.divisor))
+    shutil.copytree(out / "tile_disparity_soft", out / "tile_flips")
+    return out
+
+
+def test_todays_outputs_keep_their_layer_names_styles_order_and_table():
+    grid = {"blending": "translucent", "opacity": 0.4, "visible": False}
+    assert _layers.IMAGE_OUTPUTS["pred_eval"] == (
+        "eval",
+        {"colormap": "green", "blending": "additive", "opacity": 0.6, "visible": False},
+    )
+    assert _layers.IMAGE_OUTPUTS["disparity"][0] == "disparity"
+    assert _layers.IMAGE_OUTPUTS["disparity"][1]["colormap"] == "magma"
+    assert _layers.IMAGE_OUTPUTS["tile_disparity"] == (
+        "tile disparity (hard)",
+        {**grid, "colormap": "inferno"},
+    )
+    assert _layers.IMAGE_OUTPUTS["tile_mismatch_eval"] == (
+        "tile mismatch",
+        {**grid, "colormap": "viridis"},
+    )
+    assert _layers.layer_order() == (
+        "tiles",
+        "disparity",
+        "seams_eval",
+        "seams_train",
+        "pred_eval",
+        "pred_train",
+        "pred_recalibrated",
+        "pred_batchstats",
+        "tile_disparity_soft",
+        "tile_disparity",
+        "tile_mismatch_eval",
+        "tile_mismatch_train",
+        "feature_z",
+    )
+    assert _layers.widget_outputs() == (
+        "pred_eval",
+        "pred_train",
+        "disparity",
+        "seams_eval",
+        "tile_disparity_soft",
+        "tile_mismatch_eval",
+    )
+    assert _layers.widget_voxel_outputs({"seams": False}) == (
+        "pred_eval",
+        "pred_train",
+        "disparity",
+    )
+    assert _layers.REMEDY_OUTPUTS == ("pred_recalibrated", "pred_batchstats")
+    assert column_headers() == (
+        "tile",
+        "grid z,y,x",
+        "soft disparity",
+        "hard disparity",
+        "mismatch (eval)",
+        "feature |z|",
+    )
+    assert list(sort_keys()) == ["disparity", "mismatch (eval)", "feature z"]
+
+
+def test_a_registered_output_gets_a_layer_style_place_and_widget_slot(extended):
+    assert _layers.IMAGE_OUTPUTS["tile_flips"] == (
+        "tile flips",
+        {"colormap": "plasma", "blending": "translucent", "opacity": 0.4, "visible": False},
+    )
+    assert _layers.IMAGE_OUTPUTS["uncertainty"][0] == "uncertainty"
+    order = _layers.layer_order()
+    # A disparity-group voxel map goes with the disparity maps, above the predictions; the grid
+    # goes among the grids (by layer name), above feature z.
+    assert order.index("seams_train") < order.index("uncertainty") < order.index("pred_eval")
+    assert order.index("tile_disparity") < order.index("tile_flips")
+    assert order.index("tile_flips") < order.index("tile_mismatch_eval")
+    assert order[-1] == "feature_z"
+    assert "uncertainty" in _layers.widget_voxel_outputs({"seams": False})
+    assert _layers.widget_grid_outputs() == (
+        "tile_disparity_soft",
+        "tile_mismatch_eval",
+        "tile_flips",
+    )
+    assert {"uncertainty", "tile_flips"} <= set(_layers.widget_outputs())
+    assert _layers.contrast_for("tile_flips", {"activation": "none"}) == (0.0, 1.0)
+
+
+def test_a_registered_metric_is_a_tile_table_column_and_sort_choice(qtbot, extended):
+    table = TileTable()
+    qtbot.addWidget(table)
+    headers = [table.horizontalHeaderItem(j).text() for j in range(table.columnCount())]
+    assert headers == ["tile", "grid z,y,x", *column_headers()[2:]]
+    assert headers[-2:] == ["flips", "feature |z|"]
+    assert list(sort_keys()) == ["disparity", "mismatch (eval)", "flips", "feature z"]
+    table.set_records(
+        [
+            {"index": 0, "disparity_soft": [0.9], "flip_fraction": [0.1]},
+            {"index": 1, "disparity_soft": [0.2], "flip_fraction": [0.7]},
+            {"index": 2, "disparity_soft": [0.5]},
+        ]
+    )
+    assert [table.tile_at_row(r) for r in range(3)] == [0, 2, 1]
+    table.set_sort_key("flips")
+    assert [table.tile_at_row(r) for r in range(3)] == [1, 0, 2]  # no value: last
+    assert [table.item(r, headers.index("flips")).text() for r in range(3)] == [
+        "0.7000",
+        "0.1000",
+        "-",
+    ]
+
+
+def test_the_reader_and_the_widget_show_a_registered_grid(make_napari_viewer, store, extended):
+    from napari_normcheck._qt.results import ResultLayers
+
+    layers = get_reader(str(store))(str(store))
+    by_output = {kwargs["metadata"].get("normcheck_output"): kwargs for _, kwargs, _ in layers}
+    assert by_output["tile_flips"]["name"] == "tile flips"
+    assert by_output["tile_flips"]["colormap"] == "plasma"
+    assert "uncertainty" not in by_output  # not in this store: nothing to show
+
+    viewer = make_napari_viewer()
+    results = ResultLayers(viewer)
+    results.show(store, final=True)
+    assert "tile_flips" in results.layers
+    flips = results.layers["tile_flips"]
+    assert flips.name == "tile flips · c0"
+    np.testing.assert_array_equal(
+        np.asarray(flips.data[0]), zarr.open_group(str(store))["tile_flips/0"][0]
+    )
+    results.order_layers()
+    ranked = {name: rank for rank, name in enumerate(_layers.layer_order())}
+    shown = [layer.metadata["normcheck_output"] for layer in reversed(viewer.layers)]
+    assert shown == sorted(shown, key=ranked.__getitem__)
