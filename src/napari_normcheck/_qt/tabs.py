@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (  # noqa: TID253
 from napari_normcheck._qt.region import REGIONS
 from napari_normcheck._qt.remedies_panel import RemediesPanel
 from napari_normcheck._qt.settings import SettingsBox
-from napari_normcheck._qt.tile_table import SORT_KEYS, TileTable
+from napari_normcheck._qt.tile_table import TileTable, sort_keys
 
 CHECK, RESULTS, REMEDIES = "Check", "Results", "Remedies"
 
@@ -108,8 +108,9 @@ def build_results(widget: Any) -> QWidget:
     row.addWidget(QLabel("channel"))
     row.addWidget(widget.channel_combo, 1)
     widget.sort_combo = QComboBox()
-    widget.sort_combo.addItems(list(SORT_KEYS))
-    widget.sort_combo.setToolTip("sort the tiles by disparity, eval mismatch or feature z")
+    choices = list(sort_keys())
+    widget.sort_combo.addItems(choices)
+    widget.sort_combo.setToolTip(f"sort the tiles by {', '.join(choices[:-1])} or {choices[-1]}")
     widget.sort_combo.currentTextChanged.connect(lambda name: widget.tile_table.set_sort_key(name))
     row.addWidget(QLabel("sort by"))
     row.addWidget(widget.sort_combo, 1)

@@ -1,41 +1,78 @@
 """A table of tiles sorted by disparity; clicking a row asks to go to that tile.
 
-The values shown are those of the chosen output channel (:attr:`TileTable.channel`), or the
+Its sort choices and metric columns are the tile metrics with a ``sort`` name in the output
+registry (:mod:`napari_normcheck.core.run.registry`), then feature ``|z|``. The values shown are those of the chosen output channel (:attr:`TileTable.channel`), or the
 largest over the channels when none is chosen.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from qtpy.QtCore import Qt, Signal  # noqa: TID253 (the Qt layer)
 from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem  # noqa: TID253
 
-COLUMNS = (
-    "tile",
-    "grid z,y,x",
-    "soft disparity",
-    "hard disparity",
-    "mismatch (eval)",
-    "feature |z|",
-)
+from napari_normcheck.core.run import registry
+
+Value = Callable[..., float]  # (record, channel=None) -> the value shown and sorted by
+
+#: The sort choice that is not a registered tile metric: the tile's largest feature ``|z|``.
+FEATURE_Z_SORT = "feature z"
 
 
-def _feature_z(record: dict[str, Any]) -> float:
+def _feature_z(record: dict[str, Any], _channel: int | None = None) -> float:
     summary = record.get("feature_z") or {}
     value = summary.get("max_abs")
     return math.nan if value is None else float(value)
 
 
-# What the table can be sorted by (largest first): the value of a record for a channel.
-SORT_KEYS = {
-    "disparity": lambda r, c=None: channel_value(r.get("disparity_soft"), c),
-    "mismatch (eval)": lambda r, c=None: channel_value(
-        r.get("mismatch_eval_soft") or r.get("mismatch_eval"), c
-    ),
-    "feature z": lambda r, c=None: _feature_z(r),
-}
+def metric_value(key: str) -> Value:
+    """A tile metric's value in a record, for one channel (the largest when ``None``).
+
+    A metric with a soft variant stored beside it (``mismatch_eval_soft``) shows that one.
+    """
+
+    def value(record: dict[str, Any], channel: int | None = None) -> float:
+        return channel_value(record.get(f"{key}_soft") or record.get(key), channel)
+
+    return value
+
+
+def sort_keys() -> dict[str, Value]:
+    """What the table can be sorted by (largest first), by name in the sort choice.
+
+    Every tile metric with a ``sort`` name in the output registry, then ``feature z``.
+    """
+    keys = {m.sort: metric_value(m.key) for m in registry.TILE_METRICS if m.sort}
+    keys[FEATURE_Z_SORT] = _feature_z
+    return keys
+
+
+def metric_columns() -> list[tuple[str, Value]]:
+    """``(header, value)`` of the metric columns: one per tile metric with a ``sort`` name.
+
+    A soft metric (``disparity_soft``) with a registered hard partner (``disparity_hard``) gets
+    both side by side: ``soft disparity``, ``hard disparity``.
+    """
+    keys = {m.key for m in registry.TILE_METRICS}
+    columns: list[tuple[str, Value]] = []
+    for metric in registry.TILE_METRICS:
+        if not metric.sort:
+            continue
+        stem = metric.key.removesuffix("_soft")
+        if stem != metric.key and f"{stem}_hard" in keys:
+            columns.append((f"soft {metric.sort}", metric_value(metric.key)))
+            columns.append((f"hard {metric.sort}", metric_value(f"{stem}_hard")))
+        else:
+            columns.append((metric.sort, metric_value(metric.key)))
+    return columns
+
+
+def column_headers() -> tuple[str, ...]:
+    """The table's column headers: tile, grid position, the metric columns, feature ``|z|``."""
+    return ("tile", "grid z,y,x", *(header for header, _ in metric_columns()), "feature |z|")
 
 
 def _largest(values: Any) -> float:
@@ -61,11 +98,11 @@ def _number_item(value: float, digits: int = 4) -> QTableWidgetItem:
 
 
 class TileTable(QTableWidget):
-    """Tiles of a run, most disparate first (or by eval mismatch, or by feature z).
+    """Tiles of a run, most disparate first (or by another metric of :func:`sort_keys`).
 
     Each record is a dict as in :attr:`TileDone.metrics` or the run summary's ``tiles`` list:
-    ``index``, ``grid`` and per-channel ``disparity_soft`` / ``disparity_hard`` lists. The table
-    shows the largest channel value of each.
+    ``index``, ``grid`` and per-channel lists under the tile metrics' keys (``disparity_soft``,
+    ...). The table shows the chosen channel's value of each, or the largest.
 
     Signals
     -------
@@ -76,8 +113,10 @@ class TileTable(QTableWidget):
     tile_activated = Signal(int)
 
     def __init__(self, parent: Any = None) -> None:
-        super().__init__(0, len(COLUMNS), parent)
-        self.setHorizontalHeaderLabels(COLUMNS)
+        self.metric_columns = metric_columns()
+        headers = column_headers()
+        super().__init__(0, len(headers), parent)
+        self.setHorizontalHeaderLabels(headers)
         self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
@@ -88,9 +127,10 @@ class TileTable(QTableWidget):
         self.cellClicked.connect(self._on_clicked)
 
     def set_sort_key(self, name: str) -> None:
-        """Sort by ``name`` (a key of :data:`SORT_KEYS`), largest first."""
-        if name not in SORT_KEYS:
-            raise ValueError(f"unknown sort key {name!r}; use one of {', '.join(SORT_KEYS)}")
+        """Sort by ``name`` (a key of :func:`sort_keys`), largest first."""
+        keys = sort_keys()
+        if name not in keys:
+            raise ValueError(f"unknown sort key {name!r}; use one of {', '.join(keys)}")
         self.sort_key = name
         self.redraw()
 
@@ -117,7 +157,7 @@ class TileTable(QTableWidget):
 
     def sorted_indices(self) -> list[int]:
         """Tile indices, largest value of the sort key first (unknown values last)."""
-        value_of = SORT_KEYS[self.sort_key]
+        value_of = sort_keys()[self.sort_key]
 
         def key(index: int) -> tuple[bool, float, int]:
             value = value_of(self.records[index], self.channel)
@@ -137,11 +177,9 @@ class TileTable(QTableWidget):
             self.setItem(row, 0, tile_item)
             grid = record.get("grid") or ()
             self.setItem(row, 1, QTableWidgetItem(",".join(str(g) for g in grid)))
-            channel = self.channel
-            self.setItem(row, 2, _number_item(channel_value(record.get("disparity_soft"), channel)))
-            self.setItem(row, 3, _number_item(channel_value(record.get("disparity_hard"), channel)))
-            self.setItem(row, 4, _number_item(SORT_KEYS["mismatch (eval)"](record, channel)))
-            self.setItem(row, 5, _number_item(_feature_z(record), digits=2))
+            for column, (_header, value) in enumerate(self.metric_columns, start=2):
+                self.setItem(row, column, _number_item(value(record, self.channel)))
+            self.setItem(row, self.columnCount() - 1, _number_item(_feature_z(record), digits=2))
         self.resizeColumnsToContents()
         if selected is not None:
             self.select_tile(selected)
