@@ -3,6 +3,8 @@
 The JSON's top-level keys ``disparity``, ``mismatch_eval``, ``mismatch_train`` (each
 ``{"hard": [per channel], "soft": [per channel]}``), ``tiles``, ``norm_layers``, ``params``,
 ``model_sha256``, ``versions`` and ``timing`` are a contract: keys may be added, never renamed.
+Each tile's keys and the CSV's columns are ``index``, ``start``, ``stop``, the registered tile
+metrics (:data:`~napari_normcheck.core.run.registry.TILE_METRICS`) and ``feature_z``.
 """
 
 from __future__ import annotations
@@ -11,21 +13,29 @@ import csv
 import json
 import os
 import platform
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
 from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.run import registry
 
-TILE_COLUMNS = (
-    "index",
-    "start",
-    "stop",
-    "disparity_hard",
-    "disparity_soft",
-    "mismatch_eval",
-    "mismatch_train",
-    "feature_z",
-)
+
+def tile_metric_keys(present: Container[str]) -> tuple[str, ...]:
+    """The registered tile metrics' keys a report's tile carries, in registry order.
+
+    ``present``: the keys of the tile's record (or of all records, for the CSV's columns).
+
+    A metric with a grid has a value for every tile, so its key is always there (``null`` where the
+    run did not compute it); one without (``disparity_argmax``) only where the record has it.
+    """
+    return tuple(m.key for m in registry.TILE_METRICS if m.grid is not None or m.key in present)
+
+
+def tile_columns(tiles: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The per-tile CSV's columns: ``index``, ``start``, ``stop``, the tile metrics, ``feature_z``."""
+    present = {key for tile in tiles for key in tile}
+    return ("index", "start", "stop", *tile_metric_keys(present), "feature_z")
 
 
 def software_versions() -> dict[str, str]:
@@ -51,20 +61,10 @@ def software_versions() -> dict[str, str]:
 
 def build_report(summary: dict[str, Any], store_attrs: dict[str, Any]) -> dict[str, Any]:
     """Assemble the report from a run's summary and its OUT.zarr ``normcheck`` attributes."""
-    tiles = [
-        {
-            "index": t["index"],
-            "start": t["start"],
-            "stop": t["stop"],
-            "disparity_hard": t["disparity_hard"],
-            "disparity_soft": t["disparity_soft"],
-            "mismatch_eval": t.get("mismatch_eval"),
-            "mismatch_train": t.get("mismatch_train"),
-            "feature_z": t.get("feature_z"),
-            **{k: v for k, v in t.items() if k not in TILE_COLUMNS},
-        }
-        for t in summary.get("tiles", [])
-    ]
+    tiles = []
+    for t in summary.get("tiles", []):
+        columns = ("index", "start", "stop", *tile_metric_keys(t), "feature_z")
+        tiles.append({**{key: t.get(key) for key in columns}, **t})
     model = store_attrs.get("model", {})
     return {
         "disparity": summary["disparity"],
@@ -103,9 +103,10 @@ def write_report(path: str | Path, report: dict[str, Any], overwrite: bool = Fal
         else:
             with tmp.open("w", newline="") as handle:
                 writer = csv.writer(handle)
-                writer.writerow(TILE_COLUMNS)
+                columns = tile_columns(report["tiles"])
+                writer.writerow(columns)
                 for tile in report["tiles"]:
-                    writer.writerow([_csv_value(tile.get(c)) for c in TILE_COLUMNS])
+                    writer.writerow([_csv_value(tile.get(c)) for c in columns])
         os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)
