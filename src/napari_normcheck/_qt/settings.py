@@ -132,6 +132,25 @@ class SettingsBox(QGroupBox):
         if path:
             self.out_path.setText(path if path.endswith(".zarr") else path + ".zarr")
 
+    def options(self) -> dict[str, Any]:
+        """The run options of the fields, text as typed (``RunConfig.from_options`` reads them)."""
+        return {
+            "tile": self.tile.text(),
+            "overlap": self.overlap.value(),
+            "blend": self.blend.currentText(),
+            "halo": self.halo.text(),
+            "train_batch": self.train_batch.value(),
+            # 0 is the spin box's "auto".
+            "eval_batch": self.eval_batch.value() or None,
+            "device": self.device.currentText(),
+            "precision": self.precision.currentText(),
+            "normalize": self.normalize.text(),
+            "activation": self.activation.currentText(),
+            "threshold": self.threshold.value(),
+            "feature_layers": self.feature_layers.text(),
+            "seams": self.seams.isChecked(),
+        }
+
     def config(self, roi: Any = None) -> Any:
         """The :class:`RunConfig` of the fields (raises :class:`NormcheckError` for bad values).
 
@@ -140,24 +159,6 @@ class SettingsBox(QGroupBox):
         roi : tuple of (int, int), optional
             The region of interest; the whole volume when ``None``.
         """
-        from napari_normcheck.core.base.config import RunConfig, parse_int_triple
+        from napari_normcheck.core.base.config import RunConfig
 
-        tile_text = self.tile.text().strip()
-        return RunConfig(
-            tile=parse_int_triple(tile_text, "tile") if tile_text and tile_text != "auto" else None,
-            overlap=self.overlap.value(),
-            blend=self.blend.currentText(),
-            halo=parse_int_triple(self.halo.text().strip() or "0,0,0", "halo"),
-            roi=roi,
-            train_batch=self.train_batch.value(),
-            eval_batch=self.eval_batch.value() or None,
-            device=self.device.currentText(),
-            precision=self.precision.currentText(),
-            normalize=self.normalize.text().strip() or "none",
-            activation=self.activation.currentText(),
-            threshold=self.threshold.value(),
-            feature_layers=tuple(
-                name.strip() for name in self.feature_layers.text().split(",") if name.strip()
-            ),
-            seams=self.seams.isChecked(),
-        )
+        return RunConfig.from_options({**self.options(), "roi": roi})

@@ -54,13 +54,10 @@ def demo_command(args: argparse.Namespace) -> int:
     for name, sample in SAMPLE_MODELS.items():
         print(f"\n== {name}: {sample.description}")
         loaded = load_model(sample.path, arch=sample.arch, arch_kwargs=sample.arch_kwargs)
-        config = RunConfig(
-            tile=tuple(sample.tile),
-            overlap=0.25,
-            blend="gaussian",
+        config = RunConfig.from_options(
+            {"tile": sample.tile, "overlap": 0.25, "blend": "gaussian", "device": args.device},
             normalize=sample.normalize,
             activation=sample.activation,
-            device=args.device,
         )
         report = run_and_report(volume, loaded, config, out_dir / f"{name}.zarr", overwrite=True)
         write_report(out_dir / f"{name}_report.json", report, overwrite=True)

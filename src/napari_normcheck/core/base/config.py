@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.base.tiling import parse_roi
 
 ACTIVATIONS = ("none", "sigmoid", "softmax")
 OUTPUT_DTYPES = ("auto", "float32", "float16", "uint8")
@@ -147,6 +150,150 @@ class RunConfig:
             values["roi"] = tuple(tuple(pair) for pair in values["roi"])
         return cls(**values)
 
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], **defaults: Any) -> RunConfig:
+        """Build the configuration from option values as a user gave them.
+
+        The one way the command line, the demo and the widget make a configuration; a stored
+        configuration is read back with :meth:`from_dict` instead.
+
+        Parameters
+        ----------
+        options : mapping of str to Any
+            Option values by field name, as typed or already parsed: ``tile`` and ``halo`` as
+            ``"Z,Y,X"`` / ``"Y,X"`` or a sequence, ``roi`` as ``"z0:z1,y0:y1,x0:x1"`` or pairs,
+            ``feature_layers`` comma separated or a sequence, numbers as numbers or text.
+            ``None`` or blank text means "not given"; so does ``"auto"`` for ``tile`` and
+            ``eval_batch``.
+        **defaults
+            Values used for options not given (e.g. a model package's ``normalize`` and
+            ``activation``, the model's ``spatial_dims``), parsed the same way; the dataclass
+            defaults apply to what neither gives.
+
+        Returns
+        -------
+        RunConfig
+            The validated configuration.
+
+        Raises
+        ------
+        NormcheckError
+            For an unknown option or a value that cannot be read, naming the option.
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted((set(options) | set(defaults)) - set(names))
+        if unknown:
+            raise NormcheckError(
+                f"unknown run option(s) {', '.join(unknown)}; known: {', '.join(names)}"
+            )
+        values = {}
+        for name in names:
+            value = options.get(name)
+            if not _given(name, value):
+                value = defaults.get(name)
+            if _given(name, value):
+                values[name] = _OPTION_PARSERS.get(name, _text)(value, name)
+        return cls(**values)
+
+
+def _given(name: str, value: Any) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, str):
+        text = value.strip()
+        return bool(text) and not (text == "auto" and name in ("tile", "eval_batch"))
+    return True
+
+
+def _text(value: Any, name: str) -> str:
+    return str(value).strip()
+
+
+def _number(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise NormcheckError(f"cannot read {name} {value!r}; give a number") from None
+
+
+def _whole_number(value: Any, name: str) -> int:
+    try:
+        # operator.index refuses floats and bools, which int() would silently truncate.
+        if isinstance(value, bool):
+            raise TypeError
+        return int(value.strip()) if isinstance(value, str) else operator.index(value)
+    except (TypeError, ValueError):
+        raise NormcheckError(f"cannot read {name} {value!r}; give a whole number") from None
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise NormcheckError(f"cannot read {name} {value!r}; give true or false")
+
+
+def _tile(value: Any, name: str) -> tuple[int, int, int]:
+    tile = _int_triple(value, name)
+    if min(tile) < 1:
+        raise NormcheckError(f"tile {tile} has a side below one voxel; give positive sides")
+    return tile
+
+
+def _halo(value: Any, name: str) -> tuple[int, int, int]:
+    halo = _int_triple(value, name)
+    if min(halo) < 0:
+        raise NormcheckError(f"halo {halo} is negative; give sides >= 0")
+    return halo
+
+
+def _int_triple(value: Any, name: str) -> tuple[int, int, int]:
+    if isinstance(value, str):
+        return parse_int_triple(value.strip(), name)
+    if not isinstance(value, Sequence):
+        raise NormcheckError(f"cannot read {name} {value!r}; write Z,Y,X (e.g. 32,128,128)")
+    return _pad_triple(tuple(_whole_number(v, name) for v in value), name, value)
+
+
+def _roi(value: Any, name: str) -> tuple[tuple[int, int], ...]:
+    if isinstance(value, str):
+        return parse_roi(value.strip())
+    try:
+        pairs = tuple((_whole_number(a, name), _whole_number(b, name)) for a, b in value)
+    except (TypeError, ValueError):
+        raise NormcheckError(
+            f"cannot read {name} {value!r}; give start:stop pairs, e.g. 0:32,100:356,100:356"
+        ) from None
+    return pairs
+
+
+def _names(value: Any, name: str) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+#: How each option is read; fields not named here are text.
+_OPTION_PARSERS: dict[str, Callable[[Any, str], Any]] = {
+    "tile": _tile,
+    "halo": _halo,
+    "roi": _roi,
+    "overlap": _number,
+    "threshold": _number,
+    "train_batch": _whole_number,
+    "eval_batch": _whole_number,
+    "spatial_dims": _whole_number,
+    "cache_mb": _whole_number,
+    "prefetch": _whole_number,
+    "pyramid_side": _whole_number,
+    "feature_layers": _names,
+    "seams": _flag,
+    "fuse_train": _flag,
+}
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
@@ -175,8 +322,13 @@ def parse_int_triple(text: str, what: str) -> tuple[int, int, int]:
         raise NormcheckError(
             f"cannot read {what} {text!r}; write Z,Y,X (e.g. 32,128,128)"
         ) from None
+    return _pad_triple(values, what, text)
+
+
+def _pad_triple(values: tuple[int, ...], what: str, given: Any) -> tuple[int, int, int]:
+    # Two values are Y,X of a 2D model: one slice of tile, no halo in z.
     if len(values) == 2:
         values = (1, *values) if what == "tile" else (0, *values)
     if len(values) != 3:
-        raise NormcheckError(f"{what} {text!r} needs 3 values Z,Y,X (or Y,X for a 2D model)")
+        raise NormcheckError(f"{what} {given!r} needs 3 values Z,Y,X (or Y,X for a 2D model)")
     return values  # type: ignore[return-value]

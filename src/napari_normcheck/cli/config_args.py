@@ -1,0 +1,59 @@
+"""The :class:`RunConfig` of a ``run`` command line: its flags over the model's own defaults."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from napari_normcheck.cli.model_args import model_tile, package_default
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.tiling import parse_roi
+
+
+def run_config_from_args(args: argparse.Namespace, loaded: Any, volume: Any) -> RunConfig:
+    """The configuration the flags of ``run`` ask for.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed ``run`` subcommand (see ``add_run_parser``).
+    loaded : LoadedModel
+        The model: its fixed input size, bioimage.io pre/postprocessing and spatial dims fill
+        what the flags leave out.
+    volume : Volume
+        The input; a 2D ``--roi y0:y1,x0:x1`` covers its whole z range.
+
+    Returns
+    -------
+    RunConfig
+        Validated; :class:`NormcheckError` names a flag whose value cannot be read.
+    """
+    roi = parse_roi(args.roi) if args.roi else None
+    if roi is not None and len(roi) == 2:
+        roi = ((0, volume.spatial_shape[0]), *roi)
+    options = {
+        "tile": args.tile,
+        "overlap": args.overlap,
+        "blend": args.blend,
+        "halo": args.halo,
+        "roi": roi,
+        "train_batch": args.train_batch,
+        "eval_batch": args.eval_batch,
+        "device": args.device,
+        "normalize": args.normalize,
+        "activation": args.activation,
+        "output_dtype": args.output_dtype,
+        "seams": args.seams,
+        "threshold": args.threshold,
+        "cache_mb": args.cache_mb,
+        "feature_layers": tuple(args.feature_layer),
+        "precision": args.precision,
+        "fuse_train": not args.no_fuse_train,
+    }
+    return RunConfig.from_options(
+        options,
+        tile=model_tile(loaded, volume),
+        normalize=package_default(loaded, "normalize"),
+        activation=package_default(loaded, "activation"),
+        spatial_dims=loaded.info.spatial_dims,
+    )
