@@ -13,12 +13,13 @@ from napari_normcheck.core.base.errors import NormcheckError
 from napari_normcheck.core.base.tiling import plan_tiles
 from napari_normcheck.core.models.per_sample_norm import per_sample_train_norm, supports_per_sample
 from napari_normcheck.core.run.forward import (
-    Passes,
     forward_batch,
     measure_precision_effect,
     probe_eval_batch,
 )
+from napari_normcheck.core.run.passes import Passes
 from napari_normcheck.core.run.precision import precision_context, precision_disparity
+from napari_normcheck.core.run.predictions import CHECK, bind_predictions
 from napari_normcheck.core.run.staging import HostStaging
 from napari_normcheck.core.run.tile_io import TileWork
 from napari_normcheck.core.run.timing import Timing
@@ -26,6 +27,14 @@ from tests.conftest import calibrate, tiny_unet
 from tests.core.test_modes import assert_state_equal, state_copy
 
 CPU = torch.device("cpu")
+
+
+def check_passes(model, eval_batch, train_batch, spatial_dims, fuse_train=False):
+    """The eval and train passes of a check over ``model`` on the CPU."""
+    bound = bind_predictions(model, CHECK, RunConfig(device="cpu"))
+    return Passes(
+        bound, eval_batch, train_batch, spatial_dims, CPU, Timing(), fuse_train=fuse_train
+    )
 
 
 def tiles_of_different_statistics(n=5, shape=(1, 16, 32, 32), seed=3):
@@ -70,7 +79,7 @@ def test_fused_train_pass_in_passes_matches_unfused_for_a_2d_model():
     results = {}
     for fuse in (False, True):
         pending = deque(TileWork(tile, image) for image in images)
-        passes = Passes(model, 3, 1, 2, CPU, Timing(), None, fuse_train=fuse)
+        passes = check_passes(model, 3, 1, 2, fuse_train=fuse)
         assert passes.batch["train"] == (3 if fuse else 1)
         passes.run_ready(pending, final=True)
         results[fuse] = np.stack([w.outputs["train"] for w in pending])
@@ -89,7 +98,7 @@ def test_fusion_is_refused_where_it_would_not_be_exact():
         pass
     assert supports_per_sample(nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2)))
     # A Passes with train batch 2 never fuses: its tiles share statistics on purpose.
-    assert not Passes(model, 4, 2, 3, CPU, Timing(), None, fuse_train=True).fuse_train
+    assert not check_passes(model, 4, 2, 3, fuse_train=True).fuse_train
 
 
 def test_precision_context_autocasts_and_keeps_norm_buffers_float32(batchnorm_unet):
@@ -220,7 +229,7 @@ def test_out_of_memory_halves_batches_whose_results_do_not_depend_on_them(batchn
     plan = plan_tiles((16, 32, 32), (16, 32, 32), overlap=0.0, blend="constant")
     tile = next(iter(plan.tiles()))
     pending = deque(TileWork(tile, image) for image in images)
-    passes = Passes(model, 4, 1, 3, CPU, Timing(), None, fuse_train=True)
+    passes = check_passes(model, 4, 1, 3, fuse_train=True)
     passes.run_ready(pending, final=True)
     assert passes.batch == {"eval": 2, "train": 2}
     for work, image in zip(pending, images):
@@ -228,6 +237,6 @@ def test_out_of_memory_halves_batches_whose_results_do_not_depend_on_them(batchn
             alone = forward_batch(batchnorm_unet, [image], mode, 3, CPU)[0]
             np.testing.assert_allclose(work.outputs[mode], alone, rtol=0, atol=1e-5)
     # Tiles of a shared train batch are never split: that would change their statistics.
-    shared = Passes(model, 1, 3, 3, CPU, Timing(), None)
+    shared = check_passes(model, 1, 3, 3)
     with pytest.raises(NormcheckError, match="3 tiles .* smaller --tile or --train-batch"):
         shared.run_ready(deque(TileWork(tile, image) for image in images), final=True)

@@ -86,6 +86,7 @@ class MismatchTracker:
     tiles: list[int] | None = None
     max_slab_bytes: int | None = None
     scratch_dir: str | Path | None = None
+    names: tuple[str, ...] = MODES
     neighbours: dict[int, list[tuple[int, tuple]]] = field(init=False)
     pair_sums: dict[tuple[int, int], dict[str, dict[str, np.ndarray]]] = field(init=False)
     _slabs: SlabStore = field(init=False)
@@ -107,7 +108,7 @@ class MismatchTracker:
         ]
 
     def add(self, tile: Tile, probabilities: np.ndarray) -> None:
-        """Add a tile's own probabilities ``(2 modes, C, *prediction_box shape)``."""
+        """Add a tile's own probabilities ``(len(names), C, *prediction_box shape)``."""
         box_start, _ = prediction_box(self.plan, tile)
         i = tile.index
         for j, (start, stop) in self.neighbours[i]:
@@ -120,15 +121,16 @@ class MismatchTracker:
             if theirs is None:  # the earlier tile was not rerun on resume: its pair sums are kept
                 continue
             self.pair_sums[(j, i)] = {
-                mode: dice_sums(theirs[m], mine[m], self.threshold) for m, mode in enumerate(MODES)
+                mode: dice_sums(theirs[m], mine[m], self.threshold)
+                for m, mode in enumerate(self.names)
             }
             if self.on_pair is not None:
                 self.on_pair(start, stop, np.abs(theirs - mine))
 
     def result(self) -> dict[str, dict[str, list[float]]]:
-        """Global mismatch ``{"eval": {"hard": [...], "soft": [...]}, "train": {...}}``."""
+        """Global mismatch per prediction: ``{"eval": {"hard": [...], "soft": [...]}, ...}``."""
         result = {}
-        for mode in MODES:
+        for mode in self.names:
             result[mode] = {}
             for kind in ("hard", "soft"):
                 total = np.zeros((2, self.n_channels))
@@ -150,7 +152,7 @@ class MismatchTracker:
                 if pairs
                 else None
             )
-            for mode in MODES
+            for mode in self.names
             for kind in ("hard", "soft")
         }
 
@@ -159,7 +161,7 @@ class MismatchTracker:
         return {
             f"{i},{j}": {
                 mode: {k: v.tolist() for k, v in sums[mode].items() if k != "argmax"}
-                for mode in MODES
+                for mode in self.names
             }
             for (i, j), sums in self.pair_sums.items()
         }
@@ -183,5 +185,5 @@ class MismatchTracker:
             i, j = (int(v) for v in key.split(","))
             self.pair_sums[(i, j)] = {
                 mode: {k: np.asarray(v, dtype=np.float64) for k, v in sums[mode].items()}
-                for mode in MODES
+                for mode in self.names
             }

@@ -20,20 +20,24 @@ from pathlib import Path
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
-from torch import nn
 
 from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.base.tiling import TilePlan
 from napari_normcheck.core.io.intensity import IntensityTransform
 from napari_normcheck.core.io.store import OutputStore
 from napari_normcheck.core.io.volume import Volume, open_volume
-from napari_normcheck.core.measure.features import FeatureRecorder
 from napari_normcheck.core.models.modelspec import ModelSpec
 from napari_normcheck.core.run.blocks import Block, block_tiles, chunk_key
 from napari_normcheck.core.run.forward import resolve_device
 from napari_normcheck.core.run.manifest import write_block_record
-from napari_normcheck.core.run.runsteps import make_recorder, output_arrays
-from napari_normcheck.core.run.stitch import importance_map
+from napari_normcheck.core.run.predictions import (
+    CHECK,
+    BoundPrediction,
+    Prediction,
+    bind_predictions,
+)
+from napari_normcheck.core.run.runsetup import RunSetup
+from napari_normcheck.core.run.runsteps import output_arrays
 from napari_normcheck.core.run.tileloop import TileLoop
 from napari_normcheck.core.run.timing import Timing
 
@@ -66,6 +70,8 @@ class BlockContext:
         The OUT.zarr folder being written (shared by all workers).
     config_hash : str
         Tag of the block records.
+    predictions : tuple of Prediction
+        What each tile gets (the check's two, and the remedies' when asked for).
     """
 
     key: str
@@ -79,6 +85,7 @@ class BlockContext:
     n_out: int
     store_path: str
     config_hash: str
+    predictions: tuple[Prediction, ...] = CHECK
 
 
 # Runs set up in this worker process, by run key (a process may serve several runs in turn).
@@ -109,24 +116,31 @@ class WorkerRun:
         self.device = resolve_device(context.config.device)
         model = context.model.load()
         self._base = model if self.device.type == "cpu" else model.to(self.device)
-        self._models: dict[int, tuple[nn.Module, FeatureRecorder | None]] = {}
+        self._models: dict[int, list[BoundPrediction]] = {}
         self._lock = threading.Lock()
         self.volume = context.volume or open_volume(**(context.volume_source or {}))
         store_path = Path(context.store_path)
-        self.arrays = output_arrays(OutputStore(store_path, store_path))
-        self.weights = importance_map(
-            context.plan.window_shape, context.plan.blend, context.spatial_dims
-        )
+        names = tuple(p.name for p in context.predictions)
+        self.arrays = output_arrays(OutputStore(store_path, store_path), names, context.config)
         config = context.config
-        self.eval_batch = config.eval_batch or (4 if self.device.type == "cuda" else 1)
+        self.setup = RunSetup(
+            context.plan,
+            context.spatial_dims,
+            self.device,
+            config.eval_batch or (4 if self.device.type == "cuda" else 1),
+            context.transform,
+            context.n_out,
+        )
 
-    def model_for_thread(self) -> tuple[nn.Module, FeatureRecorder | None]:
-        """A model per worker thread: normalization modes switch module state during forwards."""
+    def predictions_for_thread(self) -> list[BoundPrediction]:
+        """Models per worker thread: normalization modes switch module state during forwards."""
         ident = threading.get_ident()
         with self._lock:
             if ident not in self._models:
                 model = self._base if not self._models else copy.deepcopy(self._base)
-                self._models[ident] = (model, make_recorder(model, self.context.config))
+                self._models[ident] = bind_predictions(
+                    model, self.context.predictions, self.context.config
+                )
             return self._models[ident]
 
     def run_block(self, block: Block, worker: Any = None) -> dict[str, Any]:
@@ -137,23 +151,15 @@ class WorkerRun:
         """
         t_start = time.perf_counter()
         context, plan = self.context, self.context.plan
-        model, recorder = self.model_for_thread()
         timing = Timing()
         tiles = block_tiles(plan, block, context.config.train_batch)
         loop = TileLoop(
             self.volume,
-            model,
+            self.setup,
             context.config,
-            plan,
+            self.predictions_for_thread(),
             self.arrays,
-            context.n_out,
-            self.weights,
-            context.transform,
-            context.spatial_dims,
-            self.device,
-            self.eval_batch,
             timing,
-            recorder,
             Path(context.store_path) / ".scratch" / f"block_{block.index}",
             block=block,
             tiles=tiles,
@@ -176,7 +182,9 @@ class WorkerRun:
             "config_hash": context.config_hash,
             "block": block.index,
             "chunk_sums": {
-                chunk_key(c): {k: v.tolist() for k, v in sums.items()}
+                chunk_key(c): {
+                    name: {k: v.tolist() for k, v in kinds.items()} for name, kinds in sums.items()
+                }
                 for c, sums in loop.chunk_sums.items()
             },
             "pair_sums": loop.owned_pair_sums(),

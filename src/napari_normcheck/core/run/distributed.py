@@ -15,6 +15,7 @@ continues with ``resume=True``: blocks recorded in the manifest are kept, the ot
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -22,7 +23,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +61,15 @@ from napari_normcheck.core.run.manifest import (
     remove_block_records,
     write_manifest,
 )
+from napari_normcheck.core.run.predictions import CHECK, Prediction, make_recorder
+from napari_normcheck.core.run.runsetup import RunSetup
 from napari_normcheck.core.run.runsteps import (
     finish_run,
-    make_recorder,
     open_outputs,
     prepare_run,
     run_attrs,
 )
+from napari_normcheck.core.run.sums import RunSums
 from napari_normcheck.core.run.timing import Timing
 
 CPU = torch.device("cpu")
@@ -145,6 +148,7 @@ def run_check_distributed(
     extra_attrs: dict[str, Any] | None = None,
     block_chunks: tuple[int, int, int] | None = None,
     retries: int = 2,
+    predictions: Sequence[Prediction] = CHECK,
 ) -> Iterator[RunStarted | TileDone | BlockDone | RunFinished]:
     """Run the two-mode check on a dask.distributed cluster, writing what one process would.
 
@@ -176,6 +180,9 @@ def run_check_distributed(
         A resumed run keeps the interrupted run's blocks.
     retries : int
         How often a failing block is retried (a worker dying is handled by the scheduler as well).
+    predictions : sequence of Prediction
+        As for :func:`~napari_normcheck.core.run.engine.run_check`; their variants are built on
+        each worker (they pickle).
 
     Yields
     ------
@@ -211,9 +218,11 @@ def run_check_distributed(
     n_out = probe_out_channels(
         model, volume.n_channels, plan.window_shape, setup.spatial_dims, CPU, divisor
     )
+    setup = dataclasses.replace(setup, n_out=n_out)
     attrs = run_attrs(volume, config, setup, extra_attrs, device_name=str(device))
+    names = tuple(p.name for p in predictions)
     store, _ = open_outputs(
-        out, attrs, config, plan, n_out, volume, overwrite=overwrite, resume=resume
+        out, attrs, config, setup, volume, names, overwrite=overwrite, resume=resume
     )
     with open_client(scheduler, n_workers, client) as dask_client:
         n_threads = max(1, sum(dask_client.nthreads().values()))
@@ -243,6 +252,7 @@ def run_check_distributed(
             n_out=n_out,
             store_path=str(Path(store.path).resolve()),
             config_hash=digest,
+            predictions=tuple(predictions),
         )
         plugin = RunPlugin(context)
         futures: dict[Any, Block] = {}
@@ -305,7 +315,7 @@ def run_check_distributed(
             with contextlib.suppress(Exception):
                 dask_client.unsubscribe_topic(topic)
     final_path, summary = _finish(
-        store, volume, config, plan, finished, recorder, n_out, setup.eval_batch, out, t_start
+        store, volume, config, setup, names, finished, recorder, out, t_start
     )
     summary["distributed"] = {
         "n_blocks": len(blocks),
@@ -362,15 +372,15 @@ def _finish(
     store: Any,
     volume: Volume,
     config: RunConfig,
-    plan: Any,
+    setup: RunSetup,
+    names: tuple[str, ...],
     finished: dict[int, dict[str, Any]],
     recorder: Any,
-    n_out: int,
-    eval_batch: int,
     out: str | Path,
     t_start: float,
 ) -> tuple[Path, dict[str, Any]]:
     """Merge the blocks' sums in single-process order and write the grids, summary and marker."""
+    plan, n_out = setup.plan, setup.n_out
     records: dict[int, dict[str, Any]] = {}
     pair_sums: dict[str, dict] = {}
     chunk_sums: dict[str, dict] = {}
@@ -389,32 +399,28 @@ def _finish(
             f"blocks returned {len(records)} of {plan.n_tiles} tiles and {len(chunk_sums)} of "
             f"{n_chunks} chunks (a block planning bug)"
         )
-    mismatch = MismatchTracker(plan, n_out, config.threshold)
+    mismatch = MismatchTracker(plan, n_out, config.threshold, names=names)
     if len(pair_sums) != mismatch.n_pairs:
         raise RuntimeError(
             f"blocks returned {len(pair_sums)} of {mismatch.n_pairs} tile pairs (a planning bug)"
         )
     keys = {tuple(int(v) for v in key.split(",")) for key in pair_sums}
     mismatch.load({f"{i},{j}": pair_sums[f"{i},{j}"] for i, j in mismatch.scan_order(keys)})
-    disparity = DisparityAccumulator(n_out, config.threshold, argmax=config.activation == "softmax")
+    argmax = config.activation == "softmax"
+    disparity = {
+        name: DisparityAccumulator(n_out, config.threshold, argmax=argmax)
+        for name in names
+        if name != "train"
+    }
     for chunk in chunk_completion_order(plan):
         sums = chunk_sums[chunk_key(chunk)]
-        disparity.add_sums({kind: np.asarray(v, dtype=np.float64) for kind, v in sums.items()})
+        for name, accumulator in disparity.items():
+            accumulator.add_sums(
+                {kind: np.asarray(v, dtype=np.float64) for kind, v in sums[name].items()}
+            )
     timing.total = time.perf_counter() - t_start
-    return finish_run(
-        store,
-        volume,
-        plan,
-        records,
-        mismatch,
-        disparity,
-        recorder.layers if recorder else [],
-        n_out,
-        out=out,
-        timing=timing,
-        eval_batch=eval_batch,
-        spilled_chunks=spilled,
-    )
+    sums = RunSums(records, mismatch, disparity, recorder.layers if recorder else [], spilled)
+    return finish_run(store, volume, setup, sums, out=out, timing=timing)
 
 
 def run_events(

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,18 +32,17 @@ from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.run.blocks import whole_train_batches
 from napari_normcheck.core.run.forward import probe_out_channels
 from napari_normcheck.core.run.manifest import remove_block_records
+from napari_normcheck.core.run.predictions import CHECK, Prediction, bind_predictions
 from napari_normcheck.core.run.runsteps import (  # noqa: F401 (check_tile, default_tile re-exported)
     check_tile,
     default_tile,
     finish_run,
-    make_recorder,
     open_outputs,
     precision_effect,
     prepare_run,
     resolve_eval_batch,
     run_attrs,
 )
-from napari_normcheck.core.run.stitch import importance_map
 from napari_normcheck.core.run.tileloop import TileLoop
 from napari_normcheck.core.run.timing import Timing
 
@@ -102,6 +102,7 @@ def run_check(
     cancel: threading.Event | None = None,
     extra_attrs: dict[str, Any] | None = None,
     resume: bool = False,
+    predictions: Sequence[Prediction] = CHECK,
 ) -> Iterator[RunStarted | TileDone | RunFinished]:
     """Run the two-mode tiled check of ``model`` over ``volume``, writing OUT.zarr.
 
@@ -130,6 +131,9 @@ def run_check(
     resume : bool
         Continue an interrupted run in ``out`` with the same parameters: finished output chunks and
         their metrics are kept, and only tiles that contribute to unfinished chunks run again.
+    predictions : sequence of Prediction
+        What each tile gets: ``eval`` and ``train`` (:data:`~napari_normcheck.core.run.predictions.CHECK`),
+        then any others (the remedies'), all in the same tile loop.
 
     Yields
     ------
@@ -143,52 +147,40 @@ def run_check(
     )
     plan, device = setup.plan, setup.device
     worker_model = model if device.type == "cpu" else copy.deepcopy(model).to(device)
-    recorder = make_recorder(worker_model, config)
     n_out = probe_out_channels(
         worker_model, volume.n_channels, plan.window_shape, setup.spatial_dims, device, divisor
     )
     setup = resolve_eval_batch(setup, worker_model, volume, config, out, resume=resume)
+    setup = dataclasses.replace(setup, n_out=n_out)
     effect = precision_effect(worker_model, volume, config, setup)
     attrs = run_attrs(volume, config, setup, extra_attrs)
+    names = tuple(p.name for p in predictions)
     store, arrays = open_outputs(
-        out, attrs, config, plan, n_out, volume, overwrite=overwrite, resume=resume
+        out, attrs, config, setup, volume, names, overwrite=overwrite, resume=resume
     )
     progress = store.read_progress() if resume else {}
     loop = TileLoop(
         volume,
-        worker_model,
+        setup,
         config,
-        plan,
+        bind_predictions(worker_model, predictions, config),
         arrays,
-        n_out,
-        importance_map(plan.window_shape, plan.blend, setup.spatial_dims),
-        setup.transform,
-        setup.spatial_dims,
-        device,
-        setup.eval_batch,
         timing,
-        recorder,
         store.path / ".scratch",
         done_chunks={tuple(c) for c in progress.get("done_chunks", [])},
     )
-    loop.disparity.load(progress.get("disparity_sums", {}))
-    loop.mismatch.load(progress.get("pair_sums", {}))
-    loop.records.update({int(k): v for k, v in progress.get("tiles", {}).items()})
+    loop.load_progress(progress)
     last_save = time.perf_counter()
 
     def save_progress() -> None:
         # A snapshot taken now, written by the writer thread after the chunk writes queued before
         # it: a chunk is either listed and on disk, or recomputed. The run does not wait for it.
         nonlocal last_save
-        snapshot = {
-            "done_chunks": sorted(loop.accumulator.done_chunks),
-            "pair_sums": loop.mismatch.to_dict(),
-            "tiles": {str(k): v for k, v in loop.records.items()},
-        }
+        snapshot = loop.progress()
 
         def write() -> None:
             # On the writer thread: the chunks listed are summed by now, and no later one is.
-            store.write_progress({**snapshot, "disparity_sums": loop.disparity.to_dict()})
+            store.write_progress(snapshot | loop.chunk_progress())
 
         loop.write_after_pending(write)
         last_save = time.perf_counter()
@@ -223,16 +215,10 @@ def run_check(
         final_path, summary = finish_run(
             store,
             volume,
-            plan,
-            loop.records,
-            loop.mismatch,
-            loop.disparity,
-            loop.feature_layers,
-            n_out,
+            setup,
+            loop.sums(),
             out=out,
             timing=timing,
-            eval_batch=setup.eval_batch,
-            spilled_chunks=loop.accumulator.spill_count,
             before_marker=loop.flush,
             extra_summary={"precision_effect": effect} if effect else None,
             run_started=t_start,

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
-from collections import deque
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,15 +10,10 @@ from torch import nn
 
 from napari_normcheck.core.base.errors import NormcheckError
 from napari_normcheck.core.base.modes import MODES, normalization_mode
-from napari_normcheck.core.measure.features import FeatureRecorder
 from napari_normcheck.core.models.outputs import first_tensor
 from napari_normcheck.core.models.per_sample_norm import per_sample_train_norm
 from napari_normcheck.core.run.precision import precision_context, precision_disparity
 from napari_normcheck.core.run.staging import HostStaging
-from napari_normcheck.core.run.tile_io import TileWork
-
-if TYPE_CHECKING:
-    from napari_normcheck.core.run.timing import Timing
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -33,105 +25,6 @@ def resolve_device(choice: str) -> torch.device:
             "device cuda was requested but no CUDA GPU is available; use --device cpu"
         )
     return torch.device(choice)
-
-
-class Passes:
-    """The eval and train forwards of pending tiles, batched, with feature hooks in the eval pass.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The model on ``device``.
-    eval_batch, train_batch : int
-        Tiles per forward in each mode. Tiles of one train batch share batch statistics.
-    spatial_dims : int
-        2 or 3.
-    device : torch.device
-        Where the forwards run.
-    timing : Timing
-        Seconds per stage, updated.
-    recorder : FeatureRecorder or None
-        Feature hooks, active in the eval pass.
-    precision : str
-        ``fp32``, ``tf32``, ``bf16`` or ``fp16`` (see :mod:`~napari_normcheck.core.run.precision`).
-    fuse_train : bool
-        With ``train_batch == 1``: run the train pass ``eval_batch`` tiles at a time with per-sample
-        normalization (:mod:`~napari_normcheck.core.models.per_sample_norm`), which gives the batch-1
-        result in fewer, larger forwards.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        eval_batch: int,
-        train_batch: int,
-        spatial_dims: int,
-        device: torch.device,
-        timing: Timing,
-        recorder: FeatureRecorder | None,
-        *,
-        precision: str = "fp32",
-        fuse_train: bool = False,
-    ) -> None:
-        self.model = model
-        self.fuse_train = fuse_train and train_batch == 1
-        self.batch = {"eval": eval_batch, "train": eval_batch if self.fuse_train else train_batch}
-        self.spatial_dims = spatial_dims
-        self.device = device
-        self.timing = timing
-        self.recorder = recorder
-        self.precision = precision
-        self.staging = HostStaging(device)
-
-    def run_ready(self, pending: deque[TileWork], *, final: bool) -> None:
-        """Run each mode on consecutive pending tiles, a full batch at a time (a partial one at the end)."""
-        for mode in MODES:
-            self._run_mode(pending, mode, final)
-
-    def _run_mode(self, pending: deque[TileWork], mode: str, final: bool) -> None:
-        todo = [w for w in pending if mode not in w.outputs]
-        while todo and (len(todo) >= self.batch[mode] or final):
-            group = todo[: self.batch[mode]]
-            t0 = time.perf_counter()
-            hooks = self.recorder.recording() if self.recorder and mode == "eval" else None
-            try:
-                with hooks or contextlib.nullcontext():
-                    images = [w.image for w in group]
-                    outputs = forward_batch(
-                        self.model,
-                        images,
-                        mode,
-                        self.spatial_dims,
-                        self.device,
-                        precision=self.precision,
-                        per_sample=mode == "train" and self.fuse_train,
-                        staging=self.staging,
-                    )
-                    features = self.recorder.take() if hooks else []
-            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from 2.5 on, same class
-                # Eval results, and fused train results, do not depend on the batch: halve it.
-                independent = mode == "eval" or self.fuse_train
-                if independent and self.batch[mode] > 1:
-                    self.batch[mode] //= 2
-                    torch.cuda.empty_cache()
-                    continue
-                several = len(group) > 1
-                what = f"{len(group)} tiles" if several else "one tile"
-                fix = "--tile or --train-batch" if several else "--tile"
-                raise NormcheckError(
-                    f"{what} of {group[0].image.shape[1:]} voxels {'do' if several else 'does'} "
-                    f"not fit in GPU memory in the {mode} pass; use a smaller {fix}"
-                ) from None
-            elapsed = time.perf_counter() - t0
-            if mode == "eval":
-                self.timing.forward_eval += elapsed
-            else:
-                self.timing.forward_train += elapsed
-            for k, (w, o) in enumerate(zip(group, outputs)):
-                w.outputs[mode] = o
-                if features:
-                    w.features = features[k]
-            todo = todo[len(group) :]
 
 
 def forward_batch(

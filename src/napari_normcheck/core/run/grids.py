@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_normcheck.core.base.config import RunConfig
-from napari_normcheck.core.base.modes import MODES
 from napari_normcheck.core.base.tiling import TilePlan
 from napari_normcheck.core.io.store import OutputStore
 from napari_normcheck.core.measure.features import FeatureLayer, tile_feature_summary
-from napari_normcheck.core.measure.metrics import tile_disparity
 from napari_normcheck.core.measure.mismatch import MismatchTracker, prediction_box
+from napari_normcheck.core.measure.tile_metrics import TileView
 from napari_normcheck.core.run.forward import activate_into
+from napari_normcheck.core.run.registry import TileMetric
 from napari_normcheck.core.run.tile_io import TileWork
 
 if TYPE_CHECKING:
@@ -28,41 +28,59 @@ def tile_record(
     mismatch: MismatchTracker,
     timing: Timing,
     feature_layers: list[FeatureLayer],
+    metrics: tuple[TileMetric, ...],
 ) -> dict[str, Any]:
-    """Per-tile disparity over the voxels a tile writes; its predictions go on to the mismatch tracker."""
+    """A tile's record: its metrics over the voxels it writes, and its feature statistics.
+
+    The tile's activated predictions (over its whole prediction box) go on to the mismatch
+    tracker, in the tracker's order of prediction names.
+    """
     t0 = time.perf_counter()
     tile = work.tile
     box_start, box_stop = prediction_box(plan, tile)
     window = tuple(slice(a - w, b - w) for a, b, w in zip(box_start, box_stop, tile.window_start))
-    first = work.outputs[MODES[0]][(slice(None), *window)]
-    probabilities = np.empty((len(MODES), *first.shape), dtype=np.float32)
-    for m, mode in enumerate(MODES):
+    names = mismatch.names
+    first = work.outputs[names[0]][(slice(None), *window)]
+    probabilities = np.empty((len(names), *first.shape), dtype=np.float32)
+    for m, name in enumerate(names):
         activate_into(
-            work.outputs[mode][(slice(None), *window)], config.activation, probabilities[m]
+            work.outputs[name][(slice(None), *window)], config.activation, probabilities[m]
         )
     mismatch.add(tile, probabilities)
-    written = tuple(
-        slice(a - s, b - s) for a, b, s in zip(tile.write_start, tile.write_stop, box_start)
+    written = (
+        slice(None),
+        *(slice(a - s, b - s) for a, b, s in zip(tile.write_start, tile.write_stop, box_start)),
     )
-    values = tile_disparity(
-        probabilities[1][(slice(None), *written)],
-        probabilities[0][(slice(None), *written)],
+    view = TileView(
+        {name: probabilities[m][written] for m, name in enumerate(names)},
         config.threshold,
         argmax=config.activation == "softmax",
     )
-    features = tile_feature_summary(feature_layers, work.features)
-    timing.metrics += time.perf_counter() - t0
-    return {
+    record: dict[str, Any] = {
         "index": tile.index,
         "grid": list(tile.grid),
         "start": list(tile.write_start),
         "stop": list(tile.write_stop),
-        "disparity_hard": values["hard"],
-        "disparity_soft": values["soft"],
-        **({"disparity_argmax": values["argmax"]} if "argmax" in values else {}),
-        "feature_z": overlay_z(features, feature_layers),
-        "features": features,
     }
+    for metric in metrics:
+        value = metric.compute(view) if metric.compute is not None else None
+        if value is not None:
+            record[metric.key] = value
+    features = tile_feature_summary(feature_layers, work.features)
+    timing.metrics += time.perf_counter() - t0
+    return record | {"feature_z": overlay_z(features, feature_layers), "features": features}
+
+
+def add_pair_metrics(records: list[dict[str, Any]], mismatch: MismatchTracker) -> None:
+    """Add each tile's mean mismatch with its neighbours, from the tracker's pair sums.
+
+    Per prediction: ``mismatch_<name>`` (hard) and ``mismatch_<name>_soft``.
+    """
+    for record in records:
+        tile_mismatch = mismatch.tile_mismatch(record["index"])
+        for name in mismatch.names:
+            record[f"mismatch_{name}"] = tile_mismatch[f"{name}_hard"]
+            record[f"mismatch_{name}_soft"] = tile_mismatch[f"{name}_soft"]
 
 
 def overlay_z(features: dict[str, dict], layers: list[FeatureLayer]) -> dict[str, Any] | None:
@@ -107,25 +125,23 @@ def write_tile_grids(
     records: list[dict[str, Any]],
     n_out: int,
     cell_transform: tuple[tuple[float, ...], tuple[float, ...]],
+    metrics: tuple[TileMetric, ...],
 ) -> None:
-    """Per-tile grids of disparity and mismatch: one cell per tile, placed over its tile."""
-    for name, key in (
-        ("tile_disparity", "disparity_hard"),
-        ("tile_disparity_soft", "disparity_soft"),
-        ("tile_mismatch_eval", "mismatch_eval"),
-        ("tile_mismatch_train", "mismatch_train"),
-    ):
+    """The grid of each tile metric that has one: one cell per tile, placed over its tile."""
+    for metric in metrics:
+        if metric.grid is None:
+            continue
         grid = np.full((n_out, *plan.grid_shape), np.nan, dtype=np.float32)
         for record in records:
-            if record.get(key) is not None:
-                grid[(slice(None), *record["grid"])] = record[key]
+            if record.get(metric.key) is not None:
+                grid[(slice(None), *record["grid"])] = record[metric.key]
         array = store.create_image(
-            name,
+            metric.grid,
             grid.shape,
             grid.shape,
             "float32",
             *cell_transform,
-            attrs={"meaning": f"per-tile {key.replace('_', ' ')} (1 - Dice)"},
+            attrs={"meaning": metric.meaning},
         )
         array[...] = grid
 

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,35 +25,35 @@ from torch import nn
 from napari_normcheck import __version__
 from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.base.errors import NormcheckError
-from napari_normcheck.core.base.modes import MODES
 from napari_normcheck.core.base.tiling import TilePlan, plan_tiles
 from napari_normcheck.core.io.intensity import IntensityTransform, resolve_intensity
 from napari_normcheck.core.io.pyramid import Pyramid, n_levels
 from napari_normcheck.core.io.store import OutputStore
 from napari_normcheck.core.io.volume import Volume
-from napari_normcheck.core.measure.features import (
-    FeatureLayer,
-    FeatureRecorder,
-    default_feature_layers,
-)
-from napari_normcheck.core.measure.metrics import DisparityAccumulator
-from napari_normcheck.core.measure.mismatch import MismatchTracker
 from napari_normcheck.core.run.forward import (
     measure_precision_effect,
     probe_eval_batch,
     resolve_device,
 )
 from napari_normcheck.core.run.grids import (
+    add_pair_metrics,
     tile_cell_transform,
     write_feature_grid,
     write_tile_grids,
 )
+from napari_normcheck.core.run.registry import (
+    VOXEL_OUTPUTS,
+    prediction_group,
+    tile_metrics_of,
+    voxel_outputs,
+)
+from napari_normcheck.core.run.runsetup import RunSetup
+from napari_normcheck.core.run.sums import RunSums
 from napari_normcheck.core.run.tile_io import read_window
 
 if TYPE_CHECKING:
     from napari_normcheck.core.run.timing import Timing
 
-PREDICTION_NAMES = {"eval": "pred_eval", "train": "pred_train"}
 DEFAULT_TILE_3D = (64, 128, 128)
 DEFAULT_TILE_2D = (1, 256, 256)
 # The largest eval batch the CUDA probe tries: beyond it the GPU is busy anyway.
@@ -106,17 +105,6 @@ def check_tile(
             f"a 2D model runs plane by plane: the tile's z size must be 1, not {window_shape[0]} "
             f"(use --tile 1,{window_shape[1]},{window_shape[2]})"
         )
-
-
-@dataclass(frozen=True)
-class RunSetup:
-    """What is fixed before the first tile: the plan and how the model sees it."""
-
-    plan: TilePlan
-    spatial_dims: int
-    device: torch.device
-    eval_batch: int
-    transform: IntensityTransform
 
 
 def prepare_run(
@@ -255,15 +243,6 @@ def precision_effect(
     return {"precision": config.precision, "tiles": indices, **effect}
 
 
-def make_recorder(model: nn.Module, config: RunConfig) -> FeatureRecorder | None:
-    """Feature hooks on every running-statistics norm layer and on ``config.feature_layers``."""
-    names = list(dict.fromkeys(default_feature_layers(model) + list(config.feature_layers)))
-    # Forward hooks cannot be added to a compiled TorchScript graph: no feature statistics there.
-    if not names or isinstance(model, torch.jit.ScriptModule):
-        return None
-    return FeatureRecorder(model, names)
-
-
 def run_attrs(
     volume: Volume,
     config: RunConfig,
@@ -286,60 +265,54 @@ def run_attrs(
 
 
 RESUME_SAME = ("params", "plan", "intensity", "source")
-VOXEL_OUTPUTS = ("pred_eval", "pred_train", "disparity", "seams_eval", "seams_train")
 
 
 def open_outputs(
     out: str | Path,
     attrs: dict[str, Any],
     config: RunConfig,
-    plan: TilePlan,
-    n_out: int,
+    setup: RunSetup,
     volume: Volume,
+    predictions: tuple[str, ...],
     *,
     overwrite: bool,
     resume: bool,
 ) -> tuple[OutputStore, dict[str, Any]]:
-    """Create OUT.zarr with its voxel outputs, or reopen an interrupted run's to resume it.
+    """Create OUT.zarr with the voxel outputs of ``predictions``, or reopen an interrupted run's.
 
     Returns
     -------
     store : OutputStore
     arrays : dict
-        Level 0 of ``eval``, ``train``, ``disparity``, ``seams_eval``, ``seams_train``.
+        Every level of each voxel output, by group name (see
+        :func:`~napari_normcheck.core.run.registry.voxel_outputs`).
     """
     if resume:
         store = OutputStore.reopen(out, attrs, same=RESUME_SAME)
-        return store, output_arrays(store)
-    scale = tuple(volume.scale)
-    translation = tuple(t + r * s for t, r, s in zip(volume.translation, plan.roi_start, scale))
+        return store, output_arrays(store, predictions, config)
     store = OutputStore.create(out, overwrite=overwrite, attrs=attrs)
-    out_shape = (n_out, *plan.roi_shape)
-    out_chunks = (1, *plan.chunk_shape)
-    return store, _create_voxel_outputs(store, config, out_shape, out_chunks, scale, translation)
+    return store, create_voxel_outputs(store, config, setup, volume, predictions)
 
 
-def output_arrays(store: OutputStore) -> dict[str, Pyramid]:
-    """The voxel outputs of an existing store (every level), keyed as :class:`TileLoop` expects."""
-    arrays = {name: store.pyramid(name) for name in VOXEL_OUTPUTS if name in store.root}
-    arrays["eval"], arrays["train"] = arrays.pop("pred_eval"), arrays.pop("pred_train")
-    return arrays
+def output_arrays(
+    store: OutputStore, predictions: tuple[str, ...], config: RunConfig
+) -> dict[str, Pyramid]:
+    """The voxel outputs of ``predictions`` in an existing store (every level), by group name."""
+    return {
+        o.name: store.pyramid(o.name)
+        for o in voxel_outputs(predictions, config)
+        if o.name in store.root
+    }
 
 
 def finish_run(
     store: OutputStore,
     volume: Volume,
-    plan: TilePlan,
-    records: dict[int, dict[str, Any]],
-    mismatch: MismatchTracker,
-    disparity: DisparityAccumulator,
-    feature_layers: list[FeatureLayer],
-    n_out: int,
+    setup: RunSetup,
+    sums: RunSums,
     *,
     out: str | Path,
     timing: Timing,
-    eval_batch: int,
-    spilled_chunks: int,
     before_marker: Callable[[], None] | None = None,
     extra_summary: dict[str, Any] | None = None,
     run_started: float | None = None,
@@ -352,26 +325,14 @@ def finish_run(
         The run's store.
     volume : Volume
         The input (placement of the tile grids).
-    plan : TilePlan
-        The plan.
-    records : dict
-        Per-tile records by tile index (all tiles of the plan).
-    mismatch : MismatchTracker
-        With every pair's sums.
-    disparity : DisparityAccumulator
-        With every chunk's sums.
-    feature_layers : list of FeatureLayer
-        Recorded layers (for the ``feature_z`` grid).
-    n_out : int
-        Output channels.
+    setup : RunSetup
+        The plan, eval batch and output channels.
+    sums : RunSums
+        Records and sums of every tile, chunk and tile pair.
     out : path-like
         The OUT the user named (the summary's ``out``).
     timing : Timing
         Seconds per stage; ``total`` is set here.
-    eval_batch : int
-        Tiles per eval forward (reported).
-    spilled_chunks : int
-        Chunks spilled to disk while blending (reported).
     before_marker : callable, optional
         Called just before the marker is written (to flush pending writes).
     extra_summary : dict, optional
@@ -388,16 +349,13 @@ def finish_run(
         What the marker holds.
     """
     t_finish = time.perf_counter()
-    ordered = [records[i] for i in sorted(records)]
-    for record in ordered:
-        tile_mismatch = mismatch.tile_mismatch(record["index"])
-        record["mismatch_eval"] = tile_mismatch["eval_hard"]
-        record["mismatch_train"] = tile_mismatch["train_hard"]
-        record["mismatch_eval_soft"] = tile_mismatch["eval_soft"]
-        record["mismatch_train_soft"] = tile_mismatch["train_soft"]
+    plan, n_out, mismatch = setup.plan, setup.n_out, sums.mismatch
+    ordered = [sums.records[i] for i in sorted(sums.records)]
+    add_pair_metrics(ordered, mismatch)
     cell_transform = tile_cell_transform(plan, tuple(volume.scale), volume.translation)
-    write_tile_grids(store, plan, ordered, n_out, cell_transform)
-    write_feature_grid(store, plan, ordered, feature_layers, cell_transform)
+    metrics = tile_metrics_of(mismatch.names)
+    write_tile_grids(store, plan, ordered, n_out, cell_transform, metrics)
+    write_feature_grid(store, plan, ordered, sums.feature_layers, cell_transform)
     global_mismatch = mismatch.result()
     if run_started is not None:
         now = time.perf_counter()
@@ -407,10 +365,10 @@ def finish_run(
         "out": str(out),
         "n_tiles": plan.n_tiles,
         "timing": timing.to_dict(),
-        "spilled_chunks": spilled_chunks,
-        "eval_batch": eval_batch,
-        "disparity": disparity.result(),
-        "disparity_sums": disparity.to_dict(),
+        "spilled_chunks": sums.spilled_chunks,
+        "eval_batch": setup.eval_batch,
+        "disparity": sums.disparity["eval"].result(),
+        "disparity_sums": sums.disparity["eval"].to_dict(),
         "mismatch_eval": global_mismatch["eval"],
         "mismatch_train": global_mismatch["train"],
         "n_tile_pairs": mismatch.n_pairs,
@@ -418,78 +376,76 @@ def finish_run(
         "tiles": ordered,
         **(extra_summary or {}),
     }
+    others = [name for name in mismatch.names if name not in ("eval", "train")]
+    if others:
+        # The remedies' predictions, as measured in the same tile loop.
+        summary["predictions"] = {
+            name: {
+                "prediction": prediction_group(name),
+                "disparity_vs_train": sums.disparity[name].result(),
+                "mismatch": global_mismatch[name],
+            }
+            for name in others
+        }
     store.root.attrs["normcheck"] = dict(store.root.attrs["normcheck"]) | {"complete": True}
     if before_marker is not None:
         before_marker()
     return store.finish(summary), summary
 
 
-def _create_voxel_outputs(
+def create_voxel_outputs(
     store: OutputStore,
     config: RunConfig,
-    out_shape: tuple[int, ...],
-    out_chunks: tuple[int, ...],
-    scale: tuple[float, ...],
-    translation: tuple[float, ...],
-) -> dict[str, Any]:
-    """``pred_eval``, ``pred_train``, ``disparity`` (and seams) images, chunked along the tile grid.
+    setup: RunSetup,
+    volume: Volume,
+    predictions: tuple[str, ...],
+    *,
+    attrs: dict[str, Any] | None = None,
+) -> dict[str, Pyramid]:
+    """The registry's voxel outputs of ``predictions`` as images, chunked along the tile grid.
 
     They are multiscale (:mod:`~napari_normcheck.core.io.pyramid`) when the ROI is wider than
-    ``config.pyramid_side``; the seams, written pair by pair, have level 0 only.
+    ``config.pyramid_side``; the seams, written pair by pair, have level 0 only. ``attrs`` are
+    added to every group's attributes.
     """
+    plan = setup.plan
+    scale = tuple(volume.scale)
+    translation = tuple(t + r * s for t, r, s in zip(volume.translation, plan.roi_start, scale))
+    out_shape = (setup.n_out, *plan.roi_shape)
+    out_chunks = (1, *plan.chunk_shape)
     levels = (
         n_levels(out_shape[-2:], out_chunks[-2:], config.pyramid_side)
         if config.pyramid_side > 0
         else 0
     )
     arrays = {}
-    for mode in MODES:
-        arrays[mode] = store.create_image(
-            PREDICTION_NAMES[mode],
+    for output in voxel_outputs(predictions, config):
+        prediction = output.name.removeprefix("pred_") if output.name.startswith("pred_") else None
+        described = (
+            {"mode": prediction, "activation": config.activation, "train_batch": config.train_batch}
+            if prediction
+            else {"meaning": output.meaning}
+        )
+        store.create_image(
+            output.name,
             out_shape,
             out_chunks,
             config.output_dtype,
             scale,
             translation,
-            attrs={
-                "mode": mode,
-                "activation": config.activation,
-                "train_batch": config.train_batch,
-            },
-            levels=levels,
+            attrs=described | (attrs or {}),
+            levels=levels if output.pyramid else 0,
         )
-    arrays["disparity"] = store.create_image(
-        "disparity",
-        out_shape,
-        out_chunks,
-        config.output_dtype,
-        scale,
-        translation,
-        attrs={"meaning": "|P_train - P_eval| per channel"},
-        levels=levels,
-    )
-    for mode in MODES if config.seams else ():
-        arrays[f"seams_{mode}"] = store.create_image(
-            f"seams_{mode}",
-            out_shape,
-            out_chunks,
-            config.output_dtype,
-            scale,
-            translation,
-            attrs={
-                "meaning": f"largest |P_A - P_B| of overlapping tiles A, B ({mode} mode); "
-                "zero where one tile covers a voxel"
-            },
-        )
-    return {name: store.pyramid(PREDICTION_NAMES.get(name, name)) for name in arrays}
+        arrays[output.name] = store.pyramid(output.name)
+    return arrays
 
 
 def out_size(store: OutputStore, plan: TilePlan, n_out: int) -> dict[str, float]:
     """Uncompressed bytes the voxel outputs (every level) hold per input voxel of the ROI."""
     n_bytes = 0
-    for name in VOXEL_OUTPUTS:
-        if name in store.root:
-            for array in store.pyramid(name).arrays:
+    for output in VOXEL_OUTPUTS:
+        if output.name in store.root:
+            for array in store.pyramid(output.name).arrays:
                 n_bytes += int(np.prod(array.shape)) * array.dtype.itemsize
     per_voxel = n_bytes / int(np.prod(plan.roi_shape))
     return {

@@ -15,33 +15,32 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from torch import nn
 
 from napari_normcheck.core.base.config import RunConfig
-from napari_normcheck.core.base.modes import MODES
-from napari_normcheck.core.base.tiling import Tile, TilePlan
-from napari_normcheck.core.io.intensity import IntensityTransform
+from napari_normcheck.core.base.tiling import Tile
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.io.writer import BackgroundWriter
-from napari_normcheck.core.measure.features import FeatureRecorder
+from napari_normcheck.core.measure.labels import stored_probabilities
 from napari_normcheck.core.measure.metrics import DisparityAccumulator
 from napari_normcheck.core.measure.mismatch import MismatchTracker
 from napari_normcheck.core.run.blocks import Block, ChunkIndex
-from napari_normcheck.core.run.forward import Passes, activate, to_output_dtype
+from napari_normcheck.core.run.forward import activate, to_output_dtype
 from napari_normcheck.core.run.grids import tile_record
-from napari_normcheck.core.run.stitch import ChunkAccumulator
+from napari_normcheck.core.run.passes import Passes
+from napari_normcheck.core.run.predictions import BoundPrediction
+from napari_normcheck.core.run.registry import tile_metrics_of, voxel_outputs
+from napari_normcheck.core.run.runsetup import RunSetup
+from napari_normcheck.core.run.stitch import ChunkAccumulator, importance_map
+from napari_normcheck.core.run.sums import RunSums
 from napari_normcheck.core.run.tile_io import TileReader, TileWork
 from napari_normcheck.core.run.timing import Timing
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass(frozen=True)
@@ -54,105 +53,98 @@ class TileResult:
 
 
 class TileLoop:
-    """Predict tiles in both modes and feed every output of a run (or of one block of it).
+    """Predict tiles with every named prediction and feed every output of a run (or of a block).
 
     Parameters
     ----------
     volume : Volume
         The input.
-    model : torch.nn.Module
-        The model on ``device``; its state is restored after every forward.
+    setup : RunSetup
+        The plan, device, eval batch, input normalization and output channels of the run.
     config : RunConfig
         The run's settings.
-    plan : TilePlan
-        The global tile plan.
+    predictions : sequence of BoundPrediction
+        What each tile gets (``eval`` and ``train``, and the remedies'), with their models on the
+        device; model states are restored after every forward.
     arrays : dict
-        Output zarr arrays: ``eval``, ``train``, ``disparity``, ``seams_eval``, ``seams_train``.
-    n_out : int
-        Output channels of the model.
-    weights : numpy.ndarray
-        Importance map of one window.
-    transform : IntensityTransform
-        Input normalization.
-    spatial_dims : int
-        2 or 3.
-    device : torch.device
-        Where the forwards run.
-    eval_batch : int
-        Tiles per eval forward.
+        Output pyramids by group name (``pred_eval``, ``disparity``, ``seams_eval``, ...), those of
+        :func:`~napari_normcheck.core.run.registry.voxel_outputs` for these predictions.
     timing : Timing
         Seconds per stage, added to.
-    recorder : FeatureRecorder or None
-        Feature hooks for the eval pass.
     scratch_dir : path-like
-        Spill folder of the blending accumulator.
+        Spill folder of the blending accumulator and the overlap slabs.
     block : Block, optional
         Restrict writes to this block's chunks and records to the tiles it owns.
     tiles : list of int, optional
         The tiles that will run (a block's); defaults to all tiles.
     done_chunks : set of ChunkIndex, optional
         Chunks finished by an interrupted run (single-process resume).
+    reference : Pyramid, optional
+        A stored ``train`` prediction to compare with when ``train`` is not among the predictions
+        (the remedies of a finished check).
     """
 
     def __init__(
         self,
         volume: Volume,
-        model: nn.Module,
+        setup: RunSetup,
         config: RunConfig,
-        plan: TilePlan,
+        predictions: Sequence[BoundPrediction],
         arrays: dict[str, Any],
-        n_out: int,
-        weights: np.ndarray,
-        transform: IntensityTransform,
-        spatial_dims: int,
-        device: torch.device,
-        eval_batch: int,
         timing: Timing,
-        recorder: FeatureRecorder | None,
         scratch_dir: str | Path,
         *,
         block: Block | None = None,
         tiles: list[int] | None = None,
         done_chunks: set[ChunkIndex] | None = None,
+        reference: Any = None,
     ) -> None:
         self.volume = volume
-        self.model = model
+        self.setup = setup
+        self.plan = plan = setup.plan
         self.config = config
-        self.plan = plan
+        self.predictions = list(predictions)
+        self.names = tuple(p.name for p in self.predictions)
         self.arrays = arrays
-        self.n_out = n_out
-        self.transform = transform
-        self.spatial_dims = spatial_dims
-        self.device = device
-        self.eval_batch = eval_batch
+        self.n_out = n_out = setup.n_out
         self.timing = timing
-        self.recorder = recorder
-        self.feature_layers = recorder.layers if recorder else []
         self.block = block
+        self.reference = reference
+        recorder = next((p.recorder for p in self.predictions if p.recorder), None)
+        self.feature_layers = recorder.layers if recorder else []
+        self.outputs = voxel_outputs(self.names, config)
+        self.tile_metrics = tile_metrics_of(self.names)
         self.writer = BackgroundWriter()
         self._metrics_thread = ThreadPoolExecutor(1, thread_name_prefix="normcheck-metrics")
         self._metrics_timing = Timing()  # the metrics thread's own seconds (overlap stitching)
         self.records: dict[int, dict[str, Any]] = {}
-        self.chunk_sums: dict[ChunkIndex, dict[str, np.ndarray]] = {}
+        self.chunk_sums: dict[ChunkIndex, dict[str, dict[str, np.ndarray]]] = {}
         self.chunks_written = 0
-        self.disparity = DisparityAccumulator(
-            n_out, config.threshold, argmax=config.activation == "softmax"
-        )
+        argmax = config.activation == "softmax"
+        # Every prediction but train against train, chunk by chunk: eval's is the disparity.
+        compared = "train" in self.names or reference is not None
+        self.disparity = {
+            name: DisparityAccumulator(n_out, config.threshold, argmax=argmax)
+            for name in self.names
+            if name != "train" and compared
+        }
+        seams = any(o.compute is None for o in self.outputs)
         self.mismatch = MismatchTracker(
             plan,
             n_out,
             config.threshold,
-            on_pair=self._write_seams if "seams_eval" in arrays else None,
+            on_pair=self._write_seams if seams else None,
             tiles=tiles,
             # Slabs pending for later neighbours: half the chunk cache again, then to disk.
             max_slab_bytes=config.cache_mb * 2**20 // 2,
             scratch_dir=Path(scratch_dir) / "slabs",
+            names=self.names,
         )
         chunk_box = None if block is None else (block.chunk_start, block.chunk_stop)
         self.accumulator = ChunkAccumulator(
             plan,
-            len(MODES) * n_out,
-            weights,
+            len(self.names) * n_out,
+            importance_map(plan.window_shape, plan.blend, setup.spatial_dims),
             self._write_chunk,
             scratch_dir,
             max_bytes=config.cache_mb * 2**20,
@@ -171,21 +163,21 @@ class TileLoop:
             self.volume,
             self.plan,
             tiles,
-            self.transform,
-            depth=max(config.prefetch, self.eval_batch, config.train_batch),
+            self.setup.transform,
+            depth=max(config.prefetch, self.setup.eval_batch, config.train_batch),
         )
         pending: deque[TileWork] = deque()
+        device = self.setup.device
         passes = Passes(
-            self.model,
-            self.eval_batch,
+            self.predictions,
+            self.setup.eval_batch,
             config.train_batch,
-            self.spatial_dims,
-            self.device,
+            self.setup.spatial_dims,
+            device,
             self.timing,
-            self.recorder,
             precision=config.precision,
             # Per-sample fused train batches pay off only on a GPU; on CPU one tile at a time.
-            fuse_train=config.fuse_train and self.device.type == "cuda",
+            fuse_train=config.fuse_train and device.type == "cuda",
         )
         try:
             reader.start()
@@ -202,7 +194,7 @@ class TileLoop:
 
     def _finish_ready(self, pending: deque[TileWork]) -> Iterator[TileResult]:
         # Tiles are stitched in scan order: the blending arithmetic stays identical to MONAI's.
-        while pending and len(pending[0].outputs) == len(MODES):
+        while pending and len(pending[0].outputs) == len(self.names):
             work = pending.popleft()
             before = self.chunks_written
             # The tile's metrics (its own disparity, the pairs it completes) run on the metrics
@@ -215,6 +207,7 @@ class TileLoop:
                 self.mismatch,
                 self._metrics_timing,
                 self.feature_layers,
+                self.tile_metrics,
             )
             self._stitch(work)
             t0 = time.perf_counter()
@@ -225,6 +218,40 @@ class TileLoop:
             else:
                 record = None
             yield TileResult(work.tile, record, self.chunks_written - before)
+
+    def sums(self) -> RunSums:
+        """The records and sums the tiles fed so far (what :func:`finish_run` writes)."""
+        return RunSums(
+            self.records,
+            self.mismatch,
+            self.disparity,
+            self.feature_layers,
+            self.accumulator.spill_count,
+        )
+
+    def progress(self) -> dict[str, Any]:
+        """A resumable snapshot: finished chunks, pair sums and records.
+
+        The chunks' disparity sums are added on the writer thread (:meth:`chunk_progress`).
+        """
+        return {
+            "done_chunks": sorted(self.accumulator.done_chunks),
+            "pair_sums": self.mismatch.to_dict(),
+            "tiles": {str(k): v for k, v in self.records.items()},
+        }
+
+    def chunk_progress(self) -> dict[str, Any]:
+        """The disparity sums of the chunks written so far (call it on the writer thread)."""
+        sums = {name: acc.to_dict() for name, acc in self.disparity.items()}
+        return {"disparity_sums": sums.pop("eval", {}), "prediction_sums": sums}
+
+    def load_progress(self, progress: dict[str, Any]) -> None:
+        """Continue from a snapshot of :meth:`progress` and :meth:`chunk_progress`."""
+        sums = {"eval": progress.get("disparity_sums", {}), **progress.get("prediction_sums", {})}
+        for name, accumulator in self.disparity.items():
+            accumulator.load(sums.get(name, {}))
+        self.mismatch.load(progress.get("pair_sums", {}))
+        self.records.update({int(k): v for k, v in progress.get("tiles", {}).items()})
 
     def owns_tile(self, tile: Tile) -> bool:
         """Whether this loop keeps ``tile``'s record: a block keeps those whose origin it holds."""
@@ -246,7 +273,7 @@ class TileLoop:
     def _stitch(self, work: TileWork) -> None:
         t0 = time.perf_counter()
         before = self.timing.write + self.timing.write_wait + self.timing.metrics
-        self.accumulator.add(work.tile, [work.outputs[m] for m in MODES])
+        self.accumulator.add(work.tile, [work.outputs[name] for name in self.names])
         after = self.timing.write + self.timing.write_wait + self.timing.metrics
         self.timing.stitch += time.perf_counter() - t0 - (after - before)
 
@@ -265,9 +292,22 @@ class TileLoop:
         self, chunk: ChunkIndex, slices: tuple[slice, ...], values: np.ndarray
     ) -> None:
         t0 = time.perf_counter()
-        stacked = values.reshape(len(MODES), self.n_out, *values.shape[1:])
-        probabilities = activate(stacked, self.config.activation)
-        self.chunk_sums[chunk] = self.disparity.add(probabilities[1], probabilities[0])
+        stacked = values.reshape(len(self.names), self.n_out, *values.shape[1:])
+        activated = activate(stacked, self.config.activation)
+        probabilities = dict(zip(self.names, activated))
+        compared = probabilities
+        if self.disparity and "train" not in probabilities:
+            # Against a stored train prediction: compared as stored, both of them.
+            stored = self.reference.arrays[0][(slice(None), *slices)]
+            compared = {
+                name: stored_probabilities(to_output_dtype(p, self.config.output_dtype))
+                for name, p in probabilities.items()
+            }
+            compared["train"] = stored_probabilities(np.asarray(stored))
+        self.chunk_sums[chunk] = {
+            name: accumulator.add(compared["train"], compared[name])
+            for name, accumulator in self.disparity.items()
+        }
         self._store_chunk(slices, probabilities)
         self.timing.writer += time.perf_counter() - t0
 
@@ -283,7 +323,7 @@ class TileLoop:
         self._submit(job, *args)
         self.timing.write += time.perf_counter() - t0
 
-    def _store_chunk(self, slices: tuple[slice, ...], probabilities: np.ndarray) -> None:
+    def _store_chunk(self, slices: tuple[slice, ...], probabilities: dict[str, np.ndarray]) -> None:
         # On the writer thread: compress and write (with the chunk's pyramid levels) while the
         # model predicts the next tiles.
         box = (slice(None), *slices)
@@ -292,10 +332,9 @@ class TileLoop:
         def store_as(values: np.ndarray) -> np.ndarray:
             return to_output_dtype(values, dtype)
 
-        for m, mode in enumerate(MODES):
-            self.arrays[mode].write_chunk(box, probabilities[m], store_as)
-        difference = np.abs(probabilities[1] - probabilities[0])
-        self.arrays["disparity"].write_chunk(box, difference, store_as)
+        for output in self.outputs:
+            if output.compute is not None:
+                self.arrays[output.name].write_chunk(box, output.compute(probabilities), store_as)
 
     def _write_seams(
         self, start: tuple[int, ...], stop: tuple[int, ...], difference: np.ndarray
@@ -329,8 +368,10 @@ class TileLoop:
         roi_start = self.plan.roi_start
         box = (slice(None), *(slice(a - r, b - r) for a, b, r in zip(start, stop, roi_start)))
         dtype = self.config.output_dtype
-        for m, mode in enumerate(MODES):
-            seams = self.arrays[f"seams_{mode}"]
+        for m, name in enumerate(self.names):
+            seams = self.arrays.get(f"seams_{name}")
+            if seams is None:
+                continue
             current = seams[box].astype(np.float32)
             if dtype == "uint8":
                 current = current / 255.0

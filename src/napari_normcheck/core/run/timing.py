@@ -11,6 +11,7 @@ MAIN_THREAD_STAGES = (
     "read_wait",
     "forward_eval",
     "forward_train",
+    "forward_remedies",
     "stitch",
     "metrics",
     "write",
@@ -34,6 +35,8 @@ class Timing:
         The run waiting for the reader thread (disk slower than the model).
     forward_eval, forward_train : float
         The model's forwards per mode, feature statistics included.
+    forward_remedies : float
+        The forwards of the remedies' predictions (``run --remedies``).
     stitch : float
         Blending tile predictions into output chunks.
     metrics : float
@@ -58,6 +61,7 @@ class Timing:
     read_wait: float = 0.0
     forward_eval: float = 0.0
     forward_train: float = 0.0
+    forward_remedies: float = 0.0
     stitch: float = 0.0
     metrics: float = 0.0
     write: float = 0.0
