@@ -2,8 +2,8 @@
 
 Wired into :mod:`napari_normcheck.cli` by three calls (see the module's README section):
 ``add_recalibrate_parser(sub)`` in ``build_parser``, ``add_remedies_arguments(run)`` on the ``run``
-parser, and, in ``run``, :func:`check_remedies_arguments` before the check and
-:func:`run_remedies_after` after it (its dictionary goes into the report under ``remedies``).
+parser, and, in ``run``, :func:`remedies_options` for the run with remedies and
+:func:`report_remedies` at its end (its dictionary goes into the report under ``remedies``).
 Errors are :class:`~napari_normcheck.core.base.errors.NormcheckError`; ``cli.main`` prints them and exits 2.
 """
 
@@ -242,56 +242,30 @@ def _check_export_free(path: str, scripted: bool) -> None:
             )
 
 
-def run_remedies_after(
-    args: argparse.Namespace, out_path: str | Path, loaded: Any, volume: Any
-) -> dict[str, Any]:
-    """Run the remedies on the finished ``out_path`` when ``--remedies`` or ``--labels`` were given.
+def remedies_wanted(args: argparse.Namespace) -> bool:
+    """Whether ``run`` was asked for the remedies or for Dice against labels."""
+    return bool(getattr(args, "remedies", False) or getattr(args, "labels", None))
 
-    Parameters
-    ----------
-    args : argparse.Namespace
-        The ``run`` arguments (with those of :func:`add_remedies_arguments`).
-    out_path : path-like
-        The complete OUT.zarr the check just wrote.
-    loaded : LoadedModel
-        The model of the check (``loaded.module`` is used; never modified).
-    volume : Volume
-        The volume of the check.
 
-    Returns
-    -------
-    dict
-        The ``remedies`` dictionary (also stored in OUT's attributes); empty when neither option
-        was given.
+def remedies_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The remedies' keyword arguments of a run, from ``run``'s arguments.
+
+    They are those of :func:`~napari_normcheck.core.remedies.check_remedies.check_with_remedies`,
+    from the options of :func:`add_remedies_arguments`.
     """
-    from tqdm import tqdm
-
     from napari_normcheck.core.measure.labels import open_labels
-    from napari_normcheck.core.remedies.recalibrate import RecalibrationProgress
-    from napari_normcheck.core.remedies.recalibrate_export import export_recalibrated
-    from napari_normcheck.core.remedies.remedy_run import (
-        REMEDIES,
-        RemediesFinished,
-        RemediesStarted,
-        RemedyTileDone,
-        run_remedies,
-    )
+    from napari_normcheck.core.remedies.variants import REMEDIES
 
-    if not args.remedies and not args.labels:
-        return {}
     check_remedies_arguments(args)
     labels = (
         open_labels(args.labels, dataset=args.labels_dataset) if args.labels is not None else None
     )
-    events = run_remedies(
-        out_path,
-        volume,
-        loaded.module,
-        remedies=REMEDIES if args.remedies else (),
-        labels=labels,
-        label_map=args.label_map,
-        ignore_labels=tuple(args.ignore_label),
-        recalibration={
+    return {
+        "remedies": REMEDIES if args.remedies else (),
+        "labels": labels,
+        "label_map": args.label_map,
+        "ignore_labels": tuple(args.ignore_label),
+        "recalibration": {
             "n_tiles": args.recalibration_tiles,
             "holdout": args.recalibration_holdout,
             "variance": args.recalibration_variance,
@@ -299,28 +273,26 @@ def run_remedies_after(
             "mask_above": args.recalibration_mask_above,
             "min_content": args.recalibration_min_content,
         },
-    )
-    bar = None
-    result: dict[str, Any] = {}
-    finished = None
-    for event in events:
-        if isinstance(event, RecalibrationProgress) and event.stage == "calibration":
-            if bar is None:
-                bar = tqdm(total=event.n_total, unit="batch", file=sys.stderr, desc="recalibrate")
-            bar.update(1)
-        elif isinstance(event, RemediesStarted):
-            if bar is not None:
-                bar.close()
-            bar = tqdm(total=event.n_tiles, unit="tile", file=sys.stderr, desc="remedies")
-        elif isinstance(event, RemedyTileDone) and bar is not None:
-            bar.update(1)
-        elif isinstance(event, RemediesFinished):
-            finished = event
-            result = event.remedies
-    if bar is not None:
-        bar.close()
+    }
+
+
+def report_remedies(args: argparse.Namespace, finished: Any, loaded: Any) -> dict[str, Any]:
+    """Print the remedies table, export the recalibrated model when asked; return the table.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The ``run`` arguments.
+    finished : RemediesFinished
+        The last event of the run.
+    loaded : LoadedModel
+        The model (its path goes into the export's provenance).
+    """
+    from napari_normcheck.core.remedies.recalibrate_export import export_recalibrated
+
+    result = finished.remedies
     print(format_remedies(result))
-    if args.recalibrated_model and finished is not None and finished.recalibration is not None:
+    if args.recalibrated_model and finished.recalibration is not None:
         paths = export_recalibrated(
             finished.recalibration, args.recalibrated_model, input_path=loaded.path
         )

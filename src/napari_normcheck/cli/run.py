@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from napari_normcheck.cli.model_args import (
-    add_model_arguments,
-    model_tile,
-    open_inputs,
-    package_default,
-)
+from napari_normcheck.cli.config_args import run_config_from_args
+from napari_normcheck.cli.model_args import add_model_arguments, open_inputs
 from napari_normcheck.cli.remedies import (
     add_remedies_arguments,
     check_remedies_arguments,
-    run_remedies_after,
+    remedies_options,
+    remedies_wanted,
+    report_remedies,
 )
 
 
@@ -109,35 +108,9 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the check (and the remedies when asked), write the report; exit code."""
-    from napari_normcheck.core.base.config import RunConfig, parse_int_triple
-    from napari_normcheck.core.base.tiling import parse_roi
-
     volume, loaded = open_inputs(args)
     info = loaded.info
-    tile = parse_int_triple(args.tile, "tile") if args.tile else model_tile(loaded, volume)
-    roi = parse_roi(args.roi) if args.roi else None
-    if roi is not None and len(roi) == 2:
-        roi = ((0, volume.spatial_shape[0]), *roi)
-    config = RunConfig(
-        tile=tile,
-        overlap=args.overlap,
-        blend=args.blend,
-        halo=parse_int_triple(args.halo, "halo") if args.halo else (0, 0, 0),
-        roi=roi,
-        train_batch=args.train_batch,
-        eval_batch=args.eval_batch,
-        device=args.device,
-        normalize=args.normalize or package_default(loaded, "normalize") or "none",
-        activation=args.activation or package_default(loaded, "activation") or "none",
-        output_dtype=args.output_dtype,
-        seams=args.seams,
-        threshold=args.threshold,
-        spatial_dims=info.spatial_dims,
-        cache_mb=args.cache_mb,
-        feature_layers=tuple(args.feature_layer),
-        precision=args.precision,
-        fuse_train=not args.no_fuse_train,
-    )
+    config = run_config_from_args(args, loaded, volume)
     check_remedies_arguments(args)  # before the long check, not after it
     if info.output_activation and config.activation != "none":
         print(
@@ -162,10 +135,9 @@ def run_command(args: argparse.Namespace) -> int:
             "channel_axis": args.channel_axis if args.channel_axis is not None else "auto",
         },
         trust_pickle=args.trust_pickle,
+        remedies=remedies_options(args) if remedies_wanted(args) else None,
+        on_remedies=lambda finished: report_remedies(args, finished, loaded),
     )
-    remedies = run_remedies_after(args, args.out, loaded, volume)
-    if remedies:
-        report["remedies"] = remedies
     if args.report:
         from napari_normcheck.core.run.report import write_report
 
@@ -186,11 +158,22 @@ def run_and_report(
     n_workers: int | None = None,
     volume_source: dict | None = None,
     trust_pickle: bool = False,
+    remedies: dict | None = None,
+    on_remedies: Callable[[Any], dict] | None = None,
 ) -> dict:
-    """Run the check with a progress bar on stderr, print the summary; return the report."""
+    """Run the check with a progress bar on stderr, print the summary; return the report.
+
+    With ``remedies`` (keyword arguments of
+    :func:`~napari_normcheck.core.remedies.check_remedies.check_with_remedies`) the remedies are
+    predicted in the same run; ``on_remedies`` then gets the last event and returns the report's
+    ``remedies`` entry.
+    """
     from tqdm import tqdm
 
     from napari_normcheck.core.models.inventory import norm_inventory
+    from napari_normcheck.core.remedies.check_remedies import check_with_remedies
+    from napari_normcheck.core.remedies.recalibrate import RecalibrationProgress
+    from napari_normcheck.core.remedies.remedy_run import RemediesFinished
     from napari_normcheck.core.run.distributed import run_events
     from napari_normcheck.core.run.engine import RunFinished, RunStarted, TileDone
     from napari_normcheck.core.run.report import build_report, format_summary
@@ -208,11 +191,13 @@ def run_and_report(
         },
         "norm_layers": inventory.to_dict(),
     }
-    events = run_events(
+    run = run_events if remedies is None else check_with_remedies
+    events = run(
         volume,
         loaded,
         config,
         out,
+        **(remedies or {}),
         scheduler=scheduler,
         n_workers=n_workers,
         volume_source=volume_source,
@@ -226,12 +211,19 @@ def run_and_report(
     bar = None
     report: dict = {}
     for event in events:
-        if isinstance(event, RunStarted):
+        if isinstance(event, RecalibrationProgress) and event.stage == "calibration":
+            if bar is None:
+                bar = tqdm(total=event.n_total, unit="batch", file=sys.stderr, desc="recalibrate")
+            bar.update(1)
+        elif isinstance(event, RunStarted):
+            if bar is not None:
+                bar.close()
+            desc = "check with remedies" if remedies and remedies["remedies"] else "two-mode check"
             bar = tqdm(
                 total=event.plan.n_tiles,
                 unit="tile",
                 file=sys.stderr,
-                desc=f"two-mode check on {event.device}",
+                desc=f"{desc} on {event.device}",
             )
         elif isinstance(event, TileDone) and bar is not None:
             bar.total = event.n_total
@@ -245,6 +237,8 @@ def run_and_report(
                 f"{event.summary['timing']['total']:.1f} s)"
             )
             print(format_summary(report))
+        elif isinstance(event, RemediesFinished) and on_remedies is not None:
+            report["remedies"] = on_remedies(event)
     return report
 
 

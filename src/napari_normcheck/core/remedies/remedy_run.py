@@ -1,21 +1,24 @@
-"""Try the remedies on a finished check: predict with each over the same tiles and compare.
+"""Try the remedies: predict each over the check's tiles in the one tile loop, and compare.
 
-Given an OUT.zarr written by :func:`~napari_normcheck.core.run.engine.run_check`, the model and the volume,
-:func:`run_remedies` reads the run's plan, parameters and intensity transform from the store, builds
-each remedy (a recalibrated copy of the model, see :mod:`~napari_normcheck.core.remedies.recalibrate`; eval with
-per-tile batch statistics, see :mod:`~napari_normcheck.core.remedies.batchstats`), predicts the same tiles with
-the same blending, writes ``pred_recalibrated`` / ``pred_batchstats`` beside ``pred_eval``, and measures
-per remedy the disparity against the stored train-mode prediction (chunk by chunk), the tile mismatch,
-and, with labels, the Dice against ground truth (also of the eval and train predictions).
+Two ways in, one tile loop (:class:`~napari_normcheck.core.run.tileloop.TileLoop`):
 
-Every number is reported as measured: a remedy that lowers disparity may still lower Dice against
-ground truth, and the notes say so.
+- :func:`~napari_normcheck.core.remedies.check_remedies.check_with_remedies` (``run --remedies``):
+  the remedies are predictions of the check itself, so they resume and run on a cluster with it;
+- :func:`run_remedies` (the widget's Remedies tab): on a finished check's OUT.zarr, the remedies'
+  predictions only, compared with the stored train-mode prediction as stored.
+
+Each remedy is a named prediction (:mod:`~napari_normcheck.core.remedies.variants`): a recalibrated
+copy of the model (:mod:`~napari_normcheck.core.remedies.recalibrate`), or eval with per-tile batch
+statistics (:mod:`~napari_normcheck.core.remedies.batchstats`). Per remedy this measures the
+disparity against the train-mode prediction (chunk by chunk), the tile mismatch and, with labels,
+the Dice against ground truth (also of the eval and train predictions). Every number is reported as
+measured: a remedy that lowers disparity may still lower Dice against ground truth, and the notes say
+so.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import threading
 import time
@@ -36,45 +39,37 @@ from napari_normcheck.core.io.intensity import IntensityTransform
 from napari_normcheck.core.io.store import OutputStore, is_complete, read_marker
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.measure.labels import (
-    LabelDice,
     dice_of_stored,
     label_box,
     open_labels,
     parse_label_map,
-    read_labels,
-    stored_probabilities,
 )
-from napari_normcheck.core.measure.metrics import DisparityAccumulator
-from napari_normcheck.core.measure.mismatch import MismatchTracker, prediction_box
-from napari_normcheck.core.remedies.batchstats import batch_stats_copy
 from napari_normcheck.core.remedies.recalibrate import (
     RecalibrationConfig,
     RecalibrationDone,
     RecalibrationResult,
     iter_recalibrate,
 )
-from napari_normcheck.core.run.forward import (
-    activate,
-    forward_batch,
-    resolve_device,
-    to_output_dtype,
+from napari_normcheck.core.remedies.variants import (
+    REMEDIES,
+    check_remedy_names,
+    remedy_predictions,
+    running_stats_of,
 )
-from napari_normcheck.core.run.stitch import ChunkAccumulator, importance_map
-from napari_normcheck.core.run.tile_io import read_window
+from napari_normcheck.core.run.forward import resolve_device
+from napari_normcheck.core.run.predictions import bind_predictions
+from napari_normcheck.core.run.registry import prediction_group
+from napari_normcheck.core.run.runsetup import RunSetup
+from napari_normcheck.core.run.runsteps import create_voxel_outputs
+from napari_normcheck.core.run.tileloop import TileLoop
+from napari_normcheck.core.run.timing import Timing
 
-REMEDIES = ("recalibrated", "batchstats")
-ROWS = ("eval", "train", "recalibrated", "batchstats")
+ROWS = ("eval", "train", *REMEDIES)
 ROW_TITLES = {
     "eval": "eval",
     "train": "train",
     "recalibrated": "recalibrated eval",
     "batchstats": "batch-stats eval",
-}
-PREDICTION_NAMES = {
-    "eval": "pred_eval",
-    "train": "pred_train",
-    "recalibrated": "pred_recalibrated",
-    "batchstats": "pred_batchstats",
 }
 
 
@@ -150,6 +145,57 @@ def read_stored_run(out: str | Path) -> StoredRun:
     )
 
 
+def applicable_remedies(
+    model: nn.Module, remedies: tuple[str, ...]
+) -> tuple[tuple[str, ...], list]:
+    """The remedies that can change anything, and a note when none can."""
+    if remedies and not running_stats_layers(model):
+        # Nothing switches statistics: eval already is train mode, and both remedies equal it.
+        return (), [
+            "the model has no normalization layers with running statistics: eval and train mode "
+            "agree and there is nothing to remedy"
+        ]
+    return tuple(remedies), []
+
+
+def recalibrate_for(
+    model: nn.Module,
+    volume: Volume,
+    plan: TilePlan,
+    config: RunConfig,
+    transform: IntensityTransform,
+    spatial_dims: int,
+    *,
+    recalibration: dict[str, Any] | None = None,
+    source_model: dict[str, Any] | None = None,
+    device: str | None = None,
+    cancel: threading.Event | None = None,
+) -> Iterator[Any]:
+    """Recalibrate a copy of ``model`` with the run's window, batch and ROI; yields progress.
+
+    The last event is :class:`~napari_normcheck.core.remedies.recalibrate.RecalibrationDone`
+    (none when cancelled).
+    """
+    settings = {
+        "tile": plan.window_shape,
+        "batch_size": config.train_batch,
+        "roi": tuple(zip(plan.roi_start, plan.roi_stop)),
+        "activation": config.activation,
+        "threshold": config.threshold,
+        "device": device or config.device,
+        **(recalibration or {}),
+    }
+    yield from iter_recalibrate(
+        model,
+        volume,
+        RecalibrationConfig(**settings),
+        transform=transform,
+        spatial_dims=spatial_dims,
+        source_model=source_model,
+        cancel=cancel,
+    )
+
+
 def run_remedies(
     out: str | Path,
     volume: Volume,
@@ -164,7 +210,7 @@ def run_remedies(
     device: str | None = None,
     cancel: threading.Event | None = None,
 ) -> Iterator[Any]:
-    """Predict each remedy over the run's tiles, write its prediction to OUT and compare.
+    """Predict each remedy over a finished check's tiles, write its prediction to OUT and compare.
 
     Parameters
     ----------
@@ -201,44 +247,28 @@ def run_remedies(
     out = Path(out)
     run = read_stored_run(out)
     plan, config = run.plan, run.config
-    unknown = [r for r in remedies if r not in REMEDIES]
-    if unknown:
-        raise NormcheckError(f"unknown remedy {unknown[0]!r}; use {', '.join(REMEDIES)}")
+    check_remedy_names(remedies)
     if tuple(volume.spatial_shape) != tuple(plan.volume_shape):
         raise NormcheckError(
             f"the volume has shape {volume.spatial_shape} but {out} was computed on "
             f"{tuple(plan.volume_shape)}; give the volume of that run"
         )
-    label_volume, mapping, offset = _prepare_labels(labels, label_map, plan)
-    notes = []
-    if remedies and not running_stats_layers(model):
-        # Nothing switches statistics: eval already is train mode, and both remedies equal it.
-        notes.append(
-            "the model has no normalization layers with running statistics: eval and train mode "
-            "agree and there is nothing to remedy"
-        )
-        remedies = ()
+    label_volume, mapping, offset = prepare_labels(labels, label_map, plan)
+    remedies, notes = applicable_remedies(model, remedies)
     device_ = resolve_device(device or config.device)
-    argmax = config.activation == "softmax"
 
     recal_result = recalibrated
     if "recalibrated" in remedies and recal_result is None:
-        settings = {
-            "tile": plan.window_shape,
-            "batch_size": config.train_batch,
-            "roi": tuple(zip(plan.roi_start, plan.roi_stop)),
-            "activation": config.activation,
-            "threshold": config.threshold,
-            "device": str(device_),
-            **(recalibration or {}),
-        }
-        for event in iter_recalibrate(
+        for event in recalibrate_for(
             model,
             volume,
-            RecalibrationConfig(**settings),
-            transform=run.transform,
-            spatial_dims=run.spatial_dims,
+            plan,
+            config,
+            run.transform,
+            run.spatial_dims,
+            recalibration=recalibration,
             source_model=run.attrs.get("model"),
+            device=str(device_),
             cancel=cancel,
         ):
             if isinstance(event, RecalibrationDone):
@@ -247,106 +277,154 @@ def run_remedies(
                 yield event
         if recal_result is None:
             return
-    models = {}
-    for remedy in remedies:
-        worker = recal_result.model if remedy == "recalibrated" else batch_stats_copy(model)
-        models[remedy] = worker if device_.type == "cpu" else copy.deepcopy(worker).to(device_)
+    stats = running_stats_of(recal_result.model) if recal_result is not None else None
+    predictions = remedy_predictions(remedies, stats)
 
     store = OutputStore(out, out)
     # Results of an earlier remedies pass no longer describe the predictions about to be replaced.
     attrs = dict(store.root.attrs["normcheck"])
     if attrs.pop("remedies", None) is not None:
         store.root.attrs["normcheck"] = attrs
-    reference = store.array("pred_eval")
-    n_out = int(reference.shape[0])
-    arrays = {
-        remedy: _create_like(store, PREDICTION_NAMES[remedy], remedy, config) for remedy in remedies
-    }
-    train_array = store.array("pred_train")
-    disparity = {r: DisparityAccumulator(n_out, config.threshold, argmax) for r in remedies}
-    mismatch = {r: MismatchTracker(plan, n_out, config.threshold) for r in remedies}
-    label_dice = {
-        r: LabelDice(mapping, n_out, config.threshold, argmax, tuple(ignore_labels))
-        for r in remedies
-        if label_volume is not None
-    }
-
-    def on_chunk(_chunk: Any, slices: tuple[slice, ...], values: np.ndarray) -> None:
-        stacked = values.reshape(len(remedies), n_out, *values.shape[1:])
-        box = (slice(None), *slices)
-        train = stored_probabilities(np.asarray(train_array[box]))
-        truth = read_labels(label_volume, offset, slices) if label_volume is not None else None
-        for k, remedy in enumerate(remedies):
-            stored = to_output_dtype(
-                activate(stacked[k][None], config.activation)[0], config.output_dtype
-            )
-            arrays[remedy][box] = stored
-            # Compared as stored, exactly as the eval and train predictions are.
-            probabilities = stored_probabilities(stored)
-            disparity[remedy].add(train, probabilities)
-            if truth is not None:
-                label_dice[remedy].add(probabilities, truth)
-
-    accumulator = ChunkAccumulator(
-        plan,
-        len(remedies) * n_out,
-        importance_map(plan.window_shape, plan.blend, run.spatial_dims),
-        on_chunk,
-        out / ".scratch-remedies",
-        max_bytes=config.cache_mb * 2**20,
-    )
+    n_out = int(store.array("pred_eval").shape[0])
     eval_batch = config.eval_batch or 1
-    tiles = plan.tiles() if remedies else []
-    yield RemediesStarted(out, tuple(remedies), len(tiles))
-    try:
-        for first in range(0, len(tiles), eval_batch):
-            group = tiles[first : first + eval_batch]
-            images = [read_window(volume, plan, tile, run.transform) for tile in group]
-            outputs = {
-                r: forward_batch(models[r], images, "eval", run.spatial_dims, device_)
-                for r in remedies
+    setup = RunSetup(plan, run.spatial_dims, device_, eval_batch, run.transform, n_out)
+    names = tuple(p.name for p in predictions)
+    tiles = plan.tiles() if predictions else []
+    measured: dict[str, Any] = {}
+    if predictions:
+        worker = model if device_.type == "cpu" else _on_device(model, device_)
+        arrays = create_voxel_outputs(store, config, setup, volume, names)
+        loop = TileLoop(
+            volume,
+            setup,
+            config,
+            bind_predictions(worker, predictions, config),
+            arrays,
+            Timing(),
+            out / ".scratch-remedies",
+            reference=store.pyramid(prediction_group("train")),
+        )
+        yield RemediesStarted(out, names, len(tiles))
+        try:
+            with contextlib.closing(loop.run(tiles)) as results:
+                for n_done, _ in enumerate(results, start=1):
+                    yield RemedyTileDone(n_done, len(tiles), time.perf_counter() - t_start)
+                    if cancel is not None and cancel.is_set():
+                        return
+            loop.flush()
+        finally:
+            loop.close()
+        mismatch = loop.mismatch.result()
+        measured = {
+            name: {
+                "prediction": prediction_group(name),
+                "disparity_vs_train": loop.disparity[name].result(),
+                "mismatch": mismatch[name],
             }
-            for k, tile in enumerate(group):
-                _add_mismatch(
-                    plan,
-                    tile,
-                    [outputs[r][k] for r in remedies],
-                    remedies,
-                    mismatch,
-                    config.activation,
-                )
-                accumulator.add(tile, np.concatenate([outputs[r][k] for r in remedies]))
-                yield RemedyTileDone(first + k + 1, len(tiles), time.perf_counter() - t_start)
-            if cancel is not None and cancel.is_set():
-                return
-    finally:
-        accumulator.close()
+            for name in names
+        }
+    else:
+        yield RemediesStarted(out, (), 0)
+    result = assemble_remedies(run.summary, measured, recal_result)
+    finish_remedies(store, result, label_volume, mapping, offset, ignore_labels, config, notes)
+    result["seconds"] = round(time.perf_counter() - t_start, 3)
+    result = json.loads(json.dumps(result, default=to_plain))
+    store.root.attrs["normcheck"] = dict(store.root.attrs["normcheck"]) | {"remedies": result}
+    yield RemediesFinished(out, result, recal_result)
 
-    result = _assemble(run, remedies, disparity, mismatch, label_dice, recal_result)
+
+def _on_device(model: nn.Module, device: Any) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(device)
+
+
+def assemble_remedies(
+    summary: dict[str, Any],
+    measured: dict[str, dict[str, Any]],
+    recal_result: RecalibrationResult | None,
+) -> dict[str, Any]:
+    """The remedies table: eval and train from the check's summary, then each remedy measured.
+
+    Parameters
+    ----------
+    summary : dict
+        The check's summary (its ``disparity``, ``mismatch_eval``, ``mismatch_train``).
+    measured : dict
+        Per remedy: ``prediction``, ``disparity_vs_train`` and ``mismatch``.
+    recal_result : RecalibrationResult or None
+        The recalibration, for its provenance and held-out effect.
+    """
+    n_out = len(summary["disparity"]["hard"])
+    result: dict[str, Any] = {
+        "eval": {
+            "prediction": "pred_eval",
+            "disparity_vs_train": summary["disparity"],
+            "mismatch": summary["mismatch_eval"],
+            "dice_vs_labels": None,
+        },
+        "train": {
+            "prediction": "pred_train",
+            "disparity_vs_train": {"hard": [0.0] * n_out, "soft": [0.0] * n_out},
+            "mismatch": summary["mismatch_train"],
+            "dice_vs_labels": None,
+        },
+    }
+    for remedy, row in measured.items():
+        result[remedy] = dict(row) | {"dice_vs_labels": None}
+    if recal_result is not None and "recalibrated" in measured:
+        provenance = recal_result.provenance
+        result["recalibration"] = {
+            key: provenance.get(key)
+            for key in ("date", "variance", "n_batches", "tiles", "holdout_tiles", "notes")
+        } | {
+            "batch_size": provenance["config"]["batch_size"],
+            "holdout": recal_result.holdout,
+        }
+    return result
+
+
+def finish_remedies(
+    store: OutputStore,
+    result: dict[str, Any],
+    label_volume: Volume | None,
+    mapping: dict,
+    offset: tuple[int, ...],
+    ignore_labels: tuple[int, ...],
+    config: RunConfig,
+    notes: list[str],
+) -> None:
+    """Add the Dice of every stored prediction against the labels, and the notes, to ``result``."""
     if label_volume is not None:
-        for row in ("eval", "train"):
-            result[row]["dice_vs_labels"] = dice_of_stored(
-                store.array(PREDICTION_NAMES[row]),
-                label_volume,
-                mapping,
-                offset=offset,
-                threshold=config.threshold,
-                argmax=argmax,
-                ignore=tuple(ignore_labels),
-            )
+        for row in ROWS:
+            if row in result:
+                result[row]["dice_vs_labels"] = dice_of_stored(
+                    store.array(prediction_group(row)),
+                    label_volume,
+                    mapping,
+                    offset=offset,
+                    threshold=config.threshold,
+                    argmax=config.activation == "softmax",
+                    ignore=tuple(ignore_labels),
+                )
         result["labels"] = {
             "source": label_volume.source,
             "mapping": {str(c): list(v) for c, v in mapping.items()},
             "ignore": list(ignore_labels),
         }
     result["notes"] = notes + remedy_notes(result)
-    result["seconds"] = round(time.perf_counter() - t_start, 3)
-    result = json.loads(json.dumps(result, default=_plain))
-    store.root.attrs["normcheck"] = dict(store.root.attrs["normcheck"]) | {"remedies": result}
-    yield RemediesFinished(out, result, recal_result)
 
 
-def _prepare_labels(labels: Any, label_map: Any, plan: TilePlan):
+def prepare_labels(
+    labels: Any, label_map: Any, plan: TilePlan
+) -> tuple[Volume | None, dict, tuple[int, ...]]:
+    """Open the labels and parse their map; returns ``(labels, mapping, offset)`` (no labels: None).
+
+    Raises
+    ------
+    NormcheckError
+        For a map without labels or labels without a map.
+    """
     if labels is None:
         if label_map is not None:
             raise NormcheckError("--label-map needs --labels (the ground-truth label volume)")
@@ -365,67 +443,6 @@ def _is_parsed(mapping: Any) -> bool:
     return isinstance(mapping, dict) and all(
         isinstance(k, int) and isinstance(v, tuple) for k, v in mapping.items()
     )
-
-
-def _create_like(store: OutputStore, name: str, remedy: str, config: RunConfig) -> zarr.Array:
-    """An image group with ``pred_eval``'s shape, chunks, dtype, voxel size and translation."""
-    reference = store.array("pred_eval")
-    datasets = store.root["pred_eval"].attrs["ome"]["multiscales"][0]["datasets"][0]
-    transforms = {t["type"]: t[t["type"]] for t in datasets["coordinateTransformations"]}
-    return store.create_image(
-        name,
-        tuple(reference.shape),
-        tuple(reference.chunks),
-        str(reference.dtype),
-        tuple(transforms["scale"][1:]),
-        tuple(transforms["translation"][1:]),
-        attrs={"mode": remedy, "remedy": ROW_TITLES[remedy], "activation": config.activation},
-    )
-
-
-def _add_mismatch(plan, tile, outputs, remedies, mismatch, activation) -> None:
-    """Feed each remedy's own tile prediction to its tracker (as both of the tracker's two modes)."""
-    start, stop = prediction_box(plan, tile)
-    window = tuple(slice(a - w, b - w) for a, b, w in zip(start, stop, tile.window_start))
-    for remedy, output in zip(remedies, outputs):
-        probabilities = activate(output[(slice(None), *window)][None], activation)[0]
-        mismatch[remedy].add(tile, np.stack([probabilities, probabilities]))
-
-
-def _assemble(run, remedies, disparity, mismatch, label_dice, recal_result) -> dict[str, Any]:
-    summary = run.summary
-    n_out = len(summary["disparity"]["hard"])
-    result: dict[str, Any] = {
-        "eval": {
-            "prediction": "pred_eval",
-            "disparity_vs_train": summary["disparity"],
-            "mismatch": summary["mismatch_eval"],
-            "dice_vs_labels": None,
-        },
-        "train": {
-            "prediction": "pred_train",
-            "disparity_vs_train": {"hard": [0.0] * n_out, "soft": [0.0] * n_out},
-            "mismatch": summary["mismatch_train"],
-            "dice_vs_labels": None,
-        },
-    }
-    for remedy in remedies:
-        result[remedy] = {
-            "prediction": PREDICTION_NAMES[remedy],
-            "disparity_vs_train": disparity[remedy].result(),
-            "mismatch": mismatch[remedy].result()["eval"],
-            "dice_vs_labels": label_dice[remedy].result() if remedy in label_dice else None,
-        }
-    if recal_result is not None and "recalibrated" in remedies:
-        provenance = recal_result.provenance
-        result["recalibration"] = {
-            key: provenance.get(key)
-            for key in ("date", "variance", "n_batches", "tiles", "holdout_tiles", "notes")
-        } | {
-            "batch_size": provenance["config"]["batch_size"],
-            "holdout": recal_result.holdout,
-        }
-    return result
 
 
 def _mean(values: list[float] | None) -> float | None:
@@ -463,7 +480,7 @@ def remedy_notes(result: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
