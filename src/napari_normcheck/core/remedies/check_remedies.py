@@ -23,12 +23,12 @@ from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.remedies.recalibrate import RecalibrationDone, RecalibrationResult
 from napari_normcheck.core.remedies.remedy_run import (
     RemediesFinished,
-    to_plain,
     applicable_remedies,
     assemble_remedies,
     finish_remedies,
     prepare_labels,
     recalibrate_for,
+    to_plain,
 )
 from napari_normcheck.core.remedies.variants import (
     RecalibratedVariant,

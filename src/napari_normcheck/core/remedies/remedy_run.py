@@ -481,6 +481,7 @@ def remedy_notes(result: dict[str, Any]) -> list[str]:
 
 
 def to_plain(value: Any) -> Any:
+    """A JSON-ready stand-in for ``value`` (``json.dumps``'s ``default``): numbers, lists, text."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
