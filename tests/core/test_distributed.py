@@ -413,3 +413,49 @@ def test_worker_killed_mid_run(tmp_path, client, loaded, volume, reference):
     assert killed_at is not None
     assert any(isinstance(e, BlockDone) for e in events[killed_at:])  # blocks ran after the kill
     assert_same_run(tmp_path / "o.zarr", summary_of(events), reference("constant"), exact=False)
+
+
+def test_run_with_remedies_on_the_cluster_equals_single_process(
+    tmp_path, scheduler_address, loaded, volume
+):
+    """``run --remedies`` on a cluster: the remedies' variants are built on the workers."""
+    from napari_normcheck.core.remedies.check_remedies import check_with_remedies
+    from napari_normcheck.core.remedies.remedy_run import RemediesFinished
+    from napari_normcheck.core.remedies.variants import REMEDIES
+
+    config = CONFIGS["gaussian"]
+    options = {"remedies": REMEDIES, "recalibration": {"n_tiles": 2, "holdout": 1}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers run
+    try:
+        single = list(check_with_remedies(volume, loaded, config, tmp_path / "one.zarr", **options))
+        spread = list(
+            check_with_remedies(
+                volume,
+                loaded,
+                config,
+                tmp_path / "many.zarr",
+                scheduler=scheduler_address,
+                block_chunks=BLOCKS["gaussian"],
+                **options,
+            )
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert any(isinstance(e, BlockDone) for e in spread)
+    for name in ("pred_recalibrated", "pred_batchstats", "pred_eval", "disparity"):
+        np.testing.assert_allclose(
+            zarr.open_group(str(tmp_path / "many.zarr"), mode="r")[f"{name}/0"][...],
+            zarr.open_group(str(tmp_path / "one.zarr"), mode="r")[f"{name}/0"][...],
+            atol=1e-6,
+            rtol=0,
+            err_msg=name,
+        )
+    tables = [
+        next(e for e in events if isinstance(e, RemediesFinished)).remedies
+        for events in (single, spread)
+    ]
+    for row in REMEDIES:
+        for key in ("disparity_vs_train", "mismatch"):
+            for kind, values in tables[0][row][key].items():
+                np.testing.assert_allclose(tables[1][row][key][kind], values, atol=1e-6)
