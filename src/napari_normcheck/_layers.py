@@ -340,7 +340,10 @@ def contrast_for(
         return (0.0, float(np.iinfo(np.dtype(dtype)).max))
     if params.get("output_dtype") == "uint8":
         return (0.0, 255.0)
-    if group_name in outputs_in_group("disparity") or params.get("activation", "none") != "none":
+    shown = registry.output_display().get(group_name)
+    if shown is not None and shown.contrast is not None:
+        return tuple(shown.contrast)  # type: ignore[return-value]
+    if params.get("activation", "none") != "none":
         return (0.0, 1.0)
     return None
 

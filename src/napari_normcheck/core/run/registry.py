@@ -45,6 +45,10 @@ class Display:
         ``prediction``, ``remedy`` or ``disparity`` (what the widget groups and recolours).
     widget : bool
         The widget adds this layer for a run (the reader opens every output).
+    contrast : tuple of float or None
+        Contrast limits of the values as computed (a 0..1 fraction, say); ``None``: they follow
+        the run's activation (probabilities 0..1, logits from the data). Stored uint8 values are
+        shown over 0..255 either way.
     """
 
     layer: str
@@ -54,6 +58,7 @@ class Display:
     visible: bool = True
     group: Group = "disparity"
     widget: bool = False
+    contrast: tuple[float, float] | None = (0.0, 1.0)
 
     def style(self) -> dict[str, Any]:
         """``add_image`` keywords of the style (name, place and contrast are the caller's)."""
@@ -121,7 +126,7 @@ def _disparity(probabilities: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.abs(probabilities["train"] - probabilities["eval"])
 
 
-_PREDICTION_STYLE = {"blending": "additive", "opacity": 0.6, "visible": False}
+_PREDICTION_STYLE = {"blending": "additive", "opacity": 0.6, "visible": False, "contrast": None}
 # Predictions get one colour each: eval and train overlaid are white where they agree, green or
 # magenta where they do not.
 PREDICTION_DISPLAY = {
