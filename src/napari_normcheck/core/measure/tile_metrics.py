@@ -66,3 +66,13 @@ def disparity_soft(view: TileView) -> list[float]:
 def disparity_argmax(view: TileView) -> list[float] | None:
     """``1 - Dice`` of the argmax classes (softmax outputs only)."""
     return view.disparity.get("argmax")
+
+
+def flip_fraction(view: TileView) -> list[float]:
+    """Fraction of the tile's voxels whose hard label differs between eval and train, per channel.
+
+    Unlike the disparity it does not depend on how much foreground the tile has: a tile that is
+    mostly background and flips a few voxels scores low here, high in ``1 - Dice``.
+    """
+    flips = view.hard("eval") != view.hard("train")
+    return [float(v) for v in flips.reshape(flips.shape[0], -1).mean(axis=1)]

@@ -238,6 +238,14 @@ TILE_METRICS: tuple[TileMetric, ...] = (
         "disparity_argmax", "per-tile disparity of argmax classes", tile_metrics.disparity_argmax
     ),
     TileMetric(
+        "flip_fraction",
+        "per-tile fraction of voxels whose hard label differs between eval and train",
+        tile_metrics.flip_fraction,
+        grid="tile_flips",
+        display=Display("tile flips", "plasma", **_GRID),
+        sort="flips",
+    ),
+    TileMetric(
         "mismatch_eval",
         "per-tile mismatch eval (1 - Dice)",
         grid="tile_mismatch_eval",
