@@ -15,6 +15,7 @@ TODAY = (
     "stop",
     "disparity_hard",
     "disparity_soft",
+    "flip_fraction",
     "mismatch_eval",
     "mismatch_train",
     "feature_z",
@@ -66,11 +67,13 @@ def test_todays_tile_keys_stay_and_argmax_only_where_a_tile_has_it(tmp_path):
 
 
 def test_a_registered_metric_is_a_report_key_and_a_csv_column(monkeypatch, tmp_path):
-    flips = registry.TileMetric("flip_fraction", "fraction of voxels that flip", grid="tile_flips")
-    monkeypatch.setattr(registry, "TILE_METRICS", (*registry.TILE_METRICS, flips))
-    built = build_report(summary({"flip_fraction": [0.25]}), {})
-    assert [tile["flip_fraction"] for tile in built["tiles"]] == [[0.25], None]
+    changed = registry.TileMetric(
+        "changed_fraction", "fraction of voxels that change", grid="tile_changed"
+    )
+    monkeypatch.setattr(registry, "TILE_METRICS", (*registry.TILE_METRICS, changed))
+    built = build_report(summary({"changed_fraction": [0.25]}), {})
+    assert [tile["changed_fraction"] for tile in built["tiles"]] == [[0.25], None]
     path = write_report(tmp_path / "r.csv", built)
     header, *rows = list(csv.reader(path.open()))
-    assert header[-2:] == ["flip_fraction", "feature_z"]
-    assert [row[header.index("flip_fraction")] for row in rows] == ["0.25", ""]
+    assert header[-2:] == ["changed_fraction", "feature_z"]
+    assert [row[header.index("changed_fraction")] for row in rows] == ["0.25", ""]

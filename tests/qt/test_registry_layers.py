@@ -1,7 +1,7 @@
 """An output added to the registry reaches the reader, the widget's layers and the tile table.
 
 ``registry.TILE_METRICS`` and ``registry.VOXEL_OUTPUTS`` get one extra entry each (monkeypatched,
-no other edit): a per-tile "fraction of voxels that flip" grid and an "uncertainty" voxel map.
+no other edit): a per-tile "fraction of voxels that change" grid and an "uncertainty" voxel map.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from napari_normcheck.core.run.engine import run_check
 
 from .conftest import ARCH, ARCH_KWARGS
 
-FLIPS = registry.TileMetric(
-    "flip_fraction",
-    "per-tile fraction of voxels whose hard class flips between eval and train",
-    grid="tile_flips",
+CHANGED = registry.TileMetric(
+    "changed_fraction",
+    "per-tile fraction of voxels whose probability changes by more than 0.1",
+    grid="tile_changed",
     display=registry.Display(
-        "tile flips", "plasma", blending="translucent", opacity=0.4, visible=False, widget=True
+        "tile changed", "plasma", blending="translucent", opacity=0.4, visible=False, widget=True
     ),
-    sort="flips",
+    sort="changed",
 )
 UNCERTAINTY = registry.VoxelOutput(
     "uncertainty",
@@ -45,13 +45,13 @@ UNCERTAINTY = registry.VoxelOutput(
 @pytest.fixture
 def extended(monkeypatch):
     """The registry with one more tile metric and one more voxel output."""
-    monkeypatch.setattr(registry, "TILE_METRICS", (*registry.TILE_METRICS, FLIPS))
+    monkeypatch.setattr(registry, "TILE_METRICS", (*registry.TILE_METRICS, CHANGED))
     monkeypatch.setattr(registry, "VOXEL_OUTPUTS", (*registry.VOXEL_OUTPUTS, UNCERTAINTY))
 
 
 @pytest.fixture
 def store(tmp_path, tiny_model_file, small_image):
-    """A finished run's OUT.zarr, with a ``tile_flips`` grid copied from its soft disparity grid.
+    """A finished run's OUT.zarr, with a ``tile_changed`` grid copied from its soft disparity grid.
 
     Made with the registry of today (ask for it before ``extended``): only the napari side reads
     the extra entries.
@@ -61,7 +61,7 @@ def store(tmp_path, tiny_model_file, small_image):
     out = tmp_path / "run.zarr"
     config = RunConfig(tile=(16, 32, 32), activation="sigmoid", device="cpu")
     list(run_check(volume, loaded.module, config, out, divisor=loaded.info.divisor))
-    shutil.copytree(out / "tile_disparity_soft", out / "tile_flips")
+    shutil.copytree(out / "tile_disparity_soft", out / "tile_changed")
     return out
 
 
@@ -92,6 +92,7 @@ def test_todays_outputs_keep_their_layer_names_styles_order_and_table():
         "pred_batchstats",
         "tile_disparity_soft",
         "tile_disparity",
+        "tile_flips",
         "tile_mismatch_eval",
         "tile_mismatch_train",
         "feature_z",
@@ -115,15 +116,16 @@ def test_todays_outputs_keep_their_layer_names_styles_order_and_table():
         "grid z,y,x",
         "soft disparity",
         "hard disparity",
+        "flips",
         "mismatch (eval)",
         "feature |z|",
     )
-    assert list(sort_keys()) == ["disparity", "mismatch (eval)", "feature z"]
+    assert list(sort_keys()) == ["disparity", "flips", "mismatch (eval)", "feature z"]
 
 
 def test_a_registered_output_gets_a_layer_style_place_and_widget_slot(extended):
-    assert _layers.IMAGE_OUTPUTS["tile_flips"] == (
-        "tile flips",
+    assert _layers.IMAGE_OUTPUTS["tile_changed"] == (
+        "tile changed",
         {"colormap": "plasma", "blending": "translucent", "opacity": 0.4, "visible": False},
     )
     assert _layers.IMAGE_OUTPUTS["uncertainty"][0] == "uncertainty"
@@ -131,17 +133,16 @@ def test_a_registered_output_gets_a_layer_style_place_and_widget_slot(extended):
     # A disparity-group voxel map goes with the disparity maps, above the predictions; the grid
     # goes among the grids (by layer name), above feature z.
     assert order.index("seams_train") < order.index("uncertainty") < order.index("pred_eval")
-    assert order.index("tile_disparity") < order.index("tile_flips")
-    assert order.index("tile_flips") < order.index("tile_mismatch_eval")
+    assert order.index("pred_batchstats") < order.index("tile_changed") < order.index("feature_z")
     assert order[-1] == "feature_z"
     assert "uncertainty" in _layers.widget_voxel_outputs({"seams": False})
     assert _layers.widget_grid_outputs() == (
         "tile_disparity_soft",
         "tile_mismatch_eval",
-        "tile_flips",
+        "tile_changed",
     )
-    assert {"uncertainty", "tile_flips"} <= set(_layers.widget_outputs())
-    assert _layers.contrast_for("tile_flips", {"activation": "none"}) == (0.0, 1.0)
+    assert {"uncertainty", "tile_changed"} <= set(_layers.widget_outputs())
+    assert _layers.contrast_for("tile_changed", {"activation": "none"}) == (0.0, 1.0)
 
 
 def test_a_registered_metric_is_a_tile_table_column_and_sort_choice(qtbot, extended):
@@ -149,19 +150,19 @@ def test_a_registered_metric_is_a_tile_table_column_and_sort_choice(qtbot, exten
     qtbot.addWidget(table)
     headers = [table.horizontalHeaderItem(j).text() for j in range(table.columnCount())]
     assert headers == ["tile", "grid z,y,x", *column_headers()[2:]]
-    assert headers[-2:] == ["flips", "feature |z|"]
-    assert list(sort_keys()) == ["disparity", "mismatch (eval)", "flips", "feature z"]
+    assert headers[-2:] == ["changed", "feature |z|"]
+    assert list(sort_keys()) == ["disparity", "flips", "mismatch (eval)", "changed", "feature z"]
     table.set_records(
         [
-            {"index": 0, "disparity_soft": [0.9], "flip_fraction": [0.1]},
-            {"index": 1, "disparity_soft": [0.2], "flip_fraction": [0.7]},
+            {"index": 0, "disparity_soft": [0.9], "changed_fraction": [0.1]},
+            {"index": 1, "disparity_soft": [0.2], "changed_fraction": [0.7]},
             {"index": 2, "disparity_soft": [0.5]},
         ]
     )
     assert [table.tile_at_row(r) for r in range(3)] == [0, 2, 1]
-    table.set_sort_key("flips")
+    table.set_sort_key("changed")
     assert [table.tile_at_row(r) for r in range(3)] == [1, 0, 2]  # no value: last
-    assert [table.item(r, headers.index("flips")).text() for r in range(3)] == [
+    assert [table.item(r, headers.index("changed")).text() for r in range(3)] == [
         "0.7000",
         "0.1000",
         "-",
@@ -173,18 +174,18 @@ def test_the_reader_and_the_widget_show_a_registered_grid(make_napari_viewer, st
 
     layers = get_reader(str(store))(str(store))
     by_output = {kwargs["metadata"].get("normcheck_output"): kwargs for _, kwargs, _ in layers}
-    assert by_output["tile_flips"]["name"] == "tile flips"
-    assert by_output["tile_flips"]["colormap"] == "plasma"
+    assert by_output["tile_changed"]["name"] == "tile changed"
+    assert by_output["tile_changed"]["colormap"] == "plasma"
     assert "uncertainty" not in by_output  # not in this store: nothing to show
 
     viewer = make_napari_viewer()
     results = ResultLayers(viewer)
     results.show(store, final=True)
-    assert "tile_flips" in results.layers
-    flips = results.layers["tile_flips"]
-    assert flips.name == "tile flips · c0"
+    assert "tile_changed" in results.layers
+    changed = results.layers["tile_changed"]
+    assert changed.name == "tile changed · c0"
     np.testing.assert_array_equal(
-        np.asarray(flips.data[0]), zarr.open_group(str(store))["tile_flips/0"][0]
+        np.asarray(changed.data[0]), zarr.open_group(str(store))["tile_changed/0"][0]
     )
     results.order_layers()
     ranked = {name: rank for rank, name in enumerate(_layers.layer_order())}
