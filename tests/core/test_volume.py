@@ -11,9 +11,9 @@ import tifffile
 import zarr
 
 from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.io.lazy_array import _contiguous_chunks
 from napari_normcheck.core.io.volume import (
     Volume,
-    _contiguous_chunks,
     _zarr_dask_chunks,
     list_arrays,
     open_volume,

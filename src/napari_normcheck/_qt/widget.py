@@ -51,12 +51,6 @@ def _show_error(message: str) -> None:
     show_error(message)
 
 
-def _show_info(message: str) -> None:
-    from napari.utils.notifications import show_info
-
-    show_info(message)
-
-
 def summary_line(summary: dict[str, Any], out: Path | str) -> str:
     """The line shown after a run: global disparity and eval mismatch per channel, the verdict."""
     from napari_normcheck.core.run.report import verdict

@@ -25,7 +25,6 @@ import zarr
 
 from napari_normcheck.core.base.errors import NormcheckError
 from napari_normcheck.core.io.lazy_array import (
-    _contiguous_chunks,  # noqa: F401 (re-exported: tests import it from volume)
     _from_contiguous,
     _zarr_dask_chunks,
 )

@@ -33,9 +33,7 @@ from napari_normcheck.core.run.blocks import whole_train_batches
 from napari_normcheck.core.run.forward import probe_out_channels
 from napari_normcheck.core.run.manifest import remove_block_records
 from napari_normcheck.core.run.predictions import CHECK, Prediction, bind_predictions
-from napari_normcheck.core.run.runsteps import (  # noqa: F401 (check_tile, default_tile re-exported)
-    check_tile,
-    default_tile,
+from napari_normcheck.core.run.runsteps import (
     finish_run,
     open_outputs,
     precision_effect,
