@@ -14,7 +14,7 @@ from functools import cached_property
 
 import numpy as np
 
-from napari_normcheck.core.measure.metrics import tile_disparity
+from napari_normcheck.core.measure.metrics import dice_sums, disparity_from_sums
 
 
 class TileView:
@@ -38,19 +38,21 @@ class TileView:
         self.argmax = argmax
 
     @cached_property
-    def disparity(self) -> dict[str, list[float]]:
-        """``1 - Dice`` of eval against train per channel: ``hard``, ``soft`` (and ``argmax``)."""
-        return tile_disparity(
+    def sums(self) -> dict[str, np.ndarray]:
+        """Dice sums of eval against train (:func:`~napari_normcheck.core.measure.metrics.dice_sums`)."""
+        return dice_sums(
             self.probabilities["train"], self.probabilities["eval"], self.threshold, self.argmax
         )
 
-    def hard(self, name: str) -> np.ndarray:
-        """Boolean foreground of prediction ``name`` per channel (one-hot argmax for softmax)."""
-        p = self.probabilities[name]
-        if self.argmax:
-            labels = p.argmax(axis=0)
-            return labels[None] == np.arange(p.shape[0]).reshape(-1, *(1,) * labels.ndim)
-        return p > self.threshold
+    @cached_property
+    def disparity(self) -> dict[str, list[float]]:
+        """``1 - Dice`` of eval against train per channel: ``hard``, ``soft`` (and ``argmax``)."""
+        return {kind: disparity_from_sums(sums) for kind, sums in self.sums.items()}
+
+    @property
+    def n_voxels(self) -> int:
+        """Voxels per channel."""
+        return int(np.prod(self.probabilities["eval"].shape[1:]))
 
 
 def disparity_hard(view: TileView) -> list[float]:
@@ -74,5 +76,6 @@ def flip_fraction(view: TileView) -> list[float]:
     Unlike the disparity it does not depend on how much foreground the tile has: a tile that is
     mostly background and flips a few voxels scores low here, high in ``1 - Dice``.
     """
-    flips = view.hard("eval") != view.hard("train")
-    return [float(v) for v in flips.reshape(flips.shape[0], -1).mean(axis=1)]
+    # From the Dice counts already summed: |A xor B| = |A| + |B| - 2 |A and B|.
+    inter, total = view.sums["argmax" if view.argmax else "hard"]
+    return [float(v) for v in (total - 2 * inter) / max(view.n_voxels, 1)]
