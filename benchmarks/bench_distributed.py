@@ -65,7 +65,8 @@ def main() -> None:
     from napari_normcheck.core.models.models import load_model
     from napari_normcheck.core.run.blocks import default_block_chunks
     from napari_normcheck.core.run.distributed import ModelSpec, open_client, run_check_distributed
-    from napari_normcheck.core.run.engine import RunFinished, run_check
+    from napari_normcheck.core.run.engine import run_check
+    from napari_normcheck.core.run.events import RunFinished
     from napari_normcheck.core.run.runsteps import prepare_run
 
     torch.set_num_threads(1)  # the single-process reference uses one core, as one worker does

@@ -53,7 +53,8 @@ def make_zarr(path: Path, shape: tuple[int, int, int]) -> None:
 def engine_run(volume_path: str, out: str, cache_mb: int) -> dict:
     from napari_normcheck.core.base.config import RunConfig
     from napari_normcheck.core.io.volume import open_volume
-    from napari_normcheck.core.run.engine import RunFinished, run_check
+    from napari_normcheck.core.run.engine import run_check
+    from napari_normcheck.core.run.events import RunFinished
 
     model = make_model()
     config = RunConfig(

@@ -69,7 +69,8 @@ def run_case(volume_path: str, out: str, tile: tuple[int, int, int], device: str
 
     from napari_normcheck.core.base.config import RunConfig
     from napari_normcheck.core.io.volume import open_volume
-    from napari_normcheck.core.run.engine import RunFinished, run_check
+    from napari_normcheck.core.run.engine import run_check
+    from napari_normcheck.core.run.events import RunFinished
 
     spatial_dims = 2 if tile[0] == 1 else 3
     model = make_model(spatial_dims)

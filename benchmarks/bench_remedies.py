@@ -23,7 +23,8 @@ from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.io.volume import open_volume
 from napari_normcheck.core.remedies.fold import fold_batchnorm, fold_speedup
 from napari_normcheck.core.remedies.remedy_run import RemediesFinished, run_remedies
-from napari_normcheck.core.run.engine import RunFinished, run_check
+from napari_normcheck.core.run.engine import run_check
+from napari_normcheck.core.run.events import RunFinished
 from napari_normcheck.data import SAMPLE_MODELS, make_synthetic_em
 
 ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "em"

@@ -28,7 +28,8 @@ from bench_engine import TILE, make_model, make_zarr  # noqa: E402
 
 def engine_seconds(volume_path: str, out: str, model, config) -> tuple[float, dict]:
     from napari_normcheck.core.io.volume import open_volume
-    from napari_normcheck.core.run.engine import RunFinished, run_check
+    from napari_normcheck.core.run.engine import run_check
+    from napari_normcheck.core.run.events import RunFinished
 
     t0 = time.perf_counter()
     summary: dict = {}

@@ -29,7 +29,8 @@ from napari_normcheck.core.io.volume import open_volume
 from napari_normcheck.core.models.models import load_model
 from napari_normcheck.core.models.modelspec import ModelSpec
 from napari_normcheck.core.run.distributed import open_client, run_check_distributed
-from napari_normcheck.core.run.engine import BlockDone, RunFinished, TileDone, run_check
+from napari_normcheck.core.run.engine import run_check
+from napari_normcheck.core.run.events import BlockDone, RunFinished, TileDone
 from napari_normcheck.core.run.manifest import blocks_dir
 from tests.conftest import TINY_UNET_ARCH, calibrate, synthetic_volume, tiny_unet, tiny_unet_kwargs
 

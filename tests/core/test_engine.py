@@ -18,7 +18,8 @@ from napari_normcheck.core.base.modes import has_running_stats
 from napari_normcheck.core.io.intensity import resolve_intensity
 from napari_normcheck.core.io.store import is_complete
 from napari_normcheck.core.io.volume import open_volume
-from napari_normcheck.core.run.engine import RunFinished, TileDone, run_check
+from napari_normcheck.core.run.engine import run_check
+from napari_normcheck.core.run.events import RunFinished, TileDone
 from tests.conftest import calibrate, synthetic_volume, tiny_unet
 
 

@@ -172,7 +172,8 @@ def test_cuda_staging_reuses_pinned_buffers_and_probe_finds_a_batch(batchnorm_un
 
 def test_a_reduced_precision_run_reports_its_effect_against_fp32(tmp_path, batchnorm_unet):
     from napari_normcheck.core.io.volume import open_volume
-    from napari_normcheck.core.run.engine import RunFinished, run_check
+    from napari_normcheck.core.run.engine import run_check
+    from napari_normcheck.core.run.events import RunFinished
     from napari_normcheck.core.run.report import build_report, format_summary
     from tests.conftest import synthetic_volume
 

@@ -9,7 +9,8 @@ from napari_normcheck.core.measure.metrics import (
     dice_sums,
     disparity_from_sums,
 )
-from napari_normcheck.core.run.engine import RunFinished, run_check
+from napari_normcheck.core.run.engine import run_check
+from napari_normcheck.core.run.events import RunFinished
 from tests.conftest import synthetic_volume
 
 

@@ -20,7 +20,8 @@ from napari_normcheck.core.models.models import load_model
 from napari_normcheck.core.remedies.check_remedies import check_with_remedies
 from napari_normcheck.core.remedies.remedy_run import RemediesFinished, run_remedies
 from napari_normcheck.core.remedies.variants import REMEDIES
-from napari_normcheck.core.run.engine import RunFinished, TileDone, run_check
+from napari_normcheck.core.run.engine import run_check
+from napari_normcheck.core.run.events import RunFinished, TileDone
 from tests.conftest import TINY_UNET_ARCH, calibrate, synthetic_volume, tiny_unet, tiny_unet_kwargs
 
 SHAPE = (40, 48, 52)  # a 3 x 2 x 2 grid of tiles

@@ -18,7 +18,8 @@ from napari_normcheck.core.remedies.remedy_run import (
     RemedyTileDone,
     run_remedies,
 )
-from napari_normcheck.core.run.engine import RunFinished, run_check
+from napari_normcheck.core.run.engine import run_check
+from napari_normcheck.core.run.events import RunFinished
 from napari_normcheck.data import SAMPLE_MODELS, make_synthetic_em
 
 SHAPE = (48, 96, 112)

@@ -344,7 +344,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         self._on_item(item)
 
     def _on_item(self, item: Any) -> None:
-        from napari_normcheck.core.run.engine import RunFinished, RunStarted, TileDone
+        from napari_normcheck.core.run.events import RunFinished, RunStarted, TileDone
 
         if isinstance(item, jobs.JobError):
             _show_error(item.message)

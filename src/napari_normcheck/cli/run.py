@@ -175,7 +175,7 @@ def run_and_report(
     from napari_normcheck.core.remedies.recalibrate import RecalibrationProgress
     from napari_normcheck.core.remedies.remedy_run import RemediesFinished
     from napari_normcheck.core.run.distributed import run_events
-    from napari_normcheck.core.run.engine import RunFinished, RunStarted, TileDone
+    from napari_normcheck.core.run.events import RunFinished, RunStarted, TileDone
     from napari_normcheck.core.run.report import build_report, format_summary
 
     info = loaded.info

@@ -37,7 +37,7 @@ from napari_normcheck.core.remedies.variants import (
     running_stats_of,
 )
 from napari_normcheck.core.run.distributed import run_events
-from napari_normcheck.core.run.engine import RunFinished
+from napari_normcheck.core.run.events import RunFinished
 from napari_normcheck.core.run.predictions import CHECK
 from napari_normcheck.core.run.runsteps import prepare_run
 

@@ -46,13 +46,8 @@ from napari_normcheck.core.run.blocks import (
     plan_blocks,
     tile_owners,
 )
-from napari_normcheck.core.run.engine import (
-    BlockDone,
-    RunFinished,
-    RunStarted,
-    TileDone,
-    run_check,
-)
+from napari_normcheck.core.run.engine import run_check
+from napari_normcheck.core.run.events import BlockDone, RunFinished, RunStarted, TileDone
 from napari_normcheck.core.run.forward import probe_out_channels, resolve_device
 from napari_normcheck.core.run.manifest import (
     config_hash,

@@ -18,18 +18,17 @@ import dataclasses
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from napari_normcheck.core.base.config import RunConfig
-from napari_normcheck.core.base.tiling import Tile, TilePlan
 from napari_normcheck.core.io.intensity import IntensityTransform
 from napari_normcheck.core.io.store import is_complete
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.run.blocks import whole_train_batches
+from napari_normcheck.core.run.events import RunFinished, RunStarted, TileDone
 from napari_normcheck.core.run.forward import probe_out_channels
 from napari_normcheck.core.run.manifest import remove_block_records
 from napari_normcheck.core.run.predictions import CHECK, Prediction, bind_predictions
@@ -43,48 +42,6 @@ from napari_normcheck.core.run.runsteps import (
 )
 from napari_normcheck.core.run.tileloop import TileLoop
 from napari_normcheck.core.run.timing import Timing
-
-
-@dataclass(frozen=True)
-class RunStarted:
-    """Emitted once the plan is fixed and the output store exists."""
-
-    out: Path
-    plan: TilePlan
-    device: str
-    eval_batch: int
-
-
-@dataclass(frozen=True)
-class TileDone:
-    """Emitted after a tile's two predictions have been stitched."""
-
-    tile: Tile
-    n_done: int
-    n_total: int
-    elapsed: float
-    chunks_written: int
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RunFinished:
-    """Emitted last, after the completion marker; ``summary`` is what the marker holds."""
-
-    out: Path
-    summary: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class BlockDone:
-    """Emitted by a distributed run when a block's task has finished and is recorded."""
-
-    block: int
-    n_done: int
-    n_total: int
-    elapsed: float
-    tiles_run: int
-    worker: str
 
 
 def run_check(
