@@ -15,9 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 import zarr
 
 from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.errors import NormcheckError
 from napari_normcheck.core.io.store import OutputStore
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.remedies.recalibrate import RecalibrationDone, RecalibrationResult
@@ -38,6 +40,7 @@ from napari_normcheck.core.remedies.variants import (
 )
 from napari_normcheck.core.run.distributed import run_events
 from napari_normcheck.core.run.events import RunFinished
+from napari_normcheck.core.run.forward import resolve_device
 from napari_normcheck.core.run.predictions import CHECK
 from napari_normcheck.core.run.runsteps import prepare_run
 
@@ -96,7 +99,11 @@ def check_with_remedies(
     t_start = time.perf_counter()
     check_remedy_names(remedies)
     model = loaded.module
-    setup = prepare_run(volume, config, spatial_dims=spatial_dims, divisor=divisor)
+    try:
+        device = resolve_device(config.device)
+    except NormcheckError:  # a cluster's client need not have the workers' GPUs
+        device = torch.device("cpu")
+    setup = prepare_run(volume, config, spatial_dims=spatial_dims, divisor=divisor, device=device)
     label_volume, mapping, offset = prepare_labels(labels, label_map, setup.plan)
     remedies, notes = applicable_remedies(model, remedies)
     source_model = (extra_attrs or {}).get("model")
@@ -117,6 +124,7 @@ def check_with_remedies(
             setup.spatial_dims,
             recalibration=recalibration,
             source_model=source_model,
+            device=str(device),
             cancel=cancel,
         ):
             if isinstance(event, RecalibrationDone):

@@ -1,14 +1,16 @@
-"""The tile loop of a single-process run and of a distributed block: read, predict, stitch, record.
+"""The one tile loop: read each tile once, run every named prediction on it, stitch, record.
 
 :class:`TileLoop` owns the per-run state that tiles feed: the blending accumulator, global disparity
 sums, pairwise mismatch sums, per-tile records and the background writer of finished chunks and
-seams. A single-process run gives it every tile; a distributed block gives it the block's tiles and
-its box, and it then writes only chunks inside the box and keeps records only of the tiles the block
-owns.
+seams. It serves the single-process check, a distributed block (the block's tiles and box: it then
+writes only chunks inside the box and keeps records only of the tiles the block owns) and the
+remedies alike (:mod:`~napari_normcheck.core.run.predictions`); what it writes and records is what
+the registry lists for its predictions (:mod:`~napari_normcheck.core.run.registry`).
 
 Data flow (memory depends on tile size and tiles in flight only):
-reader thread (lazy read + intensity normalization + padding) -> eval/train forwards in batches ->
-:class:`~napari_normcheck.core.run.stitch.ChunkAccumulator` -> finished chunks -> activation -> zarr.
+reader thread (lazy read + intensity normalization + padding) -> each prediction's forwards in
+batches -> :class:`~napari_normcheck.core.run.stitch.ChunkAccumulator` -> finished chunks (writer
+thread) -> activation, disparity sums, registry outputs -> zarr.
 """
 
 from __future__ import annotations
