@@ -22,7 +22,7 @@ from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.base.errors import NormcheckError
 from napari_normcheck.core.io.store import OutputStore
 from napari_normcheck.core.io.volume import Volume
-from napari_normcheck.core.remedies.recalibrate import RecalibrationDone, RecalibrationResult
+from napari_normcheck.core.remedies.recalibrate import RecalibrationResult
 from napari_normcheck.core.remedies.remedy_run import (
     RemediesFinished,
     applicable_remedies,
@@ -115,7 +115,7 @@ def check_with_remedies(
             RecalibratedVariant(stored["stats"])(model), stored["provenance"], stored["holdout"]
         )
     elif "recalibrated" in remedies:
-        for event in recalibrate_for(
+        recal_result = yield from recalibrate_for(
             model,
             volume,
             setup.plan,
@@ -126,11 +126,7 @@ def check_with_remedies(
             source_model=source_model,
             device=str(device),
             cancel=cancel,
-        ):
-            if isinstance(event, RecalibrationDone):
-                recal_result = event.result
-            else:
-                yield event
+        )
         if recal_result is None:
             return
     stats = running_stats_of(recal_result.model) if recal_result is not None else None

@@ -22,7 +22,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,11 +170,11 @@ def recalibrate_for(
     source_model: dict[str, Any] | None = None,
     device: str | None = None,
     cancel: threading.Event | None = None,
-) -> Iterator[Any]:
-    """Recalibrate a copy of ``model`` with the run's window, batch and ROI; yields progress.
+) -> Generator[Any, None, RecalibrationResult | None]:
+    """Recalibrate a copy of ``model`` with the run's window, batch and ROI.
 
-    The last event is :class:`~napari_normcheck.core.remedies.recalibrate.RecalibrationDone`
-    (none when cancelled).
+    A generator of progress events (``recal = yield from recalibrate_for(...)``) that returns the
+    result, or ``None`` when cancelled.
     """
     settings = {
         "tile": plan.window_shape,
@@ -185,7 +185,7 @@ def recalibrate_for(
         "device": device or config.device,
         **(recalibration or {}),
     }
-    yield from iter_recalibrate(
+    for event in iter_recalibrate(
         model,
         volume,
         RecalibrationConfig(**settings),
@@ -193,7 +193,11 @@ def recalibrate_for(
         spatial_dims=spatial_dims,
         source_model=source_model,
         cancel=cancel,
-    )
+    ):
+        if isinstance(event, RecalibrationDone):
+            return event.result
+        yield event
+    return None
 
 
 def run_remedies(
@@ -259,7 +263,7 @@ def run_remedies(
 
     recal_result = recalibrated
     if "recalibrated" in remedies and recal_result is None:
-        for event in recalibrate_for(
+        recal_result = yield from recalibrate_for(
             model,
             volume,
             plan,
@@ -270,11 +274,7 @@ def run_remedies(
             source_model=run.attrs.get("model"),
             device=str(device_),
             cancel=cancel,
-        ):
-            if isinstance(event, RecalibrationDone):
-                recal_result = event.result
-            else:
-                yield event
+        )
         if recal_result is None:
             return
     stats = running_stats_of(recal_result.model) if recal_result is not None else None
