@@ -12,12 +12,12 @@ from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.base.errors import NormcheckError
 from napari_normcheck.core.io.volume import open_volume
 from napari_normcheck.core.remedies.remedy_run import (
-    ROWS,
     RemediesFinished,
     RemediesStarted,
     RemedyTileDone,
     run_remedies,
 )
+from napari_normcheck.core.remedies.table import ROWS
 from napari_normcheck.core.run.engine import run_check
 from napari_normcheck.core.run.events import RunFinished
 from napari_normcheck.data import SAMPLE_MODELS, make_synthetic_em

@@ -12,7 +12,7 @@ from napari_normcheck._qt.remedies_panel import RemediesPanel, RemedyContext, ce
 from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.base.errors import NormcheckError
 from napari_normcheck.core.io.volume import open_volume
-from napari_normcheck.core.remedies.remedy_run import ROWS
+from napari_normcheck.core.remedies.table import ROWS
 from napari_normcheck.core.run.engine import run_check
 from tests.conftest import calibrate, tiny_unet
 

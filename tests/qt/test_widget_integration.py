@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from napari_normcheck.core.io.store import is_complete
-from napari_normcheck.core.remedies.remedy_run import ROWS
+from napari_normcheck.core.remedies.table import ROWS
 
 from .test_widget import SCALE, TRANSLATE, make_widget, wait_done
 

@@ -303,7 +303,7 @@ class RemediesPanel(QGroupBox):
 
     def show_table(self, remedies: dict[str, Any]) -> None:
         """Fill the comparison table: one row per mode, hard values per channel."""
-        from napari_normcheck.core.remedies.remedy_run import ROW_TITLES, ROWS
+        from napari_normcheck.core.remedies.table import ROW_TITLES, ROWS
 
         rows = [r for r in ROWS if r in remedies]
         n_out = len(remedies["eval"]["disparity_vs_train"]["hard"])

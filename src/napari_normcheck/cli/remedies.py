@@ -302,7 +302,7 @@ def report_remedies(args: argparse.Namespace, finished: Any, loaded: Any) -> dic
 
 def format_remedies(result: dict[str, Any]) -> str:
     """The comparison table (hard values per channel) and the notes, as printed text."""
-    from napari_normcheck.core.remedies.remedy_run import ROW_TITLES, ROWS
+    from napari_normcheck.core.remedies.table import ROW_TITLES, ROWS
 
     def fmt(values: Any) -> str:
         return " ".join(f"{v:.3f}" for v in values) if values else "-"

@@ -26,10 +26,12 @@ from napari_normcheck.core.remedies.recalibrate import RecalibrationResult
 from napari_normcheck.core.remedies.remedy_run import (
     RemediesFinished,
     applicable_remedies,
+    recalibrate_for,
+)
+from napari_normcheck.core.remedies.table import (
     assemble_remedies,
     finish_remedies,
     prepare_labels,
-    recalibrate_for,
     to_plain,
 )
 from napari_normcheck.core.remedies.variants import (

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zarr
 from torch import nn
 
@@ -38,17 +37,17 @@ from napari_normcheck.core.base.tiling import TilePlan, plan_tiles
 from napari_normcheck.core.io.intensity import IntensityTransform
 from napari_normcheck.core.io.store import OutputStore, is_complete, read_marker
 from napari_normcheck.core.io.volume import Volume
-from napari_normcheck.core.measure.labels import (
-    dice_of_stored,
-    label_box,
-    open_labels,
-    parse_label_map,
-)
 from napari_normcheck.core.remedies.recalibrate import (
     RecalibrationConfig,
     RecalibrationDone,
     RecalibrationResult,
     iter_recalibrate,
+)
+from napari_normcheck.core.remedies.table import (
+    assemble_remedies,
+    finish_remedies,
+    prepare_labels,
+    to_plain,
 )
 from napari_normcheck.core.remedies.variants import (
     REMEDIES,
@@ -63,14 +62,6 @@ from napari_normcheck.core.run.runsetup import RunSetup
 from napari_normcheck.core.run.runsteps import create_voxel_outputs
 from napari_normcheck.core.run.tileloop import TileLoop
 from napari_normcheck.core.run.timing import Timing
-
-ROWS = ("eval", "train", *REMEDIES)
-ROW_TITLES = {
-    "eval": "eval",
-    "train": "train",
-    "recalibrated": "recalibrated eval",
-    "batchstats": "batch-stats eval",
-}
 
 
 @dataclass(frozen=True)
@@ -337,157 +328,3 @@ def _on_device(model: nn.Module, device: Any) -> nn.Module:
     import copy
 
     return copy.deepcopy(model).to(device)
-
-
-def assemble_remedies(
-    summary: dict[str, Any],
-    measured: dict[str, dict[str, Any]],
-    recal_result: RecalibrationResult | None,
-) -> dict[str, Any]:
-    """The remedies table: eval and train from the check's summary, then each remedy measured.
-
-    Parameters
-    ----------
-    summary : dict
-        The check's summary (its ``disparity``, ``mismatch_eval``, ``mismatch_train``).
-    measured : dict
-        Per remedy: ``prediction``, ``disparity_vs_train`` and ``mismatch``.
-    recal_result : RecalibrationResult or None
-        The recalibration, for its provenance and held-out effect.
-    """
-    n_out = len(summary["disparity"]["hard"])
-    result: dict[str, Any] = {
-        "eval": {
-            "prediction": "pred_eval",
-            "disparity_vs_train": summary["disparity"],
-            "mismatch": summary["mismatch_eval"],
-            "dice_vs_labels": None,
-        },
-        "train": {
-            "prediction": "pred_train",
-            "disparity_vs_train": {"hard": [0.0] * n_out, "soft": [0.0] * n_out},
-            "mismatch": summary["mismatch_train"],
-            "dice_vs_labels": None,
-        },
-    }
-    for remedy, row in measured.items():
-        result[remedy] = dict(row) | {"dice_vs_labels": None}
-    if recal_result is not None and "recalibrated" in measured:
-        provenance = recal_result.provenance
-        result["recalibration"] = {
-            key: provenance.get(key)
-            for key in ("date", "variance", "n_batches", "tiles", "holdout_tiles", "notes")
-        } | {
-            "batch_size": provenance["config"]["batch_size"],
-            "holdout": recal_result.holdout,
-        }
-    return result
-
-
-def finish_remedies(
-    store: OutputStore,
-    result: dict[str, Any],
-    label_volume: Volume | None,
-    mapping: dict,
-    offset: tuple[int, ...],
-    ignore_labels: tuple[int, ...],
-    config: RunConfig,
-    notes: list[str],
-) -> None:
-    """Add the Dice of every stored prediction against the labels, and the notes, to ``result``."""
-    if label_volume is not None:
-        for row in ROWS:
-            if row in result:
-                result[row]["dice_vs_labels"] = dice_of_stored(
-                    store.array(prediction_group(row)),
-                    label_volume,
-                    mapping,
-                    offset=offset,
-                    threshold=config.threshold,
-                    argmax=config.activation == "softmax",
-                    ignore=tuple(ignore_labels),
-                )
-        result["labels"] = {
-            "source": label_volume.source,
-            "mapping": {str(c): list(v) for c, v in mapping.items()},
-            "ignore": list(ignore_labels),
-        }
-    result["notes"] = notes + remedy_notes(result)
-
-
-def prepare_labels(
-    labels: Any, label_map: Any, plan: TilePlan
-) -> tuple[Volume | None, dict, tuple[int, ...]]:
-    """Open the labels and parse their map; returns ``(labels, mapping, offset)`` (no labels: None).
-
-    Raises
-    ------
-    NormcheckError
-        For a map without labels or labels without a map.
-    """
-    if labels is None:
-        if label_map is not None:
-            raise NormcheckError("--label-map needs --labels (the ground-truth label volume)")
-        return None, {}, (0, 0, 0)
-    if label_map is None:
-        raise NormcheckError(
-            "labels need a mapping from label values to output channels: add --label-map '{\"1\": 0}'"
-        )
-    label_volume = labels if isinstance(labels, Volume) else open_labels(labels)
-    mapping = parse_label_map(label_map) if not _is_parsed(label_map) else label_map
-    offset = label_box(label_volume, plan.volume_shape, plan.roi_start, plan.roi_stop)
-    return label_volume, mapping, offset
-
-
-def _is_parsed(mapping: Any) -> bool:
-    return isinstance(mapping, dict) and all(
-        isinstance(k, int) and isinstance(v, tuple) for k, v in mapping.items()
-    )
-
-
-def _mean(values: list[float] | None) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
-def remedy_notes(result: dict[str, Any]) -> list[str]:
-    """One plain sentence per remedy: what it changed against eval, better or worse, nothing hidden."""
-    notes = []
-    base = result["eval"]
-    for remedy in REMEDIES:
-        row = result.get(remedy)
-        if row is None:
-            continue
-        parts = []
-        for key, label, kind, higher_is_better in (
-            ("disparity_vs_train", "disparity vs train", "hard", False),
-            ("mismatch", "tile mismatch", "hard", False),
-            ("dice_vs_labels", "Dice vs labels", "hard", True),
-        ):
-            before = _mean((base.get(key) or {}).get(kind))
-            after = _mean((row.get(key) or {}).get(kind))
-            if before is None or after is None:
-                continue
-            if abs(after - before) < 1e-4:
-                verdict = "unchanged"
-            else:
-                better = (after > before) == higher_is_better
-                verdict = (
-                    f"{'higher' if after > before else 'lower'}: {'better' if better else 'worse'}"
-                )
-            parts.append(f"{label} {before:.3f} -> {after:.3f} ({verdict})")
-        if parts:
-            notes.append(f"{ROW_TITLES[remedy]} vs eval: " + "; ".join(parts))
-    return notes
-
-
-def to_plain(value: Any) -> Any:
-    """A JSON-ready stand-in for ``value`` (``json.dumps``'s ``default``): numbers, lists, text."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    with contextlib.suppress(Exception):
-        return float(value)
-    return str(value)
