@@ -67,7 +67,7 @@ def main() -> None:
     from napari_normcheck.core.run.distributed import ModelSpec, open_client, run_check_distributed
     from napari_normcheck.core.run.engine import run_check
     from napari_normcheck.core.run.events import RunFinished
-    from napari_normcheck.core.run.runsteps import prepare_run
+    from napari_normcheck.core.run.planning import prepare_run
 
     torch.set_num_threads(1)  # the single-process reference uses one core, as one worker does
     config = RunConfig(tile=TILE, overlap=0.25, normalize="minmax:0,255", activation="sigmoid")

@@ -150,7 +150,7 @@ def expected_plan(shape: tuple[int, ...], config: Any, divisor: Any = None) -> A
     Only used to outline the tiles before the run starts (a Shapes layer of many tiles takes
     seconds to build); the engine's own plan, in ``RunStarted``, is the one that counts.
     """
-    from napari_normcheck.core.run.runsteps import plan_run_tiles
+    from napari_normcheck.core.run.planning import plan_run_tiles
 
     try:
         return plan_run_tiles(shape, config, config.spatial_dims or 3, divisor)

@@ -86,7 +86,7 @@ def open_inputs(args: argparse.Namespace):
 
 def model_tile(loaded, volume) -> tuple[int, int, int] | None:
     """The tile a model with a fixed input size needs (None: the run picks one)."""
-    from napari_normcheck.core.run.runsteps import default_tile
+    from napari_normcheck.core.run.planning import default_tile
 
     info = loaded.info
     if info.fixed_shape is None:

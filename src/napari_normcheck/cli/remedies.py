@@ -342,7 +342,7 @@ def recalibrate_command(args: argparse.Namespace) -> int:
         iter_recalibrate,
     )
     from napari_normcheck.core.remedies.recalibrate_export import export_recalibrated
-    from napari_normcheck.core.run.runsteps import check_tile, default_tile
+    from napari_normcheck.core.run.planning import check_tile, default_tile
 
     volume, loaded = open_inputs(args)
     from torch.jit import ScriptModule

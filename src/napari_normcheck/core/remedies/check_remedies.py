@@ -43,8 +43,8 @@ from napari_normcheck.core.remedies.variants import (
 from napari_normcheck.core.run.distributed import run_events
 from napari_normcheck.core.run.events import RunFinished
 from napari_normcheck.core.run.forward import resolve_device
+from napari_normcheck.core.run.planning import prepare_run
 from napari_normcheck.core.run.predictions import CHECK
-from napari_normcheck.core.run.runsteps import prepare_run
 
 
 def check_with_remedies(

@@ -56,14 +56,10 @@ from napari_normcheck.core.run.manifest import (
     remove_block_records,
     write_manifest,
 )
+from napari_normcheck.core.run.planning import prepare_run
 from napari_normcheck.core.run.predictions import CHECK, Prediction, make_recorder
 from napari_normcheck.core.run.runsetup import RunSetup
-from napari_normcheck.core.run.runsteps import (
-    finish_run,
-    open_outputs,
-    prepare_run,
-    run_attrs,
-)
+from napari_normcheck.core.run.runsteps import finish_run, open_outputs, run_attrs
 from napari_normcheck.core.run.sums import RunSums
 from napari_normcheck.core.run.timing import Timing
 

@@ -31,15 +31,9 @@ from napari_normcheck.core.run.blocks import whole_train_batches
 from napari_normcheck.core.run.events import RunFinished, RunStarted, TileDone
 from napari_normcheck.core.run.forward import probe_out_channels
 from napari_normcheck.core.run.manifest import remove_block_records
+from napari_normcheck.core.run.planning import precision_effect, prepare_run, resolve_eval_batch
 from napari_normcheck.core.run.predictions import CHECK, Prediction, bind_predictions
-from napari_normcheck.core.run.runsteps import (
-    finish_run,
-    open_outputs,
-    precision_effect,
-    prepare_run,
-    resolve_eval_batch,
-    run_attrs,
-)
+from napari_normcheck.core.run.runsteps import finish_run, open_outputs, run_attrs
 from napari_normcheck.core.run.tileloop import TileLoop
 from napari_normcheck.core.run.timing import Timing
 
