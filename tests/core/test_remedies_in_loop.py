@@ -14,6 +14,7 @@ import torch
 import zarr
 
 from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.errors import NormcheckError
 from napari_normcheck.core.io.store import is_complete
 from napari_normcheck.core.io.volume import open_volume
 from napari_normcheck.core.models.models import load_model
@@ -132,3 +133,15 @@ def test_cancel_then_resume_equals_uninterrupted(
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     assert table(events) == table(reference_events)
+
+
+def test_resume_refuses_other_predictions(tmp_path, loaded, volume):
+    out = tmp_path / "o.zarr"
+    cancel = threading.Event()
+    for event in run_check(volume, loaded.module, CONFIG, out, cancel=cancel):
+        if isinstance(event, TileDone):
+            cancel.set()
+    with pytest.raises(NormcheckError, match="predictions differ"):
+        list(
+            check_with_remedies(volume, loaded, CONFIG, out, remedies=("batchstats",), resume=True)
+        )

@@ -210,8 +210,8 @@ def run_check_distributed(
         model, volume.n_channels, plan.window_shape, setup.spatial_dims, CPU, divisor
     )
     setup = dataclasses.replace(setup, n_out=n_out)
-    attrs = run_attrs(volume, config, setup, extra_attrs, device_name=str(device))
     names = tuple(p.name for p in predictions)
+    attrs = run_attrs(volume, config, setup, extra_attrs, str(device), predictions=names)
     store, _ = open_outputs(
         out, attrs, config, setup, volume, names, overwrite=overwrite, resume=resume
     )

@@ -102,8 +102,8 @@ def run_check(
     setup = resolve_eval_batch(setup, worker_model, volume, config, out, resume=resume)
     setup = dataclasses.replace(setup, n_out=n_out)
     effect = precision_effect(worker_model, volume, config, setup)
-    attrs = run_attrs(volume, config, setup, extra_attrs)
     names = tuple(p.name for p in predictions)
+    attrs = run_attrs(volume, config, setup, extra_attrs, predictions=names)
     store, arrays = open_outputs(
         out, attrs, config, setup, volume, names, overwrite=overwrite, resume=resume
     )

@@ -48,8 +48,14 @@ def run_attrs(
     setup: RunSetup,
     extra_attrs: dict[str, Any] | None,
     device_name: str | None = None,
+    predictions: tuple[str, ...] = ("eval", "train"),
 ) -> dict[str, Any]:
-    """The root ``normcheck`` metadata of OUT.zarr (parameters, plan, intensity, source, ...)."""
+    """The root ``normcheck`` metadata of OUT.zarr (parameters, plan, intensity, source, ...).
+
+    ``predictions`` beyond the check's two (the remedies') are recorded: a resumed run must make
+    the same ones.
+    """
+    extra = {} if predictions == ("eval", "train") else {"predictions": list(predictions)}
     return {
         "version": __version__,
         "params": config.to_dict()
@@ -59,11 +65,12 @@ def run_attrs(
         "spatial_dims": setup.spatial_dims,
         "source": volume.source,
         "complete": False,
+        **extra,
         **(extra_attrs or {}),
     }
 
 
-RESUME_SAME = ("params", "plan", "intensity", "source")
+RESUME_SAME = ("params", "plan", "intensity", "source", "predictions")
 
 
 def open_outputs(
