@@ -27,6 +27,7 @@ def test_demo_window_screenshot_is_not_blank(make_napari_viewer, qtbot, tmp_path
     for name in (f"eval · {shown}", f"train · {shown}", f"disparity · {shown}", "tiles"):
         assert name in viewer.layers
     assert len(viewer.layers) <= 9
+    assert viewer.layers["tiles"].visible  # (added hidden, shown by the step after its add)
     demo_gui.screenshot_view(viewer, widget)
     assert not viewer.layers[f"eval · {shown}"].visible
     assert viewer.layers.selection.active.name == f"disparity · {shown}"

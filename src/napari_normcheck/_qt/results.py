@@ -165,6 +165,7 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         """A run was started: the previous run's pending GUI steps and reads are dropped."""
         self._reads.run_id += 1
         self.steps.clear()
+        self.reveal_tiles()  # (its step was just dropped)
         self._refreshing = self._refresh_pending = False
         self.store_path = None
         self._placeholders: list[Any] = []  # layers added for this run before its store existed
@@ -215,7 +216,9 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         if layout.plan is None or self._tiles_show(layout.plan):
             self.steps.add(step("layers ready", ready.set))
         else:
-            self._build_tiles(None, then=ready.set)
+            # Built once the layers above are added, not meanwhile: building a Shapes layer is
+            # Python holding the GIL, and each add would wait on it (the first took 2-3x as long).
+            self.steps.add(step("build tiles", self._build_tiles, None, ready.set))
 
     def start(
         self,
@@ -433,6 +436,7 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
     def discard_placeholders(self) -> None:
         """The run failed before its store existed: remove the layers added for it (still empty)."""
         self.steps.clear()
+        self.reveal_tiles()
         for layer in self._placeholders:
             if layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
@@ -485,6 +489,7 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         if read.tile_values is None:
             read.tile_values = tile_values
         self.steps.clear()
+        self.reveal_tiles()
         self._queue_layers(read)
         self._synchronous = True
         try:

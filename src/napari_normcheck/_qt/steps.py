@@ -60,6 +60,12 @@ class StepQueue(QObject):
         if not self._timer.isActive():
             self._timer.start()
 
+    def add_first(self, *steps: Callable[[], None]) -> None:
+        """Queue ``steps`` before those already queued (they run in the next turns, in order)."""
+        self._steps.extendleft(reversed(steps))
+        if not self._timer.isActive():
+            self._timer.start()
+
     def clear(self) -> None:
         """Drop the queued steps (a new run replaces the old one's)."""
         self._steps.clear()

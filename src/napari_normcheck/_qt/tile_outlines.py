@@ -21,6 +21,33 @@ from napari_normcheck._qt.steps import StepQueue, step
 TILES_NAME = "tiles"
 
 
+def has_text(layer: Any) -> bool:
+    """The Shapes layer shows text (napari's test: visible and not the constant blank string)."""
+    return bool(layer.text.visible) and getattr(layer.text.string, "constant", None) != ""
+
+
+def skip_blank_text(viewer: Any, layer: Any) -> None:
+    """Keep a Shapes layer's text visual out of the canvas while the layer shows no text.
+
+    napari draws a Shapes layer's text visual even when the layer has no text (one blank string):
+    its first draw builds the text shader (about 90 ms under software OpenGL) and, the first time
+    in the process, loads the font (about 150 ms): two thirds of the first draw of the tiles layer,
+    in one GUI-thread freeze, for nothing shown. The visual follows the layer's text from then on
+    (napari keeps the visual's data up to date either way).
+    """
+    qt_viewer = getattr(getattr(viewer, "window", None), "_qt_viewer", None)
+    visuals = getattr(getattr(qt_viewer, "canvas", None), "layer_to_visual", None) or {}
+    text_node = getattr(getattr(visuals.get(layer), "node", None), "text", None)
+    if text_node is None or not hasattr(layer, "text"):
+        return  # another napari: drawn as napari does
+
+    def follow_text(_event: Any = None) -> None:
+        text_node.visible = has_text(layer)
+
+    follow_text()
+    layer.text.events.connect(follow_text)
+
+
 class TileOutlines:
     """The tiles Shapes layer of :class:`~napari_normcheck._qt.results.ResultLayers` (a mixin).
 
@@ -49,6 +76,8 @@ class TileOutlines:
     store_path: Path | None
     _placeholders: list[Any]
     _synchronous: bool
+    #: The tiles layer just added hidden, shown by the next step.
+    _hidden_tiles: Any = None
 
     def _tiles_show(self, plan: Any) -> bool:
         """The tiles layer exists and outlines ``plan``."""
@@ -93,9 +122,24 @@ class TileOutlines:
         old = self.tiles_layer
         if old is not None and old in self.viewer.layers:
             self.viewer.layers.remove(old)
+        # Shown at the next step: adding the layer and its first draw (the canvas builds its
+        # shaders) are then two freezes of about 150 and 100 ms instead of one of 250-450 ms.
+        deferred = bool(layer.visible) and not self._synchronous
+        if deferred:
+            layer.visible = False
         self.tiles_layer = self.viewer.add_layer(layer)
+        skip_blank_text(self.viewer, self.tiles_layer)
+        if deferred:
+            self._hidden_tiles = layer
+            self.steps.add_first(step("show tiles", self.reveal_tiles))
         if self.store_path is None:
             self._placeholders.append(self.tiles_layer)
+
+    def reveal_tiles(self) -> None:
+        """Show the tiles layer added hidden, if its "show tiles" step has not run yet."""
+        layer, self._hidden_tiles = self._hidden_tiles, None
+        if layer is not None and layer in self.viewer.layers:
+            layer.visible = True
 
     def _show_tiles(self, values: np.ndarray | None) -> None:
         """Outline the plan's tiles (the layer is rebuilt off-thread when the plan changed)."""
