@@ -11,8 +11,9 @@ Prints measured figures; asserts nothing.
   packaged BatchNorm sample model on the synthetic sample volume, from the click until every result
   is shown; the largest gap between two ticks is how long the GUI was frozen at most (target
   < 100 ms), per phase: before the engine starts (the widget adds its layers; only the first run
-  adds any), while tiles run, after (final values). The largest gaps are named by the GUI work or
-  garbage collection that overlapped them ("napari/Qt" when none did: drawing the canvas), and
+  adds any), while tiles run, after (final values). The largest gaps are named by the GUI work,
+  canvas draw or garbage collection that overlapped them ("napari/Qt" when none did: Qt's own
+  event handling and painting, e.g. the layer list or the dock), and
   napari's own cost of one new layer and one redraw is measured apart (what no plugin can go
   below). With ``--hidden`` the canvas is never drawn: what remains is the widget's own work.
 - speed: the run's time inside the widget (click to results shown, and the engine's own total)
@@ -73,6 +74,20 @@ def instrument(widget) -> list[tuple[str, float, float]]:
     wrap(widget.progress, "setValue", "progress.setValue")
     wrap(widget.status_label, "setText", "status_label.setText")
     widget.results.steps.timings = intervals  # every queued GUI step ("add <layer>", "refresh")
+    # The canvas draws (vispy's part of them: the scene, shaders built at a visual's first draw).
+    window = getattr(widget.results.viewer, "window", None)
+    canvas = getattr(getattr(window, "_qt_viewer", None), "canvas", None)
+    scene = getattr(canvas, "_scene_canvas", None)
+    if scene is not None:
+        draw_start: list[float] = []
+        scene.events.draw.connect(
+            lambda _e: draw_start.__setitem__(slice(None), [time.perf_counter()]),
+            position="first",
+        )
+        scene.events.draw.connect(
+            lambda _e: intervals.append(("canvas draw", draw_start[0], time.perf_counter())),
+            position="last",
+        )
     # Garbage collections hold the GIL (any thread's): they are named too.
     started: list[float] = []
 
@@ -96,7 +111,7 @@ def worst_gaps(ticks, intervals, count=3):
             covered = min(end, t1) - max(start, t0)
             if covered > 0:
                 overlap[label] = overlap.get(label, 0.0) + covered
-        label = max(overlap, key=overlap.get) if overlap else "napari/Qt (drawing, events)"
+        label = max(overlap, key=overlap.get) if overlap else "napari/Qt (events, painting)"
         covered = overlap.get(label, gap)
         named.append(f"{gap * 1000:.0f} ms ({label}: {covered * 1000:.0f} ms)")
     return named
