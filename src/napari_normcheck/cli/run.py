@@ -215,6 +215,9 @@ def run_and_report(
             if bar is None:
                 bar = tqdm(total=event.n_total, unit="batch", file=sys.stderr, desc="recalibrate")
             bar.update(1)
+            if event.n_done >= event.n_total:  # not open while a cluster starts
+                bar.close()
+                bar = None
         elif isinstance(event, RunStarted):
             if bar is not None:
                 bar.close()
