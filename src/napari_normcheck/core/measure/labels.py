@@ -218,9 +218,39 @@ def dice_of_stored(
     dict
         :meth:`LabelDice.result`.
     """
-    accumulator = LabelDice(mapping, int(prediction.shape[0]), threshold, argmax, tuple(ignore))
-    chunks = tuple(prediction.chunks[1:])
-    for box in chunk_boxes(tuple(prediction.shape[1:]), chunks):
-        values = stored_probabilities(np.asarray(prediction[(slice(None), *box)]))
-        accumulator.add(values, read_labels(labels, offset, box))
-    return accumulator.result()
+    return dice_of_stored_many(
+        {"prediction": prediction},
+        labels,
+        mapping,
+        offset=offset,
+        threshold=threshold,
+        argmax=argmax,
+        ignore=ignore,
+    )["prediction"]
+
+
+def dice_of_stored_many(
+    predictions: dict[str, Any],
+    labels: Volume,
+    mapping: dict[int, tuple[int, ...]],
+    *,
+    offset: tuple[int, ...],
+    threshold: float = 0.5,
+    argmax: bool = False,
+    ignore: tuple[int, ...] = (),
+) -> dict[str, dict[str, Any]]:
+    """:func:`dice_of_stored` of several stored predictions of one layout, by name.
+
+    The labels are read once per chunk, whatever the number of predictions.
+    """
+    first = next(iter(predictions.values()))
+    accumulators = {
+        name: LabelDice(mapping, int(array.shape[0]), threshold, argmax, tuple(ignore))
+        for name, array in predictions.items()
+    }
+    for box in chunk_boxes(tuple(first.shape[1:]), tuple(first.chunks[1:])):
+        truth = read_labels(labels, offset, box)
+        for name, array in predictions.items():
+            values = stored_probabilities(np.asarray(array[(slice(None), *box)]))
+            accumulators[name].add(values, truth)
+    return {name: accumulator.result() for name, accumulator in accumulators.items()}

@@ -19,7 +19,7 @@ from napari_normcheck.core.base.tiling import TilePlan
 from napari_normcheck.core.io.store import OutputStore
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.measure.labels import (
-    dice_of_stored,
+    dice_of_stored_many,
     label_box,
     open_labels,
     parse_label_map,
@@ -94,17 +94,19 @@ def finish_remedies(
 ) -> None:
     """Add the Dice of every stored prediction against the labels, and the notes, to ``result``."""
     if label_volume is not None:
-        for row in ROWS:
-            if row in result:
-                result[row]["dice_vs_labels"] = dice_of_stored(
-                    store.array(prediction_group(row)),
-                    label_volume,
-                    mapping,
-                    offset=offset,
-                    threshold=config.threshold,
-                    argmax=config.activation == "softmax",
-                    ignore=tuple(ignore_labels),
-                )
+        rows = [row for row in ROWS if row in result]
+        # One pass over the labels for every stored prediction.
+        dice = dice_of_stored_many(
+            {row: store.array(prediction_group(row)) for row in rows},
+            label_volume,
+            mapping,
+            offset=offset,
+            threshold=config.threshold,
+            argmax=config.activation == "softmax",
+            ignore=tuple(ignore_labels),
+        )
+        for row in rows:
+            result[row]["dice_vs_labels"] = dice[row]
         result["labels"] = {
             "source": label_volume.source,
             "mapping": {str(c): list(v) for c, v in mapping.items()},
