@@ -145,3 +145,19 @@ def test_resume_refuses_other_predictions(tmp_path, loaded, volume):
         list(
             check_with_remedies(volume, loaded, CONFIG, out, remedies=("batchstats",), resume=True)
         )
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_recalibration(
+    tmp_path, loaded, volume, with_remedies
+):
+    finished, _ = with_remedies
+    options = {"remedies": REMEDIES, "recalibration": RECALIBRATION}
+    events = check_with_remedies(volume, loaded, CONFIG, finished, **options)
+    with pytest.raises(NormcheckError, match="already exists"):
+        next(events)  # the first event would be the recalibration's
+    with pytest.raises(NormcheckError, match="nothing to resume"):
+        next(
+            check_with_remedies(
+                volume, loaded, CONFIG, tmp_path / "no.zarr", resume=True, **options
+            )
+        )

@@ -150,24 +150,7 @@ class OutputStore:
             napari-normcheck output (never deleted), or when its folder is not writable.
         """
         target = Path(target)
-        parent = target.resolve().parent
-        if not parent.is_dir():
-            raise NormcheckError(f"cannot write {target}: folder {parent} does not exist")
-        if not os.access(parent, os.W_OK):
-            raise NormcheckError(f"cannot write {target}: folder {parent} is not writable")
-        work = target
-        if target.exists():
-            if not overwrite:
-                raise NormcheckError(
-                    f"output {target} already exists; pass --overwrite to replace it, "
-                    "--resume to continue it, or choose another --out"
-                )
-            if not (is_normcheck_store(target) or (target.is_dir() and not any(target.iterdir()))):
-                raise NormcheckError(
-                    f"output {target} exists and is not a napari-normcheck output; "
-                    "it is not overwritten: choose another --out"
-                )
-            work = target.with_name(target.name + ".inprogress")
+        work = check_output_target(target, overwrite=overwrite, resume=False)
         if work != target and work.exists():
             shutil.rmtree(work)
         zarr.open_group(str(work), mode="w", zarr_format=3)
@@ -197,14 +180,7 @@ class OutputStore:
             When there is nothing to resume, the run already finished, or parameters differ.
         """
         target = Path(target)
-        work = target.with_name(target.name + ".inprogress")
-        if not work.exists():
-            work = target
-        if not is_normcheck_store(work):
-            raise NormcheckError(f"nothing to resume: {target} is not a napari-normcheck output")
-        if is_complete(work):
-            raise NormcheckError(f"{target} is already complete; nothing to resume")
-        store = cls(target, work)
+        store = cls(target, check_output_target(target, overwrite=False, resume=True))
         stored = json.loads(json.dumps(dict(store.root.attrs["normcheck"]), default=_json_default))
         fresh = json.loads(json.dumps(attrs, default=_json_default))
         for key in same:
@@ -285,3 +261,46 @@ class OutputStore:
             shutil.rmtree(old, ignore_errors=True)
             self.path = self.target
         return self.target
+
+
+def check_output_target(target: str | Path, *, overwrite: bool, resume: bool) -> Path:
+    """Check, writing nothing, that a run may write ``target``; return the folder it works in.
+
+    Called before the store is created, and before any long work (the remedies' recalibration)
+    that would otherwise end in the same error.
+
+    Raises
+    ------
+    NormcheckError
+        For a new run: ``target`` exists and ``overwrite`` is false, it exists but is not a
+        napari-normcheck output (never deleted), or its folder is missing or not writable. For a
+        resumed run: there is no interrupted napari-normcheck run there, or it already finished.
+    """
+    target = Path(target)
+    if resume:
+        work = target.with_name(target.name + ".inprogress")
+        if not work.exists():
+            work = target
+        if not is_normcheck_store(work):
+            raise NormcheckError(f"nothing to resume: {target} is not a napari-normcheck output")
+        if is_complete(work):
+            raise NormcheckError(f"{target} is already complete; nothing to resume")
+        return work
+    parent = target.resolve().parent
+    if not parent.is_dir():
+        raise NormcheckError(f"cannot write {target}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise NormcheckError(f"cannot write {target}: folder {parent} is not writable")
+    if not target.exists():
+        return target
+    if not overwrite:
+        raise NormcheckError(
+            f"output {target} already exists; pass --overwrite to replace it, "
+            "--resume to continue it, or choose another --out"
+        )
+    if not (is_normcheck_store(target) or (target.is_dir() and not any(target.iterdir()))):
+        raise NormcheckError(
+            f"output {target} exists and is not a napari-normcheck output; "
+            "it is not overwritten: choose another --out"
+        )
+    return target.with_name(target.name + ".inprogress")

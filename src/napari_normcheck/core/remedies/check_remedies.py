@@ -20,7 +20,7 @@ import zarr
 
 from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.base.errors import NormcheckError
-from napari_normcheck.core.io.store import OutputStore
+from napari_normcheck.core.io.store import OutputStore, check_output_target
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.remedies.recalibrate import RecalibrationResult
 from napari_normcheck.core.remedies.remedy_run import (
@@ -100,6 +100,8 @@ def check_with_remedies(
     """
     t_start = time.perf_counter()
     check_remedy_names(remedies)
+    # Before the recalibration, not after it: an OUT that cannot be written fails at once.
+    check_output_target(out, overwrite=bool(run_options.get("overwrite")), resume=resume)
     model = loaded.module
     try:
         device = resolve_device(config.device)
