@@ -4,9 +4,9 @@
 levels with a 2x2 max-pool before each level but the first (tile sides: multiples of 8), a style
 vector that averages the bottom features over the whole map (``F.avg_pool2d`` with the map's own size
 as kernel) and is added, through a Linear layer, to every convolution of the upsampling path. Only
-the widths are smaller. ``SqueezeExciteUNet`` is a 3D U-Net (three 2x max-pools) whose bottom block
-rescales its channels by a squeeze-and-excitation gate (a whole-map average pool, then two 1x1
-convolutions and a sigmoid).
+the widths are smaller. ``SqueezeExciteUNet`` is a 3D U-Net (three or four 2x max-pools) whose
+bottom block rescales its channels by a squeeze-and-excitation gate (a whole-map average pool, then
+two 1x1 convolutions and a sigmoid).
 """
 
 from __future__ import annotations
@@ -134,14 +134,14 @@ class SqueezeExcite(nn.Module):
 
 
 class SqueezeExciteUNet(nn.Module):
-    """3D U-Net, three 2x max-pools (tile sides: multiples of 8), a squeeze-and-excitation bottom."""
+    """3D U-Net, ``levels`` 2x max-pools (tile sides: multiples of 2**levels), a gated bottom."""
 
-    def __init__(self, width: int = 4):
+    def __init__(self, width: int = 4, levels: int = 3):
         super().__init__()
-        self.encoders = nn.ModuleList([block3d(1, width), block3d(width, width)])
-        self.encoders.append(block3d(width, width))
+        self.encoders = nn.ModuleList([block3d(1, width)])
+        self.encoders.extend(block3d(width, width) for _ in range(levels - 1))
         self.bottom = nn.Sequential(block3d(width, width), SqueezeExcite(width))
-        self.decoders = nn.ModuleList(block3d(2 * width, width) for _ in range(3))
+        self.decoders = nn.ModuleList(block3d(2 * width, width) for _ in range(levels))
         self.head = nn.Conv3d(width, 2, 1)
 
     def forward(self, x):
@@ -230,12 +230,18 @@ def test_a_hint_too_large_is_lowered_by_forwards(cellpose):
     assert tried[-1].error.startswith("StoppedForward") and "remainder" in tried[-1].error
 
 
-def test_squeeze_excite_gate_is_not_downsampling():
+@pytest.mark.parametrize(
+    "levels, second, window",
+    [(3, (16, 16, 16), (24, 40, 56)), (4, (64, 32, 32), (48, 16, 80))],
+)
+def test_squeeze_excite_gate_is_not_downsampling(levels, second, window):
+    """Probed at 32³, the gate pools a 4³ map (3 levels) or a 2³ one (4 levels) to one voxel."""
     torch.manual_seed(0)
-    model = SqueezeExciteUNet().eval()
+    model = SqueezeExciteUNet(levels=levels).eval()
     info = probe_model(model)
-    assert info.divisor == (8, 8, 8)
-    assert check_window(model, 1, (24, 40, 56), 3, divisor=info.divisor) == 2
+    assert info.divisor == (2**levels,) * 3
+    assert f"(1, 1, {', '.join(map(str, second))}): ok" in info.tried
+    assert check_window(model, 1, window, 3, divisor=info.divisor) == 2
 
 
 def test_a_stride_down_to_one_voxel_stays_a_stride():
@@ -244,7 +250,7 @@ def test_a_stride_down_to_one_voxel_stays_a_stride():
     assert check_window(model, 1, (1, 96, 96), 2) == 2
     info = probe_model(model)
     assert info.divisor == (64, 64)
-    assert "(1, 1, 128, 128): ok" in info.tried  # the second size: a stride, not global
+    assert "(1, 1, 128, 64): ok" in info.tried  # the second size: a stride, not global
 
 
 def test_basic_unet_pads_odd_grids_but_keeps_its_16():

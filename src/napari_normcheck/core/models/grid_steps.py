@@ -39,48 +39,54 @@ def _global_along(one: GridStep, other: GridStep, axis: int) -> bool:
     )
 
 
+def _reduced_to_one(step: GridStep, axis: int) -> bool:
+    return step.shrinks(axis) and step.output[axis] == 1 and step.source[axis] >= 2
+
+
 def global_candidates(base: Trial) -> list[int]:
     """Axes along which some step of ``base`` reduced a map to one voxel (global, or a stride)."""
     return [
         axis
         for axis in range(len(base.spatial))
-        if any(
-            step.shrinks(axis) and step.output[axis] == 1 and step.source[axis] >= 2
-            for step in base.steps
-        )
+        if any(_reduced_to_one(step, axis) for step in base.steps)
     ]
 
 
 def second_size(base: Trial, axes: Sequence[int]) -> tuple[int, ...]:
     """Sides for the forward that tells global steps from strides along ``axes``.
 
-    Half the base side (cheap) where the map reduced to one voxel has four or more: a global
-    pooling still reduces two or more to one there, a stride gets one voxel or none. Twice the
-    side where the map had two or three: a stride then gives two or more, a global pooling one.
+    Half the base side (cheap) where every map reduced to one voxel has four or more: a global
+    pooling still reduces two or more to one there, a stride gets one voxel or none. Where one had
+    two or three, twice the side, on one such axis only (the forward costs twice the base, not
+    eight times): a stride then gives two or more, a global pooling one.
     """
     sides = list(base.spatial)
+    doubled = False
     for axis in axes:
-        pooled = min(
-            step.source[axis]
-            for step in base.steps
-            if step.shrinks(axis) and step.output[axis] == 1 and step.source[axis] >= 2
-        )
-        sides[axis] = sides[axis] // 2 if pooled >= 4 else sides[axis] * 2
+        pooled = min(step.source[axis] for step in base.steps if _reduced_to_one(step, axis))
+        if pooled >= 4:
+            sides[axis] //= 2
+        elif not doubled:
+            sides[axis] *= 2
+            doubled = True
     return tuple(sides)
 
 
 def find_global_steps(base: Trial, other: Trial) -> GlobalSteps:
     """``(index, axis)`` of the steps of ``base`` that reduce the whole map along ``axis``.
 
-    ``other`` is a forward at other sides; it may have failed part way (its steps up to the error
-    count). A step that cannot be paired is taken for a stride, which is the safe side: a divisor
-    too large is then lowered by the forwards that confirm it.
+    ``other`` is a forward at other sides (:func:`second_size`); it may have failed part way (its
+    steps up to the error count). A step found global along a changed axis is global along the
+    unchanged axes it also reduces to one voxel (a whole-map pooling pools every axis). A step
+    that cannot be paired is taken for a stride, the safe side: a divisor too large is then
+    lowered by the forwards that confirm it.
     """
     found = set()
+    changed = [a for a, (n, m) in enumerate(zip(base.spatial, other.spatial)) if n != m]
     for index, (one, two) in enumerate(_aligned(base.steps, other.steps)):
-        for axis in range(len(base.spatial)):
-            if one.shrinks(axis) and _global_along(one, two, axis):
-                found.add((index, axis))
+        axes = [a for a in changed if one.shrinks(a) and _global_along(one, two, a)]
+        if axes:
+            found.update((index, a) for a in range(len(base.spatial)) if _reduced_to_one(one, a))
     return frozenset(found)
 
 
