@@ -214,6 +214,7 @@ def test_inspect_advises_multiples_of_8_for_cellpose(cellpose, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "tile sides: y a multiple of 8, x a multiple of 8" in out
     assert "the model returns: [0] tensor (1, 3, 64, 64); [1] tensor (1, 16)" in out
+    assert "note: the model pools whole maps (avg_pool2d), as a style vector" in out
 
 
 def test_a_hint_too_large_is_lowered_by_forwards(cellpose):

@@ -213,6 +213,12 @@ def probe_with_notes(
         return _replace(info, probe_error=message), notes
     if base.note:
         notes.insert(0, base.note)
+    if search.global_ops:
+        names = ", ".join(op.removeprefix("aten.").split(".")[0] for op in search.global_ops)
+        notes.append(
+            f"the model pools whole maps ({names}), as a style vector or a squeeze-and-excitation "
+            "gate does: a global pooling is not downsampling, and the tile sides do not count it"
+        )
     fixed = search.fixed if any(side is not None for side in search.fixed) else None
     if fixed is not None:
         shown = ", ".join(

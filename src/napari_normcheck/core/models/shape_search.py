@@ -76,12 +76,15 @@ class ShapeSearch:
         Per axis, the only side that worked, or None.
     tried : list of Trial
         Every forward, in order.
+    global_ops : tuple of str
+        The ops found to pool whole maps (not downsampling), by name, once each.
     """
 
     base: Trial | None
     divisor: tuple[int, ...] = ()
     fixed: tuple[int | None, ...] = ()
     tried: list[Trial] = field(default_factory=list)
+    global_ops: tuple[str, ...] = ()
 
 
 def find_base(
@@ -261,4 +264,5 @@ def search_shapes(trial: TrialFn, dims: int, hint: AxisSizes | None = None) -> S
         tried.extend(axis_tried)
         divisor.append(found or base.spatial[axis])
         fixed.append(None if found else base.spatial[axis])
-    return ShapeSearch(base, tuple(divisor), tuple(fixed), tried)
+    pooled = dict.fromkeys(base.steps[index].op for index, _ in sorted(global_steps))
+    return ShapeSearch(base, tuple(divisor), tuple(fixed), tried, tuple(pooled))
