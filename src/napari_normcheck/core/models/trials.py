@@ -57,6 +57,7 @@ class StrideRecorder(TorchDispatchMode):
         self.spatial_dims = spatial_dims
         self.steps: list[GridStep] = []
         self.watch = watch
+        self.stopped: str | None = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
@@ -76,6 +77,7 @@ class StrideRecorder(TorchDispatchMode):
         self.steps.append(step)
         reason = self.watch(len(self.steps) - 1, step) if self.watch is not None else None
         if reason is not None:
+            self.stopped = reason
             raise StoppedForward(reason)
 
 
@@ -193,7 +195,10 @@ def run_trial(
         with recorder:
             output = module(image)
     except Exception as error:
-        return Trial(shape, False, steps=recorder.steps, error=first_line(error)[:200])
+        # TorchScript re-raises the watch's exception as its own, with a message of many lines.
+        stopped = f"StoppedForward: {recorder.stopped}" if recorder.stopped else None
+        message = stopped or first_line(error)
+        return Trial(shape, False, steps=recorder.steps, error=message[:200])
     try:
         prediction, note = select_prediction(output, choice, shape[2:])
     except Exception as error:
