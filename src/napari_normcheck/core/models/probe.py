@@ -262,9 +262,8 @@ def probe_model(
     size tells it from a stride), confirmed by a forward on an odd multiple of it with the other
     axes unchanged, doubled while that fails, halved while an odd multiple of the half runs and
     passes every stride whole (MONAI's BasicUNet pads odd grids, so it takes any side, but 16 is
-    advised). Forwards run in
-    eval mode under ``torch.inference_mode()``; training flags and buffers are restored, so the
-    model's ``state_dict`` is bitwise unchanged.
+    advised). Forwards run in eval mode under ``torch.inference_mode()``; training flags and
+    buffers are restored, so the model's ``state_dict`` is bitwise unchanged.
 
     Parameters
     ----------
