@@ -34,7 +34,8 @@ class ModelInfo:
         Channels of the input and of the prediction (0 when no forward worked).
     divisor : tuple of int
         Per spatial axis: tile sides that are multiples of it work (the network's downsampling,
-        confirmed by forwards). Advice: a tile the user gives is tried with a forward instead.
+        global poolings left out; the smallest that forwards confirm). Advice: a tile the user
+        gives is tried with a forward instead.
     n_parameters : int
         Number of parameter elements.
     fixed_shape : tuple of (int or None) or None
@@ -181,7 +182,11 @@ def probe_with_notes(
     n_parameters = int(sum(p.numel() for p in module.parameters()))
     with untouched(module, notes):
         search = search_shapes(
-            lambda spatial: run_trial(module, channels, spatial, dtype, choice), dims, sizes
+            lambda spatial, watch=None: run_trial(
+                module, channels, spatial, dtype, choice, watch=watch
+            ),
+            dims,
+            sizes,
         )
     tried = tuple(t.summary() for t in search.tried)
     base = search.base
@@ -208,6 +213,12 @@ def probe_with_notes(
         return _replace(info, probe_error=message), notes
     if base.note:
         notes.insert(0, base.note)
+    if search.global_ops:
+        names = ", ".join(op.removeprefix("aten.").split(".")[0] for op in search.global_ops)
+        notes.append(
+            f"the model pools whole maps ({names}), as a style vector or a squeeze-and-excitation "
+            "gate does: a global pooling is not downsampling, and the tile sides do not count it"
+        )
     fixed = search.fixed if any(side is not None for side in search.fixed) else None
     if fixed is not None:
         shown = ", ".join(
@@ -246,10 +257,13 @@ def probe_model(
     ``spatial_dims`` and ``in_channels`` come from the first convolution (its weight shape for
     TorchScript) unless given. A working shape comes first (a small random cube, 32³ in 3D, 64² in
     2D; larger when that collapses the grid to a voxel or two; the size a Linear layer asks for).
-    Then each axis on its own: the downsampling its strided ops showed, confirmed by a forward on an
-    odd multiple of it with the other axes unchanged, doubled while that fails. Forwards run in
-    eval mode under ``torch.inference_mode()``; training flags and buffers are restored, so the
-    model's ``state_dict`` is bitwise unchanged.
+    Then each axis on its own: the downsampling its strided ops showed (a global pooling, which
+    reduces the whole map to one voxel at any size, is no downsampling: a second forward at another
+    size tells it from a stride), confirmed by a forward on an odd multiple of it with the other
+    axes unchanged, doubled while that fails, halved while an odd multiple of the half runs and
+    passes every stride whole (MONAI's BasicUNet pads odd grids, so it takes any side, but 16 is
+    advised). Forwards run in eval mode under ``torch.inference_mode()``; training flags and
+    buffers are restored, so the model's ``state_dict`` is bitwise unchanged.
 
     Parameters
     ----------

@@ -7,9 +7,9 @@ the model's parameters, buffers and training flags are what they were before.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Container, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -23,37 +23,77 @@ from napari_normcheck.core.models.outputs import OutputChoice, select_prediction
 _STRIDED_OP_WORDS = ("conv", "pool", "unshuffle", "upsample", "interpolate")
 
 
+class GridStep(NamedTuple):
+    """One op that can change the spatial grid: its name, input and output spatial sides."""
+
+    op: str
+    source: tuple[int, ...]
+    output: tuple[int, ...]
+
+    def shrinks(self, axis: int) -> bool:
+        """A stride of 2 or more along ``axis``, not the border a convolution without padding removes."""
+        return 3 * self.output[axis] <= 2 * self.source[axis]
+
+
+class StoppedForward(Exception):
+    """A watched forward stopped early: the rest of it cannot change the answer."""
+
+
+# Called with each step's index and the step; a reason stops the forward, None lets it go on.
+StepWatch = Callable[[int, GridStep], str | None]
+
+
 class StrideRecorder(TorchDispatchMode):
-    """Record the smallest spatial size produced by a strided op during one forward.
+    """Record, in order, the grids of the ops that can stride (convolutions, poolings, resampling).
 
     A dispatch mode sees the aten ops of eager, scripted and traced models alike, where forward
-    hooks would miss everything inside TorchScript.
+    hooks would miss everything inside TorchScript. Which of them are strides and which are global
+    (a whole-map pooling) is told by comparing two forwards
+    (:mod:`~napari_normcheck.core.models.grid_steps`).
     """
 
-    def __init__(self, spatial_dims: int) -> None:
+    def __init__(self, spatial_dims: int, watch: StepWatch | None = None) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
-        self.smallest: list[int | None] = [None] * spatial_dims
+        self.steps: list[GridStep] = []
+        self.watch = watch
+        self.stopped: str | None = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         name = str(func)
         if "adaptive" not in name and any(word in name for word in _STRIDED_OP_WORDS):
             output = result[0] if isinstance(result, tuple | list) and result else result
-            self._record(args[0] if args else None, output)
+            self._record(name, args[0] if args else None, output)
         return result
 
-    def _record(self, source: Any, output: Any) -> None:
+    def _record(self, name: str, source: Any, output: Any) -> None:
         ndim = self.spatial_dims + 2
         if not (torch.is_tensor(source) and torch.is_tensor(output)):
             return
         if source.ndim != ndim or output.ndim != ndim:
             return
-        for axis, (n_in, n_out) in enumerate(zip(source.shape[2:], output.shape[2:], strict=True)):
-            # A stride of 2 or more, not the border a convolution without padding removes.
-            if 3 * n_out <= 2 * n_in:
-                current = self.smallest[axis]
-                self.smallest[axis] = n_out if current is None else min(current, n_out)
+        step = GridStep(name, tuple(source.shape[2:]), tuple(output.shape[2:]))
+        self.steps.append(step)
+        reason = self.watch(len(self.steps) - 1, step) if self.watch is not None else None
+        if reason is not None:
+            self.stopped = reason
+            raise StoppedForward(reason)
+
+
+def smallest_grid(
+    steps: Sequence[GridStep], spatial_dims: int, skip: Container[tuple[int, int]] = ()
+) -> list[int | None]:
+    """Per axis, the smallest output of a step that shrinks it; ``(index, axis)`` in ``skip`` ignored."""
+    smallest: list[int | None] = [None] * spatial_dims
+    for index, step in enumerate(steps):
+        for axis in range(spatial_dims):
+            if (index, axis) in skip or not step.shrinks(axis):
+                continue
+            current = smallest[axis]
+            n_out = step.output[axis]
+            smallest[axis] = n_out if current is None else min(current, n_out)
+    return smallest
 
 
 @contextlib.contextmanager
@@ -97,8 +137,8 @@ class Trial:
         What the model returned (None on error).
     prediction : torch.Tensor or None
         The selected prediction.
-    smallest : list of (int or None)
-        Per spatial axis, the smallest grid a strided op produced.
+    steps : list of GridStep
+        The ops that could stride, in the order they ran (up to the error, when one stopped it).
     error : str or None
         One line: the exception, or the mismatched output shape.
     note : str or None
@@ -109,7 +149,7 @@ class Trial:
     ok: bool
     output: Any = None
     prediction: torch.Tensor | None = None
-    smallest: list[int | None] | None = None
+    steps: list[GridStep] = field(default_factory=list)
     error: str | None = None
     note: str | None = None
 
@@ -119,9 +159,15 @@ class Trial:
         return self.shape[2:]
 
     @property
-    def collapsed(self) -> bool:
-        """A strided op brought some axis down to two voxels or fewer."""
-        return any(n is not None and n <= 2 for n in self.smallest or [])
+    def smallest(self) -> list[int | None]:
+        """Per spatial axis, the smallest grid a strided op produced (None when none strided it)."""
+        return smallest_grid(self.steps, len(self.spatial))
+
+    def collapsed(self, skip: Container[tuple[int, int]] = ()) -> bool:
+        """A strided op (``(index, axis)`` in ``skip`` ignored) brought an axis to two voxels or fewer."""
+        return any(
+            n is not None and n <= 2 for n in smallest_grid(self.steps, len(self.spatial), skip)
+        )
 
     def summary(self) -> str:
         """``"(1, 1, 32, 32, 32): ok"`` or the error."""
@@ -135,25 +181,32 @@ def run_trial(
     dtype: torch.dtype = torch.float32,
     choice: OutputChoice | None = None,
     device: torch.device | str = "cpu",
+    watch: StepWatch | None = None,
 ) -> Trial:
-    """Run one seeded random input of batch 1 through ``module`` as it is (mode set by the caller)."""
+    """Run one seeded random input of batch 1 through ``module`` as it is (mode set by the caller).
+
+    ``watch`` sees each grid step as it runs and can stop the forward (a failed trial).
+    """
     shape = (1, channels, *(int(s) for s in spatial))
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-    recorder = StrideRecorder(len(spatial))
+    recorder = StrideRecorder(len(spatial), watch)
     try:
         with recorder:
             output = module(image)
     except Exception as error:
-        return Trial(shape, False, smallest=recorder.smallest, error=first_line(error)[:200])
+        # TorchScript re-raises the watch's exception as its own, with a message of many lines.
+        stopped = f"StoppedForward: {recorder.stopped}" if recorder.stopped else None
+        message = stopped or first_line(error)
+        return Trial(shape, False, steps=recorder.steps, error=message[:200])
     try:
         prediction, note = select_prediction(output, choice, shape[2:])
     except Exception as error:
-        return Trial(shape, False, output, smallest=recorder.smallest, error=str(error))
+        return Trial(shape, False, output, steps=recorder.steps, error=str(error))
     if prediction.ndim != len(shape) or tuple(prediction.shape[2:]) != shape[2:]:
         error = f"the output has shape {tuple(prediction.shape)}"
-        return Trial(shape, False, output, prediction, recorder.smallest, error, note)
-    return Trial(shape, True, output, prediction, recorder.smallest, None, note)
+        return Trial(shape, False, output, prediction, recorder.steps, error, note)
+    return Trial(shape, True, output, prediction, recorder.steps, None, note)
 
 
 @contextlib.contextmanager
