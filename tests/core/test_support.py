@@ -31,6 +31,7 @@ from napari_normcheck.core.run.report import (
     tile_hard_value,
     verdict,
     verdict_detail,
+    verdict_lines,
     worst_tiles,
 )
 from napari_normcheck.data import sample_model, sample_volume
@@ -170,6 +171,11 @@ def test_the_verdict_rests_on_the_judged_channel_not_the_empty_one(sparse_run):
     assert detail["level"] == expected_level
     assert "channel 0" in summary["verdict"] and f"{hard[0]:.2f}" in summary["verdict"]
     assert "channel 1: not judged" in summary["verdict"]
+    assert f"over {summary['support']['union_voxels'][0]:,} foreground voxels" in summary["verdict"]
+    lines = verdict_lines(summary, ["membrane", "organelle"])
+    assert len(lines) >= 2 and "(membrane, hard" in lines[0]
+    assert lines[1].startswith("organelle: not judged (")
+    assert " ".join(verdict_lines(summary)) == summary["verdict"]
     # Without the rule the nearly empty channel heads the verdict: the false alarm of issue 18.
     assert hard[1] > hard[0]
     unruled = copy.deepcopy(summary)

@@ -247,6 +247,17 @@ def _seams(summary: dict[str, Any]) -> tuple[float, int, str] | None:
     return worst if worst is not None and worst[0] >= SEAMS_AT else None
 
 
+def _over(detail: dict[str, Any], support: dict[str, Any]) -> str:
+    # How much foreground the number rests on, so a small support is seen at once.
+    key = "union_voxels" if detail["basis"] == "hard" else "soft_foreground"
+    counts = support.get(key) or []
+    channel = detail["channel"]
+    if channel is None or channel >= len(counts):
+        return ""
+    kind = "foreground" if detail["basis"] == "hard" else "soft foreground"
+    return f" over {round(counts[channel]):,} {kind} voxels"
+
+
 def verdict_lines(summary: dict[str, Any], channel_names: list[str] | None = None) -> list[str]:
     """The verdict as short lines: the finding, each channel not judged, the seams.
 
@@ -260,7 +271,7 @@ def verdict_lines(summary: dict[str, Any], channel_names: list[str] | None = Non
     detail = verdict_detail(summary)
     support = summary_support(summary) or {}
     name = channel_name(detail["channel"], channel_names) if detail["channel"] is not None else ""
-    rests = f"{name}, {detail['basis']} {detail['value']:.2f}"
+    rests = f"{name}, {detail['basis']} {detail['value']:.2f}{_over(detail, support)}"
     if detail["level"] == "high":
         lines = [
             f"HIGH train/eval disparity ({rests}): eval-mode predictions differ from what the "
@@ -269,7 +280,10 @@ def verdict_lines(summary: dict[str, Any], channel_names: list[str] | None = Non
     elif detail["level"] == "moderate":
         lines = [f"moderate train/eval disparity ({rests}): check the worst tiles."]
     elif detail["level"] == "low":
-        lines = [f"low train/eval disparity ({name}, {detail['basis']} {detail['value']:.3f})."]
+        lines = [
+            f"low train/eval disparity ({name}, {detail['basis']} {detail['value']:.3f}"
+            f"{_over(detail, support)})."
+        ]
     else:
         rule = support.get("min_foreground") or DEFAULT_MIN_FOREGROUND.to_dict()
         lines = [
