@@ -74,36 +74,11 @@ class MinForeground:
         return {"voxels": int(self.voxels), "fraction": float(self.fraction)}
 
     def describe(self) -> str:
-        """``"1000 voxels and 0.1 % of the region"``."""
-        return f"{self.voxels} voxels and {self.fraction * 100:g} % of the region"
+        """``"1000 voxels and 0.1 % of the voxels compared"``."""
+        return f"{self.voxels} voxels and {self.fraction * 100:g} % of the voxels compared"
 
 
 DEFAULT_MIN_FOREGROUND = MinForeground()
-
-
-def parse_min_foreground(text: str | Sequence | MinForeground) -> MinForeground:
-    """``"VOXELS[,FRACTION]"`` (or a pair) -> :class:`MinForeground`; the fraction defaults.
-
-    Raises
-    ------
-    NormcheckError
-        For text that is not a whole number of voxels, optionally followed by a fraction.
-    """
-    if isinstance(text, MinForeground):
-        return text
-    parts = text.split(",") if isinstance(text, str) else list(text)
-    try:
-        if not 1 <= len(parts) <= 2:
-            raise ValueError
-        voxels = int(str(parts[0]).strip())
-        fraction = (
-            float(str(parts[1]).strip()) if len(parts) == 2 else DEFAULT_MIN_FOREGROUND.fraction
-        )
-    except ValueError:
-        raise NormcheckError(
-            f"cannot read minimum foreground {text!r}; write VOXELS[,FRACTION], e.g. 1000,0.001"
-        ) from None
-    return MinForeground(voxels, fraction)
 
 
 def is_judged(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import platform
 from collections.abc import Container
@@ -24,7 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from napari_normcheck.core.base.errors import NormcheckError
-from napari_normcheck.core.measure.support import DEFAULT_MIN_FOREGROUND, judged_mask
+from napari_normcheck.core.measure.support import (
+    DEFAULT_MIN_FOREGROUND,
+    MinForeground,
+    judged_mask,
+)
 from napari_normcheck.core.run import registry
 
 
@@ -156,7 +161,7 @@ def summary_support(summary: dict[str, Any]) -> dict[str, Any] | None:
     tiles = summary.get("tiles") or []
     if hard is None or not tiles:
         return None
-    n_voxels = sum(int(_product(b - a for a, b in zip(t["start"], t["stop"]))) for t in tiles)
+    n_voxels = sum(math.prod(b - a for a, b in zip(t["start"], t["stop"])) for t in tiles)
     union = [int(round(v)) for v in hard[1]]
     soft = (summary.get("disparity_sums") or {}).get("soft")
     soft_mass = [float(v) for v in soft[1]] if soft is not None else None
@@ -173,13 +178,6 @@ def summary_support(summary: dict[str, Any]) -> dict[str, Any] | None:
         ),
         "mismatch_judged": None,
     }
-
-
-def _product(values) -> int:
-    result = 1
-    for v in values:
-        result *= int(v)
-    return result
 
 
 def _level(value: float) -> str:
@@ -285,11 +283,10 @@ def verdict_lines(summary: dict[str, Any], channel_names: list[str] | None = Non
             f"{_over(detail, support)})."
         ]
     else:
-        rule = support.get("min_foreground") or DEFAULT_MIN_FOREGROUND.to_dict()
+        rule = MinForeground(**support.get("min_foreground", DEFAULT_MIN_FOREGROUND.to_dict()))
         lines = [
-            "train/eval disparity not judged: no output channel has "
-            f"{rule['voxels']} foreground voxels and {rule['fraction'] * 100:g} % of the region "
-            "in eval and train together (hard or soft)."
+            f"train/eval disparity not judged: no output channel has {rule.describe()} as "
+            "foreground in eval and train together (hard or soft)."
         ]
     judged = support.get("judged") or []
     soft_judged = support.get("soft_judged")
@@ -404,10 +401,10 @@ def format_summary(
         ),
     ]
     if support.get("min_foreground"):
-        rule = support["min_foreground"]
+        rule = MinForeground(**support["min_foreground"])
         lines.append(
-            f"hard Dice judged with at least {rule['voxels']} foreground voxels and "
-            f"{rule['fraction'] * 100:g} % of the voxels compared (--min-foreground)"
+            f"hard Dice judged where eval and train together have at least {rule.describe()} "
+            "as foreground (--min-foreground)"
         )
     ranked = worst_tiles(report["tiles"], count=worst)
     if ranked:
