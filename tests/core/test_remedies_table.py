@@ -55,3 +55,15 @@ def test_batch_stats_equal_to_train_by_construction_reads_as_no_cure():
     assert "channel 0 0.050 -> 0.080 (higher: worse)" in batchstats
     recalibrated = next(note for note in notes if note.startswith("recalibrated eval"))
     assert "by construction" not in recalibrated
+
+
+def test_a_channel_not_judged_says_so_instead_of_a_number():
+    result = table(2) | {"judged": [True, False]}
+    recalibrated = remedy_notes(result, train_batch=4)[0]
+    assert "channel 0 0.060 -> 0.010 (lower: better)" in recalibrated
+    assert "channel 1 not judged (too little foreground)" in recalibrated
+    assert "0.937" not in recalibrated
+    # The tile mismatch is not the disparity: its numbers stay.
+    assert (
+        "tile mismatch per channel: channel 0 0.050 -> 0.050 (unchanged), channel 1" in recalibrated
+    )

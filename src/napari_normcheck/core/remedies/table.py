@@ -70,6 +70,8 @@ def assemble_remedies(
     }
     for remedy, row in measured.items():
         result[remedy] = dict(row) | {"dice_vs_labels": None}
+    # Which channels' hard disparity has foreground enough to be judged (the check's rule).
+    result["judged"] = (summary.get("support") or {}).get("judged")
     if recal_result is not None and "recalibrated" in measured:
         provenance = recal_result.provenance
         result["recalibration"] = {
@@ -160,13 +162,16 @@ def remedy_notes(result: dict[str, Any], train_batch: int | None = None) -> list
     """One plain sentence per remedy: what it changed against eval, better or worse, nothing hidden.
 
     Each number is per output channel (``channel 0 0.060 -> 0.010 (lower: better), channel 1
-    ...``); nothing is averaged over channels, so a nearly empty channel cannot hide in a mean.
+    ...``); nothing is averaged over channels, so a nearly empty channel cannot hide in a mean,
+    and a channel whose hard disparity is not judged (``result["judged"]``, the check's rule)
+    says so instead of a number.
     With ``train_batch == 1`` the batch-stats remedy normalizes each tile by its own statistics,
     which is what train mode does: its disparity against train is zero by construction, and the
     note says so instead of a before -> after that reads as a cure.
     """
     notes = []
     base = result["eval"]
+    judged = result.get("judged")
     for remedy in REMEDIES:
         row = result.get(remedy)
         if row is None:
@@ -187,15 +192,17 @@ def remedy_notes(result: dict[str, Any], train_batch: int | None = None) -> list
             after = _per_channel((row.get(key) or {}).get(kind))
             if before is None or after is None:
                 continue
-            if len(before) == 1:
-                change = _change(before[0], after[0], higher_is_better)
-                parts.append(f"{label} {before[0]:.3f} -> {after[0]:.3f} ({change})")
-                continue
-            channels = ", ".join(
-                f"channel {c} {b:.3f} -> {a:.3f} ({_change(b, a, higher_is_better)})"
+            changes = [
+                "not judged (too little foreground)"
+                if key == "disparity_vs_train" and judged is not None and not judged[c]
+                else f"{b:.3f} -> {a:.3f} ({_change(b, a, higher_is_better)})"
                 for c, (b, a) in enumerate(zip(before, after))
-            )
-            parts.append(f"{label} per channel: {channels}")
+            ]
+            if len(changes) == 1:
+                parts.append(f"{label} {changes[0]}")
+            else:
+                channels = ", ".join(f"channel {c} {text}" for c, text in enumerate(changes))
+                parts.append(f"{label} per channel: {channels}")
         if parts:
             notes.append(f"{ROW_TITLES[remedy]} vs eval: " + "; ".join(parts))
     return notes
