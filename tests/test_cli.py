@@ -75,9 +75,38 @@ def test_run_writes_outputs_report_and_summary(files, capsys):
     } <= set(report["tiles"][0])
     printed = capsys.readouterr().out
     assert "train/eval disparity (hard)" in printed and "verdict:" in printed
+    # The printed verdict and the report's hold the same rule, and the report says what it rests on.
+    from napari_normcheck.core.run.report import verdict_detail
+
+    assert f"verdict: {report['verdict']}" in printed
+    assert report["verdict_detail"] == verdict_detail(report)
+    assert report["support"]["min_foreground"] == {"voxels": 1000, "fraction": 0.001}
+    assert len(report["support"]["judged"]) == 2
     assert main(run_args(files, "--report", str(files / "r.csv"), "--overwrite")) == 0
     rows = (files / "r.csv").read_text().splitlines()
     assert rows[0].startswith("index,start,stop") and len(rows) == 1 + len(report["tiles"])
+
+
+def test_min_foreground_option_leaves_too_little_foreground_not_judged(files, capsys):
+    args = run_args(files, "--activation", "sigmoid", "--report", str(files / "r.json"))
+    assert main([*args, "--min-foreground", "100000000,0"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((files / "r.json").read_text())
+    union = report["support"]["union_voxels"]
+    assert f"channel 0 not judged ({union[0]} foreground voxels)" in printed
+    assert "verdict: train/eval disparity not judged" in printed
+    assert report["verdict_detail"] == {
+        "level": "not judged",
+        "channel": None,
+        "basis": "hard",
+        "value": 0.0,
+    }
+    assert report["support"]["min_foreground"] == {"voxels": 100000000, "fraction": 0.0}
+    assert report["params"]["min_foreground"] == [100000000, 0.0]
+    assert all(t["judged"] == [False, False] for t in report["tiles"])
+    assert "worst tiles: none ranked" in printed
+    assert main([*args, "--overwrite", "--min-foreground", "lots"]) == 2
+    assert "min_foreground" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -85,7 +85,9 @@ def scheduler_address(tmp_path_factory):
     """A scheduler and a worker with two one-thread processes, each started as its own command."""
     folder = tmp_path_factory.mktemp("cluster")
     scheduler_file = folder / "scheduler.json"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    # The workers import this checkout's package (and tests), as the test process does.
+    repo = Path(__file__).parents[2]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'src'}"}
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
     dask = [sys.executable, "-m", "dask"]
     scheduler = subprocess.Popen(
@@ -207,11 +209,22 @@ def assert_same_run(out, summary, expected, *, exact: bool):
             else:
                 np.testing.assert_allclose(summary[key][kind], values, atol=1e-6, rtol=0)
     assert summary["n_tile_pairs"] == expected_summary["n_tile_pairs"]
+    # The foreground behind every hard Dice, merged from the blocks, and the verdict on it.
+    got_support, expected_support = dict(summary["support"]), dict(expected_summary["support"])
+    np.testing.assert_allclose(
+        got_support.pop("soft_foreground"),
+        expected_support.pop("soft_foreground"),
+        rtol=0 if exact else 1e-6,
+    )
+    assert got_support == expected_support
+    assert summary["verdict"] == expected_summary["verdict"]
     assert len(summary["tiles"]) == len(expected_summary["tiles"])
     for mine, theirs in zip(summary["tiles"], expected_summary["tiles"]):
         assert mine["index"] == theirs["index"]
         for key in ("disparity_hard", "disparity_soft", "mismatch_eval", "mismatch_train"):
             np.testing.assert_allclose(mine[key], theirs[key], atol=0 if exact else 1e-6)
+        for key in ("foreground_voxels", "judged", "mismatch_eval_judged"):
+            assert mine[key] == theirs[key], (mine["index"], key)
         for layer, stats in theirs["features"].items():
             for stat in ("mean", "var", "z"):
                 np.testing.assert_allclose(
@@ -363,7 +376,9 @@ def test_client_killed_then_resume(tmp_path, scheduler_address, client, model_fi
         str(out),
         scheduler_address,
     ]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    # The workers import this checkout's package (and tests), as the test process does.
+    repo = Path(__file__).parents[2]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'src'}"}
     process = subprocess.Popen(
         [sys.executable, str(script), *arguments],
         env=env,

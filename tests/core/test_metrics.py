@@ -81,5 +81,11 @@ def test_engine_disparity_matches_numpy_on_stored_predictions(tmp_path, batchnor
         )
         np.testing.assert_allclose(record["disparity_hard"], tile_hard, rtol=1e-9)
         np.testing.assert_allclose(record["disparity_soft"], tile_soft, rtol=1e-6)
-        np.testing.assert_allclose(grid[(slice(None), *record["grid"])], tile_hard, rtol=1e-6)
+        # The grid holds the hard value only where the tile has foreground enough to judge it.
+        a, b = p_train[(slice(None), *box)] > 0.5, p_eval[(slice(None), *box)] > 0.5
+        foreground = (a.sum(axis=(1, 2, 3)) + b.sum(axis=(1, 2, 3))).tolist()
+        judged = [f >= 1000 and f / a[0].size >= 0.001 for f in foreground]
+        assert record["foreground_voxels"] == foreground and record["judged"] == judged
+        expected = np.where(judged, tile_hard, np.nan)
+        np.testing.assert_allclose(grid[(slice(None), *record["grid"])], expected, rtol=1e-6)
     assert read_marker(out)["disparity"] == summary["disparity"]

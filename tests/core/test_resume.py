@@ -80,6 +80,51 @@ def test_cancel_then_resume_equals_uninterrupted(tmp_path, batchnorm_unet, stop_
     for key in ("disparity", "mismatch_eval", "mismatch_train"):
         np.testing.assert_allclose(resumed[key]["hard"], reference[key]["hard"], rtol=1e-12)
         np.testing.assert_allclose(resumed[key]["soft"], reference[key]["soft"], rtol=1e-12)
+    assert_same_support(resumed, reference)
+
+
+def assert_same_support(resumed, reference, counts=True):
+    """The foreground behind every hard Dice, and the verdict on it, as uninterrupted."""
+    got, expected = dict(resumed["support"]), dict(reference["support"])
+    for key in ("soft_foreground",):
+        np.testing.assert_allclose(got.pop(key), expected.pop(key), rtol=1e-12)
+    if not counts:  # progress saved before the counts existed: none made up
+        assert got.pop("foreground_voxels") is None and got.pop("foreground_fraction") is None
+        expected.pop("foreground_voxels"), expected.pop("foreground_fraction")
+    assert got == expected
+    assert resumed["verdict_detail"]["channel"] == reference["verdict_detail"]["channel"]
+    for mine, theirs in zip(resumed["tiles"], reference["tiles"]):
+        for key in ("foreground_voxels", "judged", "mismatch_eval_judged"):
+            if counts or key == "mismatch_eval_judged":
+                assert mine.get(key) == theirs.get(key), (mine["index"], key)
+
+
+def test_resume_from_progress_saved_before_the_foreground_counts(tmp_path, batchnorm_unet):
+    volume = open_volume(synthetic_volume((40, 48, 52)))
+    config = RunConfig(tile=(16, 32, 32), activation="sigmoid", cache_mb=0)
+    reference = summary_of(list(run_check(volume, batchnorm_unet, config, tmp_path / "ref.zarr")))
+    out = tmp_path / "o.zarr"
+    cancel = threading.Event()
+    for event in run_check(volume, batchnorm_unet, config, out, cancel=cancel):
+        if isinstance(event, TileDone) and event.n_done == 8:
+            cancel.set()
+    # Make the interrupted run look like one of an earlier version: no counts, no option.
+    progress_path = out / "progress.json"
+    progress = json.loads(progress_path.read_text())
+    assert "foreground" in progress["disparity_sums"]
+    del progress["disparity_sums"]["foreground"]
+    for record in progress["tiles"].values():
+        del record["foreground_voxels"]
+    progress_path.write_text(json.dumps(progress))
+    root = zarr.open_group(str(out), mode="r+")
+    attrs = dict(root.attrs["normcheck"])
+    attrs["params"] = {k: v for k, v in attrs["params"].items() if k != "min_foreground"}
+    root.attrs["normcheck"] = attrs
+    resumed = summary_of(list(run_check(volume, batchnorm_unet, config, out, resume=True)))
+    np.testing.assert_allclose(
+        resumed["disparity"]["hard"], reference["disparity"]["hard"], rtol=1e-12
+    )
+    assert_same_support(resumed, reference, counts=False)
 
 
 def test_resume_refuses_other_parameters_and_finished_runs(tmp_path, batchnorm_unet):

@@ -45,6 +45,7 @@ def run_config_from_args(args: argparse.Namespace, loaded: Any, volume: Any) -> 
         "output_dtype": args.output_dtype,
         "seams": args.seams,
         "threshold": args.threshold,
+        "min_foreground": args.min_foreground,
         "cache_mb": args.cache_mb,
         "feature_layers": tuple(args.feature_layer),
         "precision": args.precision,

@@ -68,6 +68,16 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     )
     run.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
     run.add_argument(
+        "--min-foreground",
+        metavar="VOXELS[,FRACTION]",
+        default=None,
+        help="judge a hard Dice (disparity, tile mismatch; global and per tile) only where eval "
+        "and train together have at least VOXELS foreground voxels and FRACTION of the voxels "
+        "compared (default 1000,0.001: below it one flipped voxel moves 1 - Dice by more than a "
+        "tenth of the verdict's 0.02 step); elsewhere it is 'not judged' and the soft Dice "
+        "speaks for it. 0,0 judges everything",
+    )
+    run.add_argument(
         "--cache-mb",
         type=int,
         default=256,

@@ -58,6 +58,11 @@ class RunConfig:
         overlapping tiles per voxel). The tile mismatch numbers are computed either way.
     threshold : float
         Probability above which a voxel counts as foreground in hard Dice.
+    min_foreground : tuple of (int, float)
+        ``(voxels, fraction)``: a hard Dice (disparity, tile mismatch; global, per tile) is judged
+        only where the two predictions together have at least this many foreground voxels and
+        this fraction of the voxels compared; elsewhere it is "not judged" and the soft value
+        speaks for it. Why 1000 voxels and 0.1 %: :mod:`napari_normcheck.core.measure.support`.
     spatial_dims : int or None
         Spatial dims of the model (2 or 3); probed when ``None``.
     cache_mb : int
@@ -87,6 +92,7 @@ class RunConfig:
     activation: str = "none"
     output_dtype: str = "auto"
     threshold: float = 0.5
+    min_foreground: tuple[int, float] = (1000, 0.001)
     spatial_dims: int | None = None
     feature_layers: tuple[str, ...] = field(default_factory=tuple)
     cache_mb: int = 256
@@ -129,6 +135,18 @@ class RunConfig:
             )
         if not 0 < self.threshold < 1:
             raise NormcheckError(f"threshold {self.threshold} must lie in (0, 1)")
+        voxels, fraction = self.min_foreground
+        if (
+            isinstance(voxels, bool)
+            or voxels != int(voxels)
+            or voxels < 0
+            or not 0 <= fraction <= 2
+        ):
+            raise NormcheckError(
+                f"minimum foreground {voxels},{fraction}: give whole voxels >= 0 and a fraction "
+                "of the region in [0, 2] (e.g. 1000,0.001)"
+            )
+        object.__setattr__(self, "min_foreground", (int(voxels), float(fraction)))
 
     def replace(self, **changes: Any) -> RunConfig:
         """Return a copy with ``changes`` applied (validated again)."""
@@ -143,7 +161,7 @@ class RunConfig:
         """Inverse of :meth:`to_dict`; unknown keys are ignored (newer versions may add some)."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
-        for key in ("tile", "halo", "feature_layers"):
+        for key in ("tile", "halo", "feature_layers", "min_foreground"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         if values.get("roi") is not None:
@@ -271,6 +289,18 @@ def _roi(value: Any, name: str) -> tuple[tuple[int, int], ...]:
     return pairs
 
 
+def _min_foreground(value: Any, name: str) -> tuple[int, float]:
+    # "VOXELS" or "VOXELS,FRACTION" (the fraction keeps its default when left out).
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    if not 1 <= len(parts) <= 2:
+        raise NormcheckError(
+            f"cannot read {name} {value!r}; write VOXELS[,FRACTION], e.g. 1000,0.001"
+        )
+    voxels = _whole_number(parts[0], name)
+    fraction = _number(parts[1], name) if len(parts) == 2 else RunConfig.min_foreground[1]
+    return voxels, fraction
+
+
 def _names(value: Any, name: str) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else value
     return tuple(str(item).strip() for item in items if str(item).strip())
@@ -283,6 +313,7 @@ _OPTION_PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "roi": _roi,
     "overlap": _number,
     "threshold": _number,
+    "min_foreground": _min_foreground,
     "train_batch": _whole_number,
     "eval_batch": _whole_number,
     "spatial_dims": _whole_number,

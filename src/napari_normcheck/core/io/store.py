@@ -184,7 +184,11 @@ class OutputStore:
         stored = json.loads(json.dumps(dict(store.root.attrs["normcheck"]), default=_json_default))
         fresh = json.loads(json.dumps(attrs, default=_json_default))
         for key in same:
-            if stored.get(key) != fresh.get(key):
+            was, now = stored.get(key), fresh.get(key)
+            if isinstance(was, dict) and isinstance(now, dict):
+                # A parameter added after the interrupted run was stored is not compared.
+                now = {k: v for k, v in now.items() if k in was}
+            if was != now:
                 raise NormcheckError(
                     f"cannot resume {target}: its {key} differ from this run's; use the interrupted "
                     "run's options, or start again with --overwrite"

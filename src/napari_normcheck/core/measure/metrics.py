@@ -16,10 +16,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DICE_KINDS = ("hard", "soft", "argmax")
+#: The entry of :func:`dice_sums` (with ``counts=True``) holding the hard foreground of each map:
+#: row 0 ``|A|`` (train), row 1 ``|B|`` (eval); not a Dice kind.
+FOREGROUND = "foreground"
 
 
 def dice_sums(
-    p_train: np.ndarray, p_eval: np.ndarray, threshold: float, argmax: bool = False
+    p_train: np.ndarray,
+    p_eval: np.ndarray,
+    threshold: float,
+    argmax: bool = False,
+    counts: bool = False,
 ) -> dict[str, np.ndarray]:
     """Per-channel Dice numerators and denominators of two ``(C, ...)`` probability maps.
 
@@ -31,12 +38,15 @@ def dice_sums(
         Foreground threshold for the hard Dice.
     argmax : bool
         Also compute the argmax one-hot Dice (softmax outputs).
+    counts : bool
+        Also return the foreground of each map apart, as entry :data:`FOREGROUND`.
 
     Returns
     -------
     dict
         ``{kind: array (2, C)}`` with row 0 = intersection term ``sum(A and B)`` (hard) or
-        ``sum(min(p, q))`` (soft), row 1 = ``sum(A) + sum(B)``; float64.
+        ``sum(min(p, q))`` (soft), row 1 = ``sum(A) + sum(B)``; float64. With ``counts``,
+        ``FOREGROUND``: row 0 ``sum(A)`` (train), row 1 ``sum(B)`` (eval).
 
     Notes
     -----
@@ -70,6 +80,8 @@ def dice_sums(
             [np.count_nonzero(ta == c) + np.count_nonzero(ea == c) for c in range(n)], float
         )
         sums["argmax"] = np.stack([inter, total])
+    if counts:
+        sums[FOREGROUND] = np.stack([count_a, count_b]).astype(np.float64)
     return sums
 
 
@@ -87,7 +99,12 @@ def disparity_from_sums(sums: np.ndarray) -> list[float]:
 
 @dataclass
 class DisparityAccumulator:
-    """Global Dice sums over the stitched volume, added chunk by chunk."""
+    """Global Dice sums over the stitched volume, added chunk by chunk.
+
+    Besides the Dice kinds it keeps each map's hard foreground (entry :data:`FOREGROUND`), as long
+    as every chunk's sums had it: a run resumed from progress saved before the counts existed has
+    none (:meth:`foreground` is then ``None``), never a partial count.
+    """
 
     n_channels: int
     threshold: float = 0.5
@@ -96,20 +113,31 @@ class DisparityAccumulator:
 
     def add(self, p_train: np.ndarray, p_eval: np.ndarray) -> dict[str, np.ndarray]:
         """Add the sums of one finished chunk (``(C, z, y, x)`` probabilities); return them."""
-        sums = dice_sums(p_train, p_eval, self.threshold, self.argmax)
+        sums = dice_sums(p_train, p_eval, self.threshold, self.argmax, counts=True)
         self.add_sums(sums)
         return sums
 
     def add_sums(self, sums: dict[str, np.ndarray]) -> None:
         """Add one chunk's sums computed elsewhere (a distributed block), in the caller's order."""
+        counted = not self.sums or FOREGROUND in self.sums
         for kind, values in sums.items():
+            if kind == FOREGROUND and not counted:
+                continue
             self.sums[kind] = self.sums.get(kind, 0.0) + np.asarray(values, dtype=np.float64)
+        if FOREGROUND not in sums:
+            self.sums.pop(FOREGROUND, None)
 
     def result(self) -> dict[str, list[float]]:
         """``{"hard": [...], "soft": [...](, "argmax": [...])}`` disparity per channel."""
         if not self.sums:
             return {"hard": [0.0] * self.n_channels, "soft": [0.0] * self.n_channels}
-        return {kind: disparity_from_sums(s) for kind, s in self.sums.items()}
+        return {kind: disparity_from_sums(s) for kind, s in self.sums.items() if kind != FOREGROUND}
+
+    def foreground(self) -> np.ndarray | None:
+        """``(2, C)`` hard foreground voxels: row 0 train, row 1 eval; ``None`` when not counted."""
+        if not self.sums:
+            return np.zeros((2, self.n_channels))
+        return self.sums.get(FOREGROUND)
 
     def to_dict(self) -> dict[str, list]:
         """The raw sums (for resume and for merging partial results)."""
@@ -127,4 +155,5 @@ def tile_disparity(
     return {
         kind: disparity_from_sums(s)
         for kind, s in dice_sums(p_train, p_eval, threshold, argmax).items()
+        if kind != FOREGROUND
     }

@@ -21,6 +21,12 @@ from napari_normcheck.core.base.modes import MODES
 from napari_normcheck.core.base.tiling import Tile, TilePlan
 from napari_normcheck.core.measure.metrics import dice_sums, disparity_from_sums
 from napari_normcheck.core.measure.slabs import SlabStore
+from napari_normcheck.core.measure.support import (
+    DEFAULT_MIN_FOREGROUND,
+    MinForeground,
+    foreground_from_sums,
+    judged_mask,
+)
 
 
 def prediction_box(plan: TilePlan, tile: Tile) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -155,6 +161,43 @@ class MismatchTracker:
             for mode in self.names
             for kind in ("hard", "soft")
         }
+
+    def _pairs_of(self, index: int | None) -> list[tuple[int, int]]:
+        if index is None:
+            return list(self.pair_sums)
+        keys = ((min(index, j), max(index, j)) for j, _ in self.neighbours[index])
+        return [key for key in keys if key in self.pair_sums]
+
+    def support(self, mode: str, index: int | None = None) -> tuple[list[int], list[float], int]:
+        """What the mismatch of prediction ``mode`` rests on, over its tile pairs.
+
+        Over all pairs, or ``index``'s pairs with its neighbours: the hard foreground
+        ``|A| + |B|`` per channel, the soft one ``sum(p) + sum(q)`` per channel, and the voxels
+        compared (a voxel shared by several pairs counts once per pair, as in the Dice sums).
+        """
+        hard = np.zeros((2, self.n_channels))
+        soft = np.zeros((2, self.n_channels))
+        n_voxels = 0
+        for i, j in self._pairs_of(index):
+            hard = hard + self.pair_sums[(i, j)][mode]["hard"]
+            soft = soft + self.pair_sums[(i, j)][mode]["soft"]
+            start, stop = self.shared_box(i, j)
+            n_voxels += int(np.prod([b - a for a, b in zip(start, stop)]))
+        return foreground_from_sums(hard), [float(v) for v in soft[1]], n_voxels
+
+    def judged(
+        self,
+        mode: str,
+        min_foreground: MinForeground = DEFAULT_MIN_FOREGROUND,
+        index: int | None = None,
+    ) -> list[bool]:
+        """Whether the hard mismatch (global, or of tile ``index``) is judged, per channel.
+
+        The pairs' foreground together must pass the rule of
+        :mod:`~napari_normcheck.core.measure.support` on the voxels they compare.
+        """
+        foreground, _, n_voxels = self.support(mode, index)
+        return judged_mask(foreground, n_voxels, min_foreground)
 
     def to_dict(self) -> dict[str, dict]:
         """Pair sums as JSON-ready data (resume)."""

@@ -14,7 +14,8 @@ from functools import cached_property
 
 import numpy as np
 
-from napari_normcheck.core.measure.metrics import dice_sums, disparity_from_sums
+from napari_normcheck.core.measure.metrics import FOREGROUND, dice_sums, disparity_from_sums
+from napari_normcheck.core.measure.support import foreground_from_sums
 
 
 class TileView:
@@ -47,7 +48,11 @@ class TileView:
     @cached_property
     def disparity(self) -> dict[str, list[float]]:
         """``1 - Dice`` of eval against train per channel: ``hard``, ``soft`` (and ``argmax``)."""
-        return {kind: disparity_from_sums(sums) for kind, sums in self.sums.items()}
+        return {
+            kind: disparity_from_sums(sums)
+            for kind, sums in self.sums.items()
+            if kind != FOREGROUND
+        }
 
     @property
     def n_voxels(self) -> int:
@@ -79,3 +84,13 @@ def flip_fraction(view: TileView) -> list[float]:
     # From the Dice counts already summed: |A xor B| = |A| + |B| - 2 |A and B|.
     inter, total = view.sums["argmax" if view.argmax else "hard"]
     return [float(v) for v in (total - 2 * inter) / max(view.n_voxels, 1)]
+
+
+def foreground_voxels(view: TileView) -> list[int]:
+    """Hard foreground of eval and train together, ``|A| + |B|``, per channel (the Dice's support).
+
+    Whether the tile's hard values are judged follows from it when the run ends
+    (:func:`~napari_normcheck.core.measure.support.is_judged`), so a resumed run with another
+    ``min_foreground`` judges every tile by the same rule.
+    """
+    return foreground_from_sums(view.sums["hard"])

@@ -70,6 +70,8 @@ def assemble_remedies(
     }
     for remedy, row in measured.items():
         result[remedy] = dict(row) | {"dice_vs_labels": None}
+    # Which channels' hard disparity has foreground enough to be judged (the check's rule).
+    result["judged"] = (summary.get("support") or {}).get("judged")
     if recal_result is not None and "recalibrated" in measured:
         provenance = recal_result.provenance
         result["recalibration"] = {
@@ -112,7 +114,7 @@ def finish_remedies(
             "mapping": {str(c): list(v) for c, v in mapping.items()},
             "ignore": list(ignore_labels),
         }
-    result["notes"] = notes + remedy_notes(result)
+    result["notes"] = notes + remedy_notes(result, config.train_batch)
 
 
 def prepare_labels(
@@ -145,14 +147,31 @@ def _is_parsed(mapping: Any) -> bool:
     )
 
 
-def _mean(values: list[float] | None) -> float | None:
-    return float(np.mean(values)) if values else None
+def _per_channel(values: list[float] | None) -> list[float] | None:
+    return [float(v) for v in values] if values else None
 
 
-def remedy_notes(result: dict[str, Any]) -> list[str]:
-    """One plain sentence per remedy: what it changed against eval, better or worse, nothing hidden."""
+def _change(before: float, after: float, higher_is_better: bool) -> str:
+    if abs(after - before) < 1e-4:
+        return "unchanged"
+    better = (after > before) == higher_is_better
+    return f"{'higher' if after > before else 'lower'}: {'better' if better else 'worse'}"
+
+
+def remedy_notes(result: dict[str, Any], train_batch: int | None = None) -> list[str]:
+    """One plain sentence per remedy: what it changed against eval, better or worse, nothing hidden.
+
+    Each number is per output channel (``channel 0 0.060 -> 0.010 (lower: better), channel 1
+    ...``); nothing is averaged over channels, so a nearly empty channel cannot hide in a mean,
+    and a channel whose hard disparity is not judged (``result["judged"]``, the check's rule)
+    says so instead of a number.
+    With ``train_batch == 1`` the batch-stats remedy normalizes each tile by its own statistics,
+    which is what train mode does: its disparity against train is zero by construction, and the
+    note says so instead of a before -> after that reads as a cure.
+    """
     notes = []
     base = result["eval"]
+    judged = result.get("judged")
     for remedy in REMEDIES:
         row = result.get(remedy)
         if row is None:
@@ -163,18 +182,27 @@ def remedy_notes(result: dict[str, Any]) -> list[str]:
             ("mismatch", "tile mismatch", "hard", False),
             ("dice_vs_labels", "Dice vs labels", "hard", True),
         ):
-            before = _mean((base.get(key) or {}).get(kind))
-            after = _mean((row.get(key) or {}).get(kind))
+            if key == "disparity_vs_train" and remedy == "batchstats" and train_batch == 1:
+                parts.append(
+                    "disparity vs train 0 by construction (equal to train: with 1 tile per train "
+                    "batch, train mode also normalizes each tile by its own statistics)"
+                )
+                continue
+            before = _per_channel((base.get(key) or {}).get(kind))
+            after = _per_channel((row.get(key) or {}).get(kind))
             if before is None or after is None:
                 continue
-            if abs(after - before) < 1e-4:
-                verdict = "unchanged"
+            changes = [
+                "not judged (too little foreground)"
+                if key == "disparity_vs_train" and judged is not None and not judged[c]
+                else f"{b:.3f} -> {a:.3f} ({_change(b, a, higher_is_better)})"
+                for c, (b, a) in enumerate(zip(before, after))
+            ]
+            if len(changes) == 1:
+                parts.append(f"{label} {changes[0]}")
             else:
-                better = (after > before) == higher_is_better
-                verdict = (
-                    f"{'higher' if after > before else 'lower'}: {'better' if better else 'worse'}"
-                )
-            parts.append(f"{label} {before:.3f} -> {after:.3f} ({verdict})")
+                channels = ", ".join(f"channel {c} {text}" for c, text in enumerate(changes))
+                parts.append(f"{label} per channel: {channels}")
         if parts:
             notes.append(f"{ROW_TITLES[remedy]} vs eval: " + "; ".join(parts))
     return notes

@@ -12,9 +12,11 @@ from napari_normcheck.core.base.tiling import TilePlan
 from napari_normcheck.core.io.store import OutputStore
 from napari_normcheck.core.measure.features import FeatureLayer, tile_feature_summary
 from napari_normcheck.core.measure.mismatch import MismatchTracker, prediction_box
+from napari_normcheck.core.measure.support import MinForeground, judged_mask
 from napari_normcheck.core.measure.tile_metrics import TileView
 from napari_normcheck.core.run.forward import activate_into
 from napari_normcheck.core.run.registry import TileMetric
+from napari_normcheck.core.run.report import tile_hard_value
 from napari_normcheck.core.run.tile_io import TileWork
 
 if TYPE_CHECKING:
@@ -83,6 +85,28 @@ def add_pair_metrics(records: list[dict[str, Any]], mismatch: MismatchTracker) -
             record[f"mismatch_{name}_soft"] = tile_mismatch[f"{name}_soft"]
 
 
+def add_support(
+    records: list[dict[str, Any]], mismatch: MismatchTracker, min_foreground: MinForeground
+) -> None:
+    """Add whether each tile's hard values are judged, per channel (enough foreground for a Dice).
+
+    ``judged``: the tile's hard disparity, from its ``foreground_voxels`` over the voxels it
+    writes; ``mismatch_<name>_judged``: its hard mismatch, from the foreground of its tile pairs
+    together over the voxels they share. A record without ``foreground_voxels`` (progress saved
+    before the counts existed) is judged as before the rule. The values themselves stay exact.
+    """
+    for record in records:
+        foreground = record.get("foreground_voxels")
+        n_voxels = int(np.prod([b - a for a, b in zip(record["start"], record["stop"])]))
+        if foreground is not None:
+            record["judged"] = judged_mask(foreground, n_voxels, min_foreground)
+        for name in mismatch.names:
+            if record.get(f"mismatch_{name}") is not None:
+                record[f"mismatch_{name}_judged"] = mismatch.judged(
+                    name, min_foreground, record["index"]
+                )
+
+
 def overlay_z(features: dict[str, dict], layers: list[FeatureLayer]) -> dict[str, Any] | None:
     """The report's per-tile feature z summary for the overlay layer (the first with running stats)."""
     for layer in layers:
@@ -127,14 +151,24 @@ def write_tile_grids(
     cell_transform: tuple[tuple[float, ...], tuple[float, ...]],
     metrics: tuple[TileMetric, ...],
 ) -> None:
-    """The grid of each tile metric that has one: one cell per tile, placed over its tile."""
+    """The grid of each tile metric that has one: one cell per tile, placed over its tile.
+
+    Cells of hard values that are not judged (too little foreground, :func:`add_support`) hold
+    NaN, as do tiles without the metric, so napari draws nothing there.
+    """
     for metric in metrics:
         if metric.grid is None:
             continue
         grid = np.full((n_out, *plan.grid_shape), np.nan, dtype=np.float32)
         for record in records:
             if record.get(metric.key) is not None:
-                grid[(slice(None), *record["grid"])] = record[metric.key]
+                grid[(slice(None), *record["grid"])] = [
+                    np.nan if v is None else v
+                    for v in (
+                        tile_hard_value(record, metric.key, c)
+                        for c in range(len(record[metric.key]))
+                    )
+                ]
         array = store.create_image(
             metric.grid,
             grid.shape,

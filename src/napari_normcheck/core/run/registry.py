@@ -260,6 +260,13 @@ TILE_METRICS: tuple[TileMetric, ...] = (
         display=Display("tile mismatch (train)", "viridis", **_GRID),
         needs=("train",),
     ),
+    TileMetric(
+        "foreground_voxels",
+        "per-tile hard foreground of eval and train together (|A| + |B|, the Dice's support)",
+        tile_metrics.foreground_voxels,
+    ),
+    # Filled in when the run ends, from foreground_voxels and the run's min_foreground.
+    TileMetric("judged", "per-tile: the hard disparity has enough foreground to be judged"),
 )
 
 
@@ -278,3 +285,13 @@ def output_display() -> dict[str, Display]:
     shown = {o.name: o.display for o in VOXEL_OUTPUTS}
     shown |= {m.grid: m.display for m in TILE_METRICS if m.grid and m.display}
     return shown
+
+
+#: The record key holding the judged flags (per channel) of each hard tile metric: a value whose
+#: flag is false is kept in the record but shown as "-", ranks in no worst list and is NaN in its
+#: grid (:mod:`~napari_normcheck.core.measure.support`). Metrics not named are always defined.
+JUDGED_BY: dict[str, str] = {
+    "disparity_hard": "judged",
+    "disparity_argmax": "judged",
+    **{f"mismatch_{name}": f"mismatch_{name}_judged" for name in PREDICTION_DISPLAY},
+}

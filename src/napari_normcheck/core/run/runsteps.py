@@ -25,6 +25,7 @@ from napari_normcheck.core.io.store import OutputStore
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.run.grids import (
     add_pair_metrics,
+    add_support,
     tile_cell_transform,
     write_feature_grid,
     write_tile_grids,
@@ -35,8 +36,10 @@ from napari_normcheck.core.run.registry import (
     tile_metrics_of,
     voxel_outputs,
 )
+from napari_normcheck.core.run.report import verdict, verdict_detail
 from napari_normcheck.core.run.runsetup import RunSetup
 from napari_normcheck.core.run.sums import RunSums
+from napari_normcheck.core.run.support_summary import min_foreground_of, run_support
 
 if TYPE_CHECKING:
     from napari_normcheck.core.run.timing import Timing
@@ -158,6 +161,8 @@ def finish_run(
     plan, n_out, mismatch = setup.plan, setup.n_out, sums.mismatch
     ordered = [sums.records[i] for i in sorted(sums.records)]
     add_pair_metrics(ordered, mismatch)
+    min_foreground = min_foreground_of(store.root.attrs["normcheck"].get("params"))
+    add_support(ordered, mismatch, min_foreground)
     cell_transform = tile_cell_transform(plan, tuple(volume.scale), volume.translation)
     metrics = tile_metrics_of(mismatch.names)
     write_tile_grids(store, plan, ordered, n_out, cell_transform, metrics)
@@ -182,6 +187,11 @@ def finish_run(
         "tiles": ordered,
         **(extra_summary or {}),
     }
+    summary["support"] = run_support(
+        sums.disparity["eval"], mismatch, int(np.prod(plan.roi_shape)), min_foreground
+    )
+    summary["verdict_detail"] = verdict_detail(summary)
+    summary["verdict"] = verdict(summary)
     others = [name for name in mismatch.names if name not in ("eval", "train")]
     if others:
         # The remedies' predictions, as measured in the same tile loop.
