@@ -148,9 +148,14 @@ class RemediesPanel(QGroupBox):
         form.addRow("label map", self.label_map)
         form.addRow("ignore labels", self.ignore_labels)
         self.mask_below = QLineEdit("")
-        self.mask_below.setPlaceholderText("raw intensity, e.g. 10 (dark background)")
+        self.mask_below.setPlaceholderText("e.g. 10 (dark background)")
         self.mask_above = QLineEdit("")
-        self.mask_above.setPlaceholderText("raw intensity, e.g. 200 (bright empty resin)")
+        self.mask_above.setPlaceholderText("e.g. 200 (empty resin)")
+        for edit in (self.mask_below, self.mask_above):
+            edit.setToolTip(
+                "raw intensity of no content: recalibration uses tiles mostly of content "
+                "(empty: every voxel is content)"
+            )
         form.addRow("recalibration tiles", self.tiles)
         form.addRow("variance estimate", self.variance)
         form.addRow("skip voxels below", self.mask_below)
