@@ -219,9 +219,9 @@ class RemediesPanel(QGroupBox):
             self.finished = False
         name = f"the check of {context.prefix}" if context.prefix else "the check"
         self.status.setText(
-            f"ready: {name} has finished ({Path(context.out).name}). Choose ground truth if you "
-            "have it, then Run remedies."
+            f"ready: {name} has finished. Choose ground truth if you have it, then Run remedies."
         )
+        self.status.setToolTip(f"the check's output: {context.out}")
 
     def disconnect_viewer(self) -> None:
         """Stop listening to the viewer (call it when the dock widget goes away)."""
@@ -332,7 +332,8 @@ class RemediesPanel(QGroupBox):
             self.add_layers(item.out, item.remedies)
             self.layers_added.emit()
             self.export_button.setEnabled(item.recalibration is not None)
-            self.status.setText(f"done in {item.remedies.get('seconds', 0):.1f} s; {item.out}")
+            self.status.setText(f"done in {item.remedies.get('seconds', 0):.1f} s")
+            self.status.setToolTip(f"the remedies' outputs are in {item.out}")
 
     def _on_finished(self) -> None:
         if not self.finished and self.context is not None and self.context.cancel.is_set():

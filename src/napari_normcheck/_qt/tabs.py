@@ -92,7 +92,7 @@ def build_tabs(widget: Any) -> QTabWidget:
     return tabs
 
 
-def narrow_combos(parent: QWidget, characters: int = 8) -> None:
+def narrow_combos(parent: QWidget, characters: int = 5) -> None:
     """Let every combo box shrink below its longest item (the text is elided, the list is not).
 
     A combo box asks for the width of its longest item by default: one long layer or model name
@@ -101,6 +101,11 @@ def narrow_combos(parent: QWidget, characters: int = 8) -> None:
     for combo in parent.findChildren(QComboBox):
         combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         combo.setMinimumContentsLength(characters)
+
+
+def keep_narrow(label: QLabel, width: int = 120) -> None:
+    """A wrapped label whose long words (an output path) are clipped rather than widen the dock."""
+    label.setMinimumWidth(width)
 
 
 def on_tab_changed(widget: Any) -> None:
@@ -137,10 +142,12 @@ def build_results(widget: Any) -> QWidget:
     layout = QVBoxLayout(page)
     widget.summary_label = QLabel("Run a check: its summary, tiles and plots appear here.")
     widget.summary_label.setWordWrap(True)
+    keep_narrow(widget.summary_label)
     widget.summary_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
     layout.addWidget(widget.summary_label)
     # Two rows, so that the dock can stay narrow: the channel; the sort order and the export.
     form = QFormLayout()
+    form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
     widget.channel_combo = QComboBox()
     widget.channel_combo.setToolTip(
         "the output channel the layers, the table and the plots show (one at a time)"
@@ -200,5 +207,6 @@ def build_run_box(widget: Any) -> QWidget:
     layout.addWidget(widget.progress)
     widget.status_label = QLabel("")
     widget.status_label.setWordWrap(True)
+    keep_narrow(widget.status_label)
     layout.addWidget(widget.status_label)
     return box
