@@ -94,7 +94,7 @@ class ModelSection:
         for column, tip in enumerate(INVENTORY_TIPS):
             self.inventory_table.horizontalHeaderItem(column).setToolTip(tip)
         self.inventory_table.verticalHeader().setVisible(False)
-        # The layer column takes the width left (its text elided); the others fit their text.
+        # The layer column takes the width left; the others fit their text.
         header = self.inventory_table.horizontalHeader()
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         for column in range(1, len(INVENTORY_COLUMNS)):
@@ -162,7 +162,7 @@ class ModelSection:
         return True
 
     def norm_layer_text(self, module_path: str) -> str:
-        """A normalization layer of the loaded model as its type and place (its path if unknown).
+        """A normalization layer of the loaded model as its type and place, for people.
 
         E.g. ``"BatchNorm3d, encoder 1, conv 0"`` for ``down_1.convs.conv_0.adn.N``; use the module
         path as the tooltip.
