@@ -227,6 +227,7 @@ def cli_run(volume_path: Path, out: Path, sample, tile, device: str) -> dict:
         sample.activation,
         "--device",
         device,
+        "--seams",  # (the widget stores the seams maps by default)
         "--overwrite",
         "--report",
         str(out.with_suffix(".json")),

@@ -179,3 +179,83 @@ def test_table_and_dict():
     data = json.loads(json.dumps(inventory.to_dict()))
     assert data["n_switching"] == 1 and data["layers"][2]["num_features"] == 256
     assert data["layers"][1]["momentum"] is None and data["verdict"] == inventory.verdict
+
+
+# --- readable names ------------------------------------------------------------------------------
+
+
+def test_readable_names_of_a_monai_basic_unet():
+    from napari_normcheck.core.models.inventory import readable_layer_name
+
+    model = tiny_unet("batch")
+    names = {name: module for name, module in model.named_modules()}
+    assert readable_layer_name("down_1.convs.conv_0.adn.N", names["down_1.convs.conv_0.adn.N"]) == (
+        "BatchNorm3d, encoder 1, conv 0"
+    )
+    assert readable_layer_name("conv_0.conv_1.adn.N", "BatchNorm3d") == (
+        "BatchNorm3d, encoder 0, conv 1"
+    )
+    assert readable_layer_name("upcat_4.convs.conv_1.adn.N", "BatchNorm3d") == (
+        "BatchNorm3d, decoder 4, conv 1"
+    )
+    # Every norm layer of the network gets its own text.
+    layers = norm_inventory(model).layers
+    texts = {readable_layer_name(layer.name, layer.type) for layer in layers}
+    assert len(texts) == len(layers) == 18
+
+
+def test_readable_names_of_a_monai_unet_by_depth():
+    from napari_normcheck.core.models.inventory import readable_layer_name
+
+    model = UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, norm="batch")
+    texts = [readable_layer_name(layer.name, layer.type) for layer in norm_inventory(model).layers]
+    assert texts[0] == "BatchNorm3d, encoder 0, conv 0"
+    assert "BatchNorm3d, encoder 1, conv 0" in texts
+    assert "BatchNorm3d, bottleneck, conv 0" in texts
+    assert any(text.startswith("BatchNorm3d, decoder 1") for text in texts)
+    assert texts[-1].startswith("BatchNorm3d, decoder 0")
+
+
+@pytest.mark.parametrize(
+    ("path", "kind", "expected"),
+    [
+        # nnU-Net (dynamic_network_architectures PlainConvUNet / ResidualEncoderUNet)
+        (
+            "encoder.stages.1.0.convs.1.norm",
+            "InstanceNorm3d",
+            "InstanceNorm3d, encoder 1, block 0, conv 1",
+        ),
+        ("decoder.stages.2.convs.0.norm", "InstanceNorm3d", "InstanceNorm3d, decoder 2, conv 0"),
+        ("encoder.stem.convs.0.norm", "BatchNorm3d", "BatchNorm3d, input block, conv 0"),
+        # pytorch-3dunet
+        (
+            "encoders.1.basic_module.SingleConv1.groupnorm",
+            "GroupNorm",
+            "GroupNorm, encoder 1, conv 1",
+        ),
+        (
+            "decoders.0.basic_module.SingleConv2.batchnorm",
+            "BatchNorm3d",
+            "BatchNorm3d, decoder 0, conv 2",
+        ),
+        # MONAI DynUNet
+        ("bottleneck.norm2", "BatchNorm3d", "BatchNorm3d, bottleneck, conv 2"),
+        ("upsamples.0.conv_block.norm1", "BatchNorm3d", "BatchNorm3d, decoder 0, conv 1"),
+        # unknown networks: the type and the path without the norm's own name
+        ("layer1.0.bn1", "BatchNorm2d", "BatchNorm2d in layer1.0"),
+        ("features.3", "BatchNorm2d", "BatchNorm2d in features.3"),
+        ("", "BatchNorm3d", "BatchNorm3d (the model)"),
+        ("down_2.convs.conv_0.adn.N", None, "norm layer, encoder 2, conv 0"),
+    ],
+)
+def test_readable_names_of_other_networks(path, kind, expected):
+    from napari_normcheck.core.models.inventory import readable_layer_name
+
+    assert readable_layer_name(path, kind) == expected
+
+
+def test_readable_name_of_a_scripted_layer():
+    from napari_normcheck.core.models.inventory import readable_layer_name
+
+    scripted = torch.jit.script(nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2)))
+    assert readable_layer_name("down_3.1", scripted[1]) == "BatchNorm3d, encoder 3"

@@ -39,7 +39,7 @@ def test_feature_z_layer_and_scatter_after_a_run(
     layer = viewer.layers["feature z"]
     # The first layer with running statistics, at its channel of largest |z|.
     assert widget.feature_layer_combo.currentIndex() == 0
-    assert widget.feature_layer_combo.currentText() == attrs[0]["name"]
+    assert widget.feature_layer_combo.currentData() == attrs[0]["name"]  # (shown readable)
     n_channels = attrs[0]["channels"]
     strongest = int(
         np.nanmax(np.abs(grid[0, :n_channels]).reshape(n_channels, -1), axis=1).argmax()
@@ -88,7 +88,7 @@ def test_feature_z_layer_and_scatter_after_a_run(
     np.testing.assert_allclose(
         np.asarray(layer.data), grid[1, widget.feature_channel_combo.currentIndex()]
     )
-    assert attrs[1]["name"] in widget.feature_plot.title()
+    assert widget.norm_layer_text(attrs[1]["name"]) in widget.feature_plot.title()
     widget.feature_layer_combo.setCurrentIndex(0)
 
     # The reader shows the layer too.

@@ -234,9 +234,9 @@ def test_load_model_shows_inventory(
         pass
     assert errors == []
     names = [
-        widget.inventory_table.item(r, 1).text() for r in range(widget.inventory_table.rowCount())
+        widget.inventory_table.item(r, 0).text() for r in range(widget.inventory_table.rowCount())
     ]
-    assert names and all(n == "BatchNorm3d" for n in names)
+    assert names and all(n.startswith("BatchNorm3d, ") for n in names)
     assert "BasicUNet" not in widget.verdict_label.text()
     assert "running statistics" in widget.verdict_label.text()
 

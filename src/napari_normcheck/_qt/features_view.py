@@ -14,7 +14,8 @@ import math
 from typing import Any
 
 import numpy as np
-from qtpy.QtWidgets import (  # noqa: TID253 (the Qt layer)
+from qtpy.QtCore import Qt  # noqa: TID253 (the Qt layer)
+from qtpy.QtWidgets import (  # noqa: TID253
     QComboBox,
     QFormLayout,
     QTabWidget,
@@ -107,14 +108,16 @@ class FeatureSection:
     def _fill_layer_combo(self) -> None:
         names = [str(entry.get("name", i)) for i, entry in enumerate(self._layer_entries())]
         combo = self.feature_layer_combo
-        if [combo.itemText(i) for i in range(combo.count())] == names:
+        if [combo.itemData(i) for i in range(combo.count())] == names:
             return
-        current = combo.currentText()
+        current = combo.currentData()
         combo.blockSignals(True)
         combo.clear()
-        combo.addItems(names)
+        for i, name in enumerate(names):  # shown as type and place; the module path in the tooltip
+            combo.addItem(self.norm_layer_text(name), name)
+            combo.setItemData(i, name, Qt.ItemDataRole.ToolTipRole)
         if current in names:
-            combo.setCurrentText(current)
+            combo.setCurrentIndex(names.index(current))
         combo.blockSignals(False)
         self._on_feature_layer(redraw=False)
 
@@ -223,14 +226,15 @@ class FeatureSection:
             means.append(channel_value(values.get("mean"), feature_channel))
             z.append(channel_value(values.get("z"), feature_channel))
         mean, std = self._running_stats(entry, feature_channel)
+        text = self.norm_layer_text(name)
         self.feature_plot.set_data(
-            tiles, means, mean, std, title=f"{name} · channel {feature_channel}"
+            tiles, means, mean, std, title=f"{text} · channel {feature_channel}"
         )
         self.scatter.set_data(
             tiles,
             z,
             disparity,
-            xlabel=f"|feature z| per tile ({name}, channel {feature_channel})",
+            xlabel=f"|feature z| per tile ({text}, channel {feature_channel})",
             title=f"Feature shift vs disparity · {label}",
         )
 

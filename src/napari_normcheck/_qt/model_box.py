@@ -17,6 +17,7 @@ from qtpy.QtWidgets import (  # noqa: TID253 (the Qt layer)
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QPushButton,
@@ -28,7 +29,14 @@ from napari_normcheck._qt import jobs
 
 MODEL_FILE = "model file"
 SAMPLE_PREFIX = "sample: "
-INVENTORY_COLUMNS = ("name", "type", "running stats", "momentum", "eps", "affine", "batches")
+#: The inventory table's columns; a row's tooltip adds the module path, momentum, eps, affine.
+INVENTORY_COLUMNS = ("layer", "running\nstats", "batches")
+INVENTORY_TIPS = (
+    "the normalization layer: its type and place in the network (the tooltip gives its module path)",
+    "yes: eval mode uses the remembered running statistics, so train and eval can differ",
+    "training batches the running statistics have seen",
+)
+SPEC_FILTER = "architecture spec (*.json *.yaml *.yml);;all files (*)"
 
 
 class ModelSection:
@@ -50,12 +58,30 @@ class ModelSection:
         row.addWidget(browse)
         form.addRow("file", row)
         self.arch = QLineEdit()
-        self.arch.setPlaceholderText("e.g. monai.networks.nets.BasicUNet (state_dict only)")
-        form.addRow("architecture", self.arch)
+        self.arch.setPlaceholderText("e.g. BasicUNet (state_dict only)")
+        self.arch.setToolTip(
+            "the network class of a state_dict: package.module:Name, file.py:Name or a MONAI "
+            "network's name (as --arch)"
+        )
+        row = QHBoxLayout()
+        row.addWidget(self.arch)
+        self.spec_button = QPushButton("Load spec…")
+        self.spec_button.setToolTip(
+            'read an architecture spec file (JSON or YAML: {"arch": ..., "kwargs": {...}}, as '
+            "--arch-spec) into the architecture and its keyword arguments"
+        )
+        self.spec_button.clicked.connect(lambda: self.load_arch_spec())
+        row.addWidget(self.spec_button)
+        form.addRow("architecture", row)
         self.arch_kwargs = QLineEdit()
-        self.arch_kwargs.setPlaceholderText('JSON, e.g. {"spatial_dims": 3, "in_channels": 1}')
+        self.arch_kwargs.setPlaceholderText('JSON or @file.json, e.g. {"spatial_dims": 3}')
+        self.arch_kwargs.setToolTip("the architecture's keyword arguments (as --arch-kwargs)")
         form.addRow("arch kwargs", self.arch_kwargs)
-        self.trust_pickle = QCheckBox("trust this pickle (loading it runs code from the file)")
+        self.trust_pickle = QCheckBox("trust this pickle")
+        self.trust_pickle.setToolTip(
+            "allow a pickled model or a package's architecture source: loading it runs code "
+            "from the file"
+        )
         form.addRow(self.trust_pickle)
         self.load_button = QPushButton("Load model")
         self.load_button.clicked.connect(self.load_model)
@@ -65,7 +91,18 @@ class ModelSection:
         form.addRow(self.model_label)
         self.inventory_table = QTableWidget(0, len(INVENTORY_COLUMNS))
         self.inventory_table.setHorizontalHeaderLabels(INVENTORY_COLUMNS)
+        for column, tip in enumerate(INVENTORY_TIPS):
+            self.inventory_table.horizontalHeaderItem(column).setToolTip(tip)
         self.inventory_table.verticalHeader().setVisible(False)
+        # The layer column takes the width left; the others fit their text.
+        header = self.inventory_table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for column in range(1, len(INVENTORY_COLUMNS)):
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
+        # A long layer name wraps onto a second line rather than losing its place in the network.
+        self.inventory_table.setWordWrap(True)
+        header.sectionResized.connect(lambda *_: self.inventory_table.resizeRowsToContents())
+        self.inventory_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.inventory_table.setMinimumHeight(110)
         self.inventory_table.setMaximumHeight(180)
         form.addRow(self.inventory_table)
@@ -83,7 +120,7 @@ class ModelSection:
         self.model_path.setText(str(sample.path))
         self.arch.setText(sample.arch)
         self.arch_kwargs.setText(json.dumps(sample.arch_kwargs))
-        self.normalize.setText(sample.normalize)
+        self.settings.set_model_normalize(sample.normalize)
         self.activation.setCurrentText(sample.activation)
         self.tile.setText(",".join(str(v) for v in sample.tile))
         self.model_label.setText(sample.description)
@@ -92,6 +129,57 @@ class ModelSection:
         path, _ = QFileDialog.getOpenFileName(self, "Model file")
         if path:
             self.model_path.setText(path)
+
+    def load_arch_spec(self, path: str | Path | None = None) -> bool:
+        """Fill the architecture and its keyword arguments from a spec file (as ``--arch-spec``).
+
+        Parameters
+        ----------
+        path : str or Path, optional
+            A JSON or YAML file ``{"arch": ..., "kwargs": {...}}``; a file dialog asks when not given.
+
+        Returns
+        -------
+        bool
+            Whether the fields were filled (an error notification says why not).
+        """
+        from napari_normcheck.core.base.errors import NormcheckError
+        from napari_normcheck.core.models.arch import read_arch_spec
+
+        if path is None:
+            path, _ = QFileDialog.getOpenFileName(self, "Architecture spec", filter=SPEC_FILTER)
+            if not path:
+                return False
+        try:
+            arch, kwargs = read_arch_spec(path)
+        except NormcheckError as error:
+            self._on_item(jobs.JobError(str(error)))  # a notification and the status line
+            return False
+        self.arch.setText(arch)
+        self.arch_kwargs.setText(json.dumps(kwargs))
+        self.arch.setToolTip(f"{arch} (from {path})")
+        self.arch_kwargs.setToolTip(f"{json.dumps(kwargs, indent=1)}\n(from {path})")
+        return True
+
+    def norm_layer_text(self, module_path: str) -> str:
+        """A normalization layer of the loaded model as its type and place, for people.
+
+        E.g. ``"BatchNorm3d, encoder 1, conv 0"`` for ``down_1.convs.conv_0.adn.N``; use the module
+        path as the tooltip.
+        """
+        from napari_normcheck.core.models.inventory import readable_layer_name
+
+        kind = None
+        if self.model_ready is not None:
+            kind = next(
+                (
+                    layer.type
+                    for layer in self.model_ready.inventory.layers
+                    if layer.name == module_path
+                ),
+                None,
+            )
+        return readable_layer_name(module_path, kind)
 
     def model_request(self) -> jobs.ModelRequest:
         """The model named by the form."""
@@ -116,6 +204,8 @@ class ModelSection:
         return worker
 
     def _show_model(self, ready: jobs.ModelReady) -> None:
+        from napari_normcheck.core.models.inventory import readable_layer_name
+
         self.model_ready = ready
         loaded, info = ready.loaded, ready.loaded.info
         text = (
@@ -133,24 +223,27 @@ class ModelSection:
         self.inventory_table.setRowCount(len(layers))
         for row, layer in enumerate(layers):
             cells = (
-                layer.name or "(model)",
-                layer.type,
+                readable_layer_name(layer.name, layer.type),
                 "yes" if layer.running_stats else "no",
-                "-" if layer.momentum is None else f"{layer.momentum:g}",
-                "-" if layer.eps is None else f"{layer.eps:g}",
-                "yes" if layer.affine else "no",
                 "-" if layer.num_batches_tracked is None else str(layer.num_batches_tracked),
             )
+            tip = inventory_tooltip(layer)
             for column, cell in enumerate(cells):
-                self.inventory_table.setItem(row, column, QTableWidgetItem(cell))
-        self.inventory_table.resizeColumnsToContents()
+                item = QTableWidgetItem(cell)
+                item.setToolTip(tip)
+                self.inventory_table.setItem(row, column, item)
+        self.inventory_table.resizeRowsToContents()
         self.verdict_label.setText(ready.inventory.verdict)
+        if self.worker is not None:
+            # A run with another model: the feature layers shown are the earlier model's.
+            self.feature_entries, self.feature_grid = [], None
+            self.feature_layer_combo.clear()
 
     def _fill_from_package(self, loaded: Any) -> None:
         """A bioimage.io package declares its processing: fill the fields the user left at default."""
         normalize = (loaded.preprocessing or {}).get("normalize")
-        if normalize and self.normalize.text().strip() in ("", "none"):
-            self.normalize.setText(str(normalize))
+        if normalize and self.settings.normalize_source != "user":
+            self.settings.set_model_normalize(str(normalize))
         activation = (loaded.postprocessing or {}).get("activation")
         if activation and self.activation.currentText() == "none":
             self.activation.setCurrentText(str(activation))
@@ -160,3 +253,16 @@ class ModelSection:
             self.arch_kwargs.setPlaceholderText(
                 f"{json.dumps(loaded.arch_kwargs)} (from the package)"
             )
+
+
+def inventory_tooltip(layer: Any) -> str:
+    """A normalization layer's module path and the values the table leaves out."""
+
+    def value(number: float | None) -> str:
+        return "-" if number is None else f"{number:g}"
+
+    return (
+        f"module: {layer.name or '(the model)'}\n{layer.type}, {value(layer.num_features)} channels, "
+        f"momentum {value(layer.momentum)}, eps {value(layer.eps)}, "
+        f"affine {'yes' if layer.affine else 'no'}"
+    )

@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (  # noqa: TID253
 from napari_normcheck.core.base.errors import NormcheckError
 
 NO_LABELS = "(no labels)"
+NO_CHECK = "run a check to the end first: the remedies work on its output"
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class RemediesPanel(QGroupBox):
         self.finished = False
 
         form = QFormLayout()
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         self.labels_combo = QComboBox()
         self.label_map = QLineEdit('{"1": 0}')
         self.label_map.setToolTip('label value(s) -> output channel, e.g. {"255": 0, "1,2": 1}')
@@ -146,9 +148,14 @@ class RemediesPanel(QGroupBox):
         form.addRow("label map", self.label_map)
         form.addRow("ignore labels", self.ignore_labels)
         self.mask_below = QLineEdit("")
-        self.mask_below.setPlaceholderText("raw intensity, e.g. 10 (dark background)")
+        self.mask_below.setPlaceholderText("e.g. 10 (dark background)")
         self.mask_above = QLineEdit("")
-        self.mask_above.setPlaceholderText("raw intensity, e.g. 200 (bright empty resin)")
+        self.mask_above.setPlaceholderText("e.g. 200 (empty resin)")
+        for edit in (self.mask_below, self.mask_above):
+            edit.setToolTip(
+                "raw intensity of no content: recalibration uses tiles mostly of content "
+                "(empty: every voxel is content)"
+            )
         form.addRow("recalibration tiles", self.tiles)
         form.addRow("variance estimate", self.variance)
         form.addRow("skip voxels below", self.mask_below)
@@ -163,10 +170,10 @@ class RemediesPanel(QGroupBox):
         self.export_button.setEnabled(False)
         self.export_button.clicked.connect(lambda: self.export())
         buttons = QHBoxLayout()
-        for button in (self.run_button, self.cancel_button, self.export_button):
+        for button in (self.run_button, self.cancel_button):
             buttons.addWidget(button)
         self.table = QTableWidget(0, 0)
-        self.status = QLabel("run a check first, then try the remedies on its output")
+        self.status = QLabel(NO_CHECK)
         self.status.setWordWrap(True)
         self.notes = QLabel("")
         self.notes.setWordWrap(True)
@@ -174,12 +181,47 @@ class RemediesPanel(QGroupBox):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
+        layout.addWidget(self.export_button)
         layout.addWidget(self.table)
         layout.addWidget(self.status)
         layout.addWidget(self.notes)
         viewer.layers.events.inserted.connect(self.refresh_labels)
         viewer.layers.events.removed.connect(self.refresh_labels)
         self.refresh_labels()
+        self.refresh_context()
+
+    def refresh_context(self) -> None:
+        """Say whether a finished check is there to work on (Run remedies is offered only then).
+
+        Call it when a check finishes and when the panel is shown. A new check's output clears the
+        table of the remedies of an earlier one.
+        """
+        if self.worker is not None:
+            return
+        context = self.get_context()
+        self.run_button.setEnabled(context is not None)
+        if context is None:
+            self.status.setText(NO_CHECK)
+            return
+        if (
+            self.finished
+            and self.context is not None
+            and Path(self.context.out) == Path(context.out)
+        ):
+            return  # the remedies of this check are shown
+        if self.remedies is not None:  # an earlier check's remedies
+            self.table.clear()
+            self.table.setRowCount(0)
+            self.table.setColumnCount(0)
+            self.notes.setText("")
+            self.remedies = self.recalibration = None
+            self.export_button.setEnabled(False)
+            self.finished = False
+        name = f"the check of {context.prefix}" if context.prefix else "the check"
+        self.status.setText(
+            f"ready: {name} has finished. Choose ground truth if you have it, then Run remedies."
+        )
+        self.status.setToolTip(f"the check's output: {context.out}")
 
     def disconnect_viewer(self) -> None:
         """Stop listening to the viewer (call it when the dock widget goes away)."""
@@ -290,13 +332,14 @@ class RemediesPanel(QGroupBox):
             self.add_layers(item.out, item.remedies)
             self.layers_added.emit()
             self.export_button.setEnabled(item.recalibration is not None)
-            self.status.setText(f"done in {item.remedies.get('seconds', 0):.1f} s; {item.out}")
+            self.status.setText(f"done in {item.remedies.get('seconds', 0):.1f} s")
+            self.status.setToolTip(f"the remedies' outputs are in {item.out}")
 
     def _on_finished(self) -> None:
         if not self.finished and self.context is not None and self.context.cancel.is_set():
             self.status.setText("stopped; the check's own outputs are unchanged")
         self.worker = None
-        self.run_button.setEnabled(True)
+        self.run_button.setEnabled(self.get_context() is not None)
         self.cancel_button.setEnabled(False)
 
     # --- results ----------------------------------------------------------------------------------

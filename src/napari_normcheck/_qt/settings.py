@@ -12,11 +12,48 @@ from qtpy.QtWidgets import (  # noqa: TID253 (the Qt layer)
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
+    QLabel,
     QLineEdit,
     QPushButton,
     QSpinBox,
     QWidget,
 )
+
+#: The normalization the widget picks for an integer image (the command line's warning about
+#: unscaled integer input suggests the same): users change it, or type "none" for raw values.
+INTEGER_NORMALIZE = "percentile:1,99.8"
+
+
+def unscaled_note(normalize: str, dtype: Any) -> str:
+    """A warning when ``normalize`` leaves integer intensities unscaled (``""`` otherwise).
+
+    Parameters
+    ----------
+    normalize : str
+        The normalization as typed.
+    dtype : numpy dtype or None
+        The chosen image's data type.
+    """
+    import numpy as np
+
+    if dtype is None or normalize.strip().lower() not in ("", "none"):
+        return ""
+    if not np.issubdtype(np.dtype(dtype), np.integer):
+        return ""
+    info = np.iinfo(np.dtype(dtype))
+    return (
+        f"note: {np.dtype(dtype)} intensities ({info.min}-{info.max}) reach the network unscaled; "
+        f"most networks were trained on normalized input: try {INTEGER_NORMALIZE} or "
+        f"minmax:{info.min},{info.max}"
+    )
+
+
+def layer_dtype(layer: Any) -> Any:
+    """The data type of an image layer (its full-resolution level), or ``None``."""
+    if layer is None:
+        return None
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return getattr(data, "dtype", None)
 
 
 class SettingsBox(QGroupBox):
@@ -93,8 +130,20 @@ class SettingsBox(QGroupBox):
         )
         advanced.addRow("cluster", self.scheduler)
         self.normalize = QLineEdit("none")
-        self.normalize.setToolTip("none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI")
+        self.normalize.setToolTip(
+            "none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI | zscore; an integer "
+            f"image gets {INTEGER_NORMALIZE} until you type your own (or a model brings its own)"
+        )
+        # Who set the field: "default" (follows the image), "model" (sample or package), "user".
+        self.normalize_source = "default"
+        self.input_dtype: Any = None
+        self.normalize.textEdited.connect(self._on_normalize_edited)
+        self.normalize.textChanged.connect(self._update_normalize_note)
         form.addRow("normalize input", self.normalize)
+        self.normalize_note = QLabel("")
+        self.normalize_note.setWordWrap(True)
+        self.normalize_note.setVisible(False)
+        form.addRow(self.normalize_note)
         self.activation = QComboBox()
         self.activation.addItems(["none", "sigmoid", "softmax"])
         form.addRow("activation", self.activation)
@@ -110,7 +159,11 @@ class SettingsBox(QGroupBox):
             "comma separated (as in 'napari-normcheck inspect')"
         )
         advanced.addRow("feature layers", self.feature_layers)
-        self.seams = QCheckBox("also store the seams maps (where overlapping tiles disagree)")
+        self.seams = QCheckBox("store the seams maps")
+        self.seams.setToolTip(
+            "also store and show where overlapping tiles disagree (the command line's --seams)"
+        )
+        self.seams.setChecked(True)  # the widget shows them; the command line keeps them opt-in
         advanced.addRow(self.seams)
         row = QHBoxLayout()
         self.out_path = QLineEdit()
@@ -121,11 +174,43 @@ class SettingsBox(QGroupBox):
         row.addWidget(browse)
         form.addRow("output", row)
         self.overwrite = QCheckBox("overwrite an earlier output")
+        for layout in (form, advanced):
+            layout.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         form.addRow(self.overwrite)
         # Rarely changed: blending, batches, device, precision, cluster, threshold, feature layers.
         self.advanced = QCollapsible("Advanced")
         self.advanced.addWidget(advanced_fields)
         form.addRow(self.advanced)
+
+    def follow_image(self, layer: Any) -> None:
+        """The chosen image changed: an integer one is normalized unless someone chose otherwise."""
+        self.input_dtype = layer_dtype(layer)
+        if self.normalize_source == "default":
+            import numpy as np
+
+            integer = self.input_dtype is not None and np.issubdtype(
+                np.dtype(self.input_dtype), np.integer
+            )
+            self.normalize.setText(INTEGER_NORMALIZE if integer else "none")
+        self._update_normalize_note()
+
+    def set_model_normalize(self, text: str) -> None:
+        """The normalization a model brings (the sample models, a bioimage.io package)."""
+        self.normalize.setText(text)
+        self.normalize_source = "model"
+
+    def _on_normalize_edited(self, _text: str) -> None:
+        self.normalize_source = "user"
+
+    def _update_normalize_note(self, *_args: Any) -> None:
+        note = unscaled_note(self.normalize.text(), self.input_dtype)
+        if not note and self.normalize_source == "default" and self.normalize.text() != "none":
+            note = (
+                f"{self.input_dtype} image: normalized with {self.normalize.text()} "
+                "(type none to give the network raw values)"
+            )
+        self.normalize_note.setText(note)
+        self.normalize_note.setVisible(bool(note))
 
     def _browse_out(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Output OUT.zarr", filter="zarr (*.zarr)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qtpy.QtCore import Qt  # noqa: TID253 (the Qt layer)
+from qtpy.QtCore import QSize, Qt  # noqa: TID253 (the Qt layer)
 from qtpy.QtWidgets import (  # noqa: TID253
     QComboBox,
     QFormLayout,
@@ -31,10 +31,23 @@ from napari_normcheck._qt.settings import SettingsBox
 from napari_normcheck._qt.tile_table import TileTable, sort_keys
 
 CHECK, RESULTS, REMEDIES = "Check", "Results", "Remedies"
+#: The dock's preferred width (px): napari gives a new dock its preferred width, and the canvas
+#: keeps the rest (about 70% of a 1280 px wide window). Users widen the dock by its splitter.
+DOCK_WIDTH = 400
+
+
+class DockTabs(QTabWidget):
+    """The dock's tabs, asking for :data:`DOCK_WIDTH` however wide their content could grow."""
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        hint = super().sizeHint()
+        return QSize(
+            max(min(hint.width(), DOCK_WIDTH), self.minimumSizeHint().width()), hint.height()
+        )
 
 
 def scrolled(content: QWidget) -> QScrollArea:
-    """``content`` in a vertical scroll area as wide as it needs."""
+    """``content`` in a vertical scroll area, as narrow as its narrowest row allows."""
     scroll = QScrollArea()
     scroll.setWidgetResizable(True)
     scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
@@ -46,8 +59,12 @@ def scrolled(content: QWidget) -> QScrollArea:
 
 
 def build_tabs(widget: Any) -> QTabWidget:
-    """The three tabs; sets ``widget.check_tab``, ``results_tab``, ``remedies_tab``."""
-    tabs = QTabWidget()
+    """The three tabs; sets ``widget.check_tab``, ``results_tab``, ``remedies_tab``.
+
+    The run controls below the tabs (:func:`build_run_box`) belong to the check: the Remedies tab
+    hides them and shows its own Run and Cancel.
+    """
+    tabs = DockTabs()
     check = QWidget()
     layout = QVBoxLayout(check)
     layout.addWidget(build_input_box(widget))
@@ -68,13 +85,42 @@ def build_tabs(widget: Any) -> QTabWidget:
     widget.remedies_panel.layers_added.connect(widget.results.order_layers)
     widget.remedies_tab = scrolled(widget.remedies_panel)
     tabs.addTab(widget.remedies_tab, REMEDIES)
+    narrow_combos(tabs)
+    tabs.currentChanged.connect(lambda _index: on_tab_changed(widget))
+    # A finished check is what the remedies work on: the panel says so as soon as one settles.
+    widget.run_settled.connect(widget.remedies_panel.refresh_context)
     return tabs
+
+
+def narrow_combos(parent: QWidget, characters: int = 5) -> None:
+    """Let every combo box shrink below its longest item (the text is elided, the list is not).
+
+    A combo box asks for the width of its longest item by default: one long layer or model name
+    would make the whole dock that wide.
+    """
+    for combo in parent.findChildren(QComboBox):
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(characters)
+
+
+def keep_narrow(label: QLabel, width: int = 120) -> None:
+    """A wrapped label whose long words (an output path) are clipped rather than widen the dock."""
+    label.setMinimumWidth(width)
+
+
+def on_tab_changed(widget: Any) -> None:
+    """One Run and one Cancel per tab: the check's below Check and Results, the panel's in Remedies."""
+    on_remedies = widget.tabs.currentWidget() is widget.remedies_tab
+    widget.run_buttons.setVisible(not on_remedies)
+    if on_remedies:
+        widget.remedies_panel.refresh_context()
 
 
 def build_input_box(widget: Any) -> QGroupBox:
     """Image layer, pyramid level, region and the Shapes layer of a box region."""
     box = QGroupBox("Input")
     form = QFormLayout(box)
+    form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
     widget.image_combo = QComboBox()
     widget.image_combo.currentIndexChanged.connect(widget._on_image_changed)
     form.addRow("image layer", widget.image_combo)
@@ -96,30 +142,33 @@ def build_results(widget: Any) -> QWidget:
     layout = QVBoxLayout(page)
     widget.summary_label = QLabel("Run a check: its summary, tiles and plots appear here.")
     widget.summary_label.setWordWrap(True)
+    keep_narrow(widget.summary_label)
     widget.summary_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
     layout.addWidget(widget.summary_label)
-    row = QHBoxLayout()
+    # Two rows, so that the dock can stay narrow: the channel; the sort order and the export.
+    form = QFormLayout()
+    form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
     widget.channel_combo = QComboBox()
     widget.channel_combo.setToolTip(
         "the output channel the layers, the table and the plots show (one at a time)"
     )
     widget.channel_combo.currentIndexChanged.connect(widget._on_channel_changed)
     widget.channel_combo.activated.connect(widget._on_channel_activated)
-    row.addWidget(QLabel("channel"))
-    row.addWidget(widget.channel_combo, 1)
+    form.addRow("channel", widget.channel_combo)
+    row = QHBoxLayout()
     widget.sort_combo = QComboBox()
     choices = list(sort_keys())
     widget.sort_combo.addItems(choices)
     widget.sort_combo.setToolTip(f"sort the tiles by {', '.join(choices[:-1])} or {choices[-1]}")
     widget.sort_combo.currentTextChanged.connect(lambda name: widget.tile_table.set_sort_key(name))
-    row.addWidget(QLabel("sort by"))
     row.addWidget(widget.sort_combo, 1)
     widget.report_button = QPushButton("Export report…")
     widget.report_button.setEnabled(False)
     widget.report_button.setToolTip("save the per-tile report of the last run as CSV or JSON")
     widget.report_button.clicked.connect(lambda: widget.export_report())
     row.addWidget(widget.report_button)
-    layout.addLayout(row)
+    form.addRow("sort by", row)
+    layout.addLayout(form)
     splitter = QSplitter(Qt.Orientation.Vertical)
     widget.tile_table = TileTable()
     widget.tile_table.setMinimumHeight(120)
@@ -138,7 +187,9 @@ def build_run_box(widget: Any) -> QWidget:
     box = QWidget()
     layout = QVBoxLayout(box)
     layout.setContentsMargins(6, 0, 6, 6)
-    row = QHBoxLayout()
+    widget.run_buttons = QWidget()
+    row = QHBoxLayout(widget.run_buttons)
+    row.setContentsMargins(0, 0, 0, 0)
     widget.run_button = QPushButton("Run")
     widget.run_button.clicked.connect(lambda: widget.run())
     widget.cancel_button = QPushButton("Cancel")
@@ -150,11 +201,12 @@ def build_run_box(widget: Any) -> QWidget:
     widget.resume_button.clicked.connect(lambda: widget.resume())
     for button in (widget.run_button, widget.cancel_button, widget.resume_button):
         row.addWidget(button)
-    layout.addLayout(row)
+    layout.addWidget(widget.run_buttons)
     widget.progress = QProgressBar()
     widget.progress.setFormat("%v / %m tiles")
     layout.addWidget(widget.progress)
     widget.status_label = QLabel("")
     widget.status_label.setWordWrap(True)
+    keep_narrow(widget.status_label)
     layout.addWidget(widget.status_label)
     return box

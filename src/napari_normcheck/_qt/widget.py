@@ -185,6 +185,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         elif not is_sample and has_samples:
             while self.model_source.count() > 1:
                 self.model_source.removeItem(1)
+        self.settings.follow_image(layer)  # an integer image is normalized by default
 
     # --- the run ----------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from napari_normcheck.core.base.errors import NormcheckError
 
@@ -13,6 +14,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, with_model: bool = True
         parser.add_argument("--model", required=True, dest="model_path", help="model file")
     parser.add_argument("--arch", help="architecture callable: package.module:Name or file.py:Name")
     parser.add_argument("--arch-kwargs", help="architecture keyword arguments: JSON or @file.json")
+    parser.add_argument(
+        "--arch-spec",
+        metavar="SPEC",
+        help='architecture spec file (JSON or YAML): {"arch": ..., "kwargs": {...}}; '
+        "--arch / --arch-kwargs given as well replace its values",
+    )
     parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=None)
     parser.add_argument("--in-channels", type=int, default=None, help="input channels of the model")
     parser.add_argument(
@@ -38,10 +45,11 @@ def load_model_from_args(args: argparse.Namespace, *, allow_probe_failure: bool 
     """Load the model the flags of :func:`add_model_arguments` name."""
     from napari_normcheck.core.models.models import load_model
 
+    arch, arch_kwargs = architecture_from_args(args)
     return load_model(
         args.model_path,
-        arch=args.arch,
-        arch_kwargs=args.arch_kwargs,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
         trust_pickle=args.trust_pickle,
         spatial_dims=args.spatial_dims,
         in_channels=args.in_channels,
@@ -49,6 +57,18 @@ def load_model_from_args(args: argparse.Namespace, *, allow_probe_failure: bool 
         output_key=args.output_key,
         allow_probe_failure=allow_probe_failure,
     )
+
+
+def architecture_from_args(args: argparse.Namespace) -> tuple[str | None, Any]:
+    """The architecture and its keyword arguments: ``--arch-spec``, overridden by the single flags."""
+    from napari_normcheck.core.models.arch import read_arch_spec
+
+    arch, arch_kwargs = args.arch, args.arch_kwargs
+    if getattr(args, "arch_spec", None):
+        spec_arch, spec_kwargs = read_arch_spec(args.arch_spec)
+        arch = arch or spec_arch
+        arch_kwargs = arch_kwargs if arch_kwargs is not None else spec_kwargs
+    return arch, arch_kwargs
 
 
 def open_inputs(args: argparse.Namespace):

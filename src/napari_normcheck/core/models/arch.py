@@ -224,3 +224,57 @@ def build_architecture(arch: str, kwargs: dict[str, Any]) -> nn.Module:
             f"--arch {arch!r} returned a {type(module).__name__}, not a torch.nn.Module"
         )
     return module
+
+
+def read_arch_spec(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """Read an architecture spec file: the network and its keyword arguments in one place.
+
+    Parameters
+    ----------
+    path : str or Path
+        A JSON or YAML (``.yaml``/``.yml``) file holding an object such as
+        ``{"arch": "monai.networks.nets.BasicUNet", "kwargs": {"spatial_dims": 3}}``
+        (``arch_kwargs`` is accepted for ``kwargs``; ``kwargs`` may be left out).
+
+    Returns
+    -------
+    arch : str
+        The architecture (see :func:`resolve_callable`).
+    kwargs : dict
+        Its keyword arguments.
+
+    Raises
+    ------
+    NormcheckError
+        When the file is missing or unreadable, or does not hold ``arch`` and a ``kwargs`` object.
+    """
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise NormcheckError(f"architecture spec {path} not found; check the path")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            spec = yaml.safe_load(text)
+        else:
+            spec = json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise NormcheckError(
+            f"architecture spec {path} cannot be read ({first_line(error)}); write an object like "
+            '{"arch": "monai.networks.nets.BasicUNet", "kwargs": {"spatial_dims": 3}}'
+        ) from error
+    if not isinstance(spec, dict) or not isinstance(spec.get("arch"), str):
+        raise NormcheckError(
+            f'architecture spec {path} must hold an object with "arch" (the network class) and '
+            '"kwargs" (its keyword arguments)'
+        )
+    kwargs = spec.get("kwargs", spec.get("arch_kwargs", {}))
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise NormcheckError(
+            f'architecture spec {path}: "kwargs" must be an object of keyword arguments, '
+            f"not {type(kwargs).__name__}"
+        )
+    return spec["arch"], kwargs

@@ -10,6 +10,7 @@ running the check.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -283,3 +284,167 @@ def _dropout_p(module: nn.Module) -> float | None | bool:
         p = getattr(module, "p", None)
         return None if p is None else float(p)
     return False
+
+
+# --- names a biologist reads ------------------------------------------------------------------
+
+#: Module names of U-Net parts (lower case, without a trailing number), by the part they are.
+_ENCODER_WORDS = frozenset(
+    {"encoder", "encoders", "enc", "down", "downs", "downsample", "downsamples", "down_layers"}
+    | {"contracting", "contract", "downconv", "down_blocks", "encoder_blocks"}
+)
+_DECODER_WORDS = frozenset(
+    {"decoder", "decoders", "dec", "up", "ups", "upcat", "upsample", "upsamples", "up_layers"}
+    | {"expanding", "expand", "upconv", "up_blocks", "decoder_blocks", "merge"}
+)
+_PLACE_WORDS = {
+    "bottleneck": "bottleneck",
+    "bottom": "bottleneck",
+    "center": "bottleneck",
+    "centre": "bottleneck",
+    "bridge": "bottleneck",
+    "middle": "bottleneck",
+    "input_block": "input block",
+    "inc": "input block",
+    "stem": "input block",
+    "output_block": "output block",
+    "final_conv": "output block",
+    "conv_final": "output block",
+    "outc": "output block",
+    "head": "output block",
+    "seg_layers": "output block",
+    "attention": "attention gate",
+}
+#: Containers between a part and its number (nnU-Net's ``encoder.stages.2``).
+_CONTAINER_WORDS = frozenset({"stages", "layers", "blocks", "levels", "block", "stage"})
+#: The last names of a normalization module itself (``adn.N``, ``norm``, ``bn1``, ``groupnorm``).
+_NORM_LEAF = re.compile(
+    r"^(n|adn|norm|bn|gn|ln|batchnorm|groupnorm|instancenorm|layernorm|norm_layer)_?\d*$",
+    re.IGNORECASE,
+)
+_WORD_NUMBER = re.compile(r"^(?P<word>[A-Za-z][A-Za-z_]*?)_?(?P<number>\d+)?$")
+#: A convolution of a block: ``conv_0``, ``conv1``, ``unit0`` (MONAI), ``SingleConv1`` (3D U-Net).
+_CONV = re.compile(r"^(conv|unit|singleconv|conv_block)_?(?P<number>\d+)$", re.IGNORECASE)
+#: A numbered norm (``norm1`` of DynUNet and SegResNet) says which convolution it follows.
+_NUMBERED_NORM = re.compile(r"^(norm|bn|gn)_?(?P<number>\d+)$", re.IGNORECASE)
+
+
+def readable_layer_name(module_path: str, module: nn.Module | str | None = None) -> str:
+    """A normalization layer as its type and place in the network, for people, not for code.
+
+    ``down_1.convs.conv_0.adn.N`` (a MONAI BasicUNet BatchNorm) reads
+    ``"BatchNorm3d, encoder 1, conv 0"``. U-Net parts are recognised by their module names in MONAI
+    (BasicUNet, UNet, AttentionUnet, DynUNet, SegResNet), nnU-Net (``encoder.stages.0.0.convs.1.norm``)
+    and pytorch-3dunet (``encoders.1.basic_module.SingleConv1.groupnorm``); the numbers are those of
+    the module path, so the path (shown beside it, e.g. in a tooltip) finds the same layer. Other
+    networks read as the type and the path without the norm's own name (``"BatchNorm2d in
+    features.3"``).
+
+    Parameters
+    ----------
+    module_path : str
+        Qualified module name, as in ``model.named_modules()`` (``""`` for the model itself).
+    module : torch.nn.Module or str, optional
+        The module, or its type name (``"BatchNorm3d"``); ``"norm layer"`` when not given.
+
+    Returns
+    -------
+    str
+        E.g. ``"BatchNorm3d, decoder 4, conv 1"`` or ``"GroupNorm, bottleneck, conv 2"``.
+    """
+    if module is None:
+        kind = "norm layer"
+    elif isinstance(module, str):
+        kind = module
+    elif isinstance(module, torch.jit.ScriptModule):
+        kind = module.original_name
+    else:
+        kind = type(module).__name__
+    tokens = [token for token in module_path.split(".") if token]
+    if not tokens:
+        return f"{kind} (the model)"
+    place, rest = _monai_unet_place(tokens) or _named_place(tokens) or (None, tokens)
+    if place is None:
+        kept = list(tokens)
+        while len(kept) > 1 and _NORM_LEAF.match(kept[-1]):
+            kept.pop()
+        return f"{kind} in {'.'.join(kept)}"
+    return ", ".join([kind, place, *_block_parts(rest)])
+
+
+def _monai_unet_place(tokens: list[str]) -> tuple[str, list[str]] | None:
+    """MONAI UNet / AttentionUnet: ``model.1.submodule.1.submodule.0...`` nests one level per skip.
+
+    At each level the Sequential holds the encoder block (0), the deeper levels (1) and the
+    decoder block (2); the innermost ``submodule`` is the bottleneck.
+    """
+    if len(tokens) < 3 or tokens[0] != "model" or not tokens[1].isdigit():
+        return None
+    depth, i = 0, 1
+    while i < len(tokens):
+        token = tokens[i]
+        following = tokens[i + 1] if i + 1 < len(tokens) else ""
+        if token == "submodule":
+            depth += 1
+            if not following.isdigit() and following not in ("attention", "upconv", "merge"):
+                return "bottleneck", tokens[i + 1 :]
+            i += 1
+        elif token.isdigit() and following in ("submodule", "attention", "upconv", "merge"):
+            i += 1  # the skip connection (or attention layer) holding the deeper levels
+        elif token.isdigit():
+            part = {0: "encoder", 2: "decoder"}.get(int(token))
+            return (f"{part} {depth}", tokens[i + 1 :]) if part else None
+        elif token == "attention":
+            return f"attention gate {depth}", tokens[i + 1 :]
+        elif token in ("upconv", "merge"):
+            return f"decoder {depth}", tokens[i + 1 :]
+        else:
+            return None
+    return None
+
+
+def _named_place(tokens: list[str]) -> tuple[str, list[str]] | None:
+    """Encoder / decoder / bottleneck from names (``down_1``, ``encoder.stages.0``, ``upsamples.2``)."""
+    if tokens[0].lower() == "conv_0" and len(tokens) > 1:  # BasicUNet's first level
+        return "encoder 0", tokens[1:]
+    for i, token in enumerate(tokens):
+        match = _WORD_NUMBER.match(token)
+        if match is None:
+            continue
+        word, number = match["word"].lower(), match["number"]
+        if word in _PLACE_WORDS or token.lower() in _PLACE_WORDS:
+            return _PLACE_WORDS.get(token.lower(), _PLACE_WORDS.get(word)), tokens[i + 1 :]
+        if word not in _ENCODER_WORDS and word not in _DECODER_WORDS:
+            continue
+        part = "encoder" if word in _ENCODER_WORDS else "decoder"
+        rest = tokens[i + 1 :]
+        if number is None:
+            if rest and rest[0].lower() in _PLACE_WORDS:  # nnU-Net's ``encoder.stem``
+                return _PLACE_WORDS[rest[0].lower()], rest[1:]
+            if rest and rest[0].lower() in _CONTAINER_WORDS:
+                rest = rest[1:]
+            if rest and rest[0].isdigit():
+                number, rest = rest[0], rest[1:]
+        return (f"{part} {number}" if number is not None else part), rest
+    return None
+
+
+def _block_parts(rest: list[str]) -> list[str]:
+    """``block N`` and ``conv N`` from what follows the part (the norm's own name dropped)."""
+    parts: list[str] = []
+    block = conv = None
+    for i, token in enumerate(rest):
+        following = rest[i + 1] if i + 1 < len(rest) else ""
+        if token.isdigit() and conv is None and i > 0 and rest[i - 1].lower() in ("convs", "conv"):
+            conv = token  # the n-th convolution of a Sequential of them
+        elif token.isdigit() and block is None and conv is None and following:
+            block = token  # (a last number is the norm's own place in a Sequential: no block)
+        elif (match := _CONV.match(token)) and conv is None:
+            conv = match["number"]
+        elif (match := _NUMBERED_NORM.match(token)) and conv is None:
+            conv = match["number"]
+    if block is not None:
+        parts.append(f"block {block}")
+    if conv is not None:
+        parts.append(f"conv {conv}")
+    return parts
