@@ -212,7 +212,7 @@ def test_pyramid_outputs_open_as_multiscale_layers(make_napari_viewer, tmp_path,
     results.start(plan, out, "img", SCALE, TRANSLATE)
     results.channel = 1
     results.show(out, final=True)
-    shown = viewer2.layers["disparity · c1"]
+    shown = viewer2.layers["disparity · channel 1"]
     assert shown.multiscale and len(shown.data) == len(levels)
     np.testing.assert_allclose(shown.scale, SCALE)
     np.testing.assert_array_equal(np.asarray(shown.data[1]), root["disparity/1"][1])

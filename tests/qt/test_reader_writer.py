@@ -149,7 +149,7 @@ def test_results_follow_a_store_swapped_in_before_they_are_read(make_napari_view
     assert results.store_path == out
     assert len(values) == finished.summary["n_tiles"]
     np.testing.assert_array_equal(
-        np.asarray(viewer.layers["train · c1"].data[0]),
+        np.asarray(viewer.layers["train · channel 1"].data[0]),
         zarr.open_group(str(out))["pred_train/0"][1],
     )
     results.go_to_tile(1)

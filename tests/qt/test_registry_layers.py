@@ -183,7 +183,7 @@ def test_the_reader_and_the_widget_show_a_registered_grid(make_napari_viewer, st
     results.show(store, final=True)
     assert "tile_changed" in results.layers
     changed = results.layers["tile_changed"]
-    assert changed.name == "tile changed · c0"
+    assert changed.name == "tile changed · channel 0"
     np.testing.assert_array_equal(
         np.asarray(changed.data[0]), zarr.open_group(str(store))["tile_changed/0"][0]
     )
