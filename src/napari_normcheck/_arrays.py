@@ -324,3 +324,40 @@ def cell_index(starts: np.ndarray, size: int, factor: int = 1) -> np.ndarray:
     centres = np.arange(-(-size // factor)) * factor + (factor - 1) / 2
     index = np.searchsorted(np.asarray(starts, dtype=float), centres, side="right") - 1
     return np.clip(index, 0, len(starts) - 1)
+
+
+class TileCellStack:
+    """Every channel of a per-tile grid drawn over the region: ``(C, Z, Y, X)``, channel first.
+
+    The reader's form of :class:`TileCellMap` (napari shows the channel as a slider).
+
+    Parameters
+    ----------
+    grid : numpy.ndarray
+        ``(C, tz, ty, tx)`` in the values' units.
+    cell_index : tuple of numpy.ndarray
+        As :class:`TileCellMap`'s.
+    """
+
+    def __init__(self, grid: np.ndarray, cell_index: tuple[np.ndarray, ...]) -> None:
+        self.maps = [TileCellMap(grid, c, cell_index) for c in range(grid.shape[0])]
+        self.shape = (grid.shape[0], *self.maps[0].shape)
+        self.dtype = np.dtype(np.float32)
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        first, rest = (key[0], key[1:]) if key else (slice(None), ())
+        if first is Ellipsis:
+            first, rest = slice(None), key
+        if isinstance(first, (int, np.integer)):
+            return self.maps[int(first)][rest]
+        return np.stack([self.maps[c][rest] for c in range(len(self.maps))[first]])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self[(slice(None),)]
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __len__(self) -> int:
+        return self.shape[0]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_normcheck._arrays import EmptyChannel, channel_pyramid, output_sources
+from napari_normcheck._arrays import EmptyChannel, channel_pyramid, output_sources, unit_divisor
 
 # Re-exported: the store's metadata and the feature z functions, as ``_layers.<name>``.
 from napari_normcheck._feature_layers import FEATURE_Z as FEATURE_Z
@@ -45,6 +45,7 @@ from napari_normcheck._tile_layers import plan_from_attrs as plan_from_attrs
 from napari_normcheck._tile_layers import region_transform as region_transform
 from napari_normcheck._tile_layers import tile_box as tile_box
 from napari_normcheck._tile_layers import tile_cell_pyramid as tile_cell_pyramid
+from napari_normcheck._tile_layers import tile_cell_stack as tile_cell_stack
 from napari_normcheck._tile_layers import tile_center as tile_center
 from napari_normcheck._tile_layers import tile_edge_colors as tile_edge_colors
 from napari_normcheck._tile_layers import tile_features as tile_features
@@ -293,6 +294,8 @@ def placeholder_layers(
     store will have (the region's shape, the input's voxel size, origin at the region's start).
     """
     dtype = params.get("output_dtype", "float32")
+    if unit_divisor(dtype) is not None:
+        dtype = "float32"  # stored integers are shown as 0..1 floats (``LiveChannel``)
     return [
         (
             [EmptyChannel(shape, dtype)],

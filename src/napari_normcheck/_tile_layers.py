@@ -263,25 +263,35 @@ def cell_level_factors(roi_shape: tuple[int, ...]) -> list[int]:
     return factors
 
 
+def cell_indices(plan: TilePlan) -> list[tuple[np.ndarray, ...]]:
+    """Per level of a tile map (:func:`cell_level_factors`), each axis' cell of every voxel."""
+    from napari_normcheck._arrays import cell_index
+
+    starts = cell_starts(plan)
+    shape = plan.roi_shape
+    z_index = cell_index(starts[0], shape[0])
+    return [
+        (z_index, cell_index(starts[1], shape[1], f), cell_index(starts[2], shape[2], f))
+        for f in cell_level_factors(shape)
+    ]
+
+
+def tile_cell_stack(grid: np.ndarray, plan: TilePlan) -> list[Any]:
+    """Every channel of a per-tile grid, region-sized, channel first: the reader's levels."""
+    from napari_normcheck._arrays import TileCellStack
+
+    return [TileCellStack(grid, index) for index in cell_indices(plan)]
+
+
 def tile_cell_pyramid(grid: np.ndarray, channel: int, plan: TilePlan) -> list[Any]:
     """One channel of a per-tile grid ``(C, tz, ty, tx)`` as the levels of a region-sized map.
 
     Level ``k`` is downsampled by :func:`cell_level_factors` in y and x; each is a
     :class:`~napari_normcheck._arrays.TileCellMap` reading the grid in memory.
     """
-    from napari_normcheck._arrays import TileCellMap, cell_index
+    from napari_normcheck._arrays import TileCellMap
 
-    starts = cell_starts(plan)
-    shape = plan.roi_shape
-    z_index = cell_index(starts[0], shape[0])
-    return [
-        TileCellMap(
-            grid,
-            channel,
-            (z_index, cell_index(starts[1], shape[1], f), cell_index(starts[2], shape[2], f)),
-        )
-        for f in cell_level_factors(shape)
-    ]
+    return [TileCellMap(grid, channel, index) for index in cell_indices(plan)]
 
 
 def region_transform(
