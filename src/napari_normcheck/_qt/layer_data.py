@@ -138,7 +138,8 @@ def data_limits(
             tops[id(layer)] = _layers.contrast_top(levels[0].values, floor)
         else:
             values = _layers.sampled_level(levels[-1])
-            top = _layers.contrast_top(values, floor, percentile=_layers.CONTRAST_PERCENTILE)
+            percentile = _layers.CONTRAST_PERCENTILES.get(output, _layers.CONTRAST_PERCENTILE)
+            top = _layers.contrast_top(values, floor, percentile=percentile)
             tops[id(layer)] = top
     shared = [tops[id(j[0])] for j in jobs if id(j[0]) in tops and display_group(j[1]) in paired]
     for layer, output, _levels, _from_slice in jobs:

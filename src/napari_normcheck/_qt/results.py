@@ -404,11 +404,15 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         target = disparity if disparity in shown else (shown[0] if shown else None)
         if target is None:
             return
+        self.viewer.layers.selection.active = target
+        # The colour bar's first draw is a freeze of its own: the next step.
+        self.steps.add_first(step("colour bar", self._show_colorbar, target))
+
+    def _show_colorbar(self, target: Any) -> None:
         for layer in self._own_layers():
             colorbar = getattr(layer, "colorbar", None)
-            if colorbar is not None:
+            if colorbar is not None and colorbar.visible != (layer is target):
                 colorbar.visible = layer is target
-        self.viewer.layers.selection.active = target
 
     def _settle_contrast(self, limits: list[tuple[Any, tuple[float, float]]]) -> None:
         """Every map gets contrast limits from its data (its largest real value plainly visible)."""

@@ -102,7 +102,7 @@ def tile_legend_html() -> str:
         r, g, b = (round(255 * c) for c in color[:3])
         return f'<span style="color: rgb({r},{g},{b})">■</span>'
 
-    items = " ".join(f"{swatch(color)} {text}" for color, text in tile_color_legend())
+    items = " ".join(f"{swatch(color)}&nbsp;{text}" for color, text in tile_color_legend())
     return f"tile outlines (soft disparity): {items}"
 
 
@@ -143,6 +143,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
 
         self.tabs = tabs.build_tabs(self)
         self.tile_legend = QLabel(tile_legend_html())
+        self.tile_legend.setWordWrap(True)  # (one long line would widen the dock)
         self.tile_legend.setToolTip(
             "tile outline colours: the tile's soft disparity of the shown channel, on a scale "
             "that is the same in every run"
