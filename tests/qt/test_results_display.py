@@ -261,3 +261,34 @@ def test_support_rule_not_judged_shows_dash_ranks_last_and_greys_the_outline(qtb
     colors = tile_edge_colors(np.array([0.9, 0.3, 0.05]), judged=np.array([False, True, True]))
     np.testing.assert_allclose(colors[0], NOT_JUDGED_COLOR)
     np.testing.assert_allclose(colors[1], (1.0, 0.0, 0.0, 1.0))
+
+
+def test_item7_summary_as_short_lines_from_the_core_when_it_has_them(monkeypatch):
+    from napari_normcheck._qt import widget as widget_module
+    from napari_normcheck.core.run import report
+
+    summary = {
+        "n_tiles": 4,
+        "timing": {"total": 2.0},
+        "disparity": {"hard": [0.3, 0.01], "soft": [0.25, 0.01]},
+        "mismatch_eval": {"hard": [0.02, 0.0]},
+        "support": {"judged": [True, False]},
+        "verdict_detail": {"level": "high", "channel": 0, "basis": "hard", "value": 0.3},
+    }
+    # A core without verdict_lines: the earlier summary line, verdict included.
+    monkeypatch.delattr(report, "verdict_lines", raising=False)
+    text = widget_module.summary_text(summary, "out.zarr", ["membrane", "organelle"])
+    assert text.startswith("done: 4 tiles") and "HIGH" in text and "\n" not in text
+    # With verdict_lines (the contract's signature): its lines, one per line, the channels named.
+    seen = []
+
+    def verdict_lines(summary, channel_names=None):
+        seen.append(channel_names)
+        return [f"high disparity in {channel_names[0]}: 0.30", "channel organelle: not judged"]
+
+    monkeypatch.setattr(report, "verdict_lines", verdict_lines, raising=False)
+    text = widget_module.summary_text(summary, "out.zarr", ["membrane", "organelle"])
+    lines = text.split("\n")
+    assert lines[0] == "done: 4 tiles in 2.0 s."
+    assert lines[1:3] == verdict_lines(summary, ["membrane", "organelle"])
+    assert lines[-1] == "Output: out.zarr" and seen[0] == ["membrane", "organelle"]

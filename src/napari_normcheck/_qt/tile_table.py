@@ -48,7 +48,9 @@ WORDS = {
 
 def tooltip(header: str) -> str:
     """The tooltip of a column or sort choice: what its words mean."""
-    words = header.replace("|", " ").split()
+    words = header.replace("|", " ").replace("(", " ").split()
+    if words == ["disparity"]:  # the sort choice: the soft one
+        words = ["soft"]
     return "\n".join(text for key, text in WORDS.items() if key in words)
 
 
@@ -195,7 +197,10 @@ class TileTable(QTableWidget):
     def rows_height(self, rows: int = MIN_ROWS) -> int:
         """Height that shows the header and ``rows`` rows."""
         header = self.horizontalHeader().sizeHint().height()
-        return header + rows * self.verticalHeader().defaultSectionSize() + 2 * self.frameWidth()
+        # (the horizontal scroll bar shows when the columns are wider than the dock)
+        scroll_bar = self.horizontalScrollBar().sizeHint().height()
+        rows_height = rows * self.verticalHeader().defaultSectionSize()
+        return header + rows_height + scroll_bar + 2 * self.frameWidth()
 
     def setMinimumHeight(self, height: int) -> None:  # noqa: N802 (Qt's name)
         """Qt's minimum height, never below :data:`MIN_ROWS` rows."""

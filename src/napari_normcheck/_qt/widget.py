@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import Signal  # noqa: TID253 (the Qt layer)
+from qtpy.QtCore import Qt, Signal  # noqa: TID253 (the Qt layer)
 from qtpy.QtWidgets import QFileDialog, QLabel, QVBoxLayout, QWidget  # noqa: TID253
 
-from napari_normcheck._qt import jobs, tabs
+from napari_normcheck._qt import jobs, tabs, tile_table
 from napari_normcheck._qt.features_view import FeatureSection
 from napari_normcheck._qt.model_box import SAMPLE_PREFIX, ModelSection
 from napari_normcheck._qt.region import (
@@ -149,6 +149,9 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
             "that is the same in every run"
         )
         self.results_tab.layout().insertWidget(2, self.tile_legend)
+        for index in range(self.sort_combo.count()):  # what soft, flips, mismatch mean
+            words = tile_table.tooltip(self.sort_combo.itemText(index))
+            self.sort_combo.setItemData(index, words, Qt.ItemDataRole.ToolTipRole)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(self.tabs, 1)
