@@ -63,9 +63,7 @@ def test_panel_runs_remedies_and_exports(
         assert panel.table.item(i, 4).text() == cell_text(remedies[row], "dice_vs_labels", 0)
         assert panel.table.item(i, 4).text() != "-"
     for group, short in (("pred_recalibrated", "recalibrated"), ("pred_batchstats", "batch-stats")):
-        layer = viewer.layers[
-            f"{short} · channel 0"
-        ]  # one layer per remedy, channel 0 without a widget
+        layer = viewer.layers[f"{short} · c0"]  # one layer per remedy, channel 0 without a widget
         np.testing.assert_array_equal(np.asarray(layer.data[0]), root[f"{group}/0"][0])
 
     target = tmp_path / "exported.pt"
