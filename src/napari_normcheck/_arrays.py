@@ -103,7 +103,10 @@ class LiveChannel:
         self.source = source
         self.channel = channel
         self.shape = tuple(source.shape[1:])
-        self.dtype = source.dtype
+        # Unsigned integers hold 0..1 scaled to their range (uint8 probabilities): napari gets the
+        # values in their meaning's units, so its status bar, colour bar and contrast read 0..1.
+        self.divisor = unit_divisor(source.dtype)
+        self.dtype = np.dtype(np.float32) if self.divisor else np.dtype(source.dtype)
         self.ndim = len(self.shape)
         self.chunks = tuple(source.chunks[1:])
         self.size = int(np.prod(self.shape))
@@ -116,10 +119,18 @@ class LiveChannel:
         if prepared is not None:
             return prepared
         self.last_key = key
-        return self.source[(self.channel, *key)]
+        return self.read_unit(key)
+
+    def read_unit(self, key: tuple[Any, ...]) -> np.ndarray:
+        """The stored values at ``key`` in their meaning's units (0..1 for stored integers)."""
+        return to_unit(self.source[(self.channel, *key)], self.divisor)
+
+    def with_channel(self, channel: int) -> LiveChannel:
+        """The same level showing another channel (no store is opened)."""
+        return LiveChannel(self.source, channel)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        array = self.source[self.channel]
+        array = to_unit(self.source[self.channel], self.divisor)
         return array if dtype is None else array.astype(dtype, copy=False)
 
     def __len__(self) -> int:
@@ -138,7 +149,7 @@ class LiveChannel:
             return {}
         if expected > PREFETCH_BYTES:
             return {}
-        return {_key_id(key): self.source[(self.channel, *key)]}
+        return {_key_id(key): self.read_unit(key)}
 
     def value_range(self) -> tuple[float, float]:
         """Finite min and max of the slice napari shows (the middle plane if none yet); any thread.
@@ -146,7 +157,7 @@ class LiveChannel:
         Contrast limits of outputs without a fixed range (logits), without scanning the volume.
         """
         key = self.last_key if self.last_key is not None else (self.shape[0] // 2,)
-        values = np.asarray(self.source[(self.channel, *key)], dtype=float)
+        values = np.asarray(self.read_unit(key), dtype=float)
         values = values[np.isfinite(values)]
         if not values.size:
             return (0.0, 1.0)
@@ -156,6 +167,19 @@ class LiveChannel:
     def use(self, prepared: dict[tuple[Any, ...], np.ndarray]) -> None:
         """Serve these slices from memory until the next call (an empty dict: read the store)."""
         self._prepared = prepared
+
+
+def unit_divisor(dtype: Any) -> float | None:
+    """What stored values of ``dtype`` are divided by to read 0..1: an unsigned integer's maximum."""
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if dtype.kind == "u" else None
+
+
+def to_unit(values: Any, divisor: float | None) -> np.ndarray:
+    """``values`` divided by ``divisor`` as float32 (unchanged when ``divisor`` is ``None``)."""
+    if divisor is None:
+        return np.asarray(values)
+    return np.multiply(values, np.float32(1.0 / divisor), dtype=np.float32)
 
 
 def output_sources(
@@ -219,6 +243,121 @@ class EmptyChannel:
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return np.zeros(self.shape, dtype=dtype or self.dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+class TileCellMap:
+    """One channel of a per-tile grid drawn over the region: each tile's cell at its own voxels.
+
+    The stored grids hold one cell per tile; drawn with a uniform scale they would not line up
+    with the tiles (the last tile is flush with the region's edge, its start off the regular step).
+    Here cell ``(iz, iy, ix)`` covers, per axis, the voxels from its tile's write start to the
+    next tile's start (the last cell to the region's edge): its left and top edges lie on the tile
+    outlines. Values come from the grid in memory; nothing is read when napari slices.
+
+    Parameters
+    ----------
+    grid : numpy.ndarray
+        ``(C, tz, ty, tx)``, in the values' units (0..1 for a disparity).
+    channel : int
+        The channel shown.
+    cell_index : tuple of numpy.ndarray
+        Per axis, the cell of each voxel of this level (``searchsorted`` of the tiles' starts).
+    """
+
+    def __init__(self, grid: np.ndarray, channel: int, cell_index: tuple[np.ndarray, ...]) -> None:
+        self.grid = grid
+        self.channel = min(max(int(channel), 0), grid.shape[0] - 1)
+        self.values = np.ascontiguousarray(grid[self.channel], dtype=np.float32)
+        self.cell_index = cell_index
+        self.shape = tuple(len(index) for index in cell_index)
+        self.dtype = np.dtype(np.float32)
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+
+    def with_channel(self, channel: int) -> TileCellMap:
+        """The same map showing another channel of the grid."""
+        return TileCellMap(self.grid, channel, self.cell_index)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in key):
+            at = key.index(Ellipsis)
+            key = (*key[:at], *(slice(None),) * (self.ndim - len(key) + 1), *key[at + 1 :])
+        key = (*key, *(slice(None),) * (self.ndim - len(key)))
+        picked = [np.atleast_1d(index[k]) for index, k in zip(self.cell_index, key)]
+        cells = self.values[np.ix_(*picked)]
+        scalar_axes = tuple(
+            d for d, k in enumerate(key) if np.ndim(k) == 0 and not isinstance(k, slice)
+        )
+        return cells.reshape([n for d, n in enumerate(cells.shape) if d not in scalar_axes])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self[(slice(None),) * self.ndim]
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def top(self) -> float:
+        """The largest finite value of the channel (0 when none)."""
+        finite = self.values[np.isfinite(self.values)]
+        return float(finite.max()) if finite.size else 0.0
+
+
+def cell_index(starts: np.ndarray, size: int, factor: int = 1) -> np.ndarray:
+    """Per voxel of an axis downsampled by ``factor``, the cell whose start is the last at or before it.
+
+    Parameters
+    ----------
+    starts : numpy.ndarray
+        The cells' first voxels along the axis (at full resolution, from the region's start),
+        increasing.
+    size : int
+        The axis' length at full resolution.
+    factor : int
+        The level's downsampling: voxel ``j`` stands for voxels ``j * factor ...``, read at its
+        centre.
+    """
+    centres = np.arange(-(-size // factor)) * factor + (factor - 1) / 2
+    index = np.searchsorted(np.asarray(starts, dtype=float), centres, side="right") - 1
+    return np.clip(index, 0, len(starts) - 1)
+
+
+class TileCellStack:
+    """Every channel of a per-tile grid drawn over the region: ``(C, Z, Y, X)``, channel first.
+
+    The reader's form of :class:`TileCellMap` (napari shows the channel as a slider).
+
+    Parameters
+    ----------
+    grid : numpy.ndarray
+        ``(C, tz, ty, tx)`` in the values' units.
+    cell_index : tuple of numpy.ndarray
+        As :class:`TileCellMap`'s.
+    """
+
+    def __init__(self, grid: np.ndarray, cell_index: tuple[np.ndarray, ...]) -> None:
+        self.maps = [TileCellMap(grid, c, cell_index) for c in range(grid.shape[0])]
+        self.shape = (grid.shape[0], *self.maps[0].shape)
+        self.dtype = np.dtype(np.float32)
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        first, rest = (key[0], key[1:]) if key else (slice(None), ())
+        if first is Ellipsis:
+            first, rest = slice(None), key
+        if isinstance(first, (int, np.integer)):
+            return self.maps[int(first)][rest]
+        return np.stack([self.maps[c][rest] for c in range(len(self.maps))[first]])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self[(slice(None),)]
+        return array if dtype is None else array.astype(dtype, copy=False)
 
     def __len__(self) -> int:
         return self.shape[0]

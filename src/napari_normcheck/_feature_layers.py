@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_normcheck._store_meta import open_root, output_groups, spatial_transform
+from napari_normcheck._store_meta import open_root, output_groups, run_attrs, spatial_transform
+from napari_normcheck._tile_layers import plan_from_attrs, region_transform, tile_cell_pyramid
 
 LayerDataTuple = tuple[Any, dict, str]
 
@@ -90,10 +91,14 @@ def feature_z_layer(
     if channel is None:
         channel = strongest_channel(grid, layer)
     channel = min(max(int(channel), 0), grid.shape[1] - 1)
-    data = grid[layer, channel].astype(np.float32)
+    data: Any = grid[layer, channel].astype(np.float32)
     finite = np.abs(data[np.isfinite(data)])
     zmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     name = layers[layer].get("name", str(layer)) if layer < len(layers) else str(layer)
+    plan = plan_from_attrs(run_attrs(open_root(path)))
+    if plan is not None:  # each tile's cell over its own voxels, edges on the tile outlines
+        data = tile_cell_pyramid(grid[layer].astype(np.float32), channel, plan)
+        scale, translation = region_transform(plan, scale, translation)
     kwargs: dict[str, Any] = {
         "name": FEATURE_Z_NAME,
         "scale": scale,
@@ -103,6 +108,8 @@ def feature_z_layer(
         "blending": "translucent",
         "opacity": 0.5,
         "visible": False,
+        "rgb": False,
+        "multiscale": plan is not None,
         "metadata": {
             "normcheck_output": FEATURE_Z,
             "feature_layer": layer,

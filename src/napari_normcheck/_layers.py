@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_normcheck._arrays import EmptyChannel, channel_pyramid, output_sources
+from napari_normcheck._arrays import EmptyChannel, channel_pyramid, output_sources, unit_divisor
 
 # Re-exported: the store's metadata and the feature z functions, as ``_layers.<name>``.
 from napari_normcheck._feature_layers import FEATURE_Z as FEATURE_Z
@@ -42,7 +42,10 @@ from napari_normcheck._store_meta import spatial_transform as spatial_transform
 from napari_normcheck._tile_layers import UNKNOWN_TILE_COLOR as UNKNOWN_TILE_COLOR
 from napari_normcheck._tile_layers import input_translation as input_translation
 from napari_normcheck._tile_layers import plan_from_attrs as plan_from_attrs
+from napari_normcheck._tile_layers import region_transform as region_transform
 from napari_normcheck._tile_layers import tile_box as tile_box
+from napari_normcheck._tile_layers import tile_cell_pyramid as tile_cell_pyramid
+from napari_normcheck._tile_layers import tile_cell_stack as tile_cell_stack
 from napari_normcheck._tile_layers import tile_center as tile_center
 from napari_normcheck._tile_layers import tile_edge_colors as tile_edge_colors
 from napari_normcheck._tile_layers import tile_features as tile_features
@@ -95,6 +98,11 @@ def widget_grid_outputs() -> tuple[str, ...]:
     )
 
 
+def grid_groups() -> frozenset[str]:
+    """Every per-tile grid of the registry (one cell per tile in the store)."""
+    return frozenset(metric.grid for metric in registry.TILE_METRICS if metric.grid)
+
+
 def widget_outputs() -> tuple[str, ...]:
     """Every output the widget shows (the store holds more; the reader opens them all)."""
     return (*widget_voxel_outputs(), *widget_grid_outputs())
@@ -144,7 +152,7 @@ NAME_SEPARATOR = " · "
 
 
 def channel_names(attrs: dict[str, Any], n_channels: int) -> list[str]:
-    """Names of the output channels: the model's (a bioimage.io package's) when known, else ``c<k>``.
+    """Names of the output channels: the model's (a bioimage.io package's) when known, else ``channel k``.
 
     Parameters
     ----------
@@ -159,7 +167,7 @@ def channel_names(attrs: dict[str, Any], n_channels: int) -> list[str]:
             names = source.get(key) if isinstance(source, dict) else None
             if isinstance(names, (list, tuple)) and len(names) == n_channels:
                 return [str(name) for name in names]
-    return [f"c{k}" for k in range(n_channels)]
+    return [f"channel {k}" for k in range(n_channels)]
 
 
 def layer_name(short: str, channel_name: str | None) -> str:
@@ -188,7 +196,7 @@ def image_layers(
         The final store when ``path`` is a run's ``.inprogress`` folder (see
         :class:`~napari_normcheck._arrays.FollowingArray`).
     names_of_channels : list of str, optional
-        The channels' names; from the store's attributes, else ``c<k>``, by default.
+        The channels' names; from the store's attributes, else ``channel k``, by default.
 
     Returns
     -------
@@ -203,25 +211,38 @@ def image_layers(
     run = {key: attrs.get(key) for key in ("params", "model", "source", "version")}
     members = output_groups(root)
     layers: list[LayerDataTuple] = []
+    grids = grid_groups()
+    plan: TilePlan | None = None
     for group_name in image_outputs():
         if (names is not None and group_name not in names) or group_name not in members:
             continue
         try:
             levels = output_levels(root[group_name])
-            sources = output_sources(path, group_name, [lv.path for lv in levels], fallback)
+            if group_name in grids:
+                plan = plan or plan_from_attrs(attrs)
+                if plan is None:
+                    continue
+                array = root[f"{group_name}/0"]
+                grid = stored_to_unit(array[...], array.dtype).astype(np.float32)
+                n_channels = int(grid.shape[0])
+                scale, translation = region_transform(plan, levels[0].scale, levels[0].translation)
+            else:
+                sources = output_sources(path, group_name, [lv.path for lv in levels], fallback)
+                n_channels = int(sources[0].shape[0])
+                scale, translation = levels[0].scale, levels[0].translation
         except (KeyError, FileNotFoundError, ValueError):
             continue  # a group the run is creating right now: shown at the next refresh
-        n_channels = int(sources[0].shape[0])
         shown = min(max(int(channel), 0), n_channels - 1)
         labels = names_of_channels or channel_names(attrs, n_channels)
         if len(labels) != n_channels:
             labels = channel_names({}, n_channels)
-        kwargs = output_kwargs(
-            group_name, shown, labels, levels[0].scale, levels[0].translation, params
-        )
-        kwargs["contrast_limits"] = contrast_for(group_name, params, sources[0].dtype) or (0, 1)
+        kwargs = output_kwargs(group_name, shown, labels, scale, translation, params)
         kwargs["metadata"]["run"] = run
-        layers.append((channel_pyramid(sources, shown), kwargs, "image"))
+        if group_name in grids:
+            data = tile_cell_pyramid(grid, shown, plan)  # type: ignore[arg-type]
+        else:
+            data = channel_pyramid(sources, shown)
+        layers.append((data, kwargs, "image"))
     return layers
 
 
@@ -273,6 +294,8 @@ def placeholder_layers(
     store will have (the region's shape, the input's voxel size, origin at the region's start).
     """
     dtype = params.get("output_dtype", "float32")
+    if unit_divisor(dtype) is not None:
+        dtype = "float32"  # stored integers are shown as 0..1 floats (``LiveChannel``)
     return [
         (
             [EmptyChannel(shape, dtype)],
@@ -293,39 +316,43 @@ def placeholder_grid_layers(
 ) -> list[LayerDataTuple]:
     """Layer data tuples of the per-tile grids (and ``feature z``) before the run writes them.
 
-    One cell per tile, placed over its tile as the engine will place it; all zero until then.
+    Region-sized (all zero until then), placed like the voxel outputs: the written grids are drawn
+    with each tile's cell over its own voxels (:func:`tile_cell_pyramid`).
     """
-    from napari_normcheck.core.run.grids import tile_cell_transform
-
-    cell_scale, cell_translation = tile_cell_transform(plan, tuple(scale), volume_translation)
+    translation = tuple(t + r * s for t, r, s in zip(volume_translation, plan.roi_start, scale))
+    shape = plan.roi_shape
     layers: list[LayerDataTuple] = [
         (
-            [EmptyChannel(plan.grid_shape, "float32")],
-            output_kwargs(name, channel, labels, cell_scale, cell_translation, params),
+            [EmptyChannel(shape, "float32")],
+            output_kwargs(name, channel, labels, scale, translation, params),
             "image",
         )
         for name in widget_grid_outputs()
     ]
     feature = {
         "name": FEATURE_Z_NAME,
-        "scale": cell_scale,
-        "translate": cell_translation,
+        "scale": tuple(scale),
+        "translate": translation,
         "colormap": feature_z_colormap(),
         "contrast_limits": (-1.0, 1.0),
         "blending": "translucent",
         "opacity": 0.5,
         "visible": False,
         "rgb": False,
+        "multiscale": True,
         "metadata": {"normcheck_output": FEATURE_Z},
     }
-    layers.append((EmptyChannel(plan.grid_shape, "float32"), feature, "image"))
+    layers.append(([EmptyChannel(shape, "float32")], feature, "image"))
     return layers
 
 
 def contrast_for(
     group_name: str, params: dict[str, Any], dtype: Any = None
 ) -> tuple[float, float] | None:
-    """Contrast limits of an output: 0..1 for probabilities, 0..255 when stored as uint8, else automatic.
+    """Contrast limits of an output's meaning: 0..1 for probabilities (however stored), else automatic.
+
+    The limits shown once the run has written the output follow its data too
+    (:func:`contrast_top`).
 
     Parameters
     ----------
@@ -334,18 +361,63 @@ def contrast_for(
     params : dict
         The run parameters (``activation``, ``output_dtype``).
     dtype : numpy.dtype, optional
-        The stored data type: unsigned integers hold 0..1 scaled to their full range.
+        The stored data type: unsigned integers hold 0..1 scaled to their full range, and are
+        shown as 0..1.
     """
-    if dtype is not None and np.dtype(dtype).kind == "u":
-        return (0.0, float(np.iinfo(np.dtype(dtype)).max))
-    if params.get("output_dtype") == "uint8":
-        return (0.0, 255.0)
+    if (dtype is not None and np.dtype(dtype).kind == "u") or params.get("output_dtype") == "uint8":
+        return (0.0, 1.0)  # stored integers are read as 0..1 (``LiveChannel``, the reader)
     shown = registry.output_display().get(group_name)
     if shown is not None and shown.contrast is not None:
         return tuple(shown.contrast)  # type: ignore[return-value]
     if params.get("activation", "none") != "none":
         return (0.0, 1.0)
     return None
+
+
+#: Least upper contrast limit of a map, as a fraction of its meaning's top (1 for a disparity):
+#: a map of near-zero values stays dark instead of showing its noise at full brightness.
+CONTRAST_FLOOR = {"prediction": 0.1, "remedy": 0.1, "disparity": 0.05, "grid": 0.02}
+#: Percentile of a voxel map's non-zero values that gets the colormap's top colour.
+CONTRAST_PERCENTILE = 99.5
+#: The seams maps' own: most seam voxels disagree a little and a few a lot (median 0.02, 90th
+#: percentile 0.24, largest 1 on ssTEM): their top 5 % saturate, so the seams' course shows.
+CONTRAST_PERCENTILES = {"seams_eval": 95.0, "seams_train": 95.0}
+
+
+def contrast_top(
+    values: Any, floor: float, top: float = 1.0, percentile: float | None = None
+) -> float:
+    """The upper contrast limit of a map from its values: its largest real value plainly visible.
+
+    A high percentile of the non-zero finite values (the largest one when ``percentile`` is
+    ``None``), never below ``floor`` nor above ``top`` (the meaning's largest value). A seams map
+    peaking at 0.24 is then drawn up to 0.24, not lost in a 0..1 range.
+    """
+    values = np.asarray(values, dtype=np.float32).ravel()
+    values = values[np.isfinite(values) & (values > 0)]
+    if not values.size:
+        return float(floor)
+    high = float(values.max() if percentile is None else np.percentile(values, percentile))
+    return float(min(max(high, floor), top))
+
+
+#: Most voxels read to set a voxel map's contrast (planes spread over z of its coarsest level).
+CONTRAST_SAMPLE_VOXELS = 8_000_000
+
+
+def sampled_level(level: Any) -> np.ndarray:
+    """Values of a ``(Z, Y, X)`` level for its contrast: whole, or evenly spread planes of it."""
+    z, y, x = level.shape[-3:]
+    planes = max(1, min(z, CONTRAST_SAMPLE_VOXELS // max(y * x, 1)))
+    stride = max(1, int(np.ceil(np.sqrt(y * x / CONTRAST_SAMPLE_VOXELS))))
+    picked = np.unique(np.linspace(0, z - 1, planes).round().astype(int))
+    read = getattr(level, "read_unit", level.__getitem__)  # (not napari's last slice)
+    return np.stack(
+        [
+            np.asarray(read((int(k), slice(None, None, stride), slice(None, None, stride))))
+            for k in picked
+        ]
+    )
 
 
 def stored_to_unit(values: np.ndarray, dtype: Any) -> np.ndarray:

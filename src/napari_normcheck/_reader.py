@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 LayerDataTuple = tuple[Any, dict, str]
 
 
@@ -117,7 +119,33 @@ def output_layer(path: str | Path, root: Any, group_name: str) -> LayerDataTuple
         kwargs["contrast_limits"] = limits
     if _axis_labels_supported():
         kwargs["axis_labels"] = ("channel", "z", "y", "x")
-    return (arrays if len(arrays) > 1 else arrays[0], kwargs, "image")
+    shown = [in_units(array) for array in arrays]
+    plan = _layers.plan_from_attrs(attrs) if group_name in _layers.grid_groups() else None
+    if plan is not None:
+        # Each tile's cell over its own voxels, edges on the tile outlines (one cell per tile in
+        # the store): region-sized, placed as the voxel maps.
+        grid = _layers.stored_to_unit(arrays[0][...], arrays[0].dtype).astype(np.float32)
+        shown = _layers.tile_cell_stack(grid, plan)
+        space, origin = _layers.region_transform(plan, levels[0].scale, levels[0].translation)
+        kwargs["scale"], kwargs["translate"] = (1.0, *space), (0.0, *origin)
+        kwargs["multiscale"] = len(shown) > 1
+    return (shown if len(shown) > 1 else shown[0], kwargs, "image")
+
+
+def in_units(array: Any) -> Any:
+    """A stored array read in its values' units: stored integers (uint8) as 0..1, lazily.
+
+    The status bar, the colour bar and the contrast then read 0..1 as the report does; the
+    division runs chunk by chunk as napari reads (dask), nothing is read here.
+    """
+    from napari_normcheck._arrays import unit_divisor
+
+    divisor = unit_divisor(array.dtype)
+    if divisor is None:
+        return array
+    import dask.array as da
+
+    return (da.from_zarr(array) * np.float32(1.0 / divisor)).astype(np.float32)
 
 
 def layers_from_store(path: str | Path) -> list[LayerDataTuple]:

@@ -3,7 +3,7 @@
 A ``tiles`` Shapes layer outlines each tile's write box on every z-plane the box spans (napari shows
 a shape only on its own plane), in the input's world coordinates; its ``features`` hold, per
 outline, the tile index, the plane, the grid position and the disparity, and each outline's edge
-colour goes from yellow to red with its tile's disparity.
+colour shows its tile's disparity on a fixed scale (:data:`TILE_COLOR_SCALE`, with a legend).
 """
 
 from __future__ import annotations
@@ -114,18 +114,42 @@ def tile_features(plan: TilePlan, disparity: np.ndarray | None = None) -> dict[s
     }
 
 
-def outline_edge_colors(plan: TilePlan, disparity: np.ndarray | None) -> np.ndarray:
+def outline_edge_colors(
+    plan: TilePlan, disparity: np.ndarray | None, judged: np.ndarray | None = None
+) -> np.ndarray:
     """RGBA edge colour per outline (its tile's colour, :func:`tile_edge_colors`)."""
     index, _planes = outline_planes(plan)
-    return tile_edge_colors(disparity, plan.n_tiles)[index]
+    return tile_edge_colors(disparity, plan.n_tiles, judged)[index]
 
 
 #: Edge colour of a tile whose disparity is not known yet.
 UNKNOWN_TILE_COLOR = (1.0, 1.0, 0.0, 0.5)
+#: Edge colour of a tile whose shown channel has too little foreground to judge.
+NOT_JUDGED_COLOR = (0.62, 0.62, 0.62, 1.0)
+#: The outlines' fixed scale of soft disparity: ``(lowest value, colour, legend text)``, the
+#: verdict's thresholds (low below 0.02, high from 0.1), the same in every run.
+TILE_COLOR_SCALE = (
+    (0.0, (1.0, 1.0, 0.0, 1.0), "below 0.02 (low)"),
+    (0.02, (1.0, 0.55, 0.0, 1.0), "0.02 to 0.1 (moderate)"),
+    (0.1, (1.0, 0.0, 0.0, 1.0), "0.1 and above (high)"),
+)
 
 
-def tile_edge_colors(disparity: np.ndarray | None, n_tiles: int | None = None) -> np.ndarray:
-    """RGBA edge colour per tile: yellow for the least disparity, red for the largest.
+def tile_color_legend() -> list[tuple[tuple[float, ...], str]]:
+    """``(colour, text)`` of every outline colour: the fixed scale, not judged, not run yet."""
+    return [
+        *((color, text) for _low, color, text in TILE_COLOR_SCALE),
+        (NOT_JUDGED_COLOR, "not judged (too little foreground)"),
+        (UNKNOWN_TILE_COLOR, "not finished yet"),
+    ]
+
+
+def tile_edge_colors(
+    disparity: np.ndarray | None,
+    n_tiles: int | None = None,
+    judged: np.ndarray | None = None,
+) -> np.ndarray:
+    """RGBA edge colour per tile on the fixed scale :data:`TILE_COLOR_SCALE`.
 
     Parameters
     ----------
@@ -133,6 +157,9 @@ def tile_edge_colors(disparity: np.ndarray | None, n_tiles: int | None = None) -
         One value per tile; NaN where not known yet (drawn translucent yellow).
     n_tiles : int, optional
         The number of tiles when ``disparity`` is not given.
+    judged : numpy.ndarray of bool, optional
+        Per tile, whether its shown channel is judged; ``False`` is drawn in
+        :data:`NOT_JUDGED_COLOR`.
 
     Returns
     -------
@@ -143,20 +170,10 @@ def tile_edge_colors(disparity: np.ndarray | None, n_tiles: int | None = None) -
         np.full(int(n_tiles or 0), np.nan) if disparity is None else np.asarray(disparity, float)
     )
     colors = np.tile(np.asarray(UNKNOWN_TILE_COLOR), (len(values), 1))
-    known = np.isfinite(values)
-    if known.any():
-        # Relative to the worst tile: the tiles to look at first stand out, whatever the scale.
-        top = max(float(values[known].max()), 1e-12)
-        fraction = np.clip(values[known] / top, 0.0, 1.0)
-        colors[known] = np.stack(
-            [
-                np.ones_like(fraction),
-                1.0 - fraction,
-                np.zeros_like(fraction),
-                np.ones_like(fraction),
-            ],
-            axis=1,
-        )
+    for low, color, _text in TILE_COLOR_SCALE:
+        colors[np.isfinite(values) & (values >= low)] = color
+    if judged is not None and len(judged) == len(values):
+        colors[~np.asarray(judged, dtype=bool) & np.isfinite(values)] = NOT_JUDGED_COLOR
     return colors
 
 
@@ -212,3 +229,78 @@ def outline_at(features: Any, tile_index: int, z: int) -> int | None:
     if not mine.size:
         return None
     return int(mine[np.argmin(np.abs(planes[mine] - z))])
+
+
+#: Widest plane (voxels) of a tile map's level drawn without a coarser one beside it.
+CELL_LEVEL_SIDE = 1024
+
+
+def cell_starts(plan: TilePlan) -> tuple[np.ndarray, ...]:
+    """Per axis, the write start of each grid position's tiles, from the region's start.
+
+    A per-tile map draws cell ``k`` of an axis from ``starts[k]`` to ``starts[k + 1]`` (the last
+    to the region's edge), so its edges fall on the tile outlines.
+    """
+    window = np.asarray(plan.window_starts, dtype=np.int64).reshape(-1, 3)
+    if plan.blend == "crop":
+        write = window + np.asarray(plan.halo, dtype=np.int64)
+    else:
+        write = np.maximum(window, np.asarray(plan.roi_start, dtype=np.int64))
+    grid = np.asarray(plan.grid_positions, dtype=np.int64).reshape(-1, 3)
+    starts = []
+    for axis in range(3):
+        first = np.full(plan.grid_shape[axis], np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(first, grid[:, axis], write[:, axis])
+        starts.append(first - plan.roi_start[axis])
+    return tuple(starts)
+
+
+def cell_level_factors(roi_shape: tuple[int, ...]) -> list[int]:
+    """Downsampling in y and x of each level of a tile map: 1, 2, 4, ... down to one screen."""
+    factors = [1]
+    while max(roi_shape[-2:]) / factors[-1] > CELL_LEVEL_SIDE:
+        factors.append(factors[-1] * 2)
+    return factors
+
+
+def cell_indices(plan: TilePlan) -> list[tuple[np.ndarray, ...]]:
+    """Per level of a tile map (:func:`cell_level_factors`), each axis' cell of every voxel."""
+    from napari_normcheck._arrays import cell_index
+
+    starts = cell_starts(plan)
+    shape = plan.roi_shape
+    z_index = cell_index(starts[0], shape[0])
+    return [
+        (z_index, cell_index(starts[1], shape[1], f), cell_index(starts[2], shape[2], f))
+        for f in cell_level_factors(shape)
+    ]
+
+
+def tile_cell_stack(grid: np.ndarray, plan: TilePlan) -> list[Any]:
+    """Every channel of a per-tile grid, region-sized, channel first: the reader's levels."""
+    from napari_normcheck._arrays import TileCellStack
+
+    return [TileCellStack(grid, index) for index in cell_indices(plan)]
+
+
+def tile_cell_pyramid(grid: np.ndarray, channel: int, plan: TilePlan) -> list[Any]:
+    """One channel of a per-tile grid ``(C, tz, ty, tx)`` as the levels of a region-sized map.
+
+    Level ``k`` is downsampled by :func:`cell_level_factors` in y and x; each is a
+    :class:`~napari_normcheck._arrays.TileCellMap` reading the grid in memory.
+    """
+    from napari_normcheck._arrays import TileCellMap
+
+    return [TileCellMap(grid, channel, index) for index in cell_indices(plan)]
+
+
+def region_transform(
+    plan: TilePlan, cell_scale: tuple[float, ...], cell_translation: tuple[float, ...]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The region's voxel size and origin from a tile grid's placement (its cells over tiles)."""
+    from napari_normcheck.core.run.grids import tile_cell_transform
+
+    step, centre = tile_cell_transform(plan, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    scale = tuple(c / s for c, s in zip(cell_scale, step))
+    volume = tuple(t - c * v for t, c, v in zip(cell_translation, centre, scale))
+    return scale, tuple(t + r * v for t, r, v in zip(volume, plan.roi_start, scale))

@@ -45,10 +45,24 @@ def test_feature_z_layer_and_scatter_after_a_run(
         np.nanmax(np.abs(grid[0, :n_channels]).reshape(n_channels, -1), axis=1).argmax()
     )
     assert widget.feature_channel_combo.currentIndex() == strongest
-    np.testing.assert_allclose(np.asarray(layer.data), grid[0, strongest])
+    plan = widget.plan
+
+    def cells(data):
+        """The value drawn at each tile's first voxel (its cell's corner), in the grid's shape."""
+        drawn = np.asarray(data[0] if isinstance(data, list) else data)
+        assert drawn.shape == plan.roi_shape  # region-sized: to the right and bottom edges
+        values = np.full(plan.grid_shape, np.nan, dtype=np.float32)
+        for tile in plan.tiles():
+            values[tile.grid] = drawn[
+                tuple(a - r for a, r in zip(tile.write_start, plan.roi_start))
+            ]
+        return values
+
+    np.testing.assert_allclose(cells(layer.data), grid[0, strongest])
     zmax = float(np.nanmax(np.abs(grid[0, strongest])))
     np.testing.assert_allclose(layer.contrast_limits, (-zmax, zmax), rtol=1e-5)
-    # Its cells lie over the tiles: the same cell transform as the tile disparity grid.
+    # Its cells lie over the tiles: placed as the tile disparity map, each tile's cell from its
+    # first voxel.
     grid_layer = next(
         lay
         for lay in viewer.layers
@@ -56,11 +70,9 @@ def test_feature_z_layer_and_scatter_after_a_run(
     )
     np.testing.assert_allclose(layer.scale, grid_layer.scale)
     np.testing.assert_allclose(layer.translate, grid_layer.translate)
-    plan = widget.plan
     first = plan.get_tile(0)
-    centre = _layers.to_world(_layers.tile_center(first), SCALE, TRANSLATE)
-    cell = np.asarray(layer.world_to_data(centre))
-    np.testing.assert_allclose(np.round(cell), [0, 0, 0])
+    corner = _layers.to_world(first.write_start, SCALE, TRANSLATE)
+    np.testing.assert_allclose(layer.world_to_data(corner), first.write_start, atol=1e-6)
 
     # The feature mean plot: one point per tile, the running mean and std of that channel.
     summary = widget.finished_event.summary
@@ -81,12 +93,12 @@ def test_feature_z_layer_and_scatter_after_a_run(
     # Another channel: the layer's data follow.
     other = (strongest + 1) % n_channels
     widget.feature_channel_combo.setCurrentIndex(other)
-    np.testing.assert_allclose(np.asarray(layer.data), grid[0, other])
+    np.testing.assert_allclose(cells(layer.data), grid[0, other])
     # Another normalization layer: its strongest channel.
     assert widget.feature_layer_combo.count() > 1
     widget.feature_layer_combo.setCurrentIndex(1)
     np.testing.assert_allclose(
-        np.asarray(layer.data), grid[1, widget.feature_channel_combo.currentIndex()]
+        cells(layer.data), grid[1, widget.feature_channel_combo.currentIndex()]
     )
     assert widget.norm_layer_text(attrs[1]["name"]) in widget.feature_plot.title()
     widget.feature_layer_combo.setCurrentIndex(0)
@@ -94,7 +106,7 @@ def test_feature_z_layer_and_scatter_after_a_run(
     # The reader shows the layer too.
     read = {kwargs["name"]: (data, kwargs) for data, kwargs, _ in layers_from_store(out)}
     data, kwargs = read["feature z"]
-    np.testing.assert_allclose(data, grid[0, strongest])
+    np.testing.assert_allclose(cells(data), grid[0, strongest])
     np.testing.assert_allclose(kwargs["scale"], layer.scale)
 
 

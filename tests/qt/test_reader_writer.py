@@ -78,11 +78,27 @@ def test_reader_opens_all_outputs(store):
     ):
         data, kwargs, kind = by_name[short]
         assert kind == "image" and data.shape[0] == 2
-        np.testing.assert_array_equal(np.asarray(data), root[f"{group}/0"][...])
+        stored = root[f"{group}/0"]
+        divisor = 255.0 if stored.dtype == np.uint8 else 1.0  # read as 0..1
+        np.testing.assert_allclose(np.asarray(data), stored[...] / divisor, atol=1e-6)
         assert kwargs["scale"] == (1.0, 2.0, 0.5, 0.5)
         # The ROI starts at voxel y 8: world y 5 + 8 * 0.5.
         assert kwargs["translate"] == (0.0, 10.0, 9.0, 5.0)
     assert {"tile disparity", "tile disparity (hard)", "tile mismatch"} <= set(by_name)
+    # A tile grid: region-sized with the channel first, placed as the voxel maps, each tile's
+    # cell from its first voxel to the region's edge.
+    data, kwargs, _kind = by_name["tile disparity"]
+    grid = root["tile_disparity_soft/0"][...]
+    assert data.shape == (2, *root["pred_eval/0"].shape[1:])
+    assert kwargs["scale"] == by_name["eval"][1]["scale"]
+    np.testing.assert_allclose(kwargs["translate"], by_name["eval"][1]["translate"])
+    roi_start = dict(root.attrs["normcheck"])["plan"]["roi_start"]
+    for record in finished.summary["tiles"]:
+        start = tuple(a - r for a, r in zip(record["start"], roi_start))
+        np.testing.assert_allclose(
+            data[(slice(None), *start)], grid[(slice(None), *record["grid"])]
+        )
+    np.testing.assert_allclose(data[:, -1, -1, -1], grid[:, -1, -1, -1])
     shapes, kwargs, kind = by_name["tiles"]
     assert kind == "shapes" and set(kwargs["features"]["tile"]) == set(
         range(finished.summary["n_tiles"])
@@ -148,9 +164,10 @@ def test_results_follow_a_store_swapped_in_before_they_are_read(make_napari_view
     values = results.show(out.with_name(out.name + ".inprogress"), final=True)
     assert results.store_path == out
     assert len(values) == finished.summary["n_tiles"]
-    np.testing.assert_array_equal(
-        np.asarray(viewer.layers["train · c1"].data[0]),
-        zarr.open_group(str(out))["pred_train/0"][1],
+    stored = zarr.open_group(str(out))["pred_train/0"]
+    divisor = 255.0 if stored.dtype == np.uint8 else 1.0  # shown as 0..1
+    np.testing.assert_allclose(
+        np.asarray(viewer.layers["train · channel 1"].data[0]), stored[1] / divisor, atol=1e-6
     )
     results.go_to_tile(1)
     tiles = viewer.layers["tiles"]
@@ -193,8 +210,10 @@ def test_a_result_layer_round_trips_through_the_writers(
     path = tmp_path / f"disparity{suffix}"
     assert layer.save(str(path), plugin="napari-normcheck") == [str(path)]
     volume = open_volume(str(path))
-    expected = zarr.open_group(str(out), mode="r")["disparity/0"][...]
-    np.testing.assert_array_equal(np.asarray(volume.data), expected)
+    stored = zarr.open_group(str(out), mode="r")["disparity/0"]
+    # The layer holds the values as shown, on the 0..1 scale (stored uint8 divided by 255).
+    divisor = 255.0 if stored.dtype == np.uint8 else 1.0
+    np.testing.assert_allclose(np.asarray(volume.data), stored[...] / divisor, atol=1e-6)
     np.testing.assert_allclose(volume.scale, (2.0, 0.5, 0.5))
     if suffix == ".ome.zarr":
         np.testing.assert_allclose(volume.translation, (10.0, 9.0, 5.0))
@@ -237,9 +256,10 @@ def test_reader_opens_a_command_line_output(make_napari_viewer, tmp_path, tiny_m
     root = zarr.open_group(str(out), mode="r")
     for name, group in (("eval", "pred_eval"), ("train", "pred_train")):
         stored = root[f"{group}/0"]
-        np.testing.assert_array_equal(np.asarray(viewer.layers[name].data), stored[...])
-        top = 255.0 if stored.dtype == np.uint8 else 1.0
-        assert tuple(viewer.layers[name].contrast_limits) == (0.0, top)
+        divisor = 255.0 if stored.dtype == np.uint8 else 1.0
+        shown = np.asarray(viewer.layers[name].data)
+        np.testing.assert_allclose(shown, stored[...] / divisor, atol=1e-6)  # read as 0..1
+        assert tuple(viewer.layers[name].contrast_limits) == (0.0, 1.0)
     tiles = viewer.layers["tiles"]
     n_tiles = len(json.loads((out / "COMPLETE.json").read_text())["tiles"])
     assert set(tiles.features["tile"]) == set(range(n_tiles))

@@ -183,10 +183,15 @@ def test_the_reader_and_the_widget_show_a_registered_grid(make_napari_viewer, st
     results.show(store, final=True)
     assert "tile_changed" in results.layers
     changed = results.layers["tile_changed"]
-    assert changed.name == "tile changed · c0"
-    np.testing.assert_array_equal(
-        np.asarray(changed.data[0]), zarr.open_group(str(store))["tile_changed/0"][0]
-    )
+    assert changed.name == "tile changed · channel 0"
+    # Drawn over the region: each tile's cell from its tile's start.
+    grid = zarr.open_group(str(store))["tile_changed/0"][0]
+    drawn = np.asarray(changed.data[0])
+    assert drawn.shape == results.plan.roi_shape if results.plan else drawn.ndim == 3
+    plan = _layers.plan_from_attrs(_layers.run_attrs(_layers.open_root(store)))
+    for tile in plan.tiles():
+        start = tuple(a - r for a, r in zip(tile.write_start, plan.roi_start))
+        np.testing.assert_array_equal(drawn[start], grid[tile.grid])
     results.order_layers()
     ranked = {name: rank for rank, name in enumerate(_layers.layer_order())}
     shown = [layer.metadata["normcheck_output"] for layer in reversed(viewer.layers)]

@@ -67,7 +67,8 @@ def test_contrast_limits_follow_the_output_kind():
     assert contrast_for("pred_eval", {"activation": "sigmoid"}) == (0.0, 1.0)
     assert contrast_for("pred_eval", {"activation": "none"}) is None
     assert contrast_for("disparity", {"activation": "none"}) == (0.0, 1.0)
-    assert contrast_for("pred_eval", {"output_dtype": "uint8"}) == (0.0, 255.0)
+    # Stored uint8 probabilities are read as 0..1: the same limits.
+    assert contrast_for("pred_eval", {"output_dtype": "uint8"}) == (0.0, 1.0)
 
 
 def test_tile_table_switches_to_mismatch_and_feature_z(qtbot):
@@ -104,9 +105,10 @@ def test_tile_table_switches_to_mismatch_and_feature_z(qtbot):
 def test_channel_names_come_from_the_model_when_they_fit():
     from napari_normcheck._layers import channel_names, layer_name
 
-    assert channel_names({}, 2) == ["c0", "c1"]
+    assert channel_names({}, 2) == ["channel 0", "channel 1"]
     model = {"model": {"output_channel_names": ["membrane", "organelle"]}}
     assert channel_names(model, 2) == ["membrane", "organelle"]
-    assert channel_names(model, 3) == ["c0", "c1", "c2"]  # not this output's channels
+    # Not this output's channels:
+    assert channel_names(model, 3) == ["channel 0", "channel 1", "channel 2"]
     assert layer_name("disparity", "membrane") == "disparity · membrane"
     assert layer_name("eval", None) == "eval"

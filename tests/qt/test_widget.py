@@ -70,16 +70,20 @@ def test_run_adds_lazy_layers_matching_the_store(
         widget.channel_combo.setCurrentIndex(channel)
         for group, short in (("pred_eval", "eval"), ("pred_train", "train")):
             stored = np.asarray(root[f"{group}/0"][...])
-            layer = viewer.layers[f"{short} · c{channel}"]
+            layer = viewer.layers[f"{short} · channel {channel}"]
             np.testing.assert_allclose(layer.scale, SCALE)
             np.testing.assert_allclose(layer.translate, TRANSLATE)
-            np.testing.assert_array_equal(level0(layer), stored[channel])
-        assert f"disparity · c{channel}" in viewer.layers
-        # The grids, added before the run as stand-ins, now read the store.
-        np.testing.assert_array_equal(
-            level0(viewer.layers[f"tile disparity · c{channel}"]),
-            root["tile_disparity_soft/0"][channel],
-        )
+            # Shown on the 0..1 scale of probabilities, however stored.
+            divisor = 255.0 if stored.dtype == np.uint8 else 1.0
+            np.testing.assert_allclose(level0(layer), stored[channel] / divisor, atol=1e-6)
+        assert f"disparity · channel {channel}" in viewer.layers
+        # The grids, added before the run as stand-ins, now read the store: each tile's cell
+        # over its own voxels, from its start to the next tile's (the last to the region's edge).
+        grid = root["tile_disparity_soft/0"][channel]
+        drawn = level0(viewer.layers[f"tile disparity · channel {channel}"])
+        assert drawn.shape == small_image.shape
+        for tile in widget.plan.tiles():
+            np.testing.assert_allclose(drawn[tile.write_start], grid[tile.grid])
         assert len(viewer.layers) == n_layers
     assert not any(stand_in(lay) for lay in viewer.layers)
     # BatchNorm with foreign running statistics: the two modes differ.
@@ -92,9 +96,10 @@ def test_run_adds_lazy_layers_matching_the_store(
     assert np.isfinite(tiles.features["disparity"]).all()
     assert widget.histogram.counts.sum() == widget.plan.n_tiles
     assert widget.histogram.grab().width() > 0
-    # Probabilities: 0..1, or 0..255 when stored as uint8.
-    top = 255.0 if root["pred_eval/0"].dtype == np.uint8 else 1.0
-    assert tuple(viewer.layers["eval · c0"].contrast_limits) == (0.0, top)
+    # Probabilities: 0..1 at most (the top follows the data), eval and train alike.
+    limits = tuple(viewer.layers["eval · channel 0"].contrast_limits)
+    assert limits[0] == 0.0 and 0.1 <= limits[1] <= 1.0
+    assert tuple(viewer.layers["train · channel 0"].contrast_limits) == limits
     assert widget.status_label.text().startswith(f"done: {plan_tiles(widget)} tiles")
     status = widget.summary_label.text()  # the Results tab's summary
     summary = widget.finished_event.summary
@@ -103,10 +108,11 @@ def test_run_adds_lazy_layers_matching_the_store(
     mismatch = " / ".join(f"{v:.3f}" for v in summary["mismatch_eval"]["hard"])
     assert f"Disparity per channel {hard}" in status and f"eval tile mismatch {mismatch}" in status
     assert "disparity (" in status  # the verdict
-    # Tile outlines (of channel 0 now): the worst tile red, the least yellow.
+    # Tile outlines (of channel 0 now): coloured on the fixed scale of the legend.
+    from napari_normcheck._tile_layers import tile_edge_colors
+
     values = tiles.features["disparity"].to_numpy()
-    np.testing.assert_allclose(tiles.edge_color[np.argmax(values)], (1, 0, 0, 1))
-    np.testing.assert_allclose(tiles.edge_color[np.argmin(values)][[0, 2, 3]], (1, 0, 1))
+    np.testing.assert_allclose(tiles.edge_color, tile_edge_colors(values), atol=1e-6)
     # The inventory of the model loaded by the run is shown.
     assert widget.inventory_table.rowCount() > 0
     assert "running statistics" in widget.verdict_label.text()
@@ -133,7 +139,7 @@ def test_cancel_keeps_partial_store_and_model_state(
     assert widget.tile_table.rowCount() == 1  # from the tile's own metrics
     assert widget.tile_table.tile_at_row(0) == tiles_done[0].tile.index
     assert "partial output" in widget.status_label.text()
-    assert "eval · c0" in viewer.layers
+    assert "eval · channel 0" in viewer.layers
     # Only what the stopped run wrote is shown: no all-zero stand-ins are left.
     assert not any(stand_in(lay) for lay in viewer.layers)
     module = widget.model_ready.loaded.module
@@ -313,10 +319,10 @@ def test_rerun_with_overwrite_repoints_layers(
     assert stored.min() < 0  # logits now, not probabilities
     widget.channel_combo.setCurrentIndex(0)
     qtbot.waitUntil(lambda: widget.settled, timeout=10_000)
-    np.testing.assert_array_equal(level0(viewer.layers["eval · c0"]), stored)
+    np.testing.assert_array_equal(level0(viewer.layers["eval · channel 0"]), stored)
     assert set(viewer.layers["tiles"].features["tile"]) == {0} and widget.plan.n_tiles == 1
     # Logits: the contrast follows the data, not the 0..1 of probabilities.
-    low, high = viewer.layers["eval · c0"].contrast_limits
+    low, high = viewer.layers["eval · channel 0"].contrast_limits
     assert low < 0 and low >= stored.min() - 1e-6
 
 
@@ -411,8 +417,9 @@ def test_box_region_layers_overlay_the_input(
     (y0, y1), (x0, x1) = (16, 49), (8, 49)
     assert stored.shape[1:] == (16, y1 - y0, x1 - x0), roi
     widget.channel_combo.setCurrentIndex(0)
-    layer = viewer.layers["eval · c0"]
-    np.testing.assert_array_equal(level0(layer), stored[0])
+    layer = viewer.layers["eval · channel 0"]
+    divisor = 255.0 if stored.dtype == np.uint8 else 1.0
+    np.testing.assert_allclose(level0(layer), stored[0] / divisor, atol=1e-6)
     # The result's first voxel lies on the input's voxel (0, y0, x0), in world coordinates.
     raw = viewer.layers["img"]
     np.testing.assert_allclose(layer.data_to_world((0, 0, 0)), raw.data_to_world((0, y0, x0)))
@@ -460,7 +467,7 @@ def test_layers_exist_before_the_engine_starts_even_with_one_pool_thread(
     assert errors == []
     ((ready, names),) = seen
     assert ready
-    assert {"eval · c0", "disparity · c0", "train · c0", "tiles"} <= names
-    assert {"tile disparity · c0", "tile mismatch · c0", "feature z"} <= names
+    assert {"eval · channel 0", "disparity · channel 0", "train · channel 0", "tiles"} <= names
+    assert {"tile disparity · channel 0", "tile mismatch · channel 0", "feature z"} <= names
     # The seams maps are stored (and shown) only when asked for.
-    assert len(names) == 8 if "seams (eval) · c0" not in names else 9
+    assert len(names) == 8 if "seams (eval) · channel 0" not in names else 9

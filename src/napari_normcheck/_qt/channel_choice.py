@@ -61,10 +61,9 @@ class ChannelChoice:
             their new limits (read off the GUI thread).
         """
         self.channel = int(channel)
-        logits = []
-        for layer in self.output_layers():
-            if layer_data.show_channel(layer, self.channel):
-                logits.append((layer, layer_data.live_levels(layer)[0]))
+        switched = [layer for layer in self.output_layers()]
+        for layer in switched:
+            layer_data.show_channel(layer, self.channel)
         for layer in self.layers.values():  # stand-ins: the name of the channel they will show
             if layer in self.viewer.layers and layer_data.is_stand_in(layer):
                 labels = list(layer.metadata.get("channel_names") or [])
@@ -73,9 +72,11 @@ class ChannelChoice:
                     layer.name = _layers.layer_name(short, labels[self.channel])
         if tile_values is not None:
             self._update_tiles(tile_values)
-        if logits:
+        jobs = layer_data.limit_jobs(switched)
+        if jobs:
+            # The new channel's limits from its data, read off the GUI thread.
             self._off_thread(
-                lambda: [(layer, level.value_range()) for layer, level in logits],
+                lambda: layer_data.data_limits(jobs),
                 lambda limits: self.steps.add(step("contrast", self._apply_contrast, limits)),
                 finished=contrast,
             )
@@ -85,7 +86,10 @@ class ChannelChoice:
     def _apply_contrast(self, limits: list[tuple[Any, tuple[float, float]]]) -> None:
         for layer, (low, high) in limits:
             if layer in self.viewer.layers:
-                layer.contrast_limits_range = (low, high)
+                if layer.metadata.get("contrast_from_data"):
+                    layer.contrast_limits_range = (low, high)  # logits: their own range
+                else:  # the meaning's range (0..1) stays reachable with the slider
+                    layer.contrast_limits_range = (min(low, 0.0), max(high, 1.0))
                 layer.contrast_limits = (low, high)
 
     def order_layers(self) -> None:

@@ -25,7 +25,13 @@ from qtpy.QtWidgets import (  # noqa: TID253
 
 from napari_normcheck._qt.plots import DisparityHistogram, DisparityScatter, FeatureMeanPlot
 from napari_normcheck._qt.steps import step
-from napari_normcheck._qt.tile_table import channel_value
+from napari_normcheck._qt.tile_table import channel_value, judged
+
+#: Why the feature plots are empty for a model without running statistics.
+NO_FEATURES = (
+    "no normalization layer keeps running statistics\n(GroupNorm, InstanceNorm, LayerNorm):"
+    "\nboth modes normalize alike, there is no |z| to plot"
+)
 
 
 class FeatureSection:
@@ -55,6 +61,21 @@ class FeatureSection:
         layout.addWidget(self.plot_tabs, 1)
         layout.addLayout(form)
         return box
+
+    def clear_features(self) -> None:
+        """Forget the last run's normalization layers and feature grid; empty the plots."""
+        self.feature_grid = None
+        self.feature_entries = []
+        for combo in (self.feature_layer_combo, self.feature_channel_combo):
+            combo.blockSignals(True)
+            combo.clear()
+            combo.blockSignals(False)
+        self.tile_table.set_feature(None, None)
+        waiting = "the run has started: tiles appear as they finish"
+        self.histogram.set_values([])
+        self.histogram.set_message(waiting)
+        self.feature_plot.set_data([], [], empty=waiting)
+        self.scatter.set_data([], [], [], empty=waiting)
 
     # --- the output channel ---------------------------------------------------------------------
 
@@ -214,12 +235,17 @@ class FeatureSection:
         index = self.feature_layer_combo.currentIndex()
         feature_channel = max(self.feature_channel_combo.currentIndex(), 0)
         if not entries or not 0 <= index < len(entries):
+            self.tile_table.set_feature(None, None)
             z = [(records[t].get("feature_z") or {}).get("max_abs", math.nan) for t in tiles]
-            self.scatter.set_data(tiles, z, disparity, xlabel="largest |feature z| per tile")
-            self.feature_plot.set_data([], [])
+            why = NO_FEATURES if records else "no tile has finished yet"
+            self.scatter.set_data(
+                tiles, z, disparity, xlabel="largest |feature z| per tile", empty=why
+            )
+            self.feature_plot.set_data([], [], empty=why)
             return
         entry = entries[index]
         name = str(entry.get("name", ""))
+        self.tile_table.set_feature(name, feature_channel)
         means, z = [], []
         for t in tiles:
             values = (records[t].get("features") or {}).get(name) or {}
@@ -236,6 +262,7 @@ class FeatureSection:
             disparity,
             xlabel=f"|feature z| per tile ({text}, channel {feature_channel})",
             title=f"Feature shift vs disparity · {label}",
+            empty=f"no tile has a |z| for {name}, channel {feature_channel} yet",
         )
 
     def _on_plot_tile(self, index: int) -> None:
@@ -248,6 +275,10 @@ class FeatureSection:
         if self.plan is None or not self.tile_table.records:
             return None
         values = np.full(self.plan.n_tiles, np.nan)
+        judged_tiles = np.ones(self.plan.n_tiles, dtype=bool)
         for index, record in self.tile_table.records.items():
             values[index] = channel_value(record.get("disparity_soft"), self.results.channel)
+            judged_tiles[index] = judged(record, self.results.channel)
+        # The outlines of tiles whose channel is not judged are drawn in a neutral colour.
+        self.results.tile_judged = judged_tiles
         return values

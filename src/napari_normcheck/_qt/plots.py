@@ -97,6 +97,19 @@ class PlotWidget(QWidget):
         layout.addWidget(self.view, 1)
         layout.addLayout(row)
         self._title = ""
+        self.message = ""
+        self._message = pg.TextItem("", color=self.colors["text"], anchor=(0.5, 0.5))
+        self._message.setZValue(10)
+        self.item.getViewBox().addItem(self._message, ignoreBounds=True)
+
+    def set_message(self, text: str) -> None:
+        """Say why the plot is empty (an empty ``text`` hides the message)."""
+        self.message = text
+        self._message.setText(text)
+        self._message.setVisible(bool(text))
+        if text:
+            (x0, x1), (y0, y1) = self.item.getViewBox().viewRange()
+            self._message.setPos((x0 + x1) / 2, (y0 + y1) / 2)
 
     def set_labels(self, x: str, y: str) -> None:
         """Axis labels (units in the text)."""
@@ -210,6 +223,7 @@ class DisparityHistogram(PlotWidget):
         self.set_title(title + (f" (blue: whole region {global_value:.3f})" if known else ""))
         self.item.setXRange(0.0, top, padding=0.02)
         self.item.setYRange(0.0, max(int(self.counts.max()), 1) * 1.08, padding=0)
+        self.set_message("" if finite.size else "no tile has finished yet")
 
 
 class FeatureMeanPlot(PlotWidget):
@@ -260,8 +274,12 @@ class FeatureMeanPlot(PlotWidget):
         running_mean: float | None = None,
         running_std: float | None = None,
         title: str = "",
+        empty: str = "no tile has finished yet",
     ) -> None:
-        """Plot ``means`` (one per tile in ``tiles``) against the running statistics."""
+        """Plot ``means`` (one per tile in ``tiles``) against the running statistics.
+
+        ``empty`` says why there is nothing to plot, shown when no mean is known.
+        """
         self.tiles = np.asarray(tiles, dtype=int)
         self.tile_means = np.asarray(means, dtype=float)
         self.running_mean, self.running_std = running_mean, running_std
@@ -288,6 +306,7 @@ class FeatureMeanPlot(PlotWidget):
         self.set_title(
             (title or "Feature mean per tile") + " · blue: running mean, bands ±1, ±2 std"
         )
+        self.set_message("" if keep.any() else empty)
 
 
 class DisparityScatter(PlotWidget):
@@ -332,9 +351,15 @@ class DisparityScatter(PlotWidget):
         self.set_data([], [], [])
 
     def set_data(
-        self, tiles: Any, z: Any, disparity: Any, xlabel: str = "", title: str = ""
+        self,
+        tiles: Any,
+        z: Any,
+        disparity: Any,
+        xlabel: str = "",
+        title: str = "",
+        empty: str = "no tile has finished yet",
     ) -> None:
-        """Plot one point per tile (non-finite ones left out)."""
+        """Plot one point per tile (non-finite ones left out); ``empty`` says why none is."""
         tiles, z, disparity = (np.asarray(a, dtype=float) for a in (tiles, z, disparity))
         keep = np.isfinite(z) & np.isfinite(disparity)
         self.tiles = tiles[keep].astype(int)
@@ -347,6 +372,7 @@ class DisparityScatter(PlotWidget):
         if xlabel and xlabel != self.labels()[0]:
             self.set_labels(xlabel, "soft disparity per tile (0–1)")
         self.set_title(title or "Feature shift vs disparity (click a tile)")
+        self.set_message("" if self.tiles.size else empty)
         self.select_tile(self.selected)
 
     def hover_text(self, x: float, y: float, data: Any) -> str:

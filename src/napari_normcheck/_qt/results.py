@@ -210,7 +210,14 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         # Added bottom first, in the layer list's order: no layer has to be moved afterwards.
         ranked = {name: rank for rank, name in enumerate(_layers.layer_order())}
         new.sort(key=lambda item: -ranked.get(_output(item[1]), 0))
-        steps = [step(f"add {kw['name']}", self._add, data, kw) for data, kw in new]
+        # Layers kept from an earlier run show nothing until this run writes them: the earlier
+        # run's maps under this run's name would mislead.
+        steps = [
+            step(f"clear {kw['name']}", self._repoint, self._layer_of(_output(kw)), data, kw, "")
+            for data, kw, _kind in tuples
+            if _output(kw) in shown
+        ]
+        steps += [step(f"add {kw['name']}", self._add, data, kw) for data, kw in new]
         self.steps.add(*steps)
         self.plan = layout.plan
         if layout.plan is None or self._tiles_show(layout.plan):
@@ -363,17 +370,11 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         def show_final() -> None:
             # The final values: read off-thread, shown, then napari reads the store directly again.
             shown = self._visible_live_layers()
-            logits = [
-                (layer, layer_data.live_levels(layer)[0])
-                for layer in self.layers.values()
-                if layer in self.viewer.layers
-                and layer_data.live_levels(layer)
-                and layer.metadata.get("contrast_from_data")
-            ]
+            jobs = layer_data.limit_jobs(self._own_layers())
 
             def final_read() -> tuple[list, list]:
                 prepared = [(layer, level, level.read_ahead()) for layer, level in shown]
-                return prepared, [(layer, level.value_range()) for layer, level in logits]
+                return prepared, layer_data.data_limits(jobs)
 
             self._off_thread(
                 final_read,
@@ -381,6 +382,7 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
                     step("final refresh", self._show_prepared, result[0], read.tile_values, True),
                     step("contrast", self._settle_contrast, result[1]),
                     step("order", self.order_layers),
+                    step("select", self.select_result),
                     *([step("then", then, read)] if then is not None else []),
                 ),
             )
@@ -388,8 +390,32 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         steps.append(step("read final slices", show_final))
         self.steps.add(*steps)
 
+    def _own_layers(self) -> list[Any]:
+        """The run's image layers in the viewer (``feature z`` sets its own limits)."""
+        return [layer for layer in self.layers.values() if layer in self.viewer.layers]
+
+    def select_result(self) -> None:
+        """Select the disparity map (else the first shown result): not the ``tiles`` layer.
+
+        The shown disparity map carries napari's colour bar, on the 0..1 scale of its values.
+        """
+        shown = [layer for layer in self._own_layers() if layer.visible]
+        disparity = self.layers.get("disparity")
+        target = disparity if disparity in shown else (shown[0] if shown else None)
+        if target is None:
+            return
+        self.viewer.layers.selection.active = target
+        # The colour bar's first draw is a freeze of its own: the next step.
+        self.steps.add_first(step("colour bar", self._show_colorbar, target))
+
+    def _show_colorbar(self, target: Any) -> None:
+        for layer in self._own_layers():
+            colorbar = getattr(layer, "colorbar", None)
+            if colorbar is not None and colorbar.visible != (layer is target):
+                colorbar.visible = layer is target
+
     def _settle_contrast(self, limits: list[tuple[Any, tuple[float, float]]]) -> None:
-        """Outputs without fixed contrast limits (logits) get limits from their data."""
+        """Every map gets contrast limits from its data (its largest real value plainly visible)."""
         self._apply_contrast(limits)
         for layer in self.layers.values():
             if layer in self.viewer.layers:
@@ -421,6 +447,10 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
             self.layers[key] = layer
         self._placeholders.append(layer)
 
+    def _layer_of(self, output: str) -> Any:
+        """The layer showing ``output`` (``feature z`` included), or ``None``."""
+        return self.feature_layer if output == _layers.FEATURE_Z else self.layers.get(output)
+
     def _drop_unwritten(self, read: StoreRead) -> None:
         # feature z is filled after this step (show_feature_z) when the store has it; an output
         # this store does not hold (seams of an earlier run) would show another run's values.
@@ -430,7 +460,10 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         for key, layer in [*self.layers.items(), (_layers.FEATURE_Z, self.feature_layer)]:
             if layer is keep or layer is None or layer not in self.viewer.layers:
                 continue
-            if layer_data.is_stand_in(layer) or (key in shown and key not in written):
+            unwritten = key in shown and key not in written
+            # A store without feature z (no running statistics): the earlier run's map would lie.
+            no_features = key == _layers.FEATURE_Z and read.feature_grid is None
+            if layer_data.is_stand_in(layer) or unwritten or no_features:
                 self.viewer.layers.remove(layer)
 
     def discard_placeholders(self) -> None:
@@ -460,6 +493,10 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         layer.metadata["normcheck_store"] = store
         for key in ("run", "channel", "channel_names"):
             layer.metadata[key] = kwargs["metadata"].get(key)
+        if "visible" in kwargs and layer_data.is_stand_in(layer):
+            colorbar = getattr(layer, "colorbar", None)
+            if colorbar is not None:  # shown again on the new run's map when it is written
+                colorbar.visible = False
 
     # --- synchronous use (tests, callers outside a run) -----------------------------------------------
 

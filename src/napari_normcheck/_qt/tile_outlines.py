@@ -78,6 +78,8 @@ class TileOutlines:
     _synchronous: bool
     #: The tiles layer just added hidden, shown by the next step.
     _hidden_tiles: Any = None
+    #: Per tile, whether the shown channel's hard values are judged (``None``: all are).
+    tile_judged: np.ndarray | None = None
 
     def _tiles_show(self, plan: Any) -> bool:
         """The tiles layer exists and outlines ``plan``."""
@@ -127,7 +129,15 @@ class TileOutlines:
         deferred = bool(layer.visible) and not self._synchronous
         if deferred:
             layer.visible = False
-        self.tiles_layer = self.viewer.add_layer(layer)
+        # The outlines do not take the selection: their editing tools would show after a run.
+        activate = getattr(self.viewer.layers, "_activate_on_insert", None)
+        if activate is not None:
+            self.viewer.layers._activate_on_insert = False
+        try:
+            self.tiles_layer = self.viewer.add_layer(layer)
+        finally:
+            if activate is not None:
+                self.viewer.layers._activate_on_insert = activate
         skip_blank_text(self.viewer, self.tiles_layer)
         if deferred:
             self._hidden_tiles = layer
@@ -166,7 +176,7 @@ class TileOutlines:
         if tiles is None or tiles not in self.viewer.layers or values is None:
             return
         tiles.features = _tile_layers.tile_features(self.plan, values)
-        tiles.edge_color = _tile_layers.outline_edge_colors(self.plan, values)
+        tiles.edge_color = _tile_layers.outline_edge_colors(self.plan, values, self.tile_judged)
 
     def go_to_tile(self, index: int) -> None:
         """Centre the view on tile ``index`` (z plane and camera) and select its outline there."""

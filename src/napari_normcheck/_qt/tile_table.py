@@ -18,24 +18,83 @@ from napari_normcheck.core.run import registry
 
 Value = Callable[..., float]  # (record, channel=None) -> the value shown and sorted by
 
-#: The sort choice that is not a registered tile metric: the tile's largest feature ``|z|``.
+#: The sort choice that is not a registered tile metric: the tile's feature ``|z|``.
 FEATURE_Z_SORT = "feature z"
 
+#: Record keys of hard values (a Dice of thresholded predictions): not judged where the
+#: foreground is too small (the record's ``judged``), shown as "-" and never ranked.
+HARD_KEYS = frozenset({"disparity_hard", "mismatch_eval", "mismatch_train"})
 
-def _feature_z(record: dict[str, Any], _channel: int | None = None) -> float:
-    summary = record.get("feature_z") or {}
-    value = summary.get("max_abs")
-    return math.nan if value is None else float(value)
+#: Tooltips of the table's columns and the sort choices, by the words they start with.
+WORDS = {
+    "soft": "soft: 1 − Dice of the probabilities themselves (how much they move), 0–1",
+    "hard": (
+        "hard: 1 − Dice of the thresholded masks (how much the segmentation changes), 0–1; "
+        "'-' where the tile has too little foreground to judge"
+    ),
+    "flips": "flips: fraction of the tile's voxels whose thresholded label changes, 0–1",
+    "mismatch": (
+        "mismatch: 1 − Dice of overlapping tiles' eval predictions where they overlap, 0–1: "
+        "where seams come from"
+    ),
+    "feature": (
+        "|feature z|: how far the tile's mean input to a normalization layer lies from the "
+        "layer's running mean, in running standard deviations"
+    ),
+    "grid": "the tile's position in the tile grid (z, y, x)",
+    "tile": "the tile's number in scan order",
+}
+
+
+def tooltip(header: str) -> str:
+    """The tooltip of a column or sort choice: what its words mean."""
+    words = header.replace("|", " ").replace("(", " ").split()
+    if words == ["disparity"]:  # the sort choice: the soft one
+        words = ["soft"]
+    return "\n".join(text for key, text in WORDS.items() if key in words)
+
+
+def judged(record: dict[str, Any], channel: int) -> bool:
+    """The tile's hard values of ``channel`` rest on enough foreground (no ``judged``: yes)."""
+    flags = record.get("judged")
+    if not isinstance(flags, (list, tuple)) or not 0 <= channel < len(flags):
+        return True
+    return bool(flags[channel])
+
+
+def feature_z_value(layer: str | None = None, feature_channel: int | None = None) -> Value:
+    """A record's ``|z|`` of a normalization layer's channel.
+
+    The largest over the layers when ``layer`` is ``None``.
+    """
+
+    def value(record: dict[str, Any], _channel: int | None = None) -> float:
+        if layer is None:
+            found = (record.get("feature_z") or {}).get("max_abs")
+        else:
+            z = ((record.get("features") or {}).get(layer) or {}).get("z")
+            found = channel_value(z, feature_channel)
+        return math.nan if found is None else abs(float(found))
+
+    return value
+
+
+_feature_z = feature_z_value()
 
 
 def metric_value(key: str) -> Value:
     """A tile metric's value in a record, for one channel (the largest when ``None``).
 
-    A metric with a soft variant stored beside it (``mismatch_eval_soft``) shows that one.
+    A metric with a soft variant stored beside it (``mismatch_eval_soft``) shows that one. A hard
+    value of a channel that is not judged (the record's ``judged``) is NaN: "-", ranked last.
     """
 
     def value(record: dict[str, Any], channel: int | None = None) -> float:
-        return channel_value(record.get(f"{key}_soft") or record.get(key), channel)
+        soft = record.get(f"{key}_soft")
+        values = list(soft or record.get(key) or [])
+        if not soft and key in HARD_KEYS:
+            values = [v if judged(record, c) else None for c, v in enumerate(values)]
+        return channel_value(values, channel)
 
     return value
 
@@ -48,6 +107,10 @@ def sort_keys() -> dict[str, Value]:
     keys = {m.sort: metric_value(m.key) for m in registry.TILE_METRICS if m.sort}
     keys[FEATURE_Z_SORT] = _feature_z
     return keys
+
+
+#: Rows the table shows at least (Qt's minimum height of the table is kept at or above it).
+MIN_ROWS = 8
 
 
 def metric_columns() -> list[tuple[str, Value]]:
@@ -121,10 +184,46 @@ class TileTable(QTableWidget):
         self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.verticalHeader().setVisible(False)
+        for column, header in enumerate(headers):
+            self.horizontalHeaderItem(column).setToolTip(tooltip(header))
         self.records: dict[int, dict[str, Any]] = {}
         self.sort_key = "disparity"
         self.channel: int | None = None
+        self.feature_value: Value = _feature_z
+        self.feature: tuple[str | None, int | None] = (None, None)
         self.cellClicked.connect(self._on_clicked)
+        self.setMinimumHeight(0)
+
+    def rows_height(self, rows: int = MIN_ROWS) -> int:
+        """Height that shows the header and ``rows`` rows."""
+        header = self.horizontalHeader().sizeHint().height()
+        # (the horizontal scroll bar shows when the columns are wider than the dock)
+        scroll_bar = self.horizontalScrollBar().sizeHint().height()
+        rows_height = rows * self.verticalHeader().defaultSectionSize()
+        return header + rows_height + scroll_bar + 2 * self.frameWidth()
+
+    def setMinimumHeight(self, height: int) -> None:  # noqa: N802 (Qt's name)
+        """Qt's minimum height, never below :data:`MIN_ROWS` rows."""
+        super().setMinimumHeight(max(int(height), self.rows_height()))
+
+    def set_feature(self, layer: str | None, feature_channel: int | None) -> None:
+        """The feature ``|z|`` column shows this normalization layer and channel (the plots').
+
+        ``None``: the largest ``|z|`` over all layers, and the header says so.
+        """
+        if (layer, feature_channel) == self.feature:
+            return
+        self.feature = (layer, feature_channel)
+        self.feature_value = feature_z_value(layer, feature_channel)
+        header = (
+            "largest |feature z| (all layers)"
+            if layer is None
+            else f"|feature z| {layer} ch {feature_channel}"
+        )
+        item = QTableWidgetItem(header)
+        item.setToolTip(tooltip(header))
+        self.setHorizontalHeaderItem(self.columnCount() - 1, item)
+        self.redraw()
 
     def set_sort_key(self, name: str) -> None:
         """Sort by ``name`` (a key of :func:`sort_keys`), largest first."""
@@ -157,7 +256,9 @@ class TileTable(QTableWidget):
 
     def sorted_indices(self) -> list[int]:
         """Tile indices, largest value of the sort key first (unknown values last)."""
-        value_of = sort_keys()[self.sort_key]
+        value_of = (
+            self.feature_value if self.sort_key == FEATURE_Z_SORT else sort_keys()[self.sort_key]
+        )
 
         def key(index: int) -> tuple[bool, float, int]:
             value = value_of(self.records[index], self.channel)
@@ -179,7 +280,9 @@ class TileTable(QTableWidget):
             self.setItem(row, 1, QTableWidgetItem(",".join(str(g) for g in grid)))
             for column, (_header, value) in enumerate(self.metric_columns, start=2):
                 self.setItem(row, column, _number_item(value(record, self.channel)))
-            self.setItem(row, self.columnCount() - 1, _number_item(_feature_z(record), digits=2))
+            self.setItem(
+                row, self.columnCount() - 1, _number_item(self.feature_value(record), digits=2)
+            )
         self.resizeColumnsToContents()
         if selected is not None:
             self.select_tile(selected)

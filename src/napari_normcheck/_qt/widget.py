@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import Signal  # noqa: TID253 (the Qt layer)
-from qtpy.QtWidgets import QFileDialog, QVBoxLayout, QWidget  # noqa: TID253
+from qtpy.QtCore import Qt, Signal  # noqa: TID253 (the Qt layer)
+from qtpy.QtWidgets import QFileDialog, QLabel, QVBoxLayout, QWidget  # noqa: TID253
 
-from napari_normcheck._qt import jobs, tabs
+from napari_normcheck._qt import jobs, tabs, tile_table
 from napari_normcheck._qt.features_view import FeatureSection
 from napari_normcheck._qt.model_box import SAMPLE_PREFIX, ModelSection
 from napari_normcheck._qt.region import (
@@ -52,7 +52,7 @@ def _show_error(message: str) -> None:
 
 
 def summary_line(summary: dict[str, Any], out: Path | str) -> str:
-    """The line shown after a run: global disparity and eval mismatch per channel, the verdict."""
+    """The dense line of older summaries: disparity and eval mismatch per channel, the verdict."""
     from napari_normcheck.core.run.report import verdict
 
     def per_channel(values: Any) -> str:
@@ -71,6 +71,39 @@ def summary_line(summary: dict[str, Any], out: Path | str) -> str:
     except (KeyError, TypeError, ValueError):
         pass  # an older summary without the global figures
     return f"{text} Output: {out}"
+
+
+def summary_text(
+    summary: dict[str, Any], out: Path | str, channel_names: list[str] | None = None
+) -> str:
+    """The Results tab's summary: short lines (the core's ``verdict_lines``), then the output.
+
+    Falls back to :func:`summary_line` with a core that has no ``verdict_lines`` yet.
+    """
+    from napari_normcheck.core.run import report
+
+    lines_of = getattr(report, "verdict_lines", None)
+    if lines_of is None:
+        return summary_line(summary, out)
+    try:
+        lines = [str(line) for line in lines_of(summary, channel_names)]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return summary_line(summary, out)
+    total = (summary.get("timing") or {}).get("total", 0.0)
+    head = f"done: {summary.get('n_tiles')} tiles in {total:.1f} s."
+    return "\n".join([head, *lines, f"Output: {out}"])
+
+
+def tile_legend_html() -> str:
+    """The tile outlines' colour legend as one line of rich text (a swatch per colour)."""
+    from napari_normcheck._tile_layers import tile_color_legend
+
+    def swatch(color: tuple[float, ...]) -> str:
+        r, g, b = (round(255 * c) for c in color[:3])
+        return f'<span style="color: rgb({r},{g},{b})">■</span>'
+
+    items = " ".join(f"{swatch(color)}&nbsp;{text}" for color, text in tile_color_legend())
+    return f"tile outlines (soft disparity): {items}"
 
 
 class NormcheckWidget(ModelSection, FeatureSection, QWidget):
@@ -109,6 +142,16 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         self.user_chose_channel = False
 
         self.tabs = tabs.build_tabs(self)
+        self.tile_legend = QLabel(tile_legend_html())
+        self.tile_legend.setWordWrap(True)  # (one long line would widen the dock)
+        self.tile_legend.setToolTip(
+            "tile outline colours: the tile's soft disparity of the shown channel, on a scale "
+            "that is the same in every run"
+        )
+        self.results_tab.layout().insertWidget(2, self.tile_legend)
+        for index in range(self.sort_combo.count()):  # what soft, flips, mismatch mean
+            words = tile_table.tooltip(self.sort_combo.itemText(index))
+            self.sort_combo.setItemData(index, words, Qt.ItemDataRole.ToolTipRole)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(self.tabs, 1)
@@ -191,7 +234,10 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
 
     def build_config(self, shape: tuple[int, int, int], layer: Any) -> Any:
         """The :class:`RunConfig` from the form (raises :class:`NormcheckError`)."""
-        return self.settings.config(roi=self.region_roi(layer, shape))
+        config = self.settings.config(roi=self.region_roi(layer, shape))
+        # The widget checks a region the user looks at: its seams maps are always stored and
+        # shown (the command line keeps ``--seams`` opt-in for whole volumes).
+        return config if config.seams else dataclasses.replace(config, seams=True)
 
     def input_transform(self, layer: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Voxel size and origin of the chosen level (napari scales level k by its downsampling)."""
@@ -320,7 +366,8 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         self.finished_event = None
         self.results.new_run()
         self.tile_table.clear_records()
-        # (The plots are redrawn at the first refresh: a draw now would delay the layers.)
+        # Nothing of the earlier run stays: its normalization layers, feature map and plots.
+        self.clear_features()
         self.summary_label.setText("running…")
         self.tabs.setCurrentWidget(self.results_tab)
         self.progress.setValue(0)
@@ -401,12 +448,14 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         summary = event.summary
         if summary.get("tiles"):
             self.tile_table.set_records(summary["tiles"])
+            self.tile_values()  # (which tiles' outlines are not judged)
         soft = (summary.get("disparity") or {}).get("soft") or []
         if soft and not self.user_chose_channel:  # the channel with the highest disparity
             worst = max(range(len(soft)), key=lambda c: soft[c])
             self.channel_combo.setCurrentIndex(min(worst, self.channel_combo.count() - 1))
         self.results.finish(Path(event.out), then=self._show_final)
-        self.summary_label.setText(summary_line(summary, event.out))
+        names = [self.channel_combo.itemText(i) for i in range(self.channel_combo.count())]
+        self.summary_label.setText(summary_text(summary, event.out, names or None))
         total = (summary.get("timing") or {}).get("total", 0.0)
         self.status_label.setText(
             f"done: {summary.get('n_tiles')} tiles in {total:.1f} s (summary in Results); "

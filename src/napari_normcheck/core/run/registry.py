@@ -164,7 +164,7 @@ VOXEL_OUTPUTS: tuple[VoxelOutput, ...] = (
         ("eval", "train"),
         "|P_train - P_eval| per channel",
         # Shown first: the disparity is what to look at; eye icons compare the predictions.
-        Display("disparity", "magma", widget=True),
+        Display("disparity", "magma", opacity=0.8, widget=True),
         compute=_disparity,
     ),
     *(
@@ -174,7 +174,13 @@ VOXEL_OUTPUTS: tuple[VoxelOutput, ...] = (
             f"largest |P_A - P_B| of overlapping tiles A, B ({mode} mode); zero where one tile "
             "covers a voxel",
             # Where overlapping tiles disagree: tiling artifacts show up here.
-            Display(f"seams ({mode})", "cyan", opacity=0.7, visible=False, widget=mode == "eval"),
+            Display(
+                f"seams ({mode})",
+                "cyan",
+                opacity=0.8,
+                visible=mode == "eval",
+                widget=mode == "eval",
+            ),
             opt_in="seams",
         )
         for mode in ("eval", "train")

@@ -1,0 +1,294 @@
+"""Issue 18: the Results display shows what it measures (one test per numbered item).
+
+Runs the widget in a real viewer on the packaged sample (``napari_normcheck.data``) with its sample
+models, and on a tiny model whose second output channel is nearly empty.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_normcheck._qt.widget import NormcheckWidget
+from napari_normcheck._sample_data import make_sample
+from napari_normcheck._tile_layers import NOT_JUDGED_COLOR, tile_edge_colors
+
+from .conftest import ARCH, ARCH_KWARGS
+
+SAMPLE_SHAPE = (16, 64, 64)
+TILE = "16,32,32"
+
+
+def sample_widget(make_napari_viewer, tmp_path, model="batchnorm"):
+    viewer = make_napari_viewer()
+    data, kwargs, _kind = make_sample(shape=SAMPLE_SHAPE)[0]
+    viewer.add_image(data, **kwargs)
+    widget = NormcheckWidget(viewer)
+    widget.model_source.setCurrentText(f"sample: {model}")
+    widget.tile.setText(TILE)
+    widget.device.setCurrentText("cpu")
+    widget.overwrite.setChecked(True)
+    widget.out_path.setText(str(tmp_path / "out.zarr"))
+    return viewer, widget
+
+
+def run_and_wait(qtbot, widget):
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.settled, timeout=120_000)
+    assert widget.finished_event is not None, widget.status_label.text()
+
+
+def output_layer(viewer, group):
+    (layer,) = [lay for lay in viewer.layers if lay.metadata.get("normcheck_output") == group]
+    return layer
+
+
+def level0(layer):
+    return np.asarray(layer.data[0] if layer.multiscale else layer.data)
+
+
+@pytest.fixture
+def faint_channel_model(tmp_path):
+    """A BatchNorm BasicUNet whose second output channel is nearly empty (low, flat logits)."""
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(0)
+    model = BasicUNet(**ARCH_KWARGS)
+    model.train()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for step in range(2):
+            model(torch.randn((1, 1, 16, 32, 32), generator=generator) * (1 + step) + step)
+        model.final_conv.weight[1] *= 0.2
+        model.final_conv.bias[1] = -3.5
+    path = tmp_path / "faint.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_item2_tile_maps_cover_their_tiles_on_a_readable_scale(make_napari_viewer, qtbot, tmp_path):
+    viewer, widget = sample_widget(make_napari_viewer, tmp_path)
+    run_and_wait(qtbot, widget)
+    plan = widget.plan
+    image = viewer.layers[widget.run_input[0]]
+    for group in ("tile_disparity_soft", "tile_mismatch_eval"):
+        layer = output_layer(viewer, group)
+        drawn = level0(layer)
+        # Region-sized, placed on the image's voxels: to the right and bottom edges.
+        assert drawn.shape == SAMPLE_SHAPE
+        np.testing.assert_allclose(layer.data_to_world((0, 0, 0)), image.data_to_world((0, 0, 0)))
+        import zarr
+
+        grid = zarr.open_group(widget.finished_event.out, mode="r")[f"{group}/0"]
+        grid = np.asarray(grid[widget.results.channel], dtype=float)
+        # Each tile's cell starts at its tile's start (the outline's corner); the last cell ends
+        # at the region's edge.
+        for tile in plan.tiles():
+            np.testing.assert_allclose(drawn[tile.write_start], grid[tile.grid], rtol=1e-6)
+        last = plan.get_tile(plan.n_tiles - 1)
+        np.testing.assert_allclose(drawn[-1, -1, -1], grid[last.grid], rtol=1e-6)
+        # Values are 0..1 and the contrast ends at the map's largest value (or a small floor).
+        low, high = layer.contrast_limits
+        top = np.nanmax(grid)
+        assert low == 0.0 and high == pytest.approx(max(top, 0.02), rel=1e-5)
+    feature = viewer.layers["feature z"]
+    assert level0(feature).shape == SAMPLE_SHAPE
+
+
+def test_item3_seams_shown_by_default_at_a_visible_contrast(make_napari_viewer, qtbot, tmp_path):
+    viewer, widget = sample_widget(make_napari_viewer, tmp_path)
+    assert not widget.seams.isChecked()  # the Advanced box is left alone
+    run_and_wait(qtbot, widget)
+    seams = output_layer(viewer, "seams_eval")
+    assert seams.visible
+    values = level0(seams)
+    assert values.dtype == np.float32 and 0.0 <= values.min() and values.max() <= 1.0
+    # The status bar reads the 0..1 value at a voxel.
+    peak = np.unravel_index(np.argmax(values), values.shape)
+    world = seams.data_to_world(peak)
+    viewer.dims.set_point(0, world[0])
+    read = seams.get_value(world, world=True)
+    read = read[1] if isinstance(read, tuple) else read  # (level, value) of a multiscale layer
+    assert float(read) == pytest.approx(float(values[peak]))
+    _low, high = seams.contrast_limits
+    positive = values[values > 0]
+    # The seams' course is visible: the top of the colormap at most the largest seam value and
+    # no higher than most seam voxels reach (the largest 5 % saturate), never below a floor.
+    assert positive.size and high <= max(float(positive.max()), 0.05) + 1e-6
+    assert high == pytest.approx(max(float(np.percentile(positive, 95)), 0.05), rel=1e-4)
+    disparity = output_layer(viewer, "disparity")
+    assert disparity.colorbar.visible and not seams.colorbar.visible
+    assert level0(disparity).max() <= 1.0
+
+
+def test_item4_a_second_run_replaces_the_first_runs_display(make_napari_viewer, qtbot, tmp_path):
+    viewer, widget = sample_widget(make_napari_viewer, tmp_path, "batchnorm")
+    run_and_wait(qtbot, widget)
+    assert "feature z" in viewer.layers and widget.feature_layer_combo.count() > 0
+    assert widget.scatter.tiles.size == widget.plan.n_tiles and not widget.scatter.message
+    widget.model_source.setCurrentText("sample: groupnorm")
+    widget.tile.setText(TILE)
+    run_and_wait(qtbot, widget)
+    # GroupNorm keeps no running statistics: no feature map, no layer choice, plots say why.
+    assert "feature z" not in viewer.layers
+    assert widget.feature_layer_combo.count() == 0
+    assert widget.feature_plot.tile_means.size == 0 and widget.feature_plot.running_mean is None
+    assert "running statistics" in widget.scatter.message
+    assert "running statistics" in widget.feature_plot.message
+    # Every result layer reads this run's store.
+    out = str(widget.finished_event.out)
+    for layer in widget.results.layers.values():
+        if layer in viewer.layers and "normcheck_store" in layer.metadata:
+            assert layer.metadata["normcheck_store"] in (out, out + ".inprogress")
+
+
+def test_item5_table_feature_column_is_the_plots_layer_and_channel(
+    make_napari_viewer, qtbot, tmp_path
+):
+    viewer, widget = sample_widget(make_napari_viewer, tmp_path)
+    run_and_wait(qtbot, widget)
+    layer_name = widget.feature_layer_combo.currentText()
+    channel = widget.feature_channel_combo.currentIndex()
+    table = widget.tile_table
+    header = table.horizontalHeaderItem(table.columnCount() - 1).text()
+    assert layer_name in header and f"ch {channel}" in header
+    plotted = dict(zip(widget.scatter.tiles.tolist(), widget.scatter.z.tolist()))
+    assert plotted
+    for row in range(table.rowCount()):
+        tile = table.tile_at_row(row)
+        shown = float(table.item(row, table.columnCount() - 1).text())
+        assert shown == pytest.approx(plotted[tile], abs=0.006)
+    # Another channel of the layer: the column follows the plot.
+    if widget.feature_channel_combo.count() > 1:
+        widget.feature_channel_combo.setCurrentIndex(1 - min(channel, 1))
+        header = table.horizontalHeaderItem(table.columnCount() - 1).text()
+        assert f"ch {widget.feature_channel_combo.currentIndex()}" in header
+
+
+def test_item7_words_and_fixed_colours_on_a_faint_channel(
+    make_napari_viewer, qtbot, tmp_path, faint_channel_model
+):
+    viewer = make_napari_viewer()
+    image = np.random.default_rng(0).normal(size=(16, 48, 48)).astype(np.float32)
+    viewer.add_image(image, name="img")
+    widget = NormcheckWidget(viewer)
+    widget.model_path.setText(str(faint_channel_model))
+    widget.arch.setText(ARCH)
+    widget.arch_kwargs.setText(json.dumps(ARCH_KWARGS))
+    widget.tile.setText(TILE)
+    widget.activation.setCurrentText("sigmoid")
+    widget.device.setCurrentText("cpu")
+    widget.out_path.setText(str(tmp_path / "faint.zarr"))
+    run_and_wait(qtbot, widget)
+    # Channel names a biologist reads (the model names none).
+    names = [widget.channel_combo.itemText(i) for i in range(widget.channel_combo.count())]
+    assert names == ["channel 0", "channel 1"]
+    widget.channel_combo.setCurrentIndex(1)
+    qtbot.waitUntil(lambda: widget.settled, timeout=10_000)
+    # The nearly empty channel's prediction: its largest values plainly visible, not lost in 0..1.
+    evaluated = viewer.layers["eval · channel 1"]
+    values = level0(evaluated)
+    assert values.max() < 0.2
+    _low, high = evaluated.contrast_limits
+    assert high < 0.5 and high >= min(np.percentile(values[values > 0], 99), 1.0) - 1e-6
+    assert tuple(viewer.layers["train · channel 1"].contrast_limits) == tuple(
+        evaluated.contrast_limits
+    )
+    # Tooltips say what soft, hard, flips and mismatch mean.
+    table = widget.tile_table
+    tips = " ".join(
+        table.horizontalHeaderItem(c).toolTip() for c in range(table.columnCount())
+    ).lower()
+    for word in ("soft:", "hard:", "flips:", "mismatch:"):
+        assert word in tips
+    # Outline colours on a fixed scale, the same in every run, with a legend.
+    values = viewer.layers["tiles"].features["disparity"].to_numpy()
+    np.testing.assert_allclose(viewer.layers["tiles"].edge_color, tile_edge_colors(values))
+    assert (
+        "0.1 and above" in widget.tile_legend.text() and "not judged" in widget.tile_legend.text()
+    )
+    np.testing.assert_allclose(tile_edge_colors(np.array([0.06])), [(1.0, 0.55, 0.0, 1.0)])
+    np.testing.assert_allclose(tile_edge_colors(np.array([0.65])), [(1.0, 0.0, 0.0, 1.0)])
+
+
+def test_item8_layout_table_rows_and_selected_layer(make_napari_viewer, qtbot, tmp_path):
+    viewer, widget = sample_widget(make_napari_viewer, tmp_path)
+    table = widget.tile_table
+    assert table.minimumHeight() >= table.rows_height(8)
+    run_and_wait(qtbot, widget)
+    active = viewer.layers.selection.active
+    assert active is not None and active.metadata.get("normcheck_output") == "disparity"
+    assert viewer.layers["tiles"] not in viewer.layers.selection
+
+
+def test_support_rule_not_judged_shows_dash_ranks_last_and_greys_the_outline(qtbot):
+    from napari_normcheck._qt.tile_table import TileTable
+
+    table = TileTable()
+    qtbot.addWidget(table)
+    records = [
+        {
+            "index": 0,
+            "grid": [0, 0, 0],
+            "disparity_soft": [0.1, 0.9],
+            "disparity_hard": [0.1, 0.95],
+            "judged": [True, False],
+        },
+        {
+            "index": 1,
+            "grid": [0, 0, 1],
+            "disparity_soft": [0.2, 0.3],
+            "disparity_hard": [0.2, 0.3],
+            "judged": [True, True],
+        },
+        {"index": 2, "grid": [0, 1, 0], "disparity_soft": [0.05, 0.05]},  # no "judged": judged
+    ]
+    table.set_records(records)
+    table.set_channel(1)
+    headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
+    hard = headers.index("hard disparity")
+    row_of = {table.tile_at_row(r): r for r in range(table.rowCount())}
+    assert table.item(row_of[0], hard).text() == "-"
+    assert table.item(row_of[1], hard).text() == "0.3000"
+    # The hard value of a tile not judged never ranks first (here it is the largest).
+    from napari_normcheck._qt.tile_table import metric_value
+
+    value = metric_value("disparity_hard")
+    ranked = sorted(records, key=lambda r: -np.nan_to_num(value(r, 1), nan=-1.0))
+    assert ranked[0]["index"] == 1
+    assert np.isnan(value(records[0], 1)) and value(records[0], None) == pytest.approx(0.1)
+    colors = tile_edge_colors(np.array([0.9, 0.3, 0.05]), judged=np.array([False, True, True]))
+    np.testing.assert_allclose(colors[0], NOT_JUDGED_COLOR)
+    np.testing.assert_allclose(colors[1], (1.0, 0.0, 0.0, 1.0))
+
+
+def test_item7_summary_as_short_lines_from_the_core_when_it_has_them(monkeypatch):
+    from napari_normcheck._qt import widget as widget_module
+    from napari_normcheck.core.run import report
+
+    summary = {
+        "n_tiles": 4,
+        "timing": {"total": 2.0},
+        "disparity": {"hard": [0.3, 0.01], "soft": [0.25, 0.01]},
+        "mismatch_eval": {"hard": [0.02, 0.0]},
+        "support": {"judged": [True, False]},
+        "verdict_detail": {"level": "high", "channel": 0, "basis": "hard", "value": 0.3},
+    }
+    # A core without verdict_lines: the earlier summary line, verdict included.
+    monkeypatch.delattr(report, "verdict_lines", raising=False)
+    text = widget_module.summary_text(summary, "out.zarr", ["membrane", "organelle"])
+    assert text.startswith("done: 4 tiles") and "HIGH" in text and "\n" not in text
+    # With verdict_lines (the contract's signature): its lines, one per line, the channels named.
+    seen = []
+
+    def verdict_lines(summary, channel_names=None):
+        seen.append(channel_names)
+        return [f"high disparity in {channel_names[0]}: 0.30", "channel organelle: not judged"]
+
+    monkeypatch.setattr(report, "verdict_lines", verdict_lines, raising=False)
+    text = widget_module.summary_text(summary, "out.zarr", ["membrane", "organelle"])
+    lines = text.split("\n")
+    assert lines[0] == "done: 4 tiles in 2.0 s."
+    assert lines[1:3] == verdict_lines(summary, ["membrane", "organelle"])
+    assert lines[-1] == "Output: out.zarr" and seen[0] == ["membrane", "organelle"]
