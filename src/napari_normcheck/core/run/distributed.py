@@ -191,6 +191,10 @@ def run_check_distributed(
         stop_event_name,
     )
 
+    if config.grid_shift:
+        raise NormcheckError(
+            "--grid-shift runs in one process for now: leave out --workers and --scheduler"
+        )
     t_start = time.perf_counter()
     try:
         device = resolve_device(config.device)
