@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from napari_normcheck.cli import main
+from napari_normcheck.core.run.sweep import TILING_LIMIT
+from napari_normcheck.data import SAMPLE_MODELS, sample_volume
 from tests.conftest import calibrate, synthetic_volume, tiny_unet
 
 ARCH = "monai.networks.nets.BasicUNet"
@@ -118,3 +120,89 @@ def test_sweep_csv_report_and_plot_without_matplotlib(files, capsys):
     else:
         assert (files / "sweep.png").stat().st_size > 0
     assert main([*args[:-2], "--plot", str(files / "sweep.pdf")]) == 2  # PNG or SVG only
+
+
+def sample_sweep(tmp_path, name, *extra):
+    """A sweep of packaged sample model ``name`` on a crop of the packaged sample volume."""
+    np.save(tmp_path / "sample.npy", sample_volume()[:16, :96, :96])
+    sample = SAMPLE_MODELS[name]
+    args = [
+        "sweep",
+        str(tmp_path / "sample.npy"),
+        "--model",
+        str(sample.path),
+        "--arch",
+        sample.arch,
+        "--arch-kwargs",
+        json.dumps(sample.arch_kwargs),
+        "--normalize",
+        sample.normalize,
+        "--activation",
+        sample.activation,
+        "--device",
+        "cpu",
+        "--grid-shift",
+        "--out",
+        str(tmp_path / name),
+        "--tiles",
+        "16,64,64",
+        "--report",
+        str(tmp_path / f"{name}.json"),
+        *extra,
+    ]
+    assert main(args) == 0
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def largest_eval_tiling(row):
+    """The rule's number read straight off a row: hard where judged, soft where that is."""
+    support = row["support"]
+    values = []
+    for entry, judged, soft_judged in (
+        (
+            row["mismatch_eval"],
+            support["mismatch_judged"]["eval"],
+            support["mismatch_soft_judged"]["eval"],
+        ),
+        (
+            row["grid_shift"]["eval"],
+            row["grid_shift"]["eval"]["judged"],
+            row["grid_shift"]["eval"]["soft_judged"],
+        ),
+    ):
+        for c, hard in enumerate(entry["hard"]):
+            if judged[c]:
+                values.append(hard)
+            elif soft_judged[c]:
+                values.append(entry["soft"][c])
+    return max(values)
+
+
+def test_recommendation_groupnorm_sample_model_normalizes_each_tile(tmp_path):
+    result = sample_sweep(tmp_path, "groupnorm")
+    (row,) = result["rows"]
+    assert largest_eval_tiling(row) >= TILING_LIMIT
+    # GroupNorm has no running statistics: eval and train are the same prediction.
+    assert row["grid_shift"]["eval"]["soft"] == row["grid_shift"]["train"]["soft"]
+    recommendation = result["recommendation"]
+    assert recommendation["tile"] is None
+    assert "normalizes each tile by itself (GroupNorm)" in recommendation["text"]
+
+
+def test_recommendation_batchnorm_sample_model(tmp_path):
+    result = sample_sweep(tmp_path, "batchnorm")
+    (row,) = result["rows"]
+    value = largest_eval_tiling(row)
+    recommendation = result["recommendation"]
+    if value < TILING_LIMIT:
+        assert recommendation["tile"] == [16, 64, 64]
+    else:
+        assert recommendation["tile"] is None
+        assert "running statistics" in recommendation["text"]
+        assert "normalizes each tile by itself" not in recommendation["text"]
+    # With a limit above every eval tiling number the eval result counts as tiling-independent:
+    # the train/eval disparity is what remains.
+    loose = sample_sweep(tmp_path, "batchnorm", "--resume", "--max-tiling", f"{value + 0.01}")
+    assert loose["recommendation"]["tile"] == [16, 64, 64]
+    assert "tiling-independent at every setting" in loose["recommendation"]["text"]
+    assert "train/eval disparity" in loose["recommendation"]["text"]
