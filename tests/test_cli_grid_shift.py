@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from napari_normcheck._reader import layers_from_store
 from napari_normcheck.cli import main
 from napari_normcheck.data import SAMPLE_MODELS
 from tests.conftest import ISBI_RAW
@@ -61,6 +62,9 @@ def test_run_grid_shift_on_real_em_equals_monai(tmp_path, capsys, name):
         hard, soft = one_minus_dice(main_grid[mode][:, sz:, sy:, sx:], shifted[mode])
         np.testing.assert_allclose(report["grid_shift"][mode]["hard"], hard, atol=2e-3)
         np.testing.assert_allclose(report["grid_shift"][mode]["soft"], soft, atol=1e-4)
+    # napari's reader opens the maps of both grids' difference.
+    names = [kwargs["name"] for _, kwargs, _ in layers_from_store(tmp_path / "out.zarr")]
+    assert {"shift diff (eval)", "shift diff (train)"} <= set(names)
     values = {m: report["grid_shift"][m]["soft"][0] for m in ("eval", "train")}
     if name == "batchnorm":  # running statistics keep the eval result more in place
         assert values["train"] > values["eval"]
