@@ -70,30 +70,3 @@ def test_run_grid_shift_on_real_em_equals_monai(tmp_path, capsys, name):
         assert values["train"] > values["eval"]
     else:  # GroupNorm normalizes each tile by itself in both modes
         assert values["eval"] > 0.01
-
-
-def test_grid_shift_refused_on_a_cluster(tmp_path, capsys):
-    np.save(tmp_path / "v.npy", np.zeros((16, 32, 32), np.float32))
-    sample = SAMPLE_MODELS["batchnorm"]
-    code = main(
-        [
-            "run",
-            str(tmp_path / "v.npy"),
-            "--model",
-            str(sample.path),
-            "--arch",
-            sample.arch,
-            "--arch-kwargs",
-            json.dumps(sample.arch_kwargs),
-            "--out",
-            str(tmp_path / "o.zarr"),
-            "--tile",
-            "16,32,32",
-            "--grid-shift",
-            "0.5",
-            "--workers",
-            "1",
-        ]
-    )
-    assert code == 2
-    assert "--grid-shift runs in one process" in capsys.readouterr().err

@@ -217,6 +217,15 @@ class ShiftComparer:
         return result
 
 
+def open_comparer(
+    store: OutputStore, plan: TilePlan, config: RunConfig, names: Sequence[str], n_out: int
+) -> ShiftComparer:
+    """A comparer reading the shifted predictions a run stored (a distributed block's)."""
+    shifted = shifted_plan(plan, shift_offset(plan, config.grid_shift))
+    arrays = {name: store.array(shifted_group(name)) for name in names}
+    return ShiftComparer(plan, shifted, arrays, n_out, config.threshold)
+
+
 class GridShift:
     """The shifted grid of one run: its plan and outputs, its tile loop, and the comparer.
 
@@ -355,6 +364,39 @@ class GridShift:
                 if cancel is not None and cancel.is_set():
                     return
         loop.flush()
+
+    def run_alone(
+        self,
+        volume: Volume,
+        config: RunConfig,
+        predictions: Sequence[BoundPrediction],
+        store: OutputStore,
+        *,
+        n_main: int,
+        t_start: float,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[TileDone]:
+        """:meth:`run` with its own progress file (a distributed run, whose blocks keep theirs)."""
+
+        def save(loop: TileLoop) -> None:
+            snapshot = self.progress()
+            loop.write_after_pending(lambda: store.write_progress(snapshot))
+
+        try:
+            yield from self.run(
+                volume,
+                config,
+                predictions,
+                Timing(),
+                store.path / ".scratch" / "grid_shift",
+                n_main=n_main,
+                t_start=t_start,
+                save=save,
+                cancel=cancel,
+            )
+        finally:
+            self.close()
+            store.write_progress(self.progress())
 
     def close(self) -> None:
         """Finish the shifted loop's pending writes and stop its threads."""
