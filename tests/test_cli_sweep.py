@@ -112,6 +112,13 @@ def test_sweep_csv_report_and_plot_without_matplotlib(files, capsys):
         lines = list(csv.DictReader(f))
     assert [line["overlap"] for line in lines] == ["0.25", "0.5"]
     assert all(len(line["grid_shift_eval_soft"].split(";")) == 2 for line in lines)
+    # A hard value on too little foreground reads "not judged", as in the run's summary.
+    report = json.loads(
+        (files / "sweep" / "tile_16x48x48_gaussian_overlap0.25.zarr" / "COMPLETE.json").read_text()
+    )
+    for c, judged in enumerate(report["grid_shift"]["eval"]["judged"]):
+        cell = lines[0]["grid_shift_eval_hard"].split(";")[c]
+        assert (cell == "not judged") == (not judged)
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -212,11 +212,21 @@ CSV_COLUMNS = (
 
 
 def csv_values(row: dict[str, Any], recommendation: dict[str, Any]) -> dict[str, Any]:
-    """A row's CSV cells: per-channel values joined with ``;``."""
+    """A row's CSV cells: per-channel values joined with ``;``.
 
-    def channels(values: list[float] | None) -> str:
-        return "" if values is None else ";".join(f"{v:.6g}" for v in values)
+    A hard value on too little foreground reads ``not judged`` (the support rule); the JSON keeps
+    the number and its flag.
+    """
 
+    def channels(values: list[float] | None, judged: list[bool] | None = None) -> str:
+        if values is None:
+            return ""
+        return ";".join(
+            "not judged" if judged is not None and not judged[c] else f"{v:.6g}"
+            for c, v in enumerate(values)
+        )
+
+    support = row.get("support") or {}
     shift = row.get("grid_shift") or {}
     chosen = all(row.get(k) == recommendation.get(k) for k in ("tile", "overlap", "blend"))
     cells = {
@@ -228,12 +238,18 @@ def csv_values(row: dict[str, Any], recommendation: dict[str, Any]) -> dict[str,
         "peak_memory_mib": row.get("peak_memory_mib") or "",
         "recommended": "yes" if chosen and recommendation.get("tile") else "",
     }
+    judged_hard = {
+        "disparity": support.get("judged"),
+        "mismatch_eval": (support.get("mismatch_judged") or {}).get("eval"),
+    }
     for key in ("disparity", "mismatch_eval"):
-        for kind in ("hard", "soft"):
-            cells[f"{key}_{kind}"] = channels((row.get(key) or {}).get(kind))
+        values = row.get(key) or {}
+        cells[f"{key}_hard"] = channels(values.get("hard"), judged_hard[key])
+        cells[f"{key}_soft"] = channels(values.get("soft"))
     for mode in ("eval", "train"):
-        for kind in ("hard", "soft"):
-            cells[f"grid_shift_{mode}_{kind}"] = channels((shift.get(mode) or {}).get(kind))
+        values = shift.get(mode) or {}
+        cells[f"grid_shift_{mode}_hard"] = channels(values.get("hard"), values.get("judged"))
+        cells[f"grid_shift_{mode}_soft"] = channels(values.get("soft"))
     return cells
 
 
