@@ -1,4 +1,4 @@
-"""The command line: ``napari-normcheck run | inspect | demo | recalibrate | fold``.
+"""The command line: ``napari-normcheck run | inspect | demo | recalibrate | fold | sweep``.
 
 One module per subcommand, each adding its parser and wrapping one core function; the model flags
 they share live in :mod:`~napari_normcheck.cli.model_args`.
@@ -15,6 +15,7 @@ from napari_normcheck.cli.demo import add_demo_parser
 from napari_normcheck.cli.inspect import add_inspect_parser
 from napari_normcheck.cli.remedies import add_fold_parser, add_recalibrate_parser
 from napari_normcheck.cli.run import add_run_parser
+from napari_normcheck.cli.sweep import add_sweep_parser
 from napari_normcheck.core.base.errors import NormcheckError
 
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fold_parser(sub)
     add_demo_parser(sub)
     add_inspect_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 

@@ -44,6 +44,7 @@ def run_config_from_args(args: argparse.Namespace, loaded: Any, volume: Any) -> 
         "activation": args.activation,
         "output_dtype": args.output_dtype,
         "seams": args.seams,
+        "grid_shift": getattr(args, "grid_shift", None),
         "threshold": args.threshold,
         "min_foreground": args.min_foreground,
         "cache_mb": args.cache_mb,

@@ -66,6 +66,18 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="also store the seams voxel maps (largest disagreement of overlapping tiles)",
     )
+    run.add_argument(
+        "--grid-shift",
+        type=float,
+        nargs="?",
+        const=0.5,
+        default=None,
+        metavar="F",
+        help="also predict on a second grid shifted by round(F * step) voxels along each tiled "
+        "axis (F in (0, 1), 0.5 without a value) and report 1 - Dice of the two stitched "
+        "results: does the result depend on where the tiles fall? Costs one more set of "
+        "forwards per prediction",
+    )
     run.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
     run.add_argument(
         "--min-foreground",

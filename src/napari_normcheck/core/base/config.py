@@ -78,6 +78,11 @@ class RunConfig:
     fuse_train : bool
         On CUDA with ``train_batch == 1``: run the train pass several tiles per forward, each
         normalized by its own statistics (the batch-1 result, to float rounding).
+    grid_shift : float
+        ``F`` in ``(0, 1)``: also predict on a second grid whose tiles start ``round(F * step)``
+        voxels later along each tiled axis, and report how much the stitched result changes
+        (``1 - Dice`` of the two, :mod:`~napari_normcheck.core.run.grid_shift`). ``0`` (the
+        default) turns it off. It costs one more set of forwards per prediction.
     """
 
     tile: tuple[int, int, int] | None = None
@@ -101,6 +106,7 @@ class RunConfig:
     fuse_train: bool = True
     seams: bool = False
     pyramid_side: int = 1024
+    grid_shift: float = 0.0
 
     def __post_init__(self) -> None:
         if self.blend not in ("constant", "gaussian", "crop"):
@@ -132,6 +138,11 @@ class RunConfig:
         if self.precision not in PRECISIONS:
             raise NormcheckError(
                 f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}"
+            )
+        if not 0 <= self.grid_shift < 1:
+            raise NormcheckError(
+                f"grid shift {self.grid_shift} is outside (0, 1): give the fraction of a tile step "
+                "to shift the second grid by (e.g. 0.5), or 0 for none"
             )
         if not 0 < self.threshold < 1:
             raise NormcheckError(f"threshold {self.threshold} must lie in (0, 1)")
@@ -312,6 +323,7 @@ _OPTION_PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "halo": _halo,
     "roi": _roi,
     "overlap": _number,
+    "grid_shift": _number,
     "threshold": _number,
     "min_foreground": _min_foreground,
     "train_batch": _whole_number,

@@ -29,6 +29,7 @@ from napari_normcheck.core.io.volume import Volume, open_volume
 from napari_normcheck.core.models.modelspec import ModelSpec
 from napari_normcheck.core.run.blocks import Block, block_tiles, chunk_key
 from napari_normcheck.core.run.forward import resolve_device
+from napari_normcheck.core.run.grid_shift import open_comparer
 from napari_normcheck.core.run.manifest import write_block_record
 from napari_normcheck.core.run.predictions import (
     CHECK,
@@ -121,7 +122,8 @@ class WorkerRun:
         self.volume = context.volume or open_volume(**(context.volume_source or {}))
         store_path = Path(context.store_path)
         names = tuple(p.name for p in context.predictions)
-        self.arrays = output_arrays(OutputStore(store_path, store_path), names, context.config)
+        self.store = OutputStore(store_path, store_path)
+        self.arrays = output_arrays(self.store, names, context.config)
         config = context.config
         self.setup = RunSetup(
             context.plan,
@@ -153,6 +155,12 @@ class WorkerRun:
         context, plan = self.context, self.context.plan
         timing = Timing()
         tiles = block_tiles(plan, block, context.config.train_batch)
+        names = tuple(p.name for p in context.predictions)
+        shift = (
+            open_comparer(self.store, plan, context.config, names, context.n_out)
+            if context.config.grid_shift
+            else None
+        )
         loop = TileLoop(
             self.volume,
             self.setup,
@@ -163,6 +171,7 @@ class WorkerRun:
             Path(context.store_path) / ".scratch" / f"block_{block.index}",
             block=block,
             tiles=tiles,
+            grid_shift=shift,
         )
         stopped = _stop_signal(context.key)
         try:
@@ -193,6 +202,7 @@ class WorkerRun:
             "spilled_chunks": loop.accumulator.spill_count,
             "tiles_run": len(tiles),
             "worker": getattr(worker, "address", ""),
+            **({"grid_shift_sums": shift.to_dict()} if shift is not None else {}),
         }
         write_block_record(context.store_path, record)
         return record

@@ -15,6 +15,7 @@ continues with ``resume=True``: blocks recorded in the manifest are kept, the ot
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -49,6 +50,8 @@ from napari_normcheck.core.run.blocks import (
 from napari_normcheck.core.run.engine import run_check
 from napari_normcheck.core.run.events import BlockDone, RunFinished, RunStarted, TileDone
 from napari_normcheck.core.run.forward import probe_out_channels, resolve_device
+from napari_normcheck.core.run.grid_shift import GridShift
+from napari_normcheck.core.run.grids import tile_cell_transform
 from napari_normcheck.core.run.manifest import (
     config_hash,
     read_block_records,
@@ -57,10 +60,16 @@ from napari_normcheck.core.run.manifest import (
     write_manifest,
 )
 from napari_normcheck.core.run.planning import prepare_run
-from napari_normcheck.core.run.predictions import CHECK, Prediction, make_recorder
+from napari_normcheck.core.run.predictions import (
+    CHECK,
+    Prediction,
+    bind_predictions,
+    make_recorder,
+)
 from napari_normcheck.core.run.runsetup import RunSetup
 from napari_normcheck.core.run.runsteps import finish_run, open_outputs, run_attrs
 from napari_normcheck.core.run.sums import RunSums
+from napari_normcheck.core.run.support_summary import min_foreground_of
 from napari_normcheck.core.run.timing import Timing
 
 CPU = torch.device("cpu")
@@ -215,6 +224,19 @@ def run_check_distributed(
     store, _ = open_outputs(
         out, attrs, config, setup, volume, names, overwrite=overwrite, resume=resume
     )
+    shift = (
+        GridShift.open(
+            store,
+            config,
+            setup,
+            volume,
+            names,
+            store.read_progress() if resume else {},
+            resume=resume,
+        )
+        if config.grid_shift
+        else None
+    )
     with open_client(scheduler, n_workers, client) as dask_client:
         n_threads = max(1, sum(dask_client.nthreads().values()))
         manifest = read_manifest(store.path) if resume else None
@@ -264,6 +286,21 @@ def run_check_distributed(
                 device=f"dask cluster, {n_threads} worker thread(s), {len(blocks)} blocks",
                 eval_batch=setup.eval_batch,
             )
+            if shift is not None:
+                # The shifted grid first, in this process (the blocks compare their chunks with it).
+                client_model = model if device.type == "cpu" else copy.deepcopy(model).to(device)
+                yield from shift.run_alone(
+                    volume,
+                    config,
+                    bind_predictions(client_model, predictions, config),
+                    store,
+                    n_main=n_total,
+                    t_start=t_start,
+                    cancel=cancel,
+                )
+                if cancel is not None and cancel.is_set():
+                    return
+            n_shift = shift.n_run if shift else 0
             submitted = dask_client.map(
                 run_block_task, todo, run_key=context.key, retries=retries, pure=False
             )
@@ -278,7 +315,9 @@ def run_check_distributed(
                     if record["index"] not in reported:
                         reported.add(record["index"])
                         tile = plan.get_tile(record["index"])
-                        yield TileDone(tile, len(reported), n_total, elapsed, 0, record)
+                        yield TileDone(
+                            tile, len(reported) + n_shift, n_total + n_shift, elapsed, 0, record
+                        )
                 if block is None:
                     continue
                 finished[block.index] = result
@@ -306,7 +345,7 @@ def run_check_distributed(
             with contextlib.suppress(Exception):
                 dask_client.unsubscribe_topic(topic)
     final_path, summary = _finish(
-        store, volume, config, setup, names, finished, recorder, out, t_start
+        store, volume, config, setup, names, finished, recorder, out, t_start, shift
     )
     summary["distributed"] = {
         "n_blocks": len(blocks),
@@ -369,6 +408,7 @@ def _finish(
     recorder: Any,
     out: str | Path,
     t_start: float,
+    shift: GridShift | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Merge the blocks' sums in single-process order and write the grids, summary and marker."""
     plan, n_out = setup.plan, setup.n_out
@@ -409,9 +449,19 @@ def _finish(
             accumulator.add_sums(
                 {kind: np.asarray(v, dtype=np.float64) for kind, v in sums[name].items()}
             )
+    extra = None
+    if shift is not None:
+        for index in sorted(finished):
+            shift.comparer.load(finished[index].get("grid_shift_sums", {}))
+        extra = shift.finish(
+            store,
+            records,
+            tile_cell_transform(plan, tuple(volume.scale), volume.translation),
+            min_foreground_of(config.to_dict()),
+        )
     timing.total = time.perf_counter() - t_start
     sums = RunSums(records, mismatch, disparity, recorder.layers if recorder else [], spilled)
-    return finish_run(store, volume, setup, sums, out=out, timing=timing)
+    return finish_run(store, volume, setup, sums, out=out, timing=timing, extra_summary=extra)
 
 
 def run_events(

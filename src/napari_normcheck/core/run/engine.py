@@ -30,10 +30,13 @@ from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.run.blocks import whole_train_batches
 from napari_normcheck.core.run.events import RunFinished, RunStarted, TileDone
 from napari_normcheck.core.run.forward import probe_out_channels
+from napari_normcheck.core.run.grid_shift import GridShift
+from napari_normcheck.core.run.grids import tile_cell_transform
 from napari_normcheck.core.run.manifest import remove_block_records
 from napari_normcheck.core.run.planning import precision_effect, prepare_run, resolve_eval_batch
 from napari_normcheck.core.run.predictions import CHECK, Prediction, bind_predictions
 from napari_normcheck.core.run.runsteps import finish_run, open_outputs, run_attrs
+from napari_normcheck.core.run.support_summary import min_foreground_of
 from napari_normcheck.core.run.tileloop import TileLoop
 from napari_normcheck.core.run.timing import Timing
 
@@ -108,30 +111,38 @@ def run_check(
         out, attrs, config, setup, volume, names, overwrite=overwrite, resume=resume
     )
     progress = store.read_progress() if resume else {}
+    bound = bind_predictions(worker_model, predictions, config)
+    shift = (
+        GridShift.open(store, config, setup, volume, names, progress, resume=resume)
+        if config.grid_shift
+        else None
+    )
     loop = TileLoop(
         volume,
         setup,
         config,
-        bind_predictions(worker_model, predictions, config),
+        bound,
         arrays,
         timing,
         store.path / ".scratch",
         done_chunks={tuple(c) for c in progress.get("done_chunks", [])},
+        grid_shift=shift.comparer if shift else None,
     )
     loop.load_progress(progress)
     last_save = time.perf_counter()
 
-    def save_progress() -> None:
+    def save_progress(via: TileLoop | None = None) -> None:
         # A snapshot taken now, written by the writer thread after the chunk writes queued before
         # it: a chunk is either listed and on disk, or recomputed. The run does not wait for it.
+        # ``via``: the shifted grid's loop while it runs (its chunks are the ones being written).
         nonlocal last_save
-        snapshot = loop.progress()
+        snapshot = loop.progress() | (shift.progress() if shift else {})
 
         def write() -> None:
             # On the writer thread: the chunks listed are summed by now, and no later one is.
             store.write_progress(snapshot | loop.chunk_progress())
 
-        loop.write_after_pending(write)
+        (via or loop).write_after_pending(write)
         last_save = time.perf_counter()
 
     timing.setup = time.perf_counter() - t_start
@@ -144,15 +155,32 @@ def run_check(
     needed = whole_train_batches(needed, config.train_batch, plan.n_tiles)
     tiles = [plan.get_tile(i) for i in sorted(needed)]
     try:
+        if shift is not None:
+            # The shifted grid first: the main grid's chunks are compared with it as they finish.
+            yield from shift.run(
+                volume,
+                config,
+                bound,
+                timing,
+                store.path / ".scratch" / "grid_shift",
+                n_main=len(tiles),
+                t_start=t_start,
+                save=save_progress,
+                cancel=cancel,
+            )
+            shift.close()
+            if cancel is not None and cancel.is_set():
+                return
+        n_before = shift.n_run if shift else 0
         with contextlib.closing(loop.run(tiles)) as results:
-            for n_done, result in enumerate(results, start=1):
+            for n_done, result in enumerate(results, start=n_before + 1):
                 if time.perf_counter() - last_save > 2.0:
                     save_progress()
                 t_event = time.perf_counter()
                 yield TileDone(
                     result.tile,
                     n_done,
-                    len(tiles),
+                    len(tiles) + n_before,
                     t_event - t_start,
                     result.chunks_written,
                     result.record or {},
@@ -161,6 +189,16 @@ def run_check(
                 if cancel is not None and cancel.is_set():
                     return
         loop.flush()
+        shifted = (
+            shift.finish(
+                store,
+                loop.records,
+                tile_cell_transform(plan, tuple(volume.scale), volume.translation),
+                min_foreground_of(config.to_dict()),
+            )
+            if shift
+            else {}
+        )
         final_path, summary = finish_run(
             store,
             volume,
@@ -169,13 +207,16 @@ def run_check(
             out=out,
             timing=timing,
             before_marker=loop.flush,
-            extra_summary={"precision_effect": effect} if effect else None,
+            extra_summary=({"precision_effect": effect} if effect else {}) | shifted or None,
             run_started=t_start,
         )
         remove_block_records(final_path)  # a distributed run's records, when this resumed one
         yield RunFinished(out=final_path, summary=summary)
     finally:
         # A failed write must not be listed as done: then the progress is not saved at all.
+        if shift is not None:
+            with contextlib.suppress(Exception):
+                shift.close()  # its pending chunk writes land before the progress lists them
         with contextlib.suppress(Exception):
             if not is_complete(store.path):
                 save_progress()

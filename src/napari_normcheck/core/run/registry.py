@@ -126,6 +126,15 @@ def _disparity(probabilities: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.abs(probabilities["train"] - probabilities["eval"])
 
 
+def _shift_diff(name: str) -> ChunkFunction:
+    # The grid shift's comparer adds "shifted_<name>" to a finished chunk's predictions.
+    def compute(probabilities: Mapping[str, np.ndarray]) -> np.ndarray:
+        return np.abs(probabilities[name] - probabilities[f"shifted_{name}"])
+
+    compute.__name__ = f"shift_diff_{name}"
+    return compute
+
+
 _PREDICTION_STYLE = {"blending": "additive", "opacity": 0.6, "visible": False, "contrast": None}
 # Predictions get one colour each: eval and train overlaid are white where they agree, green or
 # magenta where they do not.
@@ -185,6 +194,19 @@ VOXEL_OUTPUTS: tuple[VoxelOutput, ...] = (
         )
         for mode in ("eval", "train")
     ),
+    *(
+        VoxelOutput(
+            f"shift_diff_{mode}",
+            (mode,),
+            f"|P - P_shifted| of the stitched {mode} prediction against the one on the shifted grid "
+            "(--grid-shift); zero where only one grid covers a voxel",
+            # Where moving the grid changes the result: the seams of both grids, where they matter.
+            Display(f"shift diff ({mode})", "yellow", opacity=0.7, visible=False),
+            compute=_shift_diff(mode),
+            opt_in="grid_shift",
+        )
+        for mode in ("eval", "train")
+    ),
 )
 
 TileFunction = Callable[[TileView], "list[float] | None"]
@@ -213,6 +235,10 @@ class TileMetric:
         Its name in the widget's tile table sort choice; ``None`` when not offered.
     needs : tuple of str
         The predictions it is computed from.
+    opt_in : str or None
+        The :class:`~napari_normcheck.core.base.config.RunConfig` field that turns it on; such a
+        metric is filled in by its own step when the run ends (the grid shift's), and a run
+        without it has neither the key nor the grid.
     """
 
     key: str
@@ -222,6 +248,7 @@ class TileMetric:
     display: Display | None = None
     sort: str | None = None
     needs: tuple[str, ...] = ("eval", "train")
+    opt_in: str | None = None
 
 
 TILE_METRICS: tuple[TileMetric, ...] = (
@@ -273,6 +300,23 @@ TILE_METRICS: tuple[TileMetric, ...] = (
     ),
     # Filled in when the run ends, from foreground_voxels and the run's min_foreground.
     TileMetric("judged", "per-tile: the hard disparity has enough foreground to be judged"),
+    *(
+        TileMetric(
+            f"grid_shift_{mode}",
+            f"per-tile grid shift {mode} (soft 1 - Dice of the stitched result against the shifted "
+            "grid's, over the output chunks the tile writes)",
+            grid=f"tile_grid_shift_{mode}",
+            display=Display(f"tile grid shift ({mode})", "cividis", **_GRID),
+            needs=(mode,),
+            opt_in="grid_shift",
+        )
+        for mode in ("eval", "train")
+    ),
+)
+
+#: The tile metrics of ``--grid-shift`` (filled in by :mod:`~napari_normcheck.core.run.grid_shift`).
+GRID_SHIFT_METRICS: tuple[TileMetric, ...] = tuple(
+    m for m in TILE_METRICS if m.opt_in == "grid_shift"
 )
 
 
@@ -282,8 +326,11 @@ def voxel_outputs(predictions: tuple[str, ...], config: Any) -> tuple[VoxelOutpu
 
 
 def tile_metrics_of(predictions: tuple[str, ...]) -> tuple[TileMetric, ...]:
-    """The tile metrics a run making ``predictions`` computes, in registry order."""
-    return tuple(m for m in TILE_METRICS if set(m.needs) <= set(predictions))
+    """The tile metrics a run making ``predictions`` computes, in registry order.
+
+    Opt-in metrics are left out: their own step fills them in (:data:`GRID_SHIFT_METRICS`).
+    """
+    return tuple(m for m in TILE_METRICS if m.opt_in is None and set(m.needs) <= set(predictions))
 
 
 def output_display() -> dict[str, Display]:

@@ -41,7 +41,11 @@ def tile_metric_keys(present: Container[str]) -> tuple[str, ...]:
     A metric with a grid has a value for every tile, so its key is always there (``null`` where the
     run did not compute it); one without (``disparity_argmax``) only where the record has it.
     """
-    return tuple(m.key for m in registry.TILE_METRICS if m.grid is not None or m.key in present)
+    return tuple(
+        m.key
+        for m in registry.TILE_METRICS
+        if (m.grid is not None and m.opt_in is None) or m.key in present
+    )
 
 
 def tile_columns(tiles: list[dict[str, Any]]) -> tuple[str, ...]:
@@ -71,6 +75,11 @@ def software_versions() -> dict[str, str]:
     }
 
 
+#: The summary's keys of ``--grid-shift`` (:mod:`~napari_normcheck.core.run.grid_shift`), copied
+#: into the report when the run made them.
+GRID_SHIFT_KEYS = ("grid_shift", "grid_shift_offset", "grid_shift_fraction")
+
+
 def build_report(summary: dict[str, Any], store_attrs: dict[str, Any]) -> dict[str, Any]:
     """Assemble the report from a run's summary and its OUT.zarr ``normcheck`` attributes."""
     tiles = []
@@ -98,6 +107,7 @@ def build_report(summary: dict[str, Any], store_attrs: dict[str, Any]) -> dict[s
         "support": summary_support(summary),
         "verdict_detail": verdict_detail(summary),
         "verdict": verdict(summary),
+        **{key: summary[key] for key in GRID_SHIFT_KEYS if key in summary},
     }
 
 
@@ -422,6 +432,13 @@ def format_summary(
         lines.append(
             f"{effect['precision']} against fp32 on {len(effect['tiles'])} tiles (1 - Dice, hard): "
             f"eval {per_channel(effect['eval']['hard'])}; train {per_channel(effect['train']['hard'])}"
+        )
+    for name, values in (report.get("grid_shift") or {}).items():
+        offset = ",".join(map(str, report.get("grid_shift_offset") or []))
+        lines.append(
+            f"grid shift {name:<5} (grid moved by z,y,x {offset}; 1 - Dice of the results): hard "
+            f"{per_channel(values['hard'], values.get('judged'), values.get('union_voxels'))}; "
+            f"soft {per_channel(values['soft'])}"
         )
     lines.append(f"verdict: {verdict(report, channel_names)}")
     return "\n".join(lines)

@@ -84,6 +84,10 @@ class TileLoop:
     reference : Pyramid, optional
         A stored ``train`` prediction to compare with when ``train`` is not among the predictions
         (the remedies of a finished check).
+    grid_shift : ShiftComparer, optional
+        Compares each finished chunk with the shifted grid's prediction (``--grid-shift``; a
+        :class:`~napari_normcheck.core.run.grid_shift.ShiftComparer`, typed loosely because that
+        module builds on this one).
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class TileLoop:
         tiles: list[int] | None = None,
         done_chunks: set[ChunkIndex] | None = None,
         reference: Any = None,
+        grid_shift: Any = None,
     ) -> None:
         self.volume = volume
         self.setup = setup
@@ -112,6 +117,7 @@ class TileLoop:
         self.timing = timing
         self.block = block
         self.reference = reference
+        self.grid_shift = grid_shift
         recorder = next((p.recorder for p in self.predictions if p.recorder), None)
         self.feature_layers = recorder.layers if recorder else []
         self.outputs = voxel_outputs(self.names, config)
@@ -245,7 +251,8 @@ class TileLoop:
     def chunk_progress(self) -> dict[str, Any]:
         """The disparity sums of the chunks written so far (call it on the writer thread)."""
         sums = {name: acc.to_dict() for name, acc in self.disparity.items()}
-        return {"disparity_sums": sums.pop("eval", {}), "prediction_sums": sums}
+        shift = {} if self.grid_shift is None else {"grid_shift_sums": self.grid_shift.to_dict()}
+        return {"disparity_sums": sums.pop("eval", {}), "prediction_sums": sums, **shift}
 
     def load_progress(self, progress: dict[str, Any]) -> None:
         """Continue from a snapshot of :meth:`progress` and :meth:`chunk_progress`."""
@@ -254,6 +261,8 @@ class TileLoop:
             accumulator.load(sums.get(name, {}))
         self.mismatch.load(progress.get("pair_sums", {}))
         self.records.update({int(k): v for k, v in progress.get("tiles", {}).items()})
+        if self.grid_shift is not None:
+            self.grid_shift.load(progress.get("grid_shift_sums", {}))
 
     def owns_tile(self, tile: Tile) -> bool:
         """Whether this loop keeps ``tile``'s record: a block keeps those whose origin it holds."""
@@ -297,6 +306,8 @@ class TileLoop:
         stacked = values.reshape(len(self.names), self.n_out, *values.shape[1:])
         activated = activate(stacked, self.config.activation)
         probabilities = dict(zip(self.names, activated))
+        if self.grid_shift is not None:
+            probabilities |= self.grid_shift.add_chunk(chunk, slices, probabilities)
         compared = probabilities
         if self.disparity and "train" not in probabilities:
             # Against a stored train prediction: compared as stored, both of them.
@@ -335,7 +346,8 @@ class TileLoop:
             return to_output_dtype(values, dtype)
 
         for output in self.outputs:
-            if output.compute is not None:
+            # An output without an array here is not this loop's to write (the shifted grid's).
+            if output.compute is not None and output.name in self.arrays:
                 self.arrays[output.name].write_chunk(box, output.compute(probabilities), store_as)
 
     def _write_seams(

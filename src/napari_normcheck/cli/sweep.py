@@ -1,0 +1,301 @@
+"""``napari-normcheck sweep``: the check at several tile sizes, overlaps and blendings, tabulated.
+
+Each setting runs exactly as ``run`` would (the same code, so a row holds the numbers a single run
+at that setting gives) into its own OUT under ``--out``; the rows, the recommendation
+(:func:`~napari_normcheck.core.run.sweep.recommend`) and a plot are written at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from napari_normcheck.cli.model_args import add_model_arguments, open_inputs
+from napari_normcheck.core.base.errors import NormcheckError
+
+
+def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``sweep`` subcommand to ``sub`` (argparse subparsers)."""
+    from napari_normcheck.core.run.sweep import TILING_LIMIT
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="run the check at several tile sizes (overlaps, blendings) and recommend one",
+        description="Run the check once per setting on the same voxels, each setting into its own "
+        "OUT under --out, and tabulate disparity, tile mismatch, grid shift, time and memory. "
+        "The recommendation is the cheapest setting whose eval-mode tiling numbers (grid shift, "
+        "tile mismatch) stay below --max-tiling.",
+    )
+    sweep.add_argument("volume", help="zarr / OME-Zarr / TIFF / .npy volume")
+    add_model_arguments(sweep)
+    sweep.add_argument("--out", required=True, help="sweep folder; one OUT.zarr per setting")
+    sweep.add_argument("--dataset", help="array path inside a zarr group")
+    sweep.add_argument("--level", type=int, default=0, help="OME-Zarr multiscale level")
+    sweep.add_argument("--channel-axis", type=int, default=None, help="channel axis of the input")
+    sweep.add_argument("--roi", help="the region every setting runs on: z0:z1,y0:y1,x0:x1")
+    sweep.add_argument(
+        "--tiles", nargs="+", required=True, metavar="Z,Y,X", help="tile sizes to try"
+    )
+    sweep.add_argument("--overlap", nargs="+", type=float, default=[0.25], help="overlaps to try")
+    sweep.add_argument(
+        "--blend",
+        nargs="+",
+        choices=("constant", "gaussian", "crop"),
+        default=["gaussian"],
+        help="blendings to try (crop: once per tile, with --halo)",
+    )
+    sweep.add_argument("--halo", help="context Z,Y,X on each side of a tile in crop mode")
+    sweep.add_argument(
+        "--grid-shift",
+        type=float,
+        nargs="?",
+        const=0.5,
+        default=None,
+        metavar="F",
+        help="also run each setting on a grid shifted by round(F * step) (0.5 without a value); "
+        "one more set of forwards per setting",
+    )
+    sweep.add_argument("--normalize", default=None, help="input normalization, as for run")
+    sweep.add_argument("--activation", choices=("none", "sigmoid", "softmax"), default=None)
+    sweep.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    sweep.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
+    sweep.add_argument("--min-foreground", default=None, metavar="VOXELS[,FRACTION]")
+    sweep.add_argument("--train-batch", type=int, default=1, help="tiles per train-mode forward")
+    sweep.add_argument("--eval-batch", type=int, default=None, help="tiles per eval-mode forward")
+    sweep.add_argument(
+        "--max-tiling",
+        type=float,
+        default=TILING_LIMIT,
+        help=f"the eval-mode tiling numbers (1 - Dice) a recommended setting stays below "
+        f"(default {TILING_LIMIT}, the verdict's smallest step)",
+    )
+    sweep.add_argument("--report", help="write the rows: sweep.json or sweep.csv")
+    sweep.add_argument("--plot", help="plot each indicator against tile size: sweep.png or .svg")
+    sweep.add_argument("--resume", action="store_true", help="skip settings already finished")
+    sweep.add_argument("--overwrite", action="store_true", help="rerun settings already in --out")
+    sweep.set_defaults(
+        handler=sweep_command,
+        # run's options a sweep keeps at their defaults.
+        seams=False,
+        cache_mb=256,
+        feature_layer=[],
+        precision="fp32",
+        no_fuse_train=False,
+        output_dtype="auto",
+        tile=None,
+    )
+    return sweep
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    """Run every setting, write the report and the plot; exit code (1 when every one was refused)."""
+    from napari_normcheck.core.base.config import RunConfig
+    from napari_normcheck.core.models.inventory import norm_inventory
+    from napari_normcheck.core.run.sweep import recommend, sweep_settings
+
+    for path, kinds in ((args.report, (".json", ".csv")), (args.plot, (".png", ".svg"))):
+        if path and Path(path).suffix.lower() not in kinds:
+            raise NormcheckError(f"{path}: give a {' or '.join(kinds)} file")
+    tiles = [RunConfig.from_options({"tile": text}).tile for text in args.tiles]
+    settings = sweep_settings(tiles, args.overlap, args.blend)
+    volume, loaded = open_inputs(args)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n, setting in enumerate(settings, start=1):
+        print(f"setting {n}/{len(settings)}: {setting.name.removesuffix('.zarr')}", file=sys.stderr)
+        rows.append(run_setting(args, volume, loaded, setting, folder / setting.name))
+    inventory = norm_inventory(loaded.module)
+    per_tile = [layer.type for layer in inventory.layers if not layer.running_stats]
+    recommendation = recommend(rows, args.max_tiling, per_tile)
+    result = {"rows": rows, "recommendation": recommendation}
+    print(format_rows(rows))
+    print(f"recommendation: {recommendation['text']}")
+    if args.report:
+        write_sweep_report(args.report, result)
+        print(f"report: {args.report}")
+    if args.plot:
+        from napari_normcheck.cli.sweep_plot import plot_sweep
+
+        if plot_sweep(args.plot, rows, recommendation):
+            print(f"plot: {args.plot}")
+        else:
+            print("plot: matplotlib is not installed; no plot written (pip install matplotlib)")
+    (folder / "sweep.json").write_text(json.dumps(result, indent=2))
+    return 1 if all(r.get("refused") for r in rows) else 0
+
+
+def run_setting(args, volume, loaded, setting, out: Path) -> dict[str, Any]:
+    """One setting's row: from its finished OUT (``--resume``), or from a run into ``out``."""
+    import torch
+
+    from napari_normcheck.cli.config_args import run_config_from_args
+    from napari_normcheck.cli.run import _store_attrs, run_and_report
+    from napari_normcheck.core.io.store import is_complete, read_marker
+    from napari_normcheck.core.run.report import build_report
+    from napari_normcheck.core.run.sweep import peak_rss_mib, refused_row, sweep_row
+
+    if args.resume and is_complete(out):
+        print(f"  finished earlier: {out}", file=sys.stderr)
+        report = build_report(read_marker(out), _store_attrs(out))
+        row = sweep_row(setting, report, out=out, peak_memory_mib=None)
+        previous = _previous_row(out.parent, setting)
+        for key in ("peak_memory_mib", "cuda_peak_memory_mib"):
+            if previous.get(key) is not None:
+                row[key] = previous[key]
+        return row
+    options = argparse.Namespace(**vars(args))
+    options.tile = ",".join(map(str, setting.tile))
+    options.overlap = setting.overlap
+    options.blend = setting.blend
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        config = run_config_from_args(options, loaded, volume)
+        with peak_rss_mib() as memory:
+            report = run_and_report(
+                volume,
+                loaded,
+                config,
+                out,
+                overwrite=args.overwrite,
+                resume=args.resume and out.exists(),
+                volume_source={
+                    "source": args.volume,
+                    "dataset": args.dataset,
+                    "level": args.level,
+                    "channel_axis": args.channel_axis if args.channel_axis is not None else "auto",
+                },
+                trust_pickle=args.trust_pickle,
+            )
+    except (NormcheckError, MemoryError, torch.OutOfMemoryError) as error:
+        print(f"  refused: {error}", file=sys.stderr)
+        return refused_row(setting, str(error) or type(error).__name__)
+    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return sweep_row(
+        setting, report, out=out, peak_memory_mib=memory["peak"], cuda_peak_mib=cuda_peak
+    )
+
+
+def _previous_row(folder: Path, setting) -> dict[str, Any]:
+    # The memory a finished setting used, as the earlier sweep measured it.
+    try:
+        rows = json.loads((folder / "sweep.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return next((r for r in rows if r.get("out", "").endswith(setting.name)), {})
+
+
+CSV_COLUMNS = (
+    "tile",
+    "overlap",
+    "blend",
+    "refused",
+    "seconds_per_mvoxel",
+    "peak_memory_mib",
+    "disparity_hard",
+    "disparity_soft",
+    "mismatch_eval_hard",
+    "mismatch_eval_soft",
+    "grid_shift_eval_hard",
+    "grid_shift_eval_soft",
+    "grid_shift_train_hard",
+    "grid_shift_train_soft",
+    "recommended",
+)
+
+
+def csv_values(row: dict[str, Any], recommendation: dict[str, Any]) -> dict[str, Any]:
+    """A row's CSV cells: per-channel values joined with ``;``.
+
+    A hard value on too little foreground reads ``not judged`` (the support rule); the JSON keeps
+    the number and its flag.
+    """
+
+    def channels(values: list[float] | None, judged: list[bool] | None = None) -> str:
+        if values is None:
+            return ""
+        return ";".join(
+            "not judged" if judged is not None and not judged[c] else f"{v:.6g}"
+            for c, v in enumerate(values)
+        )
+
+    support = row.get("support") or {}
+    shift = row.get("grid_shift") or {}
+    chosen = all(row.get(k) == recommendation.get(k) for k in ("tile", "overlap", "blend"))
+    cells = {
+        "tile": "x".join(map(str, row["tile"])),
+        "overlap": "" if row["overlap"] is None else row["overlap"],
+        "blend": row["blend"],
+        "refused": row.get("refused") or "",
+        "seconds_per_mvoxel": row.get("seconds_per_mvoxel", ""),
+        "peak_memory_mib": row.get("peak_memory_mib") or "",
+        "recommended": "yes" if chosen and recommendation.get("tile") else "",
+    }
+    judged_hard = {
+        "disparity": support.get("judged"),
+        "mismatch_eval": (support.get("mismatch_judged") or {}).get("eval"),
+    }
+    for key in ("disparity", "mismatch_eval"):
+        values = row.get(key) or {}
+        cells[f"{key}_hard"] = channels(values.get("hard"), judged_hard[key])
+        cells[f"{key}_soft"] = channels(values.get("soft"))
+    for mode in ("eval", "train"):
+        values = shift.get(mode) or {}
+        cells[f"grid_shift_{mode}_hard"] = channels(values.get("hard"), values.get("judged"))
+        cells[f"grid_shift_{mode}_soft"] = channels(values.get("soft"))
+    return cells
+
+
+def write_sweep_report(path: str | Path, result: dict[str, Any]) -> Path:
+    """Write the sweep as JSON (everything) or CSV (one line per setting)."""
+    target = Path(path)
+    if target.suffix.lower() == ".csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in result["rows"]:
+            writer.writerow(csv_values(row, result["recommendation"]))
+        target.write_text(buffer.getvalue())
+    else:
+        target.write_text(json.dumps(result, indent=2))
+    return target
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """The sweep table printed at the end (first channel; hard where judged, else soft)."""
+    from napari_normcheck.core.run.sweep import eval_tiling
+
+    lines = [
+        f"{'tile':<14}{'blend':<10}{'overlap':>8}{'disparity':>11}{'mismatch':>10}"
+        f"{'shift eval':>11}{'shift train':>12}{'eval tiling':>12}{'s/Mvox':>8}{'MiB':>8}"
+    ]
+    for row in rows:
+        head = f"{'x'.join(map(str, row['tile'])):<14}{row['blend']:<10}" + (
+            f"{'-' if row['overlap'] is None else row['overlap']:>8}"
+        )
+        if row.get("refused"):
+            lines.append(f"{head}  refused: {row['refused']}")
+            continue
+        shift = row.get("grid_shift") or {}
+
+        def first(values: dict | None) -> str:
+            return "-" if not values else f"{values['soft'][0]:.4f}"
+
+        tiling = eval_tiling(row)
+        memory = row["peak_memory_mib"]
+        lines.append(
+            f"{head}{first(row['disparity']):>11}{first(row['mismatch_eval']):>10}"
+            f"{first(shift.get('eval')):>11}{first(shift.get('train')):>12}"
+            f"{'-' if tiling is None else f'{tiling:.4f}':>12}"
+            f"{row['seconds_per_mvoxel']:>8.2f}"
+            f"{'-' if memory is None else f'{memory:.0f}':>8}"
+        )
+    lines.append("(disparity, mismatch, shift: soft 1 - Dice of the first channel)")
+    return "\n".join(lines)

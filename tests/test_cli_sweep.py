@@ -1,0 +1,215 @@
+"""``napari-normcheck sweep``: rows equal single runs, refused rows, resume, reports, recommendation."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_normcheck.cli import main
+from napari_normcheck.core.run.sweep import TILING_LIMIT
+from napari_normcheck.data import SAMPLE_MODELS, sample_volume
+from tests.conftest import calibrate, synthetic_volume, tiny_unet
+
+ARCH = "monai.networks.nets.BasicUNet"
+KWARGS = (
+    '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "features": [4, 4, 8, 8, 16, 4], '
+    '"norm": "batch"}'
+)
+
+
+@pytest.fixture
+def files(tmp_path):
+    model = calibrate(tiny_unet("batch"), (1, 16, 32, 32))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    np.save(tmp_path / "volume.npy", synthetic_volume((16, 48, 48)))
+    return tmp_path
+
+
+def model_args(files):
+    return ["--model", str(files / "model.pt"), "--arch", ARCH, "--arch-kwargs", KWARGS]
+
+
+def common(files):
+    return [*model_args(files), "--activation", "sigmoid", "--device", "cpu", "--grid-shift"]
+
+
+def test_sweep_rows_equal_single_runs_refuse_and_resume(files, capsys):
+    sweep = [
+        "sweep",
+        str(files / "volume.npy"),
+        *common(files),
+        "--out",
+        str(files / "sweep"),
+        "--tiles",
+        "16,32,32",
+        "1,32,32",  # a 3D network does not take a tile one plane thick: refused, the sweep goes on
+        "16,48,48",
+        "--report",
+        str(files / "sweep.json"),
+    ]
+    assert main(sweep) == 0
+    result = json.loads((files / "sweep.json").read_text())
+    rows = result["rows"]
+    assert [r["tile"] for r in rows] == [[16, 32, 32], [1, 32, 32], [16, 48, 48]]
+    assert rows[1]["refused"] and not rows[0]["refused"] and not rows[2]["refused"]
+    assert all(r["seconds_per_mvoxel"] > 0 and r["peak_memory_mib"] > 0 for r in rows[::2])
+
+    single = [
+        "run",
+        str(files / "volume.npy"),
+        *common(files),
+        "--out",
+        str(files / "single.zarr"),
+        "--tile",
+        "16,32,32",
+        "--report",
+        str(files / "single.json"),
+    ]
+    assert main(single) == 0
+    report = json.loads((files / "single.json").read_text())
+    for key in ("disparity", "mismatch_eval", "mismatch_train", "grid_shift", "grid_shift_offset"):
+        assert rows[0][key] == report[key], key
+
+    # Resume: finished settings are read back, not run again; the refused one is tried again.
+    marker = files / "sweep" / "tile_16x32x32_gaussian_overlap0.25.zarr" / "COMPLETE.json"
+    stamp = marker.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*sweep, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("finished earlier") == 2 and "refused" in err
+    assert marker.stat().st_mtime_ns == stamp
+    again = json.loads((files / "sweep.json").read_text())
+    for old, new in zip(rows, again["rows"]):
+        assert {k: v for k, v in old.items() if k != "seconds"} == {
+            k: v for k, v in new.items() if k != "seconds"
+        }
+
+
+def test_sweep_csv_report_and_plot_without_matplotlib(files, capsys):
+    args = [
+        "sweep",
+        str(files / "volume.npy"),
+        *common(files),
+        "--out",
+        str(files / "sweep"),
+        "--tiles",
+        "16,48,48",
+        "--overlap",
+        "0.25",
+        "0.5",
+        "--report",
+        str(files / "sweep.csv"),
+        "--plot",
+        str(files / "sweep.png"),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    with open(files / "sweep.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert [line["overlap"] for line in lines] == ["0.25", "0.5"]
+    assert all(len(line["grid_shift_eval_soft"].split(";")) == 2 for line in lines)
+    # A hard value on too little foreground reads "not judged", as in the run's summary.
+    report = json.loads(
+        (files / "sweep" / "tile_16x48x48_gaussian_overlap0.25.zarr" / "COMPLETE.json").read_text()
+    )
+    for c, judged in enumerate(report["grid_shift"]["eval"]["judged"]):
+        cell = lines[0]["grid_shift_eval_hard"].split(";")[c]
+        assert (cell == "not judged") == (not judged)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in out
+        assert not (files / "sweep.png").exists()
+    else:
+        assert (files / "sweep.png").stat().st_size > 0
+    assert main([*args[:-2], "--plot", str(files / "sweep.pdf")]) == 2  # PNG or SVG only
+
+
+def sample_sweep(tmp_path, name, *extra):
+    """A sweep of packaged sample model ``name`` on a crop of the packaged sample volume."""
+    np.save(tmp_path / "sample.npy", sample_volume()[:16, :96, :96])
+    sample = SAMPLE_MODELS[name]
+    args = [
+        "sweep",
+        str(tmp_path / "sample.npy"),
+        "--model",
+        str(sample.path),
+        "--arch",
+        sample.arch,
+        "--arch-kwargs",
+        json.dumps(sample.arch_kwargs),
+        "--normalize",
+        sample.normalize,
+        "--activation",
+        sample.activation,
+        "--device",
+        "cpu",
+        "--grid-shift",
+        "--out",
+        str(tmp_path / name),
+        "--tiles",
+        "16,64,64",
+        "--report",
+        str(tmp_path / f"{name}.json"),
+        *extra,
+    ]
+    assert main(args) == 0
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def largest_eval_tiling(row):
+    """The rule's number read straight off a row: hard where judged, soft where that is."""
+    support = row["support"]
+    values = []
+    for entry, judged, soft_judged in (
+        (
+            row["mismatch_eval"],
+            support["mismatch_judged"]["eval"],
+            support["mismatch_soft_judged"]["eval"],
+        ),
+        (
+            row["grid_shift"]["eval"],
+            row["grid_shift"]["eval"]["judged"],
+            row["grid_shift"]["eval"]["soft_judged"],
+        ),
+    ):
+        for c, hard in enumerate(entry["hard"]):
+            if judged[c]:
+                values.append(hard)
+            elif soft_judged[c]:
+                values.append(entry["soft"][c])
+    return max(values)
+
+
+def test_recommendation_groupnorm_sample_model_normalizes_each_tile(tmp_path):
+    result = sample_sweep(tmp_path, "groupnorm")
+    (row,) = result["rows"]
+    assert largest_eval_tiling(row) >= TILING_LIMIT
+    # GroupNorm has no running statistics: eval and train are the same prediction.
+    assert row["grid_shift"]["eval"]["soft"] == row["grid_shift"]["train"]["soft"]
+    recommendation = result["recommendation"]
+    assert recommendation["tile"] is None
+    assert "normalizes each tile by itself (GroupNorm)" in recommendation["text"]
+
+
+def test_recommendation_batchnorm_sample_model(tmp_path):
+    result = sample_sweep(tmp_path, "batchnorm")
+    (row,) = result["rows"]
+    value = largest_eval_tiling(row)
+    recommendation = result["recommendation"]
+    if value < TILING_LIMIT:
+        assert recommendation["tile"] == [16, 64, 64]
+    else:
+        assert recommendation["tile"] is None
+        assert "running statistics" in recommendation["text"]
+        assert "normalizes each tile by itself" not in recommendation["text"]
+    # With a limit above every eval tiling number the eval result counts as tiling-independent:
+    # the train/eval disparity is what remains.
+    loose = sample_sweep(tmp_path, "batchnorm", "--resume", "--max-tiling", f"{value + 0.01}")
+    assert loose["recommendation"]["tile"] == [16, 64, 64]
+    assert "tiling-independent at every setting" in loose["recommendation"]["text"]
+    assert "train/eval disparity" in loose["recommendation"]["text"]
