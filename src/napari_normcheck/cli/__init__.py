@@ -15,7 +15,7 @@ from napari_normcheck.cli.demo import add_demo_parser
 from napari_normcheck.cli.inspect import add_inspect_parser
 from napari_normcheck.cli.remedies import add_fold_parser, add_recalibrate_parser
 from napari_normcheck.cli.run import add_run_parser
-from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.base.errors import NormcheckError, NormcheckNotice
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
             return int(args.handler(args) or 0)
     except NormcheckError as error:
         if args.debug:
@@ -51,3 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("napari-normcheck: interrupted; the output is incomplete", file=sys.stderr)
         return 130
+
+
+_show_other_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # The core's notices (a lock taken over, ...) are one line, without file and line number.
+    if issubclass(category, NormcheckNotice):
+        print(f"napari-normcheck: note: {message}", file=sys.stderr)
+    else:
+        _show_other_warning(message, category, filename, lineno, file, line)
