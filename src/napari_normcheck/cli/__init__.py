@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for a user error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a stopped run says how to resume
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
@@ -50,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"napari-normcheck: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("napari-normcheck: interrupted; the output is incomplete", file=sys.stderr)
+        from napari_normcheck.cli.run import stopped_message
+
+        print(f"napari-normcheck: {stopped_message(args, None)}", file=sys.stderr)
         return 130
 
 

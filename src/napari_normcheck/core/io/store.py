@@ -369,3 +369,27 @@ def check_output_target(target: str | Path, *, overwrite: bool, resume: bool) ->
             "it is not overwritten: choose another --out"
         )
     return target.with_name(target.name + ".inprogress")
+
+
+def saved_work(target: str | Path) -> str | None:
+    """What an interrupted run left for ``--resume`` in OUT ``target``, in words; ``None`` if nothing.
+
+    Counts the output chunks a single-process run listed as finished, or the blocks a distributed
+    run recorded (``.blocks/``).
+    """
+    target = Path(target)
+    inprogress = target.with_name(target.name + ".inprogress")
+    work = inprogress if inprogress.exists() else target
+    if not is_normcheck_store(work) or is_complete(work):
+        return None
+    plan = _root_attrs(work).get("normcheck", {}).get("plan", {})
+    roi = [b - a for a, b in zip(plan.get("roi_start", []), plan.get("roi_stop", []))]
+    grid = [-(-n // c) for n, c in zip(roi, plan.get("chunk_shape", []))]
+    blocks = work / ".blocks"
+    if (blocks / "manifest.json").is_file():
+        per_block = json.loads((blocks / "manifest.json").read_text())["block_chunks"]
+        n_blocks = int(np.prod([-(-g // b) for g, b in zip(grid, per_block)]))
+        n_done = len(list(blocks.glob("block_*.json")))
+        return f"{n_done} of {n_blocks} blocks"
+    n_done = len(read_progress(work).get("done_chunks", []))
+    return f"{n_done} of {int(np.prod(grid))} output chunks"
