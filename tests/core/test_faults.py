@@ -173,3 +173,54 @@ def test_stores_of_earlier_versions_still_read_and_resume(tmp_path, batchnorm_un
     (old / "zarr.json").write_text(json.dumps(meta))
     (old / "COMPLETE.json").write_text(json.dumps(summary))
     assert is_complete(old) and read_marker(old)["n_tiles"] == summary["n_tiles"]
+
+
+def test_worker_failure_is_one_line_and_resume_equals_uninterrupted(tmp_path):
+    """A block failing on a cluster worker (a damaged input chunk): one line, then --resume."""
+    distributed = pytest.importorskip("distributed")
+    import torch
+
+    from napari_normcheck.core.base.errors import RunFault
+    from napari_normcheck.core.models.models import load_model
+    from napari_normcheck.core.models.modelspec import ModelSpec
+    from napari_normcheck.core.run.distributed import run_check_distributed
+    from tests.conftest import TINY_UNET_ARCH, calibrate, tiny_unet, tiny_unet_kwargs
+
+    torch.save(calibrate(tiny_unet("batch"), (1, 16, 32, 32)).state_dict(), tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt", arch=TINY_UNET_ARCH, arch_kwargs=tiny_unet_kwargs())
+    source = zstd_volume(tmp_path / "v.zarr")
+    volume_source = {"source": str(source), "dataset": None, "level": 0, "channel_axis": "auto"}
+
+    def run(out, **kwargs):
+        return list(
+            run_check_distributed(
+                open_volume(source),
+                loaded.module,
+                CONFIG,
+                out,
+                model_spec=ModelSpec.from_loaded(loaded),
+                block_chunks=(2, 2, 2),
+                volume_source=volume_source,
+                client=client,
+                retries=0,
+                **kwargs,
+            )
+        )
+
+    cluster = distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+    )
+    with cluster, distributed.Client(cluster) as client:
+        run(tmp_path / "ref.zarr")
+        chunk = source / "c" / "4" / "2" / "3"
+        intact = chunk.read_bytes()
+        chunk.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(64)))
+        out = tmp_path / "o.zarr"
+        with pytest.raises(RunFault) as info:
+            run(out)
+        line = str(info.value)
+        assert "\n" not in line and str(source) in line and "--resume" in line, line
+        assert "traceback in " in line
+        chunk.write_bytes(intact)
+        run(out, resume=True)
+    assert_same_outputs(out, tmp_path / "ref.zarr")
