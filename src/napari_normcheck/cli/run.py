@@ -24,7 +24,18 @@ from napari_normcheck.cli.remedies import (
 def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     """Add the ``run`` subcommand to ``sub`` (argparse subparsers)."""
     run = sub.add_parser("run", help="run the two-mode check over a volume and write OUT.zarr")
-    run.add_argument("volume", help="zarr / OME-Zarr / TIFF / .npy volume")
+    run.add_argument(
+        "volume",
+        help="zarr / OME-Zarr / TIFF / .npy volume; zarr and OME-Zarr also by URL "
+        "(http(s)://, s3://), read lazily",
+    )
+    run.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        help="fsspec options of a URL volume, e.g. '{\"anon\": true}' or "
+        '\'{"client_kwargs": {"endpoint_url": "http://host:9000"}}\' (S3 also reads the usual '
+        "AWS environment)",
+    )
     add_model_arguments(run)
     run.add_argument("--out", required=True, help="output OUT.zarr folder")
     run.add_argument("--dataset", help="array path inside a zarr group")
@@ -111,6 +122,8 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the check (and the remedies when asked), write the report; exit code."""
+    from napari_normcheck.core.io.remote import parse_storage_options
+
     volume, loaded = open_inputs(args)
     info = loaded.info
     config = run_config_from_args(args, loaded, volume)
@@ -138,6 +151,8 @@ def run_command(args: argparse.Namespace) -> int:
                 "dataset": args.dataset,
                 "level": args.level,
                 "channel_axis": args.channel_axis if args.channel_axis is not None else "auto",
+                # Workers read a URL themselves, with the same options (never a local cache).
+                "storage_options": parse_storage_options(args.storage_options),
             },
             trust_pickle=args.trust_pickle,
             remedies=remedies_options(args) if remedies_wanted(args) else None,
