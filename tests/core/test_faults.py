@@ -224,3 +224,14 @@ def test_worker_failure_is_one_line_and_resume_equals_uninterrupted(tmp_path):
         chunk.write_bytes(intact)
         run(out, resume=True)
     assert_same_outputs(out, tmp_path / "ref.zarr")
+
+
+def test_corrupt_chunk_met_by_the_normalization_names_its_box(tmp_path, batchnorm_unet):
+    source = zstd_volume(tmp_path / "v.zarr")
+    (source / "c" / "2" / "1" / "0").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(64)))
+    config = CONFIG.replace(normalize="percentile:1,99")
+    with pytest.raises(InputReadError) as info:
+        list(run_check(open_volume(source), batchnorm_unet, config, tmp_path / "o.zarr"))
+    line = str(info.value)
+    assert line.startswith(f"cannot read the input {source} in the box z 16:24, y 16:32, x 0:16")
+    assert "normalization" in line and not (tmp_path / "o.zarr").exists()

@@ -165,3 +165,37 @@ def test_unreachable_url_and_bad_options_are_one_line(served):
     with pytest.raises(NormcheckError, match="JSON object"):
         parse_storage_options("[1]")
     assert parse_storage_options('{"anon": true}') == {"anon": True}
+
+
+def test_run_from_s3_equals_run_on_the_local_path(served, batchnorm_unet):
+    """S3 through a real S3-compatible server (moto's server mode), with ``--storage-options``."""
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    folder, _ = served
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        options = parse_storage_options(
+            '{"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": '
+            f'"http://{host}:{port}", "region_name": "us-east-1"}}}}'
+        )
+        boto3 = pytest.importorskip("boto3")
+        boto3.client(
+            "s3",
+            endpoint_url=f"http://{host}:{port}",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="bucket")
+        fs = s3fs.S3FileSystem(**options)
+        fs.put(str(folder / "ome0.5.zarr"), "bucket/ome0.5.zarr", recursive=True)
+        by_s3 = open_volume("s3://bucket/ome0.5.zarr", storage_options=options)
+        assert by_s3.source.startswith("s3://bucket/ome0.5.zarr")
+        list(run_check(by_s3, batchnorm_unet, CONFIG, folder / "s3.zarr"))
+    finally:
+        server.stop()
+    list(run_check(open_volume(folder / "ome0.5.zarr"), batchnorm_unet, CONFIG, folder / "l.zarr"))
+    expected, got = read_outputs(folder / "l.zarr"), read_outputs(folder / "s3.zarr")
+    for key in got:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)

@@ -48,7 +48,7 @@ from napari_normcheck.core.run.blocks import (
 )
 from napari_normcheck.core.run.engine import run_check
 from napari_normcheck.core.run.events import BlockDone, RunFinished, RunStarted, TileDone
-from napari_normcheck.core.run.faults import run_fault
+from napari_normcheck.core.run.faults import input_named, run_fault
 from napari_normcheck.core.run.forward import probe_out_channels, resolve_device
 from napari_normcheck.core.run.manifest import (
     config_hash,
@@ -197,14 +197,15 @@ def run_check_distributed(
         device = resolve_device(config.device)
     except NormcheckError:  # the client need not have the workers' GPUs
         device = CPU
-    setup = prepare_run(
-        volume,
-        config,
-        spatial_dims=spatial_dims,
-        divisor=divisor,
-        transform=transform,
-        device=device,
-    )
+    with input_named(volume.source):  # the normalization samples the whole input
+        setup = prepare_run(
+            volume,
+            config,
+            spatial_dims=spatial_dims,
+            divisor=divisor,
+            transform=transform,
+            device=device,
+        )
     plan = setup.plan
     recorder = make_recorder(model, config)
     n_out = probe_out_channels(

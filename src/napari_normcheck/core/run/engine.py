@@ -30,7 +30,7 @@ from napari_normcheck.core.io.store import is_complete
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.run.blocks import whole_train_batches
 from napari_normcheck.core.run.events import RunFinished, RunStarted, TileDone
-from napari_normcheck.core.run.faults import run_fault
+from napari_normcheck.core.run.faults import input_named, run_fault
 from napari_normcheck.core.run.forward import probe_out_channels
 from napari_normcheck.core.run.manifest import remove_block_records
 from napari_normcheck.core.run.planning import precision_effect, prepare_run, resolve_eval_batch
@@ -93,9 +93,10 @@ def run_check(
     """
     t_start = time.perf_counter()
     timing = Timing()
-    setup = prepare_run(
-        volume, config, spatial_dims=spatial_dims, divisor=divisor, transform=transform
-    )
+    with input_named(volume.source):  # the normalization samples the whole input
+        setup = prepare_run(
+            volume, config, spatial_dims=spatial_dims, divisor=divisor, transform=transform
+        )
     plan, device = setup.plan, setup.device
     worker_model = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     n_out = probe_out_channels(

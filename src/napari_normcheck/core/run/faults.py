@@ -9,15 +9,18 @@ continues it once the cause is gone.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import os
 import shutil
 import tempfile
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 from napari_normcheck.core.base.errors import (
+    InputReadError,
     NormcheckError,
     OutputWriteError,
     RunFault,
@@ -52,6 +55,18 @@ def write_fault_log(store_path: str | Path, error: BaseException) -> Path | None
         except OSError:  # a full or read-only OUT: the next place
             continue
     return None
+
+
+@contextlib.contextmanager
+def input_named(source: str) -> Iterator[None]:
+    """Name the input in an :class:`InputReadError` raised where only its data was known."""
+    try:
+        yield
+    except InputReadError as error:
+        text = str(error)
+        if source not in text:
+            text = text.replace("the input", f"the input {source}", 1)
+        raise InputReadError(text) from error
 
 
 def run_fault(
