@@ -83,7 +83,7 @@ class OutLock:
                 return me
             except OSError as error:
                 raise OutputWriteError(
-                    f"cannot create {target} ({first_line(error)}): its filesystem does not take "
+                    f"cannot create {target} ({error.strerror or first_line(error)}): its filesystem does not take "
                     "files (read-only, full, or a pseudo-filesystem such as /proc); choose an "
                     "--out on a writable disk"
                 ) from error

@@ -205,7 +205,7 @@ class OutputStore:
             store.root.attrs["normcheck"] = {"kind": STORE_KIND, **attrs}
         except OSError as error:
             raise OutputWriteError(
-                f"cannot create {target} ({first_line(error)}): its filesystem does not take "
+                f"cannot create {target} ({error.strerror or first_line(error)}): its filesystem does not take "
                 "files (read-only, full, or a pseudo-filesystem such as /proc); choose an --out "
                 "on a writable disk"
             ) from error
