@@ -199,3 +199,63 @@ def test_run_from_s3_equals_run_on_the_local_path(served, batchnorm_unet):
     expected, got = read_outputs(folder / "l.zarr"), read_outputs(folder / "s3.zarr")
     for key in got:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_command_line_and_cluster_workers_read_the_url_with_its_options(served, tmp_path):
+    """``--storage-options`` reach fsspec (a header the server sees) and the cluster's workers."""
+    distributed = pytest.importorskip("distributed")
+    import json
+
+    import torch
+
+    from napari_normcheck.cli import main
+    from napari_normcheck.core.models.models import load_model
+    from napari_normcheck.core.models.modelspec import ModelSpec
+    from napari_normcheck.core.run.distributed import run_check_distributed
+    from tests.conftest import TINY_UNET_ARCH, calibrate, tiny_unet, tiny_unet_kwargs
+
+    folder, server = served
+    seen: list[str] = []
+    original = Handler.do_GET
+
+    def recording(self):
+        seen.append(self.headers.get("X-Normcheck-Test", ""))
+        original(self)
+
+    Handler.do_GET = recording
+    try:
+        torch.save(calibrate(tiny_unet("batch"), (1, 16, 32, 32)).state_dict(), tmp_path / "m.pt")
+        options = '{"headers": {"X-Normcheck-Test": "yes"}}'
+        url = server.url("v3.zarr")
+        argv = ["run", url, "--model", str(tmp_path / "m.pt"), "--arch", TINY_UNET_ARCH]
+        argv += ["--arch-kwargs", json.dumps(tiny_unet_kwargs()), "--tile", "16,32,32"]
+        argv += ["--activation", "sigmoid", "--cache-mb", "0", "--storage-options", options]
+        argv += ["--out", str(tmp_path / "cli.zarr"), "--report", str(tmp_path / "r.json")]
+        assert main(argv) == 0
+        assert seen and set(seen) == {"yes"}
+        assert json.loads((tmp_path / "r.json").read_text())["source"].startswith(url)
+
+        loaded = load_model(tmp_path / "m.pt", arch=TINY_UNET_ARCH, arch_kwargs=tiny_unet_kwargs())
+        source = {"source": url, "level": 0, "storage_options": parse_storage_options(options)}
+        cluster = distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+        )
+        with cluster, distributed.Client(cluster) as client:
+            list(
+                run_check_distributed(
+                    open_volume(url, storage_options=source["storage_options"]),
+                    loaded.module,
+                    CONFIG,
+                    tmp_path / "cluster.zarr",
+                    model_spec=ModelSpec.from_loaded(loaded),
+                    volume_source=source,
+                    client=client,
+                    block_chunks=(2, 2, 2),
+                )
+            )
+    finally:
+        Handler.do_GET = original
+    assert set(seen) == {"yes"}
+    expected, got = read_outputs(tmp_path / "cli.zarr"), read_outputs(tmp_path / "cluster.zarr")
+    for key in got:
+        np.testing.assert_allclose(got[key], expected[key], atol=1 if "pred" in key else 0)
