@@ -66,7 +66,8 @@ def test_corrupt_input_chunk_one_line_then_resume_equals_uninterrupted(tmp_path,
     with pytest.raises(InputReadError) as info:
         list(run_check(open_volume(source), batchnorm_unet, CONFIG, out))
     line = str(info.value)
-    assert "\n" not in line and str(source) in line and "z 24:40" in line, line
+    assert "\n" not in line and str(source) in line, line
+    assert "in the chunk z 32:40, y 32:48, x 48:52" in line, line
     assert "--resume" in line
     log = Path(line.rsplit("traceback in ", 1)[1])
     assert log.parent.parent == out and "Traceback" in log.read_text()

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from napari_normcheck.core.base.errors import InputReadError, NormcheckError, first_line
+from napari_normcheck.core.io.lazy_array import describe_box, failing_box
 
 IntensityKind = Literal["none", "minmax", "meanstd", "percentile", "zscore"]
 
@@ -262,18 +263,14 @@ def _strided_sample(data: Any, max_samples: int) -> np.ndarray:
         except NormcheckError:
             raise
         except Exception as error:
+            box = failing_box(sample, strides)
+            where = f" in the box {describe_box(box)}" if box else ""
             raise InputReadError(
-                f"cannot read the input{_failing_box(sample, strides)} while sampling its "
+                f"cannot read the input{where} while sampling its "
                 f"intensities for the normalization ({first_line(error)}); a chunk there is "
                 "damaged or out of reach: repair or copy it again, then run again"
             ) from error
     return np.asarray(sample)
-
-
-def _failing_box(sample: Any, strides: tuple[int, ...]) -> str:
-    """`` in the box z a:b, ...`` of the first block of a dask ``sample`` that fails to read."""
-    if not hasattr(sample, "blocks"):
-        return ""
     starts = [np.concatenate([[0], np.cumsum(c)]) for c in sample.chunks]
     for index in np.ndindex(*sample.numblocks):
         try:

@@ -14,6 +14,7 @@ import numpy as np
 from napari_normcheck.core.base.errors import InputReadError, NormcheckError, first_line
 from napari_normcheck.core.base.tiling import Tile, TilePlan
 from napari_normcheck.core.io.intensity import IntensityTransform
+from napari_normcheck.core.io.lazy_array import describe_box, failing_box, stored_chunk_box
 from napari_normcheck.core.io.volume import Volume
 
 
@@ -95,9 +96,15 @@ class TileReader:
             raise
         except Exception as error:
             lo, hi = window_box(self.plan, tile)
-            box = ", ".join(f"{a} {b}:{c}" for a, b, c in zip("zyx", lo, hi))
+            region = self.volume.data[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+            # The damaged stored chunk when it can be told apart, else the tile's whole box.
+            box = failing_box(region, origin=(0, *lo))
+            if box is not None:
+                where = f" in the chunk {describe_box(stored_chunk_box(self.volume.data, box))}"
+            else:
+                where = f" in the box {describe_box([(0, 0), *zip(lo, hi)])}"
             raise InputReadError(
-                f"cannot read the input {self.volume.source} in the box {box} (tile "
+                f"cannot read the input {self.volume.source}{where} (read for tile "
                 f"{tile.index}): {first_line(error)}; a chunk there is damaged or out of reach: "
                 "repair or copy it again (or leave it out with --roi), then rerun with --resume"
             ) from error
