@@ -355,7 +355,10 @@ def check_output_target(target: str | Path, *, overwrite: bool, resume: bool) ->
     if not parent.is_dir():
         raise NormcheckError(f"cannot write {target}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise NormcheckError(f"cannot write {target}: folder {parent} is not writable")
+        raise NormcheckError(
+            f"cannot write {target}: folder {parent} is not writable (a read-only disk, or no "
+            "permission); make it writable or choose another --out"
+        )
     if not target.exists():
         return target
     if not overwrite:
