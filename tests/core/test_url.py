@@ -102,7 +102,7 @@ def served(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("name", "level"), [("v2.zarr", 0), ("v3.zarr", 0), ("ome0.4.zarr", 1), ("ome0.5.zarr", 0)]
+    ("name", "level"), [("v2.zarr", 0), ("v3.zarr", 0), ("ome0.4.zarr", 1), ("ome0.5.zarr", 1)]
 )
 def test_run_by_url_equals_run_on_the_local_path(served, batchnorm_unet, name, level):
     folder, server = served
@@ -189,13 +189,13 @@ def test_run_from_s3_equals_run_on_the_local_path(served, batchnorm_unet):
             region_name="us-east-1",
         ).create_bucket(Bucket="bucket")
         fs = s3fs.S3FileSystem(**options)
-        fs.put(str(folder / "ome0.5.zarr"), "bucket/ome0.5.zarr", recursive=True)
-        by_s3 = open_volume("s3://bucket/ome0.5.zarr", storage_options=options)
-        assert by_s3.source.startswith("s3://bucket/ome0.5.zarr")
+        fs.put(str(folder / "v3.zarr"), "bucket/v3.zarr", recursive=True)
+        by_s3 = open_volume("s3://bucket/v3.zarr", storage_options=options)
+        assert by_s3.source.startswith("s3://bucket/v3.zarr")
         list(run_check(by_s3, batchnorm_unet, CONFIG, folder / "s3.zarr"))
     finally:
         server.stop()
-    list(run_check(open_volume(folder / "ome0.5.zarr"), batchnorm_unet, CONFIG, folder / "l.zarr"))
+    list(run_check(open_volume(folder / "v3.zarr"), batchnorm_unet, CONFIG, folder / "l.zarr"))
     expected, got = read_outputs(folder / "l.zarr"), read_outputs(folder / "s3.zarr")
     for key in got:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
