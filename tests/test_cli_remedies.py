@@ -147,10 +147,10 @@ def test_run_with_remedies_and_labels_through_main(sample_files, capsys):
     # A remedies error is found before the long check runs, and exits 2.
     bad = argv[:-2]  # without --recalibrated-model, which exists now
     bad[bad.index("--label-map") + 1] = "{oops"
-    marker = (out / "COMPLETE.json").stat().st_mtime_ns
+    marker = (out / "zarr.json").stat().st_mtime_ns  # the summary is in it
     assert main([*bad, "--overwrite"]) == 2
     assert "label map" in capsys.readouterr().err
-    assert (out / "COMPLETE.json").stat().st_mtime_ns == marker  # OUT was not rewritten
+    assert (out / "zarr.json").stat().st_mtime_ns == marker  # OUT was not rewritten
 
 
 @pytest.mark.parametrize(

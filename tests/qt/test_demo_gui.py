@@ -5,6 +5,7 @@ import numpy as np
 from napari_normcheck import cli
 from napari_normcheck._qt import demo_gui
 from napari_normcheck._sample_data import SAMPLE_LAYER_NAME
+from napari_normcheck.core.io.store import is_complete
 
 SHAPE = (32, 96, 96)
 
@@ -21,7 +22,7 @@ def test_demo_window_screenshot_is_not_blank(make_napari_viewer, qtbot, tmp_path
     assert worker is not None
     qtbot.waitUntil(lambda: bool(done), timeout=60_000)
     assert widget.finished_event is not None, widget.status_label.text()
-    assert (out / "COMPLETE.json").exists()
+    assert is_complete(out)
     # The sample model's channels are membrane and organelle; the worst one is shown.
     shown = widget.channel_combo.currentText()
     for name in (f"eval · {shown}", f"train · {shown}", f"disparity · {shown}", "tiles"):

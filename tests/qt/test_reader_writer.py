@@ -7,6 +7,7 @@ import zarr
 from napari_normcheck._layers import IMAGE_OUTPUTS
 from napari_normcheck._reader import get_reader
 from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.io.store import read_marker
 from napari_normcheck.core.io.volume import open_volume
 from napari_normcheck.core.models.models import load_model
 from napari_normcheck.core.run.engine import run_check
@@ -261,6 +262,6 @@ def test_reader_opens_a_command_line_output(make_napari_viewer, tmp_path, tiny_m
         np.testing.assert_allclose(shown, stored[...] / divisor, atol=1e-6)  # read as 0..1
         assert tuple(viewer.layers[name].contrast_limits) == (0.0, 1.0)
     tiles = viewer.layers["tiles"]
-    n_tiles = len(json.loads((out / "COMPLETE.json").read_text())["tiles"])
+    n_tiles = len(read_marker(out)["tiles"])
     assert set(tiles.features["tile"]) == set(range(n_tiles))
     assert "feature z" in viewer.layers

@@ -16,7 +16,7 @@ from napari_normcheck.cli.inspect import add_inspect_parser
 from napari_normcheck.cli.remedies import add_fold_parser, add_recalibrate_parser
 from napari_normcheck.cli.run import add_run_parser
 from napari_normcheck.cli.sweep import add_sweep_parser
-from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.base.errors import NormcheckError, NormcheckNotice
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,9 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for a user error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a stopped run says how to resume
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
             return int(args.handler(args) or 0)
     except NormcheckError as error:
         if args.debug:
@@ -51,5 +53,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"napari-normcheck: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("napari-normcheck: interrupted; the output is incomplete", file=sys.stderr)
+        from napari_normcheck.cli.run import stopped_message
+
+        print(f"napari-normcheck: {stopped_message(args, None)}", file=sys.stderr)
         return 130
+
+
+_show_other_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # The core's notices (a lock taken over, ...) are one line, without file and line number.
+    if issubclass(category, NormcheckNotice):
+        print(f"napari-normcheck: note: {message}", file=sys.stderr)
+    else:
+        _show_other_warning(message, category, filename, lineno, file, line)

@@ -81,6 +81,7 @@ def open_inputs(args: argparse.Namespace):
     loaded : LoadedModel
         The model, with switchable normalization and the volume's channel count.
     """
+    from napari_normcheck.core.io.remote import parse_storage_options
     from napari_normcheck.core.io.volume import open_volume
 
     volume = open_volume(
@@ -88,6 +89,7 @@ def open_inputs(args: argparse.Namespace):
         dataset=args.dataset,
         level=args.level,
         channel_axis=args.channel_axis if args.channel_axis is not None else "auto",
+        storage_options=parse_storage_options(getattr(args, "storage_options", None)),
     )
     tile_given = bool(getattr(args, "tile", None))
     # With a tile of the user's, that tile is tried with a forward even if the probe found none.

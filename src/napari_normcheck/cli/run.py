@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +24,18 @@ from napari_normcheck.cli.remedies import (
 def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     """Add the ``run`` subcommand to ``sub`` (argparse subparsers)."""
     run = sub.add_parser("run", help="run the two-mode check over a volume and write OUT.zarr")
-    run.add_argument("volume", help="zarr / OME-Zarr / TIFF / .npy volume")
+    run.add_argument(
+        "volume",
+        help="zarr / OME-Zarr / TIFF / .npy volume; zarr and OME-Zarr also by URL "
+        "(http(s)://, s3://), read lazily",
+    )
+    run.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        help="fsspec options of a URL volume, e.g. '{\"anon\": true}' or "
+        '\'{"client_kwargs": {"endpoint_url": "http://host:9000"}}\' (S3 also reads the usual '
+        "AWS environment)",
+    )
     add_model_arguments(run)
     run.add_argument("--out", required=True, help="output OUT.zarr folder")
     run.add_argument("--dataset", help="array path inside a zarr group")
@@ -130,6 +144,8 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the check (and the remedies when asked), write the report; exit code."""
+    from napari_normcheck.core.io.remote import parse_storage_options
+
     volume, loaded = open_inputs(args)
     info = loaded.info
     config = run_config_from_args(args, loaded, volume)
@@ -141,25 +157,33 @@ def run_command(args: argparse.Namespace) -> int:
             "another one",
             file=sys.stderr,
         )
-    report = run_and_report(
-        volume,
-        loaded,
-        config,
-        args.out,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        scheduler=args.scheduler,
-        n_workers=args.workers,
-        volume_source={
-            "source": args.volume,
-            "dataset": args.dataset,
-            "level": args.level,
-            "channel_axis": args.channel_axis if args.channel_axis is not None else "auto",
-        },
-        trust_pickle=args.trust_pickle,
-        remedies=remedies_options(args) if remedies_wanted(args) else None,
-        on_remedies=lambda finished: report_remedies(args, finished, loaded),
-    )
+    stop = StopSignals()
+    with stop:
+        report = run_and_report(
+            volume,
+            loaded,
+            config,
+            args.out,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            scheduler=args.scheduler,
+            n_workers=args.workers,
+            volume_source={
+                "source": args.volume,
+                "dataset": args.dataset,
+                "level": args.level,
+                "channel_axis": args.channel_axis if args.channel_axis is not None else "auto",
+                # Workers read a URL themselves, with the same options (never a local cache).
+                "storage_options": parse_storage_options(args.storage_options),
+            },
+            trust_pickle=args.trust_pickle,
+            remedies=remedies_options(args) if remedies_wanted(args) else None,
+            on_remedies=lambda finished: report_remedies(args, finished, loaded),
+            stop=stop,
+        )
+    if stop.signum is not None and not report:  # a signal after the run finished stops nothing
+        print(f"napari-normcheck: {stopped_message(args, stop.signum)}", file=sys.stderr)
+        return 128 + stop.signum
     if args.report:
         from napari_normcheck.core.run.report import write_report
 
@@ -182,13 +206,15 @@ def run_and_report(
     trust_pickle: bool = False,
     remedies: dict | None = None,
     on_remedies: Callable[[Any], dict] | None = None,
+    stop: StopSignals | None = None,
 ) -> dict:
     """Run the check with a progress bar on stderr, print the summary; return the report.
 
     With ``remedies`` (keyword arguments of
     :func:`~napari_normcheck.core.remedies.check_remedies.check_with_remedies`) the remedies are
     predicted in the same run; ``on_remedies`` then gets the last event and returns the report's
-    ``remedies`` entry.
+    ``remedies`` entry. When ``stop`` caught a signal, the run is closed after the current tile
+    (the writer finishes its chunks, the progress is saved) and the report is empty.
     """
     from tqdm import tqdm
 
@@ -232,38 +258,51 @@ def run_and_report(
     )
     bar = None
     report: dict = {}
-    for event in events:
-        if isinstance(event, RecalibrationProgress) and event.stage == "calibration":
-            if bar is None:
-                bar = tqdm(total=event.n_total, unit="batch", file=sys.stderr, desc="recalibrate")
-            bar.update(1)
-            if event.n_done >= event.n_total:  # not open while a cluster starts
-                bar.close()
-                bar = None
-        elif isinstance(event, RunStarted):
-            if bar is not None:
-                bar.close()
-            desc = "check with remedies" if remedies and remedies["remedies"] else "two-mode check"
-            bar = tqdm(
-                total=event.plan.n_tiles,
-                unit="tile",
-                file=sys.stderr,
-                desc=f"{desc} on {event.device}",
-            )
-        elif isinstance(event, TileDone) and bar is not None:
-            bar.total = event.n_total
-            bar.update(1)
-        elif isinstance(event, RunFinished):
-            if bar is not None:
-                bar.close()
-            report = build_report(event.summary, attrs | _store_attrs(event.out))
-            print(
-                f"wrote {event.out} ({event.summary['n_tiles']} tiles, "
-                f"{event.summary['timing']['total']:.1f} s)"
-            )
-            print(format_summary(report))
-        elif isinstance(event, RemediesFinished) and on_remedies is not None:
-            report["remedies"] = on_remedies(event)
+    try:
+        for event in events:
+            if stop is not None and stop.signum is not None:
+                events.close()  # the run's own cleanup: pending chunks written, progress saved
+                if bar is not None:
+                    bar.close()
+                return {}
+            if isinstance(event, RecalibrationProgress) and event.stage == "calibration":
+                if bar is None:
+                    bar = tqdm(
+                        total=event.n_total, unit="batch", file=sys.stderr, desc="recalibrate"
+                    )
+                bar.update(1)
+                if event.n_done >= event.n_total:  # not open while a cluster starts
+                    bar.close()
+                    bar = None
+            elif isinstance(event, RunStarted):
+                if bar is not None:
+                    bar.close()
+                desc = (
+                    "check with remedies" if remedies and remedies["remedies"] else "two-mode check"
+                )
+                bar = tqdm(
+                    total=event.plan.n_tiles,
+                    unit="tile",
+                    file=sys.stderr,
+                    desc=f"{desc} on {event.device}",
+                )
+            elif isinstance(event, TileDone) and bar is not None:
+                bar.total = event.n_total
+                bar.update(1)
+            elif isinstance(event, RunFinished):
+                if bar is not None:
+                    bar.close()
+                report = build_report(event.summary, attrs | _store_attrs(event.out))
+                print(
+                    f"wrote {event.out} ({event.summary['n_tiles']} tiles, "
+                    f"{event.summary['timing']['total']:.1f} s)"
+                )
+                print(format_summary(report))
+            elif isinstance(event, RemediesFinished) and on_remedies is not None:
+                report["remedies"] = on_remedies(event)
+    finally:
+        if bar is not None:  # an error's line starts on a line of its own
+            bar.close()
     return report
 
 
@@ -271,3 +310,51 @@ def _store_attrs(out) -> dict:
     import zarr
 
     return dict(zarr.open_group(str(out), mode="r").attrs["normcheck"])
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM during a run: stop after the current tile, keeping its work.
+
+    A batch scheduler's time limit sends SIGTERM; the run then ends like a Ctrl-C: reading stops,
+    the writer finishes the chunks it has, the progress is saved. A second Ctrl-C stops at once
+    (a ``KeyboardInterrupt``; the progress is still saved). Handlers are installed only on the
+    main thread (elsewhere signals are not delivered to Python code).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"\nnapari-normcheck: {signal.Signals(signum).name}: stopping after the current tile "
+            "(Ctrl-C again to stop at once)",
+            file=sys.stderr,
+        )
+
+
+def stopped_message(args: argparse.Namespace, signum: int | None) -> str:
+    """The line a stopped run ends with: what OUT keeps and the command that resumes it."""
+    from napari_normcheck.core.io.store import saved_work
+
+    name = "interrupted" if signum in (None, signal.SIGINT) else signal.Signals(signum).name
+    kept = saved_work(args.out) if getattr(args, "out", None) else None
+    if kept is None:
+        return f"{name}; the output is incomplete"
+    argv = [a for a in getattr(args, "argv", []) if a not in ("--overwrite", "--resume")]
+    command = shlex.join(["napari-normcheck", *argv, "--resume"])
+    return f"{name}: {kept} are saved in {args.out}; resume with: {command}"

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.base.errors import InputReadError, NormcheckError, first_line
+from napari_normcheck.core.io.lazy_array import describe_box, failing_box
 
 IntensityKind = Literal["none", "minmax", "meanstd", "percentile", "zscore"]
 
@@ -257,8 +258,30 @@ def _strided_sample(data: Any, max_samples: int) -> np.ndarray:
     strides = subsample_strides(tuple(int(n) for n in data.shape), max_samples)
     sample = data[tuple(slice(None, None, stride) for stride in strides)]
     if hasattr(sample, "compute"):
-        sample = sample.compute()
+        try:
+            sample = sample.compute()
+        except NormcheckError:
+            raise
+        except Exception as error:
+            box = failing_box(sample, strides)
+            where = f" in the box {describe_box(box)}" if box else ""
+            raise InputReadError(
+                f"cannot read the input{where} while sampling its "
+                f"intensities for the normalization ({first_line(error)}); a chunk there is "
+                "damaged or out of reach: repair or copy it again, then run again"
+            ) from error
     return np.asarray(sample)
+    starts = [np.concatenate([[0], np.cumsum(c)]) for c in sample.chunks]
+    for index in np.ndindex(*sample.numblocks):
+        try:
+            sample.blocks[index].compute()
+        except Exception:
+            lo = [int(s[i]) * st for s, i, st in zip(starts, index, strides)]
+            hi = [(int(s[i + 1]) - 1) * st + 1 for s, i, st in zip(starts, index, strides)]
+            names = "czyx"[-len(lo) :]
+            axes = [(n, a, b) for n, a, b in zip(names, lo, hi) if n != "c"]
+            return " in the box " + ", ".join(f"{n} {a}:{b}" for n, a, b in axes)
+    return ""
 
 
 def _estimate_mean_std(data: Any, max_samples: int, spec: IntensitySpec) -> tuple[float, float]:

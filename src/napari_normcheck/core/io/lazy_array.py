@@ -98,3 +98,58 @@ def _contiguous_chunks(
             chunks[axis] = max(1, min(shape[axis], target_bytes // inner_bytes))
             break
     return tuple(chunks)
+
+
+def failing_box(
+    data: Any, strides: Sequence[int] | None = None, origin: Sequence[int] | None = None
+) -> list[tuple[int, int]] | None:
+    """The box of the first block of dask ``data`` that fails to read, in volume coordinates.
+
+    Called after a read failed, to name the damaged chunk rather than the whole region read.
+
+    Parameters
+    ----------
+    data : dask.array.Array
+        The data read (or a strided view of it); other arrays give ``None``.
+    strides : sequence of int, optional
+        Steps of a strided view per axis (its voxels map back to ``index * stride``).
+    origin : sequence of int, optional
+        Where ``data`` starts in the volume per axis.
+
+    Returns
+    -------
+    list of (int, int) or None
+        ``(start, stop)`` per axis, or ``None`` when every block reads.
+    """
+    if not hasattr(data, "blocks"):
+        return None
+    strides = list(strides or [1] * data.ndim)
+    origin = list(origin or [0] * data.ndim)
+    starts = [np.concatenate([[0], np.cumsum(c)]) for c in data.chunks]
+    for index in np.ndindex(*data.numblocks):
+        try:
+            data.blocks[index].compute(scheduler="synchronous")
+        except Exception:
+            return [
+                (o + int(s[i]) * st, o + (int(s[i + 1]) - 1) * st + 1)
+                for s, i, st, o in zip(starts, index, strides, origin)
+            ]
+    return None
+
+
+def stored_chunk_box(data: Any, box: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The chunk of dask ``data`` (the whole volume) that holds the start of ``box``."""
+    if not hasattr(data, "chunks"):
+        return list(box)
+    chunk = []
+    for (start, _stop), sizes in zip(box, data.chunks):
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        i = int(np.searchsorted(bounds, start, side="right")) - 1
+        chunk.append((int(bounds[i]), int(bounds[min(i + 1, len(bounds) - 1)])))
+    return chunk
+
+
+def describe_box(box: Sequence[tuple[int, int]]) -> str:
+    """``z a:b, y c:d, x e:f`` of a ``(C, Z, Y, X)`` box (channels left out)."""
+    names = "czyx"[-len(box) :]
+    return ", ".join(f"{n} {a}:{b}" for n, (a, b) in zip(names, box) if n != "c")

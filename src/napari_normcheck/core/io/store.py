@@ -3,7 +3,13 @@
 ``OUT.zarr/`` (a zarr v3 group) holds one OME-Zarr image group per output (``pred_eval``, ``pred_train``,
 later metrics), each with level ``0`` of shape ``(channel, z, y, x)`` and the input's voxel size and the
 ROI's translation, so napari overlays it on the input. The root's ``normcheck`` attribute holds the run
-parameters. A run is complete only when the ``COMPLETE.json`` marker exists; it is written last.
+parameters. A run is complete only when the root's ``normcheck_summary`` attribute (the run summary,
+the completion marker) exists; it is written last.
+
+Nothing but zarr nodes stays in a finished OUT, so zarr and OME-Zarr readers list it without warnings
+("Object at ... is not recognized as a component of a Zarr hierarchy"): while a run writes, its
+progress and an error log live in ``.normcheck/``, removed when the run completes. Stores written
+before (``COMPLETE.json`` and ``progress.json`` at the root) are still read and resumed.
 
 An existing OUT is never written into without ``overwrite``; with it, the new run is built beside the old
 one and swapped in only when complete, so a failed run never destroys an earlier complete result.
@@ -20,11 +26,16 @@ from typing import Any
 import numpy as np
 import zarr
 
-from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.base.errors import NormcheckError, OutputWriteError, first_line
+from napari_normcheck.core.io.lock import OutLock
 from napari_normcheck.core.io.pyramid import Pyramid, level_transform
 
-COMPLETE_MARKER = "COMPLETE.json"
+SUMMARY_ATTR = "normcheck_summary"
+RECORDS_DIR = ".normcheck"
 PROGRESS_FILE = "progress.json"
+ERROR_LOG = "error.log"
+# Where stores written by earlier versions keep their marker and progress (still read).
+OLD_COMPLETE_MARKER = "COMPLETE.json"
 STORE_KIND = "napari-normcheck output"
 
 
@@ -40,22 +51,49 @@ def is_normcheck_store(path: str | Path) -> bool:
     return attrs.get("normcheck", {}).get("kind") == STORE_KIND
 
 
+def _root_attrs(path: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return {}
+
+
 def is_complete(path: str | Path) -> bool:
     """Whether the run that wrote ``path`` finished (its completion marker exists)."""
-    return (Path(path) / COMPLETE_MARKER).is_file()
+    return SUMMARY_ATTR in _root_attrs(path) or (Path(path) / OLD_COMPLETE_MARKER).is_file()
 
 
 def read_marker(path: str | Path) -> dict[str, Any]:
     """The completion marker's content (the run summary)."""
-    return json.loads((Path(path) / COMPLETE_MARKER).read_text())
+    summary = _root_attrs(path).get(SUMMARY_ATTR)
+    if summary is not None:
+        return summary
+    return json.loads((Path(path) / OLD_COMPLETE_MARKER).read_text())
+
+
+def records_dir(store_path: str | Path) -> Path:
+    """The folder of an unfinished run's progress and error log inside its store."""
+    return Path(store_path) / RECORDS_DIR
+
+
+def read_progress(store_path: str | Path) -> dict[str, Any]:
+    """What an interrupted run finished (empty when it saved nothing), new layout or old."""
+    for path in (records_dir(store_path) / PROGRESS_FILE, Path(store_path) / PROGRESS_FILE):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves the previous file, and no half one
+        raise
 
 
 def _json_default(value: Any) -> Any:
@@ -129,6 +167,14 @@ class OutputStore:
         self.target = target
         self.path = work_path
         self.root = zarr.open_group(str(work_path), mode="a", zarr_format=3)
+        # The run's lock on OUT (see :mod:`~napari_normcheck.core.io.lock`), when it holds one.
+        self.lock: OutLock | None = None
+
+    def release_lock(self) -> None:
+        """Let other runs write OUT again (nothing when this store holds no lock)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @classmethod
     def create(cls, target: str | Path, *, overwrite: bool, attrs: dict[str, Any]) -> OutputStore:
@@ -151,11 +197,18 @@ class OutputStore:
         """
         target = Path(target)
         work = check_output_target(target, overwrite=overwrite, resume=False)
-        if work != target and work.exists():
-            shutil.rmtree(work)
-        zarr.open_group(str(work), mode="w", zarr_format=3)
-        store = cls(target, work)
-        store.root.attrs["normcheck"] = {"kind": STORE_KIND, **attrs}
+        try:
+            if work != target and work.exists():
+                shutil.rmtree(work)
+            zarr.open_group(str(work), mode="w", zarr_format=3)
+            store = cls(target, work)
+            store.root.attrs["normcheck"] = {"kind": STORE_KIND, **attrs}
+        except OSError as error:
+            raise OutputWriteError(
+                f"cannot create {target} ({error.strerror or first_line(error)}): its filesystem does not take "
+                "files (read-only, full, or a pseudo-filesystem such as /proc); choose an --out "
+                "on a writable disk"
+            ) from error
         return store
 
     @classmethod
@@ -197,12 +250,13 @@ class OutputStore:
 
     def read_progress(self) -> dict[str, Any]:
         """What an interrupted run finished (empty when it saved nothing)."""
-        path = self.path / PROGRESS_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_progress(self.path)
 
     def write_progress(self, progress: dict[str, Any]) -> None:
         """Save what is finished, atomically (a crash leaves the previous complete file)."""
-        write_json_atomic(self.path / PROGRESS_FILE, progress)
+        folder = records_dir(self.path)
+        folder.mkdir(exist_ok=True)
+        write_json_atomic(folder / PROGRESS_FILE, progress)
 
     def create_image(
         self,
@@ -256,8 +310,14 @@ class OutputStore:
         return Pyramid([group[d["path"]] for d in datasets])
 
     def finish(self, summary: dict[str, Any]) -> Path:
-        """Write the completion marker last; swap the new OUT in place of an old one. Returns OUT."""
-        write_json_atomic(self.path / COMPLETE_MARKER, summary)
+        """Write the completion marker last; swap the new OUT in place of an old one. Returns OUT.
+
+        The marker is the root's ``normcheck_summary`` attribute (zarr writes ``zarr.json``
+        atomically); the run's records (progress, an old error log) are removed after it.
+        """
+        self.root.attrs[SUMMARY_ATTR] = json.loads(json.dumps(summary, default=_json_default))
+        shutil.rmtree(records_dir(self.path), ignore_errors=True)
+        (self.path / PROGRESS_FILE).unlink(missing_ok=True)  # an older version's, resumed
         if self.path != self.target:
             old = self.target.with_name(self.target.name + f".old-{os.getpid()}")
             os.replace(self.target, old)
@@ -280,6 +340,11 @@ def check_output_target(target: str | Path, *, overwrite: bool, resume: bool) ->
         napari-normcheck output (never deleted), or its folder is missing or not writable. For a
         resumed run: there is no interrupted napari-normcheck run there, or it already finished.
     """
+    if "://" in str(target):
+        raise NormcheckError(
+            f"cannot write {target}: OUT must be a folder on a filesystem (remote writes are not "
+            "supported); write it locally and copy it"
+        )
     target = Path(target)
     if resume:
         work = target.with_name(target.name + ".inprogress")
@@ -294,7 +359,10 @@ def check_output_target(target: str | Path, *, overwrite: bool, resume: bool) ->
     if not parent.is_dir():
         raise NormcheckError(f"cannot write {target}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise NormcheckError(f"cannot write {target}: folder {parent} is not writable")
+        raise NormcheckError(
+            f"cannot write {target}: folder {parent} is not writable (a read-only disk, or no "
+            "permission); make it writable or choose another --out"
+        )
     if not target.exists():
         return target
     if not overwrite:
@@ -308,3 +376,27 @@ def check_output_target(target: str | Path, *, overwrite: bool, resume: bool) ->
             "it is not overwritten: choose another --out"
         )
     return target.with_name(target.name + ".inprogress")
+
+
+def saved_work(target: str | Path) -> str | None:
+    """What an interrupted run left for ``--resume`` in OUT ``target``, in words; ``None`` if nothing.
+
+    Counts the output chunks a single-process run listed as finished, or the blocks a distributed
+    run recorded (``.blocks/``).
+    """
+    target = Path(target)
+    inprogress = target.with_name(target.name + ".inprogress")
+    work = inprogress if inprogress.exists() else target
+    if not is_normcheck_store(work) or is_complete(work):
+        return None
+    plan = _root_attrs(work).get("normcheck", {}).get("plan", {})
+    roi = [b - a for a, b in zip(plan.get("roi_start", []), plan.get("roi_stop", []))]
+    grid = [-(-n // c) for n, c in zip(roi, plan.get("chunk_shape", []))]
+    blocks = work / ".blocks"
+    if (blocks / "manifest.json").is_file():
+        per_block = json.loads((blocks / "manifest.json").read_text())["block_chunks"]
+        n_blocks = int(np.prod([-(-g // b) for g, b in zip(grid, per_block)]))
+        n_done = len(list(blocks.glob("block_*.json")))
+        return f"{n_done} of {n_blocks} blocks"
+    n_done = len(read_progress(work).get("done_chunks", []))
+    return f"{n_done} of {int(np.prod(grid))} output chunks"

@@ -1,7 +1,8 @@
 """Open any supported source as a lazy ``(C, Z, Y, X)`` dask array with its voxel size and position.
 
 Supported sources: zarr v2/v3 arrays, zarr groups with a dataset path, OME-Zarr multiscale images
-(NGFF 0.4 and 0.5), TIFF stacks, ``.npy`` files, and NumPy / dask / zarr arrays handed in by code
+(NGFF 0.4 and 0.5), local or by URL (``http(s)://``, ``s3://``: :mod:`~napari_normcheck.core.io.remote`),
+TIFF stacks, ``.npy`` files, and NumPy / dask / zarr arrays handed in by code
 (napari layer data, a multiscale list included). Nothing here reads voxel data: every source is
 wrapped lazily, so volumes far larger than memory open instantly.
 
@@ -28,6 +29,7 @@ from napari_normcheck.core.io.lazy_array import (
     _from_contiguous,
     _zarr_dask_chunks,
 )
+from napari_normcheck.core.io.remote import is_url, open_remote
 from napari_normcheck.core.io.volume_axes import (
     Role,
     _compose_transforms,
@@ -105,6 +107,7 @@ def open_volume(
     dataset: str | None = None,
     level: int = 0,
     channel_axis: int | None | Literal["auto"] = "auto",
+    storage_options: dict[str, Any] | None = None,
 ) -> Volume:
     """Open ``source`` lazily as a ``(C, Z, Y, X)`` volume.
 
@@ -122,6 +125,8 @@ def open_volume(
         Axis of the array as found that holds channels. "auto" takes it from the axes metadata
         (OME-Zarr ``axes``, TIFF C/S axes) and otherwise means: none for 2D and 3D, axis 0 for 4D.
         An int that contradicts the metadata is an error.
+    storage_options : dict, optional
+        fsspec options of a URL source (endpoint, credentials, ``anon``), as fsspec takes them.
 
     Returns
     -------
@@ -134,6 +139,10 @@ def open_volume(
         For a missing path, an unknown format, a group without a dataset, a missing dataset, a
         level out of range or an unsupported number of dimensions.
     """
+    if is_url(source):
+        # Only zarr / OME-Zarr by URL: read lazily, chunk by chunk, with retries and a cache.
+        node = open_remote(source, storage_options)
+        return _open_zarr_node(node, source, dataset, level, channel_axis)
     if isinstance(source, (str, os.PathLike)):
         return _open_path(Path(source), dataset, level, channel_axis)
     if isinstance(source, zarr.Group):

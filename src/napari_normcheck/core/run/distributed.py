@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from napari_normcheck.core.base.config import RunConfig
-from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.base.errors import NormcheckError, WorkerError, first_line
 from napari_normcheck.core.io.intensity import IntensityTransform
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.measure.metrics import DisparityAccumulator
@@ -49,6 +49,7 @@ from napari_normcheck.core.run.blocks import (
 )
 from napari_normcheck.core.run.engine import run_check
 from napari_normcheck.core.run.events import BlockDone, RunFinished, RunStarted, TileDone
+from napari_normcheck.core.run.faults import input_named, run_fault
 from napari_normcheck.core.run.forward import probe_out_channels, resolve_device
 from napari_normcheck.core.run.grid_shift import GridShift
 from napari_normcheck.core.run.grids import tile_cell_transform
@@ -205,14 +206,15 @@ def run_check_distributed(
         device = resolve_device(config.device)
     except NormcheckError:  # the client need not have the workers' GPUs
         device = CPU
-    setup = prepare_run(
-        volume,
-        config,
-        spatial_dims=spatial_dims,
-        divisor=divisor,
-        transform=transform,
-        device=device,
-    )
+    with input_named(volume.source):  # the normalization samples the whole input
+        setup = prepare_run(
+            volume,
+            config,
+            spatial_dims=spatial_dims,
+            divisor=divisor,
+            transform=transform,
+            device=device,
+        )
     plan = setup.plan
     recorder = make_recorder(model, config)
     n_out = probe_out_channels(
@@ -224,138 +226,160 @@ def run_check_distributed(
     store, _ = open_outputs(
         out, attrs, config, setup, volume, names, overwrite=overwrite, resume=resume
     )
-    shift = (
-        GridShift.open(
-            store,
-            config,
-            setup,
-            volume,
-            names,
-            store.read_progress() if resume else {},
-            resume=resume,
-        )
-        if config.grid_shift
-        else None
-    )
-    with open_client(scheduler, n_workers, client) as dask_client:
-        n_threads = max(1, sum(dask_client.nthreads().values()))
-        manifest = read_manifest(store.path) if resume else None
-        if manifest is not None:
-            block_chunks = tuple(manifest["block_chunks"])  # type: ignore[assignment]
-        block_chunks = block_chunks or default_block_chunks(plan, n_threads)
-        digest = config_hash(attrs, block_chunks)
-        if manifest is not None and manifest["config_hash"] != digest:
-            raise NormcheckError(
-                f"cannot resume {out}: it was run with other settings or another model; "
-                "use the interrupted run's options, or start again with --overwrite"
+    try:
+        shift = (
+            GridShift.open(
+                store,
+                config,
+                setup,
+                volume,
+                names,
+                store.read_progress() if resume else {},
+                resume=resume,
             )
-        if manifest is None:
-            write_manifest(store.path, digest, block_chunks)
-        finished = read_block_records(store.path, digest) if manifest is not None else {}
-        blocks = plan_blocks(plan, block_chunks)
-        context = BlockContext(
-            key=f"{digest[:16]}-{uuid.uuid4().hex[:8]}",
-            model=model_spec,
-            volume=None if volume_source else volume,
-            volume_source=_absolute_source(volume_source),
-            config=config,
-            plan=plan,
-            transform=setup.transform,
-            spatial_dims=setup.spatial_dims,
-            n_out=n_out,
-            store_path=str(Path(store.path).resolve()),
-            config_hash=digest,
-            predictions=tuple(predictions),
+            if config.grid_shift
+            else None
         )
-        plugin = RunPlugin(context)
-        futures: dict[Any, Block] = {}
-        complete = False
-        tile_records: queue.Queue = queue.Queue()
-        topic = progress_topic(context.key)
-        try:
-            # Handlers run on the client's event loop thread: hand records over through a queue.
-            dask_client.subscribe_topic(topic, lambda event: tile_records.put(event[1]["record"]))
-            dask_client.register_plugin(plugin)
-            owners = tile_owners(plan, block_chunks)
-            todo = [b for b in blocks if b.index not in finished]
-            todo_indices = {b.index for b in todo}
-            n_total = int(sum(1 for o in owners if int(o) in todo_indices))
-            yield RunStarted(
-                out=Path(out),
-                plan=plan,
-                device=f"dask cluster, {n_threads} worker thread(s), {len(blocks)} blocks",
-                eval_batch=setup.eval_batch,
-            )
-            if shift is not None:
-                # The shifted grid first, in this process (the blocks compare their chunks with it).
-                client_model = model if device.type == "cpu" else copy.deepcopy(model).to(device)
-                yield from shift.run_alone(
-                    volume,
-                    config,
-                    bind_predictions(client_model, predictions, config),
-                    store,
-                    n_main=n_total,
-                    t_start=t_start,
-                    cancel=cancel,
+        with open_client(scheduler, n_workers, client) as dask_client:
+            n_threads = max(1, sum(dask_client.nthreads().values()))
+            manifest = read_manifest(store.path) if resume else None
+            if manifest is not None:
+                block_chunks = tuple(manifest["block_chunks"])  # type: ignore[assignment]
+            block_chunks = block_chunks or default_block_chunks(plan, n_threads)
+            digest = config_hash(attrs, block_chunks)
+            if manifest is not None and manifest["config_hash"] != digest:
+                raise NormcheckError(
+                    f"cannot resume {out}: it was run with other settings or another model; "
+                    "use the interrupted run's options, or start again with --overwrite"
                 )
+            if manifest is None:
+                write_manifest(store.path, digest, block_chunks)
+            finished = read_block_records(store.path, digest) if manifest is not None else {}
+            blocks = plan_blocks(plan, block_chunks)
+            context = BlockContext(
+                key=f"{digest[:16]}-{uuid.uuid4().hex[:8]}",
+                model=model_spec,
+                volume=None if volume_source else volume,
+                volume_source=_absolute_source(volume_source),
+                config=config,
+                plan=plan,
+                transform=setup.transform,
+                spatial_dims=setup.spatial_dims,
+                n_out=n_out,
+                store_path=str(Path(store.path).resolve()),
+                config_hash=digest,
+                predictions=tuple(predictions),
+            )
+            plugin = RunPlugin(context)
+            futures: dict[Any, Block] = {}
+            complete = False
+            tile_records: queue.Queue = queue.Queue()
+            topic = progress_topic(context.key)
+            try:
+                # Handlers run on the client's event loop thread: hand records over through a queue.
+                dask_client.subscribe_topic(
+                    topic, lambda event: tile_records.put(event[1]["record"])
+                )
+                dask_client.register_plugin(plugin)
+                owners = tile_owners(plan, block_chunks)
+                todo = [b for b in blocks if b.index not in finished]
+                todo_indices = {b.index for b in todo}
+                n_total = int(sum(1 for o in owners if int(o) in todo_indices))
+                yield RunStarted(
+                    out=Path(out),
+                    plan=plan,
+                    device=f"dask cluster, {n_threads} worker thread(s), {len(blocks)} blocks",
+                    eval_batch=setup.eval_batch,
+                )
+                if shift is not None:
+                    # The shifted grid first, in this process (the blocks compare their chunks
+                    # with it).
+                    client_model = (
+                        model if device.type == "cpu" else copy.deepcopy(model).to(device)
+                    )
+                    yield from shift.run_alone(
+                        volume,
+                        config,
+                        bind_predictions(client_model, predictions, config),
+                        store,
+                        n_main=n_total,
+                        t_start=t_start,
+                        cancel=cancel,
+                    )
+                    if cancel is not None and cancel.is_set():
+                        return
+                n_shift = shift.n_run if shift else 0
+                submitted = dask_client.map(
+                    run_block_task, todo, run_key=context.key, retries=retries, pure=False
+                )
+                futures = dict(zip(submitted, todo))
+                reported: set[int] = set()
+                for block, result in _completed(futures, cancel, tile_records):
+                    elapsed = time.perf_counter() - t_start
+                    records = [result] if block is None else list(result["records"].values())
+                    # A tile is reported once: live from its block, or with the block's result (a
+                    # lost message, a retried block).
+                    for record in sorted(records, key=lambda r: r["index"]):
+                        if record["index"] not in reported:
+                            reported.add(record["index"])
+                            tile = plan.get_tile(record["index"])
+                            yield TileDone(
+                                tile,
+                                len(reported) + n_shift,
+                                n_total + n_shift,
+                                elapsed,
+                                0,
+                                record,
+                            )
+                    if block is None:
+                        continue
+                    finished[block.index] = result
+                    yield BlockDone(
+                        block.index,
+                        len(finished) - (len(blocks) - len(todo)),
+                        len(todo),
+                        elapsed,
+                        int(result["tiles_run"]),
+                        str(result.get("worker", "")),
+                    )
                 if cancel is not None and cancel.is_set():
                     return
-            n_shift = shift.n_run if shift else 0
-            submitted = dask_client.map(
-                run_block_task, todo, run_key=context.key, retries=retries, pure=False
-            )
-            futures = dict(zip(submitted, todo))
-            reported: set[int] = set()
-            for block, result in _completed(futures, cancel, tile_records):
-                elapsed = time.perf_counter() - t_start
-                records = [result] if block is None else list(result["records"].values())
-                # A tile is reported once: live from its block, or with the block's result (a
-                # lost message, a retried block).
-                for record in sorted(records, key=lambda r: r["index"]):
-                    if record["index"] not in reported:
-                        reported.add(record["index"])
-                        tile = plan.get_tile(record["index"])
-                        yield TileDone(
-                            tile, len(reported) + n_shift, n_total + n_shift, elapsed, 0, record
-                        )
-                if block is None:
-                    continue
-                finished[block.index] = result
-                yield BlockDone(
-                    block.index,
-                    len(finished) - (len(blocks) - len(todo)),
-                    len(todo),
-                    elapsed,
-                    int(result["tiles_run"]),
-                    str(result.get("worker", "")),
-                )
-            if cancel is not None and cancel.is_set():
-                return
-            complete = True
-        finally:
-            if not complete:
-                # Running blocks cannot be interrupted by the scheduler: they poll this event.
+                complete = True
+            finally:
+                if not complete:
+                    # Running blocks cannot be interrupted by the scheduler: they poll this event.
+                    with contextlib.suppress(Exception):
+                        Event(stop_event_name(context.key), client=dask_client).set()
+                if futures:
+                    with contextlib.suppress(Exception):
+                        dask_client.cancel(list(futures))
                 with contextlib.suppress(Exception):
-                    Event(stop_event_name(context.key), client=dask_client).set()
-            if futures:
+                    dask_client.unregister_worker_plugin(plugin.name)
                 with contextlib.suppress(Exception):
-                    dask_client.cancel(list(futures))
-            with contextlib.suppress(Exception):
-                dask_client.unregister_worker_plugin(plugin.name)
-            with contextlib.suppress(Exception):
-                dask_client.unsubscribe_topic(topic)
-    final_path, summary = _finish(
-        store, volume, config, setup, names, finished, recorder, out, t_start, shift
-    )
-    summary["distributed"] = {
-        "n_blocks": len(blocks),
-        "block_chunks": list(block_chunks),
-        "worker_threads": n_threads,
-        "tiles_run": int(sum(r["tiles_run"] for r in finished.values())),
-    }
-    remove_block_records(final_path)
-    shutil.rmtree(final_path / ".scratch", ignore_errors=True)  # emptied spill folders of blocks
-    yield RunFinished(out=final_path, summary=summary)
+                    dask_client.unsubscribe_topic(topic)
+        final_path, summary = _finish(
+            store, volume, config, setup, names, finished, recorder, out, t_start, shift
+        )
+        summary["distributed"] = {
+            "n_blocks": len(blocks),
+            "block_chunks": list(block_chunks),
+            "worker_threads": n_threads,
+            "tiles_run": int(sum(r["tiles_run"] for r in finished.values())),
+        }
+        remove_block_records(final_path)
+        shutil.rmtree(
+            final_path / ".scratch", ignore_errors=True
+        )  # emptied spill folders of blocks
+        store.release_lock()
+        yield RunFinished(out=final_path, summary=summary)
+    except Exception as error:
+        # One line for the user, the traceback in OUT's error log; finished blocks stay recorded.
+        fault = run_fault(error, out=out, store_path=store.path)
+        if fault is error:
+            raise
+        raise fault from error
+    finally:
+        store.release_lock()
 
 
 def _absolute_source(volume_source: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -390,11 +414,21 @@ def _completed(
             try:
                 result = future.result()
             except KilledWorker:
-                raise NormcheckError(
+                raise WorkerError(
                     f"block {futures[future].index} was lost with its worker several times (a "
                     "worker keeps dying, e.g. out of memory); use smaller tiles or more memory "
                     "per worker, then --resume"
                 ) from None
+            except NormcheckError:  # said where it happened (an input region, OUT)
+                raise
+            except Exception as error:
+                block = futures[future]
+                box = ", ".join(f"{a} {b}:{c}" for a, b, c in zip("zyx", block.start, block.stop))
+                raise WorkerError(
+                    f"block {block.index} ({box}) failed on a worker: {first_line(error)}; fix "
+                    "the cause on the workers (their memory, disk, access to the input and "
+                    "OUT), then rerun with --resume (finished blocks are kept)"
+                ) from error
             yield futures[future], result
 
 

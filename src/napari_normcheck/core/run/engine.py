@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from napari_normcheck.core.base.config import RunConfig
@@ -29,6 +30,7 @@ from napari_normcheck.core.io.store import is_complete
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.run.blocks import whole_train_batches
 from napari_normcheck.core.run.events import RunFinished, RunStarted, TileDone
+from napari_normcheck.core.run.faults import input_named, run_fault
 from napari_normcheck.core.run.forward import probe_out_channels
 from napari_normcheck.core.run.grid_shift import GridShift
 from napari_normcheck.core.run.grids import tile_cell_transform
@@ -94,9 +96,10 @@ def run_check(
     """
     t_start = time.perf_counter()
     timing = Timing()
-    setup = prepare_run(
-        volume, config, spatial_dims=spatial_dims, divisor=divisor, transform=transform
-    )
+    with input_named(volume.source):  # the normalization samples the whole input
+        setup = prepare_run(
+            volume, config, spatial_dims=spatial_dims, divisor=divisor, transform=transform
+        )
     plan, device = setup.plan, setup.device
     worker_model = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     n_out = probe_out_channels(
@@ -110,115 +113,139 @@ def run_check(
     store, arrays = open_outputs(
         out, attrs, config, setup, volume, names, overwrite=overwrite, resume=resume
     )
-    progress = store.read_progress() if resume else {}
-    bound = bind_predictions(worker_model, predictions, config)
-    shift = (
-        GridShift.open(store, config, setup, volume, names, progress, resume=resume)
-        if config.grid_shift
-        else None
-    )
-    loop = TileLoop(
-        volume,
-        setup,
-        config,
-        bound,
-        arrays,
-        timing,
-        store.path / ".scratch",
-        done_chunks={tuple(c) for c in progress.get("done_chunks", [])},
-        grid_shift=shift.comparer if shift else None,
-    )
-    loop.load_progress(progress)
-    last_save = time.perf_counter()
-
-    def save_progress(via: TileLoop | None = None) -> None:
-        # A snapshot taken now, written by the writer thread after the chunk writes queued before
-        # it: a chunk is either listed and on disk, or recomputed. The run does not wait for it.
-        # ``via``: the shifted grid's loop while it runs (its chunks are the ones being written).
-        nonlocal last_save
-        snapshot = loop.progress() | (shift.progress() if shift else {})
-
-        def write() -> None:
-            # On the writer thread: the chunks listed are summed by now, and no later one is.
-            store.write_progress(snapshot | loop.chunk_progress())
-
-        (via or loop).write_after_pending(write)
-        last_save = time.perf_counter()
-
-    timing.setup = time.perf_counter() - t_start
-    t_event = time.perf_counter()
-    yield RunStarted(out=Path(out), plan=plan, device=str(device), eval_batch=setup.eval_batch)
-    timing.events += time.perf_counter() - t_event
-    needed = {t.index for t in plan.tiles() if loop.accumulator.needs(t)}
-    # A pair's mismatch is computed when its later tile runs, from the earlier tile's overlap slab.
-    needed |= {j for i in list(needed) for j in loop.mismatch.missing_partners(i)}
-    needed = whole_train_batches(needed, config.train_batch, plan.n_tiles)
-    tiles = [plan.get_tile(i) for i in sorted(needed)]
+    loop: TileLoop | None = None
+    shift: GridShift | None = None
     try:
-        if shift is not None:
-            # The shifted grid first: the main grid's chunks are compared with it as they finish.
-            yield from shift.run(
-                volume,
-                config,
-                bound,
-                timing,
-                store.path / ".scratch" / "grid_shift",
-                n_main=len(tiles),
-                t_start=t_start,
-                save=save_progress,
-                cancel=cancel,
-            )
-            shift.close()
-            if cancel is not None and cancel.is_set():
-                return
-        n_before = shift.n_run if shift else 0
-        with contextlib.closing(loop.run(tiles)) as results:
-            for n_done, result in enumerate(results, start=n_before + 1):
-                if time.perf_counter() - last_save > 2.0:
-                    save_progress()
-                t_event = time.perf_counter()
-                yield TileDone(
-                    result.tile,
-                    n_done,
-                    len(tiles) + n_before,
-                    t_event - t_start,
-                    result.chunks_written,
-                    result.record or {},
-                )
-                timing.events += time.perf_counter() - t_event
-                if cancel is not None and cancel.is_set():
-                    return
-        loop.flush()
-        shifted = (
-            shift.finish(
-                store,
-                loop.records,
-                tile_cell_transform(plan, tuple(volume.scale), volume.translation),
-                min_foreground_of(config.to_dict()),
-            )
-            if shift
-            else {}
+        progress = store.read_progress() if resume else {}
+        bound = bind_predictions(worker_model, predictions, config)
+        shift = (
+            GridShift.open(store, config, setup, volume, names, progress, resume=resume)
+            if config.grid_shift
+            else None
         )
-        final_path, summary = finish_run(
-            store,
+        loop = TileLoop(
             volume,
             setup,
-            loop.sums(),
-            out=out,
-            timing=timing,
-            before_marker=loop.flush,
-            extra_summary=({"precision_effect": effect} if effect else {}) | shifted or None,
-            run_started=t_start,
+            config,
+            bound,
+            arrays,
+            timing,
+            store.path / ".scratch",
+            done_chunks={tuple(c) for c in progress.get("done_chunks", [])},
+            grid_shift=shift.comparer if shift else None,
         )
-        remove_block_records(final_path)  # a distributed run's records, when this resumed one
-        yield RunFinished(out=final_path, summary=summary)
-    finally:
-        # A failed write must not be listed as done: then the progress is not saved at all.
-        if shift is not None:
+        loop.load_progress(progress)
+        last_save = time.perf_counter()
+
+        def save_progress(via: TileLoop | None = None) -> None:
+            # A snapshot taken now, written by the writer thread after the chunk writes queued
+            # before it: a chunk is either listed and on disk, or recomputed. The run does not
+            # wait for it. ``via``: the shifted grid's loop while it runs (its chunks are the
+            # ones being written).
+            nonlocal last_save
+            snapshot = loop.progress() | (shift.progress() if shift else {})
+
+            def write() -> None:
+                # On the writer thread: the chunks listed are summed by now, and no later one is.
+                store.write_progress(snapshot | loop.chunk_progress())
+
+            (via or loop).write_after_pending(write)
+            last_save = time.perf_counter()
+
+        timing.setup = time.perf_counter() - t_start
+        t_event = time.perf_counter()
+        yield RunStarted(out=Path(out), plan=plan, device=str(device), eval_batch=setup.eval_batch)
+        timing.events += time.perf_counter() - t_event
+        needed = {t.index for t in plan.tiles() if loop.accumulator.needs(t)}
+        # A pair's mismatch is computed when its later tile runs, from the earlier tile's
+        # overlap slab.
+        needed |= {j for i in list(needed) for j in loop.mismatch.missing_partners(i)}
+        needed = whole_train_batches(needed, config.train_batch, plan.n_tiles)
+        tiles = [plan.get_tile(i) for i in sorted(needed)]
+        try:
+            if shift is not None:
+                # The shifted grid first: the main grid's chunks are compared with it as they
+                # finish.
+                yield from shift.run(
+                    volume,
+                    config,
+                    bound,
+                    timing,
+                    store.path / ".scratch" / "grid_shift",
+                    n_main=len(tiles),
+                    t_start=t_start,
+                    save=save_progress,
+                    cancel=cancel,
+                )
+                shift.close()
+                if cancel is not None and cancel.is_set():
+                    return
+            n_before = shift.n_run if shift else 0
+            with contextlib.closing(loop.run(tiles)) as results:
+                for n_done, result in enumerate(results, start=n_before + 1):
+                    if time.perf_counter() - last_save > 2.0:
+                        save_progress()
+                    t_event = time.perf_counter()
+                    yield TileDone(
+                        result.tile,
+                        n_done,
+                        len(tiles) + n_before,
+                        t_event - t_start,
+                        result.chunks_written,
+                        result.record or {},
+                    )
+                    timing.events += time.perf_counter() - t_event
+                    if cancel is not None and cancel.is_set():
+                        return
+            loop.flush()
+            shifted = (
+                shift.finish(
+                    store,
+                    loop.records,
+                    tile_cell_transform(plan, tuple(volume.scale), volume.translation),
+                    min_foreground_of(config.to_dict()),
+                )
+                if shift
+                else {}
+            )
+            final_path, summary = finish_run(
+                store,
+                volume,
+                setup,
+                loop.sums(),
+                out=out,
+                timing=timing,
+                before_marker=loop.flush,
+                extra_summary=({"precision_effect": effect} if effect else {}) | shifted or None,
+                run_started=t_start,
+            )
+            remove_block_records(final_path)  # a distributed run's, when this one resumed it
+            store.release_lock()  # complete: a caller keeping this generator blocks no other run
+            yield RunFinished(out=final_path, summary=summary)
+        finally:
+            # A failed write must not be listed as done: then the progress is not saved at all.
+            if shift is not None:
+                with contextlib.suppress(Exception):
+                    shift.close()  # its pending chunk writes land before the progress lists them
             with contextlib.suppress(Exception):
-                shift.close()  # its pending chunk writes land before the progress lists them
-        with contextlib.suppress(Exception):
-            if not is_complete(store.path):
-                save_progress()
-        with contextlib.suppress(Exception):
-            loop.close()
+                if not is_complete(store.path):
+                    save_progress()
+            with contextlib.suppress(Exception):
+                loop.close()
+    except Exception as error:
+        # One line for the user, the traceback in OUT's error log; the progress saved above.
+        remaining = None if loop is None else _remaining_bytes(arrays, loop)
+        fault = run_fault(error, out=out, store_path=store.path, remaining_bytes=remaining)
+        if fault is error:
+            raise
+        raise fault from error
+    finally:
+        store.release_lock()
+
+
+def _remaining_bytes(arrays: dict[str, Any], loop: TileLoop) -> int:
+    """At most how many bytes the output chunks not yet written take (uncompressed)."""
+    total = sum(a.nbytes for pyramid in arrays.values() for a in pyramid.arrays)
+    n_chunks = int(np.prod(loop.plan.chunk_grid))
+    left = 1.0 - len(loop.accumulator.done_chunks) / max(n_chunks, 1)
+    return int(total * max(left, 0.0))

@@ -20,8 +20,9 @@ import numpy as np
 from napari_normcheck import __version__
 from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.base.tiling import TilePlan
+from napari_normcheck.core.io.lock import OutLock
 from napari_normcheck.core.io.pyramid import Pyramid, n_levels
-from napari_normcheck.core.io.store import OutputStore
+from napari_normcheck.core.io.store import OutputStore, check_output_target
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.run.grids import (
     add_pair_metrics,
@@ -89,6 +90,9 @@ def open_outputs(
 ) -> tuple[OutputStore, dict[str, Any]]:
     """Create OUT.zarr with the voxel outputs of ``predictions``, or reopen an interrupted run's.
 
+    The store holds the run's lock on OUT (:class:`~napari_normcheck.core.io.lock.OutLock`);
+    release it with ``store.release_lock()`` when the run stops writing.
+
     Returns
     -------
     store : OutputStore
@@ -96,11 +100,21 @@ def open_outputs(
         Every level of each voxel output, by group name (see
         :func:`~napari_normcheck.core.run.registry.voxel_outputs`).
     """
-    if resume:
-        store = OutputStore.reopen(out, attrs, same=RESUME_SAME)
-        return store, output_arrays(store, predictions, config)
-    store = OutputStore.create(out, overwrite=overwrite, attrs=attrs)
-    return store, create_voxel_outputs(store, config, setup, volume, predictions)
+    # Checked first, writing nothing: a missing folder is said as such, not as a failed lock.
+    check_output_target(out, overwrite=overwrite, resume=resume)
+    lock = OutLock.acquire(out)  # held until the run stops writing (store.release_lock)
+    try:
+        if resume:
+            store = OutputStore.reopen(out, attrs, same=RESUME_SAME)
+            arrays = output_arrays(store, predictions, config)
+        else:
+            store = OutputStore.create(out, overwrite=overwrite, attrs=attrs)
+            arrays = create_voxel_outputs(store, config, setup, volume, predictions)
+    except BaseException:
+        lock.release()
+        raise
+    store.lock = lock
+    return store, arrays
 
 
 def output_arrays(

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.base.errors import InputReadError, NormcheckError, first_line
 from napari_normcheck.core.base.tiling import Tile, TilePlan
 from napari_normcheck.core.io.intensity import IntensityTransform
+from napari_normcheck.core.io.lazy_array import describe_box, failing_box, stored_chunk_box
 from napari_normcheck.core.io.volume import Volume
 
 
@@ -76,7 +77,7 @@ class TileReader:
                 if self.stopped.is_set():
                     return
                 t0 = time.perf_counter()
-                image = read_window(self.volume, self.plan, tile, self.transform)
+                image = self._read(tile)
                 self.seconds += time.perf_counter() - t0
                 while not self.stopped.is_set():
                     try:
@@ -86,6 +87,27 @@ class TileReader:
                         continue
         except BaseException as error:  # handed to the consumer, which raises it
             self.queue.put(error)
+
+    def _read(self, tile: Tile) -> np.ndarray:
+        # Named here, where the region is known: a damaged chunk, a file or a server gone.
+        try:
+            return read_window(self.volume, self.plan, tile, self.transform)
+        except NormcheckError:
+            raise
+        except Exception as error:
+            lo, hi = window_box(self.plan, tile)
+            region = self.volume.data[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+            # The damaged stored chunk when it can be told apart, else the tile's whole box.
+            box = failing_box(region, origin=(0, *lo))
+            if box is not None:
+                where = f" in the chunk {describe_box(stored_chunk_box(self.volume.data, box))}"
+            else:
+                where = f" in the box {describe_box([(0, 0), *zip(lo, hi)])}"
+            raise InputReadError(
+                f"cannot read the input {self.volume.source}{where} (read for tile "
+                f"{tile.index}): {first_line(error)}; a chunk there is damaged or out of reach: "
+                "repair or copy it again (or leave it out with --roi), then rerun with --resume"
+            ) from error
 
 
 def read_window(
@@ -99,16 +121,8 @@ def read_window(
     """
     start = tile.window_start
     stop = tuple(s + w for s, w in zip(start, plan.window_shape))
-    if plan.blend == "crop":
-        # Reflect about the volume border (numpy's "reflect" of the whole volume), whatever the halo.
-        index = [
-            _reflect_index(np.arange(a, b), n) for a, b, n in zip(start, stop, plan.volume_shape)
-        ]
-        lo = tuple(int(i.min()) for i in index)
-        hi = tuple(int(i.max()) + 1 for i in index)
-    else:
-        lo = tuple(max(s, a) for s, a in zip(start, plan.roi_start))
-        hi = tuple(min(s, b) for s, b in zip(stop, plan.roi_stop))
+    index = _window_index(plan, tile) if plan.blend == "crop" else []
+    lo, hi = window_box(plan, tile)
     block = volume.data[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     block = np.asarray(
         block.compute(scheduler="synchronous") if hasattr(block, "compute") else block
@@ -128,6 +142,25 @@ def read_window(
         if any(p != (0, 0) for p in pad):
             image = np.pad(image, pad, mode="constant", constant_values=0.0)
     return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def _window_index(plan: TilePlan, tile: Tile) -> list[np.ndarray]:
+    # Crop mode reflects about the volume border (numpy's "reflect" of the whole volume).
+    start = tile.window_start
+    stop = tuple(s + w for s, w in zip(start, plan.window_shape))
+    return [_reflect_index(np.arange(a, b), n) for a, b, n in zip(start, stop, plan.volume_shape)]
+
+
+def window_box(plan: TilePlan, tile: Tile) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The box ``(lo, hi)`` of the volume that the input window of ``tile`` reads."""
+    start = tile.window_start
+    if plan.blend == "crop":
+        index = _window_index(plan, tile)
+        return tuple(int(i.min()) for i in index), tuple(int(i.max()) + 1 for i in index)
+    stop = tuple(s + w for s, w in zip(start, plan.window_shape))
+    lo = tuple(max(s, a) for s, a in zip(start, plan.roi_start))
+    hi = tuple(min(s, b) for s, b in zip(stop, plan.roi_stop))
+    return lo, hi
 
 
 def _reflect_index(index: np.ndarray, size: int) -> np.ndarray:
