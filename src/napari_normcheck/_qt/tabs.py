@@ -80,7 +80,10 @@ def build_tabs(widget: Any) -> QTabWidget:
     widget.results_tab = build_results(widget)
     tabs.addTab(widget.results_tab, RESULTS)
     widget.remedies_panel = RemediesPanel(
-        widget.viewer, widget.remedy_context, get_channel=lambda: widget.results.channel
+        widget.viewer,
+        widget.remedy_context,
+        get_channel=lambda: widget.results.channel,
+        get_channel_names=widget.results.labels_for,
     )
     widget.remedies_panel.layers_added.connect(widget.results.order_layers)
     widget.remedies_tab = scrolled(widget.remedies_panel)
