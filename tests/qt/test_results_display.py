@@ -98,7 +98,7 @@ def test_item2_tile_maps_cover_their_tiles_on_a_readable_scale(make_napari_viewe
 
 def test_item3_seams_shown_by_default_at_a_visible_contrast(make_napari_viewer, qtbot, tmp_path):
     viewer, widget = sample_widget(make_napari_viewer, tmp_path)
-    assert not widget.seams.isChecked()  # the Advanced box is left alone
+    assert widget.seams.isChecked()  # Advanced's box, checked by default
     run_and_wait(qtbot, widget)
     seams = output_layer(viewer, "seams_eval")
     assert seams.visible
@@ -120,6 +120,16 @@ def test_item3_seams_shown_by_default_at_a_visible_contrast(make_napari_viewer, 
     disparity = output_layer(viewer, "disparity")
     assert disparity.colorbar.visible and not seams.colorbar.visible
     assert level0(disparity).max() <= 1.0
+
+
+def test_item3_seams_follow_the_advanced_checkbox(make_napari_viewer, tmp_path):
+    viewer, widget = sample_widget(make_napari_viewer, tmp_path)
+    layer = viewer.layers[widget.image_combo.currentText()]
+    assert widget.build_config(SAMPLE_SHAPE, layer).seams
+    widget.seams.setChecked(False)  # a user on a big region turns them off
+    assert not widget.build_config(SAMPLE_SHAPE, layer).seams
+    widget.seams.setChecked(True)
+    assert widget.build_config(SAMPLE_SHAPE, layer).seams
 
 
 def test_item4_a_second_run_replaces_the_first_runs_display(make_napari_viewer, qtbot, tmp_path):

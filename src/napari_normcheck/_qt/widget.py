@@ -234,10 +234,10 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
 
     def build_config(self, shape: tuple[int, int, int], layer: Any) -> Any:
         """The :class:`RunConfig` from the form (raises :class:`NormcheckError`)."""
-        config = self.settings.config(roi=self.region_roi(layer, shape))
-        # The widget checks a region the user looks at: its seams maps are always stored and
-        # shown (the command line keeps ``--seams`` opt-in for whole volumes).
-        return config if config.seams else dataclasses.replace(config, seams=True)
+        # The seams maps follow Advanced's "store the seams maps", checked by default: the widget
+        # checks a region the user looks at (the command line keeps ``--seams`` opt-in for whole
+        # volumes); on a big region a user may turn them off.
+        return self.settings.config(roi=self.region_roi(layer, shape))
 
     def input_transform(self, layer: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Voxel size and origin of the chosen level (napari scales level k by its downsampling)."""
