@@ -212,12 +212,23 @@ def test_item7_words_and_fixed_colours_on_a_faint_channel(
     ).lower()
     for word in ("soft:", "hard:", "flips:", "mismatch:"):
         assert word in tips
-    # Outline colours on a fixed scale, the same in every run, with a legend.
-    values = viewer.layers["tiles"].features["disparity"].to_numpy()
-    np.testing.assert_allclose(viewer.layers["tiles"].edge_color, tile_edge_colors(values))
-    assert (
-        "0.1 and above" in widget.tile_legend.text() and "not judged" in widget.tile_legend.text()
+    # Outline colours follow the verdict's rule: the hard disparity of judged tiles on a fixed
+    # scale, grey where the channel is not judged (this nearly empty one), with a legend.
+    tiles = viewer.layers["tiles"]
+    features = tiles.features
+    flags = features["judged"].to_numpy()
+    np.testing.assert_allclose(
+        tiles.edge_color, tile_edge_colors(features["disparity"].to_numpy(), judged=flags)
     )
+    records = {r["index"]: r for r in widget.finished_event.summary["tiles"]}
+    for tile, flag, value in zip(features["tile"], flags, features["disparity"]):
+        assert flag == records[tile]["judged"][1]
+        if flag:
+            assert value == pytest.approx(records[tile]["disparity_hard"][1])
+    assert not flags.all()  # the faint channel has tiles too empty to judge
+    np.testing.assert_allclose(tiles.edge_color[~flags], [NOT_JUDGED_COLOR] * int((~flags).sum()))
+    legend = widget.tile_legend.text()
+    assert "hard disparity" in legend and "0.1 and above" in legend and "not judged" in legend
     np.testing.assert_allclose(tile_edge_colors(np.array([0.06])), [(1.0, 0.55, 0.0, 1.0)])
     np.testing.assert_allclose(tile_edge_colors(np.array([0.65])), [(1.0, 0.0, 0.0, 1.0)])
 

@@ -103,7 +103,7 @@ def tile_legend_html() -> str:
         return f'<span style="color: rgb({r},{g},{b})">■</span>'
 
     items = " ".join(f"{swatch(color)}&nbsp;{text}" for color, text in tile_color_legend())
-    return f"tile outlines (soft disparity): {items}"
+    return f"tile outlines (hard disparity, as the verdict): {items}"
 
 
 class NormcheckWidget(ModelSection, FeatureSection, QWidget):
