@@ -227,6 +227,16 @@ def test_item7_words_and_fixed_colours_on_a_faint_channel(
             assert value == pytest.approx(records[tile]["disparity_hard"][1])
     assert not flags.all()  # the faint channel has tiles too empty to judge
     np.testing.assert_allclose(tiles.edge_color[~flags], [NOT_JUDGED_COLOR] * int((~flags).sum()))
+    # The summary: short lines, the core's verdict (channel 0 judged, channel 1 not judged).
+    from napari_normcheck.core.run.report import verdict_detail, verdict_lines
+
+    summary = widget.finished_event.summary
+    assert summary["support"]["judged"] == [True, False]
+    lines = widget.summary_label.text().split("\n")
+    assert lines[0].startswith("done: ") and lines[-1].startswith("Output: ")
+    assert lines[1:-1] == verdict_lines(summary, ["channel 0", "channel 1"])
+    assert verdict_detail(summary)["channel"] == 0 and "(channel 0, hard " in lines[1]
+    assert any(line.startswith("channel 1: ") and "not judged" in line for line in lines[2:-1])
     legend = widget.tile_legend.text()
     assert "hard disparity" in legend and "0.1 and above" in legend and "not judged" in legend
     np.testing.assert_allclose(tile_edge_colors(np.array([0.06])), [(1.0, 0.55, 0.0, 1.0)])
@@ -282,34 +292,3 @@ def test_support_rule_not_judged_shows_dash_ranks_last_and_greys_the_outline(qtb
     colors = tile_edge_colors(np.array([0.9, 0.3, 0.05]), judged=np.array([False, True, True]))
     np.testing.assert_allclose(colors[0], NOT_JUDGED_COLOR)
     np.testing.assert_allclose(colors[1], (1.0, 0.0, 0.0, 1.0))
-
-
-def test_item7_summary_as_short_lines_from_the_core_when_it_has_them(monkeypatch):
-    from napari_normcheck._qt import widget as widget_module
-    from napari_normcheck.core.run import report
-
-    summary = {
-        "n_tiles": 4,
-        "timing": {"total": 2.0},
-        "disparity": {"hard": [0.3, 0.01], "soft": [0.25, 0.01]},
-        "mismatch_eval": {"hard": [0.02, 0.0]},
-        "support": {"judged": [True, False]},
-        "verdict_detail": {"level": "high", "channel": 0, "basis": "hard", "value": 0.3},
-    }
-    # A core without verdict_lines: the earlier summary line, verdict included.
-    monkeypatch.delattr(report, "verdict_lines", raising=False)
-    text = widget_module.summary_text(summary, "out.zarr", ["membrane", "organelle"])
-    assert text.startswith("done: 4 tiles") and "HIGH" in text and "\n" not in text
-    # With verdict_lines (the contract's signature): its lines, one per line, the channels named.
-    seen = []
-
-    def verdict_lines(summary, channel_names=None):
-        seen.append(channel_names)
-        return [f"high disparity in {channel_names[0]}: 0.30", "channel organelle: not judged"]
-
-    monkeypatch.setattr(report, "verdict_lines", verdict_lines, raising=False)
-    text = widget_module.summary_text(summary, "out.zarr", ["membrane", "organelle"])
-    lines = text.split("\n")
-    assert lines[0] == "done: 4 tiles in 2.0 s."
-    assert lines[1:3] == verdict_lines(summary, ["membrane", "organelle"])
-    assert lines[-1] == "Output: out.zarr" and seen[0] == ["membrane", "organelle"]

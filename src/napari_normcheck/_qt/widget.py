@@ -78,15 +78,12 @@ def summary_text(
 ) -> str:
     """The Results tab's summary: short lines (the core's ``verdict_lines``), then the output.
 
-    Falls back to :func:`summary_line` with a core that has no ``verdict_lines`` yet.
+    Falls back to :func:`summary_line` for a summary the core cannot read.
     """
-    from napari_normcheck.core.run import report
+    from napari_normcheck.core.run.report import verdict_lines
 
-    lines_of = getattr(report, "verdict_lines", None)
-    if lines_of is None:
-        return summary_line(summary, out)
     try:
-        lines = [str(line) for line in lines_of(summary, channel_names)]
+        lines = [str(line) for line in verdict_lines(summary, channel_names)]
     except (KeyError, TypeError, ValueError, IndexError):
         return summary_line(summary, out)
     total = (summary.get("timing") or {}).get("total", 0.0)
