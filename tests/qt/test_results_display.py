@@ -162,7 +162,15 @@ def test_item5_table_feature_column_is_the_plots_layer_and_channel(
     channel = widget.feature_channel_combo.currentIndex()
     table = widget.tile_table
     header = table.horizontalHeaderItem(table.columnCount() - 1).text()
-    assert layer_name in header and f"ch {channel}" in header
+    assert f"{layer_name}, channel {channel}" in header  # the readable name the plots use
+    assert widget.norm_layer_text(widget.feature_layer_combo.currentData()) == layer_name
+    assert (
+        widget.feature_layer_combo.currentData()
+        in table.horizontalHeaderItem(table.columnCount() - 1).toolTip()
+    )  # the module path
+    # The scatter's x label is short (not cut at the plot's edge); layer and channel in its title.
+    assert widget.scatter.labels()[0] == "|feature z| per tile"
+    assert f"{layer_name}, channel {channel}" in widget.scatter.title()
     plotted = dict(zip(widget.scatter.tiles.tolist(), widget.scatter.z.tolist()))
     assert plotted
     for row in range(table.rowCount()):
@@ -173,7 +181,7 @@ def test_item5_table_feature_column_is_the_plots_layer_and_channel(
     if widget.feature_channel_combo.count() > 1:
         widget.feature_channel_combo.setCurrentIndex(1 - min(channel, 1))
         header = table.horizontalHeaderItem(table.columnCount() - 1).text()
-        assert f"ch {widget.feature_channel_combo.currentIndex()}" in header
+        assert f"channel {widget.feature_channel_combo.currentIndex()}" in header
 
 
 def test_item7_words_and_fixed_colours_on_a_faint_channel(

@@ -265,14 +265,14 @@ class FeatureSection:
             return
         entry = entries[index]
         name = str(entry.get("name", ""))
-        self.tile_table.set_feature(name, feature_channel)
+        text = self.norm_layer_text(name)
+        self.tile_table.set_feature(name, feature_channel, text)
         means, z = [], []
         for t in tiles:
             values = (records[t].get("features") or {}).get(name) or {}
             means.append(channel_value(values.get("mean"), feature_channel))
             z.append(channel_value(values.get("z"), feature_channel))
         mean, std = self._running_stats(entry, feature_channel)
-        text = self.norm_layer_text(name)
         self.feature_plot.set_data(
             tiles, means, mean, std, title=f"{text} · channel {feature_channel}"
         )
@@ -280,9 +280,13 @@ class FeatureSection:
             tiles,
             z,
             disparity,
-            xlabel=f"|feature z| per tile ({text}, channel {feature_channel})",
-            title=f"Feature shift vs disparity · {label}",
-            empty=f"no tile has a |z| for {name}, channel {feature_channel} yet",
+            # The axis label stays short (a long one is cut at the plot's edge): the layer and
+            # channel are in the title, the module path in the tooltip.
+            xlabel="|feature z| per tile",
+            title=f"{text}, channel {feature_channel} vs disparity · {label}",
+            detail=f"x: |z| of layer {name}, channel {feature_channel}, per tile\n"
+            f"y: soft disparity of {label} per tile",
+            empty=f"no tile has a |z| for {text}, channel {feature_channel} yet",
         )
 
     def _on_plot_tile(self, index: int) -> None:
