@@ -170,7 +170,7 @@ def test_item5_table_feature_column_is_the_plots_layer_and_channel(
     )  # the module path
     # The scatter's x label is short (not cut at the plot's edge); layer and channel in its title.
     assert widget.scatter.labels()[0] == "|feature z| per tile"
-    assert f"{layer_name}, channel {channel}" in widget.scatter.title()
+    assert widget.scatter.title() == f"{layer_name}, channel {channel}"
     plotted = dict(zip(widget.scatter.tiles.tolist(), widget.scatter.z.tolist()))
     assert plotted
     for row in range(table.rowCount()):

@@ -280,10 +280,10 @@ class FeatureSection:
             tiles,
             z,
             disparity,
-            # The axis label stays short (a long one is cut at the plot's edge): the layer and
-            # channel are in the title, the module path in the tooltip.
+            # Axis label and title stay short (long ones are cut at the plot's edge): the layer
+            # and channel in the title, the module path and the output channel in the tooltip.
             xlabel="|feature z| per tile",
-            title=f"{text}, channel {feature_channel} vs disparity · {label}",
+            title=f"{text}, channel {feature_channel}",
             detail=f"x: |z| of layer {name}, channel {feature_channel}, per tile\n"
             f"y: soft disparity of {label} per tile",
             empty=f"no tile has a |z| for {text}, channel {feature_channel} yet",
