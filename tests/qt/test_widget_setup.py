@@ -117,6 +117,13 @@ def test_dock_leaves_the_canvas_most_of_the_window(make_napari_viewer, qtbot, tm
             widget.tabs.setCurrentWidget(page)
             assert widget.width() <= 0.4 * window.width(), (size, widget.width())
             assert canvas.width() > widget.width(), (size, canvas.width(), widget.width())
+        # A long summary (the verdict, channels not judged, seams) never squeezes the plots:
+        # the Results tab scrolls instead, the plot keeps its height and its axis labels.
+        widget.tabs.setCurrentWidget(widget.results_tab)
+        widget.summary_label.setText("\n".join(["a line of the verdict that wraps once " * 3] * 8))
+        qtbot.wait(50)
+        for part in (widget.plot_tabs.parentWidget(), widget.scatter, widget.tile_table):
+            assert part.height() >= part.minimumSizeHint().height(), (size, part)
         widget.tabs.setCurrentWidget(widget.check_tab)
         qtbot.wait(50)
         table = widget.inventory_table

@@ -77,7 +77,10 @@ def build_tabs(widget: Any) -> QTabWidget:
         setattr(widget, name, getattr(widget.settings, name))
     widget.check_tab = scrolled(check)
     tabs.addTab(widget.check_tab, CHECK)
-    widget.results_tab = build_results(widget)
+    # Scrolled like the other tabs: a long summary never squeezes the plots below their minimum
+    # height (their labels cut, the Save button over the axis).
+    widget.results_page = build_results(widget)
+    widget.results_tab = scrolled(widget.results_page)
     tabs.addTab(widget.results_tab, RESULTS)
     widget.remedies_panel = RemediesPanel(
         widget.viewer,

@@ -145,7 +145,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
             "tile outline colours: the tile's soft disparity of the shown channel, on a scale "
             "that is the same in every run"
         )
-        self.results_tab.layout().insertWidget(2, self.tile_legend)
+        self.results_page.layout().insertWidget(2, self.tile_legend)
         for index in range(self.sort_combo.count()):  # what soft, flips, mismatch mean
             words = tile_table.tooltip(self.sort_combo.itemText(index))
             self.sort_combo.setItemData(index, words, Qt.ItemDataRole.ToolTipRole)
