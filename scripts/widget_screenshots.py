@@ -4,7 +4,7 @@ Regenerates ``docs/screenshot.png`` (the nearly-empty-second-channel case, Resul
 
     QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 1600x1000x24" \\
         python scripts/widget_screenshots.py --image isbi2012_train_raw.tif --faint \\
-        --out docs/screenshot.png
+        --faint-voxels 5 --channel 0 --out docs/screenshot.png
 
 ``--image`` is the ISBI 2012 ssTEM training stack (30x512x512 uint8, public); a crop
 ``--crop 16,256,256`` from its first plane and corner is checked. Without ``--image`` the packaged
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faint-voxels", type=int, default=40)
     parser.add_argument("--out", default="docs/screenshot.png")
     parser.add_argument("--tabs", action="store_true", help="also the Check and Remedies tabs")
+    parser.add_argument(
+        "--channel", type=int, default=None, help="show this output channel (the widget's choice)"
+    )
     args = parser.parse_args(argv)
 
     import napari
@@ -134,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             status["code"] = 1
             quit_all()
             return
+        if args.channel is not None:
+            widget.channel_combo.setCurrentIndex(args.channel)
+        QTimer.singleShot(SETTLE_MS, arrange)
+
+    def arrange() -> None:
         screenshot_view(viewer, widget)
         QTimer.singleShot(SETTLE_MS, finish)
 
