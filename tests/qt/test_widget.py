@@ -105,9 +105,11 @@ def test_run_adds_lazy_layers_matching_the_store(
     status = widget.summary_label.text()  # the Results tab's summary
     summary = widget.finished_event.summary
     assert status.startswith(f"done: {plan_tiles(widget)} tiles")
-    hard = " / ".join(f"{v:.3f}" for v in summary["disparity"]["hard"])
-    mismatch = " / ".join(f"{v:.3f}" for v in summary["mismatch_eval"]["hard"])
-    assert f"Disparity per channel {hard}" in status and f"eval tile mismatch {mismatch}" in status
+    # Short lines: the core's verdict lines between the run's head and the output.
+    from napari_normcheck.core.run.report import verdict_lines
+
+    names = [widget.channel_combo.itemText(i) for i in range(widget.channel_combo.count())]
+    assert status.split("\n")[1:-1] == verdict_lines(summary, names)
     assert "disparity (" in status  # the verdict
     # Tile outlines (of channel 0 now): coloured on the fixed scale of the legend (grey: not judged).
     from napari_normcheck._tile_layers import tile_edge_colors

@@ -82,7 +82,9 @@ def test_norm_layers_read_as_type_and_place(make_napari_viewer, qtbot, tmp_path,
     assert paths[0] == "conv_0.conv_0.adn.N"
     assert combo.itemText(0) == "BatchNorm3d, encoder 0, conv 0"
     assert combo.itemData(0, 3) == "conv_0.conv_0.adn.N"  # (3: Qt's tooltip role)
-    assert widget.scatter.labels()[0].startswith("|feature z| per tile (BatchNorm3d, encoder")
+    # The scatter's x label stays short; the readable layer name is in its title.
+    assert widget.scatter.labels()[0] == "|feature z| per tile"
+    assert widget.scatter.title().startswith("BatchNorm3d, encoder")
 
 
 def test_second_run_with_another_model_drops_the_first_models_layers(
