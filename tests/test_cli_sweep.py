@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from napari_normcheck.cli import main
+from napari_normcheck.core.io.store import read_marker
 from napari_normcheck.core.run.sweep import TILING_LIMIT
 from napari_normcheck.data import SAMPLE_MODELS, sample_volume
 from tests.conftest import calibrate, synthetic_volume, tiny_unet
@@ -75,7 +76,9 @@ def test_sweep_rows_equal_single_runs_refuse_and_resume(files, capsys):
         assert rows[0][key] == report[key], key
 
     # Resume: finished settings are read back, not run again; the refused one is tried again.
-    marker = files / "sweep" / "tile_16x32x32_gaussian_overlap0.25.zarr" / "COMPLETE.json"
+    marker = (
+        files / "sweep" / "tile_16x32x32_gaussian_overlap0.25.zarr" / "zarr.json"
+    )  # summary here
     stamp = marker.stat().st_mtime_ns
     capsys.readouterr()
     assert main([*sweep, "--resume"]) == 0
@@ -113,9 +116,7 @@ def test_sweep_csv_report_and_plot_without_matplotlib(files, capsys):
     assert [line["overlap"] for line in lines] == ["0.25", "0.5"]
     assert all(len(line["grid_shift_eval_soft"].split(";")) == 2 for line in lines)
     # A hard value on too little foreground reads "not judged", as in the run's summary.
-    report = json.loads(
-        (files / "sweep" / "tile_16x48x48_gaussian_overlap0.25.zarr" / "COMPLETE.json").read_text()
-    )
+    report = read_marker(files / "sweep" / "tile_16x48x48_gaussian_overlap0.25.zarr")
     for c, judged in enumerate(report["grid_shift"]["eval"]["judged"]):
         cell = lines[0]["grid_shift_eval_hard"].split(";")[c]
         assert (cell == "not judged") == (not judged)

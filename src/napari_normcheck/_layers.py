@@ -428,12 +428,44 @@ def stored_to_unit(values: np.ndarray, dtype: Any) -> np.ndarray:
     return values
 
 
+def _tile_grid(path: str | Path, name: str) -> np.ndarray | None:
+    """A stored per-tile grid ``(C, tz, ty, tx)`` on its 0..1 scale; ``None`` when absent."""
+    root = open_root(path)
+    if name not in output_groups(root):
+        return None
+    try:
+        array = root[f"{name}/0"]
+        return stored_to_unit(array[...], array.dtype)
+    except (KeyError, FileNotFoundError, ValueError):
+        return None  # being created by the run right now
+
+
+def _per_tile(per_cell: np.ndarray, plan: TilePlan, missing: Any = np.nan) -> np.ndarray:
+    values = []
+    for tile in plan.tiles():
+        try:
+            values.append(per_cell[tile.grid])
+        except IndexError:
+            values.append(missing)
+    return np.asarray(values)
+
+
+def _channel_cells(grid: np.ndarray, channel: int | None, reduce: Any) -> np.ndarray:
+    if channel is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: tiles not run
+            return reduce(grid, axis=0)
+    return grid[min(max(int(channel), 0), grid.shape[0] - 1)]
+
+
 def tile_disparity_values(
     path: str | Path, plan: TilePlan, channel: int | None = None
 ) -> np.ndarray | None:
-    """Per tile (scan order), one channel's value of the store's tile disparity grid.
+    """Per tile (scan order), one channel's hard disparity from the store's tile grid.
 
-    The soft disparity grid is preferred (it varies smoothly); the hard one is used when alone.
+    The verdict's basis: NaN where the tile has not run or its channel is not judged (the
+    store's ``tile_disparity`` grid holds NaN there). The soft grid is read only from a store
+    without a hard one.
 
     Parameters
     ----------
@@ -442,28 +474,29 @@ def tile_disparity_values(
     plan : TilePlan
         The run's tiles.
     channel : int, optional
-        The output channel; the largest over the channels when ``None``.
+        The output channel; the largest judged value over the channels when ``None``.
     """
-    root = open_root(path)
-    groups = output_groups(root)
-    name = next((n for n in ("tile_disparity_soft", "tile_disparity") if n in groups), None)
-    if name is None:
+    grid = _tile_grid(path, "tile_disparity")
+    if grid is None:
+        grid = _tile_grid(path, "tile_disparity_soft")
+    if grid is None:
         return None
-    try:
-        array = root[f"{name}/0"]
-        grid = stored_to_unit(array[...], array.dtype)
-    except (KeyError, FileNotFoundError, ValueError):
-        return None  # being created by the run right now
-    if channel is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: tiles not run
-            per_cell = np.nanmax(grid, axis=0)
-    else:
-        per_cell = grid[min(max(int(channel), 0), grid.shape[0] - 1)]
-    values = []
-    for tile in plan.tiles():
-        try:
-            values.append(float(per_cell[tile.grid]))
-        except IndexError:
-            values.append(np.nan)
-    return np.asarray(values)
+    return _per_tile(_channel_cells(grid, channel, np.nanmax), plan).astype(float)
+
+
+def tile_judged_values(
+    path: str | Path, plan: TilePlan, channel: int | None = None
+) -> np.ndarray | None:
+    """Per tile (scan order), whether its hard disparity of ``channel`` is judged.
+
+    Read off the store's grids: a tile that ran (its soft disparity is defined) and has no hard
+    value was not judged (too little foreground); a tile that has not run counts as judged (its
+    outline says "not run yet"). With ``channel`` ``None``: judged in at least one channel.
+    """
+    hard = _tile_grid(path, "tile_disparity")
+    soft = _tile_grid(path, "tile_disparity_soft")
+    if hard is None or soft is None or hard.shape != soft.shape:
+        return None
+    flags = np.isfinite(hard) | ~np.isfinite(soft)
+    cells = flags.any(axis=0) if channel is None else _channel_cells(flags, channel, None)
+    return _per_tile(cells, plan, True).astype(bool)

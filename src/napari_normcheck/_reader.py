@@ -181,6 +181,7 @@ def layers_from_store(path: str | Path) -> list[LayerDataTuple]:
                 _layers.input_translation(plan, scale, translation),
                 name="tiles",
                 disparity=_layers.tile_disparity_values(path, plan),
+                judged=_layers.tile_judged_values(path, plan),
             )
         )
     feature = _layers.feature_z_layer(path)

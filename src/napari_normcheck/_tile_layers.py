@@ -2,8 +2,10 @@
 
 A ``tiles`` Shapes layer outlines each tile's write box on every z-plane the box spans (napari shows
 a shape only on its own plane), in the input's world coordinates; its ``features`` hold, per
-outline, the tile index, the plane, the grid position and the disparity, and each outline's edge
-colour shows its tile's disparity on a fixed scale (:data:`TILE_COLOR_SCALE`, with a legend).
+outline, the tile index, the plane, the grid position, the hard disparity and whether it is judged,
+and each outline's edge colour follows the verdict's rule: the tile's hard disparity on a fixed scale
+(:data:`TILE_COLOR_SCALE`, with a legend) where the shown channel is judged (enough foreground),
+:data:`NOT_JUDGED_COLOR` where it is not, :data:`UNKNOWN_TILE_COLOR` while the tile has not run.
 """
 
 from __future__ import annotations
@@ -98,11 +100,20 @@ def to_world(
     return tuple(t + v * s for v, s, t in zip(voxel, scale, translate))
 
 
-def tile_features(plan: TilePlan, disparity: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Feature table of the outlines: tile index, plane, grid position and disparity (NaN: unknown)."""
+def tile_features(
+    plan: TilePlan, disparity: np.ndarray | None = None, judged: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Feature table of the outlines: tile index, plane, grid position, hard disparity, judged.
+
+    ``disparity`` is NaN where unknown or not judged; ``judged`` is ``True`` unless the tile's
+    shown channel has too little foreground (:func:`tile_edge_colors`).
+    """
     index, planes = outline_planes(plan)
     tiles = plan.tiles()
     values = np.full(len(tiles), np.nan) if disparity is None else np.asarray(disparity, float)
+    flags = np.ones(len(tiles), dtype=bool)
+    if judged is not None and len(judged) == len(tiles):
+        flags = np.asarray(judged, dtype=bool)
     grid = np.asarray([t.grid for t in tiles], dtype=int).reshape(len(tiles), 3)
     return {
         "tile": index,
@@ -111,6 +122,7 @@ def tile_features(plan: TilePlan, disparity: np.ndarray | None = None) -> dict[s
         "grid_y": grid[index, 1],
         "grid_x": grid[index, 2],
         "disparity": values[index] if len(values) == len(tiles) else np.full(len(index), np.nan),
+        "judged": flags[index],
     }
 
 
@@ -122,12 +134,12 @@ def outline_edge_colors(
     return tile_edge_colors(disparity, plan.n_tiles, judged)[index]
 
 
-#: Edge colour of a tile whose disparity is not known yet.
-UNKNOWN_TILE_COLOR = (1.0, 1.0, 0.0, 0.5)
+#: Edge colour of a tile that has not run yet: a faint light blue, unlike any colour of the scale.
+UNKNOWN_TILE_COLOR = (0.6, 0.85, 1.0, 0.45)
 #: Edge colour of a tile whose shown channel has too little foreground to judge.
 NOT_JUDGED_COLOR = (0.62, 0.62, 0.62, 1.0)
-#: The outlines' fixed scale of soft disparity: ``(lowest value, colour, legend text)``, the
-#: verdict's thresholds (low below 0.02, high from 0.1), the same in every run.
+#: The outlines' fixed scale of hard disparity (the verdict's basis): ``(lowest value, colour,
+#: legend text)``, the verdict's thresholds (low below 0.02, high from 0.1), the same in every run.
 TILE_COLOR_SCALE = (
     (0.0, (1.0, 1.0, 0.0, 1.0), "below 0.02 (low)"),
     (0.02, (1.0, 0.55, 0.0, 1.0), "0.02 to 0.1 (moderate)"),
@@ -140,7 +152,7 @@ def tile_color_legend() -> list[tuple[tuple[float, ...], str]]:
     return [
         *((color, text) for _low, color, text in TILE_COLOR_SCALE),
         (NOT_JUDGED_COLOR, "not judged (too little foreground)"),
-        (UNKNOWN_TILE_COLOR, "not finished yet"),
+        (UNKNOWN_TILE_COLOR, "not run yet"),
     ]
 
 
@@ -149,17 +161,17 @@ def tile_edge_colors(
     n_tiles: int | None = None,
     judged: np.ndarray | None = None,
 ) -> np.ndarray:
-    """RGBA edge colour per tile on the fixed scale :data:`TILE_COLOR_SCALE`.
+    """RGBA edge colour per tile: its hard disparity on the fixed scale :data:`TILE_COLOR_SCALE`.
 
     Parameters
     ----------
     disparity : numpy.ndarray, optional
-        One value per tile; NaN where not known yet (drawn translucent yellow).
+        One hard disparity per tile; NaN where not known yet (drawn :data:`UNKNOWN_TILE_COLOR`).
     n_tiles : int, optional
         The number of tiles when ``disparity`` is not given.
     judged : numpy.ndarray of bool, optional
         Per tile, whether its shown channel is judged; ``False`` is drawn in
-        :data:`NOT_JUDGED_COLOR`.
+        :data:`NOT_JUDGED_COLOR` whatever its value (the verdict ignores it too).
 
     Returns
     -------
@@ -173,7 +185,7 @@ def tile_edge_colors(
     for low, color, _text in TILE_COLOR_SCALE:
         colors[np.isfinite(values) & (values >= low)] = color
     if judged is not None and len(judged) == len(values):
-        colors[~np.asarray(judged, dtype=bool) & np.isfinite(values)] = NOT_JUDGED_COLOR
+        colors[~np.asarray(judged, dtype=bool)] = NOT_JUDGED_COLOR
     return colors
 
 
@@ -183,6 +195,7 @@ def tile_shapes_layer(
     translate: tuple[float, ...],
     name: str = "tiles",
     disparity: np.ndarray | None = None,
+    judged: np.ndarray | None = None,
 ) -> LayerDataTuple:
     """A Shapes layer data tuple outlining every tile's write box on each plane it spans.
 
@@ -195,7 +208,9 @@ def tile_shapes_layer(
     name : str
         Layer name.
     disparity : numpy.ndarray, optional
-        One value per tile (scan order) for the ``disparity`` feature.
+        One hard disparity per tile (scan order) for the ``disparity`` feature and the colours.
+    judged : numpy.ndarray of bool, optional
+        Per tile, whether its hard disparity is judged (all are when not given).
 
     Returns
     -------
@@ -209,12 +224,12 @@ def tile_shapes_layer(
     kwargs = {
         "name": name,
         "shape_type": "rectangle",
-        "edge_color": outline_edge_colors(plan, disparity),
+        "edge_color": outline_edge_colors(plan, disparity, judged),
         "face_color": "transparent",
         "edge_width": 1,
         "scale": scale,
         "translate": translate,
-        "features": tile_features(plan, disparity),
+        "features": tile_features(plan, disparity, judged),
         "metadata": {"normcheck_output": "tiles"},
         "opacity": 0.7,
     }

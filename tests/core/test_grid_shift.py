@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.base.errors import NormcheckError
 from napari_normcheck.core.base.modes import has_running_stats
 from napari_normcheck.core.base.tiling import plan_tiles
+from napari_normcheck.core.io.store import read_progress
 from napari_normcheck.core.io.volume import open_volume
 from napari_normcheck.core.run.engine import run_check
 from napari_normcheck.core.run.events import RunFinished, TileDone
@@ -183,7 +183,7 @@ def test_cancel_then_resume_equals_uninterrupted(tmp_path, batchnorm_unet, stop_
     for event in run_check(volume, batchnorm_unet, config, out, cancel=cancel):
         if isinstance(event, TileDone) and event.n_done == stop_after:
             cancel.set()
-    progress = json.loads((out / "progress.json").read_text())
+    progress = read_progress(out)
     assert progress["grid_shift_done"]  # the shifted grid's finished chunks are listed
     resumed = list(run_check(volume, batchnorm_unet, config, out, resume=True))[-1].summary
     expected, got = shift_outputs(tmp_path / "ref.zarr"), shift_outputs(out)

@@ -17,7 +17,7 @@ import zarr
 
 from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.base.errors import NormcheckError
-from napari_normcheck.core.io.store import is_complete
+from napari_normcheck.core.io.store import PROGRESS_FILE, is_complete, records_dir
 from napari_normcheck.core.io.volume import open_volume
 from napari_normcheck.core.run.engine import run_check
 from napari_normcheck.core.run.events import RunFinished, TileDone
@@ -109,7 +109,7 @@ def test_resume_from_progress_saved_before_the_foreground_counts(tmp_path, batch
         if isinstance(event, TileDone) and event.n_done == 8:
             cancel.set()
     # Make the interrupted run look like one of an earlier version: no counts, no option.
-    progress_path = out / "progress.json"
+    progress_path = records_dir(out) / PROGRESS_FILE
     progress = json.loads(progress_path.read_text())
     assert "foreground" in progress["disparity_sums"]
     del progress["disparity_sums"]["foreground"]

@@ -14,6 +14,7 @@ from napari_normcheck._qt.region import camera_of
 from napari_normcheck._qt.results import ResultLayers
 from napari_normcheck._reader import layers_from_store
 from napari_normcheck._tile_layers import tile_center, to_world
+from napari_normcheck.core.run.report import tile_hard_value
 
 from .conftest import ARCH, ARCH_KWARGS
 from .test_widget import SCALE, TRANSLATE, level0, make_widget, wait_done
@@ -85,13 +86,17 @@ def test_five_channels_keep_eight_layers_and_switching_repoints_them(
         stored = root["tile_disparity_soft/0"][channel]
         for tile in widget.plan.tiles():
             np.testing.assert_array_equal(grid[tile.write_start], stored[tile.grid])
-        # The outlines, table and plots show that channel's per-tile disparity.
+        # The outlines show that channel's per-tile hard disparity where judged (the verdict's
+        # rule; NaN where not), the table and plots its per-tile disparity.
         tiles = viewer.layers["tiles"]
+        records = {r["index"]: r for r in widget.finished_event.summary["tiles"]}
         expected = [
-            widget.finished_event.summary["tiles"][t]["disparity_soft"][channel]
-            for t in tiles.features["tile"]
+            tile_hard_value(records[t], "disparity_hard", channel) for t in tiles.features["tile"]
         ]
+        expected = [np.nan if v is None else v for v in expected]
         np.testing.assert_allclose(tiles.features["disparity"], expected, rtol=1e-6)
+        judged = [records[t]["judged"][channel] for t in tiles.features["tile"]]
+        np.testing.assert_array_equal(tiles.features["judged"], judged)
         table_values = [float(widget.tile_table.item(r, 2).text()) for r in range(3)]
         assert table_values == sorted(table_values, reverse=True)
         assert widget.histogram.global_value == pytest.approx(soft[channel])

@@ -105,11 +105,24 @@ def test_reader_opens_all_outputs(store):
         range(finished.summary["n_tiles"])
     )
     assert kwargs["translate"] == (10.0, 5.0, 5.0)
-    expected = [max(t["disparity_soft"]) for t in finished.summary["tiles"]]
+    # The outlines: each tile's largest judged hard disparity over the channels (the verdict's
+    # rule), judged where any channel is; NaN and not judged where none is.
+    from napari_normcheck.core.run.report import tile_hard_value
+
+    expected, judged = [], []
+    for record in finished.summary["tiles"]:
+        values = [
+            v
+            for c in range(len(record["disparity_hard"]))
+            if (v := tile_hard_value(record, "disparity_hard", c)) is not None
+        ]
+        expected.append(max(values) if values else np.nan)
+        judged.append(bool(values))
     tiles = kwargs["features"]["tile"]
     np.testing.assert_allclose(
         kwargs["features"]["disparity"], np.asarray(expected)[tiles], rtol=1e-5
     )
+    np.testing.assert_array_equal(kwargs["features"]["judged"], np.asarray(judged)[tiles])
     # Every outline lies on a plane its tile spans, and every plane of a tile has one.
     plan_tiles = {t["index"]: t for t in finished.summary["tiles"]}
     for (tile, z), rectangle in zip(zip(tiles, kwargs["features"]["z"]), shapes):

@@ -55,7 +55,13 @@ def test_panel_runs_remedies_and_exports(
     assert root.attrs["normcheck"]["remedies"] == remedies
     assert panel.table.rowCount() == len(ROWS)
     headers = [panel.table.horizontalHeaderItem(j).text() for j in range(panel.table.columnCount())]
-    assert headers == ["disparity c0", "disparity c1", "mismatch c0", "mismatch c1", "Dice c0"]
+    assert headers == [
+        "disparity\nchannel 0",
+        "disparity\nchannel 1",
+        "mismatch\nchannel 0",
+        "mismatch\nchannel 1",
+        "Dice\nchannel 0",
+    ]
     for i, row in enumerate(ROWS):
         assert (
             panel.table.item(i, 0).text() == f"{remedies[row]['disparity_vs_train']['hard'][0]:.4f}"
@@ -63,8 +69,13 @@ def test_panel_runs_remedies_and_exports(
         assert panel.table.item(i, 4).text() == cell_text(remedies[row], "dice_vs_labels", 0)
         assert panel.table.item(i, 4).text() != "-"
     for group, short in (("pred_recalibrated", "recalibrated"), ("pred_batchstats", "batch-stats")):
-        layer = viewer.layers[f"{short} · c0"]  # one layer per remedy, channel 0 without a widget
-        np.testing.assert_array_equal(np.asarray(layer.data[0]), root[f"{group}/0"][0])
+        layer = viewer.layers[f"{short} · channel 0"]  # one per remedy, channel 0 without a widget
+        stored = root[f"{group}/0"][0]
+        shown_values = np.asarray(layer.data[0])
+        # Probabilities stored as unsigned integers are shown on their 0..1 scale.
+        assert stored.dtype == np.uint8
+        np.testing.assert_allclose(shown_values, stored.astype(np.float32) / 255, atol=1e-6)
+        assert 0.0 <= shown_values.min() and shown_values.max() <= 1.0 and shown_values.max() > 0
 
     target = tmp_path / "exported.pt"
     paths = panel.export(target)

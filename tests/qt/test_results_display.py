@@ -98,7 +98,7 @@ def test_item2_tile_maps_cover_their_tiles_on_a_readable_scale(make_napari_viewe
 
 def test_item3_seams_shown_by_default_at_a_visible_contrast(make_napari_viewer, qtbot, tmp_path):
     viewer, widget = sample_widget(make_napari_viewer, tmp_path)
-    assert not widget.seams.isChecked()  # the Advanced box is left alone
+    assert widget.seams.isChecked()  # Advanced's box, checked by default
     run_and_wait(qtbot, widget)
     seams = output_layer(viewer, "seams_eval")
     assert seams.visible
@@ -120,6 +120,16 @@ def test_item3_seams_shown_by_default_at_a_visible_contrast(make_napari_viewer, 
     disparity = output_layer(viewer, "disparity")
     assert disparity.colorbar.visible and not seams.colorbar.visible
     assert level0(disparity).max() <= 1.0
+
+
+def test_item3_seams_follow_the_advanced_checkbox(make_napari_viewer, tmp_path):
+    viewer, widget = sample_widget(make_napari_viewer, tmp_path)
+    layer = viewer.layers[widget.image_combo.currentText()]
+    assert widget.build_config(SAMPLE_SHAPE, layer).seams
+    widget.seams.setChecked(False)  # a user on a big region turns them off
+    assert not widget.build_config(SAMPLE_SHAPE, layer).seams
+    widget.seams.setChecked(True)
+    assert widget.build_config(SAMPLE_SHAPE, layer).seams
 
 
 def test_item4_a_second_run_replaces_the_first_runs_display(make_napari_viewer, qtbot, tmp_path):
@@ -152,7 +162,15 @@ def test_item5_table_feature_column_is_the_plots_layer_and_channel(
     channel = widget.feature_channel_combo.currentIndex()
     table = widget.tile_table
     header = table.horizontalHeaderItem(table.columnCount() - 1).text()
-    assert layer_name in header and f"ch {channel}" in header
+    assert f"{layer_name}, channel {channel}" in header  # the readable name the plots use
+    assert widget.norm_layer_text(widget.feature_layer_combo.currentData()) == layer_name
+    assert (
+        widget.feature_layer_combo.currentData()
+        in table.horizontalHeaderItem(table.columnCount() - 1).toolTip()
+    )  # the module path
+    # The scatter's x label is short (not cut at the plot's edge); layer and channel in its title.
+    assert widget.scatter.labels()[0] == "|feature z| per tile"
+    assert widget.scatter.title() == f"{layer_name}, channel {channel}"
     plotted = dict(zip(widget.scatter.tiles.tolist(), widget.scatter.z.tolist()))
     assert plotted
     for row in range(table.rowCount()):
@@ -163,7 +181,7 @@ def test_item5_table_feature_column_is_the_plots_layer_and_channel(
     if widget.feature_channel_combo.count() > 1:
         widget.feature_channel_combo.setCurrentIndex(1 - min(channel, 1))
         header = table.horizontalHeaderItem(table.columnCount() - 1).text()
-        assert f"ch {widget.feature_channel_combo.currentIndex()}" in header
+        assert f"channel {widget.feature_channel_combo.currentIndex()}" in header
 
 
 def test_item7_words_and_fixed_colours_on_a_faint_channel(
@@ -202,12 +220,33 @@ def test_item7_words_and_fixed_colours_on_a_faint_channel(
     ).lower()
     for word in ("soft:", "hard:", "flips:", "mismatch:"):
         assert word in tips
-    # Outline colours on a fixed scale, the same in every run, with a legend.
-    values = viewer.layers["tiles"].features["disparity"].to_numpy()
-    np.testing.assert_allclose(viewer.layers["tiles"].edge_color, tile_edge_colors(values))
-    assert (
-        "0.1 and above" in widget.tile_legend.text() and "not judged" in widget.tile_legend.text()
+    # Outline colours follow the verdict's rule: the hard disparity of judged tiles on a fixed
+    # scale, grey where the channel is not judged (this nearly empty one), with a legend.
+    tiles = viewer.layers["tiles"]
+    features = tiles.features
+    flags = features["judged"].to_numpy()
+    np.testing.assert_allclose(
+        tiles.edge_color, tile_edge_colors(features["disparity"].to_numpy(), judged=flags)
     )
+    records = {r["index"]: r for r in widget.finished_event.summary["tiles"]}
+    for tile, flag, value in zip(features["tile"], flags, features["disparity"]):
+        assert flag == records[tile]["judged"][1]
+        if flag:
+            assert value == pytest.approx(records[tile]["disparity_hard"][1])
+    assert not flags.all()  # the faint channel has tiles too empty to judge
+    np.testing.assert_allclose(tiles.edge_color[~flags], [NOT_JUDGED_COLOR] * int((~flags).sum()))
+    # The summary: short lines, the core's verdict (channel 0 judged, channel 1 not judged).
+    from napari_normcheck.core.run.report import verdict_detail, verdict_lines
+
+    summary = widget.finished_event.summary
+    assert summary["support"]["judged"] == [True, False]
+    lines = widget.summary_label.text().split("\n")
+    assert lines[0].startswith("done: ") and lines[-1].startswith("Output: ")
+    assert lines[1:-1] == verdict_lines(summary, ["channel 0", "channel 1"])
+    assert verdict_detail(summary)["channel"] == 0 and "(channel 0, hard " in lines[1]
+    assert any(line.startswith("channel 1: ") and "not judged" in line for line in lines[2:-1])
+    legend = widget.tile_legend.text()
+    assert "hard disparity" in legend and "0.1 and above" in legend and "not judged" in legend
     np.testing.assert_allclose(tile_edge_colors(np.array([0.06])), [(1.0, 0.55, 0.0, 1.0)])
     np.testing.assert_allclose(tile_edge_colors(np.array([0.65])), [(1.0, 0.0, 0.0, 1.0)])
 
@@ -261,34 +300,3 @@ def test_support_rule_not_judged_shows_dash_ranks_last_and_greys_the_outline(qtb
     colors = tile_edge_colors(np.array([0.9, 0.3, 0.05]), judged=np.array([False, True, True]))
     np.testing.assert_allclose(colors[0], NOT_JUDGED_COLOR)
     np.testing.assert_allclose(colors[1], (1.0, 0.0, 0.0, 1.0))
-
-
-def test_item7_summary_as_short_lines_from_the_core_when_it_has_them(monkeypatch):
-    from napari_normcheck._qt import widget as widget_module
-    from napari_normcheck.core.run import report
-
-    summary = {
-        "n_tiles": 4,
-        "timing": {"total": 2.0},
-        "disparity": {"hard": [0.3, 0.01], "soft": [0.25, 0.01]},
-        "mismatch_eval": {"hard": [0.02, 0.0]},
-        "support": {"judged": [True, False]},
-        "verdict_detail": {"level": "high", "channel": 0, "basis": "hard", "value": 0.3},
-    }
-    # A core without verdict_lines: the earlier summary line, verdict included.
-    monkeypatch.delattr(report, "verdict_lines", raising=False)
-    text = widget_module.summary_text(summary, "out.zarr", ["membrane", "organelle"])
-    assert text.startswith("done: 4 tiles") and "HIGH" in text and "\n" not in text
-    # With verdict_lines (the contract's signature): its lines, one per line, the channels named.
-    seen = []
-
-    def verdict_lines(summary, channel_names=None):
-        seen.append(channel_names)
-        return [f"high disparity in {channel_names[0]}: 0.30", "channel organelle: not judged"]
-
-    monkeypatch.setattr(report, "verdict_lines", verdict_lines, raising=False)
-    text = widget_module.summary_text(summary, "out.zarr", ["membrane", "organelle"])
-    lines = text.split("\n")
-    assert lines[0] == "done: 4 tiles in 2.0 s."
-    assert lines[1:3] == verdict_lines(summary, ["membrane", "organelle"])
-    assert lines[-1] == "Output: out.zarr" and seen[0] == ["membrane", "organelle"]

@@ -72,3 +72,47 @@ def test_step_queue_add_first_runs_before_the_queued_steps(qtbot):
     with qtbot.waitSignal(queue.drained, timeout=2000):
         pass
     assert ran == ["b", "c", "a"]
+
+
+def test_outline_colours_follow_the_verdicts_rule_on_a_fixed_scale():
+    import numpy as np
+
+    scale = {text: color for _low, color, text in _tile_layers.TILE_COLOR_SCALE}
+    hard = np.array([0.01, 0.05, 0.4, 0.9, np.nan, np.nan])
+    judged = np.array([True, True, True, False, False, True])
+    colors = _tile_layers.tile_edge_colors(hard, judged=judged)
+    np.testing.assert_allclose(colors[0], scale["below 0.02 (low)"])
+    np.testing.assert_allclose(colors[1], scale["0.02 to 0.1 (moderate)"])
+    np.testing.assert_allclose(colors[2], scale["0.1 and above (high)"])
+    # Not judged: grey whatever the hard value (the verdict ignores it), NaN included.
+    np.testing.assert_allclose(colors[3], _tile_layers.NOT_JUDGED_COLOR)
+    np.testing.assert_allclose(colors[4], _tile_layers.NOT_JUDGED_COLOR)
+    # A tile not run yet has a look of its own: no colour of the legend means two things.
+    np.testing.assert_allclose(colors[5], _tile_layers.UNKNOWN_TILE_COLOR)
+    legend = _tile_layers.tile_color_legend()
+    rgb = [tuple(np.round(color[:3], 3)) for color, _text in legend]
+    assert len(set(rgb)) == len(rgb)
+    unknown = np.asarray(_tile_layers.UNKNOWN_TILE_COLOR)
+    assert unknown[3] < 1.0 and unknown[2] > unknown[0]  # translucent, blue-ish
+    # The scale is fixed: the same value has the same colour in every run.
+    np.testing.assert_allclose(
+        _tile_layers.tile_edge_colors(np.array([0.06]))[0], scale["0.02 to 0.1 (moderate)"]
+    )
+
+
+def test_outline_features_carry_hard_values_and_judged_flags():
+    import numpy as np
+
+    plan = plan_tiles((8, 32, 32), (8, 16, 16), overlap=0.25)
+    hard = np.linspace(0.0, 0.3, plan.n_tiles)
+    judged = np.arange(plan.n_tiles) % 2 == 0
+    data, kwargs, _ = _tile_layers.tile_shapes_layer(
+        plan, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), disparity=hard, judged=judged
+    )
+    features = kwargs["features"]
+    tiles = np.asarray(features["tile"])
+    np.testing.assert_allclose(features["disparity"], hard[tiles])
+    np.testing.assert_array_equal(features["judged"], judged[tiles])
+    np.testing.assert_allclose(
+        kwargs["edge_color"], _tile_layers.tile_edge_colors(hard, judged=judged)[tiles]
+    )

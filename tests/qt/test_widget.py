@@ -93,7 +93,8 @@ def test_run_adds_lazy_layers_matching_the_store(
     tiles = viewer.layers["tiles"]
     assert set(tiles.features["tile"]) == set(range(widget.plan.n_tiles))
     assert widget.plan.n_tiles == widget.tile_table.rowCount()
-    assert np.isfinite(tiles.features["disparity"]).all()
+    judged = tiles.features["judged"].to_numpy()  # hard disparity where judged, else NaN
+    assert np.isfinite(tiles.features["disparity"].to_numpy()[judged]).all()
     assert widget.histogram.counts.sum() == widget.plan.n_tiles
     assert widget.histogram.grab().width() > 0
     # Probabilities: 0..1 at most (the top follows the data), eval and train alike.
@@ -104,15 +105,18 @@ def test_run_adds_lazy_layers_matching_the_store(
     status = widget.summary_label.text()  # the Results tab's summary
     summary = widget.finished_event.summary
     assert status.startswith(f"done: {plan_tiles(widget)} tiles")
-    hard = " / ".join(f"{v:.3f}" for v in summary["disparity"]["hard"])
-    mismatch = " / ".join(f"{v:.3f}" for v in summary["mismatch_eval"]["hard"])
-    assert f"Disparity per channel {hard}" in status and f"eval tile mismatch {mismatch}" in status
+    # Short lines: the core's verdict lines between the run's head and the output.
+    from napari_normcheck.core.run.report import verdict_lines
+
+    names = [widget.channel_combo.itemText(i) for i in range(widget.channel_combo.count())]
+    assert status.split("\n")[1:-1] == verdict_lines(summary, names)
     assert "disparity (" in status  # the verdict
-    # Tile outlines (of channel 0 now): coloured on the fixed scale of the legend.
+    # Tile outlines (of channel 0 now): coloured on the fixed scale of the legend (grey: not judged).
     from napari_normcheck._tile_layers import tile_edge_colors
 
     values = tiles.features["disparity"].to_numpy()
-    np.testing.assert_allclose(tiles.edge_color, tile_edge_colors(values), atol=1e-6)
+    judged = tiles.features["judged"].to_numpy()
+    np.testing.assert_allclose(tiles.edge_color, tile_edge_colors(values, judged=judged), atol=1e-6)
     # The inventory of the model loaded by the run is shown.
     assert widget.inventory_table.rowCount() > 0
     assert "running statistics" in widget.verdict_label.text()

@@ -82,7 +82,9 @@ def test_norm_layers_read_as_type_and_place(make_napari_viewer, qtbot, tmp_path,
     assert paths[0] == "conv_0.conv_0.adn.N"
     assert combo.itemText(0) == "BatchNorm3d, encoder 0, conv 0"
     assert combo.itemData(0, 3) == "conv_0.conv_0.adn.N"  # (3: Qt's tooltip role)
-    assert widget.scatter.labels()[0].startswith("|feature z| per tile (BatchNorm3d, encoder")
+    # The scatter's x label stays short; the readable layer name is in its title.
+    assert widget.scatter.labels()[0] == "|feature z| per tile"
+    assert widget.scatter.title().startswith("BatchNorm3d, encoder")
 
 
 def test_second_run_with_another_model_drops_the_first_models_layers(
@@ -117,6 +119,13 @@ def test_dock_leaves_the_canvas_most_of_the_window(make_napari_viewer, qtbot, tm
             widget.tabs.setCurrentWidget(page)
             assert widget.width() <= 0.4 * window.width(), (size, widget.width())
             assert canvas.width() > widget.width(), (size, canvas.width(), widget.width())
+        # A long summary (the verdict, channels not judged, seams) never squeezes the plots:
+        # the Results tab scrolls instead, the plot keeps its height and its axis labels.
+        widget.tabs.setCurrentWidget(widget.results_tab)
+        widget.summary_label.setText("\n".join(["a line of the verdict that wraps once " * 3] * 8))
+        qtbot.wait(50)
+        for part in (widget.plot_tabs.parentWidget(), widget.scatter, widget.tile_table):
+            assert part.height() >= part.minimumSizeHint().height(), (size, part)
         widget.tabs.setCurrentWidget(widget.check_tab)
         qtbot.wait(50)
         table = widget.inventory_table

@@ -27,6 +27,26 @@ from napari_normcheck._qt.plots import DisparityHistogram, DisparityScatter, Fea
 from napari_normcheck._qt.steps import step
 from napari_normcheck._qt.tile_table import channel_value, judged
 
+
+def tile_is_judged(record: dict[str, Any], channel: int, rule: Any) -> bool:
+    """Whether a tile's hard disparity of ``channel`` is judged (enough foreground).
+
+    The record's ``judged`` flags once the run has ended; while it runs, the same rule on the
+    tile's own ``foreground_voxels`` over the voxels it writes (what the run will decide).
+    """
+    if isinstance(record.get("judged"), (list, tuple)):
+        return judged(record, channel)
+    foreground = record.get("foreground_voxels")
+    if not isinstance(foreground, (list, tuple)) or not 0 <= channel < len(foreground):
+        return True
+    if "start" not in record or "stop" not in record:
+        return True
+    from napari_normcheck.core.measure.support import is_judged
+
+    n_voxels = int(np.prod([b - a for a, b in zip(record["start"], record["stop"])]))
+    return is_judged(float(foreground[channel]), n_voxels, rule)
+
+
 #: Why the feature plots are empty for a model without running statistics.
 NO_FEATURES = (
     "no normalization layer keeps running statistics\n(GroupNorm, InstanceNorm, LayerNorm):"
@@ -245,14 +265,14 @@ class FeatureSection:
             return
         entry = entries[index]
         name = str(entry.get("name", ""))
-        self.tile_table.set_feature(name, feature_channel)
+        text = self.norm_layer_text(name)
+        self.tile_table.set_feature(name, feature_channel, text)
         means, z = [], []
         for t in tiles:
             values = (records[t].get("features") or {}).get(name) or {}
             means.append(channel_value(values.get("mean"), feature_channel))
             z.append(channel_value(values.get("z"), feature_channel))
         mean, std = self._running_stats(entry, feature_channel)
-        text = self.norm_layer_text(name)
         self.feature_plot.set_data(
             tiles, means, mean, std, title=f"{text} · channel {feature_channel}"
         )
@@ -260,9 +280,13 @@ class FeatureSection:
             tiles,
             z,
             disparity,
-            xlabel=f"|feature z| per tile ({text}, channel {feature_channel})",
-            title=f"Feature shift vs disparity · {label}",
-            empty=f"no tile has a |z| for {name}, channel {feature_channel} yet",
+            # Axis label and title stay short (long ones are cut at the plot's edge): the layer
+            # and channel in the title, the module path and the output channel in the tooltip.
+            xlabel="|feature z| per tile",
+            title=f"{text}, channel {feature_channel}",
+            detail=f"x: |z| of layer {name}, channel {feature_channel}, per tile\n"
+            f"y: soft disparity of {label} per tile",
+            empty=f"no tile has a |z| for {text}, channel {feature_channel} yet",
         )
 
     def _on_plot_tile(self, index: int) -> None:
@@ -271,14 +295,28 @@ class FeatureSection:
         self.go_to_tile(index)
 
     def tile_values(self) -> np.ndarray | None:
-        """Per tile, the chosen channel's soft disparity from the table (NaN where not yet known)."""
+        """Per tile, the chosen channel's hard disparity from the table, the verdict's basis.
+
+        NaN where not yet known or not judged; the outlines of tiles whose channel is not
+        judged are drawn in a neutral colour (``results.tile_judged``).
+        """
         if self.plan is None or not self.tile_table.records:
             return None
+        channel = self.results.channel
+        rule = self._min_foreground()
         values = np.full(self.plan.n_tiles, np.nan)
         judged_tiles = np.ones(self.plan.n_tiles, dtype=bool)
         for index, record in self.tile_table.records.items():
-            values[index] = channel_value(record.get("disparity_soft"), self.results.channel)
-            judged_tiles[index] = judged(record, self.results.channel)
-        # The outlines of tiles whose channel is not judged are drawn in a neutral colour.
+            judged_tiles[index] = tile_is_judged(record, channel, rule)
+            if judged_tiles[index]:
+                values[index] = channel_value(record.get("disparity_hard"), channel)
         self.results.tile_judged = judged_tiles
         return values
+
+    def _min_foreground(self) -> Any:
+        """The running check's rule for enough foreground (the default before any run)."""
+        from napari_normcheck.core.measure.support import DEFAULT_MIN_FOREGROUND, MinForeground
+
+        config = getattr(getattr(self, "run_request", None), "config", None)
+        rule = getattr(config, "min_foreground", None)
+        return MinForeground(*rule) if rule is not None else DEFAULT_MIN_FOREGROUND

@@ -358,8 +358,12 @@ class DisparityScatter(PlotWidget):
         xlabel: str = "",
         title: str = "",
         empty: str = "no tile has finished yet",
+        detail: str = "",
     ) -> None:
-        """Plot one point per tile (non-finite ones left out); ``empty`` says why none is."""
+        """Plot one point per tile (non-finite ones left out); ``empty`` says why none is.
+
+        ``detail`` is the plot's tooltip (what the axes hold, in full).
+        """
         tiles, z, disparity = (np.asarray(a, dtype=float) for a in (tiles, z, disparity))
         keep = np.isfinite(z) & np.isfinite(disparity)
         self.tiles = tiles[keep].astype(int)
@@ -372,6 +376,7 @@ class DisparityScatter(PlotWidget):
         if xlabel and xlabel != self.labels()[0]:
             self.set_labels(xlabel, "soft disparity per tile (0–1)")
         self.set_title(title or "Feature shift vs disparity (click a tile)")
+        self.view.setToolTip(detail)
         self.set_message("" if self.tiles.size else empty)
         self.select_tile(self.selected)
 

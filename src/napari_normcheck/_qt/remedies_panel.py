@@ -112,6 +112,9 @@ class RemediesPanel(QGroupBox):
     get_channel : callable, optional
         ``get_channel() -> int``: the output channel the dock widget shows (the remedies' layers
         show the same one, and follow it); channel 0 when not given.
+    get_channel_names : callable, optional
+        ``get_channel_names(n) -> list[str]``: the names of ``n`` output channels as the dock
+        widget writes them (the model's, else ``channel k``); the check's store's by default.
     """
 
     layers_added = Signal()
@@ -121,11 +124,13 @@ class RemediesPanel(QGroupBox):
         viewer: Any,
         get_context: Callable[[], RemedyContext | None],
         get_channel: Callable[[], int] | None = None,
+        get_channel_names: Callable[[int], list[str]] | None = None,
     ) -> None:
         super().__init__("Remedies")
         self.viewer = viewer
         self.get_context = get_context
         self.get_channel = get_channel or (lambda: 0)
+        self.get_channel_names = get_channel_names or self._store_channel_names
         self.worker: Any = None
         self.context: RemedyContext | None = None
         self.remedies: dict[str, Any] | None = None
@@ -351,9 +356,11 @@ class RemediesPanel(QGroupBox):
         rows = [r for r in ROWS if r in remedies]
         n_out = len(remedies["eval"]["disparity_vs_train"]["hard"])
         dice_channels = (remedies["eval"].get("dice_vs_labels") or {}).get("channels", [])
-        columns = [("disparity_vs_train", c, f"disparity c{c}") for c in range(n_out)]
-        columns += [("mismatch", c, f"mismatch c{c}") for c in range(n_out)]
-        columns += [("dice_vs_labels", c, f"Dice c{c}") for c in dice_channels]
+        names = self.get_channel_names(n_out)
+        # Two-line headers keep the columns narrow: the measure, then the channel's name.
+        columns = [("disparity_vs_train", c, f"disparity\n{names[c]}") for c in range(n_out)]
+        columns += [("mismatch", c, f"mismatch\n{names[c]}") for c in range(n_out)]
+        columns += [("dice_vs_labels", c, f"Dice\n{names[c]}") for c in dice_channels]
         self.table.clear()
         self.table.setRowCount(len(rows))
         self.table.setColumnCount(len(columns))
@@ -365,10 +372,26 @@ class RemediesPanel(QGroupBox):
         self.table.resizeColumnsToContents()
         self.notes.setText("\n".join(remedies.get("notes", [])))
 
+    def _store_channel_names(self, n_channels: int) -> list[str]:
+        """The output channels' names in the check's store (``channel k`` when it has none)."""
+        from napari_normcheck import _layers
+
+        attrs: dict[str, Any] = {}
+        if self.context is not None:
+            import zarr
+
+            try:
+                attrs = dict(
+                    zarr.open_group(str(self.context.out), mode="r").attrs.get("normcheck") or {}
+                )
+            except (OSError, ValueError, KeyError):  # no store (yet): the plain names
+                attrs = {}
+        return _layers.channel_names(attrs, n_channels)
+
     def add_layers(self, out: Path, remedies: dict[str, Any]) -> list[Any]:
         """Add (or re-point) one image layer per remedy prediction, showing the chosen channel.
 
-        The layers follow the dock widget's rule: one layer per output (``recalibrated · c0``),
+        The layers follow the dock widget's rule: one layer per output (``recalibrated · channel 0``),
         switched with the widget's channel choice, above the input.
         """
         from napari_normcheck import _layers

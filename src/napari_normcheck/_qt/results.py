@@ -43,6 +43,8 @@ class StoreRead:
     tuples: list[_layers.LayerDataTuple]
     tile_values: np.ndarray | None
     feature_grid: tuple | None = None
+    #: Per tile, whether the shown channel's hard disparity is judged (from the store's grids).
+    tile_judged: np.ndarray | None = None
 
 
 class ResultLayers(ChannelChoice, TileOutlines, QObject):
@@ -150,13 +152,14 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
                     self.channel_labels or None,
                 )
                 plan = self.plan
-                values = (
-                    _layers.tile_disparity_values(candidate, plan, self.channel) if plan else None
-                )
+                values = judged = None
+                if plan is not None:
+                    values = _layers.tile_disparity_values(candidate, plan, self.channel)
+                    judged = _layers.tile_judged_values(candidate, plan, self.channel)
             except (FileNotFoundError, KeyError):
                 continue
             grid = _layers.feature_z_grid(candidate) if features else None
-            return StoreRead(candidate, tuples, values, grid)
+            return StoreRead(candidate, tuples, values, grid, judged)
         return None
 
     # --- the run's phases -------------------------------------------------------------------------
@@ -168,6 +171,7 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         self.reveal_tiles()  # (its step was just dropped)
         self._refreshing = self._refresh_pending = False
         self.store_path = None
+        self.tile_judged = None  # the earlier run's flags
         self._placeholders: list[Any] = []  # layers added for this run before its store existed
 
     def prepare(self, layout: Any, prefix: str, ready: threading.Event) -> None:
@@ -336,6 +340,8 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         self._update_tiles(tile_values)
 
     def _queue_layers(self, read: StoreRead, final: bool = False) -> None:
+        if read.tile_values is not None and read.tile_judged is not None:
+            self.tile_judged = read.tile_judged  # the store's grids: the flags of its values
         """Queue one step per layer to add (or re-point), visible layers first."""
         self.store_path = read.path
         store = str(read.path)

@@ -77,10 +77,16 @@ def build_tabs(widget: Any) -> QTabWidget:
         setattr(widget, name, getattr(widget.settings, name))
     widget.check_tab = scrolled(check)
     tabs.addTab(widget.check_tab, CHECK)
-    widget.results_tab = build_results(widget)
+    # Scrolled like the other tabs: a long summary never squeezes the plots below their minimum
+    # height (their labels cut, the Save button over the axis).
+    widget.results_page = build_results(widget)
+    widget.results_tab = scrolled(widget.results_page)
     tabs.addTab(widget.results_tab, RESULTS)
     widget.remedies_panel = RemediesPanel(
-        widget.viewer, widget.remedy_context, get_channel=lambda: widget.results.channel
+        widget.viewer,
+        widget.remedy_context,
+        get_channel=lambda: widget.results.channel,
+        get_channel_names=widget.results.labels_for,
     )
     widget.remedies_panel.layers_added.connect(widget.results.order_layers)
     widget.remedies_tab = scrolled(widget.remedies_panel)

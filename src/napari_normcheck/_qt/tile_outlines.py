@@ -102,10 +102,11 @@ class TileOutlines:
 
         plan, scale, translate = self.plan, self.input_scale, self.input_translate
         name = TILES_NAME
+        judged = self.tile_judged
 
         def build() -> Any:
             data, kwargs, _ = _tile_layers.tile_shapes_layer(
-                plan, scale, translate, name=name, disparity=values
+                plan, scale, translate, name=name, disparity=values, judged=judged
             )
             kwargs["metadata"] = {**kwargs["metadata"], "plan": plan.to_dict()}
             return Shapes(data, **kwargs)
@@ -162,6 +163,7 @@ class TileOutlines:
                 self.input_translate,
                 name=TILES_NAME,
                 disparity=values,
+                judged=self.tile_judged,
             )
             kwargs["metadata"] = {**kwargs["metadata"], "plan": self.plan.to_dict()}
             from napari.layers import Shapes
@@ -171,11 +173,11 @@ class TileOutlines:
             self._build_tiles(values)
 
     def _update_tiles(self, values: np.ndarray | None) -> None:
-        """New per-tile disparity: the outlines' features and edge colours."""
+        """New per-tile hard disparity: the outlines' features and edge colours."""
         tiles = self.tiles_layer
         if tiles is None or tiles not in self.viewer.layers or values is None:
             return
-        tiles.features = _tile_layers.tile_features(self.plan, values)
+        tiles.features = _tile_layers.tile_features(self.plan, values, self.tile_judged)
         tiles.edge_color = _tile_layers.outline_edge_colors(self.plan, values, self.tile_judged)
 
     def go_to_tile(self, index: int) -> None:

@@ -191,6 +191,7 @@ class TileTable(QTableWidget):
         self.channel: int | None = None
         self.feature_value: Value = _feature_z
         self.feature: tuple[str | None, int | None] = (None, None)
+        self._feature_text: str | None = None
         self.cellClicked.connect(self._on_clicked)
         self.setMinimumHeight(0)
 
@@ -206,22 +207,27 @@ class TileTable(QTableWidget):
         """Qt's minimum height, never below :data:`MIN_ROWS` rows."""
         super().setMinimumHeight(max(int(height), self.rows_height()))
 
-    def set_feature(self, layer: str | None, feature_channel: int | None) -> None:
+    def set_feature(
+        self, layer: str | None, feature_channel: int | None, text: str | None = None
+    ) -> None:
         """The feature ``|z|`` column shows this normalization layer and channel (the plots').
 
-        ``None``: the largest ``|z|`` over all layers, and the header says so.
+        ``None``: the largest ``|z|`` over all layers, and the header says so. ``text`` is the
+        layer's readable name (type and place); its module path goes to the header's tooltip.
         """
-        if (layer, feature_channel) == self.feature:
+        if (layer, feature_channel, text) == (*self.feature, self._feature_text):
             return
         self.feature = (layer, feature_channel)
+        self._feature_text = text
         self.feature_value = feature_z_value(layer, feature_channel)
-        header = (
-            "largest |feature z| (all layers)"
-            if layer is None
-            else f"|feature z| {layer} ch {feature_channel}"
-        )
+        if layer is None:
+            header = "largest |feature z|\n(all layers)"
+            tip = tooltip("largest |feature z| (all layers)")
+        else:
+            header = f"|feature z|\n{text or layer}, channel {feature_channel}"
+            tip = f"{tooltip('|feature z|')}\n(layer {layer}, channel {feature_channel})"
         item = QTableWidgetItem(header)
-        item.setToolTip(tooltip(header))
+        item.setToolTip(tip)
         self.setHorizontalHeaderItem(self.columnCount() - 1, item)
         self.redraw()
 

@@ -78,15 +78,12 @@ def summary_text(
 ) -> str:
     """The Results tab's summary: short lines (the core's ``verdict_lines``), then the output.
 
-    Falls back to :func:`summary_line` with a core that has no ``verdict_lines`` yet.
+    Falls back to :func:`summary_line` for a summary the core cannot read.
     """
-    from napari_normcheck.core.run import report
+    from napari_normcheck.core.run.report import verdict_lines
 
-    lines_of = getattr(report, "verdict_lines", None)
-    if lines_of is None:
-        return summary_line(summary, out)
     try:
-        lines = [str(line) for line in lines_of(summary, channel_names)]
+        lines = [str(line) for line in verdict_lines(summary, channel_names)]
     except (KeyError, TypeError, ValueError, IndexError):
         return summary_line(summary, out)
     total = (summary.get("timing") or {}).get("total", 0.0)
@@ -103,7 +100,7 @@ def tile_legend_html() -> str:
         return f'<span style="color: rgb({r},{g},{b})">■</span>'
 
     items = " ".join(f"{swatch(color)}&nbsp;{text}" for color, text in tile_color_legend())
-    return f"tile outlines (soft disparity): {items}"
+    return f"tile outlines (hard disparity, as the verdict): {items}"
 
 
 class NormcheckWidget(ModelSection, FeatureSection, QWidget):
@@ -148,7 +145,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
             "tile outline colours: the tile's soft disparity of the shown channel, on a scale "
             "that is the same in every run"
         )
-        self.results_tab.layout().insertWidget(2, self.tile_legend)
+        self.results_page.layout().insertWidget(2, self.tile_legend)
         for index in range(self.sort_combo.count()):  # what soft, flips, mismatch mean
             words = tile_table.tooltip(self.sort_combo.itemText(index))
             self.sort_combo.setItemData(index, words, Qt.ItemDataRole.ToolTipRole)
@@ -234,10 +231,10 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
 
     def build_config(self, shape: tuple[int, int, int], layer: Any) -> Any:
         """The :class:`RunConfig` from the form (raises :class:`NormcheckError`)."""
-        config = self.settings.config(roi=self.region_roi(layer, shape))
-        # The widget checks a region the user looks at: its seams maps are always stored and
-        # shown (the command line keeps ``--seams`` opt-in for whole volumes).
-        return config if config.seams else dataclasses.replace(config, seams=True)
+        # The seams maps follow Advanced's "store the seams maps", checked by default: the widget
+        # checks a region the user looks at (the command line keeps ``--seams`` opt-in for whole
+        # volumes); on a big region a user may turn them off.
+        return self.settings.config(roi=self.region_roi(layer, shape))
 
     def input_transform(self, layer: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Voxel size and origin of the chosen level (napari scales level k by its downsampling)."""
