@@ -283,3 +283,36 @@ def test_nothing_judged_says_so(sparse_run):
     assert detail["basis"] == "soft" and detail["channel"] == 0
     assert detail["value"] == pytest.approx(summary["disparity"]["soft"][0])
     assert "soft" in verdict(soft_only) and "speaks for it" in verdict(soft_only)
+
+
+def _two_channel_summary(hard, soft, judged, soft_judged):
+    return {
+        "disparity": {"hard": hard, "soft": soft},
+        "mismatch_eval": {"hard": [0.0, 0.0], "soft": [0.0, 0.0]},
+        "mismatch_train": {"hard": [0.0, 0.0], "soft": [0.0, 0.0]},
+        "support": {
+            "judged": judged,
+            "soft_judged": soft_judged,
+            "union_voxels": [50_000, 500],
+            "soft_foreground": [60_000.0, 1_500.0],
+        },
+    }
+
+
+def test_a_hard_value_outranks_a_soft_one_of_the_same_level():
+    # Channel 1's hard Dice is not judged; its soft value (mostly background mass) is larger than
+    # channel 0's hard value, but both are "high": the verdict rests on the count of voxels.
+    summary = _two_channel_summary([0.3, 0.9], [0.28, 0.94], [True, False], [True, True])
+    assert verdict_detail(summary) == {
+        "level": "high",
+        "channel": 0,
+        "basis": "hard",
+        "value": 0.3,
+    }
+    # A soft value of a higher level still heads the verdict: nothing is hidden.
+    summary = _two_channel_summary([0.01, 0.9], [0.01, 0.5], [True, False], [True, True])
+    detail = verdict_detail(summary)
+    assert (detail["level"], detail["channel"], detail["basis"]) == ("high", 1, "soft")
+    # Within a level and a basis, the larger value.
+    summary = _two_channel_summary([0.12, 0.4], [0.1, 0.3], [True, True], [True, True])
+    assert verdict_detail(summary)["channel"] == 1

@@ -213,17 +213,25 @@ def _evidence(
 
 
 def _worst(evidence: list[tuple[float, int, str]]) -> tuple[float, int, str] | None:
-    # Ties go to a hard value, then to the first channel.
-    return max(evidence, key=lambda e: (e[0], e[2] == "hard", -e[1]), default=None)
+    # The highest level first; within a level a hard value (a count of voxels that change)
+    # outranks a soft one (probability mass, which on a nearly empty channel is mostly the
+    # background's), then the larger value, then the first channel.
+    rank = {name: i for i, (_floor, name) in enumerate(reversed(LEVELS))}
+    return max(
+        evidence,
+        key=lambda e: (rank[_level(e[0])], e[2] == "hard", e[0], -e[1]),
+        default=None,
+    )
 
 
 def verdict_detail(summary: dict[str, Any]) -> dict[str, Any]:
     """What the verdict rests on: ``{"level", "channel", "basis", "value"}``.
 
-    The largest of each channel's hard disparity where it is judged, and of its soft disparity
-    where only that is judged (:func:`_evidence`); ``level`` is ``high`` (>= 0.1), ``moderate``
-    (>= 0.02) or ``low``, and ``not judged`` (channel ``None``, value 0) where no channel has
-    enough foreground for either.
+    Each channel offers its hard disparity where it is judged, else its soft disparity where only
+    that is judged (:func:`_evidence`); the verdict takes the highest level among them, a hard
+    value before a soft one of the same level, then the larger value. ``level`` is ``high``
+    (>= 0.1), ``moderate`` (>= 0.02) or ``low``, and ``not judged`` (channel ``None``, value 0)
+    where no channel has enough foreground for either.
     """
     disparity = summary["disparity"]
     support = summary_support(summary) or {}
