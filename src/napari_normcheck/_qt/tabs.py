@@ -133,6 +133,10 @@ def build_input_box(widget: Any) -> QGroupBox:
     form.addRow("region", widget.region_combo)
     widget.shapes_combo = QComboBox()
     form.addRow("box layer", widget.shapes_combo)
+    from napari_normcheck._qt.url_open import UrlOpenRow
+
+    widget.url_row = UrlOpenRow(widget.viewer)
+    form.addRow("open URL", widget.url_row)
     return box
 
 
