@@ -91,6 +91,9 @@ def summary_text(
         return summary_line(summary, out)
     total = (summary.get("timing") or {}).get("total", 0.0)
     head = f"done: {summary.get('n_tiles')} tiles in {total:.1f} s."
+    from napari_normcheck._qt.grid_shift_view import grid_shift_lines
+
+    lines += grid_shift_lines(summary, channel_names)
     return "\n".join([head, *lines, f"Output: {out}"])
 
 
