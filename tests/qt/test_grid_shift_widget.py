@@ -77,3 +77,63 @@ def test_grid_shift_run_shows_its_numbers_and_maps(make_napari_viewer, qtbot, tm
     assert stored.max() > 0  # the grid moved and the result changed somewhere
     visible = [layer for layer in viewer.layers if layer.visible]
     assert len(visible) <= MOST_SHOWN, [layer.name for layer in visible]
+
+
+def click_point(qtbot, plot, x, y):
+    """A real mouse click on the plot at data coordinates ``(x, y)``."""
+    from qtpy.QtCore import QPointF, Qt
+
+    plot.item.getViewBox().autoRange()
+    scene_pos = plot.item.getViewBox().mapViewToScene(QPointF(x, y))
+    view_pos = plot.view.mapFromScene(scene_pos)
+    qtbot.mouseClick(plot.view.viewport(), Qt.MouseButton.LeftButton, pos=view_pos)
+
+
+def test_tile_size_view_runs_the_sweep_plots_it_and_opens_a_setting(
+    make_napari_viewer, qtbot, tmp_path
+):
+    from napari_normcheck._qt.tile_size_view import SWEEP_LAYER_KEY, indicator
+    from napari_normcheck.core.run.sweep import recommend
+
+    viewer, widget = sample_widget(make_napari_viewer, tmp_path)
+    view = widget.tile_size_view
+    qtbot.addWidget(widget)
+    widget.resize(520, 900)
+    widget.show()
+    widget.tabs.setCurrentWidget(widget.tile_size_tab)
+    assert not widget.run_buttons.isVisible()  # the tab has its own Run
+    view.tiles.setText("16,32,32 16,64,64")
+    view.folder.setText(str(tmp_path / "sweep"))
+    assert view.run() is not None
+    qtbot.waitUntil(lambda: view.worker is None, timeout=240_000)
+    assert len(view.rows) == 2 and not any(r.get("refused") for r in view.rows), view.status.text()
+    assert view.recommendation == recommend(view.rows, per_tile_norms=[])
+    assert view.recommendation_label.text().startswith("recommendation: ")
+    # One point per setting at (tile x side, soft grid shift of the first channel).
+    drawn = sorted((spot.pos().x(), spot.pos().y()) for spot in view.plot._points.points())
+    expected = sorted((r["tile"][-1], indicator(r, "grid_shift", "eval")) for r in view.rows)
+    np.testing.assert_allclose(drawn, expected, rtol=1e-6)
+    if view.recommendation["tile"] is not None:
+        assert view.plot.star_position() is not None
+    for suffix in ("png", "svg"):
+        saved = view.plot.save(tmp_path / f"sweep.{suffix}")
+        assert saved.stat().st_size > 1000
+
+    # A click on the larger tile's point opens its layers (and only its).
+    row = max(view.rows, key=lambda r: r["tile"][-1])
+    with qtbot.waitSignal(view.plot.row_clicked, timeout=5_000) as clicked:
+        click_point(qtbot, view.plot, row["tile"][-1], indicator(row, "grid_shift", "eval"))
+    assert clicked.args[0]["out"] == row["out"]
+    opened = [layer for layer in viewer.layers if SWEEP_LAYER_KEY in layer.metadata]
+    assert opened and all(
+        layer.metadata[SWEEP_LAYER_KEY] == "16x64x64 gaussian 0.25" for layer in opened
+    )
+    assert {layer.metadata.get("normcheck_store") for layer in opened} >= {row["out"]}
+    other = min(view.rows, key=lambda r: r["tile"][-1])
+    view.load_setting(other)
+    labels = {
+        layer.metadata[SWEEP_LAYER_KEY]
+        for layer in viewer.layers
+        if SWEEP_LAYER_KEY in layer.metadata
+    }
+    assert labels == {"16x32x32 gaussian 0.25"}
