@@ -129,6 +129,7 @@ def test_tile_size_view_runs_the_sweep_plots_it_and_opens_a_setting(
         layer.metadata[SWEEP_LAYER_KEY] == "16x64x64 gaussian 0.25" for layer in opened
     )
     assert {layer.metadata.get("normcheck_store") for layer in opened} >= {row["out"]}
+    assert len([layer for layer in viewer.layers if layer.visible]) <= MOST_SHOWN
     other = min(view.rows, key=lambda r: r["tile"][-1])
     view.load_setting(other)
     labels = {

@@ -347,16 +347,28 @@ class TileSizeView(QWidget):
     # --- a setting's layers -----------------------------------------------------------------------
 
     def load_setting(self, row: dict[str, Any]) -> list[Any]:
-        """Open the OUT of ``row``'s setting as layers (the last opened setting's are removed)."""
+        """Open the OUT of ``row``'s setting as layers: the outputs the check shows, and its tiles.
+
+        The last opened setting's layers are removed and the check's result layers hidden, so
+        that the image and a handful of maps are shown at a time (the reader opens every output;
+        the dock shows the same few as after a check).
+        """
         from napari.layers import Layer
 
+        from napari_normcheck import _layers
         from napari_normcheck._reader import layers_from_store
 
         for layer in [lay for lay in self.viewer.layers if SWEEP_LAYER_KEY in lay.metadata]:
             self.viewer.layers.remove(layer)
+        for layer in self.viewer.layers:
+            if "normcheck_output" in layer.metadata:
+                layer.visible = False
+        shown_outputs = set(_layers.widget_outputs())
         label = setting_label(row)
         added = []
         for data, kwargs, kind in layers_from_store(row["out"]):
+            if kind == "image" and kwargs["metadata"].get("normcheck_output") not in shown_outputs:
+                continue
             kwargs = dict(kwargs)
             kwargs["name"] = f"{kwargs.get('name', kind)} [{label}]"
             kwargs["metadata"] = {**kwargs.get("metadata", {}), SWEEP_LAYER_KEY: label}
