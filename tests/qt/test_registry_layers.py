@@ -106,6 +106,8 @@ def test_todays_outputs_keep_their_layer_names_styles_order_and_table():
         "pred_train",
         "disparity",
         "seams_eval",
+        "shift_diff_eval",
+        "shift_diff_train",
         "tile_disparity_soft",
         "tile_mismatch_eval",
     )

@@ -19,6 +19,8 @@ from qtpy.QtWidgets import (  # noqa: TID253 (the Qt layer)
     QWidget,
 )
 
+from napari_normcheck._qt.grid_shift_view import GridShiftField
+
 #: The normalization the widget picks for an integer image (the command line's warning about
 #: unscaled integer input suggests the same): users change it, or type "none" for raw values.
 INTEGER_NORMALIZE = "percentile:1,99.8"
@@ -80,6 +82,7 @@ class SettingsBox(QGroupBox):
         "threshold",
         "feature_layers",
         "seams",
+        "grid_shift",
         "out_path",
         "overwrite",
     )
@@ -165,6 +168,8 @@ class SettingsBox(QGroupBox):
         )
         self.seams.setChecked(True)  # the widget shows them; the command line keeps them opt-in
         advanced.addRow(self.seams)
+        self.grid_shift = GridShiftField()
+        advanced.addRow("grid shift", self.grid_shift)
         row = QHBoxLayout()
         self.out_path = QLineEdit()
         self.out_path.setPlaceholderText("(a new folder in the temporary directory)")
@@ -234,6 +239,7 @@ class SettingsBox(QGroupBox):
             "threshold": self.threshold.value(),
             "feature_layers": self.feature_layers.text(),
             "seams": self.seams.isChecked(),
+            "grid_shift": self.grid_shift.fraction(),
         }
 
     def config(self, roi: Any = None) -> Any:

@@ -30,7 +30,7 @@ from napari_normcheck._qt.remedies_panel import RemediesPanel
 from napari_normcheck._qt.settings import SettingsBox
 from napari_normcheck._qt.tile_table import TileTable, sort_keys
 
-CHECK, RESULTS, REMEDIES = "Check", "Results", "Remedies"
+CHECK, RESULTS, REMEDIES, TILE_SIZE = "Check", "Results", "Remedies", "Tile size"
 #: The dock's preferred width (px): napari gives a new dock its preferred width, and the canvas
 #: keeps the rest (about 70% of a 1280 px wide window). Users widen the dock by its splitter.
 DOCK_WIDTH = 400
@@ -91,6 +91,11 @@ def build_tabs(widget: Any) -> QTabWidget:
     widget.remedies_panel.layers_added.connect(widget.results.order_layers)
     widget.remedies_tab = scrolled(widget.remedies_panel)
     tabs.addTab(widget.remedies_tab, REMEDIES)
+    from napari_normcheck._qt.tile_size_view import TileSizeView
+
+    widget.tile_size_view = TileSizeView(widget)
+    widget.tile_size_tab = scrolled(widget.tile_size_view)
+    tabs.addTab(widget.tile_size_tab, TILE_SIZE)
     narrow_combos(tabs)
     tabs.currentChanged.connect(lambda _index: on_tab_changed(widget))
     # A finished check is what the remedies work on: the panel says so as soon as one settles.
@@ -117,7 +122,10 @@ def keep_narrow(label: QLabel, width: int = 120) -> None:
 def on_tab_changed(widget: Any) -> None:
     """One Run and one Cancel per tab: the check's below Check and Results, the panel's in Remedies."""
     on_remedies = widget.tabs.currentWidget() is widget.remedies_tab
-    widget.run_buttons.setVisible(not on_remedies)
+    # The Tile size tab has its own Run and Cancel too.
+    widget.run_buttons.setVisible(
+        not on_remedies and widget.tabs.currentWidget() is not widget.tile_size_tab
+    )
     if on_remedies:
         widget.remedies_panel.refresh_context()
 
@@ -139,6 +147,10 @@ def build_input_box(widget: Any) -> QGroupBox:
     form.addRow("region", widget.region_combo)
     widget.shapes_combo = QComboBox()
     form.addRow("box layer", widget.shapes_combo)
+    from napari_normcheck._qt.url_open import UrlOpenRow
+
+    widget.url_row = UrlOpenRow(widget.viewer)
+    form.addRow("open URL", widget.url_row)
     return box
 
 

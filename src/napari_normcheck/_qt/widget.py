@@ -88,6 +88,9 @@ def summary_text(
         return summary_line(summary, out)
     total = (summary.get("timing") or {}).get("total", 0.0)
     head = f"done: {summary.get('n_tiles')} tiles in {total:.1f} s."
+    from napari_normcheck._qt.grid_shift_view import grid_shift_lines
+
+    lines += grid_shift_lines(summary, channel_names)
     return "\n".join([head, *lines, f"Output: {out}"])
 
 
@@ -320,7 +323,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
         """Start the check on the chosen layer; returns the worker (``None`` on a form error)."""
         from napari.qt.threading import thread_worker
 
-        from napari_normcheck.core.io.volume import open_volume
+        from napari_normcheck._qt.url_open import open_layer_volume
 
         if self.worker is not None:
             _show_error("a check is already running; cancel it first")
@@ -330,8 +333,7 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
             if layer is None:
                 raise NormcheckError("add an image layer and choose it in the widget")
             level = self.level_spin.value() if layer.multiscale else 0
-            data = layer.data[level] if layer.multiscale else layer.data
-            volume = open_volume(data, channel_axis=-1 if layer.rgb else "auto")
+            volume = open_layer_volume(layer, level)  # by URL when it came from one
             scale, translate = self.input_transform(layer)
             volume = dataclasses.replace(volume, scale=scale, translation=translate)
             config = self.build_config(volume.spatial_shape, layer)

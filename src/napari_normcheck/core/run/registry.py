@@ -201,7 +201,10 @@ VOXEL_OUTPUTS: tuple[VoxelOutput, ...] = (
             f"|P - P_shifted| of the stitched {mode} prediction against the one on the shifted grid "
             "(--grid-shift); zero where only one grid covers a voxel",
             # Where moving the grid changes the result: the seams of both grids, where they matter.
-            Display(f"shift diff ({mode})", "yellow", opacity=0.7, visible=False),
+            # The widget adds both; only eval's is shown at first (the result users keep).
+            Display(
+                f"shift diff ({mode})", "yellow", opacity=0.7, visible=mode == "eval", widget=True
+            ),
             compute=_shift_diff(mode),
             opt_in="grid_shift",
         )

@@ -1,0 +1,140 @@
+"""Issue 20 in napari: the grid shift in the Check tab, its numbers and maps in Results.
+
+A real viewer, the packaged sample volume and its BatchNorm sample model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from napari_normcheck._qt.widget import NormcheckWidget
+from napari_normcheck._sample_data import make_sample
+
+SAMPLE_SHAPE = (16, 64, 64)
+#: The most result layers shown at a time (the display rule of issue 18).
+MOST_SHOWN = 8
+
+
+def sample_widget(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    data, kwargs, _kind = make_sample(shape=SAMPLE_SHAPE)[0]
+    viewer.add_image(data, **kwargs)
+    widget = NormcheckWidget(viewer)
+    widget.model_source.setCurrentText("sample: batchnorm")
+    widget.tile.setText("16,32,32")
+    widget.device.setCurrentText("cpu")
+    widget.overwrite.setChecked(True)
+    widget.out_path.setText(str(tmp_path / "out.zarr"))
+    return viewer, widget
+
+
+def test_grid_shift_is_off_by_default_and_half_a_step_when_on(make_napari_viewer, tmp_path):
+    viewer, widget = sample_widget(make_napari_viewer, tmp_path)
+    layer = widget.selected_image()
+    assert widget.build_config(layer.data.shape, layer).grid_shift == 0.0
+    widget.grid_shift.enabled.setChecked(True)
+    assert widget.build_config(layer.data.shape, layer).grid_shift == 0.5
+    widget.grid_shift.amount.setValue(0.25)
+    assert widget.build_config(layer.data.shape, layer).grid_shift == 0.25
+
+
+def test_grid_shift_run_shows_its_numbers_and_maps(make_napari_viewer, qtbot, tmp_path):
+    viewer, widget = sample_widget(make_napari_viewer, tmp_path)
+    widget.grid_shift.enabled.setChecked(True)
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.settled, timeout=120_000)
+    event = widget.finished_event
+    assert event is not None, widget.status_label.text()
+    summary = event.summary
+    assert set(summary["grid_shift"]) >= {"eval", "train"}
+    # The summary names the offset and each prediction's value of the first channel.
+    text = widget.summary_label.text()
+    offset = ",".join(str(v) for v in summary["grid_shift_offset"])
+    assert f"grid moved by z,y,x {offset}" in text
+    soft_eval = summary["grid_shift"]["eval"]["soft"][0]
+    assert "eval: " in text and f"soft {soft_eval:.3f}" in text
+
+    shift_layers = {
+        layer.metadata["normcheck_output"]: layer
+        for layer in viewer.layers
+        if str(layer.metadata.get("normcheck_output", "")).startswith("shift_diff_")
+    }
+    assert set(shift_layers) == {"shift_diff_eval", "shift_diff_train"}
+    assert shift_layers["shift_diff_eval"].visible and not shift_layers["shift_diff_train"].visible
+    # One channel at a time, the shown one, equal to the store's |P - P_shifted|.
+    channel = widget.results.channel
+    root = zarr.open_group(str(event.out), mode="r")
+    for name, layer in shift_layers.items():
+        shown = np.asarray(layer.data[0] if layer.multiscale else layer.data)
+        node = root[name]
+        stored = node[...] if isinstance(node, zarr.Array) else node["0"][...]
+        assert shown.shape == SAMPLE_SHAPE
+        expected = stored[channel].astype(np.float32)
+        if stored.dtype == np.uint8:
+            expected /= 255.0
+        np.testing.assert_allclose(shown, expected, atol=1e-6)
+    assert stored.max() > 0  # the grid moved and the result changed somewhere
+    visible = [layer for layer in viewer.layers if layer.visible]
+    assert len(visible) <= MOST_SHOWN, [layer.name for layer in visible]
+
+
+def click_point(qtbot, plot, x, y):
+    """A real mouse click on the plot at data coordinates ``(x, y)``."""
+    from qtpy.QtCore import QPointF, Qt
+
+    plot.item.getViewBox().autoRange()
+    scene_pos = plot.item.getViewBox().mapViewToScene(QPointF(x, y))
+    view_pos = plot.view.mapFromScene(scene_pos)
+    qtbot.mouseClick(plot.view.viewport(), Qt.MouseButton.LeftButton, pos=view_pos)
+
+
+def test_tile_size_view_runs_the_sweep_plots_it_and_opens_a_setting(
+    make_napari_viewer, qtbot, tmp_path
+):
+    from napari_normcheck._qt.tile_size_view import SWEEP_LAYER_KEY, indicator
+    from napari_normcheck.core.run.sweep import recommend
+
+    viewer, widget = sample_widget(make_napari_viewer, tmp_path)
+    view = widget.tile_size_view
+    qtbot.addWidget(widget)
+    widget.resize(520, 900)
+    widget.show()
+    widget.tabs.setCurrentWidget(widget.tile_size_tab)
+    assert not widget.run_buttons.isVisible()  # the tab has its own Run
+    view.tiles.setText("16,32,32 16,64,64")
+    view.folder.setText(str(tmp_path / "sweep"))
+    assert view.run() is not None
+    qtbot.waitUntil(lambda: view.worker is None, timeout=240_000)
+    assert len(view.rows) == 2 and not any(r.get("refused") for r in view.rows), view.status.text()
+    assert view.recommendation == recommend(view.rows, per_tile_norms=[])
+    assert view.recommendation_label.text().startswith("recommendation: ")
+    # One point per setting at (tile x side, soft grid shift of the first channel).
+    drawn = sorted((spot.pos().x(), spot.pos().y()) for spot in view.plot._points.points())
+    expected = sorted((r["tile"][-1], indicator(r, "grid_shift", "eval")) for r in view.rows)
+    np.testing.assert_allclose(drawn, expected, rtol=1e-6)
+    if view.recommendation["tile"] is not None:
+        assert view.plot.star_position() is not None
+    for suffix in ("png", "svg"):
+        saved = view.plot.save(tmp_path / f"sweep.{suffix}")
+        assert saved.stat().st_size > 1000
+
+    # A click on the larger tile's point opens its layers (and only its).
+    row = max(view.rows, key=lambda r: r["tile"][-1])
+    with qtbot.waitSignal(view.plot.row_clicked, timeout=5_000) as clicked:
+        click_point(qtbot, view.plot, row["tile"][-1], indicator(row, "grid_shift", "eval"))
+    assert clicked.args[0]["out"] == row["out"]
+    opened = [layer for layer in viewer.layers if SWEEP_LAYER_KEY in layer.metadata]
+    assert opened and all(
+        layer.metadata[SWEEP_LAYER_KEY] == "16x64x64 gaussian 0.25" for layer in opened
+    )
+    assert {layer.metadata.get("normcheck_store") for layer in opened} >= {row["out"]}
+    assert len([layer for layer in viewer.layers if layer.visible]) <= MOST_SHOWN
+    other = min(view.rows, key=lambda r: r["tile"][-1])
+    view.load_setting(other)
+    labels = {
+        layer.metadata[SWEEP_LAYER_KEY]
+        for layer in viewer.layers
+        if SWEEP_LAYER_KEY in layer.metadata
+    }
+    assert labels == {"16x32x32 gaussian 0.25"}
