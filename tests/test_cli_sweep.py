@@ -214,3 +214,32 @@ def test_recommendation_batchnorm_sample_model(tmp_path):
     assert loose["recommendation"]["tile"] == [16, 64, 64]
     assert "tiling-independent at every setting" in loose["recommendation"]["text"]
     assert "train/eval disparity" in loose["recommendation"]["text"]
+
+
+def test_a_setting_whose_one_tile_fills_the_region_is_not_recommended():
+    # No tile pairs and a zero offset: both tiling numbers are 0 by construction, not measured.
+    from napari_normcheck.core.run.sweep import eval_tiling, recommend
+
+    empty = {"hard": [0.0], "soft": [0.0]}
+    shift = {"hard": [0.0], "soft": [0.0], "judged": [True], "soft_judged": [True]}
+    one_tile = {
+        "tile": [32, 128, 128],
+        "overlap": 0.25,
+        "blend": "gaussian",
+        "disparity": empty,
+        "mismatch_eval": empty,
+        "support": {
+            "judged": [True],
+            "mismatch_judged": {"eval": [False]},
+            "mismatch_soft_judged": {"eval": [False]},
+        },
+        "grid_shift": {"eval": shift},
+        "grid_shift_offset": [0, 0, 0],
+        "seconds_per_mvoxel": 1.0,
+    }
+    assert eval_tiling(one_tile) is None
+    assert recommend([one_tile])["tile"] is None
+    # The same numbers on a grid that did move are a measurement.
+    moved = one_tile | {"grid_shift_offset": [0, 48, 48], "tile": [32, 64, 64]}
+    assert eval_tiling(moved) == 0.0
+    assert recommend([one_tile, moved])["tile"] == [32, 64, 64]

@@ -125,7 +125,10 @@ def eval_tiling(row: dict[str, Any]) -> float | None:
         (support.get("mismatch_soft_judged") or {}).get("eval"),
     )
     shift = (row.get("grid_shift") or {}).get("eval")
-    if shift is not None:
+    offset = row.get("grid_shift_offset")
+    # A zero offset on every axis (one tile fills the region) compares the grid with itself: 0 by
+    # construction, which says nothing about the tiling of a larger volume.
+    if shift is not None and not (offset is not None and not any(offset)):
         values += _judged_values(shift, shift.get("judged"), shift.get("soft_judged"))
     return max(values) if values else None
 
