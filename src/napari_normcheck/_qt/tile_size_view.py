@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (  # noqa: TID253
 from napari_normcheck._qt import sweep_job
 from napari_normcheck._qt.plots import PlotWidget
 from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.run.sweep import indicator
 
 #: ``(title, row key, mode)``: the indicators the plot can show (soft 1 - Dice of the first
 #: channel), as in the command line's sweep plot.
@@ -51,15 +52,6 @@ def _show_error(message: str) -> None:
 
 
 _LINE_COLORS = ("#4fc3f7", "#ffb74d", "#81c784", "#e57373", "#ba68c8", "#fff176")
-
-
-def indicator(row: dict[str, Any], key: str, mode: str | None) -> float | None:
-    """A row's soft value of the first channel for an indicator, ``None`` where it has none."""
-    values = row.get(key) or {}
-    if mode is not None:
-        values = values.get(mode) or {}
-    soft = values.get("soft")
-    return None if not soft else float(soft[0])
 
 
 def is_recommended(row: dict[str, Any], recommendation: dict[str, Any]) -> bool:

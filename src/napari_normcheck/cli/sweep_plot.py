@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from napari_normcheck.core.run.sweep import indicator
+
 #: ``(title, row key, mode)``: what each panel shows (soft 1 - Dice of the first channel).
 PANELS = (
     ("grid shift (eval)", "grid_shift", "eval"),
@@ -15,15 +17,6 @@ PANELS = (
     ("tile mismatch (eval)", "mismatch_eval", None),
     ("train/eval disparity", "disparity", None),
 )
-
-
-def indicator(row: dict[str, Any], key: str, mode: str | None) -> float | None:
-    """A row's soft value of the first channel for a panel, ``None`` where it has none."""
-    values = row.get(key) or {}
-    if mode is not None:
-        values = values.get(mode) or {}
-    soft = values.get("soft")
-    return None if not soft else float(soft[0])
 
 
 def plot_sweep(

@@ -114,6 +114,19 @@ def _judged_values(values: dict[str, Any], judged: Any, soft_judged: Any) -> lis
     return picked
 
 
+def indicator(row: dict[str, Any], key: str, mode: str | None) -> float | None:
+    """A row's soft value of the first channel for a plotted indicator, ``None`` where it has none.
+
+    ``key``: ``grid_shift``, ``mismatch_eval`` or ``disparity``; ``mode``: the prediction of a
+    grid-shift entry (``eval``, ``train``), ``None`` for the others.
+    """
+    values = row.get(key) or {}
+    if mode is not None:
+        values = values.get(mode) or {}
+    soft = values.get("soft")
+    return None if not soft else float(soft[0])
+
+
 def eval_tiling(row: dict[str, Any]) -> float | None:
     """The largest eval-mode tiling number of a row (grid shift, tile mismatch); ``None``: none judged."""
     if row.get("refused"):
