@@ -81,7 +81,7 @@ def memory_benchmark(base: tuple[int, int, int], cache_mb: int) -> None:
             volume = Path(tmp) / f"{name}.zarr"
             make_zarr(volume, shape)
             code = (
-                "import json,sys; sys.path.insert(0, 'benchmarks'); import bench_engine as b; "
+                f"import json,sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_engine as b; "
                 f"print(json.dumps(b.engine_run({str(volume)!r}, {str(Path(tmp) / (name + '_out.zarr'))!r}, {cache_mb})))"
             )
             output = subprocess.run(
@@ -147,13 +147,16 @@ def speed_benchmark(shape: tuple[int, int, int]) -> None:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller volumes")
     parser.add_argument("--cache-mb", type=int, default=64)
     parser.add_argument("--only", choices=("memory", "speed"))
-    args = parser.parse_args()
+    parser.add_argument("--base", help="base volume Z,Y,X (default 64,192,192; 32,128,128 quick)")
+    args = parser.parse_args(argv)
     base = (32, 128, 128) if args.quick else (64, 192, 192)
+    if args.base:
+        base = tuple(int(v) for v in args.base.split(","))
     if args.only in (None, "memory"):
         memory_benchmark(base, args.cache_mb)
     if args.only in (None, "speed"):

@@ -111,12 +111,15 @@ def measure(device_name: str, shape: tuple[int, int, int], variants: list[dict])
                 print(f"    {config.precision} vs fp32 on sample tiles (1 - Dice): {effect}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smaller volume")
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
-    args = parser.parse_args()
+    parser.add_argument("--shape", help="volume Z,Y,X (default 64,192,192; 32,128,128 quick)")
+    args = parser.parse_args(argv)
     shape = (32, 128, 128) if args.quick else (64, 192, 192)
+    if args.shape:
+        shape = tuple(int(v) for v in args.shape.split(","))
     if args.device in ("cpu", "all"):
         measure("cpu", shape, [{}])
     if args.device in ("cuda", "all"):
