@@ -10,16 +10,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from napari_normcheck.cli import main
 from napari_normcheck.core.base.errors import OutputLocked
 from napari_normcheck.core.io.lock import OutLock, lock_path
 from napari_normcheck.core.io.store import is_complete
-from tests.conftest import calibrate, synthetic_volume, tiny_unet
-from tests.test_cli import ARCH, KWARGS
+from tests import test_cli
 
 HOLDER = textwrap.dedent(
     """
@@ -43,31 +40,9 @@ HOLDER = textwrap.dedent(
     """
 )
 
-
-@pytest.fixture
-def files(tmp_path):
-    model = calibrate(tiny_unet("batch"), (1, 16, 32, 32))
-    torch.save(model.state_dict(), tmp_path / "model.pt")
-    np.save(tmp_path / "volume.npy", synthetic_volume((16, 40, 40)))
-    return tmp_path
-
-
-def run_args(files, *extra):
-    return [
-        "run",
-        str(files / "volume.npy"),
-        "--model",
-        str(files / "model.pt"),
-        "--arch",
-        ARCH,
-        "--arch-kwargs",
-        KWARGS,
-        "--out",
-        str(files / "out.zarr"),
-        "--tile",
-        "16,32,32",
-        *extra,
-    ]
+# The command line tests' files and arguments: a tiny BatchNorm U-Net and a synthetic volume.
+files = test_cli.files
+run_args = test_cli.run_args
 
 
 def test_live_holder_refuses_a_second_run_and_a_dead_one_is_taken_over(files, capsys):
