@@ -29,6 +29,7 @@ from napari_normcheck import _layers
 from napari_normcheck._arrays import EmptyChannel, LiveChannel
 from napari_normcheck._qt import layer_data
 from napari_normcheck._qt.channel_choice import ChannelChoice
+from napari_normcheck._qt.glyphs import glyph_warmup_steps
 from napari_normcheck._qt.layer_data import output_of as _output
 from napari_normcheck._qt.reader_thread import ReaderThread
 from napari_normcheck._qt.steps import StepQueue, step
@@ -230,6 +231,8 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
             # Built once the layers above are added, not meanwhile: building a Shapes layer is
             # Python holding the GIL, and each add would wait on it (the first took 2-3x as long).
             self.steps.add(step("build tiles", self._build_tiles, None, ready.set))
+        # While tiles run: the colour bar's glyphs, so that its first draw at the end is shorter.
+        self.steps.add(*glyph_warmup_steps(self.viewer))
 
     def start(
         self,
