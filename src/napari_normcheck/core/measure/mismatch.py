@@ -99,8 +99,14 @@ class MismatchTracker:
 
     def __post_init__(self) -> None:
         self.neighbours = tile_pairs(self.plan, self.tiles)
-        self._slabs = SlabStore(self.max_slab_bytes, self.scratch_dir)
+        # Slab (i, j) waits for tile j: beyond the budget, the one whose tile runs last spills.
+        self._slabs = SlabStore(self.max_slab_bytes, self.scratch_dir, next_use=lambda key: key[1])
         self.pair_sums = {}
+
+    @property
+    def slab_spill_seconds(self) -> float:
+        """Seconds spent moving pending slabs to disk and back (beyond their memory budget)."""
+        return self._slabs.spill_seconds
 
     @property
     def n_pairs(self) -> int:

@@ -1,4 +1,4 @@
-"""Overlap slabs waiting for their later tile: in memory up to a budget, the oldest on disk beyond it.
+"""Overlap slabs waiting for their later tile: in memory up to a budget, beyond it on disk.
 
 A tile's predictions on the voxels it shares with a later neighbour are kept until that neighbour
 runs. In scan order the neighbours of a whole row (or z-layer) of tiles are pending at once, so
@@ -9,7 +9,9 @@ on the budget.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +26,25 @@ class SlabStore:
         Memory for slabs; ``None`` keeps every slab in memory.
     scratch_dir : path-like or None
         Folder for spilled slabs (created on demand); needed when ``max_bytes`` is set.
+    next_use : callable, optional
+        ``next_use(key)``: when the slab will be asked for (a tile index). Beyond the budget the
+        slab needed last spills (Belady's choice); without it, the least recently stored.
     """
 
-    def __init__(self, max_bytes: int | None = None, scratch_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        max_bytes: int | None = None,
+        scratch_dir: str | Path | None = None,
+        next_use: Callable[[tuple[int, int]], int] | None = None,
+    ) -> None:
         self.max_bytes = max_bytes
+        self.next_use = next_use
         self.scratch_dir = None if scratch_dir is None else Path(scratch_dir)
         self._memory: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._spilled: set[tuple[int, int]] = set()
         self._bytes = 0
         self.spill_count = 0
+        self.spill_seconds = 0.0  # writing and reading spilled slabs
 
     def put(self, key: tuple[int, int], slab: np.ndarray) -> None:
         """Keep a copy of ``slab`` under ``key``."""
@@ -40,10 +52,16 @@ class SlabStore:
         self._memory[key] = copy
         self._bytes += copy.nbytes
         while self.max_bytes is not None and self._bytes > self.max_bytes and self._memory:
-            old_key, old = self._memory.popitem(last=False)
+            if self.next_use is None:
+                old_key, old = self._memory.popitem(last=False)
+            else:
+                old_key = max(self._memory, key=self.next_use)
+                old = self._memory.pop(old_key)
             self._bytes -= old.nbytes
+            t0 = time.perf_counter()
             self.scratch_dir.mkdir(parents=True, exist_ok=True)
             np.save(self._path(old_key), old)
+            self.spill_seconds += time.perf_counter() - t0
             self._spilled.add(old_key)
             self.spill_count += 1
 
@@ -54,10 +72,12 @@ class SlabStore:
             self._bytes -= slab.nbytes
             return slab
         if key in self._spilled:
+            t0 = time.perf_counter()
             self._spilled.discard(key)
             path = self._path(key)
             slab = np.load(path)
             path.unlink()
+            self.spill_seconds += time.perf_counter() - t0
             return slab
         return None
 

@@ -284,9 +284,12 @@ class TileLoop:
     def _stitch(self, work: TileWork) -> None:
         t0 = time.perf_counter()
         before = self.timing.write + self.timing.write_wait + self.timing.metrics
+        spilled = self.accumulator.spill_seconds
         self.accumulator.add(work.tile, [work.outputs[name] for name in self.names])
         after = self.timing.write + self.timing.write_wait + self.timing.metrics
-        self.timing.stitch += time.perf_counter() - t0 - (after - before)
+        spill = self.accumulator.spill_seconds - spilled
+        self.timing.spill += spill
+        self.timing.stitch += time.perf_counter() - t0 - (after - before) - spill
 
     def _write_chunk(
         self, chunk: ChunkIndex, slices: tuple[slice, ...], values: np.ndarray
@@ -396,6 +399,8 @@ class TileLoop:
         t0 = time.perf_counter()
         self.writer.flush()
         self.timing.write_wait += time.perf_counter() - t0
+        # Every tile's metrics have finished (each tile waits for its own): the count is final.
+        self.timing.slab_spill = self.mismatch.slab_spill_seconds
 
     def close(self) -> None:
         """Finish pending writes, stop the writer and drop spilled partial chunks."""

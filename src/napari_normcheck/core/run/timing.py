@@ -13,6 +13,7 @@ MAIN_THREAD_STAGES = (
     "forward_train",
     "forward_remedies",
     "stitch",
+    "spill",
     "metrics",
     "write",
     "write_wait",
@@ -39,6 +40,12 @@ class Timing:
         The forwards of the remedies' predictions (``run --remedies``).
     stitch : float
         Blending tile predictions into output chunks.
+    spill : float
+        Moving unfinished chunks to disk and back when they exceed ``--cache-mb`` (part of
+        stitching; the price of memory that does not grow with the volume).
+    slab_spill : float
+        The metrics thread moving overlap slabs to disk and back beyond their budget (overlaps
+        stitching).
     metrics : float
         Disparity, tile mismatch and seams (activation included).
     write : float
@@ -63,6 +70,8 @@ class Timing:
     forward_train: float = 0.0
     forward_remedies: float = 0.0
     stitch: float = 0.0
+    spill: float = 0.0
+    slab_spill: float = 0.0
     metrics: float = 0.0
     write: float = 0.0
     writer: float = 0.0

@@ -1,0 +1,74 @@
+"""Unfinished chunks and overlap slabs beyond their budgets: what spills, and that it comes back exact."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from napari_normcheck.core.base.tiling import plan_tiles
+from napari_normcheck.core.measure.slabs import SlabStore
+from napari_normcheck.core.run.stitch import ChunkAccumulator, importance_map
+
+
+def _stitch(plan, predictions, scratch, max_bytes):
+    finished = {}
+    accumulator = ChunkAccumulator(
+        plan,
+        2,
+        importance_map(plan.window_shape, "gaussian", 3),
+        lambda chunk, _slices, values: finished.update({chunk: values.copy()}),
+        scratch,
+        max_bytes=max_bytes,
+    )
+    for tile in plan.tiles():
+        accumulator.add(tile, predictions[tile.index])
+    accumulator.close()
+    return finished, accumulator.spill_count
+
+
+def _lru_spills(plan, max_bytes):
+    """How many chunks the least-recently-used policy spilled (what ran before), by replay."""
+    shape = np.array(plan.chunk_shape)
+    memory: dict = {}
+    remaining = plan.chunk_contributors()
+    spills = 0
+    for tile in plan.tiles():
+        accumulator = ChunkAccumulator(plan, 2, np.ones(plan.window_shape, np.float32), None, "x")
+        for chunk in accumulator.tile_chunks(tile):
+            memory.pop(chunk, None)
+            memory[chunk] = 3 * 4 * int(np.prod(shape))  # 2 values + weight, float32
+            while sum(memory.values()) > max_bytes and len(memory) > 1:
+                memory.pop(next(iter(memory)))
+                spills += 1
+            remaining[chunk] -= 1
+            if remaining[chunk] == 0:
+                memory.pop(chunk, None)
+    return spills
+
+
+def test_chunks_needed_last_spill_and_the_stitched_result_is_bitwise_the_same(tmp_path):
+    # Two z-layers of tiles over a wide plane: a layer's pending chunks exceed the budget.
+    plan = plan_tiles((24, 96, 160), (16, 32, 32), overlap=0.25)
+    rng = np.random.default_rng(0)
+    predictions = rng.random((plan.n_tiles, 2, *plan.window_shape), dtype=np.float32)
+    in_memory, none = _stitch(plan, predictions, tmp_path / "a", max_bytes=2**40)
+    chunk_bytes = 3 * 4 * int(np.prod(plan.chunk_shape))
+    budget = 12 * chunk_bytes
+    spilled, count = _stitch(plan, predictions, tmp_path / "b", max_bytes=budget)
+    assert none == 0 and count > 0
+    assert in_memory.keys() == spilled.keys()
+    for chunk, values in in_memory.items():
+        np.testing.assert_array_equal(spilled[chunk], values)
+    # Spilling the chunk whose next tile comes last moves fewer chunks than spilling the oldest.
+    assert count < _lru_spills(plan, budget)
+    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())
+
+
+def test_slabs_needed_last_spill_first(tmp_path):
+    slab = np.ones((2, 2, 4, 4, 4), dtype=np.float32)
+    store = SlabStore(2 * slab.nbytes, tmp_path, next_use=lambda key: key[1])
+    store.put((0, 9), slab)
+    store.put((1, 2), 2 * slab)
+    store.put((1, 5), 3 * slab)  # over budget: (0, 9) waits longest, it spills
+    assert store.spill_count == 1 and [p.name for p in tmp_path.iterdir()] == ["slab_0_9.npy"]
+    np.testing.assert_array_equal(store.pop((0, 9)), slab)
+    np.testing.assert_array_equal(store.pop((1, 2)), 2 * slab)
