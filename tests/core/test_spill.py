@@ -35,7 +35,7 @@ def _lru_spills(plan, max_bytes):
         accumulator = ChunkAccumulator(plan, 2, np.ones(plan.window_shape, np.float32), None, "x")
         for chunk in accumulator.tile_chunks(tile):
             memory.pop(chunk, None)
-            memory[chunk] = 3 * 4 * int(np.prod(shape))  # 2 values + weight, float32
+            memory[chunk] = 2 * 4 * int(np.prod(shape))  # 2 values, float32
             while sum(memory.values()) > max_bytes and len(memory) > 1:
                 memory.pop(next(iter(memory)))
                 spills += 1
@@ -51,7 +51,7 @@ def test_chunks_needed_last_spill_and_the_stitched_result_is_bitwise_the_same(tm
     rng = np.random.default_rng(0)
     predictions = rng.random((plan.n_tiles, 2, *plan.window_shape), dtype=np.float32)
     in_memory, none = _stitch(plan, predictions, tmp_path / "a", max_bytes=2**40)
-    chunk_bytes = 3 * 4 * int(np.prod(plan.chunk_shape))
+    chunk_bytes = 2 * 4 * int(np.prod(plan.chunk_shape))
     budget = 12 * chunk_bytes
     spilled, count = _stitch(plan, predictions, tmp_path / "b", max_bytes=budget)
     assert none == 0 and count > 0

@@ -4,8 +4,10 @@ The accumulator follows MONAI's ``sliding_window_inference`` arithmetic exactly:
 is multiplied by the importance map, added to a running sum in tile order, the importance map is added to
 a weight sum, and the output is ``sum / weight`` in float32. Instead of one buffer for the whole volume,
 sums live per output chunk; a chunk is handed to ``on_chunk_done`` as soon as the last tile that touches
-it (known from the plan) has been added, then dropped. Unfinished chunks beyond ``max_bytes`` spill to
-``.npy`` files in a scratch folder, so memory depends on tile size, not on volume size.
+it (known from the plan) has been added, then dropped. Its weight sum depends on the plan alone, so it
+is summed (in the same tile order) when the chunk finishes, not held beside it. Unfinished chunks beyond
+``max_bytes`` spill to raw files in a scratch folder (the one needed last first), so memory depends on
+tile size, not on volume size.
 """
 
 from __future__ import annotations
@@ -127,8 +129,12 @@ class ChunkAccumulator:
         for index in range(plan.n_tiles) if tiles is None else sorted(tiles):
             for chunk in self.tile_chunks(plan.get_tile(index)):
                 self._users.setdefault(chunk, deque()).append(index)
+        # A chunk's summed weights depend on the plan only: computed when it finishes, not kept
+        # beside its sums (a fifth less memory and spill with two modes of two channels).
+        self._contributors = {chunk: tuple(users) for chunk, users in self._users.items()}
+        self._weight_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self.done_chunks: set[ChunkIndex] = set(done_chunks or ())
-        self._buffers: OrderedDict[ChunkIndex, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._buffers: OrderedDict[ChunkIndex, np.ndarray] = OrderedDict()
         self._spilled: set[ChunkIndex] = set()
         self._bytes = 0
         self.spill_count = 0
@@ -162,22 +168,14 @@ class ChunkAccumulator:
         """
         parts = [prediction] if isinstance(prediction, np.ndarray) else list(prediction)
         finished = []
-        roi_start = self.plan.roi_start
         for chunk in self.tile_chunks(tile):
             if chunk in self.done_chunks:
                 continue
-            chunk_slices = self.chunk_slices(chunk)
-            # Intersection of the tile's write box and the chunk, in volume coordinates.
-            lo = [max(a, r + s.start) for a, r, s in zip(tile.write_start, roi_start, chunk_slices)]
-            hi = [min(b, r + s.stop) for b, r, s in zip(tile.write_stop, roi_start, chunk_slices)]
-            in_tile = tuple(slice(a - w, b - w) for a, b, w in zip(lo, hi, tile.window_start))
-            in_chunk = tuple(
-                slice(a - r - s.start, b - r - s.start)
-                for a, b, r, s in zip(lo, hi, roi_start, chunk_slices)
-            )
-            total, weight = self._buffer(chunk)
+            in_tile, in_chunk = self._overlap(tile, chunk)
+            total = self._buffer(chunk)
             w = self.weights[in_tile]
-            # The same float32 operations, in the same order, as MONAI: sum += pred * w; count += w.
+            # The same float32 operations, in the same order, as MONAI: sum += pred * w (and
+            # count += w, in the same tile order, when the chunk finishes).
             first = 0
             scratch = None
             for part in parts:
@@ -187,7 +185,6 @@ class ChunkAccumulator:
                 np.multiply(part[(slice(None), *in_tile)], w, out=scratch)
                 np.add(view, scratch, out=view)
                 first += len(part)
-            weight[in_chunk] += w
             self.remaining[chunk] -= 1
             users = self._users.get(chunk)
             while users and users[0] <= tile.index:
@@ -197,41 +194,66 @@ class ChunkAccumulator:
                 finished.append(chunk)
         return finished
 
+    def _overlap(
+        self, tile: Tile, chunk: ChunkIndex
+    ) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """Where ``tile``'s write box meets ``chunk``: slices in the window and in the chunk."""
+        roi_start = self.plan.roi_start
+        chunk_slices = self.chunk_slices(chunk)
+        lo = [max(a, r + s.start) for a, r, s in zip(tile.write_start, roi_start, chunk_slices)]
+        hi = [min(b, r + s.stop) for b, r, s in zip(tile.write_stop, roi_start, chunk_slices)]
+        in_tile = tuple(slice(a - w, b - w) for a, b, w in zip(lo, hi, tile.window_start))
+        in_chunk = tuple(
+            slice(a - r - s.start, b - r - s.start)
+            for a, b, r, s in zip(lo, hi, roi_start, chunk_slices)
+        )
+        return in_tile, in_chunk
+
+    def chunk_weight(self, chunk: ChunkIndex) -> np.ndarray:
+        """The summed importance weights of ``chunk``: ``count += w`` over its tiles, in run order.
+
+        Chunks placed alike in the tile grid have the same sum: it is computed once for them.
+        """
+        shape = tuple(s.stop - s.start for s in self.chunk_slices(chunk))
+        parts = [self._overlap(self.plan.get_tile(i), chunk) for i in self._contributors[chunk]]
+        key = (shape, tuple(tuple((s.start, s.stop) for s in a + b) for a, b in parts))
+        weight = self._weight_cache.get(key)
+        if weight is None:
+            weight = np.zeros(shape, dtype=np.float32)
+            for in_tile, in_chunk in parts:
+                weight[in_chunk] += self.weights[in_tile]
+            self._weight_cache[key] = weight
+            if len(self._weight_cache) > 64:
+                self._weight_cache.popitem(last=False)
+        return weight
+
     def _finish(self, chunk: ChunkIndex) -> None:
-        total, weight = self._buffers.pop(chunk)
-        self._bytes -= total.nbytes + weight.nbytes
-        np.divide(total, weight, out=total)
+        total = self._buffers.pop(chunk)
+        self._bytes -= total.nbytes
+        np.divide(total, self.chunk_weight(chunk), out=total)
         self.done_chunks.add(chunk)
         self.on_chunk_done(chunk, self.chunk_slices(chunk), total)
 
-    def _buffer(self, chunk: ChunkIndex) -> tuple[np.ndarray, np.ndarray]:
+    def _buffer(self, chunk: ChunkIndex) -> np.ndarray:
         if chunk in self._buffers:
             self._buffers.move_to_end(chunk)
             return self._buffers[chunk]
-        shape = tuple(s.stop - s.start for s in self.chunk_slices(chunk))
+        shape = (self.n_values, *(s.stop - s.start for s in self.chunk_slices(chunk)))
         if chunk in self._spilled:
             t0 = time.perf_counter()
-            # Raw float32, sums then weights: read back bit for bit, no archive or checksum to
-            # build (``np.savez`` took most of the stitching time on a volume 4x the cache).
+            # Raw float32: read back bit for bit, no archive or checksum to build (``np.savez``
+            # took most of the stitching time on a volume 4x the cache).
             path = self._spill_path(chunk)
-            stored = np.fromfile(path, dtype=np.float32)
-            size = int(np.prod(shape))
-            buffers = (
-                stored[: self.n_values * size].reshape(self.n_values, *shape),
-                stored[self.n_values * size :].reshape(shape),
-            )
+            total = np.fromfile(path, dtype=np.float32).reshape(shape)
             path.unlink()
             self._spilled.discard(chunk)
             self.spill_seconds += time.perf_counter() - t0
         else:
-            buffers = (
-                np.zeros((self.n_values, *shape), dtype=np.float32),
-                np.zeros(shape, dtype=np.float32),
-            )
-        self._buffers[chunk] = buffers
-        self._bytes += buffers[0].nbytes + buffers[1].nbytes
+            total = np.zeros(shape, dtype=np.float32)
+        self._buffers[chunk] = total
+        self._bytes += total.nbytes
         self._evict()
-        return buffers
+        return total
 
     def _next_use(self, chunk: ChunkIndex) -> float:
         users = self._users.get(chunk)
@@ -239,17 +261,15 @@ class ChunkAccumulator:
 
     def _evict(self) -> None:
         # Keep the newest chunk in memory even when one chunk alone exceeds the budget; spill the
-        # one whose next tile comes last (ties: the least recently used, as before).
+        # one whose next tile comes last (ties: the least recently used).
         while self._bytes > self.max_bytes and len(self._buffers) > 1:
             order = list(self._buffers)[:-1]  # least recently used first
             _, chunk = max(enumerate(order), key=lambda item: (self._next_use(item[1]), -item[0]))
-            total, weight = self._buffers.pop(chunk)
-            self._bytes -= total.nbytes + weight.nbytes
-            self.scratch_dir.mkdir(parents=True, exist_ok=True)
+            total = self._buffers.pop(chunk)
+            self._bytes -= total.nbytes
             t0 = time.perf_counter()
-            with open(self._spill_path(chunk), "wb") as spill:
-                total.tofile(spill)
-                weight.tofile(spill)
+            self.scratch_dir.mkdir(parents=True, exist_ok=True)
+            total.tofile(self._spill_path(chunk))
             self.spill_seconds += time.perf_counter() - t0
             self._spilled.add(chunk)
             self.spill_count += 1
