@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -84,6 +85,7 @@ def run_case(volume_path: str, out: str, tile: tuple[int, int, int], device: str
         spatial_dims=spatial_dims,
     )
     volume = open_volume(volume_path)
+    before = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     summary: dict = {}
     for event in run_check(volume, model, config, out, divisor=1, spatial_dims=spatial_dims):
@@ -92,12 +94,16 @@ def run_case(volume_path: str, out: str, tile: tuple[int, int, int], device: str
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     n_voxels = int(np.prod(volume.spatial_shape))
     on_disk = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     return {
         "tile": list(tile),
         "wall_s": wall,
         "mvoxel_per_s": n_voxels / wall / 1e6,
+        "cpu_s": cpu,
+        "load": os.getloadavg()[0],
         "timing": summary.get("timing", {}),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "out_bytes_per_voxel": summary.get("out_bytes_per_voxel"),
@@ -130,7 +136,9 @@ def print_case(shape: tuple[int, ...], result: dict) -> None:
     total = timing.get("total", result["wall_s"])
     print(
         f"\nvolume {'x'.join(map(str, shape))}, tile {'x'.join(map(str, result['tile']))}: "
-        f"{result['wall_s']:.1f} s, {result['mvoxel_per_s']:.2f} Mvoxel/s of input"
+        f"{result['wall_s']:.1f} s, {result['mvoxel_per_s']:.2f} Mvoxel/s of input; "
+        f"CPU {result['cpu_s']:.1f} s (all threads; {result['cpu_s'] / result['wall_s']:.2f} cores "
+        f"busy), load average {result['load']:.1f}"
     )
     print(
         "  stages: "
