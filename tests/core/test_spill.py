@@ -72,3 +72,15 @@ def test_slabs_needed_last_spill_first(tmp_path):
     assert store.spill_count == 1 and [p.name for p in tmp_path.iterdir()] == ["slab_0_9.npy"]
     np.testing.assert_array_equal(store.pop((0, 9)), slab)
     np.testing.assert_array_equal(store.pop((1, 2)), 2 * slab)
+
+
+def test_a_slab_needed_after_all_others_goes_straight_to_disk(tmp_path):
+    rng = np.random.default_rng(1)
+    slab = rng.random((2, 2, 6, 6, 6), dtype=np.float32)
+    store = SlabStore(slab.nbytes, tmp_path, next_use=lambda key: key[1])
+    store.put((0, 1), slab)
+    view = np.asfortranarray(2 * slab)[:, :, ::-1]  # not contiguous: written as it comes
+    store.put((0, 7), view)
+    assert store.spill_count == 1 and (tmp_path / "slab_0_7.npy").exists()
+    np.testing.assert_array_equal(store.pop((0, 7)), view)
+    np.testing.assert_array_equal(store.pop((0, 1)), slab)

@@ -48,6 +48,9 @@ class SlabStore:
 
     def put(self, key: tuple[int, int], slab: np.ndarray) -> None:
         """Keep a copy of ``slab`` under ``key``."""
+        if self._needed_last(key, slab.nbytes):
+            self._spill(key, slab)  # straight from the caller's view: no copy to drop at once
+            return
         copy = np.array(slab, copy=True)
         self._memory[key] = copy
         self._bytes += copy.nbytes
@@ -58,12 +61,25 @@ class SlabStore:
                 old_key = max(self._memory, key=self.next_use)
                 old = self._memory.pop(old_key)
             self._bytes -= old.nbytes
-            t0 = time.perf_counter()
-            self.scratch_dir.mkdir(parents=True, exist_ok=True)
-            np.save(self._path(old_key), old)
-            self.spill_seconds += time.perf_counter() - t0
-            self._spilled.add(old_key)
-            self.spill_count += 1
+            self._spill(old_key, old)
+
+    def _needed_last(self, key: tuple[int, int], nbytes: int) -> bool:
+        """Whether a new slab would spill as soon as it is stored (it is needed after all others)."""
+        if (
+            self.max_bytes is None
+            or self.next_use is None
+            or self._bytes + nbytes <= self.max_bytes
+        ):
+            return False
+        return not self._memory or self.next_use(key) > max(map(self.next_use, self._memory))
+
+    def _spill(self, key: tuple[int, int], slab: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+        np.save(self._path(key), slab)
+        self.spill_seconds += time.perf_counter() - t0
+        self._spilled.add(key)
+        self.spill_count += 1
 
     def pop(self, key: tuple[int, int]) -> np.ndarray | None:
         """The slab stored under ``key`` (removed), or ``None``."""
