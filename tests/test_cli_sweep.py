@@ -243,3 +243,68 @@ def test_a_setting_whose_one_tile_fills_the_region_is_not_recommended():
     moved = one_tile | {"grid_shift_offset": [0, 48, 48], "tile": [32, 64, 64]}
     assert eval_tiling(moved) == 0.0
     assert recommend([one_tile, moved])["tile"] == [32, 64, 64]
+
+
+def test_sweep_sample_runs_every_setting_on_the_same_regions_and_pools_them(files, capsys):
+    from napari_normcheck.core.measure.metrics import disparity_from_sums
+    from tests.core.test_sweep_sample import textured_with_background
+
+    np.save(files / "wide.npy", textured_with_background()[0])
+    args = [
+        "sweep",
+        str(files / "wide.npy"),
+        *common(files),
+        "--out",
+        str(files / "sweep"),
+        "--tiles",
+        "16,32,32",
+        "16,48,48",
+        "--sample",
+        "2",
+        "--report",
+        str(files / "sweep.json"),
+    ]
+    with pytest.raises(SystemExit):  # --roi or --sample, not both
+        main([*args, "--roi", "0:16,0:32,0:32"])
+    assert main(args) == 0
+    result = json.loads((files / "sweep.json").read_text())
+    assert len(result["regions"]) == 2
+    for row in result["rows"]:
+        assert [r["roi"] for r in row["regions"]] == result["regions"]  # the same regions
+        markers = [read_marker(r["out"]) for r in row["regions"]]
+        # The row is the Dice of the regions' summed sums.
+        for kind in ("hard", "soft"):
+            summed = np.sum([m["disparity_sums"][kind] for m in markers], axis=0)
+            np.testing.assert_allclose(
+                row["disparity"][kind], disparity_from_sums(summed), atol=1e-9
+            )
+        assert row["grid_shift"]["eval"]["n_voxels"] == sum(
+            m["grid_shift"]["eval"]["n_voxels"] for m in markers
+        )
+    # A region's numbers are what a single run on that region gives.
+    region = result["rows"][0]["regions"][1]
+    roi = ",".join(f"{a}:{b}" for a, b in region["roi"])
+    single = [
+        "run",
+        str(files / "wide.npy"),
+        *common(files),
+        "--out",
+        str(files / "single.zarr"),
+        "--tile",
+        "16,32,32",
+        "--roi",
+        roi,
+        "--report",
+        str(files / "single.json"),
+    ]
+    assert main(single) == 0
+    report = json.loads((files / "single.json").read_text())
+    for key in ("disparity", "mismatch_eval", "grid_shift"):
+        assert region[key] == report[key], key
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert capsys.readouterr().err.count("finished earlier") == 4
+    again = json.loads((files / "sweep.json").read_text())
+    for old, new in zip(result["rows"], again["rows"]):
+        for key in ("disparity", "mismatch_eval", "grid_shift", "peak_memory_mib"):
+            assert old[key] == new[key], key

@@ -74,9 +74,16 @@ def sweep_row(
     peak_memory_mib: float | None,
     cuda_peak_mib: float | None = None,
 ) -> dict[str, Any]:
-    """A sweep row from the report of the setting's run (the same numbers a single run gives)."""
+    """A sweep row from the report of the setting's run (the same numbers a single run gives).
+
+    ``report`` may also be the regions' reports combined
+    (:func:`~napari_normcheck.core.run.sweep_sample.combine_reports`): its ``plan`` then holds
+    ``n_voxels`` instead of the region's bounds.
+    """
     plan = report.get("plan") or {}
-    n_voxels = int(np.prod([b - a for a, b in zip(plan["roi_start"], plan["roi_stop"])]))
+    n_voxels = plan.get("n_voxels") or int(
+        np.prod([b - a for a, b in zip(plan["roi_start"], plan["roi_stop"])])
+    )
     seconds = float((report.get("timing") or {}).get("total") or 0.0)
     row = {
         **setting.to_dict(),
