@@ -92,7 +92,7 @@ def test_sweep_rows_equal_single_runs_refuse_and_resume(files, capsys):
         }
 
 
-def test_sweep_csv_report_and_plot_without_matplotlib(files, capsys):
+def test_sweep_csv_report(files):
     args = [
         "sweep",
         str(files / "volume.npy"),
@@ -106,11 +106,8 @@ def test_sweep_csv_report_and_plot_without_matplotlib(files, capsys):
         "0.5",
         "--report",
         str(files / "sweep.csv"),
-        "--plot",
-        str(files / "sweep.png"),
     ]
     assert main(args) == 0
-    out = capsys.readouterr().out
     with open(files / "sweep.csv") as f:
         lines = list(csv.DictReader(f))
     assert [line["overlap"] for line in lines] == ["0.25", "0.5"]
@@ -120,14 +117,55 @@ def test_sweep_csv_report_and_plot_without_matplotlib(files, capsys):
     for c, judged in enumerate(report["grid_shift"]["eval"]["judged"]):
         cell = lines[0]["grid_shift_eval_hard"].split(";")[c]
         assert (cell == "not judged") == (not judged)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert "matplotlib is not installed" in out
-        assert not (files / "sweep.png").exists()
-    else:
-        assert (files / "sweep.png").stat().st_size > 0
-    assert main([*args[:-2], "--plot", str(files / "sweep.pdf")]) == 2  # PNG or SVG only
+
+
+def test_sweep_plot_png_and_svg(files, capsys):
+    import xml.etree.ElementTree as ET
+
+    import matplotlib.image  # the testing extra has it
+
+    args = [
+        "sweep",
+        str(files / "volume.npy"),
+        *common(files),
+        "--out",
+        str(files / "sweep"),
+        "--tiles",
+        "16,32,32",
+        "16,48,48",
+        "--overlap",
+        "0.25",
+        "0.5",
+        "--max-tiling",
+        "1",  # every setting qualifies: the cheapest is recommended and starred
+    ]
+    assert main([*args, "--plot", str(files / "sweep.png")]) == 0
+    assert f"plot: {files / 'sweep.png'}" in capsys.readouterr().out
+    png = (files / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = matplotlib.image.imread(files / "sweep.png")
+    assert pixels.shape[0] > 400 and pixels.shape[1] > 800
+    assert pixels[..., :3].std() > 0.05  # drawn, not blank
+
+    assert main([*args, "--resume", "--plot", str(files / "sweep.svg")]) == 0
+    root = ET.parse(files / "sweep.svg").getroot()
+    texts = " ".join(
+        "".join(node.itertext()) for node in root.iter("{http://www.w3.org/2000/svg}text")
+    )
+    for words in ("grid shift (eval)", "tile mismatch (eval)", "train/eval disparity"):
+        assert words in texts
+    assert "channel 0" in texts and "channel 1" in texts  # a row of panels per channel, named
+    assert "gaussian, overlap 0.25" in texts and "gaussian, overlap 0.5" in texts
+    assert "recommended" in texts and "limit 1" in texts
+    assert "16×32×32" in texts and "16×48×48" in texts  # the x axis names the tiles
+    lines = [
+        g
+        for g in root.iter("{http://www.w3.org/2000/svg}g")
+        if g.get("id", "").startswith("line2d")
+    ]
+    # Two lines (one per overlap) in each of 4 panels x 2 channels, a star, the limit lines.
+    assert len(lines) >= 2 * 4 * 2
+    assert main([*args, "--resume", "--plot", str(files / "sweep.pdf")]) == 2  # PNG or SVG only
 
 
 def sample_sweep(tmp_path, name, *extra):

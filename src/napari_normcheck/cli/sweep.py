@@ -138,7 +138,8 @@ def sweep_command(args: argparse.Namespace) -> int:
     if args.plot:
         from napari_normcheck.cli.sweep_plot import plot_sweep
 
-        if plot_sweep(args.plot, rows, recommendation):
+        names = getattr(loaded, "output_channel_names", None)
+        if plot_sweep(args.plot, rows, recommendation, names):
             print(f"plot: {args.plot}")
         else:
             print("plot: matplotlib is not installed; no plot written (pip install matplotlib)")
