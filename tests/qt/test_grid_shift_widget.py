@@ -78,6 +78,66 @@ def test_grid_shift_run_shows_its_numbers_and_maps(make_napari_viewer, qtbot, tm
     visible = [layer for layer in viewer.layers if layer.visible]
     assert len(visible) <= MOST_SHOWN, [layer.name for layer in visible]
 
+    # The tile table has a grid-shift column: each tile's value of the shown channel, or "-"
+    # where the tile's foreground does not pass the support rule.
+    table = widget.tile_table
+    records = {t["index"]: t for t in summary["tiles"]}
+    assert all(len(t["grid_shift_eval_judged"]) == 2 for t in records.values())
+    for channel in (0, 1):
+        table.set_channel(channel)
+        cells = shift_cells(table)
+        assert cells.keys() == records.keys()
+        for index, text in cells.items():
+            record = records[index]
+            if record["grid_shift_eval_judged"][channel]:
+                assert text == f"{record['grid_shift_eval'][channel]:.4f}"
+            else:
+                assert text == "-"
+
+
+def shift_cells(table):
+    """The grid-shift column's text by tile (asserting the column is there, before feature |z|)."""
+    from napari_normcheck._qt.tile_table import GRID_SHIFT_HEADER
+
+    headers = [table.horizontalHeaderItem(j).text() for j in range(table.columnCount())]
+    assert GRID_SHIFT_HEADER in headers and headers.index(GRID_SHIFT_HEADER) == len(headers) - 2
+    column = headers.index(GRID_SHIFT_HEADER)
+    return {table.tile_at_row(r): table.item(r, column).text() for r in range(table.rowCount())}
+
+
+def test_tile_table_grid_shift_column_follows_the_support_rule(make_napari_viewer, tmp_path):
+    from napari_normcheck._qt.tile_table import GRID_SHIFT_HEADER
+    from napari_normcheck.core.base.config import RunConfig
+    from napari_normcheck.core.io.volume import open_volume
+    from napari_normcheck.core.run.engine import run_check
+    from tests.conftest import calibrate, synthetic_volume, tiny_unet
+
+    _viewer, widget = sample_widget(make_napari_viewer, tmp_path)
+    table = widget.tile_table
+    model = calibrate(tiny_unet("batch"), (1, 16, 32, 32))
+    volume = open_volume(synthetic_volume((16, 48, 48)))
+
+    def tiles(**options):
+        config = RunConfig(tile=(16, 32, 32), activation="sigmoid", **options)
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}.zarr"
+        return list(run_check(volume, model, config, out))[-1].summary["tiles"]
+
+    # Far more foreground asked for than any tile has: no tile's grid shift is judged.
+    strict = tiles(grid_shift=0.5, min_foreground=(10**9, 0.0))
+    assert all(not any(t["grid_shift_eval_judged"]) for t in strict)
+    table.set_records(strict)
+    for channel in (0, 1, None):
+        table.set_channel(channel)
+        assert set(shift_cells(table).values()) == {"-"}
+    # The default rule judges these tiles: numbers.
+    table.set_records(tiles(grid_shift=0.5))
+    table.set_channel(1)
+    assert "-" not in shift_cells(table).values()
+    # A run without --grid-shift has no such column.
+    table.set_records(tiles())
+    headers = [table.horizontalHeaderItem(j).text() for j in range(table.columnCount())]
+    assert GRID_SHIFT_HEADER not in headers and "feature" in headers[-1]
+
 
 def click_point(qtbot, plot, x, y):
     """A real mouse click on the plot at data coordinates ``(x, y)``."""
