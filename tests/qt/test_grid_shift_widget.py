@@ -169,10 +169,37 @@ def test_tile_size_view_runs_the_sweep_plots_it_and_opens_a_setting(
     assert len(view.rows) == 2 and not any(r.get("refused") for r in view.rows), view.status.text()
     assert view.recommendation == recommend(view.rows, per_tile_norms=[])
     assert view.recommendation_label.text().startswith("recommendation: ")
-    # One point per setting at (tile x side, soft grid shift of the first channel).
-    drawn = sorted((spot.pos().x(), spot.pos().y()) for spot in view.plot._points.points())
-    expected = sorted((r["tile"][-1], indicator(r, "grid_shift", "eval")) for r in view.rows)
-    np.testing.assert_allclose(drawn, expected, rtol=1e-6)
+    # The channel shown at first is the one with the most foreground; the box lists both.
+    from napari_normcheck.core.run.sweep import channel_support
+
+    support = channel_support(view.rows)
+    first = int(np.argmax(support))
+    assert view.channel_combo.count() == 2 and view.channel_combo.currentIndex() == first
+    assert view.plot.channel == first
+    assert view.channel_combo.currentText() in view.plot.title()
+    # One point per setting at (tile x side, soft grid shift of the channel shown).
+    for channel in (first, 1 - first):
+        view.channel_combo.setCurrentIndex(channel)
+        drawn = sorted((spot.pos().x(), spot.pos().y()) for spot in view.plot._points.points())
+        expected = sorted(
+            (r["tile"][-1], indicator(r, "grid_shift", "eval", channel)) for r in view.rows
+        )
+        np.testing.assert_allclose(drawn, expected, rtol=1e-6)
+    assert view.plot.channel == 1 - first
+    # A choice stays while rows come in (the default is only the first look).
+    view._redraw()
+    assert view.channel_combo.currentIndex() == 1 - first
+    # The default follows the foreground: with the channels' foreground swapped, the other one.
+    rows = view.rows
+    view.rows = [
+        r | {"support": r["support"] | {"soft_foreground": r["support"]["soft_foreground"][::-1]}}
+        for r in rows
+    ]
+    view._channel_chosen = False
+    view._redraw()
+    assert view.channel_combo.currentIndex() == view.plot.channel == 1 - first
+    view.rows = rows
+    view.channel_combo.setCurrentIndex(0)
     if view.recommendation["tile"] is not None:
         assert view.plot.star_position() is not None
     for suffix in ("png", "svg"):
@@ -182,7 +209,7 @@ def test_tile_size_view_runs_the_sweep_plots_it_and_opens_a_setting(
     # A click on the larger tile's point opens its layers (and only its).
     row = max(view.rows, key=lambda r: r["tile"][-1])
     with qtbot.waitSignal(view.plot.row_clicked, timeout=5_000) as clicked:
-        click_point(qtbot, view.plot, row["tile"][-1], indicator(row, "grid_shift", "eval"))
+        click_point(qtbot, view.plot, row["tile"][-1], indicator(row, "grid_shift", "eval", 0))
     assert clicked.args[0]["out"] == row["out"]
     opened = [layer for layer in viewer.layers if SWEEP_LAYER_KEY in layer.metadata]
     assert opened and all(
