@@ -85,13 +85,18 @@ def _draw(plt: Any, path, rows, recommendation, channel_names) -> None:
     for row_axes, channel in zip(axes, channels):
         name = channel_name(channel, channel_names)
         for ax, (title, key, mode, with_limit) in zip(row_axes, panels):
+            highest = limit if with_limit and limit is not None else 0.0
             for blend, overlap in lines:
                 points = sorted(
-                    (math.prod(r["tile"]), value, r)
-                    for r in ran
-                    if (r["blend"], r["overlap"]) == (blend, overlap)
-                    and (value := indicator(r, key, mode, channel)) is not None
+                    (
+                        (math.prod(r["tile"]), value, r)
+                        for r in ran
+                        if (r["blend"], r["overlap"]) == (blend, overlap)
+                        and (value := indicator(r, key, mode, channel)) is not None
+                    ),
+                    key=lambda p: p[0],
                 )
+                highest = max([highest, *(p[1] for p in points)])
                 if not points:
                     continue
                 label = blend if overlap is None else f"{blend}, overlap {overlap:g}"
@@ -107,8 +112,7 @@ def _draw(plt: Any, path, rows, recommendation, channel_names) -> None:
                     limit, color="grey", linestyle="--", linewidth=1, label=f"limit {limit:g}"
                 )
             ax.set_title(f"{title}\n{name}", fontsize="medium")
-            ax.margins(y=0.12)
-            ax.set_ylim(bottom=0)
+            ax.set_ylim(0, highest * 1.15 or 1.0)
             ax.grid(alpha=0.3)
             ax.set_xscale("log")
             ax.set_xticks([math.prod(t) for t in tiles])
