@@ -2,7 +2,10 @@
 
 Each setting runs exactly as ``run`` would (the same code, so a row holds the numbers a single run
 at that setting gives) into its own OUT under ``--out``; the rows, the recommendation
-(:func:`~napari_normcheck.core.run.sweep.recommend`) and a plot are written at the end.
+(:func:`~napari_normcheck.core.run.sweep.recommend`) and a plot are written at the end. With
+``--sample N`` every setting runs on the same N regions
+(:mod:`~napari_normcheck.core.run.sweep_sample`), each its own OUT in the setting's folder, and the
+row pools their Dice sums.
 """
 
 from __future__ import annotations
