@@ -92,7 +92,7 @@ def test_sweep_rows_equal_single_runs_refuse_and_resume(files, capsys):
         }
 
 
-def test_sweep_csv_report_and_plot_without_matplotlib(files, capsys):
+def test_sweep_csv_report(files):
     args = [
         "sweep",
         str(files / "volume.npy"),
@@ -106,11 +106,8 @@ def test_sweep_csv_report_and_plot_without_matplotlib(files, capsys):
         "0.5",
         "--report",
         str(files / "sweep.csv"),
-        "--plot",
-        str(files / "sweep.png"),
     ]
     assert main(args) == 0
-    out = capsys.readouterr().out
     with open(files / "sweep.csv") as f:
         lines = list(csv.DictReader(f))
     assert [line["overlap"] for line in lines] == ["0.25", "0.5"]
@@ -120,14 +117,55 @@ def test_sweep_csv_report_and_plot_without_matplotlib(files, capsys):
     for c, judged in enumerate(report["grid_shift"]["eval"]["judged"]):
         cell = lines[0]["grid_shift_eval_hard"].split(";")[c]
         assert (cell == "not judged") == (not judged)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert "matplotlib is not installed" in out
-        assert not (files / "sweep.png").exists()
-    else:
-        assert (files / "sweep.png").stat().st_size > 0
-    assert main([*args[:-2], "--plot", str(files / "sweep.pdf")]) == 2  # PNG or SVG only
+
+
+def test_sweep_plot_png_and_svg(files, capsys):
+    import xml.etree.ElementTree as ET
+
+    import matplotlib.image  # the testing extra has it
+
+    args = [
+        "sweep",
+        str(files / "volume.npy"),
+        *common(files),
+        "--out",
+        str(files / "sweep"),
+        "--tiles",
+        "16,32,32",
+        "16,48,48",
+        "--overlap",
+        "0.25",
+        "0.5",
+        "--max-tiling",
+        "1",  # every setting qualifies: the cheapest is recommended and starred
+    ]
+    assert main([*args, "--plot", str(files / "sweep.png")]) == 0
+    assert f"plot: {files / 'sweep.png'}" in capsys.readouterr().out
+    png = (files / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = matplotlib.image.imread(files / "sweep.png")
+    assert pixels.shape[0] > 400 and pixels.shape[1] > 800
+    assert pixels[..., :3].std() > 0.05  # drawn, not blank
+
+    assert main([*args, "--resume", "--plot", str(files / "sweep.svg")]) == 0
+    root = ET.parse(files / "sweep.svg").getroot()
+    texts = " ".join(
+        "".join(node.itertext()) for node in root.iter("{http://www.w3.org/2000/svg}text")
+    )
+    for words in ("grid shift (eval)", "tile mismatch (eval)", "train/eval disparity"):
+        assert words in texts
+    assert "channel 0" in texts and "channel 1" in texts  # a row of panels per channel, named
+    assert "gaussian, overlap 0.25" in texts and "gaussian, overlap 0.5" in texts
+    assert "recommended" in texts and "limit 1" in texts
+    assert "16×32×32" in texts and "16×48×48" in texts  # the x axis names the tiles
+    lines = [
+        g
+        for g in root.iter("{http://www.w3.org/2000/svg}g")
+        if g.get("id", "").startswith("line2d")
+    ]
+    # Two lines (one per overlap) in each of 4 panels x 2 channels, a star, the limit lines.
+    assert len(lines) >= 2 * 4 * 2
+    assert main([*args, "--resume", "--plot", str(files / "sweep.pdf")]) == 2  # PNG or SVG only
 
 
 def sample_sweep(tmp_path, name, *extra):
@@ -243,3 +281,68 @@ def test_a_setting_whose_one_tile_fills_the_region_is_not_recommended():
     moved = one_tile | {"grid_shift_offset": [0, 48, 48], "tile": [32, 64, 64]}
     assert eval_tiling(moved) == 0.0
     assert recommend([one_tile, moved])["tile"] == [32, 64, 64]
+
+
+def test_sweep_sample_runs_every_setting_on_the_same_regions_and_pools_them(files, capsys):
+    from napari_normcheck.core.measure.metrics import disparity_from_sums
+    from tests.core.test_sweep_sample import textured_with_background
+
+    np.save(files / "wide.npy", textured_with_background()[0])
+    args = [
+        "sweep",
+        str(files / "wide.npy"),
+        *common(files),
+        "--out",
+        str(files / "sweep"),
+        "--tiles",
+        "16,32,32",
+        "16,48,48",
+        "--sample",
+        "2",
+        "--report",
+        str(files / "sweep.json"),
+    ]
+    with pytest.raises(SystemExit):  # --roi or --sample, not both
+        main([*args, "--roi", "0:16,0:32,0:32"])
+    assert main(args) == 0
+    result = json.loads((files / "sweep.json").read_text())
+    assert len(result["regions"]) == 2
+    for row in result["rows"]:
+        assert [r["roi"] for r in row["regions"]] == result["regions"]  # the same regions
+        markers = [read_marker(r["out"]) for r in row["regions"]]
+        # The row is the Dice of the regions' summed sums.
+        for kind in ("hard", "soft"):
+            summed = np.sum([m["disparity_sums"][kind] for m in markers], axis=0)
+            np.testing.assert_allclose(
+                row["disparity"][kind], disparity_from_sums(summed), atol=1e-9
+            )
+        assert row["grid_shift"]["eval"]["n_voxels"] == sum(
+            m["grid_shift"]["eval"]["n_voxels"] for m in markers
+        )
+    # A region's numbers are what a single run on that region gives.
+    region = result["rows"][0]["regions"][1]
+    roi = ",".join(f"{a}:{b}" for a, b in region["roi"])
+    single = [
+        "run",
+        str(files / "wide.npy"),
+        *common(files),
+        "--out",
+        str(files / "single.zarr"),
+        "--tile",
+        "16,32,32",
+        "--roi",
+        roi,
+        "--report",
+        str(files / "single.json"),
+    ]
+    assert main(single) == 0
+    report = json.loads((files / "single.json").read_text())
+    for key in ("disparity", "mismatch_eval", "grid_shift"):
+        assert region[key] == report[key], key
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert capsys.readouterr().err.count("finished earlier") == 4
+    again = json.loads((files / "sweep.json").read_text())
+    for old, new in zip(result["rows"], again["rows"]):
+        for key in ("disparity", "mismatch_eval", "grid_shift", "peak_memory_mib"):
+            assert old[key] == new[key], key

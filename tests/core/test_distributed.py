@@ -216,6 +216,13 @@ def assert_same_run(out, summary, expected, *, exact: bool):
         expected_support.pop("soft_foreground"),
         rtol=0 if exact else 1e-6,
     )
+    # Float sums over the tile pairs, added in the order the blocks return them.
+    got_mass, expected_mass = (
+        s.pop("mismatch_soft_foreground") for s in (got_support, expected_support)
+    )
+    assert got_mass.keys() == expected_mass.keys()
+    for mode, values in expected_mass.items():
+        np.testing.assert_allclose(got_mass[mode], values, rtol=1e-12 if exact else 1e-6)
     assert got_support == expected_support
     assert summary["verdict"] == expected_summary["verdict"]
     assert len(summary["tiles"]) == len(expected_summary["tiles"])

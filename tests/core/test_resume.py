@@ -88,6 +88,14 @@ def assert_same_support(resumed, reference, counts=True):
     got, expected = dict(resumed["support"]), dict(reference["support"])
     for key in ("soft_foreground",):
         np.testing.assert_allclose(got.pop(key), expected.pop(key), rtol=1e-12)
+    # Float sums over the tile pairs, added in the order the pairs were finished.
+    got_mass, expected_mass = (
+        got.pop("mismatch_soft_foreground"),
+        expected.pop("mismatch_soft_foreground"),
+    )
+    assert got_mass.keys() == expected_mass.keys()
+    for mode, values in expected_mass.items():
+        np.testing.assert_allclose(got_mass[mode], values, rtol=1e-12)
     if not counts:  # progress saved before the counts existed: none made up
         assert got.pop("foreground_voxels") is None and got.pop("foreground_fraction") is None
         expected.pop("foreground_voxels"), expected.pop("foreground_fraction")

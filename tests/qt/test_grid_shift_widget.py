@@ -78,6 +78,66 @@ def test_grid_shift_run_shows_its_numbers_and_maps(make_napari_viewer, qtbot, tm
     visible = [layer for layer in viewer.layers if layer.visible]
     assert len(visible) <= MOST_SHOWN, [layer.name for layer in visible]
 
+    # The tile table has a grid-shift column: each tile's value of the shown channel, or "-"
+    # where the tile's foreground does not pass the support rule.
+    table = widget.tile_table
+    records = {t["index"]: t for t in summary["tiles"]}
+    assert all(len(t["grid_shift_eval_judged"]) == 2 for t in records.values())
+    for channel in (0, 1):
+        table.set_channel(channel)
+        cells = shift_cells(table)
+        assert cells.keys() == records.keys()
+        for index, text in cells.items():
+            record = records[index]
+            if record["grid_shift_eval_judged"][channel]:
+                assert text == f"{record['grid_shift_eval'][channel]:.4f}"
+            else:
+                assert text == "-"
+
+
+def shift_cells(table):
+    """The grid-shift column's text by tile (asserting the column is there, before feature |z|)."""
+    from napari_normcheck._qt.tile_table import GRID_SHIFT_HEADER
+
+    headers = [table.horizontalHeaderItem(j).text() for j in range(table.columnCount())]
+    assert GRID_SHIFT_HEADER in headers and headers.index(GRID_SHIFT_HEADER) == len(headers) - 2
+    column = headers.index(GRID_SHIFT_HEADER)
+    return {table.tile_at_row(r): table.item(r, column).text() for r in range(table.rowCount())}
+
+
+def test_tile_table_grid_shift_column_follows_the_support_rule(make_napari_viewer, tmp_path):
+    from napari_normcheck._qt.tile_table import GRID_SHIFT_HEADER
+    from napari_normcheck.core.base.config import RunConfig
+    from napari_normcheck.core.io.volume import open_volume
+    from napari_normcheck.core.run.engine import run_check
+    from tests.conftest import calibrate, synthetic_volume, tiny_unet
+
+    _viewer, widget = sample_widget(make_napari_viewer, tmp_path)
+    table = widget.tile_table
+    model = calibrate(tiny_unet("batch"), (1, 16, 32, 32))
+    volume = open_volume(synthetic_volume((16, 48, 48)))
+
+    def tiles(**options):
+        config = RunConfig(tile=(16, 32, 32), activation="sigmoid", **options)
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}.zarr"
+        return list(run_check(volume, model, config, out))[-1].summary["tiles"]
+
+    # Far more foreground asked for than any tile has: no tile's grid shift is judged.
+    strict = tiles(grid_shift=0.5, min_foreground=(10**9, 0.0))
+    assert all(not any(t["grid_shift_eval_judged"]) for t in strict)
+    table.set_records(strict)
+    for channel in (0, 1, None):
+        table.set_channel(channel)
+        assert set(shift_cells(table).values()) == {"-"}
+    # The default rule judges these tiles: numbers.
+    table.set_records(tiles(grid_shift=0.5))
+    table.set_channel(1)
+    assert "-" not in shift_cells(table).values()
+    # A run without --grid-shift has no such column.
+    table.set_records(tiles())
+    headers = [table.horizontalHeaderItem(j).text() for j in range(table.columnCount())]
+    assert GRID_SHIFT_HEADER not in headers and "feature" in headers[-1]
+
 
 def click_point(qtbot, plot, x, y):
     """A real mouse click on the plot at data coordinates ``(x, y)``."""
@@ -109,10 +169,37 @@ def test_tile_size_view_runs_the_sweep_plots_it_and_opens_a_setting(
     assert len(view.rows) == 2 and not any(r.get("refused") for r in view.rows), view.status.text()
     assert view.recommendation == recommend(view.rows, per_tile_norms=[])
     assert view.recommendation_label.text().startswith("recommendation: ")
-    # One point per setting at (tile x side, soft grid shift of the first channel).
-    drawn = sorted((spot.pos().x(), spot.pos().y()) for spot in view.plot._points.points())
-    expected = sorted((r["tile"][-1], indicator(r, "grid_shift", "eval")) for r in view.rows)
-    np.testing.assert_allclose(drawn, expected, rtol=1e-6)
+    # The channel shown at first is the one with the most foreground; the box lists both.
+    from napari_normcheck.core.run.sweep import channel_support
+
+    support = channel_support(view.rows)
+    first = int(np.argmax(support))
+    assert view.channel_combo.count() == 2 and view.channel_combo.currentIndex() == first
+    assert view.plot.channel == first
+    assert view.channel_combo.currentText() in view.plot.title()
+    # One point per setting at (tile x side, soft grid shift of the channel shown).
+    for channel in (first, 1 - first):
+        view.channel_combo.setCurrentIndex(channel)
+        drawn = sorted((spot.pos().x(), spot.pos().y()) for spot in view.plot._points.points())
+        expected = sorted(
+            (r["tile"][-1], indicator(r, "grid_shift", "eval", channel)) for r in view.rows
+        )
+        np.testing.assert_allclose(drawn, expected, rtol=1e-6)
+    assert view.plot.channel == 1 - first
+    # A choice stays while rows come in (the default is only the first look).
+    view._redraw()
+    assert view.channel_combo.currentIndex() == 1 - first
+    # The default follows the foreground: with the channels' foreground swapped, the other one.
+    rows = view.rows
+    view.rows = [
+        r | {"support": r["support"] | {"soft_foreground": r["support"]["soft_foreground"][::-1]}}
+        for r in rows
+    ]
+    view._channel_chosen = False
+    view._redraw()
+    assert view.channel_combo.currentIndex() == view.plot.channel == 1 - first
+    view.rows = rows
+    view.channel_combo.setCurrentIndex(0)
     if view.recommendation["tile"] is not None:
         assert view.plot.star_position() is not None
     for suffix in ("png", "svg"):
@@ -122,7 +209,7 @@ def test_tile_size_view_runs_the_sweep_plots_it_and_opens_a_setting(
     # A click on the larger tile's point opens its layers (and only its).
     row = max(view.rows, key=lambda r: r["tile"][-1])
     with qtbot.waitSignal(view.plot.row_clicked, timeout=5_000) as clicked:
-        click_point(qtbot, view.plot, row["tile"][-1], indicator(row, "grid_shift", "eval"))
+        click_point(qtbot, view.plot, row["tile"][-1], indicator(row, "grid_shift", "eval", 0))
     assert clicked.args[0]["out"] == row["out"]
     opened = [layer for layer in viewer.layers if SWEEP_LAYER_KEY in layer.metadata]
     assert opened and all(

@@ -2,8 +2,9 @@
 
 Runs :func:`napari_normcheck._qt.sweep_job.sweep_job` (the rows and recommendation of
 ``napari-normcheck sweep``) in a worker thread on the Check tab's image, region, model and settings;
-plots one indicator against the tile size, one line per overlap and blending, the recommended
-setting marked with a star (Save to PNG or SVG); a click on a point opens that setting's OUT as
+plots one indicator of one output channel (chosen in a box; at first the channel with the most
+foreground) against the tile size, one line per overlap and blending, the recommended setting
+marked with a star (Save to PNG or SVG); a click on a point opens that setting's OUT as
 layers (those of the setting shown before are removed, so few layers are shown at a time).
 """
 
@@ -31,9 +32,9 @@ from qtpy.QtWidgets import (  # noqa: TID253
 from napari_normcheck._qt import sweep_job
 from napari_normcheck._qt.plots import PlotWidget
 from napari_normcheck.core.base.errors import NormcheckError
-from napari_normcheck.core.run.sweep import indicator
+from napari_normcheck.core.run.sweep import channel_support, indicator, n_channels
 
-#: ``(title, row key, mode)``: the indicators the plot can show (soft 1 - Dice of the first
+#: ``(title, row key, mode)``: the indicators the plot can show (soft 1 - Dice of the chosen
 #: channel), as in the command line's sweep plot.
 INDICATORS = (
     ("grid shift (eval)", "grid_shift", "eval"),
@@ -79,6 +80,8 @@ class SweepPlot(PlotWidget):
         self.rows: list[dict[str, Any]] = []
         self.recommendation: dict[str, Any] = {}
         self.indicator = INDICATORS[0]
+        self.channel = 0
+        self.channel_label = "channel 0"
         self.item.addLegend(offset=(5, 5), labelTextColor=self.colors["text"])
         self._points = pg.ScatterPlotItem(size=10, pen=None, hoverable=True)
         self._points.sigClicked.connect(self._on_clicked)
@@ -89,7 +92,7 @@ class SweepPlot(PlotWidget):
         self._lines: list[Any] = []
         self.item.addItem(self._points)
         self.item.addItem(self._star)
-        self.set_labels("tile size (x, voxels)", "1 - Dice (soft, first channel)")
+        self.set_labels("tile size (x, voxels)", "1 - Dice (soft)")
         self.set_message("run the sweep: its settings appear here")
 
     def set_rows(
@@ -97,14 +100,20 @@ class SweepPlot(PlotWidget):
         rows: list[dict[str, Any]],
         recommendation: dict[str, Any] | None = None,
         which: tuple[str, str, str | None] | None = None,
+        channel: int | None = None,
+        channel_label: str | None = None,
     ) -> None:
-        """Draw ``rows`` (refused ones left out) for indicator ``which``."""
+        """Draw ``rows`` (refused ones left out) for indicator ``which`` of output ``channel``."""
         import pyqtgraph as pg
 
         self.rows, self.recommendation = list(rows), dict(recommendation or {})
         self.indicator = which or self.indicator
+        if channel is not None:
+            self.channel = channel
+            self.channel_label = channel_label or f"channel {channel}"
         title, key, mode = self.indicator
-        self.set_title(title)
+        self.set_title(f"{title}, {self.channel_label}")
+        self.set_labels("tile size (x, voxels)", f"1 - Dice (soft, {self.channel_label})")
         for line in self._lines:
             self.item.removeItem(line)
         self._lines = []
@@ -120,7 +129,7 @@ class SweepPlot(PlotWidget):
                 (r["tile"][-1], value, r)
                 for r in ran
                 if (r["blend"], r["overlap"]) == (blend, overlap)
-                and (value := indicator(r, key, mode)) is not None
+                and (value := indicator(r, key, mode, self.channel)) is not None
             )
             if not points:
                 continue
@@ -212,10 +221,22 @@ class TileSizeView(QWidget):
         self.status = QLabel("the image, region, model and settings of the Check tab are used")
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
+        choices = QHBoxLayout()
         self.indicator_combo = QComboBox()
         self.indicator_combo.addItems([title for title, _key, _mode in INDICATORS])
         self.indicator_combo.currentIndexChanged.connect(self._redraw)
-        layout.addWidget(self.indicator_combo)
+        choices.addWidget(self.indicator_combo, 1)
+        self.channel_combo = QComboBox()
+        self.channel_combo.setToolTip(
+            "the output channel the plot shows (at first the one with the most foreground); "
+            "the recommendation weighs every channel"
+        )
+        # A choice (any change but the default's, which is made with signals blocked) is kept
+        # while the sweep's rows come in.
+        self.channel_combo.currentIndexChanged.connect(self._on_channel_chosen)
+        self._channel_chosen = False
+        choices.addWidget(self.channel_combo, 1)
+        layout.addLayout(choices)
         self.plot = SweepPlot()
         self.plot.row_clicked.connect(self.load_setting)
         layout.addWidget(self.plot, 1)
@@ -286,6 +307,7 @@ class TileSizeView(QWidget):
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self.rows, self.recommendation = [], {}
+        self._channel_chosen = False
         self._redraw()
         self.recommendation_label.setText("")
         self.run_button.setEnabled(False)
@@ -332,9 +354,46 @@ class TileSizeView(QWidget):
         self.cancel_button.setEnabled(False)
         self.sweep_settled.emit()
 
+    def channel_labels(self, n: int) -> list[str]:
+        """Names of the ``n`` output channels: the model's when it names them all."""
+        from napari_normcheck._qt.jobs import output_channel_names
+
+        ready = getattr(self.dock, "model_ready", None)
+        names = output_channel_names(ready.loaded) if ready is not None else None
+        if names and len(names) == n:
+            return [str(name) for name in names]
+        return [f"channel {c}" for c in range(n)]
+
+    def default_channel(self) -> int:
+        """The channel with the most foreground (soft, eval and train) over the rows; 0 if none."""
+        support = channel_support(self.rows)
+        return max(range(len(support)), key=lambda c: (support[c], -c)) if support else 0
+
+    def _on_channel_chosen(self, _index: int) -> None:
+        self._channel_chosen = True
+        self._redraw()
+
+    def _sync_channels(self) -> None:
+        # One entry per output channel of the rows; the default until the user chooses one.
+        n = n_channels(self.rows)
+        labels = self.channel_labels(n)
+        combo = self.channel_combo
+        combo.blockSignals(True)
+        if [combo.itemText(i) for i in range(combo.count())] != labels:
+            current = combo.currentIndex()
+            combo.clear()
+            combo.addItems(labels)
+            combo.setCurrentIndex(current if 0 <= current < n else 0)
+        if n and not self._channel_chosen:
+            combo.setCurrentIndex(self.default_channel())
+        combo.blockSignals(False)
+
     def _redraw(self, *_args: Any) -> None:
+        self._sync_channels()
         which = INDICATORS[max(self.indicator_combo.currentIndex(), 0)]
-        self.plot.set_rows(self.rows, self.recommendation, which)
+        channel = max(self.channel_combo.currentIndex(), 0)
+        label = self.channel_combo.currentText() or f"channel {channel}"
+        self.plot.set_rows(self.rows, self.recommendation, which, channel, label)
 
     # --- a setting's layers -----------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """A table of tiles sorted by disparity; clicking a row asks to go to that tile.
 
 Its sort choices and metric columns are the tile metrics with a ``sort`` name in the output
-registry (:mod:`napari_normcheck.core.run.registry`), then feature ``|z|``. The values shown are those of the chosen output channel (:attr:`TileTable.channel`), or the
+registry (:mod:`napari_normcheck.core.run.registry`), then, for a run with ``--grid-shift``, the
+per-tile grid shift (eval; "-" where the tile has too little foreground), then feature ``|z|``. The values shown are those of the chosen output channel (:attr:`TileTable.channel`), or the
 largest over the channels when none is chosen.
 """
 
@@ -41,6 +42,12 @@ WORDS = {
         "|feature z|: how far the tile's mean input to a normalization layer lies from the "
         "layer's running mean, in running standard deviations"
     ),
+    "shift": (
+        "grid shift: soft 1 − Dice of the stitched eval result against the result on a grid "
+        "moved by part of a step (--grid-shift), over the output chunks the tile writes, 0–1: "
+        "how much the tiling moves the result here; '-' where the tile has too little "
+        "foreground to judge"
+    ),
     "grid": "the tile's position in the tile grid (z, y, x)",
     "tile": "the tile's number in scan order",
 }
@@ -51,6 +58,8 @@ def tooltip(header: str) -> str:
     words = header.replace("|", " ").replace("(", " ").split()
     if words == ["disparity"]:  # the sort choice: the soft one
         words = ["soft"]
+    if "shift" in words:  # not the tile's grid position
+        words = ["shift"]
     return "\n".join(text for key, text in WORDS.items() if key in words)
 
 
@@ -133,6 +142,32 @@ def metric_columns() -> list[tuple[str, Value]]:
     return columns
 
 
+#: The grid-shift column's header: shown only for a run with ``--grid-shift``.
+GRID_SHIFT_HEADER = "grid shift (eval)"
+
+
+def grid_shift_value(mode: str = "eval") -> Value:
+    """A record's per-tile grid shift of ``mode`` (soft), NaN ("-") where it is not judged.
+
+    The support rule: the record's ``grid_shift_<mode>_judged`` (the soft foreground of the
+    chunks the tile writes); a record without the flags shows its values.
+    """
+
+    def value(record: dict[str, Any], channel: int | None = None) -> float:
+        values = list(record.get(f"grid_shift_{mode}") or [])
+        flags = record.get(f"grid_shift_{mode}_judged")
+        if isinstance(flags, (list, tuple)):
+            values = [v if c < len(flags) and flags[c] else None for c, v in enumerate(values)]
+        return channel_value(values, channel)
+
+    return value
+
+
+def has_grid_shift(records: Any) -> bool:
+    """Whether any record has a per-tile grid shift (the run had ``--grid-shift``)."""
+    return any(record.get("grid_shift_eval") is not None for record in records)
+
+
 def column_headers() -> tuple[str, ...]:
     """The table's column headers: tile, grid position, the metric columns, feature ``|z|``."""
     return ("tile", "grid z,y,x", *(header for header, _ in metric_columns()), "feature |z|")
@@ -192,6 +227,7 @@ class TileTable(QTableWidget):
         self.feature_value: Value = _feature_z
         self.feature: tuple[str | None, int | None] = (None, None)
         self._feature_text: str | None = None
+        self.shift_columns: list[tuple[str, Value]] = []
         self.cellClicked.connect(self._on_clicked)
         self.setMinimumHeight(0)
 
@@ -248,6 +284,7 @@ class TileTable(QTableWidget):
         """Forget all tiles."""
         self.records = {}
         self.setRowCount(0)
+        self._update_shift_columns()
 
     def add_record(self, record: dict[str, Any], redraw: bool = True) -> None:
         """Add or replace the record of one tile."""
@@ -272,9 +309,29 @@ class TileTable(QTableWidget):
 
         return sorted(self.records, key=key)
 
+    def _update_shift_columns(self) -> None:
+        # The grid-shift column sits before feature |z| (always last), only when a run has it.
+        wanted = (
+            [(GRID_SHIFT_HEADER, grid_shift_value("eval"))]
+            if has_grid_shift(self.records.values())
+            else []
+        )
+        if [h for h, _ in wanted] == [h for h, _ in self.shift_columns]:
+            return
+        feature = self.takeHorizontalHeaderItem(self.columnCount() - 1)
+        first = 2 + len(self.metric_columns)
+        self.setColumnCount(first + len(wanted) + 1)
+        for column, (header, _value) in enumerate(wanted, start=first):
+            item = QTableWidgetItem(header)
+            item.setToolTip(tooltip(header))
+            self.setHorizontalHeaderItem(column, item)
+        self.setHorizontalHeaderItem(self.columnCount() - 1, feature)
+        self.shift_columns = wanted
+
     def redraw(self) -> None:
         """Fill the table from the records, sorted by the sort key (the selected tile stays)."""
         selected = self.selected_tile()
+        self._update_shift_columns()
         order = self.sorted_indices()
         self.setRowCount(len(order))
         for row, index in enumerate(order):
@@ -284,7 +341,8 @@ class TileTable(QTableWidget):
             self.setItem(row, 0, tile_item)
             grid = record.get("grid") or ()
             self.setItem(row, 1, QTableWidgetItem(",".join(str(g) for g in grid)))
-            for column, (_header, value) in enumerate(self.metric_columns, start=2):
+            columns = [*self.metric_columns, *self.shift_columns]
+            for column, (_header, value) in enumerate(columns, start=2):
                 self.setItem(row, column, _number_item(value(record, self.channel)))
             self.setItem(
                 row, self.columnCount() - 1, _number_item(self.feature_value(record), digits=2)

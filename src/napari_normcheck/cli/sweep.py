@@ -2,7 +2,10 @@
 
 Each setting runs exactly as ``run`` would (the same code, so a row holds the numbers a single run
 at that setting gives) into its own OUT under ``--out``; the rows, the recommendation
-(:func:`~napari_normcheck.core.run.sweep.recommend`) and a plot are written at the end.
+(:func:`~napari_normcheck.core.run.sweep.recommend`) and a plot are written at the end. With
+``--sample N`` every setting runs on the same N regions
+(:mod:`~napari_normcheck.core.run.sweep_sample`), each its own OUT in the setting's folder, and the
+row pools their Dice sums.
 """
 
 from __future__ import annotations
@@ -37,7 +40,16 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
     sweep.add_argument("--dataset", help="array path inside a zarr group")
     sweep.add_argument("--level", type=int, default=0, help="OME-Zarr multiscale level")
     sweep.add_argument("--channel-axis", type=int, default=None, help="channel axis of the input")
-    sweep.add_argument("--roi", help="the region every setting runs on: z0:z1,y0:y1,x0:x1")
+    where = sweep.add_mutually_exclusive_group()
+    where.add_argument("--roi", help="the region every setting runs on: z0:z1,y0:y1,x0:x1")
+    where.add_argument(
+        "--sample",
+        type=int,
+        metavar="N",
+        help="run every setting on the same N regions spread over the volume's content (each "
+        "twice the largest tile per axis, clipped to the volume; chosen from a strided view, "
+        "never the whole volume); a row pools the regions' Dice sums",
+    )
     sweep.add_argument(
         "--tiles", nargs="+", required=True, metavar="Z,Y,X", help="tile sizes to try"
     )
@@ -106,14 +118,21 @@ def sweep_command(args: argparse.Namespace) -> int:
     volume, loaded = open_inputs(args)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
+    regions = None if args.sample is None else sampled_regions(args, volume, tiles)
     rows = []
     for n, setting in enumerate(settings, start=1):
         print(f"setting {n}/{len(settings)}: {setting.name.removesuffix('.zarr')}", file=sys.stderr)
-        rows.append(run_setting(args, volume, loaded, setting, folder / setting.name))
+        if regions is None:
+            rows.append(run_setting(args, volume, loaded, setting, folder / setting.name))
+        else:
+            out = folder / setting.name.removesuffix(".zarr")
+            rows.append(run_sampled_setting(args, volume, loaded, setting, out, regions))
     inventory = norm_inventory(loaded.module)
     per_tile = [layer.type for layer in inventory.layers if not layer.running_stats]
     recommendation = recommend(rows, args.max_tiling, per_tile)
     result = {"rows": rows, "recommendation": recommendation}
+    if regions is not None:
+        result["regions"] = [[list(axis) for axis in box] for box in regions]
     print(format_rows(rows))
     print(f"recommendation: {recommendation['text']}")
     if args.report:
@@ -122,7 +141,8 @@ def sweep_command(args: argparse.Namespace) -> int:
     if args.plot:
         from napari_normcheck.cli.sweep_plot import plot_sweep
 
-        if plot_sweep(args.plot, rows, recommendation):
+        names = getattr(loaded, "output_channel_names", None)
+        if plot_sweep(args.plot, rows, recommendation, names):
             print(f"plot: {args.plot}")
         else:
             print("plot: matplotlib is not installed; no plot written (pip install matplotlib)")
@@ -130,29 +150,99 @@ def sweep_command(args: argparse.Namespace) -> int:
     return 1 if all(r.get("refused") for r in rows) else 0
 
 
+def sampled_regions(args, volume, tiles) -> list:
+    """The ``--sample`` regions (the same for every setting), said on stderr."""
+    from napari_normcheck.core.run.sweep_sample import region_size, roi_text, sample_regions
+
+    regions = sample_regions(volume.data, tiles, args.sample)
+    size = region_size(tiles, volume.spatial_shape)
+    note = ""
+    if len(regions) < args.sample:
+        note = (
+            f" (the volume {'x'.join(map(str, volume.spatial_shape))} holds only {len(regions)} "
+            "distinct regions with content of that size)"
+        )
+    print(
+        f"{len(regions)} regions of {'x'.join(map(str, size))}{note}: "
+        + " ".join(roi_text(box) for box in regions),
+        file=sys.stderr,
+    )
+    return regions
+
+
 def run_setting(args, volume, loaded, setting, out: Path) -> dict[str, Any]:
     """One setting's row: from its finished OUT (``--resume``), or from a run into ``out``."""
+    from napari_normcheck.core.run.sweep import refused_row, sweep_row
+
+    done = run_or_read(args, volume, loaded, setting, out)
+    if done["refused"] is not None:
+        return refused_row(setting, done["refused"])
+    row = sweep_row(
+        setting,
+        done["report"],
+        out=out,
+        peak_memory_mib=done["peak"],
+        cuda_peak_mib=done["cuda_peak"],
+    )
+    return _keep_memory(row, done, out, setting.name)
+
+
+def run_sampled_setting(args, volume, loaded, setting, folder: Path, regions) -> dict[str, Any]:
+    """One setting's row over the ``--sample`` regions: each its own run in ``folder``, pooled."""
+    from napari_normcheck.core.run.sweep import refused_row, sweep_row
+    from napari_normcheck.core.run.sweep_sample import combine_reports, region_entry, roi_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    done = []
+    for k, box in enumerate(regions):
+        out = folder / f"region_{k}.zarr"
+        print(f"  region {k + 1}/{len(regions)}: {roi_text(box)}", file=sys.stderr)
+        one = run_or_read(args, volume, loaded, setting, out, roi=roi_text(box))
+        if one["refused"] is not None:
+            return refused_row(setting, f"region {roi_text(box)}: {one['refused']}")
+        done.append((box, out, one))
+    peaks = [one["peak"] for _, _, one in done if one["peak"] is not None]
+    cuda = [one["cuda_peak"] for _, _, one in done if one["cuda_peak"] is not None]
+    row = sweep_row(
+        setting,
+        combine_reports([one["report"] for _, _, one in done]),
+        out=folder,
+        peak_memory_mib=max(peaks) if peaks else None,
+        cuda_peak_mib=max(cuda) if cuda else None,
+    )
+    row["regions"] = [region_entry(box, out, one["report"]) for box, out, one in done]
+    if all(one["resumed"] for _, _, one in done):
+        row = _keep_memory(row, {"resumed": True}, folder, folder.name)
+    return row
+
+
+def run_or_read(args, volume, loaded, setting, out: Path, roi: str | None = None) -> dict:
+    """Run ``setting`` (on ``roi``, else ``--roi``) into ``out``, or read it when finished.
+
+    ``{"report", "refused", "peak", "cuda_peak", "resumed"}``: ``refused`` is the reason when
+    the network or the memory did not take the setting (``report`` is then ``None``).
+    """
     import torch
 
     from napari_normcheck.cli.config_args import run_config_from_args
     from napari_normcheck.cli.run import _store_attrs, run_and_report
     from napari_normcheck.core.io.store import is_complete, read_marker
     from napari_normcheck.core.run.report import build_report
-    from napari_normcheck.core.run.sweep import peak_rss_mib, refused_row, sweep_row
+    from napari_normcheck.core.run.sweep import peak_rss_mib
 
+    result = {"report": None, "refused": None, "peak": None, "cuda_peak": None, "resumed": False}
     if args.resume and is_complete(out):
         print(f"  finished earlier: {out}", file=sys.stderr)
-        report = build_report(read_marker(out), _store_attrs(out))
-        row = sweep_row(setting, report, out=out, peak_memory_mib=None)
-        previous = _previous_row(out.parent, setting)
-        for key in ("peak_memory_mib", "cuda_peak_memory_mib"):
-            if previous.get(key) is not None:
-                row[key] = previous[key]
-        return row
+        return result | {
+            "report": build_report(read_marker(out), _store_attrs(out)),
+            "resumed": True,
+        }
     options = argparse.Namespace(**vars(args))
     options.tile = ",".join(map(str, setting.tile))
     options.overlap = setting.overlap
     options.blend = setting.blend
+    if roi is not None:
+        options.roi = roi
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -176,20 +266,24 @@ def run_setting(args, volume, loaded, setting, out: Path) -> dict[str, Any]:
             )
     except (NormcheckError, MemoryError, torch.OutOfMemoryError) as error:
         print(f"  refused: {error}", file=sys.stderr)
-        return refused_row(setting, str(error) or type(error).__name__)
+        return result | {"refused": str(error) or type(error).__name__}
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    return sweep_row(
-        setting, report, out=out, peak_memory_mib=memory["peak"], cuda_peak_mib=cuda_peak
-    )
+    return result | {"report": report, "peak": memory["peak"], "cuda_peak": cuda_peak}
 
 
-def _previous_row(folder: Path, setting) -> dict[str, Any]:
-    # The memory a finished setting used, as the earlier sweep measured it.
+def _keep_memory(row: dict[str, Any], done: dict, out: Path, name: str) -> dict[str, Any]:
+    # A setting read back (--resume): the memory it used, as the earlier sweep measured it.
+    if not done.get("resumed"):
+        return row
     try:
-        rows = json.loads((folder / "sweep.json").read_text())["rows"]
+        rows = json.loads((out.parent / "sweep.json").read_text())["rows"]
     except (OSError, ValueError, KeyError):
-        return {}
-    return next((r for r in rows if r.get("out", "").endswith(setting.name)), {})
+        return row
+    previous = next((r for r in rows if r.get("out", "").endswith(name)), {})
+    for key in ("peak_memory_mib", "cuda_peak_memory_mib"):
+        if previous.get(key) is not None:
+            row[key] = previous[key]
+    return row
 
 
 CSV_COLUMNS = (

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -172,6 +173,29 @@ class ShiftComparer:
             if sums is not None:
                 total = sums["soft"] + (0.0 if total is None else total)
         return None if total is None else disparity_from_sums(total)
+
+    def tile_judged(
+        self, plan: TilePlan, record: dict[str, Any], name: str, min_foreground: MinForeground
+    ) -> list[bool] | None:
+        """Whether :meth:`tile_values` rests on enough foreground, per channel (the support rule).
+
+        The soft foreground ``sum(p) + sum(q)`` of the chunks ``record``'s tile writes, over their
+        voxels both grids cover; ``None`` where no chunk is common.
+        """
+        ranges = plan.chunk_range(plan.get_tile(record["index"]))
+        mass, n_voxels = None, 0
+        for chunk in itertools.product(*(range(a, b) for a, b in ranges)):
+            sums = self.chunk_sums.get(chunk, {}).get(name)
+            if sums is None:
+                continue
+            mass = sums["soft"][1] + (0.0 if mass is None else mass)
+            lo = [r + i * c for r, i, c in zip(plan.roi_start, chunk, plan.chunk_shape)]
+            hi = [min(a + c, b) for a, c, b in zip(lo, plan.chunk_shape, plan.roi_stop)]
+            n_voxels += math.prod(
+                max(0, min(b, sb) - max(a, sa))
+                for a, b, sa, sb in zip(lo, hi, self.shifted.roi_start, self.shifted.roi_stop)
+            )
+        return None if mass is None else judged_mask(mass, n_voxels, min_foreground)
 
     def to_dict(self) -> dict[str, Any]:
         """The per-chunk sums (for resume)."""
@@ -420,6 +444,10 @@ class GridShift:
                 values = self.comparer.tile_values(plan, record, name)
                 if values is not None:
                     record[f"grid_shift_{name}"] = values
+                    # The support rule of the soft value: "-" in the widget's table where not.
+                    record[f"grid_shift_{name}_judged"] = self.comparer.tile_judged(
+                        plan, record, name, min_foreground
+                    )
         ordered = [records[i] for i in sorted(records)]
         metrics = tuple(m for m in GRID_SHIFT_METRICS if m.key.removeprefix("grid_shift_") in names)
         write_tile_grids(store, plan, ordered, self.setup.n_out, cell_transform, metrics)

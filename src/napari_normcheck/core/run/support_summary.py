@@ -56,7 +56,9 @@ def run_support(
         (``sum(p) + sum(q)`` per channel, the soft Dice's denominator in voxels) and
         ``soft_judged`` (the same rule on it: where neither is judged, the channel says nothing);
         for the tile mismatch per prediction ``mismatch_judged``, ``mismatch_soft_judged``,
-        ``mismatch_foreground_voxels`` and ``mismatch_n_voxels`` (voxels the pairs share).
+        ``mismatch_foreground_voxels``, ``mismatch_soft_foreground`` (the soft Dice's
+        denominator, so that runs can be pooled) and ``mismatch_n_voxels`` (voxels the pairs
+        share).
     """
     counts = disparity.foreground()
     zeros = np.zeros((2, disparity.n_channels))
@@ -80,6 +82,7 @@ def run_support(
         "mismatch_judged": {},
         "mismatch_soft_judged": {},
         "mismatch_foreground_voxels": {},
+        "mismatch_soft_foreground": {},
         "mismatch_n_voxels": {},
     }
     for name in mismatch.names:
@@ -87,5 +90,6 @@ def run_support(
         support["mismatch_judged"][name] = judged_mask(foreground, pair_voxels, min_foreground)
         support["mismatch_soft_judged"][name] = judged_mask(soft, pair_voxels, min_foreground)
         support["mismatch_foreground_voxels"][name] = foreground
+        support["mismatch_soft_foreground"][name] = soft
         support["mismatch_n_voxels"][name] = pair_voxels
     return support

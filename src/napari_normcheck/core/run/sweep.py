@@ -74,9 +74,16 @@ def sweep_row(
     peak_memory_mib: float | None,
     cuda_peak_mib: float | None = None,
 ) -> dict[str, Any]:
-    """A sweep row from the report of the setting's run (the same numbers a single run gives)."""
+    """A sweep row from the report of the setting's run (the same numbers a single run gives).
+
+    ``report`` may also be the regions' reports combined
+    (:func:`~napari_normcheck.core.run.sweep_sample.combine_reports`): its ``plan`` then holds
+    ``n_voxels`` instead of the region's bounds.
+    """
     plan = report.get("plan") or {}
-    n_voxels = int(np.prod([b - a for a, b in zip(plan["roi_start"], plan["roi_stop"])]))
+    n_voxels = plan.get("n_voxels") or int(
+        np.prod([b - a for a, b in zip(plan["roi_start"], plan["roi_stop"])])
+    )
     seconds = float((report.get("timing") or {}).get("total") or 0.0)
     row = {
         **setting.to_dict(),
@@ -114,8 +121,8 @@ def _judged_values(values: dict[str, Any], judged: Any, soft_judged: Any) -> lis
     return picked
 
 
-def indicator(row: dict[str, Any], key: str, mode: str | None) -> float | None:
-    """A row's soft value of the first channel for a plotted indicator, ``None`` where it has none.
+def indicator(row: dict[str, Any], key: str, mode: str | None, channel: int = 0) -> float | None:
+    """A row's soft value of ``channel`` for a plotted indicator, ``None`` where it has none.
 
     ``key``: ``grid_shift``, ``mismatch_eval`` or ``disparity``; ``mode``: the prediction of a
     grid-shift entry (``eval``, ``train``), ``None`` for the others.
@@ -124,7 +131,26 @@ def indicator(row: dict[str, Any], key: str, mode: str | None) -> float | None:
     if mode is not None:
         values = values.get(mode) or {}
     soft = values.get("soft")
-    return None if not soft else float(soft[0])
+    return None if not soft or channel >= len(soft) else float(soft[channel])
+
+
+def channel_support(rows: Sequence[dict[str, Any]]) -> list[float]:
+    """Per output channel, the soft foreground of the rows' eval and train summed (0 if none).
+
+    What a channel's numbers rest on: a plot or a choice shows the best-supported channel first.
+    """
+    total: list[float] = []
+    for row in rows:
+        if row.get("refused"):
+            continue
+        mass = (row.get("support") or {}).get("soft_foreground") or []
+        total = [a + b for a, b in itertools.zip_longest(total, mass, fillvalue=0.0)]
+    return [float(v) for v in total]
+
+
+def n_channels(rows: Sequence[dict[str, Any]]) -> int:
+    """Output channels of the rows that ran (0 when every one was refused)."""
+    return max((len(r["disparity"]["soft"]) for r in rows if not r.get("refused")), default=0)
 
 
 def eval_tiling(row: dict[str, Any]) -> float | None:
