@@ -31,7 +31,7 @@ from napari_normcheck.core.models.modelspec import ModelSpec
 from napari_normcheck.core.run.distributed import open_client, run_check_distributed
 from napari_normcheck.core.run.engine import run_check
 from napari_normcheck.core.run.events import BlockDone, RunFinished, TileDone
-from napari_normcheck.core.run.manifest import blocks_dir
+from napari_normcheck.core.run.leftovers import blocks_dir
 from tests.conftest import TINY_UNET_ARCH, calibrate, synthetic_volume, tiny_unet, tiny_unet_kwargs
 
 distributed = pytest.importorskip("distributed")

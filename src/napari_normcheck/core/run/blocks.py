@@ -23,45 +23,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from napari_normcheck.core.base.tiling import TilePlan
+from napari_normcheck.core.run.region import ChunkIndex, ChunkRegion, whole_train_batches
 
-ChunkIndex = tuple[int, int, int]
 # Largest default block in chunks (about 13 x 13 x 13): bounds what a lost worker takes along.
 MAX_BLOCK_CHUNKS = 2048
 
 
 @dataclass(frozen=True)
-class Block:
+class Block(ChunkRegion):
     """A box of whole output chunks, written by one task.
 
     Attributes
     ----------
+    chunk_start, chunk_stop, start, stop : tuple of int
+        The box in chunk indices and in volume voxel coordinates (see
+        :class:`~napari_normcheck.core.run.region.ChunkRegion`).
     index : int
         Position in the block grid's scan order (z slowest).
-    chunk_start, chunk_stop : tuple of int
-        Chunk index range ``[start, stop)`` per axis.
-    start, stop : tuple of int
-        The same box in volume voxel coordinates (inside the region of interest).
     """
 
-    index: int
-    chunk_start: tuple[int, int, int]
-    chunk_stop: tuple[int, int, int]
-    start: tuple[int, int, int]
-    stop: tuple[int, int, int]
-
-    @property
-    def n_chunks(self) -> int:
-        """Number of output chunks in the block."""
-        return math.prod(b - a for a, b in zip(self.chunk_start, self.chunk_stop))
-
-    def holds_voxel(self, voxel: tuple[int, ...]) -> bool:
-        """Whether the volume voxel ``voxel`` lies in this block."""
-        return all(a <= v < b for v, a, b in zip(voxel, self.start, self.stop))
-
-    def chunks(self) -> list[ChunkIndex]:
-        """The block's chunks, in index order."""
-        ranges = (range(a, b) for a, b in zip(self.chunk_start, self.chunk_stop))
-        return list(itertools.product(*ranges))  # type: ignore[arg-type]
+    index: int = 0
 
 
 def default_block_chunks(plan: TilePlan, n_workers: int) -> tuple[int, int, int]:
@@ -126,7 +107,7 @@ def plan_blocks(plan: TilePlan, block_chunks: tuple[int, int, int]) -> list[Bloc
             min(r + s * c, e)
             for r, s, c, e in zip(plan.roi_start, stops, plan.chunk_shape, plan.roi_stop)
         )
-        block = Block(index, starts, stops, voxel_start, voxel_stop)  # type: ignore[arg-type]
+        block = Block(starts, stops, voxel_start, voxel_stop, index=index)  # type: ignore[arg-type]
         blocks.append(block)
     return blocks
 
@@ -199,15 +180,3 @@ def chunk_completion_order(plan: TilePlan) -> list[ChunkIndex]:
 def chunk_key(chunk: ChunkIndex) -> str:
     """``"z,y,x"``: a chunk index as a JSON object key."""
     return ",".join(str(int(c)) for c in chunk)
-
-
-def whole_train_batches(tiles: set[int], train_batch: int, n_tiles: int) -> set[int]:
-    """Complete ``tiles`` to whole train batches of the global scan order.
-
-    Tiles in one train-mode batch share batch statistics, so a tile's train prediction depends on
-    its batch mates: rerunning a tile (resume, a distributed block) must rerun its whole batch.
-    """
-    if train_batch <= 1:
-        return set(tiles)
-    groups = {i // train_batch for i in tiles}
-    return {i for g in groups for i in range(g * train_batch, min((g + 1) * train_batch, n_tiles))}

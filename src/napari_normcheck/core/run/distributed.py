@@ -53,11 +53,11 @@ from napari_normcheck.core.run.faults import input_named, run_fault
 from napari_normcheck.core.run.forward import probe_out_channels, resolve_device
 from napari_normcheck.core.run.grid_shift import GridShift
 from napari_normcheck.core.run.grids import tile_cell_transform
+from napari_normcheck.core.run.leftovers import remove_block_records
 from napari_normcheck.core.run.manifest import (
     config_hash,
     read_block_records,
     read_manifest,
-    remove_block_records,
     write_manifest,
 )
 from napari_normcheck.core.run.planning import prepare_run
