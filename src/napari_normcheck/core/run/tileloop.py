@@ -41,6 +41,7 @@ from napari_normcheck.core.run.registry import tile_metrics_of, voxel_outputs
 from napari_normcheck.core.run.runsetup import RunSetup
 from napari_normcheck.core.run.stitch import ChunkAccumulator, importance_map
 from napari_normcheck.core.run.sums import RunSums
+from napari_normcheck.core.run.threads import intra_op_threads
 from napari_normcheck.core.run.tile_io import TileReader, TileWork
 from napari_normcheck.core.run.timing import Timing
 
@@ -188,18 +189,21 @@ class TileLoop:
             # Per-sample fused train batches pay off only on a GPU; on CPU one tile at a time.
             fuse_train=config.fuse_train and device.type == "cuda",
         )
-        try:
-            reader.start()
-            for work in reader:
-                pending.append(work)
-                passes.run_ready(pending, final=False)
+        # torch's intra-op threads (--threads) for the forwards and the per-voxel work, and the
+        # process setting back when the loop ends.
+        with intra_op_threads(config.threads):
+            try:
+                reader.start()
+                for work in reader:
+                    pending.append(work)
+                    passes.run_ready(pending, final=False)
+                    yield from self._finish_ready(pending)
+                passes.run_ready(pending, final=True)
                 yield from self._finish_ready(pending)
-            passes.run_ready(pending, final=True)
-            yield from self._finish_ready(pending)
-        finally:
-            reader.stop()
-            self.timing.read += reader.seconds
-            self.timing.read_wait += reader.waited
+            finally:
+                reader.stop()
+                self.timing.read += reader.seconds
+                self.timing.read_wait += reader.waited
 
     def _finish_ready(self, pending: deque[TileWork]) -> Iterator[TileResult]:
         # Tiles are stitched in scan order: the blending arithmetic stays identical to MONAI's.
