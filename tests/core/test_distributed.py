@@ -268,6 +268,10 @@ def test_local_cluster_has_one_thread_per_worker_process():
     with open_client(n_workers=2) as local:
         assert sorted(local.nthreads().values()) == [1, 1]
         pids = set(local.run(os.getpid).values())
+        # Not dask's MALLOC_TRIM_THRESHOLD_=65536 (it slows every tile's allocations): the
+        # workers inherit this process's setting, whatever it is.
+        trims = local.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        assert set(trims.values()) == {os.environ.get("MALLOC_TRIM_THRESHOLD_")}
         cluster = local.cluster
     assert len(pids) == 2 and os.getpid() not in pids
     assert cluster.status.name == "closed"

@@ -46,12 +46,16 @@ class Block(ChunkRegion):
 
 
 def default_block_chunks(plan: TilePlan, n_workers: int) -> tuple[int, int, int]:
-    """Block shape in chunks: about four blocks per worker, each large enough to rerun few tiles.
+    """Block shape in chunks: one block per worker, cut across as few axes as possible.
 
-    A tile on a block border runs in every block it touches; with blocks of ``m`` chunks per axis
-    about ``((m + 1) / m) ** 3`` tile runs per tile. Blocks are therefore kept at least four chunks
-    wide per axis (unless that leaves fewer blocks than workers) and at most
-    :data:`MAX_BLOCK_CHUNKS` chunks, so that a lost worker or an interrupted run loses little.
+    A tile on a block border runs in every block it touches, so each cut costs a layer of tiles
+    run twice. Slabs cut across the axis with the most chunks cost the fewest tiles per cut (a
+    layer across the other two axes), where cutting every axis costs about
+    ``((m + 1) / m) ** 3`` tile runs per tile for blocks of ``m`` chunks per axis. A volume of
+    1 GB and more then reruns a few percent of its tiles (:func:`rerun_fraction`), and one
+    worker runs one block, with no tile run twice. Blocks are cut further only to give every
+    worker one, or to keep each within :data:`MAX_BLOCK_CHUNKS` (what a lost worker or an
+    interrupted run loses).
 
     Parameters
     ----------
@@ -72,13 +76,41 @@ def default_block_chunks(plan: TilePlan, n_workers: int) -> tuple[int, int, int]
     def n_blocks() -> int:
         return math.prod(-(-g // b) for g, b in zip(grid, block))
 
-    for smallest, target in ((4, 4 * n_workers), (1, n_workers)):
-        while n_blocks() < target or math.prod(block) > MAX_BLOCK_CHUNKS:
-            axis = int(np.argmax(block))
-            if block[axis] <= smallest:
-                break
-            block[axis] = -(-block[axis] // 2)
+    def too_few_or_too_large() -> bool:
+        return n_blocks() < n_workers or math.prod(block) > MAX_BLOCK_CHUNKS
+
+    # The axis with the most chunks first (z first among equals: its slabs are contiguous on disk).
+    for axis in sorted(range(3), key=lambda d: -grid[d]):
+        pieces = 1
+        while too_few_or_too_large() and block[axis] > 1:
+            pieces += 1
+            block[axis] = -(-grid[axis] // pieces)  # may repeat: 4 chunks in 3 pieces are 2 + 2
     return tuple(block)  # type: ignore[return-value]
+
+
+def rerun_fraction(
+    plan: TilePlan, block_chunks: tuple[int, int, int], train_batch: int = 1
+) -> float:
+    """Extra tile runs of a block layout, as a fraction of the plan's tiles (0: none run twice).
+
+    Parameters
+    ----------
+    plan : TilePlan
+        The run's plan.
+    block_chunks : tuple of int
+        Chunks per block along ``(z, y, x)``.
+    train_batch : int
+        Tiles per train-mode forward (blocks run whole train batches).
+
+    Returns
+    -------
+    float
+        Tile runs of all blocks divided by the number of tiles, minus one.
+    """
+    runs = sum(
+        len(block_tiles(plan, block, train_batch)) for block in plan_blocks(plan, block_chunks)
+    )
+    return runs / plan.n_tiles - 1.0
 
 
 def plan_blocks(plan: TilePlan, block_chunks: tuple[int, int, int]) -> list[Block]:
