@@ -27,7 +27,8 @@ TINY = {
     "bench_model.py": ["--shape", "16,32,64", "--tile", "16,32,32"],
     "bench_engine.py": ["--base", "16,32,64", "--tile", "16,32,32", "--only", "speed"],
     "bench_throughput.py": ["--shape", "32,64,64", "--device", "all"],
-    "bench_distributed.py": ["--shape", "16,32,64", "--tile", "16,32,32"],
+    # Two workers: several blocks, merged (one worker is the same code with one block).
+    "bench_distributed.py": ["--shape", "16,32,64", "--tile", "16,32,32", "--workers", "2"],
     "bench_remedies.py": ["--shape", "48,64,64"],
     "bench_widget.py": ["--repeat", "1", "--shape", "16,64,64", "--hidden"],
 }
