@@ -1,14 +1,15 @@
 """Distributed runs: 1 vs 2 local worker processes (one thread each) on the same input, and equality.
 
-Run: ``python benchmarks/bench_distributed.py [--quick] [--shape Z,Y,X]``. Prints the time of a
-single-process run (torch limited to one thread), of a distributed run on 1 and on 2 local workers
-with the same blocks, the speed-up 1 -> 2 workers, the tiles run per block layout (tiles on block
-borders run in each block they touch) and the largest difference of every output against the
-single-process run. Asserts nothing.
+Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py [--quick] [--shape Z,Y,X]
+[--tile Z,Y,X] [--workers 1,2]``. Prints the time of a single-process run (torch limited to one
+thread), of a distributed run on 1 and on 2 local workers, each with the default blocks for its
+worker count (as ``run --workers N`` makes them), the speed-up 1 -> 2 workers, the tiles run per
+block layout and the rerun fraction (tiles on block borders run in each block they touch) and the
+largest difference of every output against the single-process run. Asserts nothing.
 
 Cluster start-up (worker processes importing torch) is excluded from the run times: the workers are
-started and warmed first, as a long-lived cluster would be. Loading the model on the workers (the
-worker plugin) is included.
+started (as ``run --workers`` starts them) and warmed first, as a long-lived cluster would be.
+Loading the model on the workers (the worker plugin) is included.
 """
 
 from __future__ import annotations
@@ -54,21 +55,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small volume (32,128,192)")
     parser.add_argument("--shape", help="volume Z,Y,X (default 64,192,192)")
     parser.add_argument("--tile", help=f"tile Z,Y,X (default {','.join(map(str, TILE))})")
+    parser.add_argument(
+        "--workers", default="1,2", help="worker counts to run, comma separated (default 1,2)"
+    )
     args = parser.parse_args(argv)
+    worker_counts = [int(v) for v in args.workers.split(",")]
     shape = (32, 128, 192) if args.quick else (64, 192, 192)
     if args.shape:
         shape = tuple(int(v) for v in args.shape.split(","))
     tile = tuple(int(v) for v in args.tile.split(",")) if args.tile else TILE
 
-    from distributed import LocalCluster
-
     from napari_normcheck.core.base.config import RunConfig
     from napari_normcheck.core.io.volume import open_volume
     from napari_normcheck.core.models.models import load_model
     from napari_normcheck.core.run.blocks import default_block_chunks
-    from napari_normcheck.core.run.distributed import ModelSpec, open_client, run_check_distributed
+    from napari_normcheck.core.run.distributed import (
+        ModelSpec,
+        local_cluster,
+        open_client,
+        run_check_distributed,
+    )
     from napari_normcheck.core.run.engine import run_check
-    from napari_normcheck.core.run.events import RunFinished
+    from napari_normcheck.core.run.events import BlockDone, RunFinished
     from napari_normcheck.core.run.planning import prepare_run
 
     torch.set_num_threads(1)  # the single-process reference uses one core, as one worker does
@@ -83,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         volume = open_volume(str(folder / "v.zarr"))
         source = {"source": str(folder / "v.zarr")}
         plan = prepare_run(volume, config, divisor=16).plan
-        block_chunks = default_block_chunks(plan, 2)
         print(
             f"volume {shape}, tile {tile}, {plan.n_tiles} tiles, chunk grid {plan.chunk_grid}, "
-            f"blocks of {block_chunks} chunks"
+            "default blocks of "
+            + ", ".join(
+                f"{default_block_chunks(plan, n)} chunks for {n} worker(s)" for n in worker_counts
+            )
         )
 
         t0 = time.perf_counter()
@@ -97,13 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"single process, 1 torch thread: {single:.2f} s (forwards {forwards:.2f} s/tile)")
 
         times, tiles_run = {}, {}
-        for n_workers in (1, 2):
-            cluster = LocalCluster(
-                n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-            )
+        for n_workers in worker_counts:
+            cluster = local_cluster(n_workers)
             with open_client(client=None, n_workers=None, scheduler=cluster.scheduler_address) as c:
                 c.run(_warm)
                 t0 = time.perf_counter()
+                workers = set()
                 for event in run_check_distributed(
                     volume,
                     loaded.module,
@@ -113,25 +122,33 @@ def main(argv: list[str] | None = None) -> int:
                     client=c,
                     volume_source=source,
                     divisor=16,
-                    block_chunks=block_chunks,
                 ):
+                    if isinstance(event, BlockDone):
+                        workers.add(event.worker)
                     if isinstance(event, RunFinished):
-                        tiles_run[n_workers] = event.summary["distributed"]["tiles_run"]
+                        layout = event.summary["distributed"]
+                        tiles_run[n_workers] = layout["tiles_run"]
                         forwards = _forward_seconds(event.summary) / tiles_run[n_workers]
                 times[n_workers] = time.perf_counter() - t0
             cluster.close()
             print(
                 f"{n_workers} worker(s) x 1 thread: {times[n_workers]:.2f} s "
-                f"({tiles_run[n_workers]} tile runs for {plan.n_tiles} tiles, "
-                f"forwards {forwards:.2f} s/tile run)"
+                f"({layout['n_blocks']} block(s) of {tuple(layout['block_chunks'])} chunks "
+                f"on {len(workers)} worker(s), "
+                f"{tiles_run[n_workers]} tile runs for {plan.n_tiles} tiles: rerun fraction "
+                f"{layout['rerun_fraction']:.1%}; forwards {forwards:.2f} s/tile run)"
             )
-        print(f"speed-up 1 -> 2 workers: {times[1] / times[2]:.2f}x")
-        print(f"2 workers vs single process: {single / times[2]:.2f}x")
+        if 1 in times and 2 in times:
+            print(f"speed-up 1 -> 2 workers: {times[1] / times[2]:.2f}x")
+        if 1 in times:
+            print(f"1 worker vs single process: {times[1] / single:.2f}x the time")
+        for n_workers in (n for n in worker_counts if n > 1):
+            print(f"{n_workers} workers vs single process: {single / times[n_workers]:.2f}x faster")
 
         import zarr
 
         reference = zarr.open_group(str(folder / "single.zarr"), mode="r")
-        for n_workers in (1, 2):
+        for n_workers in worker_counts:
             root = zarr.open_group(str(folder / f"w{n_workers}.zarr"), mode="r")
             # Seams are opt-in: compare the outputs this run wrote.
             diffs = {

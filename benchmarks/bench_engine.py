@@ -1,6 +1,7 @@
 """Engine benchmarks: peak memory vs volume size, and time vs bare forwards and MONAI.
 
-Run: ``python benchmarks/bench_engine.py [--quick]``. Prints measured figures and ratios; asserts nothing.
+Run: ``python benchmarks/bench_engine.py [--quick] [--only memory|speed] [--base Z,Y,X] [--tile Z,Y,X]``.
+Prints measured figures and ratios; asserts nothing.
 
 - memory: the engine on zarr volumes of 1x, 4x and 16x a base size, each in a fresh process; peak RSS.
   Target: the 16x run's peak within 1.25x of the 1x run's.
@@ -82,6 +83,7 @@ def memory_benchmark(base: tuple[int, int, int], cache_mb: int) -> None:
             make_zarr(volume, shape)
             code = (
                 f"import json,sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_engine as b; "
+                f"b.TILE = {TILE!r}; "
                 f"print(json.dumps(b.engine_run({str(volume)!r}, {str(Path(tmp) / (name + '_out.zarr'))!r}, {cache_mb})))"
             )
             output = subprocess.run(
@@ -148,12 +150,16 @@ def speed_benchmark(shape: tuple[int, int, int]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global TILE  # --tile: read by every function here
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller volumes")
     parser.add_argument("--cache-mb", type=int, default=64)
     parser.add_argument("--only", choices=("memory", "speed"))
     parser.add_argument("--base", help="base volume Z,Y,X (default 64,192,192; 32,128,128 quick)")
+    parser.add_argument("--tile", help=f"tile Z,Y,X, multiples of 16 (default {TILE})")
     args = parser.parse_args(argv)
+    if args.tile:
+        TILE = tuple(int(v) for v in args.tile.split(","))
     base = (32, 128, 128) if args.quick else (64, 192, 192)
     if args.base:
         base = tuple(int(v) for v in args.base.split(","))

@@ -160,3 +160,21 @@ def test_demo_shows_disparity_for_batchnorm_and_none_for_groupnorm(tmp_path, cap
     assert max(group["mismatch_eval"]["hard"]) > 0  # per-tile normalization leaves seams
     assert (tmp_path / "demo" / "batchnorm_report.csv").exists()
     assert "comparison" in capsys.readouterr().out
+
+
+def test_threads_option_reaches_the_run_config(files, capsys):
+    from napari_normcheck.cli import build_parser
+    from napari_normcheck.cli.config_args import run_config_from_args
+    from napari_normcheck.cli.run import open_inputs
+
+    parser = build_parser()
+    args = parser.parse_args(run_args(files, "--threads", "3"))
+    volume, loaded = open_inputs(args)
+    assert run_config_from_args(args, loaded, volume).threads == 3
+    args = parser.parse_args(run_args(files))
+    assert run_config_from_args(args, loaded, volume).threads == 0  # torch's own choice
+    assert main(run_args(files, "--threads", "-2")) == 2
+    assert "threads -2 is negative" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--help"])
+    assert "OMP_NUM_THREADS" in capsys.readouterr().out

@@ -31,7 +31,7 @@ from napari_normcheck.core.models.modelspec import ModelSpec
 from napari_normcheck.core.run.distributed import open_client, run_check_distributed
 from napari_normcheck.core.run.engine import run_check
 from napari_normcheck.core.run.events import BlockDone, RunFinished, TileDone
-from napari_normcheck.core.run.manifest import blocks_dir
+from napari_normcheck.core.run.leftovers import blocks_dir
 from tests.conftest import TINY_UNET_ARCH, calibrate, synthetic_volume, tiny_unet, tiny_unet_kwargs
 
 distributed = pytest.importorskip("distributed")
@@ -275,6 +275,10 @@ def test_local_cluster_has_one_thread_per_worker_process():
     with open_client(n_workers=2) as local:
         assert sorted(local.nthreads().values()) == [1, 1]
         pids = set(local.run(os.getpid).values())
+        # Not dask's MALLOC_TRIM_THRESHOLD_=65536 (it slows every tile's allocations): the
+        # workers inherit this process's setting, whatever it is.
+        trims = local.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        assert set(trims.values()) == {os.environ.get("MALLOC_TRIM_THRESHOLD_")}
         cluster = local.cluster
     assert len(pids) == 2 and os.getpid() not in pids
     assert cluster.status.name == "closed"

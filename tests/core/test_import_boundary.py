@@ -1,4 +1,5 @@
-"""The compute core imports without Qt or napari; the package itself imports neither Qt nor torch."""
+"""The compute core imports without Qt or napari; the package itself imports neither Qt nor torch;
+the tile loop imports nothing of the distributed path."""
 
 import json
 import pkgutil
@@ -21,12 +22,22 @@ FORBIDDEN_IN_CORE = (
 )
 
 
-def loaded_after(code: str) -> set[str]:
+CLUSTER_MODULES = {
+    f"napari_normcheck.core.run.{name}"
+    for name in ("blocks", "blocktask", "distributed", "manifest")
+}
+
+
+def modules_after(code: str) -> set[str]:
     script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
     output = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     )
-    return {name.split(".")[0] for name in json.loads(output.stdout.splitlines()[-1])}
+    return set(json.loads(output.stdout.splitlines()[-1]))
+
+
+def loaded_after(code: str) -> set[str]:
+    return {name.split(".")[0] for name in modules_after(code)}
 
 
 def test_every_core_module_imports_without_qt_or_napari():
@@ -48,3 +59,15 @@ def test_every_core_module_imports_without_qt_or_napari():
 
 def test_package_import_is_light():
     assert not loaded_after("import napari_normcheck") & {"torch", "napari", "PyQt6", "qtpy"}
+
+
+def test_tile_loop_and_engine_load_nothing_of_the_cluster():
+    loaded = modules_after(
+        "import napari_normcheck.core.run.engine, napari_normcheck.core.run.tileloop"
+    )
+    assert "napari_normcheck.core.run.tileloop" in loaded
+    assert not loaded & CLUSTER_MODULES
+    # The cluster path, in turn, builds on the loop.
+    assert "napari_normcheck.core.run.tileloop" in modules_after(
+        "import napari_normcheck.core.run.distributed"
+    )

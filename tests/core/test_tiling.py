@@ -162,3 +162,41 @@ def test_default_blocks_give_work_to_every_worker(n_workers):
     plan = plan_tiles((64, 192, 192), (32, 64, 64), overlap=0.25)
     blocks = plan_blocks(plan, default_block_chunks(plan, n_workers))
     assert n_workers <= len(blocks) <= np.prod(plan.chunk_grid)
+
+
+def test_default_blocks_are_slabs_across_the_axis_with_most_chunks():
+    from napari_normcheck.core.run.blocks import default_block_chunks, rerun_fraction
+
+    plan = plan_tiles((64, 192, 192), (32, 64, 64), overlap=0.25)
+    assert plan.chunk_grid == (3, 4, 4)
+    # One worker, one block: no tile runs twice.
+    assert default_block_chunks(plan, 1) == plan.chunk_grid
+    assert rerun_fraction(plan, plan.chunk_grid) == 0.0
+    # Two workers: one cut, across y (y and x have the most chunks; the lower axis goes first).
+    assert default_block_chunks(plan, 2) == (3, 2, 4)
+    # The cut costs one layer of tiles across z and x, run in both blocks: 12 of 48.
+    assert rerun_fraction(plan, (3, 2, 4)) == pytest.approx(12 / 48)
+    # Cutting every axis (the earlier default's shape) costs more.
+    assert rerun_fraction(plan, (2, 2, 2)) > rerun_fraction(plan, (3, 2, 4))
+
+
+def test_default_blocks_rerun_few_tiles_on_a_large_volume():
+    from napari_normcheck.core.run.blocks import (
+        MAX_BLOCK_CHUNKS,
+        default_block_chunks,
+        plan_blocks,
+        rerun_fraction,
+    )
+
+    # 1 GB of uint8 at the default tile: slabs along z, a few percent of the tiles run twice.
+    plan = plan_tiles((1024, 1024, 1024), (32, 256, 256), overlap=0.25)
+    for n_workers in (1, 2, 4):
+        block_chunks = default_block_chunks(plan, n_workers)
+        assert block_chunks[1:] == plan.chunk_grid[1:]
+        assert len(plan_blocks(plan, block_chunks)) >= n_workers
+        assert rerun_fraction(plan, block_chunks) < 0.10, (n_workers, block_chunks)
+    # A larger volume is cut further so that no block exceeds the bound.
+    plan = plan_tiles((4096, 2048, 2048), (32, 256, 256), overlap=0.25)
+    block_chunks = default_block_chunks(plan, 2)
+    assert np.prod(block_chunks) <= MAX_BLOCK_CHUNKS
+    assert block_chunks[1:] == plan.chunk_grid[1:]

@@ -48,6 +48,7 @@ def run_config_from_args(args: argparse.Namespace, loaded: Any, volume: Any) -> 
         "threshold": args.threshold,
         "min_foreground": args.min_foreground,
         "cache_mb": args.cache_mb,
+        "threads": getattr(args, "threads", None),
         "feature_layers": tuple(args.feature_layer),
         "precision": args.precision,
         "fuse_train": not args.no_fuse_train,

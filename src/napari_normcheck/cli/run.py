@@ -111,6 +111,15 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
         "before spilling to disk",
     )
     run.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads torch uses for the forwards and the per-voxel work while tiles run, "
+        "per process (each --workers worker uses N); the setting is restored after the run. "
+        "Default 0: torch's own choice, which follows OMP_NUM_THREADS (else all cores). "
+        "Results do not depend on it",
+    )
+    run.add_argument(
         "--feature-layer",
         action="append",
         default=[],

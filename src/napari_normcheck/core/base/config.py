@@ -78,6 +78,10 @@ class RunConfig:
     fuse_train : bool
         On CUDA with ``train_batch == 1``: run the train pass several tiles per forward, each
         normalized by its own statistics (the batch-1 result, to float rounding).
+    threads : int
+        CPU threads torch uses for the forwards and the per-voxel work while tiles run (``0``,
+        the default: leave torch's setting, which follows ``OMP_NUM_THREADS``); the process
+        setting is restored after the run. Results do not depend on it.
     grid_shift : float
         ``F`` in ``(0, 1)``: also predict on a second grid whose tiles start ``round(F * step)``
         voxels later along each tiled axis, and report how much the stitched result changes
@@ -107,6 +111,7 @@ class RunConfig:
     seams: bool = False
     pyramid_side: int = 1024
     grid_shift: float = 0.0
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if self.blend not in ("constant", "gaussian", "crop"):
@@ -133,6 +138,10 @@ class RunConfig:
             raise NormcheckError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
         if self.train_batch < 1 or (self.eval_batch is not None and self.eval_batch < 1):
             raise NormcheckError("batch sizes must be at least 1")
+        if self.threads < 0:
+            raise NormcheckError(
+                f"threads {self.threads} is negative; use 0 (torch's choice) or a count of threads"
+            )
         if self.spatial_dims not in (None, 2, 3):
             raise NormcheckError(f"spatial dims must be 2 or 3, not {self.spatial_dims}")
         if self.precision not in PRECISIONS:
@@ -332,6 +341,7 @@ _OPTION_PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "cache_mb": _whole_number,
     "prefetch": _whole_number,
     "pyramid_side": _whole_number,
+    "threads": _whole_number,
     "feature_layers": _names,
     "seams": _flag,
     "fuse_train": _flag,

@@ -23,54 +23,39 @@ from dataclasses import dataclass
 import numpy as np
 
 from napari_normcheck.core.base.tiling import TilePlan
+from napari_normcheck.core.run.region import ChunkIndex, ChunkRegion, whole_train_batches
 
-ChunkIndex = tuple[int, int, int]
 # Largest default block in chunks (about 13 x 13 x 13): bounds what a lost worker takes along.
 MAX_BLOCK_CHUNKS = 2048
 
 
 @dataclass(frozen=True)
-class Block:
+class Block(ChunkRegion):
     """A box of whole output chunks, written by one task.
 
     Attributes
     ----------
+    chunk_start, chunk_stop, start, stop : tuple of int
+        The box in chunk indices and in volume voxel coordinates (see
+        :class:`~napari_normcheck.core.run.region.ChunkRegion`).
     index : int
         Position in the block grid's scan order (z slowest).
-    chunk_start, chunk_stop : tuple of int
-        Chunk index range ``[start, stop)`` per axis.
-    start, stop : tuple of int
-        The same box in volume voxel coordinates (inside the region of interest).
     """
 
-    index: int
-    chunk_start: tuple[int, int, int]
-    chunk_stop: tuple[int, int, int]
-    start: tuple[int, int, int]
-    stop: tuple[int, int, int]
-
-    @property
-    def n_chunks(self) -> int:
-        """Number of output chunks in the block."""
-        return math.prod(b - a for a, b in zip(self.chunk_start, self.chunk_stop))
-
-    def holds_voxel(self, voxel: tuple[int, ...]) -> bool:
-        """Whether the volume voxel ``voxel`` lies in this block."""
-        return all(a <= v < b for v, a, b in zip(voxel, self.start, self.stop))
-
-    def chunks(self) -> list[ChunkIndex]:
-        """The block's chunks, in index order."""
-        ranges = (range(a, b) for a, b in zip(self.chunk_start, self.chunk_stop))
-        return list(itertools.product(*ranges))  # type: ignore[arg-type]
+    index: int = 0
 
 
 def default_block_chunks(plan: TilePlan, n_workers: int) -> tuple[int, int, int]:
-    """Block shape in chunks: about four blocks per worker, each large enough to rerun few tiles.
+    """Block shape in chunks: one block per worker, cut across as few axes as possible.
 
-    A tile on a block border runs in every block it touches; with blocks of ``m`` chunks per axis
-    about ``((m + 1) / m) ** 3`` tile runs per tile. Blocks are therefore kept at least four chunks
-    wide per axis (unless that leaves fewer blocks than workers) and at most
-    :data:`MAX_BLOCK_CHUNKS` chunks, so that a lost worker or an interrupted run loses little.
+    A tile on a block border runs in every block it touches, so each cut costs a layer of tiles
+    run twice. Slabs cut across the axis with the most chunks cost the fewest tiles per cut (a
+    layer across the other two axes), where cutting every axis costs about
+    ``((m + 1) / m) ** 3`` tile runs per tile for blocks of ``m`` chunks per axis. A volume of
+    1 GB and more then reruns a few percent of its tiles (:func:`rerun_fraction`), and one
+    worker runs one block, with no tile run twice. Blocks are cut further only to give every
+    worker one, or to keep each within :data:`MAX_BLOCK_CHUNKS` (what a lost worker or an
+    interrupted run loses).
 
     Parameters
     ----------
@@ -91,13 +76,41 @@ def default_block_chunks(plan: TilePlan, n_workers: int) -> tuple[int, int, int]
     def n_blocks() -> int:
         return math.prod(-(-g // b) for g, b in zip(grid, block))
 
-    for smallest, target in ((4, 4 * n_workers), (1, n_workers)):
-        while n_blocks() < target or math.prod(block) > MAX_BLOCK_CHUNKS:
-            axis = int(np.argmax(block))
-            if block[axis] <= smallest:
-                break
-            block[axis] = -(-block[axis] // 2)
+    def too_few_or_too_large() -> bool:
+        return n_blocks() < n_workers or math.prod(block) > MAX_BLOCK_CHUNKS
+
+    # The axis with the most chunks first (z first among equals: its slabs are contiguous on disk).
+    for axis in sorted(range(3), key=lambda d: -grid[d]):
+        pieces = 1
+        while too_few_or_too_large() and block[axis] > 1:
+            pieces += 1
+            block[axis] = -(-grid[axis] // pieces)  # may repeat: 4 chunks in 3 pieces are 2 + 2
     return tuple(block)  # type: ignore[return-value]
+
+
+def rerun_fraction(
+    plan: TilePlan, block_chunks: tuple[int, int, int], train_batch: int = 1
+) -> float:
+    """Extra tile runs of a block layout, as a fraction of the plan's tiles (0: none run twice).
+
+    Parameters
+    ----------
+    plan : TilePlan
+        The run's plan.
+    block_chunks : tuple of int
+        Chunks per block along ``(z, y, x)``.
+    train_batch : int
+        Tiles per train-mode forward (blocks run whole train batches).
+
+    Returns
+    -------
+    float
+        Tile runs of all blocks divided by the number of tiles, minus one.
+    """
+    runs = sum(
+        len(block_tiles(plan, block, train_batch)) for block in plan_blocks(plan, block_chunks)
+    )
+    return runs / plan.n_tiles - 1.0
 
 
 def plan_blocks(plan: TilePlan, block_chunks: tuple[int, int, int]) -> list[Block]:
@@ -126,7 +139,7 @@ def plan_blocks(plan: TilePlan, block_chunks: tuple[int, int, int]) -> list[Bloc
             min(r + s * c, e)
             for r, s, c, e in zip(plan.roi_start, stops, plan.chunk_shape, plan.roi_stop)
         )
-        block = Block(index, starts, stops, voxel_start, voxel_stop)  # type: ignore[arg-type]
+        block = Block(starts, stops, voxel_start, voxel_stop, index=index)  # type: ignore[arg-type]
         blocks.append(block)
     return blocks
 
@@ -199,15 +212,3 @@ def chunk_completion_order(plan: TilePlan) -> list[ChunkIndex]:
 def chunk_key(chunk: ChunkIndex) -> str:
     """``"z,y,x"``: a chunk index as a JSON object key."""
     return ",".join(str(int(c)) for c in chunk)
-
-
-def whole_train_batches(tiles: set[int], train_batch: int, n_tiles: int) -> set[int]:
-    """Complete ``tiles`` to whole train batches of the global scan order.
-
-    Tiles in one train-mode batch share batch statistics, so a tile's train prediction depends on
-    its batch mates: rerunning a tile (resume, a distributed block) must rerun its whole batch.
-    """
-    if train_batch <= 1:
-        return set(tiles)
-    groups = {i // train_batch for i in tiles}
-    return {i for g in groups for i in range(g * train_batch, min((g + 1) * train_batch, n_tiles))}

@@ -169,7 +169,7 @@ class WorkerRun:
             self.arrays,
             timing,
             Path(context.store_path) / ".scratch" / f"block_{block.index}",
-            block=block,
+            region=block,
             tiles=tiles,
             grid_shift=shift,
         )

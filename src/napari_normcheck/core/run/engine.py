@@ -28,15 +28,15 @@ from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.io.intensity import IntensityTransform
 from napari_normcheck.core.io.store import is_complete
 from napari_normcheck.core.io.volume import Volume
-from napari_normcheck.core.run.blocks import whole_train_batches
 from napari_normcheck.core.run.events import RunFinished, RunStarted, TileDone
 from napari_normcheck.core.run.faults import input_named, run_fault
 from napari_normcheck.core.run.forward import probe_out_channels
 from napari_normcheck.core.run.grid_shift import GridShift
 from napari_normcheck.core.run.grids import tile_cell_transform
-from napari_normcheck.core.run.manifest import remove_block_records
+from napari_normcheck.core.run.leftovers import remove_block_records
 from napari_normcheck.core.run.planning import precision_effect, prepare_run, resolve_eval_batch
 from napari_normcheck.core.run.predictions import CHECK, Prediction, bind_predictions
+from napari_normcheck.core.run.region import whole_train_batches
 from napari_normcheck.core.run.runsteps import finish_run, open_outputs, run_attrs
 from napari_normcheck.core.run.support_summary import min_foreground_of
 from napari_normcheck.core.run.tileloop import TileLoop

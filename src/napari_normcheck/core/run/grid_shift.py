@@ -42,10 +42,10 @@ from napari_normcheck.core.io.store import OutputStore
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.measure.metrics import dice_sums, disparity_from_sums
 from napari_normcheck.core.measure.support import MinForeground, foreground_from_sums, judged_mask
-from napari_normcheck.core.run.blocks import ChunkIndex, whole_train_batches
 from napari_normcheck.core.run.events import TileDone
 from napari_normcheck.core.run.grids import write_tile_grids
 from napari_normcheck.core.run.predictions import BoundPrediction
+from napari_normcheck.core.run.region import ChunkIndex, whole_train_batches
 from napari_normcheck.core.run.registry import GRID_SHIFT_METRICS
 from napari_normcheck.core.run.runsetup import RunSetup
 from napari_normcheck.core.run.tileloop import TileLoop

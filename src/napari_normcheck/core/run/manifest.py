@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from napari_normcheck.core.io.store import write_json_atomic
+from napari_normcheck.core.run.leftovers import blocks_dir
 
-BLOCKS_DIR = ".blocks"
 MANIFEST_FILE = "manifest.json"
 # Run metadata that decides every number a block computes; a resumed run must match all of it.
 HASHED_ATTRS = ("version", "params", "plan", "intensity", "source", "spatial_dims")
@@ -44,11 +44,6 @@ def config_hash(attrs: dict[str, Any], block_chunks: tuple[int, ...]) -> str:
     content["block_chunks"] = [int(b) for b in block_chunks]
     text = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def blocks_dir(store_path: str | Path) -> Path:
-    """The folder of block records inside a store."""
-    return Path(store_path) / BLOCKS_DIR
 
 
 def write_manifest(store_path: str | Path, digest: str, block_chunks: tuple[int, ...]) -> None:
@@ -89,8 +84,3 @@ def read_block_records(store_path: str | Path, digest: str) -> dict[int, dict[st
         if record.get("config_hash") == digest:
             records[int(record["block"])] = record
     return records
-
-
-def remove_block_records(store_path: str | Path) -> None:
-    """Drop the block records of a completed run."""
-    shutil.rmtree(blocks_dir(store_path), ignore_errors=True)

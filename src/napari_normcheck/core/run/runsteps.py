@@ -46,6 +46,10 @@ if TYPE_CHECKING:
     from napari_normcheck.core.run.timing import Timing
 
 
+#: RunConfig fields that change how fast a run goes, never what it writes (not stored in params).
+MACHINE_SETTINGS = ("threads",)
+
+
 def run_attrs(
     volume: Volume,
     config: RunConfig,
@@ -60,9 +64,11 @@ def run_attrs(
     the same ones.
     """
     extra = {} if predictions == ("eval", "train") else {"predictions": list(predictions)}
+    # How many CPU threads ran it is no parameter of the results: a resume may use others.
+    params = {k: v for k, v in config.to_dict().items() if k not in MACHINE_SETTINGS}
     return {
         "version": __version__,
-        "params": config.to_dict()
+        "params": params
         | {"eval_batch": setup.eval_batch, "device": device_name or str(setup.device)},
         "plan": setup.plan.to_dict(),
         "intensity": setup.transform.to_dict(),

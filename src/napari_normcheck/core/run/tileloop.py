@@ -32,15 +32,16 @@ from napari_normcheck.core.io.writer import BackgroundWriter
 from napari_normcheck.core.measure.labels import stored_probabilities
 from napari_normcheck.core.measure.metrics import DisparityAccumulator
 from napari_normcheck.core.measure.mismatch import MismatchTracker
-from napari_normcheck.core.run.blocks import Block, ChunkIndex
 from napari_normcheck.core.run.forward import activate, to_output_dtype
 from napari_normcheck.core.run.grids import tile_record
 from napari_normcheck.core.run.passes import Passes
 from napari_normcheck.core.run.predictions import BoundPrediction
+from napari_normcheck.core.run.region import ChunkIndex, ChunkRegion
 from napari_normcheck.core.run.registry import tile_metrics_of, voxel_outputs
 from napari_normcheck.core.run.runsetup import RunSetup
 from napari_normcheck.core.run.stitch import ChunkAccumulator, importance_map
 from napari_normcheck.core.run.sums import RunSums
+from napari_normcheck.core.run.threads import intra_op_threads
 from napari_normcheck.core.run.tile_io import TileReader, TileWork
 from napari_normcheck.core.run.timing import Timing
 
@@ -75,8 +76,9 @@ class TileLoop:
         Seconds per stage, added to.
     scratch_dir : path-like
         Spill folder of the blending accumulator and the overlap slabs.
-    block : Block, optional
-        Restrict writes to this block's chunks and records to the tiles it owns.
+    region : ChunkRegion, optional
+        Restrict writes to this box's chunks and records to the tiles and pairs it owns (a
+        distributed block's).
     tiles : list of int, optional
         The tiles that will run (a block's); defaults to all tiles.
     done_chunks : set of ChunkIndex, optional
@@ -100,7 +102,7 @@ class TileLoop:
         timing: Timing,
         scratch_dir: str | Path,
         *,
-        block: Block | None = None,
+        region: ChunkRegion | None = None,
         tiles: list[int] | None = None,
         done_chunks: set[ChunkIndex] | None = None,
         reference: Any = None,
@@ -115,7 +117,7 @@ class TileLoop:
         self.arrays = arrays
         self.n_out = n_out = setup.n_out
         self.timing = timing
-        self.block = block
+        self.region = region
         self.reference = reference
         self.grid_shift = grid_shift
         recorder = next((p.recorder for p in self.predictions if p.recorder), None)
@@ -148,7 +150,7 @@ class TileLoop:
             scratch_dir=Path(scratch_dir) / "slabs",
             names=self.names,
         )
-        chunk_box = None if block is None else (block.chunk_start, block.chunk_stop)
+        chunk_box = None if region is None else (region.chunk_start, region.chunk_stop)
         self.accumulator = ChunkAccumulator(
             plan,
             len(self.names) * n_out,
@@ -187,18 +189,21 @@ class TileLoop:
             # Per-sample fused train batches pay off only on a GPU; on CPU one tile at a time.
             fuse_train=config.fuse_train and device.type == "cuda",
         )
-        try:
-            reader.start()
-            for work in reader:
-                pending.append(work)
-                passes.run_ready(pending, final=False)
+        # torch's intra-op threads (--threads) for the forwards and the per-voxel work, and the
+        # process setting back when the loop ends.
+        with intra_op_threads(config.threads):
+            try:
+                reader.start()
+                for work in reader:
+                    pending.append(work)
+                    passes.run_ready(pending, final=False)
+                    yield from self._finish_ready(pending)
+                passes.run_ready(pending, final=True)
                 yield from self._finish_ready(pending)
-            passes.run_ready(pending, final=True)
-            yield from self._finish_ready(pending)
-        finally:
-            reader.stop()
-            self.timing.read += reader.seconds
-            self.timing.read_wait += reader.waited
+            finally:
+                reader.stop()
+                self.timing.read += reader.seconds
+                self.timing.read_wait += reader.waited
 
     def _finish_ready(self, pending: deque[TileWork]) -> Iterator[TileResult]:
         # Tiles are stitched in scan order: the blending arithmetic stays identical to MONAI's.
@@ -265,19 +270,19 @@ class TileLoop:
             self.grid_shift.load(progress.get("grid_shift_sums", {}))
 
     def owns_tile(self, tile: Tile) -> bool:
-        """Whether this loop keeps ``tile``'s record: a block keeps those whose origin it holds."""
-        return self.block is None or self.block.holds_voxel(tile.write_start)
+        """Whether this loop keeps ``tile``'s record: a region keeps those whose origin it holds."""
+        return self.region is None or self.region.holds_voxel(tile.write_start)
 
     def owned_pair_sums(self) -> dict[str, dict]:
         """Pair sums (as :meth:`MismatchTracker.to_dict`) of the pairs this loop owns."""
         pairs = self.mismatch.to_dict()
-        if self.block is None:
+        if self.region is None:
             return pairs
         owned = {}
         for key, sums in pairs.items():
             i, j = (int(v) for v in key.split(","))
             start, _ = self.mismatch.shared_box(j, i)
-            if self.block.holds_voxel(start):
+            if self.region.holds_voxel(start):
                 owned[key] = sums
         return owned
 
@@ -356,11 +361,11 @@ class TileLoop:
     def _write_seams(
         self, start: tuple[int, ...], stop: tuple[int, ...], difference: np.ndarray
     ) -> None:
-        if self.block is not None:
-            # A block writes only its own chunks; the other parts of this pair's box are written by
-            # the blocks holding them, which run the same pair.
-            lo = tuple(max(a, b) for a, b in zip(start, self.block.start))
-            hi = tuple(min(a, b) for a, b in zip(stop, self.block.stop))
+        if self.region is not None:
+            # A region writes only its own chunks; the other parts of this pair's box are written
+            # by the regions holding them, which run the same pair.
+            lo = tuple(max(a, b) for a, b in zip(start, self.region.start))
+            hi = tuple(min(a, b) for a, b in zip(stop, self.region.stop))
             if any(a >= b for a, b in zip(lo, hi)):
                 return
             local = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
