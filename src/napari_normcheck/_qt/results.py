@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QObject, Signal  # noqa: TID253 (the Qt layer)
+from qtpy.QtCore import QObject, QTimer, Signal  # noqa: TID253 (the Qt layer)
 
 from napari_normcheck import _layers
 from napari_normcheck._arrays import EmptyChannel, LiveChannel
@@ -32,7 +32,7 @@ from napari_normcheck._qt.channel_choice import ChannelChoice
 from napari_normcheck._qt.glyphs import glyph_warmup_steps
 from napari_normcheck._qt.layer_data import output_of as _output
 from napari_normcheck._qt.reader_thread import ReaderThread
-from napari_normcheck._qt.steps import StepQueue, step
+from napari_normcheck._qt.steps import STEP_MS, StepQueue, step
 from napari_normcheck._qt.tile_outlines import TileOutlines
 
 
@@ -438,10 +438,26 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         self.steps.add_first(step("colour bar", self._show_colorbar, target))
 
     def _show_colorbar(self, target: Any) -> None:
-        for layer in self._own_layers():
-            colorbar = getattr(layer, "colorbar", None)
-            if colorbar is not None and colorbar.visible != (layer is target):
-                colorbar.visible = layer is target
+        # Building the colour bar's visuals and drawing them the first time (its shaders) are two
+        # separate freezes, not one: the canvas repaints a step later.
+        changes = [
+            (colorbar, layer is target)
+            for layer in self._own_layers()
+            if (colorbar := getattr(layer, "colorbar", None)) is not None
+            and colorbar.visible != (layer is target)
+        ]
+        if not changes:
+            return
+        native = _canvas_widget(self.viewer)
+        hold = native is not None and native.updatesEnabled()
+        if hold:
+            native.setUpdatesEnabled(False)
+        try:
+            for colorbar, visible in changes:
+                colorbar.visible = visible
+        finally:
+            if hold:  # on a timer of its own: a new run clearing the steps must not keep it held
+                QTimer.singleShot(STEP_MS, lambda: native.setUpdatesEnabled(True))
 
     def _settle_contrast(self, limits: list[tuple[Any, tuple[float, float]]]) -> None:
         """Every map gets contrast limits from its data (its largest real value plainly visible)."""
@@ -563,3 +579,10 @@ class ResultLayers(ChannelChoice, TileOutlines, QObject):
         finally:
             self._synchronous = False
         return read.tile_values
+
+
+def _canvas_widget(viewer: Any) -> Any | None:
+    """The Qt widget napari's canvas draws in (``None`` where napari keeps it elsewhere)."""
+    canvas = getattr(getattr(getattr(viewer, "window", None), "_qt_viewer", None), "canvas", None)
+    native = getattr(canvas, "native", None)
+    return native if hasattr(native, "setUpdatesEnabled") else None
