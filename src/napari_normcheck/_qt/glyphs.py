@@ -1,8 +1,8 @@
-"""Warm napari's glyph cache for the colour bar's tick labels, one character per GUI step.
+"""Warm napari's glyph cache for the colour bar's tick labels, a few characters per GUI step.
 
 The first draw of a layer's colour bar renders each tick-label character to a signed distance
 field on the CPU (about 6 ms a character here) on top of building its shaders: 230 ms of frozen
-GUI at the end of a first run. The glyphs are cached per canvas, so rendering them beforehand, one
+GUI at the end of a first run. The glyphs are cached per canvas, so rendering them beforehand, a few
 per event-loop turn while tiles run, takes that part out of the freeze.
 """
 
@@ -31,25 +31,30 @@ def _font(viewer: Any) -> Any | None:
         return None
 
 
-def glyph_warmup_steps(viewer: Any) -> list[Callable[[], Any]]:
-    """GUI steps that each render one tick-label glyph not yet cached (none when all are).
+def glyph_warmup_steps(viewer: Any, per_step: int = 3) -> list[Callable[[], Any]]:
+    """GUI steps that each render up to ``per_step`` tick-label glyphs not yet cached.
 
     Parameters
     ----------
     viewer : napari.Viewer
         The viewer whose canvas will draw a colour bar.
+    per_step : int
+        Glyphs per step (about 6 ms each): few steps, none of them a freeze.
 
     Returns
     -------
     list of callable
-        Steps for :class:`~napari_normcheck._qt.steps.StepQueue`.
+        Steps for :class:`~napari_normcheck._qt.steps.StepQueue`; none when all are cached.
     """
     font = _font(viewer)
     cached = getattr(font, "_glyphs", None)
     if font is None or cached is None:
         return []
-    return [
-        step(f"glyph {character}", font.__getitem__, character)
-        for character in TICK_CHARACTERS
-        if character not in cached
-    ]
+    missing = [character for character in TICK_CHARACTERS if character not in cached]
+    batches = [missing[i : i + per_step] for i in range(0, len(missing), per_step)]
+    return [step(f"glyphs {''.join(batch)}", _render, font, batch) for batch in batches]
+
+
+def _render(font: Any, characters: list[str]) -> None:
+    for character in characters:
+        font[character]
