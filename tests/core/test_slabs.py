@@ -11,11 +11,11 @@ def test_slabs_beyond_the_budget_spill_and_come_back_bit_for_bit(tmp_path):
     for key, slab in slabs.items():
         store.put(key, slab[:, :, :, :])  # a view: the store keeps its own copy
     assert store.spill_count == 4
-    assert len(list((tmp_path / "slabs").glob("*.npy"))) == 4
+    assert len(list((tmp_path / "slabs").glob("*.raw"))) == 4
     for key in reversed(list(slabs)):
         np.testing.assert_array_equal(store.pop(key), slabs[key])
     assert store.pop((0, 1)) is None
-    assert not list((tmp_path / "slabs").glob("*.npy"))
+    assert not list((tmp_path / "slabs").glob("*.raw"))
 
 
 def test_without_a_budget_everything_stays_in_memory(tmp_path):

@@ -3,7 +3,7 @@
 A tile's predictions on the voxels it shares with a later neighbour are kept until that neighbour
 runs. In scan order the neighbours of a whole row (or z-layer) of tiles are pending at once, so
 their number grows with the width of the volume; the budget keeps memory bounded whatever the width.
-Spilled slabs are plain ``.npy`` files read back bit for bit, so the mismatch numbers do not depend
+Spilled slabs are raw files read back bit for bit, so the mismatch numbers do not depend
 on the budget.
 """
 
@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from napari_normcheck.core.io.spill import read_raw, write_raw
 
 
 class SlabStore:
@@ -41,7 +43,7 @@ class SlabStore:
         self.next_use = next_use
         self.scratch_dir = None if scratch_dir is None else Path(scratch_dir)
         self._memory: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._spilled: set[tuple[int, int]] = set()
+        self._spilled: dict[tuple[int, int], tuple[tuple[int, ...], np.dtype]] = {}
         self._bytes = 0
         self.spill_count = 0
         self.spill_seconds = 0.0  # writing and reading spilled slabs
@@ -76,9 +78,9 @@ class SlabStore:
     def _spill(self, key: tuple[int, int], slab: np.ndarray) -> None:
         t0 = time.perf_counter()
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
-        np.save(self._path(key), slab)
+        write_raw(self._path(key), slab)
         self.spill_seconds += time.perf_counter() - t0
-        self._spilled.add(key)
+        self._spilled[key] = (slab.shape, slab.dtype)
         self.spill_count += 1
 
     def pop(self, key: tuple[int, int]) -> np.ndarray | None:
@@ -89,13 +91,11 @@ class SlabStore:
             return slab
         if key in self._spilled:
             t0 = time.perf_counter()
-            self._spilled.discard(key)
-            path = self._path(key)
-            slab = np.load(path)
-            path.unlink()
+            shape, dtype = self._spilled.pop(key)
+            slab = read_raw(self._path(key), shape, dtype)
             self.spill_seconds += time.perf_counter() - t0
             return slab
         return None
 
     def _path(self, key: tuple[int, int]) -> Path:
-        return self.scratch_dir / f"slab_{key[0]}_{key[1]}.npy"
+        return self.scratch_dir / f"slab_{key[0]}_{key[1]}.raw"

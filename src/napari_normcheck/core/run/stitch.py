@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_normcheck.core.base.tiling import Tile, TilePlan
+from napari_normcheck.core.io.spill import read_raw, write_raw
 
 ChunkIndex = tuple[int, int, int]
 ChunkCallback = Callable[[ChunkIndex, tuple[slice, slice, slice], np.ndarray], None]
@@ -243,9 +244,7 @@ class ChunkAccumulator:
             t0 = time.perf_counter()
             # Raw float32: read back bit for bit, no archive or checksum to build (``np.savez``
             # took most of the stitching time on a volume 4x the cache).
-            path = self._spill_path(chunk)
-            total = np.fromfile(path, dtype=np.float32).reshape(shape)
-            path.unlink()
+            total = read_raw(self._spill_path(chunk), shape, np.dtype(np.float32))
             self._spilled.discard(chunk)
             self.spill_seconds += time.perf_counter() - t0
         else:
@@ -269,7 +268,7 @@ class ChunkAccumulator:
             self._bytes -= total.nbytes
             t0 = time.perf_counter()
             self.scratch_dir.mkdir(parents=True, exist_ok=True)
-            total.tofile(self._spill_path(chunk))
+            write_raw(self._spill_path(chunk), total)
             self.spill_seconds += time.perf_counter() - t0
             self._spilled.add(chunk)
             self.spill_count += 1
