@@ -87,6 +87,38 @@ def test_config_grid_shift_range_and_old_configs():
         RunConfig(grid_shift=1.0)
 
 
+def assert_equals_monai(image, model, out, summary):
+    """The run's predictions, shifted predictions, indicator and maps are MONAI's on the crop."""
+    root = zarr.open_group(str(out), mode="r")
+    sz, sy, sx = summary["grid_shift_offset"]
+    main = monai_predictions(image, model, TILE, OVERLAP)
+    shifted = monai_predictions(image[sz:, sy:, sx:], model, TILE, OVERLAP)
+    for name in ("eval", "train"):
+        np.testing.assert_allclose(root[f"shifted_pred_{name}/0"][:], shifted[name], atol=1e-5)
+        np.testing.assert_allclose(root[f"pred_{name}/0"][:], main[name], atol=1e-5)
+        hard, soft = one_minus_dice(main[name][:, sz:, sy:, sx:], shifted[name])
+        np.testing.assert_allclose(summary["grid_shift"][name]["hard"], hard, atol=2e-3)
+        np.testing.assert_allclose(summary["grid_shift"][name]["soft"], soft, atol=1e-5)
+        diff = root[f"shift_diff_{name}/0"][:]
+        expected = np.zeros_like(diff)
+        expected[:, sz:, sy:, sx:] = np.abs(main[name][:, sz:, sy:, sx:] - shifted[name])
+        np.testing.assert_allclose(diff, expected, atol=1e-5)
+        grid = root[f"tile_grid_shift_{name}/0"][:]
+        assert np.isfinite(grid).any()
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_on_real_em_the_indicator_is_what_monai_gives_by_hand(tmp_path, norm, isbi_crop):
+    """The issue's definition on real ssTEM: two MONAI calls, the second on the cropped region."""
+    network = tiny_unet(("group", {"num_groups": 2}) if norm == "group" else "batch")
+    model = calibrate(network, (1, 16, 32, 32))
+    image = isbi_crop.astype(np.float32) / 255.0
+    out = tmp_path / "out.zarr"
+    summary = run(image, model, out, grid_shift=0.5)[-1].summary
+    assert_equals_monai(image, model, out, summary)
+    assert summary["grid_shift"]["eval"]["soft"][0] > 0  # real data: the grid moves the result
+
+
 @pytest.mark.parametrize("norm", ["group", "batch"])
 def test_shifted_prediction_and_indicator_equal_monai(tmp_path, norm):
     network = tiny_unet(("group", {"num_groups": 2}) if norm == "group" else "batch")
@@ -102,22 +134,7 @@ def test_shifted_prediction_and_indicator_equal_monai(tmp_path, norm):
     assert [e.n_done for e in done] == list(range(1, len(done) + 1))
     assert done[-1].n_total == len(done)
 
-    root = zarr.open_group(str(out), mode="r")
-    sz, sy, sx = offset
-    main = monai_predictions(image, model, TILE, OVERLAP)
-    shifted = monai_predictions(image[sz:, sy:, sx:], model, TILE, OVERLAP)
-    for name in ("eval", "train"):
-        np.testing.assert_allclose(root[f"shifted_pred_{name}/0"][:], shifted[name], atol=1e-5)
-        np.testing.assert_allclose(root[f"pred_{name}/0"][:], main[name], atol=1e-5)
-        hard, soft = one_minus_dice(main[name][:, sz:, sy:, sx:], shifted[name])
-        np.testing.assert_allclose(summary["grid_shift"][name]["hard"], hard, atol=2e-3)
-        np.testing.assert_allclose(summary["grid_shift"][name]["soft"], soft, atol=1e-5)
-        diff = root[f"shift_diff_{name}/0"][:]
-        expected = np.zeros_like(diff)
-        expected[:, sz:, sy:, sx:] = np.abs(main[name][:, sz:, sy:, sx:] - shifted[name])
-        np.testing.assert_allclose(diff, expected, atol=1e-5)
-        grid = root[f"tile_grid_shift_{name}/0"][:]
-        assert np.isfinite(grid).any()
+    assert_equals_monai(image, model, out, summary)
     # Train-mode BatchNorm normalizes each tile by itself: moving the grid changes its result more
     # than the eval-mode one's; GroupNorm does so in both modes.
     result = {name: summary["grid_shift"][name]["soft"][0] for name in ("eval", "train")}
