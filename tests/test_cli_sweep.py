@@ -38,17 +38,20 @@ def common(files):
     return [*model_args(files), "--activation", "sigmoid", "--device", "cpu", "--grid-shift"]
 
 
+def sweep_command(files, *tiles, volume="volume.npy"):
+    """``sweep VOLUME ... --out files/sweep --tiles TILES`` with the tiny model and a grid shift."""
+    out = ["--out", str(files / "sweep"), "--tiles", *tiles]
+    return ["sweep", str(files / volume), *common(files), *out]
+
+
 def test_sweep_rows_equal_single_runs_refuse_and_resume(files, capsys):
     sweep = [
-        "sweep",
-        str(files / "volume.npy"),
-        *common(files),
-        "--out",
-        str(files / "sweep"),
-        "--tiles",
-        "16,32,32",
-        "1,32,32",  # a 3D network does not take a tile one plane thick: refused, the sweep goes on
-        "16,48,48",
+        *sweep_command(
+            files,
+            "16,32,32",
+            "1,32,32",  # a 3D network does not take a tile one plane thick: refused, the sweep goes on
+            "16,48,48",
+        ),
         "--report",
         str(files / "sweep.json"),
     ]
@@ -94,13 +97,10 @@ def test_sweep_rows_equal_single_runs_refuse_and_resume(files, capsys):
 
 def test_sweep_csv_report(files):
     args = [
-        "sweep",
-        str(files / "volume.npy"),
-        *common(files),
-        "--out",
-        str(files / "sweep"),
-        "--tiles",
-        "16,48,48",
+        *sweep_command(
+            files,
+            "16,48,48",
+        ),
         "--overlap",
         "0.25",
         "0.5",
@@ -125,14 +125,11 @@ def test_sweep_plot_png_and_svg(files, capsys):
     import matplotlib.image  # the testing extra has it
 
     args = [
-        "sweep",
-        str(files / "volume.npy"),
-        *common(files),
-        "--out",
-        str(files / "sweep"),
-        "--tiles",
-        "16,32,32",
-        "16,48,48",
+        *sweep_command(
+            files,
+            "16,32,32",
+            "16,48,48",
+        ),
         "--overlap",
         "0.25",
         "0.5",
@@ -289,14 +286,12 @@ def test_sweep_sample_runs_every_setting_on_the_same_regions_and_pools_them(file
 
     np.save(files / "wide.npy", textured_with_background()[0])
     args = [
-        "sweep",
-        str(files / "wide.npy"),
-        *common(files),
-        "--out",
-        str(files / "sweep"),
-        "--tiles",
-        "16,32,32",
-        "16,48,48",
+        *sweep_command(
+            files,
+            "16,32,32",
+            "16,48,48",
+            volume="wide.npy",
+        ),
         "--sample",
         "2",
         "--report",
