@@ -25,10 +25,10 @@ def files(tmp_path):
     return tmp_path
 
 
-def run_args(files, *extra):
+def run_args(files, *extra, volume="volume.npy", out="out.zarr"):
     return [
         "run",
-        str(files / "volume.npy"),
+        str(files / volume),
         "--model",
         str(files / "model.pt"),
         "--arch",
@@ -36,7 +36,7 @@ def run_args(files, *extra):
         "--arch-kwargs",
         KWARGS,
         "--out",
-        str(files / "out.zarr"),
+        str(files / out),
         "--tile",
         "16,32,32",
         *extra,

@@ -20,7 +20,7 @@ from napari_normcheck.core.io.lock import lock_path
 from napari_normcheck.core.io.store import is_complete
 from tests.conftest import calibrate, synthetic_volume, tiny_unet
 from tests.core.test_resume import read_outputs
-from tests.test_cli import ARCH, KWARGS
+from tests.test_cli import run_args as cli_run_args
 
 ROOT = Path(__file__).parents[1]
 
@@ -34,25 +34,8 @@ def files(tmp_path):
 
 
 def run_args(files, volume="volume.npy", out="out.zarr", *extra):
-    return [
-        "run",
-        str(files / volume),
-        "--model",
-        str(files / "model.pt"),
-        "--arch",
-        ARCH,
-        "--arch-kwargs",
-        KWARGS,
-        "--out",
-        str(files / out),
-        "--tile",
-        "16,32,32",
-        "--activation",
-        "sigmoid",
-        "--cache-mb",
-        "0",
-        *extra,
-    ]
+    faults = ("--activation", "sigmoid", "--cache-mb", "0", *extra)
+    return cli_run_args(files, *faults, volume=volume, out=out)
 
 
 def cli_process(argv):
