@@ -25,6 +25,8 @@ from napari_normcheck.core.base.tiling import Tile, TilePlan
 from napari_normcheck.core.io.spill import read_raw, write_raw
 
 ChunkIndex = tuple[int, int, int]
+#: Memory for the weight sums of chunks placed alike in the tile grid (reused, not recomputed).
+WEIGHT_CACHE_BYTES = 32 * 2**20
 ChunkCallback = Callable[[ChunkIndex, tuple[slice, slice, slice], np.ndarray], None]
 
 
@@ -224,7 +226,10 @@ class ChunkAccumulator:
             for in_tile, in_chunk in parts:
                 weight[in_chunk] += self.weights[in_tile]
             self._weight_cache[key] = weight
-            if len(self._weight_cache) > 64:
+            # Bounded apart from the chunk budget: a few placements cover a regular grid.
+            while len(self._weight_cache) > 1 and (
+                sum(w.nbytes for w in self._weight_cache.values()) > WEIGHT_CACHE_BYTES
+            ):
                 self._weight_cache.popitem(last=False)
         return weight
 
