@@ -90,23 +90,25 @@ def test_grid_shift_run_shows_its_numbers_and_maps(make_napari_viewer, qtbot, tm
         for index, text in cells.items():
             record = records[index]
             if record["grid_shift_eval_judged"][channel]:
-                assert text == f"{record['grid_shift_eval'][channel]:.4f}"
+                assert text == f"{record['grid_shift_eval'][channel]:.3f}"
             else:
                 assert text == "-"
 
 
 def shift_cells(table):
     """The grid-shift column's text by tile (asserting the column is there, before feature |z|)."""
-    from napari_normcheck._qt.tile_table import GRID_SHIFT_HEADER
+    from napari_normcheck._qt.tile_table import GRID_SHIFT_HEADER, header_name
 
-    headers = [table.horizontalHeaderItem(j).text() for j in range(table.columnCount())]
+    headers = [
+        header_name(table.horizontalHeaderItem(j).text()) for j in range(table.columnCount())
+    ]
     assert GRID_SHIFT_HEADER in headers and headers.index(GRID_SHIFT_HEADER) == len(headers) - 2
     column = headers.index(GRID_SHIFT_HEADER)
     return {table.tile_at_row(r): table.item(r, column).text() for r in range(table.rowCount())}
 
 
 def test_tile_table_grid_shift_column_follows_the_support_rule(make_napari_viewer, tmp_path):
-    from napari_normcheck._qt.tile_table import GRID_SHIFT_HEADER
+    from napari_normcheck._qt.tile_table import GRID_SHIFT_HEADER, header_name
     from napari_normcheck.core.base.config import RunConfig
     from napari_normcheck.core.io.volume import open_volume
     from napari_normcheck.core.run.engine import run_check
@@ -135,7 +137,9 @@ def test_tile_table_grid_shift_column_follows_the_support_rule(make_napari_viewe
     assert "-" not in shift_cells(table).values()
     # A run without --grid-shift has no such column.
     table.set_records(tiles())
-    headers = [table.horizontalHeaderItem(j).text() for j in range(table.columnCount())]
+    headers = [
+        header_name(table.horizontalHeaderItem(j).text()) for j in range(table.columnCount())
+    ]
     assert GRID_SHIFT_HEADER not in headers and "feature" in headers[-1]
 
 

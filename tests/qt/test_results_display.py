@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_normcheck._qt.tile_table import header_name
 from napari_normcheck._qt.widget import NormcheckWidget
 from napari_normcheck._sample_data import make_sample
 from napari_normcheck._tile_layers import NOT_JUDGED_COLOR, tile_edge_colors
@@ -161,13 +162,12 @@ def test_item5_table_feature_column_is_the_plots_layer_and_channel(
     layer_name = widget.feature_layer_combo.currentText()
     channel = widget.feature_channel_combo.currentIndex()
     table = widget.tile_table
-    header = table.horizontalHeaderItem(table.columnCount() - 1).text()
-    assert f"{layer_name}, channel {channel}" in header  # the readable name the plots use
+    header = table.horizontalHeaderItem(table.columnCount() - 1)
+    # The header says the column is the plots' layer; the tooltip names it and its module path.
+    assert header.text().splitlines() == ["feature", "|z|", "(plotted)"]
+    assert f"in {layer_name}, channel {channel}" in header.toolTip()
     assert widget.norm_layer_text(widget.feature_layer_combo.currentData()) == layer_name
-    assert (
-        widget.feature_layer_combo.currentData()
-        in table.horizontalHeaderItem(table.columnCount() - 1).toolTip()
-    )  # the module path
+    assert widget.feature_layer_combo.currentData() in header.toolTip()  # the module path
     # The scatter's x label is short (not cut at the plot's edge); layer and channel in its title.
     assert widget.scatter.labels()[0] == "|feature z| per tile"
     assert widget.scatter.title() == f"{layer_name}, channel {channel}"
@@ -180,8 +180,8 @@ def test_item5_table_feature_column_is_the_plots_layer_and_channel(
     # Another channel of the layer: the column follows the plot.
     if widget.feature_channel_combo.count() > 1:
         widget.feature_channel_combo.setCurrentIndex(1 - min(channel, 1))
-        header = table.horizontalHeaderItem(table.columnCount() - 1).text()
-        assert f"channel {widget.feature_channel_combo.currentIndex()}" in header
+        header = table.horizontalHeaderItem(table.columnCount() - 1).toolTip()
+        assert f"channel {widget.feature_channel_combo.currentIndex()}:" in header
 
 
 def test_item7_words_and_fixed_colours_on_a_faint_channel(
@@ -252,13 +252,27 @@ def test_item7_words_and_fixed_colours_on_a_faint_channel(
 
 
 def test_item8_layout_table_rows_and_selected_layer(make_napari_viewer, qtbot, tmp_path):
-    viewer, widget = sample_widget(make_napari_viewer, tmp_path)
+    viewer, widget = sample_widget(lambda: make_napari_viewer(show=True), tmp_path)
+    viewer.window.add_dock_widget(widget, area="right")
     table = widget.tile_table
-    assert table.minimumHeight() >= table.rows_height(8)
+    assert table.minimumSizeHint().height() >= table.rows_height(8)
     run_and_wait(qtbot, widget)
     active = viewer.layers.selection.active
     assert active is not None and active.metadata.get("normcheck_output") == "disparity"
     assert viewer.layers["tiles"] not in viewer.layers.selection
+    # At both window sizes, after a run (its feature column named), the tile table shows 8 rows
+    # under its header and every column fits the dock: no horizontal scrolling, no column cut.
+    window = viewer.window._qt_window
+    widget.tabs.setCurrentWidget(widget.results_tab)
+    for size in ((1600, 1000), (1280, 800)):
+        window.resize(*size)
+        qtbot.waitUntil(lambda s=size: window.width() == s[0], timeout=5_000)
+        qtbot.wait(50)
+        rows = table.viewport().height() / table.verticalHeader().defaultSectionSize()
+        assert rows >= 8, (size, rows)
+        assert table.horizontalHeader().length() <= table.viewport().width(), size
+        for column in range(table.columnCount()):
+            assert table.columnWidth(column) >= table.sizeHintForColumn(column), (size, column)
 
 
 def test_support_rule_not_judged_shows_dash_ranks_last_and_greys_the_outline(qtbot):
@@ -285,11 +299,13 @@ def test_support_rule_not_judged_shows_dash_ranks_last_and_greys_the_outline(qtb
     ]
     table.set_records(records)
     table.set_channel(1)
-    headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
+    headers = [
+        header_name(table.horizontalHeaderItem(c).text()) for c in range(table.columnCount())
+    ]
     hard = headers.index("hard disparity")
     row_of = {table.tile_at_row(r): r for r in range(table.rowCount())}
     assert table.item(row_of[0], hard).text() == "-"
-    assert table.item(row_of[1], hard).text() == "0.3000"
+    assert table.item(row_of[1], hard).text() == "0.300"
     # The hard value of a tile not judged never ranks first (here it is the largest).
     from napari_normcheck._qt.tile_table import metric_value
 

@@ -347,7 +347,7 @@ class DisparityScatter(PlotWidget):
         self.item.addItem(self._points)
         self._ring = pg.ScatterPlotItem(size=18, brush=None, pen=pg.mkPen("#ffffff", width=2))
         self.item.addItem(self._ring)
-        self.set_labels("|feature z| per tile (running std)", "soft disparity per tile (0–1)")
+        self.set_labels("|feature z| per tile (running std)", "soft disparity (0–1)")
         self.set_data([], [], [])
 
     def set_data(
@@ -374,7 +374,7 @@ class DisparityScatter(PlotWidget):
         self.item.setXRange(0.0, (top_z or 1.0) * 1.08, padding=0)
         self.item.setYRange(0.0, (top_d or 1.0) * 1.08, padding=0)
         if xlabel and xlabel != self.labels()[0]:
-            self.set_labels(xlabel, "soft disparity per tile (0–1)")
+            self.set_labels(xlabel, "soft disparity (0–1)")
         self.set_title(title or "Feature shift vs disparity (click a tile)")
         self.view.setToolTip(detail)
         self.set_message("" if self.tiles.size else empty)

@@ -33,7 +33,7 @@ from napari_normcheck._qt.tile_table import TileTable, sort_keys
 CHECK, RESULTS, REMEDIES, TILE_SIZE = "Check", "Results", "Remedies", "Tile size"
 #: The dock's preferred width (px): napari gives a new dock its preferred width, and the canvas
 #: keeps the rest (about 70% of a 1280 px wide window). Users widen the dock by its splitter.
-DOCK_WIDTH = 400
+DOCK_WIDTH = 450
 
 
 class DockTabs(QTabWidget):
@@ -189,7 +189,6 @@ def build_results(widget: Any) -> QWidget:
     layout.addLayout(form)
     splitter = QSplitter(Qt.Orientation.Vertical)
     widget.tile_table = TileTable()
-    widget.tile_table.setMinimumHeight(120)
     widget.tile_table.setToolTip("tiles, sorted as chosen above: click one to go there")
     widget.tile_table.tile_activated.connect(widget.go_to_tile)
     splitter.addWidget(widget.tile_table)

@@ -9,10 +9,11 @@ largest over the channels when none is chosen.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
-from qtpy.QtCore import Qt, Signal  # noqa: TID253 (the Qt layer)
+from qtpy.QtCore import QSize, Qt, Signal  # noqa: TID253 (the Qt layer)
 from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem  # noqa: TID253
 
 from napari_normcheck.core.run import registry
@@ -61,6 +62,25 @@ def tooltip(header: str) -> str:
     if "shift" in words:  # not the tile's grid position
         words = ["shift"]
     return "\n".join(text for key, text in WORDS.items() if key in words)
+
+
+#: Characters per line of a column header: headers wrap so that the columns stay as narrow as
+#: their numbers and every column fits the dock (Qt's header does not wrap by itself).
+HEADER_LINE = 9
+
+
+def header_text(header: str, width: int = HEADER_LINE) -> str:
+    """``header`` as shown: on lines of at most ``width`` characters, words kept whole.
+
+    ``"soft disparity"`` is shown as ``soft`` over ``disparity``; :func:`header_name` gives the
+    header back.
+    """
+    return "\n".join(textwrap.wrap(header, width, break_long_words=False)) or header
+
+
+def header_name(text: str) -> str:
+    """The header a column's shown text stands for (the inverse of :func:`header_text`)."""
+    return text.replace("\n", " ")
 
 
 def judged(record: dict[str, Any], channel: int) -> bool:
@@ -189,7 +209,7 @@ def channel_value(values: Any, channel: int | None = None) -> float:
     return float(values[channel])
 
 
-def _number_item(value: float, digits: int = 4) -> QTableWidgetItem:
+def _number_item(value: float, digits: int = 3) -> QTableWidgetItem:
     item = QTableWidgetItem("-" if math.isnan(value) else f"{value:.{digits}f}")
     item.setData(Qt.ItemDataRole.UserRole, value)
     return item
@@ -214,7 +234,7 @@ class TileTable(QTableWidget):
         self.metric_columns = metric_columns()
         headers = column_headers()
         super().__init__(0, len(headers), parent)
-        self.setHorizontalHeaderLabels(headers)
+        self.setHorizontalHeaderLabels([header_text(h) for h in headers])
         self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
@@ -229,19 +249,23 @@ class TileTable(QTableWidget):
         self._feature_text: str | None = None
         self.shift_columns: list[tuple[str, Value]] = []
         self.cellClicked.connect(self._on_clicked)
-        self.setMinimumHeight(0)
 
     def rows_height(self, rows: int = MIN_ROWS) -> int:
-        """Height that shows the header and ``rows`` rows."""
-        header = self.horizontalHeader().sizeHint().height()
+        """Height that shows the header (as its labels are now) and ``rows`` rows."""
+        header = self.horizontalHeader().sizeHint().height()  # (its labels' lines included)
         # (the horizontal scroll bar shows when the columns are wider than the dock)
         scroll_bar = self.horizontalScrollBar().sizeHint().height()
         rows_height = rows * self.verticalHeader().defaultSectionSize()
         return header + rows_height + scroll_bar + 2 * self.frameWidth()
 
-    def setMinimumHeight(self, height: int) -> None:  # noqa: N802 (Qt's name)
-        """Qt's minimum height, never below :data:`MIN_ROWS` rows."""
-        super().setMinimumHeight(max(int(height), self.rows_height()))
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        """Qt's minimum size, never below :data:`MIN_ROWS` rows under the header as it is now.
+
+        Asked for again whenever the layout is (the header's lines and the style's fonts change
+        once the table is shown and named).
+        """
+        hint = super().minimumSizeHint()
+        return QSize(hint.width(), max(hint.height(), self.rows_height()))
 
     def set_feature(
         self, layer: str | None, feature_channel: int | None, text: str | None = None
@@ -256,15 +280,21 @@ class TileTable(QTableWidget):
         self.feature = (layer, feature_channel)
         self._feature_text = text
         self.feature_value = feature_z_value(layer, feature_channel)
+        # The layer is named in the plot's title and in the tooltip: the header stays as narrow
+        # as the column's numbers.
         if layer is None:
-            header = "largest |feature z|\n(all layers)"
-            tip = tooltip("largest |feature z| (all layers)")
+            header = "largest\n|feature z|"
+            tip = tooltip("largest |feature z| (all layers)") + "\n(the largest over all layers)"
         else:
-            header = f"|feature z|\n{text or layer}, channel {feature_channel}"
-            tip = f"{tooltip('|feature z|')}\n(layer {layer}, channel {feature_channel})"
+            header = "feature\n|z|\n(plotted)"
+            tip = (
+                f"{tooltip('|feature z|')}\nin {text or layer}, channel {feature_channel}: the "
+                f"layer and channel the plots show (module {layer})"
+            )
         item = QTableWidgetItem(header)
         item.setToolTip(tip)
         self.setHorizontalHeaderItem(self.columnCount() - 1, item)
+        self.updateGeometry()  # (the header's height follows its lines: rows stay in view)
         self.redraw()
 
     def set_sort_key(self, name: str) -> None:
@@ -322,7 +352,7 @@ class TileTable(QTableWidget):
         first = 2 + len(self.metric_columns)
         self.setColumnCount(first + len(wanted) + 1)
         for column, (header, _value) in enumerate(wanted, start=first):
-            item = QTableWidgetItem(header)
+            item = QTableWidgetItem(header_text(header))
             item.setToolTip(tooltip(header))
             self.setHorizontalHeaderItem(column, item)
         self.setHorizontalHeaderItem(self.columnCount() - 1, feature)
