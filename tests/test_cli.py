@@ -178,3 +178,27 @@ def test_threads_option_reaches_the_run_config(files, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["run", "--help"])
     assert "OMP_NUM_THREADS" in capsys.readouterr().out
+
+
+
+def test_integer_input_is_normalized_by_default_as_in_the_widget(files, capsys):
+    from napari_normcheck.core.io.intensity import INTEGER_NORMALIZE
+
+    # uint8 EM-like input without --normalize: percentile:1,99.8, and a line saying so.
+    volume = synthetic_volume((16, 40, 40))
+    scaled = (volume - volume.min()) / (volume.max() - volume.min()) * 255
+    np.save(files / "volume_u8.npy", scaled.astype(np.uint8))
+    report = files / "u8.json"
+    assert main(run_args(files, "--report", str(report), volume="volume_u8.npy")) == 0
+    assert json.loads(report.read_text())["params"]["normalize"] == INTEGER_NORMALIZE
+    err = capsys.readouterr().err
+    assert f"uint8 input: normalized with {INTEGER_NORMALIZE}" in err
+    # Asked for "none": the raw values, with the warning; float input: none, without a line.
+    out = ("--out", str(files / "none.zarr"), "--report", str(files / "none.json"))
+    with pytest.warns(UserWarning, match="go into the network unscaled"):
+        assert main(run_args(files, "--normalize", "none", *out, volume="volume_u8.npy")) == 0
+    assert json.loads((files / "none.json").read_text())["params"]["normalize"] == "none"
+    capsys.readouterr()
+    assert main(run_args(files, "--report", str(files / "f.json"), out="f.zarr")) == 0
+    assert json.loads((files / "f.json").read_text())["params"]["normalize"] == "none"
+    assert "normalized with" not in capsys.readouterr().err

@@ -280,6 +280,41 @@ def test_a_setting_whose_one_tile_fills_the_region_is_not_recommended():
     assert recommend([one_tile, moved])["tile"] == [32, 64, 64]
 
 
+
+def test_plotted_values_are_the_numbers_the_recommendation_judges():
+    # Channel 0 has foreground enough for the hard value, channel 1 for the soft one only,
+    # channel 2 for neither: the plot draws 0.3, 0.04 (hollow) and nothing.
+    from napari_normcheck.core.run.sweep import eval_tiling, indicator, indicator_kind, recommend
+
+    tiling = {"hard": [0.3, 0.9, 0.8], "soft": [0.02, 0.04, 0.05]}
+    row = {
+        "tile": [32, 64, 64],
+        "overlap": 0.25,
+        "blend": "gaussian",
+        "disparity": tiling | {"hard": [0.1, 1.0, 1.0]},
+        "mismatch_eval": tiling,
+        "support": {
+            "judged": [True, False, False],
+            "soft_judged": [True, True, False],
+            "mismatch_judged": {"eval": [True, False, False]},
+            "mismatch_soft_judged": {"eval": [True, True, False]},
+        },
+        "seconds_per_mvoxel": 1.0,
+    }
+    plotted = [indicator(row, "mismatch_eval", None, c) for c in range(3)]
+    assert plotted == [0.3, 0.04, None]
+    assert [indicator_kind(row, "mismatch_eval", None, c) for c in range(3)] == [
+        "hard",
+        "soft",
+        None,
+    ]
+    assert [indicator(row, "disparity", None, c) for c in range(3)] == [0.1, 0.04, None]
+    # The recommendation's number is the largest plotted one: a point above the limit on the plot
+    # is a setting that does not qualify.
+    assert eval_tiling(row) == max(v for v in plotted if v is not None)
+    assert recommend([row])["tile"] is None and "0.300" in recommend([row])["text"]
+
+
 def test_sweep_sample_runs_every_setting_on_the_same_regions_and_pools_them(files, capsys):
     from napari_normcheck.core.measure.metrics import disparity_from_sums
     from tests.core.test_sweep_sample import textured_with_background

@@ -21,9 +21,9 @@ from qtpy.QtWidgets import (  # noqa: TID253 (the Qt layer)
 
 from napari_normcheck._qt.grid_shift_view import GridShiftField
 
-#: The normalization the widget picks for an integer image (the command line's warning about
-#: unscaled integer input suggests the same): users change it, or type "none" for raw values.
-INTEGER_NORMALIZE = "percentile:1,99.8"
+# The normalization the widget picks for an integer image, the command line's default too: users
+# change it, or type "none" for raw values.
+from napari_normcheck.core.io.intensity import INTEGER_NORMALIZE
 
 
 def unscaled_note(normalize: str, dtype: Any) -> str:

@@ -34,8 +34,8 @@ from napari_normcheck._qt.plots import PlotWidget
 from napari_normcheck.core.base.errors import NormcheckError
 from napari_normcheck.core.run.sweep import channel_support, indicator, n_channels
 
-#: ``(title, row key, mode)``: the indicators the plot can show (soft 1 - Dice of the chosen
-#: channel), as in the command line's sweep plot.
+#: ``(title, row key, mode)``: the indicators the plot can show (1 - Dice of the chosen channel, hard
+#: where judged, else soft: what the recommendation judges), as in the command line's sweep plot.
 INDICATORS = (
     ("grid shift (eval)", "grid_shift", "eval"),
     ("grid shift (train)", "grid_shift", "train"),
@@ -92,7 +92,7 @@ class SweepPlot(PlotWidget):
         self._lines: list[Any] = []
         self.item.addItem(self._points)
         self.item.addItem(self._star)
-        self.set_labels("tile size (x, voxels)", "1 - Dice (soft)")
+        self.set_labels("tile size (x, voxels)", "1 - Dice (hard where judged)")
         self.set_message("run the sweep: its settings appear here")
 
     def set_rows(
@@ -113,7 +113,9 @@ class SweepPlot(PlotWidget):
             self.channel_label = channel_label or f"channel {channel}"
         title, key, mode = self.indicator
         self.set_title(f"{title}, {self.channel_label}")
-        self.set_labels("tile size (x, voxels)", f"1 - Dice (soft, {self.channel_label})")
+        self.set_labels(
+            "tile size (x, voxels)", f"1 - Dice (hard where judged, {self.channel_label})"
+        )
         for line in self._lines:
             self.item.removeItem(line)
         self._lines = []

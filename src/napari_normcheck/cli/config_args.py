@@ -3,11 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from napari_normcheck.cli.model_args import model_tile, package_default
 from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.base.tiling import parse_roi
+from napari_normcheck.core.io.intensity import default_normalize
+
+
+def input_normalize(given: str | None, loaded: Any, volume: Any) -> str:
+    """The input normalization: the flag's, else the model package's, else the input type's.
+
+    Integer input (uint8 EM, uint16 light sheet) is normalized by default, as in the widget; a
+    line on stderr says so, since it decides what the network sees.
+    """
+    if given:
+        return given
+    packaged = package_default(loaded, "normalize")
+    if packaged:
+        return packaged
+    dtype = volume.data.dtype
+    chosen = default_normalize(dtype)
+    if chosen != "none":
+        print(
+            f"{dtype} input: normalized with {chosen} (the default for integer images); "
+            "--normalize none feeds the raw intensities, --normalize minmax:LO,HI fixed ones",
+            file=sys.stderr,
+        )
+    return chosen
 
 
 def run_config_from_args(args: argparse.Namespace, loaded: Any, volume: Any) -> RunConfig:
@@ -56,7 +80,7 @@ def run_config_from_args(args: argparse.Namespace, loaded: Any, volume: Any) -> 
     return RunConfig.from_options(
         options,
         tile=model_tile(loaded, volume),
-        normalize=package_default(loaded, "normalize"),
+        normalize=input_normalize(args.normalize, loaded, volume),
         activation=package_default(loaded, "activation"),
         spatial_dims=loaded.info.spatial_dims,
     )

@@ -331,6 +331,7 @@ def recalibrate_command(args: argparse.Namespace) -> int:
     """``napari-normcheck recalibrate``: recalibrate a copy of the model and export it."""
     from tqdm import tqdm
 
+    from napari_normcheck.cli.config_args import input_normalize
     from napari_normcheck.cli.model_args import open_inputs, package_default
     from napari_normcheck.core.base.config import parse_int_triple
     from napari_normcheck.core.base.tiling import parse_roi
@@ -358,7 +359,7 @@ def recalibrate_command(args: argparse.Namespace) -> int:
     roi = parse_roi(args.roi) if args.roi else None
     if roi is not None and len(roi) == 2:
         roi = ((0, volume.spatial_shape[0]), *roi)
-    normalize = args.normalize or package_default(loaded, "normalize") or "none"
+    normalize = input_normalize(args.normalize, loaded, volume)
     config = RecalibrationConfig(
         tile=tile,
         batch_size=args.batch_size,

@@ -65,7 +65,8 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     run.add_argument(
         "--normalize",
         default=None,
-        help="none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI | zscore",
+        help="none | minmax:LO,HI | meanstd:MEAN,STD | percentile:P_LO,P_HI | zscore (default: "
+        "the model package's, else percentile:1,99.8 for integer input and none for float)",
     )
     run.add_argument("--activation", choices=("none", "sigmoid", "softmax"), default=None)
     run.add_argument(

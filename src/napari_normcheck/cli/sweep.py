@@ -106,6 +106,7 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
 
 def sweep_command(args: argparse.Namespace) -> int:
     """Run every setting, write the report and the plot; exit code (1 when every one was refused)."""
+    from napari_normcheck.cli.config_args import input_normalize
     from napari_normcheck.core.base.config import RunConfig
     from napari_normcheck.core.models.inventory import norm_inventory
     from napari_normcheck.core.run.sweep import recommend, sweep_settings
@@ -116,6 +117,8 @@ def sweep_command(args: argparse.Namespace) -> int:
     tiles = [RunConfig.from_options({"tile": text}).tile for text in args.tiles]
     settings = sweep_settings(tiles, args.overlap, args.blend)
     volume, loaded = open_inputs(args)
+    # One normalization for every setting (and one line about it).
+    args.normalize = input_normalize(args.normalize, loaded, volume)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     regions = None if args.sample is None else sampled_regions(args, volume, tiles)

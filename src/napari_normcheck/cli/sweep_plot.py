@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from napari_normcheck.core.run.report import channel_name
-from napari_normcheck.core.run.sweep import channel_support, indicator, n_channels
+from napari_normcheck.core.run.sweep import channel_support, indicator, indicator_kind, n_channels
 
-#: ``(title, row key, mode, limit drawn)``: what each panel shows (soft 1 - Dice).
+#: ``(title, row key, mode, limit drawn)``: what each panel shows (1 - Dice, as the
+#: recommendation judges it: hard where the foreground suffices, else soft, drawn hollow).
 PANELS = (
     ("grid shift (eval)", "grid_shift", "eval", True),
     ("tile mismatch (eval)", "mismatch_eval", None, True),
@@ -100,7 +101,16 @@ def _draw(plt: Any, path, rows, recommendation, channel_names) -> None:
                 if not points:
                     continue
                 label = blend if overlap is None else f"{blend}, overlap {overlap:g}"
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+                (line,) = ax.plot(
+                    [p[0] for p in points], [p[1] for p in points], marker="o", label=label
+                )
+                soft = [p for p in points if indicator_kind(p[2], key, mode, channel) == "soft"]
+                if soft:
+                    ax.plot(
+                        [p[0] for p in soft], [p[1] for p in soft], marker="o", linestyle="none",
+                        markerfacecolor="white", color=line.get_color(),
+                        label="hollow: soft (too little foreground for hard)",
+                    )  # fmt: skip
                 for size, value, row in points:
                     if _is_recommended(row, recommendation):
                         ax.plot(
@@ -118,7 +128,7 @@ def _draw(plt: Any, path, rows, recommendation, channel_names) -> None:
             ax.set_xticks([math.prod(t) for t in tiles])
             ax.set_xticklabels([_tile_label(list(t)) for t in tiles], rotation=30, ha="right")
             ax.minorticks_off()
-        row_axes[0].set_ylabel("1 − Dice (soft)")
+        row_axes[0].set_ylabel("1 − Dice (hard where judged)")
     for ax in axes[-1]:
         ax.set_xlabel("tile (z×y×x voxels)")
     unique: dict[str, Any] = {}

@@ -122,16 +122,45 @@ def _judged_values(values: dict[str, Any], judged: Any, soft_judged: Any) -> lis
 
 
 def indicator(row: dict[str, Any], key: str, mode: str | None, channel: int = 0) -> float | None:
-    """A row's soft value of ``channel`` for a plotted indicator, ``None`` where it has none.
+    """A row's value of ``channel`` for a plotted indicator: the number the recommendation judges.
 
-    ``key``: ``grid_shift``, ``mismatch_eval`` or ``disparity``; ``mode``: the prediction of a
-    grid-shift entry (``eval``, ``train``), ``None`` for the others.
+    The hard value (1 - Dice of the thresholded masks) where the channel has enough foreground to
+    judge it, the soft one where only that is judged, ``None`` where neither is (or the row has no
+    such indicator). ``key``: ``grid_shift``, ``mismatch_eval`` or ``disparity``; ``mode``: the
+    prediction of a grid-shift entry (``eval``, ``train``), ``None`` for the others.
     """
+    picked = _indicator_kind(row, key, mode, channel)
+    return None if picked is None else picked[0]
+
+
+def indicator_kind(row: dict[str, Any], key: str, mode: str | None, channel: int = 0) -> str | None:
+    """``"hard"`` or ``"soft"``: which 1 - Dice :func:`indicator` gives (``None``: no value)."""
+    picked = _indicator_kind(row, key, mode, channel)
+    return None if picked is None else picked[1]
+
+
+def _indicator_kind(
+    row: dict[str, Any], key: str, mode: str | None, channel: int
+) -> tuple[float, str] | None:
     values = row.get(key) or {}
     if mode is not None:
         values = values.get(mode) or {}
-    soft = values.get("soft")
-    return None if not soft or channel >= len(soft) else float(soft[channel])
+    hard, soft = values.get("hard") or [], values.get("soft") or []
+    if channel >= len(soft):
+        return None
+    support = row.get("support") or {}
+    if key == "grid_shift":
+        judged, soft_judged = values.get("judged"), values.get("soft_judged")
+    elif key == "mismatch_eval":
+        judged = (support.get("mismatch_judged") or {}).get("eval")
+        soft_judged = (support.get("mismatch_soft_judged") or {}).get("eval")
+    else:
+        judged, soft_judged = support.get("judged"), support.get("soft_judged")
+    if channel < len(hard) and (judged is None or (channel < len(judged) and judged[channel])):
+        return float(hard[channel]), "hard"
+    if soft_judged is None or (channel < len(soft_judged) and soft_judged[channel]):
+        return float(soft[channel]), "soft"
+    return None
 
 
 def channel_support(rows: Sequence[dict[str, Any]]) -> list[float]:
