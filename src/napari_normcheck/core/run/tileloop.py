@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,23 @@ class TileResult:
     tile: Tile
     record: dict[str, Any] | None
     chunks_written: int
+
+
+#: Tiles whose metrics may still run on the metrics thread while the next tiles are read,
+#: predicted and stitched: the metrics of one tile then overlap the next tile's forwards instead
+#: of holding them up. One tile's outputs more in memory.
+METRICS_IN_FLIGHT = 1
+
+
+@dataclass
+class _Stitched:
+    """A tile stitched on this thread whose record the metrics thread computes (or computed)."""
+
+    tile: Tile
+    future: Future
+    chunks_written: int
+    record: dict[str, Any] | None = None
+    done: bool = False
 
 
 class TileLoop:
@@ -128,6 +145,7 @@ class TileLoop:
         self._metrics_thread = ThreadPoolExecutor(1, thread_name_prefix="normcheck-metrics")
         self._metrics_timing = Timing()  # the metrics thread's own seconds (overlap stitching)
         self.records: dict[int, dict[str, Any]] = {}
+        self._in_flight: deque[_Stitched] = deque()
         self.chunk_sums: dict[ChunkIndex, dict[str, dict[str, np.ndarray]]] = {}
         self.chunks_written = 0
         argmax = config.activation == "softmax"
@@ -199,19 +217,23 @@ class TileLoop:
                     passes.run_ready(pending, final=False)
                     yield from self._finish_ready(pending)
                 passes.run_ready(pending, final=True)
-                yield from self._finish_ready(pending)
+                yield from self._finish_ready(pending, in_flight=0)
             finally:
                 reader.stop()
                 self.timing.read += reader.seconds
                 self.timing.read_wait += reader.waited
 
-    def _finish_ready(self, pending: deque[TileWork]) -> Iterator[TileResult]:
+    def _finish_ready(
+        self, pending: deque[TileWork], in_flight: int = METRICS_IN_FLIGHT
+    ) -> Iterator[TileResult]:
         # Tiles are stitched in scan order: the blending arithmetic stays identical to MONAI's.
         while pending and len(pending[0].outputs) == len(self.names):
             work = pending.popleft()
             before = self.chunks_written
             # The tile's metrics (its own disparity, the pairs it completes) run on the metrics
-            # thread while this one stitches it: both are NumPy work that releases the GIL.
+            # thread while this one stitches it and goes on to the next tiles: both are NumPy
+            # work that releases the GIL. One thread, in scan order: the pair sums add up as
+            # before.
             future = self._metrics_thread.submit(
                 tile_record,
                 work,
@@ -223,17 +245,36 @@ class TileLoop:
                 self.tile_metrics,
             )
             self._stitch(work)
-            t0 = time.perf_counter()
-            record = future.result()
-            self.timing.metrics += time.perf_counter() - t0
-            if self.owns_tile(work.tile):
-                self.records[record["index"]] = record
-            else:
-                record = None
-            yield TileResult(work.tile, record, self.chunks_written - before)
+            self._in_flight.append(_Stitched(work.tile, future, self.chunks_written - before))
+            while len(self._in_flight) > in_flight:
+                yield self._result(self._in_flight.popleft())
+        while len(self._in_flight) > in_flight:
+            yield self._result(self._in_flight.popleft())
+
+    def _settle(self, stitched: _Stitched) -> None:
+        """Wait for a stitched tile's metrics; keep its record (when this loop owns the tile)."""
+        if stitched.done:
+            return
+        t0 = time.perf_counter()
+        record = stitched.future.result()
+        self.timing.metrics += time.perf_counter() - t0
+        stitched.done = True
+        if self.owns_tile(stitched.tile):
+            self.records[record["index"]] = record
+            stitched.record = record
+
+    def _result(self, stitched: _Stitched) -> TileResult:
+        self._settle(stitched)
+        return TileResult(stitched.tile, stitched.record, stitched.chunks_written)
+
+    def _settle_all(self) -> None:
+        """Every stitched tile's metrics done: records and pair sums match the chunks stitched."""
+        for stitched in self._in_flight:
+            self._settle(stitched)
 
     def sums(self) -> RunSums:
         """The records and sums the tiles fed so far (what :func:`finish_run` writes)."""
+        self._settle_all()
         return RunSums(
             self.records,
             self.mismatch,
@@ -245,8 +286,12 @@ class TileLoop:
     def progress(self) -> dict[str, Any]:
         """A resumable snapshot: finished chunks, pair sums and records.
 
-        The chunks' disparity sums are added on the writer thread (:meth:`chunk_progress`).
+        The metrics of tiles stitched so far are waited for first, so that the records and pair
+        sums are those of every tile whose chunks are listed (a resumed run reruns no tile whose
+        chunks are finished). The chunks' disparity sums are added on the writer thread
+        (:meth:`chunk_progress`).
         """
+        self._settle_all()
         return {
             "done_chunks": sorted(self.accumulator.done_chunks),
             "pair_sums": self.mismatch.to_dict(),
