@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -214,3 +215,37 @@ def test_kill_9_at_random_points_then_resume(tmp_path):
     assert got.keys() == expected.keys()
     for name in got:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_saved_progress_lists_a_record_for_every_tile_whose_chunks_are_done(
+    tmp_path, batchnorm_unet
+):
+    # Tile metrics run while the next tile is stitched: a snapshot waits for them, so every tile
+    # that a listed chunk was summed from (a resumed run does not rerun a tile whose chunks are all
+    # listed) has its record and the pairs it completed.
+    from napari_normcheck.core.base.tiling import plan_tiles
+    from napari_normcheck.core.measure.mismatch import tile_pairs
+
+    volume = open_volume(synthetic_volume((40, 48, 52)))
+    config = RunConfig(tile=(16, 32, 32), overlap=0.25, cache_mb=0)
+    plan = plan_tiles(volume.spatial_shape, config.tile, overlap=0.25)
+    for stop in (3, 7, 10):
+        out = tmp_path / f"o{stop}.zarr"
+        cancel = threading.Event()
+        for event in run_check(volume, batchnorm_unet, config, out, cancel=cancel):
+            if isinstance(event, TileDone) and event.n_done == stop:
+                cancel.set()
+        progress = json.loads((records_dir(out) / PROGRESS_FILE).read_text())
+        done = {tuple(c) for c in progress["done_chunks"]}
+        summed = {
+            t.index
+            for t in plan.tiles()
+            if any(
+                c in done for c in itertools.product(*(range(a, b) for a, b in plan.chunk_range(t)))
+            )
+        }
+        assert summed, stop
+        assert {str(i) for i in summed} <= set(progress["tiles"]), stop
+        pairs = {tuple(int(v) for v in key.split(",")) for key in progress["pair_sums"]}
+        for j in summed:
+            assert {(i, j) for i, _ in tile_pairs(plan)[j] if i < j} <= pairs, (stop, j)
