@@ -180,7 +180,6 @@ def test_threads_option_reaches_the_run_config(files, capsys):
     assert "OMP_NUM_THREADS" in capsys.readouterr().out
 
 
-
 def test_integer_input_is_normalized_by_default_as_in_the_widget(files, capsys):
     from napari_normcheck.core.io.intensity import INTEGER_NORMALIZE
 

@@ -280,7 +280,6 @@ def test_a_setting_whose_one_tile_fills_the_region_is_not_recommended():
     assert recommend([one_tile, moved])["tile"] == [32, 64, 64]
 
 
-
 def test_plotted_values_are_the_numbers_the_recommendation_judges():
     # Channel 0 has foreground enough for the hard value, channel 1 for the soft one only,
     # channel 2 for neither: the plot draws 0.3, 0.04 (hollow) and nothing.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from napari_normcheck.cli import build_parser
@@ -147,7 +148,7 @@ def fake_model(spatial_dims=3, fixed_shape=None, preprocessing=None, postprocess
     return SimpleNamespace(info=info, preprocessing=preprocessing, postprocessing=postprocessing)
 
 
-VOLUME = SimpleNamespace(spatial_shape=(24, 100, 120))
+VOLUME = SimpleNamespace(spatial_shape=(24, 100, 120), dtype=np.dtype("float32"))
 FULL = [
     "--tile", "16,32,32", "--overlap", "0.5", "--blend", "crop", "--halo", "2,8,8",
     "--roi", "0:16,10:90,0:120", "--train-batch", "2", "--eval-batch", "3", "--device", "cpu",

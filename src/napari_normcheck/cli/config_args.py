@@ -23,7 +23,7 @@ def input_normalize(given: str | None, loaded: Any, volume: Any) -> str:
     packaged = package_default(loaded, "normalize")
     if packaged:
         return packaged
-    dtype = volume.data.dtype
+    dtype = volume.dtype
     chosen = default_normalize(dtype)
     if chosen != "none":
         print(
