@@ -285,17 +285,6 @@ def _strided_sample(data: Any, max_samples: int) -> np.ndarray:
                 "damaged or out of reach: repair or copy it again, then run again"
             ) from error
     return np.asarray(sample)
-    starts = [np.concatenate([[0], np.cumsum(c)]) for c in sample.chunks]
-    for index in np.ndindex(*sample.numblocks):
-        try:
-            sample.blocks[index].compute()
-        except Exception:
-            lo = [int(s[i]) * st for s, i, st in zip(starts, index, strides)]
-            hi = [(int(s[i + 1]) - 1) * st + 1 for s, i, st in zip(starts, index, strides)]
-            names = "czyx"[-len(lo) :]
-            axes = [(n, a, b) for n, a, b in zip(names, lo, hi) if n != "c"]
-            return " in the box " + ", ".join(f"{n} {a}:{b}" for n, a, b in axes)
-    return ""
 
 
 def _estimate_mean_std(data: Any, max_samples: int, spec: IntensitySpec) -> tuple[float, float]:
