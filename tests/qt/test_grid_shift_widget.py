@@ -232,3 +232,36 @@ def test_tile_size_view_runs_the_sweep_plots_it_and_opens_a_setting(
         if SWEEP_LAYER_KEY in layer.metadata
     }
     assert labels == {"16x32x32 gaussian 0.25"}
+
+
+def test_tile_size_plot_draws_soft_values_hollow(qtbot):
+    # Channel 0 of the first setting has foreground enough for the hard value, the second's only
+    # for the soft one: a filled and a hollow point, at the values the recommendation judges.
+    from qtpy.QtCore import Qt
+
+    from napari_normcheck._qt.tile_size_view import SweepPlot
+
+    def row(side, judged):
+        values = {"hard": [0.3], "soft": [0.04]}
+        return {
+            "tile": [16, side, side],
+            "overlap": 0.25,
+            "blend": "gaussian",
+            "disparity": values,
+            "mismatch_eval": values,
+            "support": {
+                "mismatch_judged": {"eval": [judged]},
+                "mismatch_soft_judged": {"eval": [True]},
+            },
+        }
+
+    plot = SweepPlot()
+    qtbot.addWidget(plot)
+    plot.set_rows(
+        [row(32, True), row(64, False)], which=("tile mismatch (eval)", "mismatch_eval", None)
+    )
+    points = {p.pos().x(): p for p in plot._points.points()}
+    assert abs(points[32].pos().y() - 0.3) < 1e-9 and abs(points[64].pos().y() - 0.04) < 1e-9
+    assert points[32].brush().style() != Qt.BrushStyle.NoBrush
+    assert points[64].brush().style() == Qt.BrushStyle.NoBrush
+    assert "hollow: soft" in plot.labels()[1]

@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (  # noqa: TID253
 from napari_normcheck._qt import sweep_job
 from napari_normcheck._qt.plots import PlotWidget
 from napari_normcheck.core.base.errors import NormcheckError
-from napari_normcheck.core.run.sweep import channel_support, indicator, n_channels
+from napari_normcheck.core.run.sweep import channel_support, indicator, indicator_kind, n_channels
 
 #: ``(title, row key, mode)``: the indicators the plot can show (1 - Dice of the chosen channel, hard
 #: where judged, else soft: what the recommendation judges), as in the command line's sweep plot.
@@ -114,7 +114,8 @@ class SweepPlot(PlotWidget):
         title, key, mode = self.indicator
         self.set_title(f"{title}, {self.channel_label}")
         self.set_labels(
-            "tile size (x, voxels)", f"1 - Dice (hard where judged, {self.channel_label})"
+            "tile size (x, voxels)",
+            f"1 - Dice (hard where judged, hollow: soft; {self.channel_label})",
         )
         for line in self._lines:
             self.item.removeItem(line)
@@ -144,7 +145,16 @@ class SweepPlot(PlotWidget):
             )
             self._lines.append(line)
             for side, value, row in points:
-                spots.append({"pos": (side, value), "data": row, "brush": pg.mkBrush(color)})
+                # Hollow where the value is the soft one (too little foreground for the hard).
+                soft = indicator_kind(row, key, mode, self.channel) == "soft"
+                spots.append(
+                    {
+                        "pos": (side, value),
+                        "data": row,
+                        "brush": pg.mkBrush(None if soft else color),
+                        "pen": pg.mkPen(color, width=2),
+                    }
+                )
                 if is_recommended(row, self.recommendation):
                     stars.append({"pos": (side, value)})
         self._points.setData(spots)
