@@ -161,15 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="64,1024,1024")
     parser.add_argument("--tiles", nargs="+", default=["32,256,256", "64,128,128", "1,512,512"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--memory", action="store_true", help="peak RSS at 1x, 16x, 64x voxels")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="peak RSS at 1x, 16x, 64x voxels (the first --tiles; 1x is one tile wide)",
+    )
     args = parser.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         if args.memory:
-            tile = (32, 256, 256)
+            # The first tile; the 1x volume is one tile wide in y and x (the defaults: 32x256x256
+            # tiles over 64x256x256, 64x1024x1024 and 64x2048x2048).
+            tile = tuple(int(v) for v in args.tiles[0].split(","))
             peaks = []
             for factor in (1, 4, 8):
-                grown = (shape[0], 256 * factor, 256 * factor)
+                grown = (shape[0], tile[1] * factor, tile[2] * factor)
                 path = Path(tmp) / f"vol_{factor}.zarr"
                 make_zarr(path, grown)
                 result = in_subprocess(path, tile, args.device)

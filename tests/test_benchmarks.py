@@ -69,6 +69,16 @@ def test_benchmark_runs_to_the_end(script, tmp_path, monkeypatch, capsys, torch_
     assert len(printed.splitlines()) >= 2, printed
 
 
+def test_pipeline_memory_mode_runs_to_the_end(tmp_path, monkeypatch, capsys, torch_threads):
+    # --memory grows the volume 16x and 64x in y and x: from one 4x32x32 tile here.
+    monkeypatch.chdir(tmp_path)
+    argv = ["--memory", "--shape", "4,64,64", "--tiles", "4,32,32"]
+    assert load_script("bench_pipeline.py").main(argv) in (0, None)
+    printed = capsys.readouterr().out
+    assert "volume 4x32x32" in printed and "volume 4x256x256" in printed
+    assert "peak RSS 16x/1x" in printed
+
+
 def test_widget_benchmark_runs_to_the_end(tmp_path):
     pytest.importorskip("napari")
     if not os.environ.get("DISPLAY"):
