@@ -6,6 +6,7 @@ real viewer (issue 18, items 4, 6, 7, 8 and 9).
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -62,10 +63,13 @@ def test_remedies_tab_knows_the_finished_check_and_has_one_run(
 def test_norm_layers_read_as_type_and_place(make_napari_viewer, qtbot, tmp_path, errors):
     viewer = make_napari_viewer()
     widget = sample_widget(viewer, tmp_path)
+    frozen = gc.get_freeze_count()
     worker = widget.load_model()
     with qtbot.waitSignal(worker.finished, timeout=60_000):
         pass
     assert errors == []
+    # Loading a model outside a run sets nothing aside from the garbage collector.
+    assert gc.get_freeze_count() == frozen and not widget._heap_frozen
     table = widget.inventory_table
     assert table.rowCount() == 18
     first = table.item(0, 0)

@@ -399,7 +399,8 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
             if item.message and self.model_label.text() == "loading the model…":
                 self.model_label.setText("no model loaded")
         elif isinstance(item, jobs.ModelReady):
-            self._freeze_heap(again=True)  # torch's and the model's objects, made in the worker
+            if self._heap_frozen:  # a run's: torch's and the model's objects, made in its worker
+                gc.freeze()
             self._show_model(item)
             self._set_channel_labels(item.loaded, item.loaded.info.out_channels)
         elif isinstance(item, jobs.PrepareLayers):
@@ -488,18 +489,16 @@ class NormcheckWidget(ModelSection, FeatureSection, QWidget):
             self._unfreeze_heap()
             self.run_settled.emit()
 
-    def _freeze_heap(self, again: bool = False) -> None:
+    def _freeze_heap(self) -> None:
         """Keep Python's full garbage collections short while a run goes on.
 
         With torch, MONAI and napari loaded the heap holds millions of objects: a full collection
         scans them all and holds the GIL for 0.4-0.9 s, freezing the GUI (and the engine) at a
         random moment. ``gc.freeze()`` sets the objects alive now aside, so collections during the
         run only scan what the run allocates; they are handed back to the collector when the run's
-        results are shown. ``again`` also sets aside what was made since (the first run imports
-        torch and loads the model in the worker, after the run started).
+        results are shown. A run that loads its model freezes again once it is loaded (torch and
+        the model are imported and built in the worker, after the run started).
         """
-        if again and self._heap_frozen:
-            gc.freeze()
         if not self._heap_frozen:
             gc.freeze()
             self._heap_frozen = True
