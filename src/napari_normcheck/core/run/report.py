@@ -194,15 +194,19 @@ def _level(value: float) -> str:
     return next(name for floor, name in LEVELS if value >= floor)
 
 
-def _evidence(
+def channel_evidence(
     hard: list[float],
     soft: list[float],
     judged: list[bool] | None,
     soft_judged: list[bool] | None,
 ) -> list[tuple[float, int, str]]:
-    # Per channel: its hard value where judged, else its soft value where that is judged (its
-    # denominator, sum(p) + sum(q), passes the same rule), else nothing. Flags a summary lacks
-    # count as judged (the rule did not exist yet).
+    """What each channel's 1 - Dice rests on: ``(value, channel, "hard" | "soft")``.
+
+    Its hard value where judged, else its soft value where that is judged (its denominator,
+    sum(p) + sum(q), passes the same rule), else nothing. Flags a summary lacks count as judged
+    (the rule did not exist yet). The verdict, the seams line and the sweep's recommendation and
+    plots all read values through it.
+    """
     evidence = []
     for c, value in enumerate(hard):
         if judged is None or judged[c]:
@@ -228,7 +232,7 @@ def verdict_detail(summary: dict[str, Any]) -> dict[str, Any]:
     """What the verdict rests on: ``{"level", "channel", "basis", "value"}``.
 
     Each channel offers its hard disparity where it is judged, else its soft disparity where only
-    that is judged (:func:`_evidence`); the verdict takes the highest level among them, a hard
+    that is judged (:func:`channel_evidence`); the verdict takes the highest level among them, a hard
     value before a soft one of the same level, then the larger value. ``level`` is ``high``
     (>= 0.1), ``moderate`` (>= 0.02) or ``low``, and ``not judged`` (channel ``None``, value 0)
     where no channel has enough foreground for either.
@@ -236,7 +240,7 @@ def verdict_detail(summary: dict[str, Any]) -> dict[str, Any]:
     disparity = summary["disparity"]
     support = summary_support(summary) or {}
     worst = _worst(
-        _evidence(
+        channel_evidence(
             disparity["hard"],
             disparity.get("soft", []),
             support.get("judged"),
@@ -253,7 +257,7 @@ def _seams(summary: dict[str, Any]) -> tuple[float, int, str] | None:
     mismatch = summary["mismatch_eval"]
     support = summary_support(summary) or {}
     worst = _worst(
-        _evidence(
+        channel_evidence(
             mismatch["hard"],
             mismatch.get("soft", []),
             (support.get("mismatch_judged") or {}).get("eval"),

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.run.report import channel_evidence
 
 #: The eval-mode tiling numbers (1 - Dice) a recommended setting stays below: the verdict's
 #: smallest step (low -> moderate), so the tiling moves the result by less than it grades.
@@ -112,13 +113,25 @@ def refused_row(setting: SweepSetting, reason: str) -> dict[str, Any]:
 
 def _judged_values(values: dict[str, Any], judged: Any, soft_judged: Any) -> list[float]:
     # Per channel: the hard value where judged, else the soft one where that is, else nothing.
-    picked = []
-    for c, hard in enumerate(values.get("hard", [])):
-        if judged is None or (c < len(judged) and judged[c]):
-            picked.append(float(hard))
-        elif soft_judged is None or (c < len(soft_judged) and soft_judged[c]):
-            picked.append(float(values["soft"][c]))
-    return picked
+    evidence = channel_evidence(values["hard"], values.get("soft") or [], judged, soft_judged)
+    return [float(value) for value, _c, _kind in evidence]
+
+
+def _with_flags(row: dict[str, Any], key: str, mode: str | None) -> tuple[dict, Any, Any]:
+    """An indicator's values and its hard and soft ``judged`` flags per channel."""
+    values = row.get(key) or {}
+    if mode is not None:
+        values = values.get(mode) or {}
+    support = row.get("support") or {}
+    if key == "grid_shift":
+        return values, values.get("judged"), values.get("soft_judged")
+    if key == "mismatch_eval":
+        return (
+            values,
+            (support.get("mismatch_judged") or {}).get("eval"),
+            (support.get("mismatch_soft_judged") or {}).get("eval"),
+        )
+    return values, support.get("judged"), support.get("soft_judged")
 
 
 def indicator(row: dict[str, Any], key: str, mode: str | None, channel: int = 0) -> float | None:
@@ -142,25 +155,11 @@ def indicator_kind(row: dict[str, Any], key: str, mode: str | None, channel: int
 def _indicator_kind(
     row: dict[str, Any], key: str, mode: str | None, channel: int
 ) -> tuple[float, str] | None:
-    values = row.get(key) or {}
-    if mode is not None:
-        values = values.get(mode) or {}
-    hard, soft = values.get("hard") or [], values.get("soft") or []
-    if channel >= len(soft):
-        return None
-    support = row.get("support") or {}
-    if key == "grid_shift":
-        judged, soft_judged = values.get("judged"), values.get("soft_judged")
-    elif key == "mismatch_eval":
-        judged = (support.get("mismatch_judged") or {}).get("eval")
-        soft_judged = (support.get("mismatch_soft_judged") or {}).get("eval")
-    else:
-        judged, soft_judged = support.get("judged"), support.get("soft_judged")
-    if channel < len(hard) and (judged is None or (channel < len(judged) and judged[channel])):
-        return float(hard[channel]), "hard"
-    if soft_judged is None or (channel < len(soft_judged) and soft_judged[channel]):
-        return float(soft[channel]), "soft"
-    return None
+    values, judged, soft_judged = _with_flags(row, key, mode)
+    evidence = channel_evidence(
+        values.get("hard") or [], values.get("soft") or [], judged, soft_judged
+    )
+    return next(((float(v), kind) for v, c, kind in evidence if c == channel), None)
 
 
 def channel_support(rows: Sequence[dict[str, Any]]) -> list[float]:
@@ -186,18 +185,13 @@ def eval_tiling(row: dict[str, Any]) -> float | None:
     """The largest eval-mode tiling number of a row (grid shift, tile mismatch); ``None``: none judged."""
     if row.get("refused"):
         return None
-    support = row.get("support") or {}
-    values = _judged_values(
-        row["mismatch_eval"],
-        (support.get("mismatch_judged") or {}).get("eval"),
-        (support.get("mismatch_soft_judged") or {}).get("eval"),
-    )
+    values = _judged_values(*_with_flags(row, "mismatch_eval", None))
     shift = (row.get("grid_shift") or {}).get("eval")
     offset = row.get("grid_shift_offset")
     # A zero offset on every axis (one tile fills the region) compares the grid with itself: 0 by
     # construction, which says nothing about the tiling of a larger volume.
     if shift is not None and not (offset is not None and not any(offset)):
-        values += _judged_values(shift, shift.get("judged"), shift.get("soft_judged"))
+        values += _judged_values(*_with_flags(row, "grid_shift", "eval"))
     return max(values) if values else None
 
 
