@@ -3,8 +3,9 @@
 Run: ``python benchmarks/bench_pipeline.py [--shape 64,1024,1024] [--tiles 32,256,256 ...]
 [--device cpu|cuda] [--memory]``. Prints measured figures; asserts nothing.
 
-The model is one 1x1x1 convolution and a BatchNorm3d with 2 output channels (running statistics that
-fit no tile, so the disparity is not zero): its forwards take a few percent of the run, and what is
+The model is a per-channel scale and shift (a 1x1x1 convolution of one channel) and a BatchNorm
+with 2 output channels (running statistics
+that fit no tile, so the disparity is not zero): its forwards take a few percent of the run, and what is
 left is reading, intensity normalization, stitching, metrics, seams, tile grids and writes. Each case
 runs in a fresh process (peak RSS is per process) on a uint8 zarr volume with a membrane-like texture.
 
@@ -33,14 +34,28 @@ from napari_normcheck.core.run.timing import MAIN_THREAD_STAGES
 
 
 def make_model(spatial_dims: int = 3):
-    """A 1x1x1 convolution and a BatchNorm with running statistics that fit no tile."""
+    """A per-channel scale and shift (a 1x1 convolution of one input channel, written out) and a
+    BatchNorm with running statistics that fit no tile.
+
+    The scale is written out because torch's oneDNN path takes 17 ms for a 1x1 ``Conv2d`` of one
+    channel on a 512x512 plane (0.35 ms without oneDNN): the 2D case then timed torch, not us.
+    """
     import torch
     from torch import nn
 
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(2))
+            self.bias = nn.Parameter(torch.randn(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            return x * self.weight.view(shape) + self.bias.view(shape)
+
     torch.manual_seed(0)
-    conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
     norm = nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d
-    model = nn.Sequential(conv(1, 2, 1), norm(2))
+    model = nn.Sequential(Scale(), norm(2))
     with torch.no_grad():
         model[1].running_mean.fill_(0.3)
         model[1].running_var.fill_(0.05)
@@ -64,7 +79,9 @@ def make_zarr(path: Path, shape: tuple[int, int, int]) -> None:
         array[z : z + depth] = block
 
 
-def run_case(volume_path: str, out: str, tile: tuple[int, int, int], device: str) -> dict:
+def run_case(
+    volume_path: str, out: str, tile: tuple[int, int, int], device: str, threads: int = 0
+) -> dict:
     """One run of the check in this process; its figures."""
     import torch
 
@@ -83,6 +100,7 @@ def run_case(volume_path: str, out: str, tile: tuple[int, int, int], device: str
         activation="sigmoid",
         device=device,
         spatial_dims=spatial_dims,
+        threads=threads,
     )
     volume = open_volume(volume_path)
     before = resource.getrusage(resource.RUSAGE_SELF)
@@ -100,6 +118,7 @@ def run_case(volume_path: str, out: str, tile: tuple[int, int, int], device: str
     on_disk = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     return {
         "tile": list(tile),
+        "threads": threads,
         "wall_s": wall,
         "mvoxel_per_s": n_voxels / wall / 1e6,
         "cpu_s": cpu,
@@ -112,11 +131,11 @@ def run_case(volume_path: str, out: str, tile: tuple[int, int, int], device: str
     }
 
 
-def in_subprocess(volume: Path, tile: tuple[int, int, int], device: str) -> dict:
+def in_subprocess(volume: Path, tile: tuple[int, int, int], device: str, threads: int = 0) -> dict:
     """Run one case in a fresh interpreter (its own peak RSS)."""
     with tempfile.TemporaryDirectory() as tmp:
         here, out = str(Path(__file__).parent), f"{tmp}/out.zarr"
-        case = f"{str(volume)!r}, {out!r}, {tuple(tile)!r}, {device!r}"
+        case = f"{str(volume)!r}, {out!r}, {tuple(tile)!r}, {device!r}, {threads}"
         code = (
             f"import json, sys; sys.path.insert(0, {here!r}); import bench_pipeline as b; "
             f"print(json.dumps(b.run_case({case})))"
@@ -129,13 +148,19 @@ def in_subprocess(volume: Path, tile: tuple[int, int, int], device: str) -> dict
         return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def threads_text(threads: int) -> str:
+    """``, --threads N`` where set (0: torch's own choice, from ``OMP_NUM_THREADS``)."""
+    return f", --threads {threads}" if threads else ""
+
+
 def print_case(shape: tuple[int, ...], result: dict) -> None:
     """Throughput, stages against the wall time, memory and output size of one case."""
     timing = result["timing"]
     staged = sum(timing.get(k, 0.0) for k in MAIN_THREAD_STAGES)
     total = timing.get("total", result["wall_s"])
     print(
-        f"\nvolume {'x'.join(map(str, shape))}, tile {'x'.join(map(str, result['tile']))}: "
+        f"\nvolume {'x'.join(map(str, shape))}, tile {'x'.join(map(str, result['tile']))}"
+        f"{threads_text(result.get('threads', 0))}: "
         f"{result['wall_s']:.1f} s, {result['mvoxel_per_s']:.2f} Mvoxel/s of input; "
         f"CPU {result['cpu_s']:.1f} s (all threads; {result['cpu_s'] / result['wall_s']:.2f} cores "
         f"busy), load average {result['load']:.1f}"
@@ -162,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles", nargs="+", default=["32,256,256", "64,128,128", "1,512,512"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--threads",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="torch intra-op threads of the run, one case per value (0: torch's choice)",
+    )
+    parser.add_argument(
         "--memory",
         action="store_true",
         help="peak RSS at 1x, 16x, 64x voxels (the first --tiles; 1x is one tile wide)",
@@ -178,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 grown = (shape[0], tile[1] * factor, tile[2] * factor)
                 path = Path(tmp) / f"vol_{factor}.zarr"
                 make_zarr(path, grown)
-                result = in_subprocess(path, tile, args.device)
+                result = in_subprocess(path, tile, args.device, args.threads[0])
                 print_case(grown, result)
                 peaks.append(result["peak_rss_mib"])
             print(
@@ -192,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"made {path.name} {shape} uint8 in {time.perf_counter() - t0:.1f} s")
         for text in args.tiles:
             tile = tuple(int(v) for v in text.split(","))
-            print_case(shape, in_subprocess(path, tile, args.device))
+            for threads in args.threads:
+                print_case(shape, in_subprocess(path, tile, args.device, threads))
     return 0
 
 

@@ -15,7 +15,7 @@ def _stitch(plan, predictions, scratch, max_bytes):
         plan,
         2,
         importance_map(plan.window_shape, "gaussian", 3),
-        lambda chunk, _slices, values: finished.update({chunk: values.copy()}),
+        lambda chunk, _slices, values: finished.update({chunk: values.clone()}),
         scratch,
         max_bytes=max_bytes,
     )

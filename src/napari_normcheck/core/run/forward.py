@@ -38,7 +38,38 @@ def forward_batch(
     per_sample: bool = False,
     staging: HostStaging | None = None,
 ) -> np.ndarray:
-    """Predict a batch of ``(C, z, y, x)`` windows in normalization ``mode``; returns float32 numpy.
+    """:func:`forward_tensor` copied to the host: ``(N, C_out, z, y, x)`` float32 numpy."""
+    return (
+        forward_tensor(
+            model,
+            images,
+            mode,
+            spatial_dims,
+            device,
+            precision=precision,
+            per_sample=per_sample,
+            staging=staging,
+        )
+        .cpu()
+        .numpy()
+    )
+
+
+def forward_tensor(
+    model: nn.Module,
+    images: list[np.ndarray],
+    mode: str,
+    spatial_dims: int,
+    device: torch.device,
+    *,
+    precision: str = "fp32",
+    per_sample: bool = False,
+    staging: HostStaging | None = None,
+) -> torch.Tensor:
+    """Predict a batch of ``(C, z, y, x)`` windows in normalization ``mode``, on ``device``.
+
+    The prediction stays where the model made it: the run blends, activates and measures it there
+    (:mod:`~napari_normcheck.core.run.stitch`), and only finished chunks cross to the host.
 
     Parameters
     ----------
@@ -63,8 +94,8 @@ def forward_batch(
 
     Returns
     -------
-    numpy.ndarray
-        ``(N, C_out, z, y, x)`` float32.
+    torch.Tensor
+        ``(N, C_out, z, y, x)`` float32 on ``device``.
     """
     batch = (staging or HostStaging(device)).to_device(images)
     if spatial_dims == 2:
@@ -85,7 +116,7 @@ def forward_batch(
         )
     if spatial_dims == 2:
         output = output[:, :, None]
-    return output.float().cpu().numpy()
+    return output.float()
 
 
 def probe_out_channels(
@@ -111,20 +142,36 @@ def activate(values: np.ndarray, activation: str) -> np.ndarray:
     """Apply the activation over the channel axis (axis 1 of ``(modes, C, z, y, x)``)."""
     if activation == "none":
         return values
-    tensor = torch.from_numpy(values)
-    if activation == "sigmoid":
-        return torch.sigmoid(tensor).numpy()
-    return torch.softmax(tensor, dim=1).numpy()
+    return activate_tensor(torch.from_numpy(values), activation).numpy()
 
 
-def activate_into(values: np.ndarray, activation: str, out: np.ndarray) -> None:
-    """Apply the activation to one mode's ``(C, z, y, x)`` values, written into ``out`` (float32)."""
+def activate_tensor(values: torch.Tensor, activation: str) -> torch.Tensor:
+    """:func:`activate` on a tensor, where it is (``(modes, C, z, y, x)``, channels on axis 1).
+
+    ``values`` should be contiguous: torch's CPU kernels compute the last elements of each
+    contiguous run without vector instructions, whose exponential may round differently, so the same
+    layout gives the same bits.
+    """
     if activation == "none":
-        np.copyto(out, values)
-        return
-    source = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-    target = torch.from_numpy(out)
+        return values
     if activation == "sigmoid":
+        return torch.sigmoid(values)
+    return torch.softmax(values, dim=1)
+
+
+def activate_into(
+    values: torch.Tensor | np.ndarray, activation: str, out: torch.Tensor | np.ndarray
+) -> None:
+    """Apply the activation to one mode's ``(C, z, y, x)`` values, written into ``out`` (float32).
+
+    ``values`` (a view of a tile's prediction, say) is made contiguous first, so the activation
+    sees the layout of ``out`` whatever the view's strides; tensors stay on their device.
+    """
+    source = torch.as_tensor(values, dtype=torch.float32).contiguous()
+    target = torch.as_tensor(out)
+    if activation == "none":
+        target.copy_(source)
+    elif activation == "sigmoid":
         torch.sigmoid(source, out=target)
     else:
         target.copy_(torch.softmax(source, dim=0))

@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.base.tiling import TilePlan
@@ -17,6 +18,7 @@ from napari_normcheck.core.measure.tile_metrics import TileView
 from napari_normcheck.core.run.forward import activate_into
 from napari_normcheck.core.run.registry import TileMetric
 from napari_normcheck.core.run.report import tile_hard_value
+from napari_normcheck.core.run.staging import HostCopies
 from napari_normcheck.core.run.tile_io import TileWork
 
 if TYPE_CHECKING:
@@ -31,10 +33,12 @@ def tile_record(
     timing: Timing,
     feature_layers: list[FeatureLayer],
     metrics: tuple[TileMetric, ...],
+    host: HostCopies | None = None,
 ) -> dict[str, Any]:
     """A tile's record: its metrics over the voxels it writes, and its feature statistics.
 
-    The tile's activated predictions (over its whole prediction box) go on to the mismatch
+    The tile's predictions (tensors on the run's device) are activated there over the tile's whole
+    prediction box and cross to the host once (through ``host``); they go on to the mismatch
     tracker, in the tracker's order of prediction names.
     """
     t0 = time.perf_counter()
@@ -42,12 +46,16 @@ def tile_record(
     box_start, box_stop = prediction_box(plan, tile)
     window = tuple(slice(a - w, b - w) for a, b, w in zip(box_start, box_stop, tile.window_start))
     names = mismatch.names
-    first = work.outputs[names[0]][(slice(None), *window)]
-    probabilities = np.empty((len(names), *first.shape), dtype=np.float32)
+    first = work.outputs[names[0]]
+    # Activated where the prediction is (the run's device); one copy of the box to the host.
+    activated = torch.empty(
+        (len(names), first.shape[0], *(b - a for a, b in zip(box_start, box_stop))),
+        dtype=torch.float32,
+        device=first.device,
+    )
     for m, name in enumerate(names):
-        activate_into(
-            work.outputs[name][(slice(None), *window)], config.activation, probabilities[m]
-        )
+        activate_into(work.outputs[name][(slice(None), *window)], config.activation, activated[m])
+    probabilities = host.to_host(activated) if host is not None else activated.cpu().numpy()
     mismatch.add(tile, probabilities)
     written = (
         slice(None),

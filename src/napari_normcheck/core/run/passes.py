@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from napari_normcheck.core.base.errors import NormcheckError
-from napari_normcheck.core.run.forward import forward_batch
+from napari_normcheck.core.run.forward import forward_tensor
 from napari_normcheck.core.run.predictions import BoundPrediction
 from napari_normcheck.core.run.staging import HostStaging
 from napari_normcheck.core.run.tile_io import TileWork
@@ -86,7 +86,7 @@ class Passes:
             hooks = recorder.recording() if recorder else None
             try:
                 with hooks or contextlib.nullcontext():
-                    outputs = forward_batch(
+                    outputs = forward_tensor(
                         bound.model,
                         [w.image for w in group],
                         prediction.mode,

@@ -79,3 +79,38 @@ class HostStaging:
     @staticmethod
     def _allocate(shape: tuple[int, ...], n: int) -> torch.Tensor:
         return torch.empty((n, *shape), dtype=torch.float32, pin_memory=True)
+
+
+class HostCopies:
+    """Device-to-host copies of finished results, off the stream the model computes on.
+
+    On the CPU a tensor is already on the host: :meth:`to_host` returns its memory as an array, no
+    copy made. On CUDA the copy goes into page-locked memory (torch's caching host allocator reuses
+    those blocks) on a side stream that first waits for the work queued so far on the current one,
+    so the next tiles' forwards and blends run while it copies; only the calling thread waits for
+    the copy to land.
+
+    Parameters
+    ----------
+    device : torch.device
+        Where the tensors handed to :meth:`to_host` are.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def to_host(self, tensor: torch.Tensor) -> np.ndarray:
+        """``tensor``'s values as a host array (shares ``tensor``'s memory on the CPU)."""
+        if self._stream is None:
+            return tensor.numpy()
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            host.copy_(tensor, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        # The allocator must not hand the tensor's memory to other work before the copy has read it.
+        tensor.record_stream(self._stream)
+        done.synchronize()
+        return host.numpy()

@@ -8,6 +8,11 @@ it (known from the plan) has been added, then dropped. Its weight sum depends on
 is summed (in the same tile order) when the chunk finishes, not held beside it. Unfinished chunks beyond
 ``max_bytes`` spill to raw files in a scratch folder (the one needed last first), so memory depends on
 tile size, not on volume size.
+
+The sums are torch tensors on the run's device, where the predictions are made: on a GPU no tile
+crosses to the host to be blended, and on the CPU each multiply and add uses the cores torch is given.
+Element-wise float32 multiplies, adds and divides round the same on every device and in NumPy, so the
+blend is bit for bit the one NumPy (and MONAI on the CPU) computes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from napari_normcheck.core.base.tiling import Tile, TilePlan
 from napari_normcheck.core.io.spill import read_raw, write_raw
@@ -27,7 +33,7 @@ from napari_normcheck.core.io.spill import read_raw, write_raw
 ChunkIndex = tuple[int, int, int]
 #: Memory for the weight sums of chunks placed alike in the tile grid (reused, not recomputed).
 WEIGHT_CACHE_BYTES = 32 * 2**20
-ChunkCallback = Callable[[ChunkIndex, tuple[slice, slice, slice], np.ndarray], None]
+ChunkCallback = Callable[[ChunkIndex, tuple[slice, slice, slice], torch.Tensor], None]
 
 
 def importance_map(window_shape: tuple[int, ...], mode: str, spatial_dims: int = 3) -> np.ndarray:
@@ -60,8 +66,6 @@ def gaussian_or_constant_map(patch_size: tuple[int, ...], mode: str) -> np.ndarr
     Written out here so that a run does not import MONAI (seconds of start-up); a test holds it
     bitwise equal to MONAI's function.
     """
-    import torch
-
     if mode == "constant":
         weights = torch.ones(patch_size, dtype=torch.float)
     elif mode == "gaussian":
@@ -86,11 +90,12 @@ class ChunkAccumulator:
         The run's plan (chunk grid and contributing tiles).
     n_values : int
         Leading size of every prediction handed to :meth:`add` (modes x channels).
-    weights : numpy.ndarray
+    weights : numpy.ndarray or torch.Tensor
         Importance map of one window (``plan.window_shape``).
     on_chunk_done : callable
-        ``on_chunk_done(chunk_index, roi_slices, values)`` with ``values`` float32
-        ``(n_values, cz, cy, cx)`` = blended output; called once per chunk, in completion order.
+        ``on_chunk_done(chunk_index, roi_slices, values)`` with ``values`` a float32 tensor
+        ``(n_values, cz, cy, cx)`` on ``device`` = blended output; called once per chunk, in
+        completion order. The tensor is the caller's from then on.
     scratch_dir : path-like
         Folder for spilled chunks (created on demand, removed by :meth:`close`).
     max_bytes : int
@@ -103,6 +108,8 @@ class ChunkAccumulator:
     tiles : list of int, optional
         The tiles that will be added (a block's task); chunks are finished after the last of them.
         All tiles of the plan when ``None``.
+    device : torch.device or str
+        Where the sums are held and added (the run's device); spilled chunks go through the host.
     """
 
     def __init__(
@@ -116,10 +123,14 @@ class ChunkAccumulator:
         done_chunks: set[ChunkIndex] | None = None,
         chunk_box: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
         tiles: list[int] | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.plan = plan
         self.n_values = n_values
-        self.weights = np.ascontiguousarray(weights, dtype=np.float32)
+        self.device = torch.device(device)
+        self.weights = torch.as_tensor(
+            weights, dtype=torch.float32, device=self.device
+        ).contiguous()
         self.on_chunk_done = on_chunk_done
         self.scratch_dir = Path(scratch_dir)
         self.max_bytes = max_bytes
@@ -135,9 +146,9 @@ class ChunkAccumulator:
         # A chunk's summed weights depend on the plan only: computed when it finishes, not kept
         # beside its sums (a fifth less memory and spill with two modes of two channels).
         self._contributors = {chunk: tuple(users) for chunk, users in self._users.items()}
-        self._weight_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._weight_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.done_chunks: set[ChunkIndex] = set(done_chunks or ())
-        self._buffers: OrderedDict[ChunkIndex, np.ndarray] = OrderedDict()
+        self._buffers: OrderedDict[ChunkIndex, torch.Tensor] = OrderedDict()
         self._spilled: set[ChunkIndex] = set()
         self._bytes = 0
         self.spill_count = 0
@@ -163,13 +174,22 @@ class ChunkAccumulator:
         """Whether ``tile`` still contributes to an unfinished chunk (resume skips it otherwise)."""
         return any(c not in self.done_chunks for c in self.tile_chunks(tile))
 
-    def add(self, tile: Tile, prediction: np.ndarray | Sequence[np.ndarray]) -> list[ChunkIndex]:
+    def add(
+        self,
+        tile: Tile,
+        prediction: torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray],
+    ) -> list[ChunkIndex]:
         """Add the prediction of ``tile``; return the chunks finished by it.
 
-        ``prediction`` is ``(n_values, *window_shape)``, or a sequence of arrays whose leading sizes
-        add up to ``n_values`` (the modes, without concatenating them first).
+        ``prediction`` is ``(n_values, *window_shape)``, or a sequence of them whose leading sizes
+        add up to ``n_values`` (the modes, without concatenating them first); tensors on
+        :attr:`device` are used where they are, arrays are moved there.
         """
-        parts = [prediction] if isinstance(prediction, np.ndarray) else list(prediction)
+        single = isinstance(prediction, (torch.Tensor, np.ndarray))
+        parts = [
+            torch.as_tensor(part, dtype=torch.float32, device=self.device)
+            for part in ([prediction] if single else prediction)
+        ]
         finished = []
         for chunk in self.tile_chunks(tile):
             if chunk in self.done_chunks:
@@ -184,9 +204,9 @@ class ChunkAccumulator:
             for part in parts:
                 view = total[(slice(first, first + len(part)), *in_chunk)]
                 if scratch is None or scratch.shape != view.shape:
-                    scratch = np.empty(view.shape, dtype=np.float32)
-                np.multiply(part[(slice(None), *in_tile)], w, out=scratch)
-                np.add(view, scratch, out=view)
+                    scratch = torch.empty(view.shape, dtype=torch.float32, device=self.device)
+                torch.mul(part[(slice(None), *in_tile)], w, out=scratch)
+                view.add_(scratch)
                 first += len(part)
             self.remaining[chunk] -= 1
             users = self._users.get(chunk)
@@ -212,7 +232,7 @@ class ChunkAccumulator:
         )
         return in_tile, in_chunk
 
-    def chunk_weight(self, chunk: ChunkIndex) -> np.ndarray:
+    def chunk_weight(self, chunk: ChunkIndex) -> torch.Tensor:
         """The summed importance weights of ``chunk``: ``count += w`` over its tiles, in run order.
 
         Chunks placed alike in the tile grid have the same sum: it is computed once for them.
@@ -222,25 +242,25 @@ class ChunkAccumulator:
         key = (shape, tuple(tuple((s.start, s.stop) for s in a + b) for a, b in parts))
         weight = self._weight_cache.get(key)
         if weight is None:
-            weight = np.zeros(shape, dtype=np.float32)
+            weight = torch.zeros(shape, dtype=torch.float32, device=self.device)
             for in_tile, in_chunk in parts:
                 weight[in_chunk] += self.weights[in_tile]
             self._weight_cache[key] = weight
             # Bounded apart from the chunk budget: a few placements cover a regular grid.
             while len(self._weight_cache) > 1 and (
-                sum(w.nbytes for w in self._weight_cache.values()) > WEIGHT_CACHE_BYTES
+                sum(_nbytes(w) for w in self._weight_cache.values()) > WEIGHT_CACHE_BYTES
             ):
                 self._weight_cache.popitem(last=False)
         return weight
 
     def _finish(self, chunk: ChunkIndex) -> None:
         total = self._buffers.pop(chunk)
-        self._bytes -= total.nbytes
-        np.divide(total, self.chunk_weight(chunk), out=total)
+        self._bytes -= _nbytes(total)
+        total.div_(self.chunk_weight(chunk))
         self.done_chunks.add(chunk)
         self.on_chunk_done(chunk, self.chunk_slices(chunk), total)
 
-    def _buffer(self, chunk: ChunkIndex) -> np.ndarray:
+    def _buffer(self, chunk: ChunkIndex) -> torch.Tensor:
         if chunk in self._buffers:
             self._buffers.move_to_end(chunk)
             return self._buffers[chunk]
@@ -249,13 +269,14 @@ class ChunkAccumulator:
             t0 = time.perf_counter()
             # Raw float32: read back bit for bit, no archive or checksum to build (``np.savez``
             # took most of the stitching time on a volume 4x the cache).
-            total = read_raw(self._spill_path(chunk), shape, np.dtype(np.float32))
+            values = read_raw(self._spill_path(chunk), shape, np.dtype(np.float32))
+            total = torch.from_numpy(values).to(self.device)
             self._spilled.discard(chunk)
             self.spill_seconds += time.perf_counter() - t0
         else:
-            total = np.zeros(shape, dtype=np.float32)
+            total = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self._buffers[chunk] = total
-        self._bytes += total.nbytes
+        self._bytes += _nbytes(total)
         self._evict()
         return total
 
@@ -270,10 +291,10 @@ class ChunkAccumulator:
             order = list(self._buffers)[:-1]  # least recently used first
             _, chunk = max(enumerate(order), key=lambda item: (self._next_use(item[1]), -item[0]))
             total = self._buffers.pop(chunk)
-            self._bytes -= total.nbytes
+            self._bytes -= _nbytes(total)
             t0 = time.perf_counter()
             self.scratch_dir.mkdir(parents=True, exist_ok=True)
-            write_raw(self._spill_path(chunk), total)
+            write_raw(self._spill_path(chunk), total.cpu().numpy())
             self.spill_seconds += time.perf_counter() - t0
             self._spilled.add(chunk)
             self.spill_count += 1
@@ -296,3 +317,7 @@ class ChunkAccumulator:
         self._buffers.clear()
         self._spilled.clear()
         self._bytes = 0
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

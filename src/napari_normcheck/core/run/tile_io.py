@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,14 +18,21 @@ from napari_normcheck.core.io.intensity import IntensityTransform
 from napari_normcheck.core.io.lazy_array import describe_box, failing_box, stored_chunk_box
 from napari_normcheck.core.io.volume import Volume
 
+if TYPE_CHECKING:
+    import torch
+
 
 @dataclass
 class TileWork:
-    """A tile in flight: its input window, then its predictions per mode and feature statistics."""
+    """A tile in flight: its input window, then its predictions per mode and feature statistics.
+
+    The predictions are float32 tensors ``(C, z, y, x)`` on the run's device, as the model made
+    them.
+    """
 
     tile: Tile
     image: np.ndarray
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     features: dict[str, np.ndarray] = field(default_factory=dict)
 
 

@@ -11,6 +11,10 @@ Data flow (memory depends on tile size and tiles in flight only):
 reader thread (lazy read + intensity normalization + padding) -> each prediction's forwards in
 batches -> :class:`~napari_normcheck.core.run.stitch.ChunkAccumulator` -> finished chunks (writer
 thread) -> activation, disparity sums, registry outputs -> zarr.
+
+Predictions stay on the run's device: they are blended there, activated there (the finished chunks
+on the writer thread, each tile's prediction box on the metrics thread), and cross to the host once,
+activated (:class:`~napari_normcheck.core.run.staging.HostCopies`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.base.tiling import Tile
@@ -32,13 +37,14 @@ from napari_normcheck.core.io.writer import BackgroundWriter
 from napari_normcheck.core.measure.labels import stored_probabilities
 from napari_normcheck.core.measure.metrics import DisparityAccumulator
 from napari_normcheck.core.measure.mismatch import MismatchTracker
-from napari_normcheck.core.run.forward import activate, to_output_dtype
+from napari_normcheck.core.run.forward import activate_tensor, to_output_dtype
 from napari_normcheck.core.run.grids import tile_record
 from napari_normcheck.core.run.passes import Passes
 from napari_normcheck.core.run.predictions import BoundPrediction
 from napari_normcheck.core.run.region import ChunkIndex, ChunkRegion
 from napari_normcheck.core.run.registry import tile_metrics_of, voxel_outputs
 from napari_normcheck.core.run.runsetup import RunSetup
+from napari_normcheck.core.run.staging import HostCopies
 from napari_normcheck.core.run.stitch import ChunkAccumulator, importance_map
 from napari_normcheck.core.run.sums import RunSums
 from napari_normcheck.core.run.threads import intra_op_threads
@@ -142,6 +148,7 @@ class TileLoop:
         self.outputs = voxel_outputs(self.names, config)
         self.tile_metrics = tile_metrics_of(self.names)
         self.writer = BackgroundWriter()
+        self.host = HostCopies(setup.device)
         self._metrics_thread = ThreadPoolExecutor(1, thread_name_prefix="normcheck-metrics")
         self._metrics_timing = Timing()  # the metrics thread's own seconds (overlap stitching)
         self.records: dict[int, dict[str, Any]] = {}
@@ -179,6 +186,7 @@ class TileLoop:
             done_chunks=done_chunks,
             chunk_box=chunk_box,
             tiles=tiles,
+            device=setup.device,
         )
 
     def run(self, tiles: list[Tile]) -> Iterator[TileResult]:
@@ -243,6 +251,7 @@ class TileLoop:
                 self._metrics_timing,
                 self.feature_layers,
                 self.tile_metrics,
+                self.host,
             )
             self._stitch(work)
             self._in_flight.append(_Stitched(work.tile, future, self.chunks_written - before))
@@ -342,7 +351,7 @@ class TileLoop:
         self.timing.stitch += time.perf_counter() - t0 - (after - before) - spill
 
     def _write_chunk(
-        self, chunk: ChunkIndex, slices: tuple[slice, ...], values: np.ndarray
+        self, chunk: ChunkIndex, slices: tuple[slice, ...], values: torch.Tensor
     ) -> None:
         # The chunk's activation, disparity sums and storage run on the writer thread, in chunk
         # completion order (the global sums add up in the same order as before), while this
@@ -353,11 +362,12 @@ class TileLoop:
         self.timing.write += time.perf_counter() - t0
 
     def _finish_chunk(
-        self, chunk: ChunkIndex, slices: tuple[slice, ...], values: np.ndarray
+        self, chunk: ChunkIndex, slices: tuple[slice, ...], values: torch.Tensor
     ) -> None:
         t0 = time.perf_counter()
+        # Activated on the device, then one copy of the chunk to the host.
         stacked = values.reshape(len(self.names), self.n_out, *values.shape[1:])
-        activated = activate(stacked, self.config.activation)
+        activated = self.host.to_host(activate_tensor(stacked, self.config.activation))
         probabilities = dict(zip(self.names, activated))
         if self.grid_shift is not None:
             probabilities |= self.grid_shift.add_chunk(chunk, slices, probabilities)
