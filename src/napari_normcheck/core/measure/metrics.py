@@ -1,4 +1,4 @@
-"""Train/eval disparity from accumulated sums (NumPy only).
+"""Train/eval disparity from accumulated sums.
 
 Disparity per output channel is ``1 - Dice(P_train, P_eval)``:
 
@@ -7,23 +7,36 @@ Disparity per output channel is ``1 - Dice(P_train, P_eval)``:
 
 Empty against empty counts as agreement (Dice 1). Global values come from sums accumulated over the
 stitched volume, chunk by chunk, never from a mean of per-tile values.
+
+:func:`dice_sums` takes NumPy arrays or torch tensors: tensors on a GPU are summed there (float64
+sums in NumPy's order, :mod:`~napari_normcheck.core.measure.rowsums`), so only the sums cross to the
+host; CPU tensors are NumPy's arrays (no copy), summed by NumPy's kernels, the fastest there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from napari_normcheck.core.measure.rowsums import float64_row_sums, numpy_order_row_sums
+
+if TYPE_CHECKING:
+    import torch
+
 DICE_KINDS = ("hard", "soft", "argmax")
+#: Sum CPU tensors with the GPU's torch operations too (a test's way to run that path on the CPU);
+#: otherwise they are summed as NumPy arrays, which is faster there and gives the same bits.
+TORCH_SUMS_ON_CPU = False
 #: The entry of :func:`dice_sums` (with ``counts=True``) holding the hard foreground of each map:
 #: row 0 ``|A|`` (train), row 1 ``|B|`` (eval); not a Dice kind.
 FOREGROUND = "foreground"
 
 
 def dice_sums(
-    p_train: np.ndarray,
-    p_eval: np.ndarray,
+    p_train: np.ndarray | torch.Tensor,
+    p_eval: np.ndarray | torch.Tensor,
     threshold: float,
     argmax: bool = False,
     counts: bool = False,
@@ -32,8 +45,9 @@ def dice_sums(
 
     Parameters
     ----------
-    p_train, p_eval : numpy.ndarray
-        Probabilities of the two modes, channel first.
+    p_train, p_eval : numpy.ndarray or torch.Tensor
+        Probabilities of the two modes, channel first (tensors on one device; both kinds give the
+        same sums, bit for bit).
     threshold : float
         Foreground threshold for the hard Dice.
     argmax : bool
@@ -55,6 +69,14 @@ def dice_sums(
     ``sum(min(p, q)) == sum(p)`` bit for bit, so identical maps have Dice exactly 1. Counts are
     exact.
     """
+    if not isinstance(p_train, np.ndarray):
+        if p_train.device.type != "cpu":
+            return dice_sums_on_device(p_train, p_eval, threshold, argmax, counts)
+        if TORCH_SUMS_ON_CPU:
+            return dice_sums_on_device(
+                p_train, p_eval, threshold, argmax, counts, row_sums=numpy_order_row_sums
+            )
+        p_train, p_eval = p_train.numpy(), p_eval.numpy()
     n = p_train.shape[0]
     p = np.ascontiguousarray(p_train, dtype=np.float32).reshape(n, -1)
     q = np.ascontiguousarray(p_eval, dtype=np.float32).reshape(n, -1)
@@ -83,6 +105,51 @@ def dice_sums(
     if counts:
         sums[FOREGROUND] = np.stack([count_a, count_b]).astype(np.float64)
     return sums
+
+
+def dice_sums_on_device(
+    p_train: torch.Tensor,
+    p_eval: torch.Tensor,
+    threshold: float,
+    argmax: bool = False,
+    counts: bool = False,
+    row_sums=float64_row_sums,
+) -> dict[str, np.ndarray]:
+    """:func:`dice_sums` with torch operations where the tensors are; only the sums cross.
+
+    Counts are exact integer sums; the float64 sums add in NumPy's order (``row_sums``), so the
+    result is :func:`dice_sums`'s of the same values on the host, bit for bit.
+    """
+    n = p_train.shape[0]
+    p = p_train.float().contiguous().reshape(n, -1)
+    q = p_eval.float().contiguous().reshape(n, -1)
+    a = p > threshold
+    b = q > threshold
+    count_a = a.sum(dim=1)
+    count_b = b.sum(dim=1)
+    inter = (a & b).sum(dim=1)
+    hard = _torch().stack([inter, count_a + count_b]).cpu().numpy().astype(np.float64)
+    sums = {
+        "hard": hard,
+        "soft": np.stack([row_sums(_torch().minimum(p, q)), row_sums(p) + row_sums(q)]),
+    }
+    if argmax:
+        ta = p_train.argmax(dim=0)
+        ea = p_eval.argmax(dim=0)
+        classes = [(ta == c, ea == c) for c in range(n)]
+        inter_c = _torch().stack([(x & y).sum() for x, y in classes])
+        total_c = _torch().stack([x.sum() + y.sum() for x, y in classes])
+        sums["argmax"] = _torch().stack([inter_c, total_c]).cpu().numpy().astype(float)
+    if counts:
+        sums[FOREGROUND] = _torch().stack([count_a, count_b]).cpu().numpy().astype(np.float64)
+    return sums
+
+
+def _torch():
+    # This module is imported where torch is not needed (the widget's tables): import it on use.
+    import torch
+
+    return torch
 
 
 def dice_from_sums(sums: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -119,8 +120,12 @@ class MismatchTracker:
             j for j, _ in self.neighbours[index] if j < index and (j, index) not in self.pair_sums
         ]
 
-    def add(self, tile: Tile, probabilities: np.ndarray) -> None:
-        """Add a tile's own probabilities ``(len(names), C, *prediction_box shape)``."""
+    def add(self, tile: Tile, probabilities: Any) -> None:
+        """Add a tile's own probabilities ``(len(names), C, *prediction_box shape)``.
+
+        An array, or a tensor on the run's device: its slabs then wait there (up to the budget)
+        and the pair sums run there (:func:`~napari_normcheck.core.measure.metrics.dice_sums`).
+        """
         box_start, _ = prediction_box(self.plan, tile)
         i = tile.index
         for j, (start, stop) in self.neighbours[i]:
@@ -137,7 +142,10 @@ class MismatchTracker:
                 for m, mode in enumerate(self.names)
             }
             if self.on_pair is not None:
-                self.on_pair(start, stop, np.abs(theirs - mine))
+                difference = abs(theirs - mine)
+                if not isinstance(difference, np.ndarray):
+                    difference = difference.cpu().numpy()
+                self.on_pair(start, stop, difference)
 
     def result(self) -> dict[str, dict[str, list[float]]]:
         """Global mismatch per prediction: ``{"eval": {"hard": [...], "soft": [...]}, ...}``."""

@@ -4,7 +4,8 @@ A tile's predictions on the voxels it shares with a later neighbour are kept unt
 runs. In scan order the neighbours of a whole row (or z-layer) of tiles are pending at once, so
 their number grows with the width of the volume; the budget keeps memory bounded whatever the width.
 Spilled slabs are raw files read back bit for bit, so the mismatch numbers do not depend
-on the budget.
+on the budget. Slabs are NumPy arrays or torch tensors (on the run's GPU, where the metrics run
+there); a spilled tensor comes back to its device.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,27 +44,33 @@ class SlabStore:
         self.max_bytes = max_bytes
         self.next_use = next_use
         self.scratch_dir = None if scratch_dir is None else Path(scratch_dir)
-        self._memory: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._spilled: dict[tuple[int, int], tuple[tuple[int, ...], np.dtype]] = {}
+        self._memory: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        # key -> (shape, NumPy dtype, the tensor's device or None for an array)
+        self._spilled: dict[tuple[int, int], tuple[tuple[int, ...], np.dtype, Any]] = {}
         self._bytes = 0
         self.spill_count = 0
         self.spill_seconds = 0.0  # writing and reading spilled slabs
 
-    def put(self, key: tuple[int, int], slab: np.ndarray) -> None:
-        """Keep a copy of ``slab`` under ``key``."""
-        if self._needed_last(key, slab.nbytes):
+    def put(self, key: tuple[int, int], slab: Any) -> None:
+        """Keep a copy of ``slab`` (an array, or a tensor kept on its device) under ``key``."""
+        if self._needed_last(key, _nbytes(slab)):
             self._spill(key, slab)  # straight from the caller's view: no copy to drop at once
             return
-        copy = np.array(slab, copy=True)
+        if isinstance(slab, np.ndarray):
+            copy = np.array(slab, copy=True)
+        else:
+            import torch
+
+            copy = slab.clone(memory_format=torch.contiguous_format)
         self._memory[key] = copy
-        self._bytes += copy.nbytes
+        self._bytes += _nbytes(copy)
         while self.max_bytes is not None and self._bytes > self.max_bytes and self._memory:
             if self.next_use is None:
                 old_key, old = self._memory.popitem(last=False)
             else:
                 old_key = max(self._memory, key=self.next_use)
                 old = self._memory.pop(old_key)
-            self._bytes -= old.nbytes
+            self._bytes -= _nbytes(old)
             self._spill(old_key, old)
 
     def _needed_last(self, key: tuple[int, int], nbytes: int) -> bool:
@@ -75,27 +83,40 @@ class SlabStore:
             return False
         return not self._memory or self.next_use(key) > max(map(self.next_use, self._memory))
 
-    def _spill(self, key: tuple[int, int], slab: np.ndarray) -> None:
+    def _spill(self, key: tuple[int, int], slab: Any) -> None:
         t0 = time.perf_counter()
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
-        write_raw(self._path(key), slab)
+        device = None if isinstance(slab, np.ndarray) else slab.device
+        values = slab if device is None else slab.cpu().numpy()
+        write_raw(self._path(key), values)
         self.spill_seconds += time.perf_counter() - t0
-        self._spilled[key] = (slab.shape, slab.dtype)
+        self._spilled[key] = (tuple(values.shape), values.dtype, device)
         self.spill_count += 1
 
-    def pop(self, key: tuple[int, int]) -> np.ndarray | None:
+    def pop(self, key: tuple[int, int]) -> Any:
         """The slab stored under ``key`` (removed), or ``None``."""
         if key in self._memory:
             slab = self._memory.pop(key)
-            self._bytes -= slab.nbytes
+            self._bytes -= _nbytes(slab)
             return slab
         if key in self._spilled:
             t0 = time.perf_counter()
-            shape, dtype = self._spilled.pop(key)
+            shape, dtype, device = self._spilled.pop(key)
             slab = read_raw(self._path(key), shape, dtype)
+            if device is not None:
+                import torch
+
+                slab = torch.from_numpy(slab).to(device)
             self.spill_seconds += time.perf_counter() - t0
             return slab
         return None
 
     def _path(self, key: tuple[int, int]) -> Path:
         return self.scratch_dir / f"slab_{key[0]}_{key[1]}.raw"
+
+
+def _nbytes(slab: Any) -> int:
+    """Bytes of an array or a tensor."""
+    if isinstance(slab, np.ndarray):
+        return slab.nbytes
+    return slab.numel() * slab.element_size()

@@ -38,8 +38,9 @@ def tile_record(
     """A tile's record: its metrics over the voxels it writes, and its feature statistics.
 
     The tile's predictions (tensors on the run's device) are activated there over the tile's whole
-    prediction box and cross to the host once (through ``host``); they go on to the mismatch
-    tracker, in the tracker's order of prediction names.
+    prediction box and cross to the host once (through ``host``), or, without ``host``, stay there:
+    the Dice and pair sums then run on the device too and only the sums cross. They go on to the
+    mismatch tracker, in the tracker's order of prediction names.
     """
     t0 = time.perf_counter()
     tile = work.tile
@@ -55,7 +56,8 @@ def tile_record(
     )
     for m, name in enumerate(names):
         activate_into(work.outputs[name][(slice(None), *window)], config.activation, activated[m])
-    probabilities = host.to_host(activated) if host is not None else activated.cpu().numpy()
+    # Without ``host`` the metrics run where the prediction is (a GPU); else on the host's copy.
+    probabilities = activated if host is None else host.to_host(activated)
     mismatch.add(tile, probabilities)
     written = (
         slice(None),

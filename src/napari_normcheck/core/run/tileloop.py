@@ -14,7 +14,9 @@ thread) -> activation, disparity sums, registry outputs -> zarr.
 
 Predictions stay on the run's device: they are blended there, activated there (the finished chunks
 on the writer thread, each tile's prediction box on the metrics thread), and cross to the host once,
-activated (:class:`~napari_normcheck.core.run.staging.HostCopies`).
+activated (:class:`~napari_normcheck.core.run.staging.HostCopies`). On a GPU a tile's metrics
+(Dice sums, overlap slabs, pair sums) run there as well and only their sums cross
+(:data:`METRICS_ON_DEVICE`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ class TileResult:
     record: dict[str, Any] | None
     chunks_written: int
 
+
+#: Where a tile's metrics run (its Dice sums, the overlap slabs and pair sums): on the run's device
+#: (``True``), on the host's copy of its activated prediction (``False``), or on the device unless
+#: that is the CPU (``None``: there NumPy's kernels sum faster than torch's; both give the same bits).
+METRICS_ON_DEVICE: bool | None = None
 
 #: Tiles whose metrics may still run on the metrics thread while the next tiles are read,
 #: predicted and stitched: the metrics of one tile then overlap the next tile's forwards instead
@@ -149,6 +156,8 @@ class TileLoop:
         self.tile_metrics = tile_metrics_of(self.names)
         self.writer = BackgroundWriter()
         self.host = HostCopies(setup.device)
+        on_device = METRICS_ON_DEVICE
+        self.metrics_on_device = setup.device.type != "cpu" if on_device is None else on_device
         self._metrics_thread = ThreadPoolExecutor(1, thread_name_prefix="normcheck-metrics")
         self._metrics_timing = Timing()  # the metrics thread's own seconds (overlap stitching)
         self.records: dict[int, dict[str, Any]] = {}
@@ -251,7 +260,7 @@ class TileLoop:
                 self._metrics_timing,
                 self.feature_layers,
                 self.tile_metrics,
-                self.host,
+                None if self.metrics_on_device else self.host,
             )
             self._stitch(work)
             self._in_flight.append(_Stitched(work.tile, future, self.chunks_written - before))
