@@ -43,15 +43,23 @@ def n_levels(shape_yx: tuple[int, int], chunk_yx: tuple[int, int], screen: int) 
     return levels
 
 
-def downsample_means(values: np.ndarray, levels: int) -> list[np.ndarray]:
+def downsample_means(values: Any, levels: int) -> list[Any]:
     """Means over ``2**k`` x ``2**k`` boxes in the last two axes, for ``k = 1 .. levels``.
 
     Partial boxes at the high edges average the voxels they hold. Sums are cascaded level by level
     with voxel counts, so every level is the exact mean of its level-0 box (up to float32 rounding).
+    ``values`` is a NumPy array or a torch tensor (the means are computed where it is, with the same
+    float32 additions and divisions, so both give the same bits).
     """
     out = []
-    sums = np.asarray(values, dtype=np.float32)
-    counts = np.ones(sums.shape[-2:], dtype=np.float32)
+    if isinstance(values, np.ndarray):
+        sums = np.asarray(values, dtype=np.float32)
+        counts = np.ones(sums.shape[-2:], dtype=np.float32)
+    else:
+        import torch
+
+        sums = values.float()
+        counts = torch.ones(sums.shape[-2:], dtype=torch.float32, device=sums.device)
     for _ in range(levels):
         sums = _pair_sum(_pair_sum(sums, -2), -1)
         counts = _pair_sum(_pair_sum(counts, -2), -1)
@@ -59,14 +67,26 @@ def downsample_means(values: np.ndarray, levels: int) -> list[np.ndarray]:
     return out
 
 
-def _pair_sum(values: np.ndarray, axis: int) -> np.ndarray:
+def _pair_sum(values: Any, axis: int) -> Any:
     """Sum neighbouring pairs along ``axis`` (an odd last element is kept on its own)."""
-    values = np.moveaxis(values, axis, -1)
-    n = values.shape[-1]
-    summed = values[..., 0 : n - 1 : 2] + values[..., 1:n:2]
+    n = values.shape[axis]
+    first = _take(values, axis, slice(0, n - 1, 2))
+    summed = first + _take(values, axis, slice(1, n, 2))
     if n % 2:
-        summed = np.concatenate([summed, values[..., n - 1 :]], axis=-1)
-    return np.moveaxis(summed, -1, axis)
+        last = _take(values, axis, slice(n - 1, n))
+        if isinstance(values, np.ndarray):
+            summed = np.concatenate([summed, last], axis=axis)
+        else:
+            import torch
+
+            summed = torch.cat([summed, last], dim=axis)
+    return summed
+
+
+def _take(values: Any, axis: int, part: slice) -> Any:
+    index = [slice(None)] * values.ndim
+    index[axis] = part
+    return values[tuple(index)]
 
 
 def level_transform(
@@ -114,17 +134,17 @@ class Pyramid:
     def __setitem__(self, key: Any, value: Any) -> None:
         self.arrays[0][key] = value
 
-    def write_chunk(self, box: tuple[slice, ...], values: np.ndarray, store_as) -> None:
+    def write_chunk(self, box: tuple[slice, ...], values: Any, store_as) -> None:
         """Write ``values`` (float) at level-0 ``box`` and its means at every level.
 
         Parameters
         ----------
         box : tuple of slice
             Level-0 slices (all axes); y and x start on a chunk boundary.
-        values : numpy.ndarray
-            The float values of the box.
+        values : numpy.ndarray or torch.Tensor
+            The float values of the box (the means are computed where they are).
         store_as : callable
-            Converts float values to the stored dtype.
+            Converts float values to a host array of the stored dtype.
         """
         self.arrays[0][box] = store_as(values)
         if len(self.arrays) == 1:

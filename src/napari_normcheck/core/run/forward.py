@@ -177,14 +177,23 @@ def activate_into(
         target.copy_(torch.softmax(source, dim=0))
 
 
-def to_output_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Cast probabilities for storage; ``uint8`` stores probability x 255, rounded."""
+def to_output_dtype(values: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray | torch.Tensor:
+    """Cast probabilities for storage; ``uint8`` stores probability x 255, rounded.
+
+    A tensor is cast where it is (and stays a tensor); an array comes back as an array.
+    """
+    if isinstance(values, np.ndarray):
+        if dtype != "uint8":
+            return values.astype(dtype, copy=False)
+        return to_output_dtype(
+            torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), dtype
+        ).numpy()
     if dtype == "uint8":
-        # torch: the same float32 operations as numpy's clip, * 255 and round-half-to-even, in one
+        # The same float32 operations as numpy's clip, * 255 and round-half-to-even, in one
         # multithreaded pass per operation and no float64 temporaries.
-        scaled = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).clamp(0.0, 1.0)
-        return scaled.mul_(255.0).round_().to(torch.uint8).numpy()
-    return values.astype(dtype, copy=False)
+        scaled = values.float().contiguous().clamp(0.0, 1.0)
+        return scaled.mul_(255.0).round_().to(torch.uint8)
+    return values.to(getattr(torch, dtype))
 
 
 def probe_eval_batch(

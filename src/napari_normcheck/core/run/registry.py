@@ -123,13 +123,14 @@ def _prediction(name: str) -> ChunkFunction:
 
 
 def _disparity(probabilities: Mapping[str, np.ndarray]) -> np.ndarray:
-    return np.abs(probabilities["train"] - probabilities["eval"])
+    # abs(): arrays or tensors (a chunk's probabilities on the run's device).
+    return abs(probabilities["train"] - probabilities["eval"])
 
 
 def _shift_diff(name: str) -> ChunkFunction:
     # The grid shift's comparer adds "shifted_<name>" to a finished chunk's predictions.
     def compute(probabilities: Mapping[str, np.ndarray]) -> np.ndarray:
-        return np.abs(probabilities[name] - probabilities[f"shifted_{name}"])
+        return abs(probabilities[name] - probabilities[f"shifted_{name}"])
 
     compute.__name__ = f"shift_diff_{name}"
     return compute

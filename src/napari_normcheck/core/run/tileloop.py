@@ -374,9 +374,13 @@ class TileLoop:
         self, chunk: ChunkIndex, slices: tuple[slice, ...], values: torch.Tensor
     ) -> None:
         t0 = time.perf_counter()
-        # Activated on the device, then one copy of the chunk to the host.
+        # Activated, summed, converted and downsampled on the device; what crosses to the host is
+        # each output's stored values (uint8 by default). The shifted grid and a stored train
+        # prediction are read on the host, so with those the chunk crosses once, activated.
         stacked = values.reshape(len(self.names), self.n_out, *values.shape[1:])
-        activated = self.host.to_host(activate_tensor(stacked, self.config.activation))
+        activated = activate_tensor(stacked, self.config.activation)
+        if self.grid_shift is not None or (self.disparity and "train" not in self.names):
+            activated = self.host.to_host(activated)
         probabilities = dict(zip(self.names, activated))
         if self.grid_shift is not None:
             probabilities |= self.grid_shift.add_chunk(chunk, slices, probabilities)
@@ -408,14 +412,16 @@ class TileLoop:
         self._submit(job, *args)
         self.timing.write += time.perf_counter() - t0
 
-    def _store_chunk(self, slices: tuple[slice, ...], probabilities: dict[str, np.ndarray]) -> None:
+    def _store_chunk(self, slices: tuple[slice, ...], probabilities: dict[str, Any]) -> None:
         # On the writer thread: compress and write (with the chunk's pyramid levels) while the
         # model predicts the next tiles.
         box = (slice(None), *slices)
         dtype = self.config.output_dtype
 
-        def store_as(values: np.ndarray) -> np.ndarray:
-            return to_output_dtype(values, dtype)
+        def store_as(values: Any) -> np.ndarray:
+            # Converted where the values are; only the stored dtype crosses to the host.
+            stored = to_output_dtype(values, dtype)
+            return stored if isinstance(stored, np.ndarray) else self.host.to_host(stored)
 
         for output in self.outputs:
             # An output without an array here is not this loop's to write (the shifted grid's).
