@@ -13,7 +13,8 @@ Printed per case: input Mvoxel/s (target >= 10 on 2 CPU cores), seconds per name
 report's timing and their sum against the wall time (target: within 5%), peak RSS, and the bytes OUT
 holds per input voxel per output channel (uncompressed array size, and on disk).
 ``--memory`` runs the default tile on 1x, 16x and 64x the voxels (growing in y and x) and prints the
-peak RSS ratios (target: within 1.25x).
+peak RSS ratios (target: within 1.25x). ``--blend`` times the blend alone (the chunk sums on the
+run's device, from random predictions already there) for each tile and ``--threads`` value.
 """
 
 from __future__ import annotations
@@ -148,6 +149,43 @@ def in_subprocess(volume: Path, tile: tuple[int, int, int], device: str, threads
         return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def time_blend(shape: tuple[int, ...], tile: tuple[int, ...], device: str, threads: int) -> dict:
+    """The blend alone: every tile's two predictions added into the chunk sums, on ``device``."""
+    import torch
+
+    from napari_normcheck.core.base.tiling import plan_tiles
+    from napari_normcheck.core.run.stitch import ChunkAccumulator, importance_map
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        plan = plan_tiles(shape, tile, overlap=0.25)
+        weights = importance_map(plan.window_shape, "gaussian", 2 if tile[0] == 1 else 3)
+        generator = torch.Generator(device=device).manual_seed(0)
+        predictions = [
+            torch.rand((2, *plan.window_shape), generator=generator, device=device)
+            for _ in range(2)
+        ]
+        with tempfile.TemporaryDirectory() as scratch:
+            accumulator = ChunkAccumulator(
+                plan, 4, weights, lambda *_: None, scratch, max_bytes=2**40, device=device
+            )
+            t0 = time.perf_counter()
+            for each in plan.tiles():
+                accumulator.add(each, predictions)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(before)
+    return {
+        "seconds": seconds,
+        "tiles": plan.n_tiles,
+        "mvoxel_per_s": np.prod(shape) / seconds / 1e6,
+    }
+
+
 def threads_text(threads: int) -> str:
     """``, --threads N`` where set (0: torch's own choice, from ``OMP_NUM_THREADS``)."""
     return f", --threads {threads}" if threads else ""
@@ -194,12 +232,28 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads of the run, one case per value (0: torch's choice)",
     )
     parser.add_argument(
+        "--blend",
+        action="store_true",
+        help="time the blend alone (chunk sums on --device) per tile and --threads value",
+    )
+    parser.add_argument(
         "--memory",
         action="store_true",
         help="peak RSS at 1x, 16x, 64x voxels (the first --tiles; 1x is one tile wide)",
     )
     args = parser.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.split(","))
+    if args.blend:
+        for text in args.tiles:
+            tile = tuple(int(v) for v in text.split(","))
+            for threads in args.threads:
+                result = time_blend(shape, tile, args.device, threads)
+                print(
+                    f"blend alone, volume {'x'.join(map(str, shape))}, tile {text}"
+                    f"{threads_text(threads)}: {result['seconds']:.2f} s for {result['tiles']} "
+                    f"tiles x 2 modes, {result['mvoxel_per_s']:.1f} Mvoxel/s of input"
+                )
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         if args.memory:
             # The first tile; the 1x volume is one tile wide in y and x (the defaults: 32x256x256

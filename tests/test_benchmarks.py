@@ -95,3 +95,10 @@ def test_widget_benchmark_runs_to_the_end(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "largest GUI gap" in done.stdout
+
+
+def test_pipeline_blend_mode_runs_to_the_end(capsys, torch_threads):
+    argv = ["--blend", "--shape", "8,64,64", "--tiles", "4,32,32", "1,32,32", "--threads", "1", "2"]
+    assert load_script("bench_pipeline.py").main(argv) in (0, None)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 4 and all("Mvoxel/s" in line for line in printed)

@@ -204,7 +204,7 @@ class ChunkAccumulator:
             for part in parts:
                 view = total[(slice(first, first + len(part)), *in_chunk)]
                 if scratch is None or scratch.shape != view.shape:
-                    scratch = torch.empty(view.shape, dtype=torch.float32, device=self.device)
+                    scratch = self._empty(view.shape)
                 torch.mul(part[(slice(None), *in_tile)], w, out=scratch)
                 view.add_(scratch)
                 first += len(part)
@@ -274,11 +274,22 @@ class ChunkAccumulator:
             self._spilled.discard(chunk)
             self.spill_seconds += time.perf_counter() - t0
         else:
-            total = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            total = self._zeros(shape)
         self._buffers[chunk] = total
         self._bytes += _nbytes(total)
         self._evict()
         return total
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.device.type == "cpu":
+            # NumPy's zeros: calloc hands out zeroed pages without a pass that writes them.
+            return torch.from_numpy(np.zeros(shape, dtype=np.float32))
+        return torch.zeros(shape, dtype=torch.float32, device=self.device)
+
+    def _empty(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return torch.from_numpy(np.empty(tuple(shape), dtype=np.float32))
+        return torch.empty(shape, dtype=torch.float32, device=self.device)
 
     def _next_use(self, chunk: ChunkIndex) -> float:
         users = self._users.get(chunk)
