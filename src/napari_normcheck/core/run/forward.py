@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,26 +34,10 @@ def forward_batch(
     mode: str,
     spatial_dims: int,
     device: torch.device,
-    *,
-    precision: str = "fp32",
-    per_sample: bool = False,
-    staging: HostStaging | None = None,
+    **options: Any,
 ) -> np.ndarray:
-    """:func:`forward_tensor` copied to the host: ``(N, C_out, z, y, x)`` float32 numpy."""
-    return (
-        forward_tensor(
-            model,
-            images,
-            mode,
-            spatial_dims,
-            device,
-            precision=precision,
-            per_sample=per_sample,
-            staging=staging,
-        )
-        .cpu()
-        .numpy()
-    )
+    """:func:`forward_tensor` (the same arguments) copied to the host: float32 NumPy."""
+    return forward_tensor(model, images, mode, spatial_dims, device, **options).cpu().numpy()
 
 
 def forward_tensor(
