@@ -8,9 +8,10 @@ Disparity per output channel is ``1 - Dice(P_train, P_eval)``:
 Empty against empty counts as agreement (Dice 1). Global values come from sums accumulated over the
 stitched volume, chunk by chunk, never from a mean of per-tile values.
 
-:func:`dice_sums` takes NumPy arrays or torch tensors: tensors on a GPU are summed there (float64
-sums in NumPy's order, :mod:`~napari_normcheck.core.measure.rowsums`), so only the sums cross to the
-host; CPU tensors are NumPy's arrays (no copy), summed by NumPy's kernels, the fastest there.
+:func:`dice_sums` takes NumPy arrays or torch tensors: tensors on a CUDA GPU are summed there
+(float64 sums in NumPy's order, :mod:`~napari_normcheck.core.measure.rowsums`), so only the sums
+cross to the host; CPU tensors are NumPy's arrays (no copy), summed by NumPy's kernels, the fastest
+there; other devices' tensors are copied to the host.
 """
 
 from __future__ import annotations
@@ -70,13 +71,14 @@ def dice_sums(
     exact.
     """
     if not isinstance(p_train, np.ndarray):
-        if p_train.device.type != "cpu":
+        if p_train.device.type == "cuda":
             return dice_sums_on_device(p_train, p_eval, threshold, argmax, counts)
-        if TORCH_SUMS_ON_CPU:
+        if TORCH_SUMS_ON_CPU and p_train.device.type == "cpu":
             return dice_sums_on_device(
                 p_train, p_eval, threshold, argmax, counts, row_sums=numpy_order_row_sums
             )
-        p_train, p_eval = p_train.numpy(), p_eval.numpy()
+        # The CPU's tensors are its arrays; other accelerators may lack float64: on the host.
+        p_train, p_eval = p_train.cpu().numpy(), p_eval.cpu().numpy()
     n = p_train.shape[0]
     p = np.ascontiguousarray(p_train, dtype=np.float32).reshape(n, -1)
     q = np.ascontiguousarray(p_eval, dtype=np.float32).reshape(n, -1)

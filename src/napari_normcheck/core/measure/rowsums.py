@@ -39,9 +39,10 @@ def float64_row_sums(rows: torch.Tensor | np.ndarray) -> np.ndarray:
     """
     if isinstance(rows, np.ndarray):
         return rows.sum(axis=1, dtype=np.float64)
-    if rows.device.type == "cpu":
-        return rows.numpy().sum(axis=1, dtype=np.float64)
-    return numpy_order_row_sums(rows)
+    if rows.device.type == "cuda":
+        return numpy_order_row_sums(rows)
+    # The CPU's (NumPy's kernel is the faster there) and other accelerators', which may lack float64.
+    return rows.cpu().numpy().sum(axis=1, dtype=np.float64)
 
 
 def numpy_order_row_sums(rows: torch.Tensor) -> np.ndarray:

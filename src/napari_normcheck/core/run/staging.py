@@ -102,8 +102,10 @@ class HostCopies:
 
     def to_host(self, tensor: torch.Tensor) -> np.ndarray:
         """``tensor``'s values as a host array (shares ``tensor``'s memory on the CPU)."""
-        if self._stream is None:
+        if tensor.device.type == "cpu":
             return tensor.numpy()
+        if self._stream is None:  # another accelerator (MPS, XPU): a plain, blocking copy
+            return tensor.cpu().numpy()
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):

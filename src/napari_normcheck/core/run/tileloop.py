@@ -64,8 +64,9 @@ class TileResult:
 
 
 #: Where a tile's metrics run (its Dice sums, the overlap slabs and pair sums): on the run's device
-#: (``True``), on the host's copy of its activated prediction (``False``), or on the device unless
-#: that is the CPU (``None``: there NumPy's kernels sum faster than torch's; both give the same bits).
+#: (``True``), on the host's copy of its activated prediction (``False``), or on a CUDA device and
+#: else on the host (``None``: on the CPU NumPy's kernels sum faster than torch's, with the same bits;
+#: other accelerators may lack the float64 the sums need).
 METRICS_ON_DEVICE: bool | None = None
 
 #: Tiles whose metrics may still run on the metrics thread while the next tiles are read,
@@ -157,7 +158,7 @@ class TileLoop:
         self.writer = BackgroundWriter()
         self.host = HostCopies(setup.device)
         on_device = METRICS_ON_DEVICE
-        self.metrics_on_device = setup.device.type != "cpu" if on_device is None else on_device
+        self.metrics_on_device = setup.device.type == "cuda" if on_device is None else on_device
         self._metrics_thread = ThreadPoolExecutor(1, thread_name_prefix="normcheck-metrics")
         self._metrics_timing = Timing()  # the metrics thread's own seconds (overlap stitching)
         self.records: dict[int, dict[str, Any]] = {}
