@@ -13,7 +13,8 @@ Printed per case: input Mvoxel/s (target >= 10 on 2 CPU cores), seconds per name
 report's timing and their sum against the wall time (target: within 5%), peak RSS, and the bytes OUT
 holds per input voxel per output channel (uncompressed array size, and on disk).
 ``--memory`` runs the default tile on 1x, 16x and 64x the voxels (growing in y and x) and prints the
-peak RSS ratios (target: within 1.25x). ``--blend`` times the blend alone (the chunk sums on the
+peak RSS ratios (target: within 1.25x), each case also run with glibc giving freed large arrays back
+at once (``MALLOC_MMAP_THRESHOLD_``): the memory the run had in use, apart from what glibc keeps. ``--blend`` times the blend alone (the chunk sums on the
 run's device, from random predictions already there) for each tile and ``--threads`` value.
 """
 
@@ -132,8 +133,19 @@ def run_case(
     }
 
 
-def in_subprocess(volume: Path, tile: tuple[int, int, int], device: str, threads: int = 0) -> dict:
-    """Run one case in a fresh interpreter (its own peak RSS)."""
+#: glibc then hands every freed array of 1 MiB or more back to the system at once, so the peak RSS
+#: is the memory the run had in use, not what glibc kept of freed arrays (slower: page faults).
+IN_USE_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+
+
+def in_subprocess(
+    volume: Path,
+    tile: tuple[int, int, int],
+    device: str,
+    threads: int = 0,
+    env: dict[str, str] | None = None,
+) -> dict:
+    """Run one case in a fresh interpreter (its own peak RSS), with ``env`` added to its environment."""
     with tempfile.TemporaryDirectory() as tmp:
         here, out = str(Path(__file__).parent), f"{tmp}/out.zarr"
         case = f"{str(volume)!r}, {out!r}, {tuple(tile)!r}, {device!r}, {threads}"
@@ -142,7 +154,11 @@ def in_subprocess(volume: Path, tile: tuple[int, int, int], device: str, threads
             f"print(json.dumps(b.run_case({case})))"
         )
         done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=False
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, **(env or {})},
         )
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-3000:])
@@ -259,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             # The first tile; the 1x volume is one tile wide in y and x (the defaults: 32x256x256
             # tiles over 64x256x256, 64x1024x1024 and 64x2048x2048).
             tile = tuple(int(v) for v in args.tiles[0].split(","))
-            peaks = []
+            peaks, in_use = [], []
             for factor in (1, 4, 8):
                 grown = (shape[0], tile[1] * factor, tile[2] * factor)
                 path = Path(tmp) / f"vol_{factor}.zarr"
@@ -267,9 +283,16 @@ def main(argv: list[str] | None = None) -> int:
                 result = in_subprocess(path, tile, args.device, args.threads[0])
                 print_case(grown, result)
                 peaks.append(result["peak_rss_mib"])
+                used = in_subprocess(path, tile, args.device, args.threads[0], IN_USE_ENV)
+                in_use.append(used["peak_rss_mib"])
+                print(
+                    f"  in use (with {' '.join(f'{k}={v}' for k, v in IN_USE_ENV.items())}): "
+                    f"peak RSS {in_use[-1]:.0f} MiB, {used['mvoxel_per_s']:.2f} Mvoxel/s"
+                )
             print(
                 f"\npeak RSS 16x/1x {peaks[1] / peaks[0]:.2f}, 64x/1x {peaks[2] / peaks[0]:.2f} "
-                "(target <= 1.25)"
+                f"(target <= 1.25); in use {in_use[1] / in_use[0]:.2f} and "
+                f"{in_use[2] / in_use[0]:.2f}"
             )
             return 0
         path = Path(tmp) / "vol.zarr"
