@@ -122,6 +122,8 @@ def dice_sums_on_device(
     Counts are exact integer sums; the float64 sums add in NumPy's order (``row_sums``), so the
     result is :func:`dice_sums`'s of the same values on the host, bit for bit.
     """
+    import torch  # here: this module also serves the widget's tables, which need no torch
+
     n = p_train.shape[0]
     p = p_train.float().contiguous().reshape(n, -1)
     q = p_eval.float().contiguous().reshape(n, -1)
@@ -130,28 +132,21 @@ def dice_sums_on_device(
     count_a = a.sum(dim=1)
     count_b = b.sum(dim=1)
     inter = (a & b).sum(dim=1)
-    hard = _torch().stack([inter, count_a + count_b]).cpu().numpy().astype(np.float64)
+    hard = torch.stack([inter, count_a + count_b]).cpu().numpy().astype(np.float64)
     sums = {
         "hard": hard,
-        "soft": np.stack([row_sums(_torch().minimum(p, q)), row_sums(p) + row_sums(q)]),
+        "soft": np.stack([row_sums(torch.minimum(p, q)), row_sums(p) + row_sums(q)]),
     }
     if argmax:
         ta = p_train.argmax(dim=0)
         ea = p_eval.argmax(dim=0)
         classes = [(ta == c, ea == c) for c in range(n)]
-        inter_c = _torch().stack([(x & y).sum() for x, y in classes])
-        total_c = _torch().stack([x.sum() + y.sum() for x, y in classes])
-        sums["argmax"] = _torch().stack([inter_c, total_c]).cpu().numpy().astype(float)
+        inter_c = torch.stack([(x & y).sum() for x, y in classes])
+        total_c = torch.stack([x.sum() + y.sum() for x, y in classes])
+        sums["argmax"] = torch.stack([inter_c, total_c]).cpu().numpy().astype(float)
     if counts:
-        sums[FOREGROUND] = _torch().stack([count_a, count_b]).cpu().numpy().astype(np.float64)
+        sums[FOREGROUND] = torch.stack([count_a, count_b]).cpu().numpy().astype(np.float64)
     return sums
-
-
-def _torch():
-    # This module is imported where torch is not needed (the widget's tables): import it on use.
-    import torch
-
-    return torch
 
 
 def dice_from_sums(sums: np.ndarray) -> np.ndarray:

@@ -152,11 +152,12 @@ def activate_into(
     ``values`` (a view of a tile's prediction, say) is made contiguous first, so the activation
     sees the layout of ``out`` whatever the view's strides; tensors stay on their device.
     """
-    source = torch.as_tensor(values, dtype=torch.float32).contiguous()
     target = torch.as_tensor(out)
     if activation == "none":
-        target.copy_(source)
-    elif activation == "sigmoid":
+        target.copy_(torch.as_tensor(values))  # one copy, whatever the strides
+        return
+    source = torch.as_tensor(values, dtype=torch.float32).contiguous()
+    if activation == "sigmoid":
         torch.sigmoid(source, out=target)
     else:
         target.copy_(torch.softmax(source, dim=0))
