@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import zarr
 
 from napari_normcheck.core.base.config import RunConfig
@@ -45,6 +46,51 @@ def test_accumulated_sums_equal_whole_volume_computation():
     hard, soft = numpy_disparity(p, q)
     np.testing.assert_allclose(acc.result()["hard"], hard, rtol=1e-12)
     np.testing.assert_allclose(acc.result()["soft"], soft, rtol=1e-9)
+
+
+def whole_row_sums(p, q, threshold):
+    """The sums of ``dice_sums`` as whole-row NumPy expressions (its earlier implementation)."""
+    n = p.shape[0]
+    p = np.ascontiguousarray(p, dtype=np.float32).reshape(n, -1)
+    q = np.ascontiguousarray(q, dtype=np.float32).reshape(n, -1)
+    a, b = p > threshold, q > threshold
+    count_a, count_b = a.sum(axis=1), b.sum(axis=1)
+    return {
+        "hard": np.stack([(a & b).sum(axis=1), count_a + count_b]).astype(np.float64),
+        "soft": np.stack(
+            [
+                np.minimum(p, q).sum(axis=1, dtype=np.float64),
+                p.sum(axis=1, dtype=np.float64) + q.sum(axis=1, dtype=np.float64),
+            ]
+        ),
+        "foreground": np.stack([count_a, count_b]).astype(np.float64),
+    }
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 1), (3, 5, 7), (1, 90, 91), (2, 128, 256), (5, 129, 257), (3, 211, 300)],
+)
+def test_step_by_step_sums_are_the_whole_rows_sums_bit_for_bit(shape):
+    # Rows shorter than, equal to and longer than a step (65536 values), ending anywhere; strided
+    # views (a tile's overlap slab) and float16 input; probabilities over many magnitudes, so
+    # that another order of the float64 additions changes the last bits.
+    rng = np.random.default_rng(sum(shape))
+    scale = 10.0 ** rng.integers(-9, 1, size=(2, 2, *shape))
+    p, q = (rng.random((2, 2, *shape)) * scale).astype(np.float32)
+    p[:, : shape[0] // 2] = np.round(p[:, : shape[0] // 2])  # saturated voxels too
+    views = [(p, q), (p[:, :, :, 1:], q[:, :, :, 1:]), (p[:, :, 1:], q[:, :, 1:])]
+    views.append((p.astype(np.float16), q.astype(np.float16)))
+    for a, b in views:
+        got = dice_sums(a, b, 0.5, counts=True)
+        want = whole_row_sums(a, b, 0.5)
+        for kind in want:
+            assert got[kind].tobytes() == want[kind].tobytes(), (shape, kind)
+    # The order matters for these values: adding them one after the other gives other bits.
+    row = np.ascontiguousarray(p[0]).reshape(-1)
+    if row.size > 2 * 65536:
+        one_by_one = np.add.accumulate(row.astype(np.float64))[-1]
+        assert one_by_one != row.sum(dtype=np.float64)
 
 
 def test_engine_disparity_matches_numpy_on_stored_predictions(tmp_path, batchnorm_unet):
