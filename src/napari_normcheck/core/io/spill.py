@@ -1,4 +1,11 @@
-"""Raw float arrays moved to disk and back (spilled work in progress), bit for bit.
+"""Raw arrays moved to disk and back (spilled work in progress), bit for bit.
+
+A :class:`SpillFile` keeps the arrays of one store (unfinished chunks, overlap slabs) in one
+scratch file and reuses the space of those read back. Spilling comes in cycles (a z-layer's
+chunks go out and come back, then the next layer's), and writing into a file's cached pages again
+is faster than writing new files, which the kernel must give new pages and the file system new
+blocks (measured here: 8 GB/s into the pages already there, 1-2 GB/s into new files, 0.5 GB/s
+for a process's first writes).
 
 Written through the file object rather than ``ndarray.tofile``: a full disk then raises
 ``OSError(ENOSPC)``, which the run reports as "no space left", instead of ``tofile``'s errno-less
@@ -7,19 +14,113 @@ Written through the file object rather than ``ndarray.tofile``: a full disk then
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 
-def write_raw(path: str | Path, array: np.ndarray) -> None:
-    """Write ``array``'s values in C order, nothing else (the caller keeps shape and dtype)."""
-    with open(path, "wb") as file:
-        file.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+class SpillFile:
+    """Arrays by key in one file, the space of each array read back reused for the next.
 
+    Parameters
+    ----------
+    path : path-like
+        The file (its folder is created on the first write; the file is removed by :meth:`close`).
 
-def read_raw(path: str | Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """Read back what :func:`write_raw` wrote, and remove the file."""
-    values = np.fromfile(path, dtype=dtype).reshape(shape)
-    Path(path).unlink()
-    return values
+    Notes
+    -----
+    Space is reused by size: a store spills arrays of a few shapes (chunks, the faces of tiles),
+    so the file grows to the most bytes spilled at once of each size, not to all bytes ever
+    spilled. One thread uses a file at a time.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file: BinaryIO | None = None
+        self._end = 0
+        self._free: dict[int, list[int]] = {}  # size in bytes -> offsets of free space that size
+        self._entries: dict[Hashable, tuple[int, tuple[int, ...], np.dtype]] = {}
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[Hashable]:
+        """Keys of the arrays on disk."""
+        return list(self._entries)
+
+    def write(self, key: Hashable, array: np.ndarray) -> None:
+        """Write ``array``'s values in C order under ``key`` (shape and dtype kept in memory)."""
+        values = np.ascontiguousarray(array)
+        data = memoryview(values).cast("B")
+        offset = self._allocate(data.nbytes)
+        try:
+            file = self._open()
+            file.seek(offset)
+            done = 0
+            while done < data.nbytes:
+                done += file.write(data[done:])
+        except BaseException:
+            self._release(offset, data.nbytes)
+            raise
+        self._entries[key] = (offset, values.shape, values.dtype)
+
+    def read(
+        self, key: Hashable, index: tuple[slice, ...] | None = None, keep: bool = False
+    ) -> np.ndarray:
+        """The array under ``key`` (or its part ``index``); its space is freed unless ``keep``.
+
+        A part is read through a memory map: only its pages come from disk.
+        """
+        offset, shape, dtype = self._entries[key]
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if index is None:
+            values = np.empty(shape, dtype=dtype)
+            buffer = memoryview(values).cast("B")
+            file = self._open()
+            file.seek(offset)
+            done = 0
+            while done < nbytes:
+                got = file.readinto(buffer[done:])
+                if not got:
+                    raise OSError(f"spill file {self.path} ended early")
+                done += got
+        else:
+            mapped = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
+            values = np.array(mapped[index])
+            del mapped
+        if not keep:
+            del self._entries[key]
+            self._release(offset, nbytes)
+        return values
+
+    def close(self) -> None:
+        """Close and remove the file; every array in it is dropped."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.path.unlink(missing_ok=True)
+        self._entries.clear()
+        self._free.clear()
+        self._end = 0
+
+    def _open(self) -> BinaryIO:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "w+b", buffering=0)  # noqa: SIM115 (closed by close())
+        return self._file
+
+    def _allocate(self, nbytes: int) -> int:
+        free = self._free.get(nbytes)
+        if free:
+            return free.pop()
+        offset = self._end
+        self._end += nbytes
+        return offset
+
+    def _release(self, offset: int, nbytes: int) -> None:
+        self._free.setdefault(nbytes, []).append(offset)

@@ -77,6 +77,43 @@ def tile_pairs(
     return neighbours
 
 
+def _slabs_kept(
+    plan: TilePlan, neighbours: dict[int, list[tuple[int, tuple]]]
+) -> tuple[dict[int, list], dict[tuple[int, int], tuple[tuple[int, int], tuple[slice, ...]]]]:
+    """Which part of each tile waits for its later neighbours, and where each pair finds it.
+
+    A tile's later neighbours are grouped by the slowest grid axis along which they lie ahead of
+    it (next in the row, the next row, the next z-layer); one slab per group, the box around the
+    group's shared boxes, is kept, and each pair reads its shared box from it. The corner and
+    edge neighbours' boxes lie inside the face's, so a tile keeps three faces instead of thirteen
+    overlapping slabs (in 3D), half the bytes waiting across a z-layer.
+
+    Returns
+    -------
+    kept : dict
+        ``{i: [((i, axis), (start, stop)), ...]}``: the slabs tile ``i`` keeps, by key.
+    slab_of : dict
+        ``{(i, j): ((i, axis), index)}``: pair ``(i, j)``'s slab and its shared box within it.
+    """
+    grid = plan.grid_positions.tolist()
+    groups: dict[tuple[int, int], list[tuple[int, tuple]]] = {}
+    for i, pairs in neighbours.items():
+        for j, shared in pairs:
+            if j > i:
+                axis = next((d for d, (a, b) in enumerate(zip(grid[i], grid[j])) if a != b), 0)
+                groups.setdefault((i, axis), []).append((j, shared))
+    kept: dict[int, list] = {i: [] for i in neighbours}
+    slab_of = {}
+    for key, members in groups.items():
+        start = tuple(min(values) for values in zip(*(box[0] for _, box in members)))
+        stop = tuple(max(values) for values in zip(*(box[1] for _, box in members)))
+        kept[key[0]].append((key, (start, stop)))
+        for j, (a, b) in members:
+            index = tuple(slice(x - s, y - s) for x, y, s in zip(a, b, start))
+            slab_of[(key[0], j)] = (key, (slice(None), slice(None), *index))
+    return kept, slab_of
+
+
 @dataclass
 class MismatchTracker:
     """Accumulates pairwise mismatch sums as tiles finish, in scan order, one entry per tile pair.
@@ -100,9 +137,18 @@ class MismatchTracker:
 
     def __post_init__(self) -> None:
         self.neighbours = tile_pairs(self.plan, self.tiles)
-        # Slab (i, j) waits for tile j: beyond the budget, the one whose tile runs last spills.
-        self._slabs = SlabStore(self.max_slab_bytes, self.scratch_dir, next_use=lambda key: key[1])
+        self._kept, self._slab_of = _slabs_kept(self.plan, self.neighbours)
+        # The later tiles each kept slab still waits for, in scan order.
+        self._waiting = {key: [] for boxes in self._kept.values() for key, _ in boxes}
+        for (_, j), (key, _) in sorted(self._slab_of.items(), key=lambda item: item[0][1]):
+            self._waiting[key].append(j)
+        # Beyond the budget, the slab whose next tile runs last spills.
+        self._slabs = SlabStore(self.max_slab_bytes, self.scratch_dir, next_use=self._next_use)
         self.pair_sums = {}
+
+    def _next_use(self, key: tuple[int, int]) -> int:
+        waiting = self._waiting[key]
+        return waiting[0] if waiting else -1
 
     @property
     def slab_spill_seconds(self) -> float:
@@ -128,15 +174,22 @@ class MismatchTracker:
         """
         box_start, _ = prediction_box(self.plan, tile)
         i = tile.index
-        for j, (start, stop) in self.neighbours[i]:
+
+        def part(start, stop):
             local = tuple(slice(a - b, c - b) for a, c, b in zip(start, stop, box_start))
-            mine = probabilities[(slice(None), slice(None), *local)]
+            return probabilities[(slice(None), slice(None), *local)]
+
+        for j, (start, stop) in self.neighbours[i]:
             if j > i:
-                self._slabs.put((i, j), mine)
                 continue
-            theirs = self._slabs.pop((j, i))
+            key, index = self._slab_of[(j, i)]
+            waiting = self._waiting[key]
+            if i in waiting:
+                waiting.remove(i)
+            theirs = self._slabs.take(key, index, last=not waiting)
             if theirs is None:  # the earlier tile was not rerun on resume: its pair sums are kept
                 continue
+            mine = part(start, stop)
             self.pair_sums[(j, i)] = {
                 mode: dice_sums(theirs[m], mine[m], self.threshold)
                 for m, mode in enumerate(self.names)
@@ -146,6 +199,12 @@ class MismatchTracker:
                 if not isinstance(difference, np.ndarray):
                     difference = difference.cpu().numpy()
                 self.on_pair(start, stop, difference)
+        for key, (start, stop) in self._kept[i]:
+            self._slabs.put(key, part(start, stop))
+
+    def close(self) -> None:
+        """Drop the slabs still waiting (an interrupted run) and their spill file."""
+        self._slabs.close()
 
     def result(self) -> dict[str, dict[str, list[float]]]:
         """Global mismatch per prediction: ``{"eval": {"hard": [...], "soft": [...]}, ...}``."""

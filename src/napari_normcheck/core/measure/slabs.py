@@ -3,8 +3,8 @@
 A tile's predictions on the voxels it shares with a later neighbour are kept until that neighbour
 runs. In scan order the neighbours of a whole row (or z-layer) of tiles are pending at once, so
 their number grows with the width of the volume; the budget keeps memory bounded whatever the width.
-Spilled slabs are raw files read back bit for bit, so the mismatch numbers do not depend
-on the budget. Slabs are NumPy arrays or torch tensors (on the run's GPU, where the metrics run
+Spilled slabs go to one raw file (:class:`~napari_normcheck.core.io.spill.SpillFile`) and come
+back bit for bit, so the mismatch numbers do not depend on the budget. Slabs are NumPy arrays or torch tensors (on the run's GPU, where the metrics run
 there); a spilled tensor comes back to its device.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_normcheck.core.io.spill import read_raw, write_raw
+from napari_normcheck.core.io.spill import SpillFile
 
 
 class SlabStore:
@@ -45,11 +45,17 @@ class SlabStore:
         self.next_use = next_use
         self.scratch_dir = None if scratch_dir is None else Path(scratch_dir)
         self._memory: OrderedDict[tuple[int, int], Any] = OrderedDict()
-        # key -> (shape, NumPy dtype, the tensor's device or None for an array)
-        self._spilled: dict[tuple[int, int], tuple[tuple[int, ...], np.dtype, Any]] = {}
+        self._disk = None if self.scratch_dir is None else SpillFile(self.scratch_dir / "slabs.f32")
+        # key -> the tensor's device, or None for an array
+        self._spilled: dict[tuple[int, int], Any] = {}
         self._bytes = 0
         self.spill_count = 0
         self.spill_seconds = 0.0  # writing and reading spilled slabs
+
+    @property
+    def spilled(self) -> list[tuple[int, int]]:
+        """Keys of the slabs on disk."""
+        return list(self._spilled)
 
     def put(self, key: tuple[int, int], slab: Any) -> None:
         """Keep a copy of ``slab`` (an array, or a tensor kept on its device) under ``key``."""
@@ -85,12 +91,10 @@ class SlabStore:
 
     def _spill(self, key: tuple[int, int], slab: Any) -> None:
         t0 = time.perf_counter()
-        self.scratch_dir.mkdir(parents=True, exist_ok=True)
         device = None if isinstance(slab, np.ndarray) else slab.device
-        values = slab if device is None else slab.cpu().numpy()
-        write_raw(self._path(key), values)
+        self._disk.write(key, slab if device is None else slab.cpu().numpy())
         self.spill_seconds += time.perf_counter() - t0
-        self._spilled[key] = (tuple(values.shape), values.dtype, device)
+        self._spilled[key] = device
         self.spill_count += 1
 
     def pop(self, key: tuple[int, int]) -> Any:
@@ -100,19 +104,43 @@ class SlabStore:
             self._bytes -= _nbytes(slab)
             return slab
         if key in self._spilled:
-            t0 = time.perf_counter()
-            shape, dtype, device = self._spilled.pop(key)
-            slab = read_raw(self._path(key), shape, dtype)
-            if device is not None:
-                import torch
-
-                slab = torch.from_numpy(slab).to(device)
-            self.spill_seconds += time.perf_counter() - t0
-            return slab
+            return self._read(key, None, last=True)
         return None
 
-    def _path(self, key: tuple[int, int]) -> Path:
-        return self.scratch_dir / f"slab_{key[0]}_{key[1]}.raw"
+    def take(self, key: tuple[int, int], index: tuple[slice, ...], last: bool) -> Any:
+        """``slab[index]`` of the slab stored under ``key``, or ``None``; ``last`` removes the slab.
+
+        One slab can serve several later tiles, each a part of it. A spilled slab is read part by
+        part (only the part's bytes come from disk); its space goes with the last part.
+        """
+        if key in self._memory:
+            slab = self._memory[key]
+            if last:
+                del self._memory[key]
+                self._bytes -= _nbytes(slab)
+            return slab[index]
+        if key in self._spilled:
+            return self._read(key, index, last)
+        return None
+
+    def _read(self, key: tuple[int, int], index: tuple[slice, ...] | None, last: bool) -> Any:
+        t0 = time.perf_counter()
+        device = self._spilled.pop(key) if last else self._spilled[key]
+        part = self._disk.read(key, index, keep=not last)
+        if device is not None:
+            import torch
+
+            part = torch.from_numpy(part).to(device)
+        self.spill_seconds += time.perf_counter() - t0
+        return part
+
+    def close(self) -> None:
+        """Drop every slab and remove the spill file."""
+        self._memory.clear()
+        self._bytes = 0
+        self._spilled.clear()
+        if self._disk is not None:
+            self._disk.close()
 
 
 def _nbytes(slab: Any) -> int:

@@ -6,8 +6,8 @@ a weight sum, and the output is ``sum / weight`` in float32. Instead of one buff
 sums live per output chunk; a chunk is handed to ``on_chunk_done`` as soon as the last tile that touches
 it (known from the plan) has been added, then dropped. Its weight sum depends on the plan alone, so it
 is summed (in the same tile order) when the chunk finishes, not held beside it. Unfinished chunks beyond
-``max_bytes`` spill to raw files in a scratch folder (the one needed last first), so memory depends on
-tile size, not on volume size.
+``max_bytes`` spill to a raw file in a scratch folder (the one needed last first; its space reused,
+:class:`~napari_normcheck.core.io.spill.SpillFile`), so memory depends on tile size, not on volume size.
 
 The sums are torch tensors on the run's device, where the predictions are made: on a GPU no tile
 crosses to the host to be blended, and on the CPU each multiply and add uses the cores torch is given.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from napari_normcheck.core.base.tiling import Tile, TilePlan
-from napari_normcheck.core.io.spill import read_raw, write_raw
+from napari_normcheck.core.io.spill import SpillFile
 
 ChunkIndex = tuple[int, int, int]
 #: Memory for the weight sums of chunks placed alike in the tile grid (reused, not recomputed).
@@ -149,7 +149,7 @@ class ChunkAccumulator:
         self._weight_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.done_chunks: set[ChunkIndex] = set(done_chunks or ())
         self._buffers: OrderedDict[ChunkIndex, torch.Tensor] = OrderedDict()
-        self._spilled: set[ChunkIndex] = set()
+        self._spilled = SpillFile(self.scratch_dir / "chunks.f32")
         self._bytes = 0
         self.spill_count = 0
         self.spill_seconds = 0.0  # writing and reading spilled chunks
@@ -269,9 +269,7 @@ class ChunkAccumulator:
             t0 = time.perf_counter()
             # Raw float32: read back bit for bit, no archive or checksum to build (``np.savez``
             # took most of the stitching time on a volume 4x the cache).
-            values = read_raw(self._spill_path(chunk), shape, np.dtype(np.float32))
-            total = torch.from_numpy(values).to(self.device)
-            self._spilled.discard(chunk)
+            total = torch.from_numpy(self._spilled.read(chunk)).to(self.device)
             self.spill_seconds += time.perf_counter() - t0
         else:
             total = self._zeros(shape)
@@ -304,14 +302,9 @@ class ChunkAccumulator:
             total = self._buffers.pop(chunk)
             self._bytes -= _nbytes(total)
             t0 = time.perf_counter()
-            self.scratch_dir.mkdir(parents=True, exist_ok=True)
-            write_raw(self._spill_path(chunk), total.cpu().numpy())
+            self._spilled.write(chunk, total.cpu().numpy())
             self.spill_seconds += time.perf_counter() - t0
-            self._spilled.add(chunk)
             self.spill_count += 1
-
-    def _spill_path(self, chunk: ChunkIndex) -> Path:
-        return self.scratch_dir / f"chunk_{chunk[0]}_{chunk[1]}_{chunk[2]}.f32"
 
     @property
     def complete(self) -> bool:
@@ -323,10 +316,10 @@ class ChunkAccumulator:
 
     def close(self) -> None:
         """Remove spilled partial chunks (an interrupted run recomputes their tiles on resume)."""
+        self._spilled.close()
         if self.scratch_dir.exists():
             shutil.rmtree(self.scratch_dir, ignore_errors=True)
         self._buffers.clear()
-        self._spilled.clear()
         self._bytes = 0
 
 

@@ -484,4 +484,5 @@ class TileLoop:
             self._metrics_thread.shutdown(wait=True)
             self.writer.close()
         finally:
+            self.mismatch.close()
             self.accumulator.close()
