@@ -16,10 +16,12 @@ no worst list.
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import json
 import math
 import os
 import platform
+import sys
 from collections.abc import Container
 from pathlib import Path
 from typing import Any
@@ -55,24 +57,27 @@ def tile_columns(tiles: list[dict[str, Any]]) -> tuple[str, ...]:
 
 
 def software_versions() -> dict[str, str]:
-    """Versions of the software that produced the numbers."""
-    import dask
-    import monai
-    import numpy
-    import torch
-    import zarr
+    """Versions of the software that produced the numbers.
 
+    A package the run did not import is not imported for its version (MONAI's import takes over a
+    second): its installed metadata says it.
+    """
     from napari_normcheck import __version__
 
-    return {
-        "napari-normcheck": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": numpy.__version__,
-        "dask": dask.__version__,
-        "zarr": zarr.__version__,
-    }
+    versions = {"napari-normcheck": __version__, "python": platform.python_version()}
+    for name in ("torch", "monai", "numpy", "dask", "zarr"):
+        versions[name] = _package_version(name)
+    return versions
+
+
+def _package_version(name: str) -> str:
+    module = sys.modules.get(name)
+    if module is not None and hasattr(module, "__version__"):
+        return str(module.__version__)
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 #: The summary's keys of ``--grid-shift`` (:mod:`~napari_normcheck.core.run.grid_shift`), copied
