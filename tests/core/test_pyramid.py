@@ -59,3 +59,46 @@ def test_run_writes_levels_that_are_means_of_level_zero(tmp_path):
     u8 = zarr.open_group(str(tmp_path / "u.zarr"), mode="r")
     expected = np.round(root["pred_eval/2"][:] * 255)
     assert np.abs(u8["pred_eval/2"][:].astype(float) - expected).max() <= 1
+
+
+def test_chunks_of_zeros_are_left_out_and_others_written_whole(tmp_path):
+    # Writes skip zarr's comparison of every chunk with the fill value; chunks of zeros are still
+    # left out (or removed where a chunk was written before), as zarr leaves them out.
+    from napari_normcheck.core.io.pyramid import Pyramid
+
+    arrays = [
+        zarr.create_array(
+            tmp_path / f"{level}.zarr",
+            shape=(1, 4, 8 // 2**level, 8 // 2**level),
+            chunks=(1, 4, 4 // 2**level, 4 // 2**level),
+            dtype=dtype,
+            fill_value=0,
+        )
+        for level, dtype in enumerate(["uint8", "uint8"])
+    ]
+    pyramid = Pyramid(arrays)
+    box = (slice(0, 1), slice(0, 4), slice(0, 4), slice(0, 4))
+    values = np.zeros((1, 4, 4, 4), np.float32)
+    values[0, 0, 0, 1] = 4.0
+    pyramid.write_chunk(box, values, lambda v: np.asarray(v).astype(np.uint8))
+    empty = (slice(0, 1), slice(0, 4), slice(4, 8), slice(0, 4))
+    pyramid.write_chunk(empty, np.zeros_like(values), lambda v: np.asarray(v).astype(np.uint8))
+
+    def stored(level):
+        return sorted(
+            str(p.relative_to(tmp_path / f"{level}.zarr"))
+            for p in (tmp_path / f"{level}.zarr" / "c").rglob("*")
+            if p.is_file()
+        )
+
+    assert stored(0) == ["c/0/0/0/0"] and stored(1) == ["c/0/0/0/0"]
+    np.testing.assert_array_equal(arrays[0][box], values.astype(np.uint8))
+    assert arrays[1][0, 0, 0, 0] == 1  # the mean of the first 2x2
+    pyramid.write_chunk(box, np.zeros_like(values), lambda v: np.asarray(v).astype(np.uint8))
+    assert stored(0) == [] and stored(1) == []
+    # Written whole: a chunk of zeros among nonzero values in one write is kept as written.
+    both = (slice(0, 1), slice(0, 4), slice(0, 8), slice(0, 4))
+    values = np.zeros((1, 4, 8, 4), np.float32)
+    values[0, 0, 0, 0] = 1.0
+    pyramid[both] = values.astype(np.uint8)
+    assert stored(0) == ["c/0/0/0/0", "c/0/0/1/0"]

@@ -117,6 +117,11 @@ class Pyramid:
 
     def __init__(self, arrays: list[Any]) -> None:
         self.arrays = arrays
+        # zarr compares every chunk it writes with the fill value, to skip those equal to it: a
+        # pass over every output (write_wait 1.3-1.7 s -> 0.5-1.0 s of a 9 s run, tile 64x128x128).
+        # Values with no nonzero (counted several times faster) go through an array that skips
+        # (or removes) chunks of the fill value; every other write through one that does not look.
+        self._writes = [array.with_config({"write_empty_chunks": True}) for array in arrays]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -132,7 +137,7 @@ class Pyramid:
         return self.arrays[0][key]
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self.arrays[0][key] = value
+        self._write(0, key, np.asarray(value))
 
     def write_chunk(self, box: tuple[slice, ...], values: Any, store_as) -> None:
         """Write ``values`` (float) at level-0 ``box`` and its means at every level.
@@ -146,7 +151,7 @@ class Pyramid:
         store_as : callable
             Converts float values to a host array of the stored dtype.
         """
-        self.arrays[0][box] = store_as(values)
+        self._write(0, box, store_as(values))
         if len(self.arrays) == 1:
             return
         for level, means in enumerate(downsample_means(values, len(self.arrays) - 1), start=1):
@@ -154,4 +159,11 @@ class Pyramid:
             lead, (y, x) = box[:-2], box[-2:]
             y0, x0 = y.start // factor, x.start // factor
             target = (*lead, slice(y0, y0 + means.shape[-2]), slice(x0, x0 + means.shape[-1]))
-            self.arrays[level][target] = store_as(means)
+            self._write(level, target, store_as(means))
+
+    def _write(self, level: int, key: Any, stored: np.ndarray) -> None:
+        """Write stored values; chunks of the fill value (zero) are left out, as zarr does."""
+        if np.count_nonzero(stored) == 0 and not self.arrays[level].fill_value:
+            self.arrays[level][key] = stored
+        else:
+            self._writes[level][key] = stored
