@@ -1,7 +1,7 @@
 """Machinery throughput: the whole check with a model that costs nothing, so our own code is timed.
 
 Run: ``python benchmarks/bench_pipeline.py [--shape 64,1024,1024] [--tiles 32,256,256 ...]
-[--device cpu|cuda] [--memory]``. Prints measured figures; asserts nothing.
+[--device cpu|cuda] [--memory] [--cache-mb N]``. Prints measured figures; asserts nothing.
 
 The model is a per-channel scale and shift (a 1x1x1 convolution of one channel) and a BatchNorm
 with 2 output channels (running statistics
@@ -82,7 +82,12 @@ def make_zarr(path: Path, shape: tuple[int, int, int]) -> None:
 
 
 def run_case(
-    volume_path: str, out: str, tile: tuple[int, int, int], device: str, threads: int = 0
+    volume_path: str,
+    out: str,
+    tile: tuple[int, int, int],
+    device: str,
+    threads: int = 0,
+    cache_mb: int | None = None,
 ) -> dict:
     """One run of the check in this process; its figures."""
     import torch
@@ -103,6 +108,7 @@ def run_case(
         device=device,
         spatial_dims=spatial_dims,
         threads=threads,
+        **({} if cache_mb is None else {"cache_mb": cache_mb}),
     )
     volume = open_volume(volume_path)
     before = resource.getrusage(resource.RUSAGE_SELF)
@@ -144,11 +150,12 @@ def in_subprocess(
     device: str,
     threads: int = 0,
     env: dict[str, str] | None = None,
+    cache_mb: int | None = None,
 ) -> dict:
     """Run one case in a fresh interpreter (its own peak RSS), with ``env`` added to its environment."""
     with tempfile.TemporaryDirectory() as tmp:
         here, out = str(Path(__file__).parent), f"{tmp}/out.zarr"
-        case = f"{str(volume)!r}, {out!r}, {tuple(tile)!r}, {device!r}, {threads}"
+        case = f"{str(volume)!r}, {out!r}, {tuple(tile)!r}, {device!r}, {threads}, {cache_mb}"
         code = (
             f"import json, sys; sys.path.insert(0, {here!r}); import bench_pipeline as b; "
             f"print(json.dumps(b.run_case({case})))"
@@ -241,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles", nargs="+", default=["32,256,256", "64,128,128", "1,512,512"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--cache-mb",
+        type=int,
+        default=None,
+        help="the run's --cache-mb (memory for unfinished chunks, half again for slabs)",
+    )
+    parser.add_argument(
         "--threads",
         nargs="+",
         type=int,
@@ -280,10 +293,14 @@ def main(argv: list[str] | None = None) -> int:
                 grown = (shape[0], tile[1] * factor, tile[2] * factor)
                 path = Path(tmp) / f"vol_{factor}.zarr"
                 make_zarr(path, grown)
-                result = in_subprocess(path, tile, args.device, args.threads[0])
+                result = in_subprocess(
+                    path, tile, args.device, args.threads[0], cache_mb=args.cache_mb
+                )
                 print_case(grown, result)
                 peaks.append(result["peak_rss_mib"])
-                used = in_subprocess(path, tile, args.device, args.threads[0], IN_USE_ENV)
+                used = in_subprocess(
+                    path, tile, args.device, args.threads[0], IN_USE_ENV, args.cache_mb
+                )
                 in_use.append(used["peak_rss_mib"])
                 print(
                     f"  in use (with {' '.join(f'{k}={v}' for k, v in IN_USE_ENV.items())}): "
@@ -302,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         for text in args.tiles:
             tile = tuple(int(v) for v in text.split(","))
             for threads in args.threads:
-                print_case(shape, in_subprocess(path, tile, args.device, threads))
+                print_case(
+                    shape, in_subprocess(path, tile, args.device, threads, cache_mb=args.cache_mb)
+                )
     return 0
 
 

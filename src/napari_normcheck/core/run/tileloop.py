@@ -41,6 +41,7 @@ from napari_normcheck.core.measure.metrics import DisparityAccumulator
 from napari_normcheck.core.measure.mismatch import MismatchTracker
 from napari_normcheck.core.run.forward import activate_tensor, to_output_dtype
 from napari_normcheck.core.run.grids import tile_record
+from napari_normcheck.core.run.heap import HeapTrimmer
 from napari_normcheck.core.run.passes import Passes
 from napari_normcheck.core.run.predictions import BoundPrediction
 from napari_normcheck.core.run.region import ChunkIndex, ChunkRegion
@@ -227,6 +228,7 @@ class TileLoop:
         )
         # torch's intra-op threads (--threads) for the forwards and the per-voxel work, and the
         # process setting back when the loop ends.
+        heap = HeapTrimmer()
         with intra_op_threads(config.threads):
             try:
                 reader.start()
@@ -234,12 +236,14 @@ class TileLoop:
                     pending.append(work)
                     passes.run_ready(pending, final=False)
                     yield from self._finish_ready(pending)
+                    heap.tick()
                 passes.run_ready(pending, final=True)
                 yield from self._finish_ready(pending, in_flight=0)
             finally:
                 reader.stop()
                 self.timing.read += reader.seconds
                 self.timing.read_wait += reader.waited
+                self.timing.trim += heap.seconds
 
     def _finish_ready(
         self, pending: deque[TileWork], in_flight: int = METRICS_IN_FLIGHT

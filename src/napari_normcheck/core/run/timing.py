@@ -14,6 +14,7 @@ MAIN_THREAD_STAGES = (
     "forward_remedies",
     "stitch",
     "spill",
+    "trim",
     "metrics",
     "write",
     "write_wait",
@@ -43,6 +44,9 @@ class Timing:
     spill : float
         Moving unfinished chunks to disk and back when they exceed ``--cache-mb`` (part of
         stitching; the price of memory that does not grow with the volume).
+    trim : float
+        Handing freed memory back to the system (``malloc_trim``, at most every 0.5 s; see
+        :mod:`~napari_normcheck.core.run.heap`).
     slab_spill : float
         The metrics thread moving overlap slabs to disk and back beyond their budget (overlaps
         stitching).
@@ -71,6 +75,7 @@ class Timing:
     forward_remedies: float = 0.0
     stitch: float = 0.0
     spill: float = 0.0
+    trim: float = 0.0
     slab_spill: float = 0.0
     metrics: float = 0.0
     write: float = 0.0
