@@ -1,7 +1,7 @@
 """Machinery throughput: the whole check with a model that costs nothing, so our own code is timed.
 
 Run: ``python benchmarks/bench_pipeline.py [--shape 64,1024,1024] [--tiles 32,256,256 ...]
-[--device cpu|cuda] [--memory] [--cache-mb N]``. Prints measured figures; asserts nothing.
+[--device cpu|cuda] [--memory] [--cache-mb N] [--cores 1 2]``. Prints measured figures; asserts nothing.
 
 The model is a per-channel scale and shift (a 1x1x1 convolution of one channel) and a BatchNorm
 with 2 output channels (running statistics
@@ -16,6 +16,9 @@ holds per input voxel per output channel (uncompressed array size, and on disk).
 peak RSS ratios (target: within 1.25x), each case also run with glibc giving freed large arrays back
 at once (``MALLOC_MMAP_THRESHOLD_``): the memory the run had in use, apart from what glibc keeps. ``--blend`` times the blend alone (the chunk sums on the
 run's device, from random predictions already there) for each tile and ``--threads`` value.
+``--cores 1 2`` runs each case with the whole process on one CPU, then on two (Linux; torch's
+threads as many): what the second core gives the run, its reader, writer and metrics threads
+included (``--threads`` alone changes torch's intra-op threads only).
 """
 
 from __future__ import annotations
@@ -151,13 +154,18 @@ def in_subprocess(
     threads: int = 0,
     env: dict[str, str] | None = None,
     cache_mb: int | None = None,
+    cores: int | None = None,
 ) -> dict:
-    """Run one case in a fresh interpreter (its own peak RSS), with ``env`` added to its environment."""
+    """Run one case in a fresh interpreter (its own peak RSS), with ``env`` added to its environment.
+
+    With ``cores``, the interpreter runs on the first ``cores`` CPUs only (Linux), all its threads.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         here, out = str(Path(__file__).parent), f"{tmp}/out.zarr"
         case = f"{str(volume)!r}, {out!r}, {tuple(tile)!r}, {device!r}, {threads}, {cache_mb}"
+        pin = "" if cores is None else f"import os; os.sched_setaffinity(0, range({cores})); "
         code = (
-            f"import json, sys; sys.path.insert(0, {here!r}); import bench_pipeline as b; "
+            f"{pin}import json, sys; sys.path.insert(0, {here!r}); import bench_pipeline as b; "
             f"print(json.dumps(b.run_case({case})))"
         )
         done = subprocess.run(
@@ -261,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads of the run, one case per value (0: torch's choice)",
     )
     parser.add_argument(
+        "--cores",
+        nargs="+",
+        type=int,
+        default=None,
+        help="run each case on the first N CPUs only, one case per value (Linux; torch threads N)",
+    )
+    parser.add_argument(
         "--blend",
         action="store_true",
         help="time the blend alone (chunk sums on --device) per tile and --threads value",
@@ -319,9 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         for text in args.tiles:
             tile = tuple(int(v) for v in text.split(","))
             for threads in args.threads:
-                print_case(
-                    shape, in_subprocess(path, tile, args.device, threads, cache_mb=args.cache_mb)
-                )
+                for cores in args.cores or [None]:
+                    result = in_subprocess(
+                        path, tile, args.device, threads or cores or 0, None, args.cache_mb, cores
+                    )
+                    if cores is not None:
+                        print(f"on {cores} core(s):")
+                    print_case(shape, result)
     return 0
 
 

@@ -104,3 +104,14 @@ def test_pipeline_blend_mode_runs_to_the_end(capsys, torch_threads):
     assert load_script("bench_pipeline.py").main(argv) in (0, None)
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 4 and all("Mvoxel/s" in line for line in printed)
+
+
+def test_pipeline_cores_mode_runs_to_the_end(tmp_path, monkeypatch, capsys):
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("pinning a process to 1 and 2 CPUs needs Linux and 2 CPUs")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--shape", "4,64,64", "--tiles", "4,32,32", "--cores", "1", "2", "--cache-mb", "1"]
+    assert load_script("bench_pipeline.py").main(argv) in (0, None)
+    printed = capsys.readouterr().out
+    assert "on 1 core(s):" in printed and "on 2 core(s):" in printed
+    assert printed.count("Mvoxel/s of input") == 2

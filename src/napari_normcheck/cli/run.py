@@ -19,6 +19,7 @@ from napari_normcheck.cli.remedies import (
     remedies_wanted,
     report_remedies,
 )
+from napari_normcheck.core.base.config import DEFAULT_CACHE_MB
 
 
 def add_run_parser(sub: Any) -> argparse.ArgumentParser:
@@ -107,9 +108,9 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     run.add_argument(
         "--cache-mb",
         type=int,
-        default=256,
+        default=DEFAULT_CACHE_MB,
         help="memory (MB) for unfinished output chunks (and half as much for overlap slabs) "
-        "before spilling to disk",
+        "before spilling to a scratch file in OUT (default %(default)s)",
     )
     run.add_argument(
         "--threads",

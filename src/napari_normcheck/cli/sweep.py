@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_normcheck.cli.model_args import add_model_arguments, open_inputs
+from napari_normcheck.core.base.config import DEFAULT_CACHE_MB
 from napari_normcheck.core.base.errors import NormcheckError
 
 
@@ -94,7 +95,7 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
         handler=sweep_command,
         # run's options a sweep keeps at their defaults.
         seams=False,
-        cache_mb=256,
+        cache_mb=DEFAULT_CACHE_MB,
         feature_layer=[],
         precision="fp32",
         no_fuse_train=False,
