@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-from napari_normcheck.core.run.heap import HeapTrimmer
+from napari_normcheck.core.run.heap import HeapTrimmer, resident_bytes
+
+MB = 2**20
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _heap_blocks(n: int) -> list[np.ndarray]:
+    """``n`` arrays of 100 kB: under glibc's threshold, so from the heap."""
+    return [np.ones(100_000, dtype=np.uint8) for _ in range(n)]
 
 
-def test_a_trim_hands_freed_heap_memory_back_at_most_every_interval():
-    trimmer = HeapTrimmer(interval=3600.0)
-    if not trimmer.available or not os.path.exists("/proc/self/statm"):
+def test_a_trim_hands_back_freed_heap_memory_where_the_memory_grew():
+    trimmer = HeapTrimmer(interval=0.0, growth=100 * MB)
+    if not trimmer.available or resident_bytes() is None:
         pytest.skip("this C library has no malloc_trim")
-    # 2000 arrays of 100 kB (under glibc's threshold: from the heap), the last one kept: glibc
-    # cannot shrink the heap past it and keeps the 200 MB freed below it.
-    blocks = [np.ones(100_000, dtype=np.uint8) for _ in range(2000)]
+    # The last array kept: glibc cannot shrink the heap past it and keeps the 200 MB freed below.
+    blocks = _heap_blocks(2000)
     last = blocks[-1]
     del blocks
-    trimmer.tick()  # within the interval: nothing
-    assert trimmer.count == 0
-    before = _resident_bytes()
-    trimmer.interval = 0.0
+    before = resident_bytes()
     trimmer.tick()
     assert trimmer.count == 1 and trimmer.seconds > 0
-    assert before - _resident_bytes() > 100e6
+    assert before - resident_bytes() > 100 * MB
+    trimmer.tick()  # no growth since: no trim
+    assert trimmer.count == 1
     assert last[0] == 1
+    # Within the interval nothing happens, however much the memory grew.
+    waiting = HeapTrimmer(interval=3600.0, growth=0)
+    waiting.tick()
+    assert waiting.count == 0
