@@ -14,6 +14,7 @@ import numpy as np
 
 from napari_normcheck.core.base.errors import InputReadError, NormcheckError, first_line
 from napari_normcheck.core.base.tiling import Tile, TilePlan
+from napari_normcheck.core.io.block_cache import BlockCache
 from napari_normcheck.core.io.intensity import IntensityTransform
 from napari_normcheck.core.io.lazy_array import describe_box, failing_box, stored_chunk_box
 from napari_normcheck.core.io.volume import Volume
@@ -54,6 +55,8 @@ class TileReader:
         self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="normcheck-reader", daemon=True)
+        # Windows overlap and cut across stored chunks: each chunk decoded once while in use.
+        self.blocks = BlockCache.for_volume(volume.data)
         self.seconds = 0.0
         # Time the consumer spent blocked on an empty queue: the model waiting for the disk.
         self.waited = 0.0
@@ -99,7 +102,7 @@ class TileReader:
     def _read(self, tile: Tile) -> np.ndarray:
         # Named here, where the region is known: a damaged chunk, a file or a server gone.
         try:
-            return read_window(self.volume, self.plan, tile, self.transform)
+            return read_window(self.volume, self.plan, tile, self.transform, self.blocks)
         except NormcheckError:
             raise
         except Exception as error:
@@ -119,22 +122,30 @@ class TileReader:
 
 
 def read_window(
-    volume: Volume, plan: TilePlan, tile: Tile, transform: IntensityTransform
+    volume: Volume,
+    plan: TilePlan,
+    tile: Tile,
+    transform: IntensityTransform,
+    blocks: BlockCache | None = None,
 ) -> np.ndarray:
     """Read the model input window of ``tile``: normalized float32 ``(C, *window_shape)``.
 
     Blend modes see only the region of interest, zero-padded outside it in normalized space (as MONAI
     pads its input). Crop mode sees real context from the whole volume, reflect-padded only beyond the
-    volume border.
+    volume border. ``blocks``: the volume's decoded blocks (a reader's cache), else read from the
+    store.
     """
     start = tile.window_start
     stop = tuple(s + w for s, w in zip(start, plan.window_shape))
     index = _window_index(plan, tile) if plan.blend == "crop" else []
     lo, hi = window_box(plan, tile)
-    block = volume.data[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    block = np.asarray(
-        block.compute(scheduler="synchronous") if hasattr(block, "compute") else block
-    )
+    if blocks is not None:
+        block = blocks.read((slice(0, volume.n_channels), *map(slice, lo, hi)))
+    else:
+        block = volume.data[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        block = np.asarray(
+            block.compute(scheduler="synchronous") if hasattr(block, "compute") else block
+        )
     image = transform.apply(block)
     n_bad = image.size - int(np.count_nonzero(np.isfinite(image)))
     if n_bad:
