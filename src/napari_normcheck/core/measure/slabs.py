@@ -4,8 +4,9 @@ A tile's predictions on the voxels it shares with a later neighbour are kept unt
 runs. In scan order the neighbours of a whole row (or z-layer) of tiles are pending at once, so
 their number grows with the width of the volume; the budget keeps memory bounded whatever the width.
 Spilled slabs go to one raw file (:class:`~napari_normcheck.core.io.spill.SpillFile`) and come
-back bit for bit, so the mismatch numbers do not depend on the budget. Slabs are NumPy arrays or torch tensors (on the run's GPU, where the metrics run
-there); a spilled tensor comes back to its device.
+back bit for bit, so the mismatch numbers do not depend on the budget. Slabs are NumPy arrays or
+torch tensors (on the run's GPU, where the metrics run there); a spilled tensor comes back to its
+device.
 """
 
 from __future__ import annotations
@@ -99,16 +100,10 @@ class SlabStore:
 
     def pop(self, key: tuple[int, int]) -> Any:
         """The slab stored under ``key`` (removed), or ``None``."""
-        if key in self._memory:
-            slab = self._memory.pop(key)
-            self._bytes -= _nbytes(slab)
-            return slab
-        if key in self._spilled:
-            return self._read(key, None, last=True)
-        return None
+        return self.take(key, None, last=True)
 
-    def take(self, key: tuple[int, int], index: tuple[slice, ...], last: bool) -> Any:
-        """``slab[index]`` of the slab stored under ``key``, or ``None``; ``last`` removes the slab.
+    def take(self, key: tuple[int, int], index: tuple[slice, ...] | None, last: bool) -> Any:
+        """``slab[index]`` (the whole slab for ``None``) under ``key``, or ``None``; ``last`` removes it.
 
         One slab can serve several later tiles, each a part of it. A spilled slab is read part by
         part (only the part's bytes come from disk); its space goes with the last part.
@@ -118,7 +113,7 @@ class SlabStore:
             if last:
                 del self._memory[key]
                 self._bytes -= _nbytes(slab)
-            return slab[index]
+            return slab if index is None else slab[index]
         if key in self._spilled:
             return self._read(key, index, last)
         return None
