@@ -78,6 +78,7 @@ def test_defaults_fill_only_what_was_not_given():
         ({"overlap": "much"}, "cannot read overlap 'much'; give a number"),
         ({"train_batch": 1.5}, "cannot read train_batch 1.5; give a whole number"),
         ({"cache_mb": "lots"}, "cannot read cache_mb 'lots'"),
+        ({"cache_mb": -5}, "cache -5 MB is negative"),
         ({"seams": "maybe"}, "cannot read seams 'maybe'; give true or false"),
         ({"tiles": "16,32,32"}, "unknown run option(s) tiles"),
         ({"overlap": 1.5}, "overlap 1.5 is outside [0, 1)"),

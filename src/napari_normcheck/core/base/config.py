@@ -149,6 +149,11 @@ class RunConfig:
             raise NormcheckError(
                 f"threads {self.threads} is negative; use 0 (torch's choice) or a count of threads"
             )
+        if self.cache_mb < 0:
+            raise NormcheckError(
+                f"cache {self.cache_mb} MB is negative; give the memory for unfinished chunks in MB "
+                f"(0 spills every chunk; default {DEFAULT_CACHE_MB})"
+            )
         if self.spatial_dims not in (None, 2, 3):
             raise NormcheckError(f"spatial dims must be 2 or 3, not {self.spatial_dims}")
         if self.precision not in PRECISIONS:
