@@ -14,7 +14,10 @@ that forward then faults in again. So a trim runs only where the resident memory
 put is not trimmed. A model whose working set alone swings by more (a BasicUNet on CPU, tile
 16x96x96: 21 trims in a 29 s run, 0.4 s) still pays for them; waiting longer after trims whose
 memory came straight back kept that to 6 trims, but also let the volume's runs keep 100-300 MB
-more (16x: 1.1-1.3 GB instead of 0.96-1.02), so the bound won. Where the C library has no
+more (16x: 1.1-1.3 GB instead of 0.96-1.02), so the bound won. The cost shows in CPU forwards:
+``benchmarks/bench_engine.py --only speed`` spent 31.5-32.6 s in forwards with trims and 30.0 s
+without (bare 27-30 s; noisy). Trusting the highest memory seen instead of the last trim's let the
+16x run keep 1.45-1.51 GB. On a GPU the activations are not on the host. Where the C library has no
 ``malloc_trim`` (macOS, Windows, musl), nothing is done.
 """
 
