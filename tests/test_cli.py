@@ -122,7 +122,8 @@ def test_min_foreground_option_leaves_too_little_foreground_not_judged(files, ca
     ],
 )
 def test_user_errors_exit_2_with_one_line(files, capsys, change, message):
-    args = run_args(files)
+    # With an activation: else the line that says the outputs are logits comes first.
+    args = run_args(files, "--activation", "sigmoid")
     change(args, files)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
@@ -201,3 +202,36 @@ def test_integer_input_is_normalized_by_default_as_in_the_widget(files, capsys):
     assert main(run_args(files, "--report", str(files / "f.json"), out="f.zarr")) == 0
     assert json.loads((files / "f.json").read_text())["params"]["normalize"] == "none"
     assert "normalized with" not in capsys.readouterr().err
+
+
+def test_logits_without_an_activation_are_named_and_no_soft_dice_is_judged(files, capsys):
+    # The tiny U-Net returns logits: with the default activation (none) the soft Dice sums of
+    # raw outputs meant nothing and once printed a negative "foreground".
+    report_path = files / "r.json"
+    assert main(run_args(files, "--report", str(report_path))) == 0
+    captured = capsys.readouterr()
+    assert "outputs are not probabilities" in captured.err
+    assert "--activation sigmoid" in captured.err
+    report = json.loads(report_path.read_text())
+    assert report["model"]["output_activation"] is None
+    assert report["support"]["probabilities"] is False
+    assert report["support"]["soft_judged"] == [False, False]
+    assert not any(any(flags) for flags in report["support"]["mismatch_soft_judged"].values())
+    soft_line = next(
+        line for line in captured.out.splitlines() if line.startswith("train/eval disparity (soft)")
+    )
+    assert "not probabilities" in soft_line and "foreground voxels" not in soft_line
+    assert "not probabilities" in report["verdict"]
+    assert report["verdict_detail"]["basis"] == "hard"
+
+    assert (
+        main(
+            run_args(files, "--activation", "sigmoid", "--report", str(report_path), "--overwrite")
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert "not probabilities" not in captured.err + captured.out
+    report = json.loads(report_path.read_text())
+    assert report["support"]["probabilities"] is True
+    assert report["support"]["soft_judged"] == [True, True]

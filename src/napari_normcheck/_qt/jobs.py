@@ -221,6 +221,7 @@ def run_job(run: RunRequest, model: ModelRequest, ready: ModelReady | None) -> I
                     "format": loaded.format,
                     # The output channels' names (a bioimage.io package's), for the layers.
                     "channel_names": output_channel_names(loaded),
+                    **info.recorded_outputs(),
                 },
                 "norm_layers": ready.inventory.to_dict(),
             },

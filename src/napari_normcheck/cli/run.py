@@ -168,6 +168,14 @@ def run_command(args: argparse.Namespace) -> int:
             "another one",
             file=sys.stderr,
         )
+    if info.logits_with(config.activation):
+        print(
+            "napari-normcheck: warning: the model's outputs are not probabilities (no sigmoid "
+            "or softmax inside it); with --activation none the hard Dice thresholds the raw "
+            "outputs and no soft Dice is judged: pass the activation it was trained with, "
+            "--activation sigmoid (independent channels) or softmax (classes)",
+            file=sys.stderr,
+        )
     stop = StopSignals()
     with stop:
         report = run_and_report(
@@ -247,6 +255,7 @@ def run_and_report(
             "output": loaded.output_choice.describe(),
             "divisor": list(info.divisor),
             "fixed_shape": None if info.fixed_shape is None else list(info.fixed_shape),
+            **info.recorded_outputs(),
         },
         "norm_layers": inventory.to_dict(),
     }

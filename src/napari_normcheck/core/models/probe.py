@@ -70,6 +70,19 @@ class ModelInfo:
                 data[key] = list(data[key])
         return data
 
+    def logits_with(self, activation: str) -> bool:
+        """Whether ``activation`` leaves the predictions as logits (the probe saw values off 0..1)."""
+        return (
+            activation == "none"
+            and self.output_activation is None
+            and self.probe_error is None
+            and self.out_channels > 0
+        )
+
+    def recorded_outputs(self) -> dict[str, Any]:
+        """What a run records of the outputs under ``model`` (nothing when no probe worked)."""
+        return {} if self.probe_error is not None else {"output_activation": self.output_activation}
+
     def describe_shapes(self) -> str:
         """Which tile sides the model takes, per axis, for ``inspect`` and the widget."""
         if self.probe_error is not None:
@@ -230,6 +243,12 @@ def probe_with_notes(
         notes.append(
             f"the model's outputs are already probabilities ({activation} inside the model): "
             "keep --activation none"
+        )
+    elif base.prediction.numel():
+        low, high = (float(v) for v in torch.aminmax(base.prediction.float()))
+        notes.append(
+            f"the model's outputs are not probabilities (from {low:.3g} to {high:.3g} on a random "
+            "input): choose the activation it was trained with (sigmoid or softmax)"
         )
     info = ModelInfo(
         spatial_dims=dims,

@@ -328,11 +328,19 @@ def verdict_lines(summary: dict[str, Any], channel_names: list[str] | None = Non
                 f"{name_c}: hard Dice not judged ({union[c]} foreground voxels); "
                 f"soft {soft[c]:.3f} speaks for it."
             )
+        elif support.get("probabilities") is False:
+            lines.append(f"{name_c}: not judged ({union[c]} foreground voxels).")
         else:
             lines.append(
                 f"{name_c}: not judged ({union[c]} foreground voxels; too little probability "
                 "for the soft Dice too)."
             )
+    if support.get("probabilities") is False:
+        lines.append(
+            "The predictions are not probabilities (activation none, no sigmoid or softmax in "
+            "the model): the hard Dice thresholds the raw outputs, and no soft Dice is judged. "
+            "Choose the activation the network was trained with (sigmoid or softmax)."
+        )
     seams = _seams(summary)
     if seams is not None:
         value, c, basis = seams
@@ -411,12 +419,16 @@ def format_summary(
     hard = per_channel(
         report["disparity"]["hard"], support.get("judged"), support.get("union_voxels")
     )
+    soft = (
+        per_channel(
+            report["disparity"]["soft"], support.get("soft_judged"), support.get("soft_foreground")
+        )
+        if support.get("probabilities") is not False
+        else "not judged: the predictions are not probabilities (use --activation sigmoid or softmax)"
+    )
     lines = [
         f"train/eval disparity (hard): {hard}",
-        "train/eval disparity (soft): "
-        + per_channel(
-            report["disparity"]["soft"], support.get("soft_judged"), support.get("soft_foreground")
-        ),
+        f"train/eval disparity (soft): {soft}",
         *(
             f"tile mismatch {mode:<5} (hard):  "
             + per_channel(

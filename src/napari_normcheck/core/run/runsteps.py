@@ -40,7 +40,11 @@ from napari_normcheck.core.run.registry import (
 from napari_normcheck.core.run.report import verdict, verdict_detail
 from napari_normcheck.core.run.runsetup import RunSetup
 from napari_normcheck.core.run.sums import RunSums
-from napari_normcheck.core.run.support_summary import min_foreground_of, run_support
+from napari_normcheck.core.run.support_summary import (
+    min_foreground_of,
+    predictions_are_probabilities,
+    run_support,
+)
 
 if TYPE_CHECKING:
     from napari_normcheck.core.run.timing import Timing
@@ -181,7 +185,8 @@ def finish_run(
     plan, n_out, mismatch = setup.plan, setup.n_out, sums.mismatch
     ordered = [sums.records[i] for i in sorted(sums.records)]
     add_pair_metrics(ordered, mismatch)
-    min_foreground = min_foreground_of(store.root.attrs["normcheck"].get("params"))
+    attrs = store.root.attrs["normcheck"]
+    min_foreground = min_foreground_of(attrs.get("params"))
     add_support(ordered, mismatch, min_foreground)
     cell_transform = tile_cell_transform(plan, tuple(volume.scale), volume.translation)
     metrics = tile_metrics_of(mismatch.names)
@@ -207,8 +212,14 @@ def finish_run(
         "tiles": ordered,
         **(extra_summary or {}),
     }
+    soft = sums.disparity["eval"].sums.get("soft")
+    soft_mass = [] if soft is None else [float(v) for v in np.asarray(soft)[1]]
     summary["support"] = run_support(
-        sums.disparity["eval"], mismatch, int(np.prod(plan.roi_shape)), min_foreground
+        sums.disparity["eval"],
+        mismatch,
+        int(np.prod(plan.roi_shape)),
+        min_foreground,
+        probabilities=predictions_are_probabilities(attrs, soft_mass),
     )
     summary["verdict_detail"] = verdict_detail(summary)
     summary["verdict"] = verdict(summary)

@@ -27,11 +27,29 @@ def min_foreground_of(params: dict[str, Any] | None) -> MinForeground:
     return DEFAULT_MIN_FOREGROUND if pair is None else MinForeground(int(pair[0]), float(pair[1]))
 
 
+def predictions_are_probabilities(attrs: dict[str, Any], soft_foreground: list[float]) -> bool:
+    """Whether a run's predictions are probabilities, from its stored metadata and soft sums.
+
+    An activation of the run's own, or one inside the model (the probe's ``output_activation``
+    that the command line and the widget record under ``model``), makes probabilities. A model
+    whose probe outputs left 0..1 (``output_activation`` recorded as ``None``) with ``--activation
+    none`` gives logits; so does any negative soft foreground. A run that recorded nothing else
+    counts as probabilities, as before.
+    """
+    if any(value < 0 for value in soft_foreground):
+        return False
+    if (attrs.get("params") or {}).get("activation", "none") != "none":
+        return True
+    model = attrs.get("model") or {}
+    return "output_activation" not in model or model["output_activation"] is not None
+
+
 def run_support(
     disparity: DisparityAccumulator,
     mismatch: MismatchTracker,
     n_voxels: int,
     min_foreground: MinForeground,
+    probabilities: bool = True,
 ) -> dict[str, Any]:
     """The summary's ``support`` entry.
 
@@ -45,6 +63,10 @@ def run_support(
         Voxels of the ROI (per channel).
     min_foreground : MinForeground
         The rule.
+    probabilities : bool
+        Whether the predictions are probabilities. Soft Dice sums of logits (``--activation
+        none`` on a model without a sigmoid or softmax) mean nothing, and their "foreground" can
+        be negative: then no soft value is judged, and ``probabilities`` says why.
 
     Returns
     -------
@@ -60,6 +82,10 @@ def run_support(
         denominator, so that runs can be pooled) and ``mismatch_n_voxels`` (voxels the pairs
         share).
     """
+
+    def soft_mask(mass: list[float], voxels: int, rule: MinForeground) -> list[bool]:
+        return judged_mask(mass, voxels, rule) if probabilities else [False] * len(mass)
+
     counts = disparity.foreground()
     zeros = np.zeros((2, disparity.n_channels))
     union = foreground_from_sums(disparity.sums.get("hard", zeros))
@@ -78,7 +104,8 @@ def run_support(
         "judged": judged_mask(union, n_voxels, min_foreground),
         "min_foreground": min_foreground.to_dict(),
         "soft_foreground": soft_mass,
-        "soft_judged": judged_mask(soft_mass, n_voxels, min_foreground),
+        "soft_judged": soft_mask(soft_mass, n_voxels, min_foreground),
+        "probabilities": probabilities,
         "mismatch_judged": {},
         "mismatch_soft_judged": {},
         "mismatch_foreground_voxels": {},
@@ -88,7 +115,7 @@ def run_support(
     for name in mismatch.names:
         foreground, soft, pair_voxels = mismatch.support(name)
         support["mismatch_judged"][name] = judged_mask(foreground, pair_voxels, min_foreground)
-        support["mismatch_soft_judged"][name] = judged_mask(soft, pair_voxels, min_foreground)
+        support["mismatch_soft_judged"][name] = soft_mask(soft, pair_voxels, min_foreground)
         support["mismatch_foreground_voxels"][name] = foreground
         support["mismatch_soft_foreground"][name] = soft
         support["mismatch_n_voxels"][name] = pair_voxels
