@@ -450,3 +450,26 @@ def test_probe_leaves_the_model_untouched(bn_unet):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [m.training for m in model.modules()] == flags
+
+
+def test_probing_a_model_does_not_import_torch_dynamo(tmp_path):
+    # torch wraps a dispatch mode's handler in torch._dynamo.disable by default, which imported
+    # torch._dynamo (about 1 s) on the probe's first op in every process that loads a model.
+    import subprocess
+    import sys
+
+    from tests.conftest import tiny_unet, tiny_unet_kwargs
+
+    torch.save(tiny_unet("batch").state_dict(), tmp_path / "model.pt")
+    code = (
+        "import json, sys\n"
+        "from napari_normcheck.core.models.models import load_model\n"
+        f"loaded = load_model({str(tmp_path / 'model.pt')!r}, "
+        f"arch='monai.networks.nets.BasicUNet', arch_kwargs={json.dumps(tiny_unet_kwargs())!r})\n"
+        "assert loaded.info.divisor == (16, 16, 16), loaded.info\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert result.stdout.strip() == "False"

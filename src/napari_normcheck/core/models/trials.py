@@ -52,6 +52,13 @@ class StrideRecorder(TorchDispatchMode):
     (:mod:`~napari_normcheck.core.models.grid_steps`).
     """
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in torch._dynamo.disable unless this says no,
+        # and that imports torch._dynamo (about 1 s) on the first op of every process's probe.
+        # Our eager forwards never compile.
+        return False
+
     def __init__(self, spatial_dims: int, watch: StepWatch | None = None) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
