@@ -151,19 +151,52 @@ class Pyramid:
         store_as : callable
             Converts float values to a host array of the stored dtype.
         """
-        self._write(0, box, store_as(values))
+        write_all(self.chunk_writes(box, values, store_as))
+
+    def chunk_writes(self, box: tuple[slice, ...], values: Any, store_as) -> list[Write]:
+        """The writes of :meth:`write_chunk`, for :func:`write_all` to make with others."""
+        writes = [self._write_of(0, box, store_as(values))]
         if len(self.arrays) == 1:
-            return
+            return writes
         for level, means in enumerate(downsample_means(values, len(self.arrays) - 1), start=1):
             factor = 2**level
             lead, (y, x) = box[:-2], box[-2:]
             y0, x0 = y.start // factor, x.start // factor
             target = (*lead, slice(y0, y0 + means.shape[-2]), slice(x0, x0 + means.shape[-1]))
-            self._write(level, target, store_as(means))
+            writes.append(self._write_of(level, target, store_as(means)))
+        return writes
 
     def _write(self, level: int, key: Any, stored: np.ndarray) -> None:
-        """Write stored values; chunks of the fill value (zero) are left out, as zarr does."""
+        write_all([self._write_of(level, key, stored)])
+
+    def _write_of(self, level: int, key: Any, stored: np.ndarray) -> Write:
+        """Chunks of the fill value (zero) are left out (or removed), as zarr does."""
         if np.count_nonzero(stored) == 0 and not self.arrays[level].fill_value:
-            self.arrays[level][key] = stored
-        else:
-            self._writes[level][key] = stored
+            return self.arrays[level], key, stored
+        return self._writes[level], key, stored
+
+
+# An array, where in it, and the stored values.
+Write = tuple[Any, Any, np.ndarray]
+
+
+def write_all(writes: list[Write]) -> None:
+    """Make ``writes`` at once, in one call into zarr's event loop.
+
+    Their chunks are compressed and written side by side (blosc and file writes release the GIL)
+    instead of one round trip each. The writes must not share a chunk.
+    """
+    if len(writes) == 1:
+        array, key, stored = writes[0]
+        array[key] = stored
+        return
+    if not writes:
+        return
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def write() -> None:
+        await asyncio.gather(*(array.async_array.setitem(key, v) for array, key, v in writes))
+
+    sync(write())

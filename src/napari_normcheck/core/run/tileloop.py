@@ -34,6 +34,7 @@ import torch
 
 from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.base.tiling import Tile
+from napari_normcheck.core.io.pyramid import write_all
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.io.writer import BackgroundWriter
 from napari_normcheck.core.measure.labels import stored_probabilities
@@ -428,10 +429,13 @@ class TileLoop:
             stored = to_output_dtype(values, dtype)
             return stored if isinstance(stored, np.ndarray) else self.host.to_host(stored)
 
+        writes = []
         for output in self.outputs:
             # An output without an array here is not this loop's to write (the shifted grid's).
             if output.compute is not None and output.name in self.arrays:
-                self.arrays[output.name].write_chunk(box, output.compute(probabilities), store_as)
+                pyramid = self.arrays[output.name]
+                writes += pyramid.chunk_writes(box, output.compute(probabilities), store_as)
+        write_all(writes)
 
     def _write_seams(
         self, start: tuple[int, ...], stop: tuple[int, ...], difference: np.ndarray
