@@ -84,3 +84,24 @@ def test_a_slab_needed_after_all_others_goes_straight_to_disk(tmp_path):
     assert store.spill_count == 1 and store.spilled == [(0, 7)]
     np.testing.assert_array_equal(store.pop((0, 7)), view)
     np.testing.assert_array_equal(store.pop((0, 1)), slab)
+
+
+def test_a_chunk_holds_only_the_box_its_tiles_have_added_to(tmp_path):
+    # After the first z-layer of tiles, the next layer of chunks has only the tiles' overlap
+    # added (4 of 12 planes here); the rest is zeros, which take no memory and no spill.
+    plan = plan_tiles((36, 96, 160), (16, 32, 32), overlap=0.25)  # z tiles at 0, 12, 20
+    accumulator = ChunkAccumulator(
+        plan, 2, importance_map(plan.window_shape, "gaussian", 3), lambda *_: None, tmp_path
+    )
+    first_layer = [tile for tile in plan.tiles() if tile.write_start[0] == 0]
+    for tile in first_layer:
+        accumulator.add(tile, np.ones((2, *plan.window_shape), np.float32))
+    chunk_z, chunk_y, chunk_x = plan.chunk_shape
+    assert chunk_z == 12  # the tiles' step: their last 4 planes reach into the next chunk layer
+    pending = {
+        chunk for tile in first_layer for chunk in accumulator.tile_chunks(tile)
+    } - accumulator.done_chunks
+    assert pending and all(chunk[0] == 1 for chunk in pending)
+    plane_bytes = 2 * 4 * 96 * 160
+    assert accumulator.held_bytes == 4 * plane_bytes  # not len(pending) whole chunks
+    accumulator.close()

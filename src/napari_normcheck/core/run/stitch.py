@@ -22,6 +22,7 @@ import shutil
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -148,8 +149,9 @@ class ChunkAccumulator:
         self._contributors = {chunk: tuple(users) for chunk, users in self._users.items()}
         self._weight_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.done_chunks: set[ChunkIndex] = set(done_chunks or ())
-        self._buffers: OrderedDict[ChunkIndex, torch.Tensor] = OrderedDict()
+        self._buffers: OrderedDict[ChunkIndex, _Partial] = OrderedDict()
         self._spilled = SpillFile(self.scratch_dir / "chunks.f32")
+        self._spilled_origins: dict[ChunkIndex, tuple[int, ...]] = {}
         self._bytes = 0
         self.spill_count = 0
         self.spill_seconds = 0.0  # writing and reading spilled chunks
@@ -195,14 +197,15 @@ class ChunkAccumulator:
             if chunk in self.done_chunks:
                 continue
             in_tile, in_chunk = self._overlap(tile, chunk)
-            total = self._buffer(chunk)
+            partial = self._buffer(chunk, in_chunk)
+            in_partial = partial.local(in_chunk)
             w = self.weights[in_tile]
             # The same float32 operations, in the same order, as MONAI: sum += pred * w (and
             # count += w, in the same tile order, when the chunk finishes).
             first = 0
             scratch = None
             for part in parts:
-                view = total[(slice(first, first + len(part)), *in_chunk)]
+                view = partial.values[(slice(first, first + len(part)), *in_partial)]
                 if scratch is None or scratch.shape != view.shape:
                     scratch = self._empty(view.shape)
                 torch.mul(part[(slice(None), *in_tile)], w, out=scratch)
@@ -254,29 +257,55 @@ class ChunkAccumulator:
         return weight
 
     def _finish(self, chunk: ChunkIndex) -> None:
-        total = self._buffers.pop(chunk)
-        self._bytes -= _nbytes(total)
+        partial = self._buffers.pop(chunk)
+        self._bytes -= _nbytes(partial.values)
+        shape = tuple(s.stop - s.start for s in self.chunk_slices(chunk))
+        # The tiles' write boxes cover every voxel, so the box is the whole chunk by now.
+        total = self._grown(partial, (0,) * len(shape), shape).values
         total.div_(self.chunk_weight(chunk))
         self.done_chunks.add(chunk)
         self.on_chunk_done(chunk, self.chunk_slices(chunk), total)
 
-    def _buffer(self, chunk: ChunkIndex) -> torch.Tensor:
-        if chunk in self._buffers:
-            self._buffers.move_to_end(chunk)
-            return self._buffers[chunk]
-        shape = (self.n_values, *(s.stop - s.start for s in self.chunk_slices(chunk)))
-        if chunk in self._spilled:
+    def _buffer(self, chunk: ChunkIndex, need: tuple[slice, ...]) -> _Partial:
+        """The chunk's sums, covering at least the chunk-local box ``need``.
+
+        Only the box the chunk's tiles have added to so far is held (and spilled): a z-layer of
+        chunks waits for the next layer of tiles with only the first tiles' overlap added (8 of
+        24 planes at tile 32, overlap 0.25), the rest zeros that need no memory or disk.
+        """
+        partial = self._buffers.pop(chunk, None)
+        if partial is not None:
+            self._bytes -= _nbytes(partial.values)
+        elif chunk in self._spilled:
             t0 = time.perf_counter()
             # Raw float32: read back bit for bit, no archive or checksum to build (``np.savez``
             # took most of the stitching time on a volume 4x the cache).
-            total = torch.from_numpy(self._spilled.read(chunk)).to(self.device)
+            values = torch.from_numpy(self._spilled.read(chunk)).to(self.device)
+            partial = _Partial(self._spilled_origins.pop(chunk), values)
             self.spill_seconds += time.perf_counter() - t0
+        start = tuple(s.start for s in need)
+        stop = tuple(s.stop for s in need)
+        if partial is None:
+            shape = tuple(b - a for a, b in zip(start, stop))
+            partial = _Partial(start, self._zeros((self.n_values, *shape)))
         else:
-            total = self._zeros(shape)
-        self._buffers[chunk] = total
-        self._bytes += _nbytes(total)
+            origin = tuple(min(a, o) for a, o in zip(start, partial.origin))
+            end = tuple(max(b, o + n) for b, o, n in zip(stop, partial.origin, partial.shape))
+            partial = self._grown(partial, origin, tuple(b - a for a, b in zip(origin, end)))
+        self._buffers[chunk] = partial
+        self._bytes += _nbytes(partial.values)
         self._evict()
-        return total
+        return partial
+
+    def _grown(
+        self, partial: _Partial, origin: tuple[int, ...], shape: tuple[int, ...]
+    ) -> _Partial:
+        """``partial`` placed in a box of zeros at ``origin`` (itself where that is its box)."""
+        if partial.origin == origin and partial.shape == shape:
+            return partial
+        grown = _Partial(origin, self._zeros((self.n_values, *shape)))
+        grown.values[(slice(None), *grown.local(partial.box))] = partial.values
+        return grown
 
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self.device.type == "cpu":
@@ -299,12 +328,18 @@ class ChunkAccumulator:
         while self._bytes > self.max_bytes and len(self._buffers) > 1:
             order = list(self._buffers)[:-1]  # least recently used first
             _, chunk = max(enumerate(order), key=lambda item: (self._next_use(item[1]), -item[0]))
-            total = self._buffers.pop(chunk)
-            self._bytes -= _nbytes(total)
+            partial = self._buffers.pop(chunk)
+            self._bytes -= _nbytes(partial.values)
             t0 = time.perf_counter()
-            self._spilled.write(chunk, total.cpu().numpy())
+            self._spilled.write(chunk, partial.values.cpu().numpy())
+            self._spilled_origins[chunk] = partial.origin
             self.spill_seconds += time.perf_counter() - t0
             self.spill_count += 1
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of unfinished chunk sums in memory (spilled ones not counted)."""
+        return self._bytes
 
     @property
     def complete(self) -> bool:
@@ -317,10 +352,32 @@ class ChunkAccumulator:
     def close(self) -> None:
         """Remove spilled partial chunks (an interrupted run recomputes their tiles on resume)."""
         self._spilled.close()
+        self._spilled_origins.clear()
         if self.scratch_dir.exists():
             shutil.rmtree(self.scratch_dir, ignore_errors=True)
         self._buffers.clear()
         self._bytes = 0
+
+
+@dataclass
+class _Partial:
+    """A chunk's sums over the box its tiles have added to: ``values[:, 0, 0, 0]`` at ``origin``."""
+
+    origin: tuple[int, ...]
+    values: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape[1:])
+
+    @property
+    def box(self) -> tuple[slice, ...]:
+        """Chunk-local slices of the box."""
+        return tuple(slice(o, o + n) for o, n in zip(self.origin, self.shape))
+
+    def local(self, in_chunk: tuple[slice, ...]) -> tuple[slice, ...]:
+        """Chunk-local slices (inside the box) as slices of :attr:`values`' spatial axes."""
+        return tuple(slice(s.start - o, s.stop - o) for s, o in zip(in_chunk, self.origin))
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
