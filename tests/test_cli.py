@@ -122,8 +122,7 @@ def test_min_foreground_option_leaves_too_little_foreground_not_judged(files, ca
     ],
 )
 def test_user_errors_exit_2_with_one_line(files, capsys, change, message):
-    # With an activation: else the line that says the outputs are logits comes first.
-    args = run_args(files, "--activation", "sigmoid")
+    args = run_args(files)
     change(args, files)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()

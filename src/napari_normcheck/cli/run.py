@@ -168,14 +168,6 @@ def run_command(args: argparse.Namespace) -> int:
             "another one",
             file=sys.stderr,
         )
-    if info.logits_with(config.activation):
-        print(
-            "napari-normcheck: warning: the model's outputs are not probabilities (no sigmoid "
-            "or softmax inside it); with --activation none the hard Dice thresholds the raw "
-            "outputs and no soft Dice is judged: pass the activation it was trained with, "
-            "--activation sigmoid (independent channels) or softmax (classes)",
-            file=sys.stderr,
-        )
     stop = StopSignals()
     with stop:
         report = run_and_report(
@@ -297,6 +289,16 @@ def run_and_report(
             elif isinstance(event, RunStarted):
                 if bar is not None:
                     bar.close()
+                if info.logits_with(config.activation):
+                    # Once the run has started: a run refused at the door says why, alone.
+                    print(
+                        "napari-normcheck: warning: the model's outputs are not probabilities "
+                        "(no sigmoid or softmax inside it); with --activation none the hard Dice "
+                        "thresholds the raw outputs and no soft Dice is judged: pass the "
+                        "activation it was trained with, --activation sigmoid (independent "
+                        "channels) or softmax (classes)",
+                        file=sys.stderr,
+                    )
                 desc = (
                     "check with remedies" if remedies and remedies["remedies"] else "two-mode check"
                 )
