@@ -207,7 +207,7 @@ def test_logits_without_an_activation_are_named_and_no_soft_dice_is_judged(files
     # The tiny U-Net returns logits: with the default activation (none) the soft Dice sums of
     # raw outputs meant nothing and once printed a negative "foreground".
     report_path = files / "r.json"
-    assert main(run_args(files, "--report", str(report_path))) == 0
+    assert main(run_args(files, "--report", str(report_path), "--grid-shift")) == 0
     captured = capsys.readouterr()
     assert "outputs are not probabilities" in captured.err
     assert "--activation sigmoid" in captured.err
@@ -216,6 +216,7 @@ def test_logits_without_an_activation_are_named_and_no_soft_dice_is_judged(files
     assert report["support"]["probabilities"] is False
     assert report["support"]["soft_judged"] == [False, False]
     assert not any(any(flags) for flags in report["support"]["mismatch_soft_judged"].values())
+    assert all(not any(entry["soft_judged"]) for entry in report["grid_shift"].values())
     soft_line = next(
         line for line in captured.out.splitlines() if line.startswith("train/eval disparity (soft)")
     )

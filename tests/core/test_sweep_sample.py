@@ -8,6 +8,7 @@ import numpy as np
 from napari_normcheck.core.measure.metrics import disparity_from_sums
 from napari_normcheck.core.run.sweep_sample import (
     PROBE_VOXELS,
+    combine_reports,
     pooled,
     probe_strides,
     region_size,
@@ -70,3 +71,35 @@ def test_pooled_equals_the_dice_of_summed_sums():
     expected = disparity_from_sums(np.sum(sums, axis=0))
     np.testing.assert_allclose(pooled(values, [s[1] for s in sums]), expected, atol=1e-12)
     assert pooled([[0.3], [0.5]], [[0.0], [0.0]]) == [0.0]  # empty everywhere: agreement
+
+
+def _region_report(probabilities: bool) -> dict:
+    support = {
+        "min_foreground": {"voxels": 10, "fraction": 0.0},
+        "n_voxels": 1000,
+        "union_voxels": [400, 600],
+        "soft_foreground": [300.0, 500.0],
+        "probabilities": probabilities,
+        "mismatch_judged": {"eval": [True, True], "train": [True, True]},
+        "mismatch_n_voxels": {"eval": 200, "train": 200},
+        "mismatch_foreground_voxels": {"eval": [100, 120], "train": [100, 120]},
+        "mismatch_soft_foreground": {"eval": [90.0, 110.0], "train": [90.0, 110.0]},
+    }
+    pair = {"hard": [0.1, 0.2], "soft": [0.1, 0.2]}
+    return {
+        "support": support,
+        "disparity": {"hard": [0.3, 0.4], "soft": [0.2, 0.3]},
+        "mismatch_eval": pair,
+        "mismatch_train": pair,
+    }
+
+
+def test_pooled_regions_judge_no_soft_value_where_one_region_had_logits():
+    pooled_probabilities = combine_reports([_region_report(True), _region_report(True)])
+    assert pooled_probabilities["support"]["soft_judged"] == [True, True]
+    assert pooled_probabilities["support"]["probabilities"] is True
+    logits = combine_reports([_region_report(True), _region_report(False)])["support"]
+    assert logits["probabilities"] is False
+    assert logits["soft_judged"] == [False, False]
+    assert logits["mismatch_soft_judged"]["eval"] == [False, False]
+    assert logits["judged"] == [True, True]  # the hard values stand

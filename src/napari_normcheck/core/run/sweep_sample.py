@@ -216,6 +216,12 @@ def combine_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "rerun the sweep with --overwrite"
         )
     rule = MinForeground(**supports[0]["min_foreground"])
+    # Soft sums of logits judge nothing (see run_support), pooled or not.
+    probabilities = all(s.get("probabilities", True) for s in supports)
+
+    def soft_mask(mass: list[float], voxels: int) -> list[bool]:
+        return judged_mask(mass, voxels, rule) if probabilities else [False] * len(mass)
+
     n_voxels = sum(int(s["n_voxels"]) for s in supports)
     union = _summed([s["union_voxels"] for s in supports])
     soft_mass = _summed([s["soft_foreground"] for s in supports])
@@ -224,7 +230,8 @@ def combine_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "union_voxels": [int(round(v)) for v in union],
         "judged": judged_mask(union, n_voxels, rule),
         "soft_foreground": soft_mass,
-        "soft_judged": judged_mask(soft_mass, n_voxels, rule),
+        "soft_judged": soft_mask(soft_mass, n_voxels),
+        "probabilities": probabilities,
         "min_foreground": rule.to_dict(),
     }
     if all(s.get("foreground_voxels") for s in supports):
@@ -244,7 +251,7 @@ def combine_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
         support["mismatch_foreground_voxels"][mode] = [int(round(v)) for v in hard_u]
         support["mismatch_soft_foreground"][mode] = soft_u
         support["mismatch_judged"][mode] = judged_mask(hard_u, pair_voxels, rule)
-        support["mismatch_soft_judged"][mode] = judged_mask(soft_u, pair_voxels, rule)
+        support["mismatch_soft_judged"][mode] = soft_mask(soft_u, pair_voxels)
 
     combined: dict[str, Any] = {
         "disparity": {
@@ -280,7 +287,7 @@ def combine_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
                     [e["soft"] for e in entries], [e["soft_foreground"] for e in entries]
                 ),
                 "judged": judged_mask(hard_u, compared, rule),
-                "soft_judged": judged_mask(soft_u, compared, rule),
+                "soft_judged": soft_mask(soft_u, compared),
                 "union_voxels": [int(round(v)) for v in hard_u],
                 "soft_foreground": soft_u,
                 "n_voxels": compared,
