@@ -316,3 +316,28 @@ def test_support_rule_not_judged_shows_dash_ranks_last_and_greys_the_outline(qtb
     colors = tile_edge_colors(np.array([0.9, 0.3, 0.05]), judged=np.array([False, True, True]))
     np.testing.assert_allclose(colors[0], NOT_JUDGED_COLOR)
     np.testing.assert_allclose(colors[1], (1.0, 0.0, 0.0, 1.0))
+
+
+def test_logits_without_an_activation_are_named_in_the_model_box_and_the_verdict(
+    make_napari_viewer, qtbot, tmp_path, faint_channel_model
+):
+    # The widget's activation defaults to none; this model returns logits.
+    viewer = make_napari_viewer()
+    image = np.random.default_rng(0).normal(size=(16, 48, 48)).astype(np.float32)
+    viewer.add_image(image, name="img")
+    widget = NormcheckWidget(viewer)
+    widget.model_path.setText(str(faint_channel_model))
+    widget.arch.setText(ARCH)
+    widget.arch_kwargs.setText(json.dumps(ARCH_KWARGS))
+    widget.tile.setText(TILE)
+    widget.device.setCurrentText("cpu")
+    widget.out_path.setText(str(tmp_path / "logits.zarr"))
+    assert widget.activation.currentText() == "none"
+    run_and_wait(qtbot, widget)
+    assert "outputs are not probabilities" in widget.model_label.text()
+    summary = widget.finished_event.summary
+    assert summary["support"]["probabilities"] is False
+    assert summary["support"]["soft_judged"] == [False, False]
+    text = widget.summary_label.text()
+    assert "The predictions are not probabilities" in text and "sigmoid or softmax" in text
+    assert "speaks for it" not in text  # no soft value stands in for a channel
