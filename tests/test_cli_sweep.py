@@ -375,3 +375,26 @@ def test_sweep_sample_runs_every_setting_on_the_same_regions_and_pools_them(file
     for old, new in zip(result["rows"], again["rows"]):
         for key in ("disparity", "mismatch_eval", "grid_shift", "peak_memory_mib"):
             assert old[key] == new[key], key
+
+
+def test_a_sweep_of_a_logits_model_warns_once_and_judges_no_soft_value(files, capsys):
+    # Without --activation the tiny U-Net's logits are compared as they are.
+    sweep = [
+        "sweep",
+        str(files / "volume.npy"),
+        *model_args(files),
+        "--device",
+        "cpu",
+        "--out",
+        str(files / "sweep"),
+        "--tiles",
+        "16,32,32",
+        "16,48,48",
+        "--report",
+        str(files / "sweep.json"),
+    ]
+    assert main(sweep) == 0
+    assert capsys.readouterr().err.count("outputs are not probabilities") == 1
+    rows = json.loads((files / "sweep.json").read_text())["rows"]
+    assert len(rows) == 2
+    assert all(row["support"]["soft_judged"] == [False, False] for row in rows)

@@ -203,6 +203,18 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def warn_if_logits(info, activation: str) -> None:
+    """Say on stderr when ``activation`` leaves the model's outputs as logits."""
+    if info.logits_with(activation):
+        print(
+            "napari-normcheck: warning: the model's outputs are not probabilities (no sigmoid or "
+            "softmax inside it); with --activation none the hard Dice thresholds the raw outputs "
+            "and no soft Dice is judged: pass the activation it was trained with, --activation "
+            "sigmoid (independent channels) or softmax (classes)",
+            file=sys.stderr,
+        )
+
+
 def run_and_report(
     volume,
     loaded,
@@ -218,6 +230,7 @@ def run_and_report(
     remedies: dict | None = None,
     on_remedies: Callable[[Any], dict] | None = None,
     stop: StopSignals | None = None,
+    warn_logits: bool = True,
 ) -> dict:
     """Run the check with a progress bar on stderr, print the summary; return the report.
 
@@ -225,7 +238,9 @@ def run_and_report(
     :func:`~napari_normcheck.core.remedies.check_remedies.check_with_remedies`) the remedies are
     predicted in the same run; ``on_remedies`` then gets the last event and returns the report's
     ``remedies`` entry. When ``stop`` caught a signal, the run is closed after the current tile
-    (the writer finishes its chunks, the progress is saved) and the report is empty.
+    (the writer finishes its chunks, the progress is saved) and the report is empty. With
+    ``warn_logits``, a model's logits left as they are (``--activation none``) are named on stderr
+    when the run starts.
     """
     from tqdm import tqdm
 
@@ -289,16 +304,9 @@ def run_and_report(
             elif isinstance(event, RunStarted):
                 if bar is not None:
                     bar.close()
-                if info.logits_with(config.activation):
+                if warn_logits:
                     # Once the run has started: a run refused at the door says why, alone.
-                    print(
-                        "napari-normcheck: warning: the model's outputs are not probabilities "
-                        "(no sigmoid or softmax inside it); with --activation none the hard Dice "
-                        "thresholds the raw outputs and no soft Dice is judged: pass the "
-                        "activation it was trained with, --activation sigmoid (independent "
-                        "channels) or softmax (classes)",
-                        file=sys.stderr,
-                    )
+                    warn_if_logits(info, config.activation)
                 desc = (
                     "check with remedies" if remedies and remedies["remedies"] else "two-mode check"
                 )

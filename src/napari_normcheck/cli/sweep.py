@@ -108,6 +108,8 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
 def sweep_command(args: argparse.Namespace) -> int:
     """Run every setting, write the report and the plot; exit code (1 when every one was refused)."""
     from napari_normcheck.cli.config_args import input_normalize
+    from napari_normcheck.cli.model_args import package_default
+    from napari_normcheck.cli.run import warn_if_logits
     from napari_normcheck.core.base.config import RunConfig
     from napari_normcheck.core.models.inventory import norm_inventory
     from napari_normcheck.core.run.sweep import recommend, sweep_settings
@@ -123,6 +125,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     regions = None if args.sample is None else sampled_regions(args, volume, tiles)
+    warn_if_logits(loaded.info, args.activation or package_default(loaded, "activation") or "none")
     rows = []
     for n, setting in enumerate(settings, start=1):
         print(f"setting {n}/{len(settings)}: {setting.name.removesuffix('.zarr')}", file=sys.stderr)
@@ -267,6 +270,7 @@ def run_or_read(args, volume, loaded, setting, out: Path, roi: str | None = None
                     "channel_axis": args.channel_axis if args.channel_axis is not None else "auto",
                 },
                 trust_pickle=args.trust_pickle,
+                warn_logits=False,  # said once for the sweep
             )
     except (NormcheckError, MemoryError, torch.OutOfMemoryError) as error:
         print(f"  refused: {error}", file=sys.stderr)
