@@ -186,11 +186,9 @@ def write_all(writes: list[Write]) -> None:
     Their chunks are compressed and written side by side (blosc and file writes release the GIL)
     instead of one round trip each. The writes must not share a chunk.
     """
-    if len(writes) == 1:
-        array, key, stored = writes[0]
-        array[key] = stored
-        return
-    if not writes:
+    if len(writes) == 1 or not all(hasattr(array, "async_array") for array, _, _ in writes):
+        for array, key, stored in writes:  # a zarr without the async view: one at a time
+            array[key] = stored
         return
     import asyncio
 
