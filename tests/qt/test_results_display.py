@@ -34,6 +34,21 @@ def sample_widget(make_napari_viewer, tmp_path, model="batchnorm"):
     return viewer, widget
 
 
+def model_file_widget(make_napari_viewer, model_path, out):
+    """The widget on a noise image with a BasicUNet state_dict file (activation left as it is)."""
+    viewer = make_napari_viewer()
+    image = np.random.default_rng(0).normal(size=(16, 48, 48)).astype(np.float32)
+    viewer.add_image(image, name="img")
+    widget = NormcheckWidget(viewer)
+    widget.model_path.setText(str(model_path))
+    widget.arch.setText(ARCH)
+    widget.arch_kwargs.setText(json.dumps(ARCH_KWARGS))
+    widget.tile.setText(TILE)
+    widget.device.setCurrentText("cpu")
+    widget.out_path.setText(str(out))
+    return viewer, widget
+
+
 def run_and_wait(qtbot, widget):
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.settled, timeout=120_000)
@@ -187,17 +202,10 @@ def test_item5_table_feature_column_is_the_plots_layer_and_channel(
 def test_item7_words_and_fixed_colours_on_a_faint_channel(
     make_napari_viewer, qtbot, tmp_path, faint_channel_model
 ):
-    viewer = make_napari_viewer()
-    image = np.random.default_rng(0).normal(size=(16, 48, 48)).astype(np.float32)
-    viewer.add_image(image, name="img")
-    widget = NormcheckWidget(viewer)
-    widget.model_path.setText(str(faint_channel_model))
-    widget.arch.setText(ARCH)
-    widget.arch_kwargs.setText(json.dumps(ARCH_KWARGS))
-    widget.tile.setText(TILE)
+    viewer, widget = model_file_widget(
+        make_napari_viewer, faint_channel_model, tmp_path / "faint.zarr"
+    )
     widget.activation.setCurrentText("sigmoid")
-    widget.device.setCurrentText("cpu")
-    widget.out_path.setText(str(tmp_path / "faint.zarr"))
     run_and_wait(qtbot, widget)
     # Channel names a biologist reads (the model names none).
     names = [widget.channel_combo.itemText(i) for i in range(widget.channel_combo.count())]
@@ -322,16 +330,9 @@ def test_logits_without_an_activation_are_named_in_the_model_box_and_the_verdict
     make_napari_viewer, qtbot, tmp_path, faint_channel_model
 ):
     # The widget's activation defaults to none; this model returns logits.
-    viewer = make_napari_viewer()
-    image = np.random.default_rng(0).normal(size=(16, 48, 48)).astype(np.float32)
-    viewer.add_image(image, name="img")
-    widget = NormcheckWidget(viewer)
-    widget.model_path.setText(str(faint_channel_model))
-    widget.arch.setText(ARCH)
-    widget.arch_kwargs.setText(json.dumps(ARCH_KWARGS))
-    widget.tile.setText(TILE)
-    widget.device.setCurrentText("cpu")
-    widget.out_path.setText(str(tmp_path / "logits.zarr"))
+    _viewer, widget = model_file_widget(
+        make_napari_viewer, faint_channel_model, tmp_path / "l.zarr"
+    )
     assert widget.activation.currentText() == "none"
     run_and_wait(qtbot, widget)
     assert "outputs are not probabilities" in widget.model_label.text()
