@@ -212,17 +212,14 @@ def finish_run(
         "tiles": ordered,
         **(extra_summary or {}),
     }
-    soft = sums.disparity["eval"].sums.get("soft")
-    soft_mass = [] if soft is None else [float(v) for v in np.asarray(soft)[1]]
-    probabilities = predictions_are_probabilities(attrs, soft_mass)
     summary["support"] = run_support(
         sums.disparity["eval"],
         mismatch,
         int(np.prod(plan.roi_shape)),
         min_foreground,
-        probabilities=probabilities,
+        probabilities=predictions_are_probabilities(attrs),
     )
-    if not probabilities:
+    if not summary["support"]["probabilities"]:
         for entry in (summary.get("grid_shift") or {}).values():
             entry["soft_judged"] = [False] * len(entry["soft_judged"])
     summary["verdict_detail"] = verdict_detail(summary)

@@ -27,17 +27,15 @@ def min_foreground_of(params: dict[str, Any] | None) -> MinForeground:
     return DEFAULT_MIN_FOREGROUND if pair is None else MinForeground(int(pair[0]), float(pair[1]))
 
 
-def predictions_are_probabilities(attrs: dict[str, Any], soft_foreground: list[float]) -> bool:
-    """Whether a run's predictions are probabilities, from its stored metadata and soft sums.
+def predictions_are_probabilities(attrs: dict[str, Any]) -> bool:
+    """Whether a run's stored metadata says its predictions are probabilities.
 
     An activation of the run's own, or one inside the model (the probe's ``output_activation``
     that the command line and the widget record under ``model``), makes probabilities. A model
     whose probe outputs left 0..1 (``output_activation`` recorded as ``None``) with ``--activation
-    none`` gives logits; so does any negative soft foreground. A run that recorded nothing else
-    counts as probabilities, as before.
+    none`` gives logits. A run that recorded nothing else counts as probabilities, as before (its
+    soft sums still tell logits by a negative foreground: :func:`run_support`).
     """
-    if any(value < 0 for value in soft_foreground):
-        return False
     if (attrs.get("params") or {}).get("activation", "none") != "none":
         return True
     model = attrs.get("model") or {}
@@ -66,7 +64,8 @@ def run_support(
     probabilities : bool
         Whether the predictions are probabilities. Soft Dice sums of logits (``--activation
         none`` on a model without a sigmoid or softmax) mean nothing, and their "foreground" can
-        be negative: then no soft value is judged, and ``probabilities`` says why.
+        be negative (which also tells logits): then no soft value is judged, and the entry
+        ``probabilities`` says why.
 
     Returns
     -------
@@ -90,6 +89,7 @@ def run_support(
     zeros = np.zeros((2, disparity.n_channels))
     union = foreground_from_sums(disparity.sums.get("hard", zeros))
     soft_mass = [float(v) for v in np.asarray(disparity.sums.get("soft", zeros))[1]]
+    probabilities = probabilities and not any(v < 0 for v in soft_mass)
     if counts is not None:
         per_mode = {"eval": counts[1], "train": counts[0]}
         voxels = {m: [int(v) for v in c] for m, c in per_mode.items()}
