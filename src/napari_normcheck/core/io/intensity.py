@@ -140,8 +140,9 @@ class IntensityTransform:
             ``(block.astype(float32) - offset) * scale`` with every step in float32, so results are
             bit-identical to the same expression written elsewhere (MONAI parity tests rely on it).
         """
-        values = np.asarray(block).astype(np.float32)
-        return (values - np.float32(self.offset)) * np.float32(self.scale)
+        values = np.asarray(block).astype(np.float32)  # a copy: the steps below may write into it
+        np.subtract(values, np.float32(self.offset), out=values)
+        return np.multiply(values, np.float32(self.scale), out=values)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready description: the spec text, offset and scale."""

@@ -14,6 +14,7 @@ from napari_normcheck.core.base.modes import MODES, normalization_mode
 from napari_normcheck.core.models.outputs import first_tensor
 from napari_normcheck.core.models.per_sample_norm import per_sample_train_norm
 from napari_normcheck.core.run.precision import precision_context, precision_disparity
+from napari_normcheck.core.run.scratch import ScratchBuffer
 from napari_normcheck.core.run.staging import HostStaging
 
 
@@ -130,17 +131,18 @@ def activate(values: np.ndarray, activation: str) -> np.ndarray:
     return activate_tensor(torch.from_numpy(values), activation).numpy()
 
 
-def activate_tensor(values: torch.Tensor, activation: str) -> torch.Tensor:
+def activate_tensor(values: torch.Tensor, activation: str, in_place: bool = False) -> torch.Tensor:
     """:func:`activate` on a tensor, where it is (``(modes, C, z, y, x)``, channels on axis 1).
 
     ``values`` should be contiguous: torch's CPU kernels compute the last elements of each
     contiguous run without vector instructions, whose exponential may round differently, so the same
-    layout gives the same bits.
+    layout gives the same bits. ``in_place`` lets a sigmoid overwrite ``values`` (the same kernel,
+    the same bits, no new memory); a softmax always returns new values.
     """
     if activation == "none":
         return values
     if activation == "sigmoid":
-        return torch.sigmoid(values)
+        return values.sigmoid_() if in_place else torch.sigmoid(values)
     return torch.softmax(values, dim=1)
 
 
@@ -163,10 +165,13 @@ def activate_into(
         target.copy_(torch.softmax(source, dim=0))
 
 
-def to_output_dtype(values: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray | torch.Tensor:
+def to_output_dtype(
+    values: np.ndarray | torch.Tensor, dtype: str, scratch: ScratchBuffer | None = None
+) -> np.ndarray | torch.Tensor:
     """Cast probabilities for storage; ``uint8`` stores probability x 255, rounded.
 
     A tensor is cast where it is (and stays a tensor); an array comes back as an array.
+    ``scratch`` lends the memory of the uint8 conversion's float32 steps (the calling thread's).
     """
     if isinstance(values, np.ndarray):
         if dtype != "uint8":
@@ -177,7 +182,9 @@ def to_output_dtype(values: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray
     if dtype == "uint8":
         # The same float32 operations as numpy's clip, * 255 and round-half-to-even, in one
         # multithreaded pass per operation and no float64 temporaries.
-        scaled = values.float().contiguous().clamp(0.0, 1.0)
+        source = values.float().contiguous()
+        scaled = (scratch or ScratchBuffer()).empty(tuple(source.shape), source.device)
+        torch.clamp(source, 0.0, 1.0, out=scaled)
         return scaled.mul_(255.0).round_().to(torch.uint8)
     return values.to(getattr(torch, dtype))
 

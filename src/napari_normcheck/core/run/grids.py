@@ -6,7 +6,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from napari_normcheck.core.base.config import RunConfig
 from napari_normcheck.core.base.tiling import TilePlan
@@ -18,6 +17,7 @@ from napari_normcheck.core.measure.tile_metrics import TileView
 from napari_normcheck.core.run.forward import activate_into
 from napari_normcheck.core.run.registry import TileMetric
 from napari_normcheck.core.run.report import tile_hard_value
+from napari_normcheck.core.run.scratch import ScratchBuffer
 from napari_normcheck.core.run.staging import HostCopies
 from napari_normcheck.core.run.tile_io import TileWork
 
@@ -34,13 +34,15 @@ def tile_record(
     feature_layers: list[FeatureLayer],
     metrics: tuple[TileMetric, ...],
     host: HostCopies | None = None,
+    scratch: ScratchBuffer | None = None,
 ) -> dict[str, Any]:
     """A tile's record: its metrics over the voxels it writes, and its feature statistics.
 
     The tile's predictions (tensors on the run's device) are activated there over the tile's whole
     prediction box and cross to the host once (through ``host``), or, without ``host``, stay there:
     the Dice and pair sums then run on the device too and only the sums cross. They go on to the
-    mismatch tracker, in the tracker's order of prediction names.
+    mismatch tracker, in the tracker's order of prediction names. ``scratch`` lends the memory of
+    the activated box (the calling thread's, reused from tile to tile).
     """
     t0 = time.perf_counter()
     tile = work.tile
@@ -49,11 +51,9 @@ def tile_record(
     names = mismatch.names
     first = work.outputs[names[0]]
     # Activated where the prediction is (the run's device); one copy of the box to the host.
-    activated = torch.empty(
-        (len(names), first.shape[0], *(b - a for a, b in zip(box_start, box_stop))),
-        dtype=torch.float32,
-        device=first.device,
-    )
+    shape = (len(names), first.shape[0], *(b - a for a, b in zip(box_start, box_stop)))
+    # Nothing below keeps the activated box past this call (the slab store copies what waits).
+    activated = (scratch or ScratchBuffer()).empty(shape, first.device)
     for m, name in enumerate(names):
         activate_into(work.outputs[name][(slice(None), *window)], config.activation, activated[m])
     # Without ``host`` the metrics run where the prediction is (a GPU); else on the host's copy.

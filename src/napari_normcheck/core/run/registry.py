@@ -123,14 +123,22 @@ def _prediction(name: str) -> ChunkFunction:
 
 
 def _disparity(probabilities: Mapping[str, np.ndarray]) -> np.ndarray:
-    # abs(): arrays or tensors (a chunk's probabilities on the run's device).
-    return abs(probabilities["train"] - probabilities["eval"])
+    # Arrays or tensors (a chunk's probabilities on the run's device).
+    return _abs_difference(probabilities["train"], probabilities["eval"])
+
+
+def _abs_difference(a: Any, b: Any) -> Any:
+    """``abs(a - b)`` for arrays or tensors, the absolute value taken in the difference's memory."""
+    difference = a - b
+    if isinstance(difference, np.ndarray):
+        return np.abs(difference, out=difference)
+    return difference.abs_()
 
 
 def _shift_diff(name: str) -> ChunkFunction:
     # The grid shift's comparer adds "shifted_<name>" to a finished chunk's predictions.
     def compute(probabilities: Mapping[str, np.ndarray]) -> np.ndarray:
-        return abs(probabilities[name] - probabilities[f"shifted_{name}"])
+        return _abs_difference(probabilities[name], probabilities[f"shifted_{name}"])
 
     compute.__name__ = f"shift_diff_{name}"
     return compute

@@ -30,6 +30,7 @@ import torch
 
 from napari_normcheck.core.base.tiling import Tile, TilePlan
 from napari_normcheck.core.io.spill import SpillFile
+from napari_normcheck.core.run.scratch import ScratchBuffer
 
 ChunkIndex = tuple[int, int, int]
 #: Memory for the weight sums of chunks placed alike in the tile grid (reused, not recomputed).
@@ -148,6 +149,7 @@ class ChunkAccumulator:
         # beside its sums (a fifth less memory and spill with two modes of two channels).
         self._contributors = {chunk: tuple(users) for chunk, users in self._users.items()}
         self._weight_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._scratch = ScratchBuffer()  # a tile's weighted part of a chunk, before it is added
         self.done_chunks: set[ChunkIndex] = set(done_chunks or ())
         self._buffers: OrderedDict[ChunkIndex, _Partial] = OrderedDict()
         self._spilled = SpillFile(self.scratch_dir / "chunks.f32")
@@ -207,7 +209,7 @@ class ChunkAccumulator:
             for part in parts:
                 view = partial.values[(slice(first, first + len(part)), *in_partial)]
                 if scratch is None or scratch.shape != view.shape:
-                    scratch = self._empty(view.shape)
+                    scratch = self._scratch.empty(tuple(view.shape), self.device)
                 torch.mul(part[(slice(None), *in_tile)], w, out=scratch)
                 view.add_(scratch)
                 first += len(part)
@@ -316,11 +318,6 @@ class ChunkAccumulator:
             return torch.from_numpy(np.zeros(shape, dtype=np.float32))
         return torch.zeros(shape, dtype=torch.float32, device=self.device)
 
-    def _empty(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return torch.from_numpy(np.empty(tuple(shape), dtype=np.float32))
-        return torch.empty(shape, dtype=torch.float32, device=self.device)
-
     def _next_use(self, chunk: ChunkIndex) -> float:
         users = self._users.get(chunk)
         return users[0] if users else float("inf")
@@ -360,6 +357,7 @@ class ChunkAccumulator:
             shutil.rmtree(self.scratch_dir, ignore_errors=True)
         self._buffers.clear()
         self._bytes = 0
+        self._scratch.release()
 
 
 @dataclass

@@ -48,6 +48,7 @@ from napari_normcheck.core.run.predictions import BoundPrediction
 from napari_normcheck.core.run.region import ChunkIndex, ChunkRegion
 from napari_normcheck.core.run.registry import tile_metrics_of, voxel_outputs
 from napari_normcheck.core.run.runsetup import RunSetup
+from napari_normcheck.core.run.scratch import ScratchBuffer
 from napari_normcheck.core.run.staging import HostCopies
 from napari_normcheck.core.run.stitch import ChunkAccumulator, importance_map
 from napari_normcheck.core.run.sums import RunSums
@@ -162,6 +163,8 @@ class TileLoop:
         on_device = METRICS_ON_DEVICE
         self.metrics_on_device = setup.device.type == "cuda" if on_device is None else on_device
         self._metrics_thread = ThreadPoolExecutor(1, thread_name_prefix="normcheck-metrics")
+        self._metrics_scratch = ScratchBuffer()  # used on the metrics thread only
+        self._writer_scratch = ScratchBuffer()  # used on the writer thread only
         self._metrics_timing = Timing()  # the metrics thread's own seconds (overlap stitching)
         self.records: dict[int, dict[str, Any]] = {}
         self._in_flight: deque[_Stitched] = deque()
@@ -267,6 +270,7 @@ class TileLoop:
                 self.feature_layers,
                 self.tile_metrics,
                 None if self.metrics_on_device else self.host,
+                self._metrics_scratch,
             )
             self._stitch(work)
             self._in_flight.append(_Stitched(work.tile, future, self.chunks_written - before))
@@ -384,7 +388,8 @@ class TileLoop:
         # each output's stored values (uint8 by default). The shifted grid and a stored train
         # prediction are read on the host, so with those the chunk crosses once, activated.
         stacked = values.reshape(len(self.names), self.n_out, *values.shape[1:])
-        activated = activate_tensor(stacked, self.config.activation)
+        # The chunk's blended values are this job's alone: a sigmoid overwrites them.
+        activated = activate_tensor(stacked, self.config.activation, in_place=True)
         if self.grid_shift is not None or (self.disparity and "train" not in self.names):
             activated = self.host.to_host(activated)
         probabilities = dict(zip(self.names, activated))
@@ -426,7 +431,7 @@ class TileLoop:
 
         def store_as(values: Any) -> np.ndarray:
             # Converted where the values are; only the stored dtype crosses to the host.
-            stored = to_output_dtype(values, dtype)
+            stored = to_output_dtype(values, dtype, self._writer_scratch)
             return stored if isinstance(stored, np.ndarray) else self.host.to_host(stored)
 
         writes = []
@@ -492,5 +497,7 @@ class TileLoop:
             self._metrics_thread.shutdown(wait=True)
             self.writer.close()
         finally:
+            self._metrics_scratch.release()
+            self._writer_scratch.release()
             self.mismatch.close()
             self.accumulator.close()
