@@ -84,12 +84,16 @@ def read_progress(store_path: str | Path) -> dict[str, Any]:
     return {}
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
+def write_json_atomic(path: str | Path, data: Any, indent: int | None = 2) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file.
+
+    ``indent=None`` writes one line: Python's C encoder then does the work, several times faster
+    than the indenting one (for files only programs read, such as the progress).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+        tmp.write_text(json.dumps(data, indent=indent, default=_json_default))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk leaves the previous file, and no half one
@@ -256,7 +260,7 @@ class OutputStore:
         """Save what is finished, atomically (a crash leaves the previous complete file)."""
         folder = records_dir(self.path)
         folder.mkdir(exist_ok=True)
-        write_json_atomic(folder / PROGRESS_FILE, progress)
+        write_json_atomic(folder / PROGRESS_FILE, progress, indent=None)
 
     def create_image(
         self,

@@ -38,6 +38,7 @@ from napari_normcheck.core.run.planning import precision_effect, prepare_run, re
 from napari_normcheck.core.run.predictions import CHECK, Prediction, bind_predictions
 from napari_normcheck.core.run.region import whole_train_batches
 from napari_normcheck.core.run.runsteps import finish_run, open_outputs, run_attrs
+from napari_normcheck.core.run.save_pacing import SavePacing
 from napari_normcheck.core.run.support_summary import min_foreground_of
 from napari_normcheck.core.run.tileloop import TileLoop
 from napari_normcheck.core.run.timing import Timing
@@ -135,22 +136,29 @@ def run_check(
             grid_shift=shift.comparer if shift else None,
         )
         loop.load_progress(progress)
-        last_save = time.perf_counter()
+        pacing = SavePacing()
 
         def save_progress(via: TileLoop | None = None) -> None:
             # A snapshot taken now, written by the writer thread after the chunk writes queued
             # before it: a chunk is either listed and on disk, or recomputed. The run does not
             # wait for it. ``via``: the shifted grid's loop while it runs (its chunks are the
             # ones being written).
-            nonlocal last_save
+            t0 = time.perf_counter()
             snapshot = loop.progress() | (shift.progress() if shift else {})
+            pacing.took("snapshot", time.perf_counter() - t0)
 
             def write() -> None:
                 # On the writer thread: the chunks listed are summed by now, and no later one is.
+                t1 = time.perf_counter()
                 store.write_progress(snapshot | loop.chunk_progress())
+                pacing.took("write", time.perf_counter() - t1)
 
             (via or loop).write_after_pending(write)
-            last_save = time.perf_counter()
+            pacing.saved()
+
+        def save_if_due(via: TileLoop | None = None) -> None:
+            if pacing.due():
+                save_progress(via)
 
         timing.setup = time.perf_counter() - t_start
         t_event = time.perf_counter()
@@ -174,7 +182,7 @@ def run_check(
                     store.path / ".scratch" / "grid_shift",
                     n_main=len(tiles),
                     t_start=t_start,
-                    save=save_progress,
+                    save=save_if_due,
                     cancel=cancel,
                 )
                 shift.close()
@@ -183,8 +191,7 @@ def run_check(
             n_before = shift.n_run if shift else 0
             with contextlib.closing(loop.run(tiles)) as results:
                 for n_done, result in enumerate(results, start=n_before + 1):
-                    if time.perf_counter() - last_save > 2.0:
-                        save_progress()
+                    save_if_due()
                     t_event = time.perf_counter()
                     yield TileDone(
                         result.tile,

@@ -48,6 +48,7 @@ from napari_normcheck.core.run.predictions import BoundPrediction
 from napari_normcheck.core.run.region import ChunkIndex, whole_train_batches
 from napari_normcheck.core.run.registry import GRID_SHIFT_METRICS
 from napari_normcheck.core.run.runsetup import RunSetup
+from napari_normcheck.core.run.save_pacing import SavePacing
 from napari_normcheck.core.run.tileloop import TileLoop
 from napari_normcheck.core.run.timing import Timing
 
@@ -340,8 +341,10 @@ class GridShift:
     ) -> Iterator[TileDone]:
         """Predict the shifted grid's unfinished tiles, yielding progress (``n_total`` counts both).
 
-        ``save(loop)`` writes the run's progress through ``loop``'s writer (every 2 s); the loop
-        stays open until :meth:`close`, so a final save after a cancel lists only written chunks.
+        ``save(loop)``, called after every tile, writes the run's progress through ``loop``'s
+        writer where a save is due (:class:`~napari_normcheck.core.run.save_pacing.SavePacing`);
+        the loop stays open until :meth:`close`, so a final save after a cancel lists only
+        written chunks.
         """
         # Predictions only: the shifted grid's own disparity, seams and features are not wanted.
         stored_config = config.replace(output_dtype="float32", seams=False)
@@ -371,12 +374,9 @@ class GridShift:
             done_chunks=self.done_chunks,
         )
         self.n_run = len(tiles)
-        last_save = time.perf_counter()
         with contextlib.closing(loop.run(tiles)) as results:
             for n_done, result in enumerate(results, start=1):
-                if time.perf_counter() - last_save > 2.0:
-                    save(loop)
-                    last_save = time.perf_counter()
+                save(loop)
                 yield TileDone(
                     result.tile,
                     n_done,
@@ -401,10 +401,14 @@ class GridShift:
         cancel: threading.Event | None = None,
     ) -> Iterator[TileDone]:
         """:meth:`run` with its own progress file (a distributed run, whose blocks keep theirs)."""
+        pacing = SavePacing()
 
         def save(loop: TileLoop) -> None:
+            if not pacing.due():
+                return
             snapshot = self.progress()
             loop.write_after_pending(lambda: store.write_progress(snapshot))
+            pacing.saved()
 
         try:
             yield from self.run(

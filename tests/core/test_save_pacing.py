@@ -1,0 +1,28 @@
+"""Progress saves: every few seconds, less often where a save itself is slow."""
+
+from napari_normcheck.core.run import save_pacing
+from napari_normcheck.core.run.save_pacing import SavePacing
+
+
+def test_saves_are_spaced_by_the_interval_or_by_their_own_cost(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(save_pacing.time, "perf_counter", lambda: now[0])
+    pacing = SavePacing(interval=2.0, share=0.05)
+    now[0] += 1.9
+    assert not pacing.due()
+    now[0] += 0.2
+    assert pacing.due()
+    pacing.saved()
+    # A save of 20 MB of records: 0.3 s to snapshot, 0.4 s to write; at most 5% of the run.
+    pacing.took("snapshot", 0.3)
+    pacing.took("write", 0.4)
+    now[0] += 13.9
+    assert not pacing.due()
+    now[0] += 0.2
+    assert pacing.due()
+    pacing.saved()
+    pacing.took("write", 0.01)  # the latest cost of a part replaces the one before
+    now[0] += 6.1
+    assert not pacing.due()
+    now[0] += 0.2
+    assert pacing.due()
