@@ -105,3 +105,36 @@ def test_a_chunk_holds_only_the_box_its_tiles_have_added_to(tmp_path):
     plane_bytes = 2 * 4 * 96 * 160
     assert accumulator.held_bytes == 4 * plane_bytes  # not len(pending) whole chunks
     accumulator.close()
+
+
+def test_a_spill_file_reuses_freed_space_of_any_size_and_returns_every_value(tmp_path):
+    from napari_normcheck.core.io.spill import SpillFile
+
+    rng = np.random.default_rng(0)
+    spill = SpillFile(tmp_path / "x.f32")
+    box = rng.random((2, 2, 12, 40, 40), dtype=np.float32)
+    arrays = {
+        "chunk": rng.random((4, 8, 32, 32), dtype=np.float32),
+        "face": box[:, :, 4:, 2:30, :],  # a strided view, as a tile's overlap slab is cut
+        "small": rng.random((3, 5), dtype=np.float32),
+    }
+    for key, array in arrays.items():
+        spill.write(key, array)
+    most = spill._end
+    assert most == sum(a.nbytes for a in arrays.values())
+    # Freed space serves arrays of other sizes (a larger one over two freed neighbours).
+    np.testing.assert_array_equal(spill.read("chunk"), arrays["chunk"])
+    np.testing.assert_array_equal(
+        spill.read("face", (slice(1), slice(None), slice(2, 5)), keep=True),
+        arrays["face"][:1, :, 2:5],
+    )
+    np.testing.assert_array_equal(spill.read("face"), arrays["face"])
+    later = rng.random((2, 2, 7, 40, 40), dtype=np.float32)
+    spill.write("later", later)
+    spill.write("tiny", arrays["small"][:, ::2])
+    assert spill._end == most  # no new space: the freed chunk and face held both
+    np.testing.assert_array_equal(spill.read("small"), arrays["small"])
+    np.testing.assert_array_equal(spill.read("tiny"), arrays["small"][:, ::2])
+    np.testing.assert_array_equal(spill.read("later"), later)
+    assert spill._end == 0 and not spill._free  # all free again, merged into the end
+    spill.close()
