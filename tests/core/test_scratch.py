@@ -3,10 +3,11 @@
 import numpy as np
 import torch
 
+from napari_normcheck.core.base.scratch import ScratchBuffer
 from napari_normcheck.core.io.intensity import IntensitySpec, IntensityTransform
+from napari_normcheck.core.measure.features import per_sample_moments
 from napari_normcheck.core.run.forward import activate_tensor, to_output_dtype
 from napari_normcheck.core.run.registry import VOXEL_OUTPUTS
-from napari_normcheck.core.run.scratch import ScratchBuffer
 
 
 def test_a_scratch_buffer_lends_the_same_memory_until_a_larger_shape_needs_more():
@@ -66,3 +67,11 @@ def test_disparity_and_normalization_computed_in_their_own_memory_keep_their_bit
     floats = raw.astype(np.float32)
     transform.apply(floats)
     np.testing.assert_array_equal(floats, raw.astype(np.float32))  # the input is not touched
+
+
+def test_feature_moments_with_the_kernels_output_in_reused_memory_are_the_same():
+    scratch = ScratchBuffer()
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(2, 8, 6, 20, 20), (1, 4, 5, 9, 9), (2, 3, 40, 40)]:
+        x = torch.randn(shape, generator=generator) * 3 + 1
+        assert torch.equal(per_sample_moments(x, scratch), per_sample_moments(x))

@@ -11,10 +11,10 @@ from torch import nn
 
 from napari_normcheck.core.base.errors import NormcheckError
 from napari_normcheck.core.base.modes import MODES, normalization_mode
+from napari_normcheck.core.base.scratch import ScratchBuffer
 from napari_normcheck.core.models.outputs import first_tensor
 from napari_normcheck.core.models.per_sample_norm import per_sample_train_norm
 from napari_normcheck.core.run.precision import precision_context, precision_disparity
-from napari_normcheck.core.run.scratch import ScratchBuffer
 from napari_normcheck.core.run.staging import HostStaging
 
 

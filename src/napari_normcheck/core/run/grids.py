@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.scratch import ScratchBuffer
 from napari_normcheck.core.base.tiling import TilePlan
 from napari_normcheck.core.io.store import OutputStore
 from napari_normcheck.core.measure.features import FeatureLayer, tile_feature_summary
@@ -17,7 +18,6 @@ from napari_normcheck.core.measure.tile_metrics import TileView
 from napari_normcheck.core.run.forward import activate_into
 from napari_normcheck.core.run.registry import TileMetric
 from napari_normcheck.core.run.report import tile_hard_value
-from napari_normcheck.core.run.scratch import ScratchBuffer
 from napari_normcheck.core.run.staging import HostCopies
 from napari_normcheck.core.run.tile_io import TileWork
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_normcheck.core.base.scratch import ScratchBuffer
 from napari_normcheck.core.base.tiling import Tile, TilePlan
 from napari_normcheck.core.io.spill import SpillFile
-from napari_normcheck.core.run.scratch import ScratchBuffer
 
 ChunkIndex = tuple[int, int, int]
 #: Memory for the weight sums of chunks placed alike in the tile grid (reused, not recomputed).

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.base.scratch import ScratchBuffer
 from napari_normcheck.core.base.tiling import Tile
 from napari_normcheck.core.io.pyramid import write_all
 from napari_normcheck.core.io.volume import Volume
@@ -48,7 +49,6 @@ from napari_normcheck.core.run.predictions import BoundPrediction
 from napari_normcheck.core.run.region import ChunkIndex, ChunkRegion
 from napari_normcheck.core.run.registry import tile_metrics_of, voxel_outputs
 from napari_normcheck.core.run.runsetup import RunSetup
-from napari_normcheck.core.run.scratch import ScratchBuffer
 from napari_normcheck.core.run.staging import HostCopies
 from napari_normcheck.core.run.stitch import ChunkAccumulator, importance_map
 from napari_normcheck.core.run.sums import RunSums
