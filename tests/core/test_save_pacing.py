@@ -26,3 +26,24 @@ def test_saves_are_spaced_by_the_interval_or_by_their_own_cost(monkeypatch):
     assert not pacing.due()
     now[0] += 0.2
     assert pacing.due()
+
+
+def test_a_timed_part_counts_as_its_cost_even_when_it_fails(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(save_pacing.time, "perf_counter", lambda: now[0])
+    pacing = SavePacing(interval=2.0, share=0.05)
+
+    def slow_write():
+        now[0] += 0.5
+        raise OSError("no space left on device")
+
+    assert pacing.timed("snapshot", lambda: "records") == "records"
+    try:
+        pacing.timed("write", slow_write)
+    except OSError:
+        pass
+    pacing.saved()
+    now[0] += 9.9
+    assert not pacing.due()  # 0.5 s of saving allows one save every 10 s
+    now[0] += 0.2
+    assert pacing.due()

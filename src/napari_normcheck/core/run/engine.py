@@ -143,15 +143,15 @@ def run_check(
             # before it: a chunk is either listed and on disk, or recomputed. The run does not
             # wait for it. ``via``: the shifted grid's loop while it runs (its chunks are the
             # ones being written).
-            t0 = time.perf_counter()
-            snapshot = loop.progress() | (shift.progress() if shift else {})
-            pacing.took("snapshot", time.perf_counter() - t0)
+            snapshot = pacing.timed(
+                "snapshot", lambda: loop.progress() | (shift.progress() if shift else {})
+            )
 
             def write() -> None:
                 # On the writer thread: the chunks listed are summed by now, and no later one is.
-                t1 = time.perf_counter()
-                store.write_progress(snapshot | loop.chunk_progress())
-                pacing.took("write", time.perf_counter() - t1)
+                pacing.timed(
+                    "write", lambda: store.write_progress(snapshot | loop.chunk_progress())
+                )
 
             (via or loop).write_after_pending(write)
             pacing.saved()

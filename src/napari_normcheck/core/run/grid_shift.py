@@ -406,8 +406,10 @@ class GridShift:
         def save(loop: TileLoop) -> None:
             if not pacing.due():
                 return
-            snapshot = self.progress()
-            loop.write_after_pending(lambda: store.write_progress(snapshot))
+            snapshot = pacing.timed("snapshot", self.progress)
+            loop.write_after_pending(
+                lambda: pacing.timed("write", lambda: store.write_progress(snapshot))
+            )
             pacing.saved()
 
         try:

@@ -10,6 +10,10 @@ run; a short run still saves every :data:`SAVE_INTERVAL_S`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 #: Seconds between two progress saves at least.
 SAVE_INTERVAL_S = 2.0
@@ -20,7 +24,7 @@ SAVE_SHARE = 0.05
 class SavePacing:
     """Whether the next periodic progress save is due.
 
-    The caller marks each save with :meth:`saved` and reports its cost with :meth:`took` (from
+    The caller marks each save with :meth:`saved` and runs its parts through :meth:`timed` (on
     whichever thread does the work: the snapshot on the run's thread, the file on the writer's).
     """
 
@@ -42,3 +46,11 @@ class SavePacing:
     def took(self, part: str, seconds: float) -> None:
         """The last save's ``part`` (``"snapshot"``, ``"write"``) took ``seconds``."""
         self._costs[part] = seconds
+
+    def timed(self, part: str, job: Callable[[], T]) -> T:
+        """``job()``, its seconds kept as the cost of the save's ``part``."""
+        t0 = time.perf_counter()
+        try:
+            return job()
+        finally:
+            self.took(part, time.perf_counter() - t0)
