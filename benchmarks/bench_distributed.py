@@ -1,11 +1,12 @@
 """Distributed runs: 1 vs 2 local worker processes (one thread each) on the same input, and equality.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py [--quick] [--shape Z,Y,X]
-[--tile Z,Y,X] [--workers 1,2]``. Prints the time of a single-process run (torch limited to one
+[--tile Z,Y,X] [--workers 1,2] [--no-share]``. Prints the time of a single-process run (torch limited to one
 thread), of a distributed run on 1 and on 2 local workers, each with the default blocks for its
-worker count (as ``run --workers N`` makes them), the speed-up 1 -> 2 workers, the tiles run per
-block layout and the rerun fraction (tiles on block borders run in each block they touch) and the
-largest difference of every output against the single-process run. Asserts nothing.
+worker count (as ``run --workers N`` makes them), the speed-up 1 -> 2 workers, the forwards each
+block ran (a tile on a block border is predicted once, by the first block to get to it, and shared;
+``--no-share``: predicted in each block that touches it), the time blocks waited for shared tiles,
+and the largest difference of every output against the single-process run. Asserts nothing.
 
 Cluster start-up (worker processes importing torch) is excluded from the run times: the workers are
 started (as ``run --workers`` starts them) and warmed first, as a long-lived cluster would be.
@@ -57,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", help=f"tile Z,Y,X (default {','.join(map(str, TILE))})")
     parser.add_argument(
         "--workers", default="1,2", help="worker counts to run, comma separated (default 1,2)"
+    )
+    parser.add_argument(
+        "--no-share",
+        action="store_true",
+        help="predict border tiles in every block that touches them (as before sharing)",
     )
     args = parser.parse_args(argv)
     worker_counts = [int(v) for v in args.workers.split(",")]
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             with open_client(client=None, n_workers=None, scheduler=cluster.scheduler_address) as c:
                 c.run(_warm)
                 t0 = time.perf_counter()
-                workers = set()
+                workers, per_block = set(), []
                 for event in run_check_distributed(
                     volume,
                     loaded.module,
@@ -122,21 +128,26 @@ def main(argv: list[str] | None = None) -> int:
                     client=c,
                     volume_source=source,
                     divisor=16,
+                    share_forwards=not args.no_share,
                 ):
                     if isinstance(event, BlockDone):
                         workers.add(event.worker)
+                        per_block.append(event.tiles_run)
                     if isinstance(event, RunFinished):
                         layout = event.summary["distributed"]
                         tiles_run[n_workers] = layout["tiles_run"]
                         forwards = _forward_seconds(event.summary) / tiles_run[n_workers]
+                        waited = event.summary["timing"].get("shared_wait", 0.0)
                 times[n_workers] = time.perf_counter() - t0
             cluster.close()
             print(
                 f"{n_workers} worker(s) x 1 thread: {times[n_workers]:.2f} s "
                 f"({layout['n_blocks']} block(s) of {tuple(layout['block_chunks'])} chunks "
                 f"on {len(workers)} worker(s), "
-                f"{tiles_run[n_workers]} tile runs for {plan.n_tiles} tiles: rerun fraction "
-                f"{layout['rerun_fraction']:.1%}; forwards {forwards:.2f} s/tile run)"
+                f"{tiles_run[n_workers]} tile runs for {plan.n_tiles} tiles "
+                f"({' + '.join(map(str, per_block))} by block, {layout.get('tiles_shared', 0)} "
+                f"border tiles shared): rerun fraction {layout['rerun_fraction']:.1%}; "
+                f"forwards {forwards:.2f} s/tile run; waited for shared tiles {waited:.2f} s)"
             )
         if 1 in times and 2 in times:
             print(f"speed-up 1 -> 2 workers: {times[1] / times[2]:.2f}x")

@@ -270,6 +270,26 @@ def test_equals_single_process_bitwise_in_crop_mode(tmp_path, client, loaded, vo
         assert torch.equal(value, saved[key]), key
 
 
+def test_border_tiles_are_predicted_once_and_shared_bit_for_bit(tmp_path, client, loaded, volume):
+    """Blocks share their border tiles' forwards: every tile predicted once, the same outputs and
+    sums as blocks that each predict every tile they touch (on the same one-thread workers)."""
+    runs = {}
+    for share in (True, False):
+        out = tmp_path / f"{share}.zarr"
+        events = list(
+            distributed_run(volume, loaded, "gaussian", out, client=client, share_forwards=share)
+        )
+        runs[share] = (read_arrays(out), summary_of(events), out)
+    shared, alone = runs[True][1]["distributed"], runs[False][1]["distributed"]
+    n_tiles = runs[True][1]["n_tiles"]
+    assert shared["n_blocks"] == 4 and 0 < shared["tiles_shared"] <= n_tiles
+    assert shared["tiles_run"] == n_tiles and shared["rerun_fraction"] == 0.0
+    assert alone["tiles_run"] > n_tiles and alone["tiles_shared"] == 0
+    assert shared["layout_rerun_fraction"] == alone["rerun_fraction"]
+    assert_same_run(runs[True][2], runs[True][1], runs[False], exact=True)
+    assert not (runs[True][2] / ".scratch").exists()
+
+
 def test_local_cluster_has_one_thread_per_worker_process():
     """``n_workers`` (``--workers N``) starts worker processes of one thread each, closed after."""
     with open_client(n_workers=2) as local:

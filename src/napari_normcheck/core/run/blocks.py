@@ -180,6 +180,28 @@ def block_tiles(plan: TilePlan, block: Block, train_batch: int = 1) -> list[int]
     return sorted(whole_train_batches(indices, train_batch, plan.n_tiles))
 
 
+def border_tiles(plan: TilePlan, blocks: list[Block]) -> dict[int, tuple[int, ...]]:
+    """The tiles that several blocks run, each with those blocks' indices.
+
+    Parameters
+    ----------
+    plan : TilePlan
+        The run's plan.
+    blocks : list of Block
+        The run's blocks.
+
+    Returns
+    -------
+    dict of int to tuple of int
+        Tile index to the blocks (ascending) whose tasks run it, for tiles run by more than one.
+    """
+    needed_by: dict[int, list[int]] = {}
+    for block in blocks:
+        for tile in block_tiles(plan, block):
+            needed_by.setdefault(tile, []).append(block.index)
+    return {t: tuple(b) for t, b in needed_by.items() if len(b) > 1}
+
+
 def tile_owners(plan: TilePlan, block_chunks: tuple[int, int, int]) -> np.ndarray:
     """Index (as :func:`plan_blocks` numbers blocks) of the block holding each tile's origin."""
     roi_start = np.asarray(plan.roi_start)

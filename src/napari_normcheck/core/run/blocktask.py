@@ -15,7 +15,7 @@ import contextlib
 import copy
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from napari_normcheck.core.run.predictions import (
 )
 from napari_normcheck.core.run.runsetup import RunSetup
 from napari_normcheck.core.run.runsteps import output_arrays
+from napari_normcheck.core.run.shared_forwards import SharedForwards
 from napari_normcheck.core.run.tileloop import TileLoop
 from napari_normcheck.core.run.timing import Timing
 
@@ -73,6 +74,10 @@ class BlockContext:
         Tag of the block records.
     predictions : tuple of Prediction
         What each tile gets (the check's two, and the remedies' when asked for).
+    needed_by : dict of int to tuple of int
+        For each tile that several blocks run (on their borders), those blocks; its forwards are
+        shared between them (:mod:`~napari_normcheck.core.run.shared_forwards`). Empty: each
+        block predicts every tile it runs (train batches of several tiles).
     """
 
     key: str
@@ -87,6 +92,12 @@ class BlockContext:
     store_path: str
     config_hash: str
     predictions: tuple[Prediction, ...] = CHECK
+    needed_by: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def shared_folder(self) -> Path:
+        """Where this run's blocks share the forwards of their border tiles."""
+        return Path(self.store_path) / ".scratch" / f"shared-{self.key}"
 
 
 # Runs set up in this worker process, by run key (a process may serve several runs in turn).
@@ -161,6 +172,13 @@ class WorkerRun:
             if context.config.grid_shift
             else None
         )
+        shared = (
+            SharedForwards(
+                context.shared_folder, block.index, context.needed_by, self.device, names
+            )
+            if context.needed_by
+            else None
+        )
         loop = TileLoop(
             self.volume,
             self.setup,
@@ -172,6 +190,7 @@ class WorkerRun:
             region=block,
             tiles=tiles,
             grid_shift=shift,
+            shared=shared,
         )
         stopped = _stop_signal(context.key)
         try:
@@ -200,7 +219,9 @@ class WorkerRun:
             "records": {str(k): v for k, v in loop.records.items()},
             "timing": timing.to_dict(),
             "spilled_chunks": loop.accumulator.spill_count,
-            "tiles_run": len(tiles),
+            # Forwards run here: the border tiles received from other blocks are not counted.
+            "tiles_run": len(tiles) - (shared.received if shared else 0),
+            "tiles_received": shared.received if shared else 0,
             "worker": getattr(worker, "address", ""),
             **({"grid_shift_sums": shift.to_dict()} if shift is not None else {}),
         }

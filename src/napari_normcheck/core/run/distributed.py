@@ -41,6 +41,7 @@ from napari_normcheck.core.measure.mismatch import MismatchTracker
 from napari_normcheck.core.models.modelspec import ModelSpec
 from napari_normcheck.core.run.blocks import (
     Block,
+    border_tiles,
     chunk_completion_order,
     chunk_key,
     default_block_chunks,
@@ -180,6 +181,7 @@ def run_check_distributed(
     block_chunks: tuple[int, int, int] | None = None,
     retries: int = 2,
     predictions: Sequence[Prediction] = CHECK,
+    share_forwards: bool = True,
 ) -> Iterator[RunStarted | TileDone | BlockDone | RunFinished]:
     """Run the two-mode check on a dask.distributed cluster, writing what one process would.
 
@@ -215,6 +217,11 @@ def run_check_distributed(
     predictions : sequence of Prediction
         As for :func:`~napari_normcheck.core.run.engine.run_check`; their variants are built on
         each worker (they pickle).
+    share_forwards : bool
+        Predict each tile on a block border once, in the first block to get to it, and share its
+        predictions with the other blocks that run it through a folder in OUT
+        (:mod:`~napari_normcheck.core.run.shared_forwards`); the same bits as predicting it in
+        each. Only with train batches of one tile (tiles of a batch share batch statistics).
 
     Yields
     ------
@@ -287,6 +294,11 @@ def run_check_distributed(
                 write_manifest(store.path, digest, block_chunks)
             finished = read_block_records(store.path, digest) if manifest is not None else {}
             blocks = plan_blocks(plan, block_chunks)
+            # Border tiles are predicted once and shared, where each tile's forward is its own.
+            sharing = share_forwards and config.train_batch == 1
+            needed_by = border_tiles(plan, blocks) if sharing else {}
+            for stale in Path(store.path, ".scratch").glob("shared-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # an interrupted run's
             context = BlockContext(
                 key=f"{digest[:16]}-{uuid.uuid4().hex[:8]}",
                 model=model_spec,
@@ -300,6 +312,7 @@ def run_check_distributed(
                 store_path=str(Path(store.path).resolve()),
                 config_hash=digest,
                 predictions=tuple(predictions),
+                needed_by=needed_by,
             )
             plugin = RunPlugin(context)
             futures: dict[Any, Block] = {}
@@ -388,6 +401,7 @@ def run_check_distributed(
                     dask_client.unregister_worker_plugin(plugin.name)
                 with contextlib.suppress(Exception):
                     dask_client.unsubscribe_topic(topic)
+        tiles_run = int(sum(r["tiles_run"] for r in finished.values()))
         final_path, summary = _finish(
             store, volume, config, setup, names, finished, recorder, out, t_start, shift
         )
@@ -395,9 +409,13 @@ def run_check_distributed(
             "n_blocks": len(blocks),
             "block_chunks": list(block_chunks),
             "worker_threads": n_threads,
-            "tiles_run": int(sum(r["tiles_run"] for r in finished.values())),
-            # Tiles on block borders run in every block they touch.
-            "rerun_fraction": rerun_fraction(plan, block_chunks, config.train_batch),
+            # Forwards run: a border tile is predicted in one block and shared with the others
+            # (with train batches of several tiles, in every block it touches).
+            "tiles_run": tiles_run,
+            "tiles_shared": len(needed_by),
+            "rerun_fraction": round(tiles_run / plan.n_tiles - 1.0, 6),
+            # What blocks that do not share would run twice.
+            "layout_rerun_fraction": rerun_fraction(plan, block_chunks, config.train_batch),
         }
         remove_block_records(final_path)
         shutil.rmtree(

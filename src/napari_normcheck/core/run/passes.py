@@ -79,7 +79,7 @@ class Passes:
     def _run(self, pending: deque[TileWork], bound: BoundPrediction, final: bool) -> None:
         name, prediction, recorder = bound.name, bound.prediction, bound.recorder
         per_sample = prediction.shares_batch and self.fuse_train
-        todo = [w for w in pending if name not in w.outputs]
+        todo = [w for w in pending if name not in w.outputs and not w.external]
         while todo and (len(todo) >= self.batch[name] or final):
             group = todo[: self.batch[name]]
             t0 = time.perf_counter()

@@ -35,6 +35,10 @@ class TileWork:
     image: np.ndarray
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Predicted by another loop, which shares them (:mod:`~napari_normcheck.core.run.shared_forwards`).
+    external: bool = False
+    #: Its predictions were published for the other loops that run it.
+    published: bool = False
 
 
 class TileReader:

@@ -49,6 +49,7 @@ from napari_normcheck.core.run.predictions import BoundPrediction
 from napari_normcheck.core.run.region import ChunkIndex, ChunkRegion
 from napari_normcheck.core.run.registry import tile_metrics_of, voxel_outputs
 from napari_normcheck.core.run.runsetup import RunSetup
+from napari_normcheck.core.run.shared_forwards import SharedForwards
 from napari_normcheck.core.run.staging import HostCopies
 from napari_normcheck.core.run.stitch import ChunkAccumulator, importance_map
 from napari_normcheck.core.run.sums import RunSums
@@ -76,6 +77,10 @@ METRICS_ON_DEVICE: bool | None = None
 #: predicted and stitched: the metrics of one tile then overlap the next tile's forwards instead
 #: of holding them up. One tile's outputs more in memory.
 METRICS_IN_FLIGHT = 1
+
+#: Tiles predicted ahead while the next tile to stitch is another loop's, not yet published
+#: (:mod:`~napari_normcheck.core.run.shared_forwards`); then the loop waits for it.
+SHARED_LOOKAHEAD = 2
 
 
 @dataclass
@@ -124,6 +129,9 @@ class TileLoop:
         Compares each finished chunk with the shifted grid's prediction (``--grid-shift``; a
         :class:`~napari_normcheck.core.run.grid_shift.ShiftComparer`, typed loosely because that
         module builds on this one).
+    shared : SharedForwards, optional
+        Tiles that other loops run too (a distributed block's border tiles) are predicted once:
+        here when this loop claims them first, else received from the loop that did.
     """
 
     def __init__(
@@ -141,6 +149,7 @@ class TileLoop:
         done_chunks: set[ChunkIndex] | None = None,
         reference: Any = None,
         grid_shift: Any = None,
+        shared: SharedForwards | None = None,
     ) -> None:
         self.volume = volume
         self.setup = setup
@@ -154,6 +163,7 @@ class TileLoop:
         self.region = region
         self.reference = reference
         self.grid_shift = grid_shift
+        self.shared = shared
         recorder = next((p.recorder for p in self.predictions if p.recorder), None)
         self.feature_layers = recorder.layers if recorder else []
         self.outputs = voxel_outputs(self.names, config)
@@ -237,23 +247,59 @@ class TileLoop:
             try:
                 reader.start()
                 for work in reader:
+                    if self.shared is not None and not self.shared.claim(work.tile.index):
+                        work.external = True  # another loop predicts it
                     pending.append(work)
-                    passes.run_ready(pending, final=False)
-                    yield from self._finish_ready(pending)
+                    self._predict(passes, pending, final=False)
+                    yield from self._finish_ready(pending, passes)
                     heap.tick()
-                passes.run_ready(pending, final=True)
-                yield from self._finish_ready(pending, in_flight=0)
+                self._predict(passes, pending, final=True)
+                yield from self._finish_ready(pending, passes, in_flight=0)
             finally:
                 reader.stop()
                 self.timing.read += reader.seconds
                 self.timing.read_wait += reader.waited
                 self.timing.trim += heap.seconds
 
+    def _predict(self, passes: Passes, pending: deque[TileWork], *, final: bool) -> None:
+        """Forwards of the pending tiles; the shared ones this loop claimed are published."""
+        t0 = time.perf_counter()
+        passes.run_ready(pending, final=final)
+        if self.shared is None:
+            return
+        self.shared.longest_forward = max(self.shared.longest_forward, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for work in pending:
+            if not work.external and not work.published and len(work.outputs) == len(self.names):
+                self.shared.publish(work)
+                work.published = True
+        self.timing.shared_wait += time.perf_counter() - t0
+
+    def _predicted(self, pending: deque[TileWork], passes: Passes, final: bool) -> bool:
+        """Whether the next tile to stitch has every prediction (received, if another loop's)."""
+        work = pending[0]
+        if len(work.outputs) == len(self.names):
+            return True
+        if not work.external:
+            return False
+        # Another loop's tile: the next tiles are predicted meanwhile, up to a few, then wait.
+        shared = self.shared
+        if not (final or len(pending) > SHARED_LOOKAHEAD or shared.ready(work)):
+            return False
+        t0 = time.perf_counter()
+        received = shared.receive(work)
+        self.timing.shared_wait += time.perf_counter() - t0
+        if not received:  # it did not come: predicted here, and shared from here
+            work.external = False
+            self._predict(passes, deque([work]), final=True)
+        return True
+
     def _finish_ready(
-        self, pending: deque[TileWork], in_flight: int = METRICS_IN_FLIGHT
+        self, pending: deque[TileWork], passes: Passes, in_flight: int = METRICS_IN_FLIGHT
     ) -> Iterator[TileResult]:
         # Tiles are stitched in scan order: the blending arithmetic stays identical to MONAI's.
-        while pending and len(pending[0].outputs) == len(self.names):
+        final = in_flight == 0
+        while pending and self._predicted(pending, passes, final):
             work = pending.popleft()
             before = self.chunks_written
             # The tile's metrics (its own disparity, the pairs it completes) run on the metrics

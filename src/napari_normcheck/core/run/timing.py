@@ -9,6 +9,7 @@ from dataclasses import dataclass
 MAIN_THREAD_STAGES = (
     "setup",
     "read_wait",
+    "shared_wait",
     "forward_eval",
     "forward_train",
     "forward_remedies",
@@ -35,6 +36,9 @@ class Timing:
         The reader thread reading, normalizing and padding tiles (overlaps the forwards).
     read_wait : float
         The run waiting for the reader thread (disk slower than the model).
+    shared_wait : float
+        Waiting for, and reading, the predictions of tiles that another loop predicted and shares
+        (a distributed block's border tiles; see :mod:`~napari_normcheck.core.run.shared_forwards`).
     forward_eval, forward_train : float
         The model's forwards per mode, feature statistics included.
     forward_remedies : float
@@ -70,6 +74,7 @@ class Timing:
     setup: float = 0.0
     read: float = 0.0
     read_wait: float = 0.0
+    shared_wait: float = 0.0
     forward_eval: float = 0.0
     forward_train: float = 0.0
     forward_remedies: float = 0.0
