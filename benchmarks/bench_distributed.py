@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             f"volume {shape}, tile {tile}, {plan.n_tiles} tiles, chunk grid {plan.chunk_grid}, "
             "default blocks of "
             + ", ".join(
-                f"{default_block_chunks(plan, n)} chunks for {n} worker(s)" for n in worker_counts
+                f"{default_block_chunks(plan, n, shared=not args.no_share)} chunks for {n} worker(s)"
+                for n in worker_counts
             )
         )
 

@@ -180,6 +180,29 @@ def test_default_blocks_are_slabs_across_the_axis_with_most_chunks():
     assert rerun_fraction(plan, (2, 2, 2)) > rerun_fraction(plan, (3, 2, 4))
 
 
+def test_blocks_that_share_border_tiles_are_cut_where_their_forwards_are_even():
+    from napari_normcheck.core.run.blocks import (
+        border_tiles,
+        default_block_chunks,
+        plan_blocks,
+        predicted_per_block,
+    )
+
+    plan = plan_tiles((64, 192, 192), (32, 64, 64), overlap=0.25)
+    # Four rows of tiles along y (last voxels in chunks 1, 2, 3, 3): the block above a cut
+    # predicts the tiles crossing it, so the cut after chunk 2 of 4 gives 12 + 36 forwards, after
+    # chunk 3 24 + 24.
+    assert predicted_per_block(plan, (3, 2, 4)).tolist() == [12, 36]
+    assert default_block_chunks(plan, 2, shared=True) == (3, 3, 4)
+    assert predicted_per_block(plan, (3, 3, 4)).tolist() == [24, 24]
+    blocks = plan_blocks(plan, (3, 3, 4))
+    shared = border_tiles(plan, blocks)
+    assert len(shared) == 24 and set(shared.values()) == {(0, 1)}
+    # Every tile is predicted by exactly one block.
+    assert predicted_per_block(plan, (3, 3, 4)).sum() == plan.n_tiles
+    assert default_block_chunks(plan, 1, shared=True) == plan.chunk_grid
+
+
 def test_default_blocks_rerun_few_tiles_on_a_large_volume():
     from napari_normcheck.core.run.blocks import (
         MAX_BLOCK_CHUNKS,

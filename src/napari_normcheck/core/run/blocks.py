@@ -45,7 +45,9 @@ class Block(ChunkRegion):
     index: int = 0
 
 
-def default_block_chunks(plan: TilePlan, n_workers: int) -> tuple[int, int, int]:
+def default_block_chunks(
+    plan: TilePlan, n_workers: int, *, shared: bool = False
+) -> tuple[int, int, int]:
     """Block shape in chunks: one block per worker, cut across as few axes as possible.
 
     A tile on a block border runs in every block it touches, so each cut costs a layer of tiles
@@ -57,12 +59,20 @@ def default_block_chunks(plan: TilePlan, n_workers: int) -> tuple[int, int, int]
     worker one, or to keep each within :data:`MAX_BLOCK_CHUNKS` (what a lost worker or an
     interrupted run loses).
 
+    With ``shared`` forwards (:mod:`~napari_normcheck.core.run.shared_forwards`) a tile on a cut is
+    predicted once, usually by the block above the cut (the tile comes first in its scan order and
+    last in the lower block's). Each cut axis is then cut where the blocks' forwards are most even
+    (:func:`predicted_per_block`), with as many pieces as before: 4 rows of tiles are cut 2 + 2,
+    not 1 + 3.
+
     Parameters
     ----------
     plan : TilePlan
         The run's plan.
     n_workers : int
         Worker threads of the cluster.
+    shared : bool
+        Whether the blocks share their border tiles' forwards.
 
     Returns
     -------
@@ -85,7 +95,34 @@ def default_block_chunks(plan: TilePlan, n_workers: int) -> tuple[int, int, int]
         while too_few_or_too_large() and block[axis] > 1:
             pieces += 1
             block[axis] = -(-grid[axis] // pieces)  # may repeat: 4 chunks in 3 pieces are 2 + 2
+    if shared:
+        for axis in range(3):
+            pieces = -(-grid[axis] // block[axis])
+            if pieces == 1:
+                continue
+            sizes = [b for b in range(1, grid[axis] + 1) if -(-grid[axis] // b) == pieces]
+            sizes = [b for b in sizes if math.prod(block) // block[axis] * b <= MAX_BLOCK_CHUNKS]
+
+            def heaviest(size: int, axis: int = axis) -> int:
+                trial = tuple(size if d == axis else block[d] for d in range(3))
+                return int(predicted_per_block(plan, trial).max())  # type: ignore[arg-type]
+
+            block[axis] = min(sizes or [block[axis]], key=lambda b: (heaviest(b), -b))
     return tuple(block)  # type: ignore[return-value]
+
+
+def predicted_per_block(plan: TilePlan, block_chunks: tuple[int, int, int]) -> np.ndarray:
+    """Tiles each block predicts when a tile is predicted by the block holding its last voxel.
+
+    That is the block above every cut the tile crosses: with shared forwards, the one that
+    usually gets to it first. Blocks numbered as :func:`plan_blocks` numbers them.
+    """
+    _, stops = prediction_boxes(plan)
+    chunks = (stops - 1 - np.asarray(plan.roi_start)) // np.asarray(plan.chunk_shape)
+    grid = tuple(-(-g // b) for g, b in zip(plan.chunk_grid, block_chunks))
+    positions = chunks // np.asarray(block_chunks)
+    owners = np.ravel_multi_index(tuple(positions.T), grid)
+    return np.bincount(owners, minlength=math.prod(grid))
 
 
 def rerun_fraction(

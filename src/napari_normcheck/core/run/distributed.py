@@ -283,7 +283,9 @@ def run_check_distributed(
             manifest = read_manifest(store.path) if resume else None
             if manifest is not None:
                 block_chunks = tuple(manifest["block_chunks"])  # type: ignore[assignment]
-            block_chunks = block_chunks or default_block_chunks(plan, n_threads)
+            # Border tiles are predicted once and shared, where each tile's forward is its own.
+            sharing = share_forwards and config.train_batch == 1
+            block_chunks = block_chunks or default_block_chunks(plan, n_threads, shared=sharing)
             digest = config_hash(attrs, block_chunks)
             if manifest is not None and manifest["config_hash"] != digest:
                 raise NormcheckError(
@@ -294,8 +296,6 @@ def run_check_distributed(
                 write_manifest(store.path, digest, block_chunks)
             finished = read_block_records(store.path, digest) if manifest is not None else {}
             blocks = plan_blocks(plan, block_chunks)
-            # Border tiles are predicted once and shared, where each tile's forward is its own.
-            sharing = share_forwards and config.train_batch == 1
             needed_by = border_tiles(plan, blocks) if sharing else {}
             for stale in Path(store.path, ".scratch").glob("shared-*"):
                 shutil.rmtree(stale, ignore_errors=True)  # an interrupted run's
