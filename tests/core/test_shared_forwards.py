@@ -85,6 +85,16 @@ def test_a_claim_never_published_is_given_up_and_its_loop_not_waited_for_again(
     assert alive.published == 1
 
 
+def test_a_stopped_run_does_not_wait_for_a_claimed_tile(tmp_path, tiles):
+    needed_by = {0: (0, 1)}
+    claimant = SharedForwards(tmp_path, 0, needed_by, CPU, NAMES)
+    waiting = SharedForwards(tmp_path, 1, needed_by, CPU, NAMES, stopped=lambda: True)
+    assert claimant.claim(0) and not waiting.claim(0)
+    t0 = time.perf_counter()
+    assert not waiting.receive(TileWork(tiles[0], np.zeros(1), external=True))
+    assert time.perf_counter() - t0 < 1.0
+
+
 def test_a_retried_block_takes_over_its_own_claims_and_waits_for_a_slow_claimant(tmp_path, tiles):
     needed_by = {0: (0, 1), 1: (0, 1)}
     first_attempt = SharedForwards(tmp_path, 0, needed_by, CPU, NAMES)

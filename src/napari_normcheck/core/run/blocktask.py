@@ -172,9 +172,15 @@ class WorkerRun:
             if context.config.grid_shift
             else None
         )
+        stopped = _stop_signal(context.key)
         shared = (
             SharedForwards(
-                context.shared_folder, block.index, context.needed_by, self.device, names
+                context.shared_folder,
+                block.index,
+                context.needed_by,
+                self.device,
+                names,
+                stopped=stopped,
             )
             if context.needed_by
             else None
@@ -192,7 +198,6 @@ class WorkerRun:
             grid_shift=shift,
             shared=shared,
         )
-        stopped = _stop_signal(context.key)
         try:
             with contextlib.closing(loop.run([plan.get_tile(i) for i in tiles])) as results:
                 for result in results:

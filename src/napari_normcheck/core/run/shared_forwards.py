@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,8 @@ class SharedForwards:
         Where received predictions go (the run's device).
     names : sequence of str
         The predictions every tile gets (``eval``, ``train``, ...).
+    stopped : callable, optional
+        Says when the run was stopped: a wait for another loop's tile then ends at once.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class SharedForwards:
         needed_by: Mapping[int, Sequence[int]],
         device: torch.device,
         names: Sequence[str],
+        stopped: Callable[[], bool] | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -71,6 +74,7 @@ class SharedForwards:
         self.needed_by = needed_by
         self.device = device
         self.names = tuple(names)
+        self.stopped = stopped or (lambda: False)
         self.published = 0
         self.received = 0
         self.predicted_after_wait = 0
@@ -139,7 +143,7 @@ class SharedForwards:
         while not path.exists():
             waited = time.perf_counter() - t0
             gone = self._path("gone", tile).exists()
-            if gone or owner in self._given_up or waited > limit:
+            if gone or owner in self._given_up or waited > limit or self.stopped():
                 if not gone:
                     self._given_up.add(owner)
                 self.waited += waited
