@@ -71,3 +71,23 @@ def test_tile_loop_and_engine_load_nothing_of_the_cluster():
     assert "napari_normcheck.core.run.tileloop" in modules_after(
         "import napari_normcheck.core.run.distributed"
     )
+
+
+def test_a_single_process_run_imports_no_dask_distributed(tmp_path):
+    """dask imports dask.distributed (0.1 s of start-up) for a compute without a scheduler
+    function: reading tiles and sampling the normalization name theirs."""
+    code = f"""
+import numpy as np, torch, zarr
+from napari_normcheck.core.base.config import RunConfig
+from napari_normcheck.core.io.volume import open_volume
+from napari_normcheck.core.run.engine import run_check
+root = {str(tmp_path)!r}
+data = zarr.open_array(root + "/v.zarr", mode="w", shape=(8, 64, 64), chunks=(8, 32, 32),
+                       dtype="uint8")
+data[:] = np.random.default_rng(0).integers(0, 255, (8, 64, 64), dtype=np.uint8)
+model = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.BatchNorm3d(2)).eval()
+config = RunConfig(tile=(8, 32, 32), normalize="percentile:1,99")
+events = list(run_check(open_volume(root + "/v.zarr"), model, config, root + "/o.zarr"))
+assert type(events[-1]).__name__ == "RunFinished"
+"""
+    assert "distributed" not in loaded_after(code)

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_normcheck.core.io.lazy_array import SYNCHRONOUS
+
 #: Decoded blocks kept at most (bytes): a z-row of 1 MB chunks across a 1024x1024 plane uses 16.
 DEFAULT_CACHE_BYTES = 64 * 2**20
 #: Blocks larger than this share of the budget are not cached (a merged or contiguous source's
@@ -78,7 +80,7 @@ class BlockCache:
         if block is not None:
             self._blocks.move_to_end(index)
             return block
-        block = np.asarray(self.data.blocks[index].compute(scheduler="synchronous"))
+        block = np.asarray(self.data.blocks[index].compute(scheduler=SYNCHRONOUS))
         self.reads += 1
         self._blocks[index] = block
         self._bytes += block.nbytes

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from napari_normcheck.core.base.errors import InputReadError, NormcheckError, first_line
-from napari_normcheck.core.io.lazy_array import describe_box, failing_box
+from napari_normcheck.core.io.lazy_array import THREADS, describe_box, failing_box
 
 IntensityKind = Literal["none", "minmax", "meanstd", "percentile", "zscore"]
 
@@ -274,7 +274,7 @@ def _strided_sample(data: Any, max_samples: int) -> np.ndarray:
     sample = data[tuple(slice(None, None, stride) for stride in strides)]
     if hasattr(sample, "compute"):
         try:
-            sample = sample.compute()
+            sample = sample.compute(scheduler=THREADS)
         except NormcheckError:
             raise
         except Exception as error:

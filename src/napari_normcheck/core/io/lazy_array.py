@@ -12,8 +12,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import dask.array as da
+import dask.local
+import dask.threaded
 import numpy as np
 import zarr
+
+# dask's schedulers by function: a scheduler given by name (or none) makes dask import
+# dask.distributed (0.1 s of every run's start-up) to look for a client.
+SYNCHRONOUS = dask.local.get_sync
+THREADS = dask.threaded.get
 
 # Contiguous sources (.npy, in-memory arrays) are cut into chunks of about this many bytes.
 _CONTIGUOUS_CHUNK_BYTES = 64 * 2**20
@@ -128,7 +135,7 @@ def failing_box(
     starts = [np.concatenate([[0], np.cumsum(c)]) for c in data.chunks]
     for index in np.ndindex(*data.numblocks):
         try:
-            data.blocks[index].compute(scheduler="synchronous")
+            data.blocks[index].compute(scheduler=SYNCHRONOUS)
         except Exception:
             return [
                 (o + int(s[i]) * st, o + (int(s[i + 1]) - 1) * st + 1)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from napari_normcheck.core.base.errors import NormcheckError
+from napari_normcheck.core.io.lazy_array import SYNCHRONOUS
 from napari_normcheck.core.io.volume import Volume, open_volume
 from napari_normcheck.core.measure.metrics import dice_from_sums
 
@@ -169,9 +170,7 @@ def read_labels(labels: Volume, offset: tuple[int, ...], box: tuple[slice, ...])
     """The labels of the ROI-relative ``box`` ``(z, y, x)`` as a numpy array."""
     shifted = tuple(slice(s.start + o, s.stop + o) for s, o in zip(box, offset))
     block = labels.data[(0, *shifted)]
-    return np.asarray(
-        block.compute(scheduler="synchronous") if hasattr(block, "compute") else block
-    )
+    return np.asarray(block.compute(scheduler=SYNCHRONOUS) if hasattr(block, "compute") else block)
 
 
 def chunk_boxes(shape: tuple[int, ...], chunks: tuple[int, ...]) -> Iterable[tuple[slice, ...]]:

@@ -16,7 +16,12 @@ from napari_normcheck.core.base.errors import InputReadError, NormcheckError, fi
 from napari_normcheck.core.base.tiling import Tile, TilePlan
 from napari_normcheck.core.io.block_cache import BlockCache
 from napari_normcheck.core.io.intensity import IntensityTransform
-from napari_normcheck.core.io.lazy_array import describe_box, failing_box, stored_chunk_box
+from napari_normcheck.core.io.lazy_array import (
+    SYNCHRONOUS,
+    describe_box,
+    failing_box,
+    stored_chunk_box,
+)
 from napari_normcheck.core.io.volume import Volume
 
 if TYPE_CHECKING:
@@ -148,7 +153,7 @@ def read_window(
     else:
         block = volume.data[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
         block = np.asarray(
-            block.compute(scheduler="synchronous") if hasattr(block, "compute") else block
+            block.compute(scheduler=SYNCHRONOUS) if hasattr(block, "compute") else block
         )
     image = transform.apply(block)
     n_bad = image.size - int(np.count_nonzero(np.isfinite(image)))

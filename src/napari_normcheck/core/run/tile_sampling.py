@@ -16,6 +16,7 @@ import numpy as np
 from napari_normcheck.core.base.errors import NormcheckError
 from napari_normcheck.core.base.tiling import Tile, TilePlan, plan_tiles
 from napari_normcheck.core.io.intensity import IntensityTransform
+from napari_normcheck.core.io.lazy_array import SYNCHRONOUS
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.run.tile_io import read_window
 
@@ -149,7 +150,7 @@ def sample_tiles(
             box = tuple(slice(a, b) for a, b in zip(tile.write_start, tile.write_stop))
             block = volume.data[(slice(None), *box)]
             raw = np.asarray(
-                block.compute(scheduler="synchronous") if hasattr(block, "compute") else block
+                block.compute(scheduler=SYNCHRONOUS) if hasattr(block, "compute") else block
             )
             if mask.fraction(raw, window_size) < mask.min_fraction:
                 rejected += 1
