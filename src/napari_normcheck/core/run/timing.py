@@ -37,8 +37,9 @@ class Timing:
     read_wait : float
         The run waiting for the reader thread (disk slower than the model).
     shared_wait : float
-        Waiting for, and reading, the predictions of tiles that another loop predicted and shares
-        (a distributed block's border tiles; see :mod:`~napari_normcheck.core.run.shared_forwards`).
+        Sharing the predictions of a distributed block's border tiles: writing those this loop
+        predicted for the other blocks, and waiting for and reading those another block predicted
+        (:mod:`~napari_normcheck.core.run.shared_forwards`).
     forward_eval, forward_train : float
         The model's forwards per mode, feature statistics included.
     forward_remedies : float
