@@ -284,6 +284,7 @@ def test_border_tiles_are_predicted_once_and_shared_bit_for_bit(tmp_path, client
     n_tiles = runs[True][1]["n_tiles"]
     assert shared["n_blocks"] == 4 and 0 < shared["tiles_shared"] <= n_tiles
     assert shared["tiles_run"] == n_tiles and shared["rerun_fraction"] == 0.0
+    assert shared["tiles_not_received"] == 0
     assert alone["tiles_run"] > n_tiles and alone["tiles_shared"] == 0
     assert shared["layout_rerun_fraction"] == alone["rerun_fraction"]
     assert_same_run(runs[True][2], runs[True][1], runs[False], exact=True)

@@ -112,3 +112,74 @@ def test_a_retried_block_takes_over_its_own_claims_and_waits_for_a_slow_claimant
     timer.join()
     assert torch.equal(received.outputs["train"], work.outputs["train"])
     assert other.waited >= 0.25 and other.predicted_after_wait == 0
+
+
+def test_a_loop_shares_what_it_claimed_before_it_waits_for_another_loops_tile(
+    tmp_path, monkeypatch
+):
+    """With eval batches of 4, a loop's claimed tiles wait for a full batch; a loop about to wait
+    for another loop's tile predicts and publishes them first, or two loops waiting for each
+    other would each give up only after the timeout."""
+    import dataclasses
+
+    from napari_normcheck.core.run.predictions import CHECK, bind_predictions
+    from napari_normcheck.core.run.runsteps import open_outputs, run_attrs
+    from napari_normcheck.core.run.tileloop import TileLoop
+    from napari_normcheck.core.run.timing import Timing
+    from tests.conftest import synthetic_volume, tiny_unet
+
+    monkeypatch.setattr(shared_forwards, "WAIT_SECONDS", 10.0)
+    volume = open_volume(synthetic_volume((16, 64, 96)))
+    config = RunConfig(tile=(16, 32, 32), overlap=0.25, eval_batch=4)
+    setup = dataclasses.replace(prepare_run(volume, config), n_out=2)
+    assert setup.eval_batch == 4 and setup.plan.n_tiles >= 6
+    names = ("eval", "train")
+    store, arrays = open_outputs(
+        tmp_path / "o.zarr",
+        run_attrs(volume, config, setup, None),
+        config,
+        setup,
+        volume,
+        names,
+        overwrite=False,
+        resume=False,
+    )
+    folder = tmp_path / "shared"
+    needed_by = {t: (0, 1) for t in range(setup.plan.n_tiles)}
+    # The other loop claimed tile 0 and shares it only once this loop has shared tile 1.
+    other = SharedForwards(folder, 1, needed_by, CPU, names)
+    assert other.claim(0)
+    reference = predicted(setup.plan.get_tile(0), 11)
+    reference.outputs = {n: torch.rand(2, 16, 32, 32) for n in names}
+
+    def other_loop() -> None:
+        deadline = time.monotonic() + 30
+        while not (folder / "1.npz").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        other.publish(reference)
+
+    thread = threading.Thread(target=other_loop)
+    thread.start()
+    shared = SharedForwards(folder, 0, needed_by, CPU, names)
+    loop = TileLoop(
+        volume,
+        setup,
+        config,
+        bind_predictions(tiny_unet("batch").eval(), CHECK, config),
+        arrays,
+        Timing(),
+        tmp_path / "scratch",
+        shared=shared,
+    )
+    t0 = time.perf_counter()
+    try:
+        done = [r.tile.index for r in loop.run(list(setup.plan.tiles()))]
+        loop.flush()
+    finally:
+        loop.close()
+        thread.join()
+        store.release_lock()
+    assert done == list(range(setup.plan.n_tiles))
+    assert shared.received == 1 and shared.predicted_after_wait == 0
+    assert shared.published == setup.plan.n_tiles - 1
+    assert time.perf_counter() - t0 < 10.0

@@ -227,6 +227,8 @@ class WorkerRun:
             # Forwards run here: the border tiles received from other blocks are not counted.
             "tiles_run": len(tiles) - (shared.received if shared else 0),
             "tiles_received": shared.received if shared else 0,
+            # Border tiles whose claimant did not share them in time (it died or stopped).
+            "tiles_not_received": shared.predicted_after_wait if shared else 0,
             "worker": getattr(worker, "address", ""),
             **({"grid_shift_sums": shift.to_dict()} if shift is not None else {}),
         }

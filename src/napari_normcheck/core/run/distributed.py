@@ -413,6 +413,9 @@ def run_check_distributed(
             # (with train batches of several tiles, in every block it touches).
             "tiles_run": tiles_run,
             "tiles_shared": len(needed_by),
+            "tiles_not_received": int(
+                sum(r.get("tiles_not_received", 0) for r in finished.values())
+            ),
             "rerun_fraction": round(tiles_run / plan.n_tiles - 1.0, 6),
             # What blocks that do not share would run twice.
             "layout_rerun_fraction": rerun_fraction(plan, block_chunks, config.train_batch),

@@ -284,8 +284,12 @@ class TileLoop:
             return False
         # Another loop's tile: the next tiles are predicted meanwhile, up to a few, then wait.
         shared = self.shared
-        if not (final or len(pending) > SHARED_LOOKAHEAD or shared.ready(work)):
-            return False
+        if not shared.ready(work):
+            if not (final or len(pending) > SHARED_LOOKAHEAD):
+                return False
+            # Before waiting, the tiles this loop claimed are predicted and shared even in a
+            # partial batch: the other loop may be waiting for one of them (a deadlock else).
+            self._predict(passes, pending, final=True)
         t0 = time.perf_counter()
         received = shared.receive(work)
         self.timing.shared_wait += time.perf_counter() - t0
