@@ -42,6 +42,7 @@ def test_a_shared_tile_is_predicted_by_its_first_claimant_and_received_bit_for_b
     # A tile no other loop runs is this loop's: nothing claimed, nothing written.
     assert loops[1].claim(0)
     loops[1].publish(predicted(tiles[0], 0))
+    loops[1].flush()
     assert loops[1].published == 0
     # Loop 2 gets to tile 1 first; loops 0 and 1 receive it.
     assert loops[2].claim(1)
@@ -50,6 +51,7 @@ def test_a_shared_tile_is_predicted_by_its_first_claimant_and_received_bit_for_b
     waiting = TileWork(tiles[1], work.image, external=True)
     assert not loops[0].ready(waiting)
     loops[2].publish(work)
+    loops[2].flush()  # written in the background
     assert loops[0].ready(waiting)
     for loop in loops[:2]:
         received = TileWork(tiles[1], work.image, external=True)
@@ -82,6 +84,7 @@ def test_a_claim_never_published_is_given_up_and_its_loop_not_waited_for_again(
     assert alive.predicted_after_wait == 2
     # The loop that gave up predicts the tiles and shares them itself.
     alive.publish(predicted(tiles[0], 3))
+    alive.close()
     assert alive.published == 1
 
 
@@ -105,7 +108,7 @@ def test_a_retried_block_takes_over_its_own_claims_and_waits_for_a_slow_claimant
     other = SharedForwards(tmp_path, 1, needed_by, CPU, NAMES)
     assert not other.claim(0)
     work = predicted(tiles[0], 5)
-    timer = threading.Timer(0.3, retried.publish, (work,))
+    timer = threading.Timer(0.3, lambda: (retried.publish(work), retried.flush()))
     timer.start()
     received = TileWork(tiles[0], work.image, external=True)
     assert other.receive(received)
@@ -157,6 +160,7 @@ def test_a_loop_shares_what_it_claimed_before_it_waits_for_another_loops_tile(
         while not (folder / "1.npz").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         other.publish(reference)
+        other.close()
 
     thread = threading.Thread(target=other_loop)
     thread.start()
@@ -177,9 +181,22 @@ def test_a_loop_shares_what_it_claimed_before_it_waits_for_another_loops_tile(
         loop.flush()
     finally:
         loop.close()
+        shared.close()
         thread.join()
         store.release_lock()
     assert done == list(range(setup.plan.n_tiles))
     assert shared.received == 1 and shared.predicted_after_wait == 0
     assert shared.published == setup.plan.n_tiles - 1
     assert time.perf_counter() - t0 < 10.0
+
+
+def test_a_failed_publication_is_raised_not_lost(tmp_path, tiles):
+    import shutil
+
+    folder = tmp_path / "shared"
+    loop = SharedForwards(folder, 0, {0: (0, 1)}, CPU, NAMES)
+    assert loop.claim(0)
+    shutil.rmtree(folder)  # the folder is gone (a full or lost disk fails the same way)
+    loop.publish(predicted(tiles[0], 1))
+    with pytest.raises(FileNotFoundError):
+        loop.close()

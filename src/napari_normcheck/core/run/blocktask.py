@@ -206,8 +206,12 @@ class WorkerRun:
                     if stopped():
                         raise BlockStopped(f"block {block.index}: the run was stopped")
             loop.flush()  # the block is recorded only once its chunks are on disk
+            if shared is not None:
+                shared.flush()
         finally:
             loop.close()
+            if shared is not None:
+                shared.close()
         if not loop.accumulator.complete:
             raise RuntimeError(f"block {block.index} left chunks unfinished (a planning bug)")
         timing.total = time.perf_counter() - t_start

@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,9 @@ from napari_normcheck.core.run.tile_io import TileWork
 
 #: Seconds a loop waits at least for a claimed tile's predictions before predicting it itself.
 WAIT_SECONDS = 60.0
+
+#: Publications being written at most (each holds a tile's predictions); then publishing waits.
+WRITES_IN_FLIGHT = 2
 
 _OUT, _FEATURE = "o|", "f|"
 
@@ -84,6 +89,10 @@ class SharedForwards:
         self._mine: set[int] = set()
         self._others: dict[int, int] = {}  # tile -> the loop that claimed it
         self._given_up: set[int] = set()  # loops whose claims were not kept: not waited for again
+        # Publications are written on a thread of their own: the loop goes on predicting (on a
+        # GPU a tile's forwards take about as long as writing its predictions).
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="normcheck-share")
+        self._writes: deque[Future] = deque()
 
     def claim(self, tile: int) -> bool:
         """Whether this loop predicts ``tile``: not shared, claimed now, or claimed by it before.
@@ -109,18 +118,39 @@ class SharedForwards:
         return True
 
     def publish(self, work: TileWork) -> None:
-        """Write a claimed shared tile's predictions and feature statistics for the other loops."""
+        """Share a claimed shared tile's predictions and feature statistics with the other loops.
+
+        Written in the background (:meth:`flush` waits); an earlier write's error is raised here.
+        """
         tile = work.tile.index
         if tile not in self.needed_by or tile not in self._mine:
             return
-        arrays = {_OUT + n: _to_numpy(work.outputs[n]) for n in self.names}
-        arrays |= {_FEATURE + k: np.asarray(v) for k, v in work.features.items()}
+        while self._writes and (self._writes[0].done() or len(self._writes) >= WRITES_IN_FLIGHT):
+            self._writes.popleft().result()
+        outputs, features = dict(work.outputs), dict(work.features)
+        self._writes.append(self._writer.submit(self._write, tile, outputs, features))
+
+    def _write(self, tile: int, outputs: dict, features: dict) -> None:
+        arrays = {_OUT + n: _to_numpy(outputs[n]) for n in self.names}
+        arrays |= {_FEATURE + k: np.asarray(v) for k, v in features.items()}
         final = self._path("tile", tile)
         partial = final.with_name(f"{final.name}.{self.loop}.partial")
         with open(partial, "wb") as file:
             np.savez(file, **arrays)
         os.replace(partial, final)
         self.published += 1
+
+    def flush(self) -> None:
+        """Wait until every publication is written; raise a failed one's error."""
+        while self._writes:
+            self._writes.popleft().result()
+
+    def close(self) -> None:
+        """Finish the publications and stop their thread."""
+        try:
+            self.flush()
+        finally:
+            self._writer.shutdown(wait=True)
 
     def ready(self, work: TileWork) -> bool:
         """Whether ``work``'s predictions have been published (never waits)."""
