@@ -47,3 +47,28 @@ def test_a_timed_part_counts_as_its_cost_even_when_it_fails(monkeypatch):
     assert not pacing.due()  # 0.5 s of saving allows one save every 10 s
     now[0] += 0.2
     assert pacing.due()
+
+
+def test_a_save_snapshots_now_and_writes_through_the_job_it_submits(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(save_pacing.time, "perf_counter", lambda: now[0])
+    pacing = SavePacing(interval=2.0, share=0.05)
+    queued, written = [], []
+
+    def snapshot():
+        now[0] += 0.1
+        return {"tiles": 3}
+
+    def write(taken):
+        now[0] += 0.4
+        written.append(taken)
+
+    pacing.save(snapshot, write, queued.append)
+    assert written == [] and len(queued) == 1  # the write waits for the writer thread
+    queued[0]()
+    assert written == [{"tiles": 3}]
+    # 0.5 s of saving: the next save is due 10 s after the snapshot (taken at 0.1 s).
+    now[0] = 10.0
+    assert not pacing.due()
+    now[0] = 10.2
+    assert pacing.due()

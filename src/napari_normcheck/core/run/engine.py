@@ -143,18 +143,15 @@ def run_check(
             # before it: a chunk is either listed and on disk, or recomputed. The run does not
             # wait for it. ``via``: the shifted grid's loop while it runs (its chunks are the
             # ones being written).
-            snapshot = pacing.timed(
-                "snapshot", lambda: loop.progress() | (shift.progress() if shift else {})
-            )
-
-            def write() -> None:
+            def write(snapshot: dict) -> None:
                 # On the writer thread: the chunks listed are summed by now, and no later one is.
-                pacing.timed(
-                    "write", lambda: store.write_progress(snapshot | loop.chunk_progress())
-                )
+                store.write_progress(snapshot | loop.chunk_progress())
 
-            (via or loop).write_after_pending(write)
-            pacing.saved()
+            pacing.save(
+                lambda: loop.progress() | (shift.progress() if shift else {}),
+                write,
+                (via or loop).write_after_pending,
+            )
 
         def save_if_due(via: TileLoop | None = None) -> None:
             if pacing.due():

@@ -404,13 +404,8 @@ class GridShift:
         pacing = SavePacing()
 
         def save(loop: TileLoop) -> None:
-            if not pacing.due():
-                return
-            snapshot = pacing.timed("snapshot", self.progress)
-            loop.write_after_pending(
-                lambda: pacing.timed("write", lambda: store.write_progress(snapshot))
-            )
-            pacing.saved()
+            if pacing.due():
+                pacing.save(self.progress, store.write_progress, loop.write_after_pending)
 
         try:
             yield from self.run(

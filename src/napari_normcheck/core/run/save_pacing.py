@@ -24,8 +24,9 @@ SAVE_SHARE = 0.05
 class SavePacing:
     """Whether the next periodic progress save is due.
 
-    The caller marks each save with :meth:`saved` and runs its parts through :meth:`timed` (on
-    whichever thread does the work: the snapshot on the run's thread, the file on the writer's).
+    :meth:`save` takes a snapshot on the calling thread and hands its writing to another (the
+    run's writer thread), timing both parts; a caller with other parts marks each save with
+    :meth:`saved` and runs its parts through :meth:`timed`.
     """
 
     def __init__(self, interval: float = SAVE_INTERVAL_S, share: float = SAVE_SHARE) -> None:
@@ -46,6 +47,17 @@ class SavePacing:
     def took(self, part: str, seconds: float) -> None:
         """The last save's ``part`` (``"snapshot"``, ``"write"``) took ``seconds``."""
         self._costs[part] = seconds
+
+    def save(
+        self,
+        snapshot: Callable[[], T],
+        write: Callable[[T], None],
+        submit: Callable[[Callable[[], None]], None],
+    ) -> None:
+        """Take ``snapshot()`` now and ``submit`` a job that writes it (``write(snapshot)``)."""
+        taken = self.timed("snapshot", snapshot)
+        submit(lambda: self.timed("write", lambda: write(taken)))
+        self.saved()
 
     def timed(self, part: str, job: Callable[[], T]) -> T:
         """``job()``, its seconds kept as the cost of the save's ``part``."""
