@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -44,6 +44,33 @@ class TileWork:
     external: bool = False
     #: Its predictions were published for the other loops that run it.
     published: bool = False
+
+
+class ForwardExchange(Protocol):
+    """Where tile loops that run the same tiles share those tiles' forwards (each predicted once).
+
+    The tile loop needs only this; distributed blocks hand it their
+    :class:`~napari_normcheck.core.run.shared_forwards.SharedForwards`, so the loop does not
+    import the cluster's modules.
+    """
+
+    #: Seconds of this loop's longest forward (how long a wait for another loop may last).
+    longest_forward: float
+
+    def claim(self, tile: int) -> bool:
+        """Whether this loop predicts ``tile`` (it claimed it, or nobody else shares it)."""
+
+    def publish(self, work: TileWork) -> None:
+        """Hand a claimed tile's predictions and feature statistics to the other loops."""
+
+    def ready(self, work: TileWork) -> bool:
+        """Whether another loop's predictions of ``work`` can be received without waiting."""
+
+    def receive(self, work: TileWork) -> bool:
+        """Fill ``work`` with another loop's predictions, waiting for them.
+
+        ``False`` when they did not come: this loop then predicts the tile itself.
+        """
 
 
 class TileReader:

@@ -49,12 +49,11 @@ from napari_normcheck.core.run.predictions import BoundPrediction
 from napari_normcheck.core.run.region import ChunkIndex, ChunkRegion
 from napari_normcheck.core.run.registry import tile_metrics_of, voxel_outputs
 from napari_normcheck.core.run.runsetup import RunSetup
-from napari_normcheck.core.run.shared_forwards import SharedForwards
 from napari_normcheck.core.run.staging import HostCopies
 from napari_normcheck.core.run.stitch import ChunkAccumulator, importance_map
 from napari_normcheck.core.run.sums import RunSums
 from napari_normcheck.core.run.threads import intra_op_threads
-from napari_normcheck.core.run.tile_io import TileReader, TileWork
+from napari_normcheck.core.run.tile_io import ForwardExchange, TileReader, TileWork
 from napari_normcheck.core.run.timing import Timing
 
 
@@ -129,9 +128,10 @@ class TileLoop:
         Compares each finished chunk with the shifted grid's prediction (``--grid-shift``; a
         :class:`~napari_normcheck.core.run.grid_shift.ShiftComparer`, typed loosely because that
         module builds on this one).
-    shared : SharedForwards, optional
+    shared : ForwardExchange, optional
         Tiles that other loops run too (a distributed block's border tiles) are predicted once:
-        here when this loop claims them first, else received from the loop that did.
+        here when this loop claims them first, else received from the loop that did
+        (:class:`~napari_normcheck.core.run.shared_forwards.SharedForwards`).
     """
 
     def __init__(
@@ -149,7 +149,7 @@ class TileLoop:
         done_chunks: set[ChunkIndex] | None = None,
         reference: Any = None,
         grid_shift: Any = None,
-        shared: SharedForwards | None = None,
+        shared: ForwardExchange | None = None,
     ) -> None:
         self.volume = volume
         self.setup = setup
