@@ -117,6 +117,53 @@ def test_precision_context_autocasts_and_keeps_norm_buffers_float32(batchnorm_un
         pass
 
 
+def test_tf32_flags_are_set_by_the_first_thread_in_and_restored_by_the_last_out():
+    """Concurrent forwards share PyTorch's process-wide TF32 flags: a thread leaving must not
+    switch them under another's forward, and one that needs the other setting waits."""
+    import threading
+    import time
+
+    from napari_normcheck.core.run.precision import _TF32Flags
+
+    def conv_setting():
+        return torch.backends.cudnn.conv.fp32_precision
+
+    before = (conv_setting(), torch.backends.cuda.matmul.fp32_precision)
+    flags = _TF32Flags()
+    seen = []
+
+    def forward(enabled, seconds, name):
+        with flags.using(enabled):
+            seen.append((name, "in", conv_setting()))
+            time.sleep(seconds)
+            seen.append((name, "out", conv_setting()))
+
+    first = threading.Thread(target=forward, args=(False, 0.4, "first"))
+    second = threading.Thread(target=forward, args=(False, 0.1, "second"))
+    other = threading.Thread(target=forward, args=(True, 0.05, "tf32"))
+    first.start()
+    time.sleep(0.05)
+    second.start()
+    time.sleep(0.05)
+    other.start()
+    for thread in (first, second, other):
+        thread.join()
+    # The second thread left first: IEEE stayed for the first; the TF32 forward came after both.
+    assert seen == [
+        ("first", "in", "ieee"),
+        ("second", "in", "ieee"),
+        ("second", "out", "ieee"),
+        ("first", "out", "ieee"),
+        ("tf32", "in", "tf32"),
+        ("tf32", "out", "tf32"),
+    ]
+    assert (conv_setting(), torch.backends.cuda.matmul.fp32_precision) == before
+    with flags.using(False), pytest.raises(RuntimeError, match="other precision"):
+        with flags.using(True):
+            pass
+    assert (conv_setting(), torch.backends.cuda.matmul.fp32_precision) == before
+
+
 def test_precision_effect_is_measured_as_disparity(batchnorm_unet):
     images = tiles_of_different_statistics(n=2)
     effect = measure_precision_effect(batchnorm_unet, images, 3, CPU, "fp16", "sigmoid", 0.5)

@@ -43,6 +43,7 @@ from napari_normcheck.core.io.intensity import IntensityTransform
 from napari_normcheck.core.io.volume import Volume
 from napari_normcheck.core.measure.metrics import dice_sums, disparity_from_sums
 from napari_normcheck.core.run.forward import activate, forward_batch, resolve_device
+from napari_normcheck.core.run.precision import precision_context
 from napari_normcheck.core.run.tile_sampling import (
     ContentMask,
     read_tiles,
@@ -337,7 +338,10 @@ class _CalibrationState:
                 tracked = getattr(layer, "num_batches_tracked", None)
                 if tracked is not None:
                     tracked.zero_()  # momentum None then weighs this batch by 1 / 1
-            self.worker(batch.to(device))
+            # IEEE float32 like the check's forwards (cuDNN convolutions default to TF32 on
+            # Ampere and newer GPUs: statistics 1e-3 off).
+            with precision_context("fp32", device):
+                self.worker(batch.to(device))
         for (_, layer), sums, factor in zip(self.layers, self.sums, self.factors):
             mean = layer.running_mean.detach().double().cpu().numpy() / factor
             var = layer.running_var.detach().double().cpu().numpy() / factor

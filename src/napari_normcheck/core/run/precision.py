@@ -12,6 +12,7 @@ off for the run so that "fp32" means IEEE float32, and every flag is restored af
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -25,29 +26,74 @@ __all__ = ["PRECISIONS", "precision_context", "precision_disparity"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@contextlib.contextmanager
-def _tf32_flags(enabled: bool) -> Iterator[None]:
+class _TF32Flags:
+    """PyTorch's process-wide TF32 flags, shared by the threads whose forwards are running.
+
+    Forwards run in several threads at once (a distributed worker's blocks, the widget's run and
+    its remedies): a thread that restored the flags as it found them while another thread's
+    forward was still queuing convolutions would switch that forward's precision under it. The
+    first thread in sets the flags and the last one out restores them; a thread that needs the
+    other setting waits until the threads using this one are done.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._users = 0
+        self._enabled: bool | None = None
+        self._saved: tuple | None = None
+        self._mine = threading.local()  # how deep this thread is inside
+
+    @contextlib.contextmanager
+    def using(self, enabled: bool) -> Iterator[None]:
+        depth = getattr(self._mine, "depth", 0)
+        with self._lock:
+            if depth and self._enabled != enabled:
+                raise RuntimeError("TF32 switched inside a forward of the other precision")
+            while self._users and self._enabled != enabled:
+                self._lock.wait()
+            if self._users == 0:
+                self._saved = _set_tf32(enabled)
+                self._enabled = enabled
+            self._users += 1
+        self._mine.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._mine.depth = depth
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    _restore_tf32(self._saved)
+                    self._enabled = self._saved = None
+                    self._lock.notify_all()
+
+
+def _set_tf32(enabled: bool) -> tuple:
+    """Set TF32 for convolutions and matrix products; the settings before."""
     # PyTorch >= 2.9 has per-backend fp32_precision settings and refuses to mix them with the legacy
     # allow_tf32 flags; use the new ones where they exist.
     conv = getattr(torch.backends.cudnn, "conv", None)
     matmul = torch.backends.cuda.matmul
     if conv is not None and hasattr(conv, "fp32_precision"):
-        saved = (conv.fp32_precision, matmul.fp32_precision)
-        value = "tf32" if enabled else "ieee"
-        try:
-            conv.fp32_precision = value
-            matmul.fp32_precision = value
-            yield
-        finally:
-            conv.fp32_precision, matmul.fp32_precision = saved
-        return
-    saved = (torch.backends.cudnn.allow_tf32, matmul.allow_tf32)
-    try:
-        torch.backends.cudnn.allow_tf32 = enabled
-        matmul.allow_tf32 = enabled
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
+        saved = ("fp32_precision", conv.fp32_precision, matmul.fp32_precision)
+        conv.fp32_precision = matmul.fp32_precision = "tf32" if enabled else "ieee"
+        return saved
+    saved = ("allow_tf32", torch.backends.cudnn.allow_tf32, matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = enabled
+    return saved
+
+
+def _restore_tf32(saved: tuple) -> None:
+    kind, conv_value, matmul_value = saved
+    if kind == "fp32_precision":
+        torch.backends.cudnn.conv.fp32_precision = conv_value
+        torch.backends.cuda.matmul.fp32_precision = matmul_value
+    else:
+        torch.backends.cudnn.allow_tf32 = conv_value
+        torch.backends.cuda.matmul.allow_tf32 = matmul_value
+
+
+_TF32 = _TF32Flags()
 
 
 @contextlib.contextmanager
@@ -66,7 +112,7 @@ def precision_context(precision: str, device: torch.device) -> Iterator[None]:
         raise ValueError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     with contextlib.ExitStack() as stack:
         if device.type == "cuda":
-            stack.enter_context(_tf32_flags(precision == "tf32"))
+            stack.enter_context(_TF32.using(precision == "tf32"))
         if precision in AUTOCAST_DTYPES:
             stack.enter_context(torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]))
         yield
