@@ -65,3 +65,23 @@ def test_per_sample_moments_equal_var_mean_and_handle_constant_channels():
     torch.testing.assert_close(moments[..., 0], mean.double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(moments[..., 1], var.double(), rtol=1e-5, atol=1e-7)
     assert moments[1, 2].tolist() == [3.0, 0.0]
+
+
+def test_moments_of_every_layer_cross_in_one_copy_with_the_same_values(batchnorm_unet):
+    """On a GPU the layers' statistics go to the host once per forward (joined, then split):
+    the arrays are those of a copy per layer, bit for bit."""
+    from napari_normcheck.core.measure.features import _to_host
+
+    recorder = FeatureRecorder(batchnorm_unet, default_feature_layers(batchnorm_unet))
+    x = torch.randn(2, 1, 16, 32, 32)
+    with torch.no_grad(), recorder.recording():
+        batchnorm_unet.eval()(x)
+        moments = list(recorder._batch.values())
+        per_sample = recorder.take()
+    assert len({m.shape[1] for m in moments}) > 1  # layers of several widths
+    joined = _to_host(moments, one_copy=True)
+    for got, tensor in zip(joined, moments):
+        assert got.dtype == np.float64 and np.array_equal(got, tensor.numpy())
+    assert len(per_sample) == 2
+    for name, tensor in zip(list(per_sample[0]), moments):
+        assert np.array_equal(per_sample[1][name], tensor.numpy()[1])

@@ -76,7 +76,7 @@ class FeatureRecorder:
         self.model = model
         self.modules = {n: modules[n] for n in names}
         self.layers = [self._describe(n, m) for n, m in self.modules.items()]
-        self._batch: dict[str, np.ndarray] = {}
+        self._batch: dict[str, torch.Tensor] = {}  # this forward's moments, where computed
         # The normalized values the moments' kernel writes and nobody reads (forwards' thread).
         self._scratch = ScratchBuffer()
 
@@ -110,8 +110,9 @@ class FeatureRecorder:
             x = inputs[0]
             if not isinstance(x, torch.Tensor) or x.ndim < 3:
                 return
-            moments = per_sample_moments(x.detach(), self._scratch)
-            self._batch[name] = moments.cpu().numpy()  # (batch, ch, 2)
+            # (batch, ch, 2), kept where computed: a copy to the host here would wait for the
+            # GPU in the middle of every forward, once per layer.
+            self._batch[name] = per_sample_moments(x.detach(), self._scratch)
 
         return hook
 
@@ -119,10 +120,28 @@ class FeatureRecorder:
         """Statistics of the last forward, one dict per sample: ``{layer: (channels, 2)}``."""
         if not self._batch:
             return []
-        n = next(iter(self._batch.values())).shape[0]
-        per_sample = [{name: v[i] for name, v in self._batch.items()} for i in range(n)]
-        self._batch = {}
-        return per_sample
+        batch, self._batch = self._batch, {}
+        arrays = dict(zip(batch, _to_host(list(batch.values()))))
+        n = next(iter(arrays.values())).shape[0]
+        return [{name: v[i] for name, v in arrays.items()} for i in range(n)]
+
+
+def _to_host(moments: list[torch.Tensor], one_copy: bool | None = None) -> list[np.ndarray]:
+    """The layers' moments as NumPy arrays: from a GPU in one copy (the values unchanged).
+
+    ``one_copy``: joined into one tensor first (default: where they are not on the CPU).
+    """
+    first = moments[0]
+    alike = all(
+        m.device == first.device and m.dtype == first.dtype and m.shape[0] == first.shape[0]
+        for m in moments
+    )
+    if one_copy is None:
+        one_copy = first.device.type != "cpu"
+    if not (one_copy and alike):
+        return [m.cpu().numpy() for m in moments]
+    joined = torch.cat(moments, dim=1).cpu()
+    return [part.numpy() for part in torch.split(joined, [m.shape[1] for m in moments], dim=1)]
 
 
 def per_sample_moments(x: torch.Tensor, scratch: ScratchBuffer | None = None) -> torch.Tensor:

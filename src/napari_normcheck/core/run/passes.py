@@ -97,6 +97,12 @@ class Passes:
                         staging=self.staging,
                     )
                     features = recorder.take() if recorder else []
+                    if self.device.type == "cuda":
+                        # CUDA runs the forward after this returns: waited for here, so that its
+                        # time is the forward's and not that of whatever waits for the GPU next
+                        # (a metrics or spill copy). One wait per batch, where the feature hooks
+                        # waited once per layer before their statistics stayed on the GPU.
+                        torch.cuda.current_stream(self.device).synchronize()
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from 2.5 on, same class
                 # Independent results, and fused train results, do not depend on the batch: halve it.
                 independent = not prediction.shares_batch or self.fuse_train
