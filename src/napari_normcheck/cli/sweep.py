@@ -251,8 +251,10 @@ def run_or_read(args, volume, loaded, setting, out: Path, roi: str | None = None
     if roi is not None:
         options.roi = roi
     cuda = torch.cuda.is_available() and args.device != "cpu"
+    # The run's GPU (``cuda:1`` included), not the current one; ``auto`` and ``cuda`` use GPU 0.
+    device = torch.device(args.device if args.device.startswith("cuda") else "cuda")
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         config = run_config_from_args(options, loaded, volume)
         with peak_rss_mib() as memory:
@@ -275,7 +277,7 @@ def run_or_read(args, volume, loaded, setting, out: Path, roi: str | None = None
     except (NormcheckError, MemoryError, torch.OutOfMemoryError) as error:
         print(f"  refused: {error}", file=sys.stderr)
         return result | {"refused": str(error) or type(error).__name__}
-    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
     return result | {"report": report, "peak": memory["peak"], "cuda_peak": cuda_peak}
 
 

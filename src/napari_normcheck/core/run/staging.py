@@ -57,7 +57,7 @@ class HostStaging:
         for i, image in enumerate(images):
             host_view[i] = image
         on_device = host.to(self.device, non_blocking=True)
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(blocking=True)  # waited for asleep, not spinning on a core
         done.record(torch.cuda.current_stream(self.device))
         slot[1] = done
         return on_device
@@ -110,7 +110,8 @@ class HostCopies:
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             host.copy_(tensor, non_blocking=True)
-            done = torch.cuda.Event()
+            # Waited for asleep: a spinning wait would take a core from the other threads.
+            done = torch.cuda.Event(blocking=True)
             done.record(self._stream)
         # The allocator must not hand the tensor's memory to other work before the copy has read it.
         tensor.record_stream(self._stream)
