@@ -5,8 +5,9 @@ is needed by each block it touches. Rather than predicting it in each, the loops
 the first loop to reach the tile claims it (a file created exclusively) and predicts it; it then
 publishes the tile's predictions and feature statistics (one ``.npz`` file, written under another
 name and renamed, so a reader never sees part of it). The others load them instead of predicting:
-the same bits as their own forwards (a forward's result does not depend on the process that runs
-it), so outputs and sums stay equal to a single-process run. Whoever gets to a tile first predicts
+on the CPU the same bits as their own forwards (a forward's result does not depend on the process
+that runs it), so outputs and sums stay equal to a single-process run. On a GPU a tile predicted in
+another block's eval batch may differ from its own by cuDNN's rounding in that batch. Whoever gets to a tile first predicts
 it: usually the block above the cut, where the tile comes first in scan order (it comes last in the
 lower block's); the default blocks are cut where that evens out the forwards
 (:func:`~napari_normcheck.core.run.blocks.predicted_per_block`).
