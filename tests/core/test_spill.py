@@ -138,3 +138,32 @@ def test_a_spill_file_reuses_freed_space_of_any_size_and_returns_every_value(tmp
     np.testing.assert_array_equal(spill.read("later"), later)
     assert spill._end == 0 and not spill._free  # all free again, merged into the end
     spill.close()
+
+
+def test_the_memory_a_gpu_run_reserves_covers_the_chunk_sums_it_holds(tmp_path):
+    """The eval-batch probe leaves ``run_memory_bytes`` free: the accumulator holds at most its
+    budget and one chunk beyond it (the newest is never spilled), which that reserve counts."""
+    from napari_normcheck.core.run.forward import run_memory_bytes
+
+    plan = plan_tiles((24, 256, 320), (16, 64, 64), overlap=0.25)
+    cache_mb, n_values = 1, 2
+    chunk_bytes = 4 * n_values * int(np.prod(plan.chunk_shape))
+    rng = np.random.default_rng(1)
+    accumulator = ChunkAccumulator(
+        plan,
+        n_values,
+        importance_map(plan.window_shape, "gaussian", 3),
+        lambda chunk, _slices, values: None,
+        tmp_path,
+        max_bytes=cache_mb * 2**20,
+    )
+    held = []
+    for tile in plan.tiles():
+        accumulator.add(tile, rng.random((n_values, *plan.window_shape), dtype=np.float32))
+        held.append(accumulator.held_bytes)
+    accumulator.close()
+    assert accumulator.spill_count > 0  # the front outgrew the budget
+    assert max(held) <= cache_mb * 2**20 + chunk_bytes
+    reserve = run_memory_bytes(n_values, plan.window_shape, plan.chunk_shape, cache_mb)
+    slabs = cache_mb * 2**20 // 2
+    assert max(held) + slabs + 8 * chunk_bytes <= reserve

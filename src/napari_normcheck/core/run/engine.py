@@ -106,8 +106,10 @@ def run_check(
     n_out = probe_out_channels(
         worker_model, volume.n_channels, plan.window_shape, setup.spatial_dims, device, divisor
     )
-    setup = resolve_eval_batch(setup, worker_model, volume, config, out, resume=resume)
     setup = dataclasses.replace(setup, n_out=n_out)
+    setup = resolve_eval_batch(
+        setup, worker_model, volume, config, out, resume=resume, n_predictions=len(predictions)
+    )
     effect = precision_effect(worker_model, volume, config, setup)
     names = tuple(p.name for p in predictions)
     attrs = run_attrs(volume, config, setup, extra_attrs, predictions=names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import numpy as np
@@ -198,11 +199,14 @@ def probe_eval_batch(
     *,
     precision: str = "fp32",
     limit: int = 32,
+    reserve_bytes: int = 0,
 ) -> int:
     """The largest eval batch (a power of two up to ``limit``) whose forward fits in GPU memory.
 
     Forwards of zeros are as large as forwards of data, so doubling until out-of-memory finds the
     batch; the run still halves it if a later forward runs out (eval results do not depend on it).
+    ``reserve_bytes`` are held on the GPU while probing: what the run keeps there beside the
+    forwards (chunk sums, slabs, chunks being written), which only the forwards can make room for.
     On the CPU there is nothing to probe: 1.
 
     Parameters
@@ -221,6 +225,8 @@ def probe_eval_batch(
         The run's precision (half precision fits larger batches).
     limit : int
         The largest batch tried (the number of tiles, say).
+    reserve_bytes : int
+        GPU memory the rest of the run needs beside the forwards.
 
     Returns
     -------
@@ -231,14 +237,42 @@ def probe_eval_batch(
         return 1
     image = np.zeros((in_channels, *window), dtype=np.float32)
     fits, batch = 1, 1
+    try:
+        # Freed after the probe, it stays in torch's cache for the run's own tensors.
+        held = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
+    except torch.cuda.OutOfMemoryError:
+        held = None  # not even that: batch 1, and the run halves nothing further
+        limit = 1
     while batch <= max(1, limit):
         try:
             forward_batch(model, [image] * batch, "eval", spatial_dims, device, precision=precision)
         except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from 2.5 on, same class
             break
         fits, batch = batch, batch * 2
+    del held
     torch.cuda.empty_cache()
     return fits
+
+
+def run_memory_bytes(
+    n_values: int,
+    window: tuple[int, ...],
+    chunk: tuple[int, ...],
+    cache_mb: int,
+    chunks_queued: int = 8,
+    tiles_held: int = 3,
+) -> int:
+    """GPU memory a run holds beside its forwards (float32 values, ``n_values`` per voxel).
+
+    The unfinished chunks' sums (``cache_mb``, and one chunk beyond it), the overlap slabs (half of
+    ``cache_mb``), finished chunks queued for the writer, and tiles whose predictions wait for
+    their metrics or for stitching.
+    """
+    value_bytes = 4 * n_values
+    chunk_bytes = value_bytes * math.prod(chunk)
+    tile_bytes = value_bytes * math.prod(window)
+    budgets = (cache_mb + cache_mb // 2) * 2**20
+    return budgets + (chunks_queued + 1) * chunk_bytes + tiles_held * tile_bytes
 
 
 def measure_precision_effect(

@@ -27,6 +27,7 @@ from napari_normcheck.core.run.forward import (
     measure_precision_effect,
     probe_eval_batch,
     resolve_device,
+    run_memory_bytes,
 )
 from napari_normcheck.core.run.runsetup import RunSetup
 from napari_normcheck.core.run.tile_io import read_window
@@ -165,11 +166,15 @@ def resolve_eval_batch(
     out: str | Path,
     *,
     resume: bool,
+    n_predictions: int = 2,
 ) -> RunSetup:
     """On CUDA without ``--eval-batch``: the largest eval batch that fits, probed once per run.
 
-    A resumed run keeps the batch its interrupted run recorded (the parameters must match), so the
-    probe runs only for a new output.
+    The probe leaves room for what the run keeps on the GPU beside the forwards
+    (:func:`~napari_normcheck.core.run.forward.run_memory_bytes` of ``n_predictions`` predictions
+    of ``setup.n_out`` channels): a batch that took all of it ran out of memory later, in the
+    metrics or the writer, where no smaller batch can be tried. A resumed run keeps the batch its
+    interrupted run recorded (the parameters must match), so the probe runs only for a new output.
     """
     if config.eval_batch is not None or setup.device.type != "cuda":
         return setup
@@ -182,6 +187,12 @@ def resolve_eval_batch(
         setup.device,
         precision=config.precision,
         limit=min(EVAL_BATCH_LIMIT, setup.plan.n_tiles),
+        reserve_bytes=run_memory_bytes(
+            n_predictions * max(1, setup.n_out),
+            setup.plan.window_shape,
+            setup.plan.chunk_shape,
+            config.cache_mb,
+        ),
     )
     return dataclasses.replace(setup, eval_batch=eval_batch)
 
