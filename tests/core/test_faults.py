@@ -236,3 +236,35 @@ def test_corrupt_chunk_met_by_the_normalization_names_its_box(tmp_path, batchnor
     line = str(info.value)
     assert line.startswith(f"cannot read the input {source} in the box z 16:24, y 16:32, x 0:16")
     assert "normalization" in line and not (tmp_path / "o.zarr").exists()
+
+
+def test_memory_running_out_mid_run_is_one_line_that_names_where_and_the_fix(tmp_path):
+    """The host's (NumPy's MemoryError, torch's allocator error) and a GPU's out-of-memory error
+    that reach the run's end (the forwards halve their batch themselves) say what ran out and
+    which setting to lower, with the traceback in the log."""
+    import torch
+
+    from napari_normcheck.core.base.errors import RunFault
+    from napari_normcheck.core.run.faults import run_fault
+
+    errors = []
+    for allocate in (
+        lambda: np.empty(2**62, dtype=np.uint8),
+        lambda: torch.empty(2**62, dtype=torch.uint8),
+    ):
+        with pytest.raises(Exception) as info:
+            allocate()
+        errors.append(info.value)
+    # What torch raises when a GPU allocation fails (no GPU here to exhaust).
+    errors.append(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    out = tmp_path / "o.zarr"
+    lines = [str(run_fault(e, out=out, store_path=out)) for e in errors]
+    for error, line in zip(errors, lines):
+        assert isinstance(run_fault(error, out=out, store_path=out), RunFault)
+        assert "\n" not in line and "traceback in " in line, line
+        assert "--resume" in line and "--overwrite" in line, line
+    assert lines[0].startswith("the computer ran out of memory") and "--cache-mb" in lines[0]
+    assert lines[1].startswith("the computer ran out of memory"), lines[1]
+    assert lines[2].startswith("the GPU ran out of memory") and "--eval-batch" in lines[2]
+    once = run_fault(errors[2], out=out, store_path=out, resumable=False)
+    assert "--resume" not in str(once)

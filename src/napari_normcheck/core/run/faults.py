@@ -125,6 +125,18 @@ def run_fault(
             f"removed files in it{resume}"
         )
         kind = OutputWriteError
+    elif _out_of_memory(error):
+        # The forwards halve their batch on their own: this ran out elsewhere (blending, metrics,
+        # writing) or on the host.
+        gpu = _out_of_memory(error) == "GPU"
+        again = "rerun with --resume (the same settings), or " if resumable else ""
+        smaller = "--eval-batch or --cache-mb" if gpu else "--cache-mb or --tile"
+        message = (
+            f"the {'GPU' if gpu else 'computer'} ran out of memory ({first_line(error)}): "
+            f"{'' if gpu else 'close other programs and '}{again}start again with --overwrite "
+            f"and a smaller {smaller}"
+        )
+        kind = RunFault
     else:
         message = (
             f"the run stopped on an unexpected error ({first_line(error)}){resume}; "
@@ -134,6 +146,20 @@ def run_fault(
     log = write_fault_log(store_path, error)
     where = f"; traceback in {log}" if log is not None else ""
     return kind(f"{message}{where}")
+
+
+def _out_of_memory(error: BaseException) -> str | None:
+    """``"GPU"`` or ``"host"`` where ``error`` says that memory ran out there, else ``None``."""
+    import torch  # a run has it loaded
+
+    if isinstance(error, torch.OutOfMemoryError):  # an accelerator's
+        return "GPU"
+    # NumPy raises MemoryError; torch's CPU allocator a RuntimeError that says so.
+    if isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate" in str(error)
+    ):
+        return "host"
+    return None
 
 
 def _free_bytes(path: str | Path) -> int:
