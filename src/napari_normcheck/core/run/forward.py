@@ -264,7 +264,7 @@ def probe_eval_batch(
     image = np.zeros((in_channels, *window), dtype=np.float32)
     fits, batch = 1, 1
     try:
-        # Freed after the probe, it stays in torch's cache for the run's own tensors.
+        # Held while probing: the batch found leaves that much for the run's other tensors.
         held = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
     except torch.cuda.OutOfMemoryError:
         held = None  # not even that: batch 1, and the run halves nothing further
