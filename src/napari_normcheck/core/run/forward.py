@@ -148,9 +148,10 @@ def activate_tensor(values: torch.Tensor, activation: str, in_place: bool = Fals
 
 
 #: Values per sigmoid call on the CPU: below torch's grain size (32768), so each call runs on one
-#: thread, and a multiple of every vector width, so every value but the tensor's last few is
-#: computed with vector instructions, whatever the number of threads.
-SERIAL_SIGMOID_VALUES = 16384
+#: thread, and a multiple of 32 (two AVX-512 vectors of float32, the step of torch's vector loop),
+#: so every value but the tensor's last few is computed with vector instructions, whatever the
+#: number of threads. 0.57 ms per million values here, against 0.23 ms on 2 threads in one call.
+SERIAL_SIGMOID_VALUES = 32768 - 32
 
 
 def sigmoid_into(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
