@@ -48,7 +48,12 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     run.add_argument("--blend", choices=("constant", "gaussian", "crop"), default="gaussian")
     run.add_argument("--halo", help="context Z,Y,X on each side of a tile in crop mode")
     run.add_argument("--train-batch", type=int, default=1, help="tiles per train-mode forward")
-    run.add_argument("--eval-batch", type=int, default=None, help="tiles per eval-mode forward")
+    run.add_argument(
+        "--eval-batch",
+        type=int,
+        default=None,
+        help="tiles per eval-mode forward (default: 1 on the CPU, the most that fit on a GPU); a tile's result equals its batch-1 forward up to the convolutions' float32 rounding",
+    )
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument(
         "--precision",

@@ -79,7 +79,12 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
     sweep.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
     sweep.add_argument("--min-foreground", default=None, metavar="VOXELS[,FRACTION]")
     sweep.add_argument("--train-batch", type=int, default=1, help="tiles per train-mode forward")
-    sweep.add_argument("--eval-batch", type=int, default=None, help="tiles per eval-mode forward")
+    sweep.add_argument(
+        "--eval-batch",
+        type=int,
+        default=None,
+        help="tiles per eval-mode forward (default: 1 on the CPU, the most that fit on a GPU); a tile's result equals its batch-1 forward up to the convolutions' float32 rounding",
+    )
     sweep.add_argument(
         "--max-tiling",
         type=float,

@@ -231,7 +231,10 @@ def probe_eval_batch(
     """The largest eval batch (a power of two up to ``limit``) whose forward fits in GPU memory.
 
     Forwards of zeros are as large as forwards of data, so doubling until out-of-memory finds the
-    batch; the run still halves it if a later forward runs out (eval results do not depend on it).
+    batch; the run still halves it if a later forward runs out (each tile's eval result is its
+    own, equal to a batch-1 forward up to the float32 rounding of the convolution kernels that
+    cuDNN or oneDNN pick for the batch size: a BasicUNet on the NEUBIAS LM volume, eval batch 3
+    against 1 on the CPU, moved some stored uint8 voxels by one step).
     ``reserve_bytes`` are held on the GPU while probing: what the run keeps there beside the
     forwards (chunk sums, slabs, chunks being written), which only the forwards can make room for.
     On the CPU there is nothing to probe: 1.
