@@ -83,7 +83,8 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
         "--eval-batch",
         type=int,
         default=None,
-        help="tiles per eval-mode forward (default: 1 on the CPU, the most that fit on a GPU); a tile's result equals its batch-1 forward up to the convolutions' float32 rounding",
+        help="tiles per eval-mode forward (default: 1 on the CPU, the most that fit on a GPU); "
+        "a tile's result equals its batch-1 forward up to the convolutions' float32 rounding",
     )
     sweep.add_argument(
         "--max-tiling",

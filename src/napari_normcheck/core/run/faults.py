@@ -125,10 +125,10 @@ def run_fault(
             f"removed files in it{resume}"
         )
         kind = OutputWriteError
-    elif _out_of_memory(error):
+    elif where_out := _out_of_memory(error):
         # The forwards halve their batch on their own: this ran out elsewhere (blending, metrics,
         # writing) or on the host.
-        gpu = _out_of_memory(error) == "GPU"
+        gpu = where_out == "GPU"
         again = "rerun with --resume (the same settings), or " if resumable else ""
         smaller = "--eval-batch or --cache-mb" if gpu else "--cache-mb or --tile"
         message = (

@@ -7,10 +7,10 @@ publishes the tile's predictions and feature statistics (one ``.npz`` file, writ
 name and renamed, so a reader never sees part of it). The others load them instead of predicting:
 on the CPU the same bits as their own forwards (a forward's result does not depend on the process
 that runs it), so outputs and sums stay equal to a single-process run. On a GPU a tile predicted in
-another block's eval batch may differ from its own by cuDNN's rounding in that batch. Whoever gets to a tile first predicts
-it: usually the block above the cut, where the tile comes first in scan order (it comes last in the
-lower block's); the default blocks are cut where that evens out the forwards
-(:func:`~napari_normcheck.core.run.blocks.predicted_per_block`).
+another block's eval batch may differ from its own by cuDNN's rounding in that batch. Whoever gets
+to a tile first predicts it: usually the block above the cut, where the tile comes first in scan
+order (it comes last in the lower block's); the default blocks are cut where that evens out the
+forwards (:func:`~napari_normcheck.core.run.blocks.predicted_per_block`).
 
 Nothing here can wait forever: a claim whose publication does not come within
 :data:`WAIT_SECONDS` (or twenty times the longest forward this loop has seen), because its loop
